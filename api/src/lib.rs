@@ -1,0 +1,6 @@
+//! Tessera's API: the CRD types, SPIFFE ID and trust domain types, and templates.
+#![forbid(unsafe_code)]
+
+pub mod crd;
+pub mod spiffe;
+pub mod template;

@@ -1,0 +1,140 @@
+//! Installing CRDs and applying manifests against a control plane.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::{ApiCapabilities, ApiResource, Scope, pinned_kind};
+use serde::Deserialize;
+
+/// Field manager name for everything the harness writes.
+pub const FIELD_MANAGER: &str = "tessera-tests";
+
+/// Creates or updates each CRD, then waits until every one is Established.
+pub async fn install_crds(client: &kube::Client, crds: &[CustomResourceDefinition]) -> Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    for crd in crds {
+        let name = crd.metadata.name.as_deref().context("CRD without a name")?;
+        api.patch(name, &params, &Patch::Apply(crd))
+            .await
+            .with_context(|| format!("applying CRD {name}"))?;
+    }
+    for crd in crds {
+        let name = crd.metadata.name.as_deref().unwrap_or_default();
+        wait_established(&api, name, Duration::from_secs(30)).await?;
+    }
+    Ok(())
+}
+
+/// True when the CRD's `Established` condition is `True`.
+pub fn is_established(crd: &CustomResourceDefinition) -> bool {
+    crd.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        })
+}
+
+async fn wait_established(
+    api: &Api<CustomResourceDefinition>,
+    name: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let crd = api.get(name).await?;
+        if is_established(&crd) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "CRD {name} was not Established within {timeout:?}; status: {:?}",
+                crd.status
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Splits a multi-document YAML manifest into objects.
+pub fn parse_manifest(yaml: &str) -> Result<Vec<DynamicObject>> {
+    let mut objects = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value = serde_json::Value::deserialize(doc)?;
+        if value.is_null() {
+            continue;
+        }
+        objects.push(
+            serde_json::from_value(value)
+                .context("manifest document is not a Kubernetes object")?,
+        );
+    }
+    Ok(objects)
+}
+
+/// The API for an object's kind (found through discovery), in its namespace.
+pub async fn dynamic_api(
+    client: &kube::Client,
+    obj: &DynamicObject,
+) -> Result<(Api<DynamicObject>, ApiResource)> {
+    let types = obj
+        .types
+        .as_ref()
+        .context("object has no apiVersion/kind")?;
+    let gvk = GroupVersionKind::try_from(types)?;
+    let (resource, caps): (ApiResource, ApiCapabilities) =
+        pinned_kind(client, &gvk).await.with_context(|| {
+            format!("the API server does not serve {gvk:?}; are the CRDs installed?")
+        })?;
+    let api = match caps.scope {
+        Scope::Cluster => Api::all_with(client.clone(), &resource),
+        Scope::Namespaced => {
+            let ns = obj.metadata.namespace.as_deref().unwrap_or("default");
+            Api::namespaced_with(client.clone(), ns, &resource)
+        }
+    };
+    Ok((api, resource))
+}
+
+/// Creates one object; `dry_run` asks the server to validate without storing.
+pub async fn create(
+    client: &kube::Client,
+    obj: &DynamicObject,
+    dry_run: bool,
+) -> Result<DynamicObject, kube::Error> {
+    let (api, _) = dynamic_api(client, obj)
+        .await
+        .map_err(|e| kube::Error::Service(e.into()))?;
+    let params = PostParams {
+        dry_run,
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+    };
+    api.create(&params, obj).await
+}
+
+/// Creates every object of a manifest, in order.
+pub async fn apply_manifest(client: &kube::Client, yaml: &str) -> Result<Vec<DynamicObject>> {
+    let mut created = Vec::new();
+    for obj in parse_manifest(yaml)? {
+        let name = obj.metadata.name.clone().unwrap_or_default();
+        created.push(
+            create(client, &obj, false)
+                .await
+                .with_context(|| format!("creating {name}"))?,
+        );
+    }
+    Ok(created)
+}
+
+/// The message of an API error (what kubectl prints after "Error from server").
+pub fn api_message(err: &kube::Error) -> String {
+    match err {
+        kube::Error::Api(status) => status.message.clone(),
+        other => other.to_string(),
+    }
+}

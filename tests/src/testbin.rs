@@ -1,0 +1,247 @@
+//! The Go-built binaries the tests run for real: `kube-apiserver`, `kubectl` and
+//! `etcd`, built from the Go module proxy through wrapper modules and cached by
+//! version outside the repository.
+//!
+//! Cache layout: `<cache>/kubernetes-v<K>/{kube-apiserver,kubectl}` and
+//! `<cache>/etcd-v<E>/etcd`, where `<cache>` is `$TESSERA_TESTBIN_DIR`, else
+//! `$XDG_CACHE_HOME/tessera/testbin`, else `$HOME/.cache/tessera/testbin`.
+//! A directory exists only once its build finished (it is renamed into place).
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Kubernetes release the tests run; matches the `v1_36` feature of k8s-openapi.
+pub const KUBERNETES_VERSION: &str = "1.36.3";
+/// etcd release, the one Kubernetes 1.36.3 requires in its go.mod.
+pub const ETCD_VERSION: &str = "3.6.8";
+/// Oldest Go toolchain that builds both (Kubernetes 1.36 says `go 1.26.0`).
+pub const MIN_GO_MINOR: u32 = 26;
+
+/// Paths of the built binaries.
+#[derive(Debug, Clone)]
+pub struct TestBins {
+    /// `kube-apiserver`.
+    pub kube_apiserver: PathBuf,
+    /// `kubectl` of the same release.
+    pub kubectl: PathBuf,
+    /// `etcd`.
+    pub etcd: PathBuf,
+}
+
+/// The cache root (see the module docs).
+pub fn cache_root() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("TESSERA_TESTBIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("tessera/testbin"));
+    }
+    let home = std::env::var_os("HOME")
+        .context("neither TESSERA_TESTBIN_DIR, XDG_CACHE_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".cache/tessera/testbin"))
+}
+
+fn kubernetes_dir(root: &Path) -> PathBuf {
+    root.join(format!("kubernetes-v{KUBERNETES_VERSION}"))
+}
+
+fn etcd_dir(root: &Path) -> PathBuf {
+    root.join(format!("etcd-v{ETCD_VERSION}"))
+}
+
+impl TestBins {
+    fn at(root: &Path) -> TestBins {
+        TestBins {
+            kube_apiserver: kubernetes_dir(root).join("kube-apiserver"),
+            kubectl: kubernetes_dir(root).join("kubectl"),
+            etcd: etcd_dir(root).join("etcd"),
+        }
+    }
+
+    /// Finds the cached binaries; fails with what to run when any is missing.
+    pub fn locate() -> Result<TestBins> {
+        let bins = TestBins::at(&cache_root()?);
+        for path in [&bins.kube_apiserver, &bins.kubectl, &bins.etcd] {
+            if !path.is_file() {
+                bail!(
+                    "{} is missing: run `cargo xtask testbin` (or `cargo xtask test`, which builds it) to build the test control plane from the Go module proxy",
+                    path.display()
+                );
+            }
+        }
+        Ok(bins)
+    }
+
+    /// Builds whatever is missing from the cache, then returns the paths.
+    /// Concurrent callers serialize on a lock file; a finished build is reused.
+    pub fn ensure_built() -> Result<TestBins> {
+        let root = cache_root()?;
+        fs::create_dir_all(&root)
+            .with_context(|| format!("cannot create the cache directory {}", root.display()))?;
+        let lock = File::create(root.join(".lock"))?;
+        lock.lock()
+            .with_context(|| format!("cannot lock {}", root.join(".lock").display()))?;
+        check_go()?;
+        if !kubernetes_dir(&root).join("kubectl").is_file() {
+            build_kubernetes(&root)?;
+        }
+        if !etcd_dir(&root).join("etcd").is_file() {
+            build_etcd(&root)?;
+        }
+        TestBins::locate()
+    }
+}
+
+/// Fails unless `go` is on PATH and new enough.
+fn check_go() -> Result<()> {
+    let out = Command::new("go").arg("env").arg("GOVERSION").output().context(
+        "`go` is not on PATH; install Go 1.26 or newer (it builds kube-apiserver and etcd for the tests)",
+    )?;
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let minor = version
+        .strip_prefix("go1.")
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|m| m.parse::<u32>().ok());
+    match minor {
+        Some(m) if m >= MIN_GO_MINOR => Ok(()),
+        _ => bail!(
+            "found Go {version:?}; building Kubernetes {KUBERNETES_VERSION} needs go1.{MIN_GO_MINOR} or newer"
+        ),
+    }
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<Vec<u8>> {
+    let out = cmd.output().with_context(|| format!("cannot run {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
+}
+
+/// The `replace` lines that point every `k8s.io/<staging> v0.0.0` requirement of
+/// the kubernetes module at its published `v0.<minor>.<patch>` release.
+pub fn staging_replaces(kubernetes_go_mod: &str, version: &str) -> Vec<String> {
+    let staging_version = format!("v0.{}", version.split_once('.').map_or(version, |(_, r)| r));
+    let mut lines: Vec<String> = kubernetes_go_mod
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let (module, ver) = (words.next()?, words.next()?);
+            (module.starts_with("k8s.io/") && ver == "v0.0.0")
+                .then(|| format!("replace {module} => {module} {staging_version}"))
+        })
+        .collect();
+    lines.sort();
+    lines.dedup();
+    lines
+}
+
+/// Builds into a scratch directory beside `dest`, then renames it into place.
+fn build_into(
+    dest: &Path,
+    go_mod: &str,
+    packages: &[&str],
+    renames: &[(&str, &str)],
+) -> Result<()> {
+    let root = dest.parent().context("cache directory has no parent")?;
+    let scratch = tempfile::Builder::new()
+        .prefix(".build-")
+        .tempdir_in(root)?;
+    let module = scratch.path().join("module");
+    let out = scratch.path().join("out");
+    fs::create_dir_all(&module)?;
+    fs::create_dir_all(&out)?;
+    fs::write(module.join("go.mod"), go_mod)?;
+    eprintln!(
+        "building {} (first time only; cached in {})",
+        packages.join(" "),
+        dest.display()
+    );
+    let mut cmd = Command::new("go");
+    cmd.current_dir(&module)
+        .env("GOFLAGS", "-mod=mod -buildvcs=false")
+        .args(["build", "-ldflags=-s -w", "-o"])
+        .arg(format!("{}/", out.display()))
+        .args(packages);
+    run(&mut cmd, &format!("go build {}", packages.join(" ")))?;
+    for (from, to) in renames {
+        fs::rename(out.join(from), out.join(to))
+            .with_context(|| format!("go build produced no {from}"))?;
+    }
+    if dest.exists() {
+        fs::remove_dir_all(dest)?;
+    }
+    fs::rename(&out, dest)?;
+    Ok(())
+}
+
+fn build_kubernetes(root: &Path) -> Result<()> {
+    let json = run(
+        Command::new("go")
+            .args(["mod", "download", "-json"])
+            .arg(format!("k8s.io/kubernetes@v{KUBERNETES_VERSION}")),
+        "go mod download k8s.io/kubernetes",
+    )?;
+    let info: serde_json::Value = serde_json::from_slice(&json)?;
+    let go_mod_path = info["GoMod"]
+        .as_str()
+        .context("go mod download printed no GoMod path")?;
+    let upstream = fs::read_to_string(go_mod_path)?;
+    let replaces = staging_replaces(&upstream, KUBERNETES_VERSION);
+    if replaces.len() < 20 {
+        bail!(
+            "found only {} staging modules in k8s.io/kubernetes's go.mod; the wrapper recipe needs updating",
+            replaces.len()
+        );
+    }
+    let go_mod = format!(
+        "module tessera.dev/testbin/kubernetes\n\ngo 1.26.0\n\nrequire k8s.io/kubernetes v{KUBERNETES_VERSION}\n\n{}\n",
+        replaces.join("\n")
+    );
+    build_into(
+        &kubernetes_dir(root),
+        &go_mod,
+        &[
+            "k8s.io/kubernetes/cmd/kube-apiserver",
+            "k8s.io/kubernetes/cmd/kubectl",
+        ],
+        &[],
+    )
+}
+
+fn build_etcd(root: &Path) -> Result<()> {
+    let go_mod = format!(
+        "module tessera.dev/testbin/etcd\n\ngo 1.26.0\n\nrequire go.etcd.io/etcd/server/v3 v{ETCD_VERSION}\n"
+    );
+    // The main package is the module root, so go names the binary "server".
+    build_into(
+        &etcd_dir(root),
+        &go_mod,
+        &["go.etcd.io/etcd/server/v3"],
+        &[("server", "etcd")],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_only_unversioned_staging_modules() {
+        let go_mod = "require (\n\tk8s.io/api v0.0.0\n\tk8s.io/utils v0.0.0-20250101000000-abcdef\n\tgithub.com/x/y v1.0.0\n\tk8s.io/client-go v0.0.0 // indirect\n)\nreplace k8s.io/api => ./staging/src/k8s.io/api\n";
+        assert_eq!(
+            staging_replaces(go_mod, "1.36.3"),
+            [
+                "replace k8s.io/api => k8s.io/api v0.36.3",
+                "replace k8s.io/client-go => k8s.io/client-go v0.36.3"
+            ]
+        );
+    }
+}

@@ -1,0 +1,246 @@
+//! `cargo xtask bench <name>`: benchmark families, each writing
+//! `target/bench/<name>.json` in the format of DESIGN.md and printing a table.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+use tessera_tests::{ControlPlane, repo_root, resources};
+
+/// One measured figure. `met` is computed from `target`, never written by hand.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Figure {
+    name: String,
+    value: f64,
+    unit: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer_value: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    met: Option<bool>,
+}
+
+impl Figure {
+    /// A figure with no peer and no target.
+    pub fn new(name: &str, value: f64, unit: &str) -> Figure {
+        Figure {
+            name: name.to_owned(),
+            value,
+            unit: unit.to_owned(),
+            peer: None,
+            peer_value: None,
+            ratio: None,
+            target: None,
+            met: None,
+        }
+    }
+
+    /// Adds a peer measured in the same run; the ratio is value / peer value.
+    #[allow(dead_code)] // the first benchmarks name no peer; later families do
+    pub fn with_peer(mut self, peer: &str, peer_value: f64) -> Figure {
+        self.peer = Some(peer.to_owned());
+        self.peer_value = Some(peer_value);
+        self.ratio = (peer_value != 0.0).then(|| self.value / peer_value);
+        self.met = self.target.as_deref().and_then(|t| evaluate(t, &self));
+        self
+    }
+
+    /// Sets the target (`<= 5`, `>= 5000`, `>= 2x peer`) and computes `met`.
+    #[allow(dead_code)] // issue 2's benchmarks name no target; later families do
+    pub fn with_target(mut self, target: &str) -> Figure {
+        self.target = Some(target.to_owned());
+        self.met = evaluate(target, &self);
+        self
+    }
+}
+
+/// Evaluates a target against a figure: `<= N`, `>= N`, or `<=`/`>=` `Nx peer`.
+/// Returns None when the target cannot be read or needs a missing peer.
+pub fn evaluate(target: &str, figure: &Figure) -> Option<bool> {
+    let target = target.trim();
+    let (op, rest) = if let Some(r) = target.strip_prefix("<=") {
+        ("<=", r)
+    } else if let Some(r) = target.strip_prefix(">=") {
+        (">=", r)
+    } else {
+        return None;
+    };
+    let rest = rest.trim();
+    let (bound, value) = if let Some(factor) = rest.strip_suffix("x peer") {
+        (factor.trim().parse::<f64>().ok()?, figure.ratio?)
+    } else {
+        let number = rest.split_whitespace().next()?;
+        (number.parse::<f64>().ok()?, figure.value)
+    };
+    Some(if op == "<=" {
+        value <= bound
+    } else {
+        value >= bound
+    })
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    benchmark: &'a str,
+    machine: String,
+    figures: &'a [Figure],
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, loopback")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Writes the report and prints the table.
+fn report(name: &str, figures: &[Figure]) -> Result<()> {
+    let dir = repo_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.json"));
+    let json = serde_json::to_string_pretty(&Report {
+        benchmark: name,
+        machine: machine(),
+        figures,
+    })?;
+    std::fs::write(&path, json + "\n")?;
+    println!(
+        "\n{:<34} {:>12} {:<6} {:<18} {:>10} {:>8} {:<14} met",
+        "figure", "value", "unit", "peer", "peer", "ratio", "target"
+    );
+    for f in figures {
+        let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+        println!(
+            "{:<34} {:>12.2} {:<6} {:<18} {:>10} {:>8} {:<14} {}",
+            f.name,
+            f.value,
+            f.unit,
+            f.peer.as_deref().unwrap_or("-"),
+            opt(f.peer_value),
+            opt(f.ratio),
+            f.target.as_deref().unwrap_or("-"),
+            f.met.map_or("-", |m| if m { "yes" } else { "NO" }),
+        );
+    }
+    println!("\nwrote {}", path.display());
+    Ok(())
+}
+
+/// Runs the benchmark family `name`.
+pub async fn run(name: &str) -> Result<()> {
+    let figures = match name {
+        "controlplane" => controlplane().await?,
+        other => bail!("unknown benchmark {other:?}; available: controlplane"),
+    };
+    report(name, &figures)
+}
+
+/// Control-plane start time, CRD install time, and custom-resource create latency.
+async fn controlplane() -> Result<Vec<Figure>> {
+    const STARTS: usize = 3;
+    const CREATES: usize = 300;
+    let mut starts = Vec::new();
+    let mut last = None;
+    for i in 0..STARTS {
+        let t = Instant::now();
+        let cp = ControlPlane::start().await?;
+        starts.push(t.elapsed());
+        println!("start {}: {:.2}s", i + 1, t.elapsed().as_secs_f64());
+        last = Some(cp);
+    }
+    starts.sort();
+    let Some(cp) = last else {
+        bail!("no control plane started");
+    };
+    let client = cp.client().await?;
+
+    let t = Instant::now();
+    resources::install_crds(&client, &tessera_api::crd::all()).await?;
+    let install = t.elapsed();
+
+    let mut latencies = Vec::with_capacity(CREATES);
+    for i in 0..CREATES {
+        let yaml = format!(
+            "apiVersion: tessera.dev/v1alpha1\nkind: AuthPolicy\nmetadata:\n  name: bench-{i}\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: bench-{i}\n  rules:\n  - from:\n    - namespaces: [default]\n    ports:\n    - port: 8080\n"
+        );
+        let obj = resources::parse_manifest(&yaml)?.remove(0);
+        let t = Instant::now();
+        resources::create(&client, &obj, false).await?;
+        latencies.push(t.elapsed());
+    }
+    latencies.sort();
+    Ok(vec![
+        Figure::new(
+            "controlplane_start_p50",
+            percentile(&starts, 50.0).as_secs_f64(),
+            "s",
+        ),
+        Figure::new(
+            "controlplane_start_max",
+            percentile(&starts, 100.0).as_secs_f64(),
+            "s",
+        ),
+        Figure::new("crd_install_established", ms(install), "ms"),
+        Figure::new(
+            "authpolicy_create_p50",
+            ms(percentile(&latencies, 50.0)),
+            "ms",
+        ),
+        Figure::new(
+            "authpolicy_create_p99",
+            ms(percentile(&latencies, 99.0)),
+            "ms",
+        ),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        let f = Figure::new("x", 4.0, "ms").with_target("<= 5 ms");
+        assert_eq!(f.met, Some(true));
+        let f = Figure::new("x", 6.0, "ms").with_target("<= 5");
+        assert_eq!(f.met, Some(false));
+        let f = Figure::new("x", 1900.0, "1/s")
+            .with_peer("go", 800.0)
+            .with_target(">= 2x peer");
+        assert_eq!(f.ratio, Some(2.375));
+        assert_eq!(f.met, Some(true));
+        let f = Figure::new("x", 1500.0, "1/s")
+            .with_target(">= 2x peer")
+            .with_peer("go", 800.0);
+        assert_eq!(f.met, Some(false));
+        assert_eq!(Figure::new("x", 1.0, "s").with_target("about 1").met, None);
+        assert_eq!(
+            Figure::new("x", 1.0, "s").with_target(">= 2x peer").met,
+            None
+        );
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 50.0), Duration::from_millis(51));
+        assert_eq!(percentile(&v, 99.0), Duration::from_millis(99));
+        assert_eq!(percentile(&v, 100.0), Duration::from_millis(100));
+        assert_eq!(percentile(&[], 50.0), Duration::ZERO);
+    }
+}

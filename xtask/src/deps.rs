@@ -1,0 +1,60 @@
+//! Debian packages the tasks need, installed idempotently with apt.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Packages `cargo xtask test` and `cargo xtask demo` need today. Go itself
+/// comes with the machine (Debian's golang is too old for Kubernetes 1.36);
+/// `testbin` checks its version.
+pub const PACKAGES: &[&str] = &["ca-certificates"];
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+}
+
+/// True when this process runs as root (uid 0), read from /proc.
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|uids| uids.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
+fn apt_get(args: &[&str]) -> Result<()> {
+    println!("+ apt-get {}", args.join(" "));
+    let status = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("cannot run apt-get; is this a Debian machine?")?;
+    if !status.success() {
+        bail!("apt-get {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Installs whatever in [`PACKAGES`] is missing; does nothing when all are there.
+pub fn ensure() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages: {}; run `sudo apt-get install -y {}` or run this task as root",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    apt_get(&["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    apt_get(&args)
+}
