@@ -17,6 +17,9 @@ use anyhow::{Context, Result, bail};
 pub const KUBERNETES_VERSION: &str = "1.36.3";
 /// etcd release, the one Kubernetes 1.36.3 requires in its go.mod.
 pub const ETCD_VERSION: &str = "3.6.8";
+/// Bumped whenever the build recipe changes, so cached builds of an older
+/// recipe are rebuilt; written to a `recipe` file in each cache directory.
+pub const RECIPE: &str = "2: version stamped with -X ldflags";
 /// Oldest Go toolchain that builds both (Kubernetes 1.36 says `go 1.26.0`).
 pub const MIN_GO_MINOR: u32 = 26;
 
@@ -85,14 +88,19 @@ impl TestBins {
         lock.lock()
             .with_context(|| format!("cannot lock {}", root.join(".lock").display()))?;
         check_go()?;
-        if !kubernetes_dir(&root).join("kubectl").is_file() {
+        if !is_current(&kubernetes_dir(&root)) {
             build_kubernetes(&root)?;
         }
-        if !etcd_dir(&root).join("etcd").is_file() {
+        if !is_current(&etcd_dir(&root)) {
             build_etcd(&root)?;
         }
         TestBins::locate()
     }
+}
+
+/// True when `dir` holds a finished build of the current recipe.
+fn is_current(dir: &Path) -> bool {
+    fs::read_to_string(dir.join("recipe")).is_ok_and(|r| r == RECIPE)
 }
 
 /// Fails unless `go` is on PATH and new enough.
@@ -147,6 +155,7 @@ pub fn staging_replaces(kubernetes_go_mod: &str, version: &str) -> Vec<String> {
 fn build_into(
     dest: &Path,
     go_mod: &str,
+    ldflags: &str,
     packages: &[&str],
     renames: &[(&str, &str)],
 ) -> Result<()> {
@@ -167,7 +176,9 @@ fn build_into(
     let mut cmd = Command::new("go");
     cmd.current_dir(&module)
         .env("GOFLAGS", "-mod=mod -buildvcs=false")
-        .args(["build", "-ldflags=-s -w", "-o"])
+        .arg("build")
+        .arg(format!("-ldflags=-s -w {ldflags}"))
+        .arg("-o")
         .arg(format!("{}/", out.display()))
         .args(packages);
     run(&mut cmd, &format!("go build {}", packages.join(" ")))?;
@@ -175,6 +186,7 @@ fn build_into(
         fs::rename(out.join(from), out.join(to))
             .with_context(|| format!("go build produced no {from}"))?;
     }
+    fs::write(out.join("recipe"), RECIPE)?;
     if dest.exists() {
         fs::remove_dir_all(dest)?;
     }
@@ -205,9 +217,21 @@ fn build_kubernetes(root: &Path) -> Result<()> {
         "module tessera.dev/testbin/kubernetes\n\ngo 1.26.0\n\nrequire k8s.io/kubernetes v{KUBERNETES_VERSION}\n\n{}\n",
         replaces.join("\n")
     );
+    // What Kubernetes' own build stamps, so both binaries report the release.
+    let minor = KUBERNETES_VERSION.split('.').nth(1).unwrap_or_default();
+    let ldflags = ["k8s.io/component-base/version", "k8s.io/client-go/pkg/version"]
+        .iter()
+        .map(|pkg| {
+            format!(
+                "-X {pkg}.gitVersion=v{KUBERNETES_VERSION} -X {pkg}.gitMajor=1 -X {pkg}.gitMinor={minor} -X {pkg}.gitTreeState=clean"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
     build_into(
         &kubernetes_dir(root),
         &go_mod,
+        &ldflags,
         &[
             "k8s.io/kubernetes/cmd/kube-apiserver",
             "k8s.io/kubernetes/cmd/kubectl",
@@ -224,6 +248,7 @@ fn build_etcd(root: &Path) -> Result<()> {
     build_into(
         &etcd_dir(root),
         &go_mod,
+        "",
         &["go.etcd.io/etcd/server/v3"],
         &[("server", "etcd")],
     )
