@@ -1,6 +1,7 @@
 //! Tessera's API: the CRD types, SPIFFE ID and trust domain types, and templates.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "crd")]
 pub mod crd;
 pub mod spiffe;
 pub mod template;

@@ -17,7 +17,10 @@ async fn serves_the_expected_kubernetes_release() -> Result<()> {
     let cp = ControlPlane::start().await?;
     let client = cp.client().await?;
     let version = client.apiserver_version().await?;
-    assert_eq!(version.git_version, format!("v{}", testbin::KUBERNETES_VERSION));
+    assert_eq!(
+        version.git_version,
+        format!("v{}", testbin::KUBERNETES_VERSION)
+    );
     let namespaces: Api<Namespace> = Api::all(client);
     assert!(namespaces.get_opt("default").await?.is_some());
     // kubectl of the same release talks to it through the written kubeconfig.
@@ -42,8 +45,13 @@ async fn two_control_planes_run_side_by_side_independently() -> Result<()> {
     Api::<Namespace>::all(a.client().await?)
         .create(&PostParams::default(), &ns)
         .await?;
-    let in_b = Api::<Namespace>::all(b.client().await?).get_opt("only-in-a").await?;
-    assert!(in_b.is_none(), "a namespace created in one control plane showed up in the other");
+    let in_b = Api::<Namespace>::all(b.client().await?)
+        .get_opt("only-in-a")
+        .await?;
+    assert!(
+        in_b.is_none(),
+        "a namespace created in one control plane showed up in the other"
+    );
     Ok(())
 }
 
@@ -61,7 +69,14 @@ fn a_panicking_test_still_stops_processes_and_deletes_files() {
     let (pids, dir) = rx.recv().expect("the control plane never started");
     assert_eq!(pids.len(), 2);
     for pid in pids {
-        assert!(!process_exists(pid), "process {pid} outlived the panicking test");
+        assert!(
+            !process_exists(pid),
+            "process {pid} outlived the panicking test"
+        );
     }
-    assert!(!dir.exists(), "{} outlived the panicking test", dir.display());
+    assert!(
+        !dir.exists(),
+        "{} outlived the panicking test",
+        dir.display()
+    );
 }

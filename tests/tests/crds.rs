@@ -15,7 +15,11 @@ fn examples() -> Result<Vec<(String, String)>> {
     for entry in std::fs::read_dir(&dir).with_context(|| dir.display().to_string())? {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "yaml") {
-            let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             out.push((name, std::fs::read_to_string(&path)?));
         }
     }
@@ -41,7 +45,10 @@ async fn crds_are_established_and_samples_round_trip_through_the_types() -> Resu
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in tessera_api::crd::all() {
         let name = crd.metadata.name.clone().unwrap_or_default();
-        assert!(resources::is_established(&crds.get(&name).await?), "{name} not Established");
+        assert!(
+            resources::is_established(&crds.get(&name).await?),
+            "{name} not Established"
+        );
     }
     let examples = examples()?;
     let count = |kind: &str| {
@@ -51,9 +58,13 @@ async fn crds_are_established_and_samples_round_trip_through_the_types() -> Resu
             .sum::<usize>()
     };
     let lp = ListParams::default();
-    let wids = Api::<WorkloadIdentity>::all(client.clone()).list(&lp).await?;
+    let wids = Api::<WorkloadIdentity>::all(client.clone())
+        .list(&lp)
+        .await?;
     let aps = Api::<AuthPolicy>::all(client.clone()).list(&lp).await?;
-    let ftds = Api::<FederatedTrustDomain>::all(client.clone()).list(&lp).await?;
+    let ftds = Api::<FederatedTrustDomain>::all(client.clone())
+        .list(&lp)
+        .await?;
     assert_eq!(wids.items.len(), count("WorkloadIdentity"));
     assert_eq!(aps.items.len(), count("AuthPolicy"));
     assert_eq!(ftds.items.len(), count("FederatedTrustDomain"));
@@ -65,7 +76,10 @@ async fn crds_are_established_and_samples_round_trip_through_the_types() -> Resu
         w.spec.federates_with()?;
     }
     // Defaults come from the schema, applied by the API server.
-    let ledger = aps.items.iter().find(|p| p.metadata.name.as_deref() == Some("ledger-allow"));
+    let ledger = aps
+        .items
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some("ledger-allow"));
     let rule = &ledger.context("ledger-allow sample missing")?.spec.rules[0];
     assert_eq!(rule.ports[0].protocol, Protocol::Tcp);
     assert_eq!(rule.authentication, Authentication::Mutual);
@@ -91,14 +105,32 @@ async fn kubectl_shows_printer_columns_and_short_names() -> Result<()> {
             .map(str::to_owned)
             .collect())
     };
-    assert_eq!(header(&["get", "wid"])?, ["NAME", "TEMPLATE", "PODS", "READY", "AGE"]);
+    assert_eq!(
+        header(&["get", "wid"])?,
+        ["NAME", "TEMPLATE", "PODS", "READY", "AGE"]
+    );
     assert_eq!(
         header(&["get", "ap", "-A"])?,
-        ["NAMESPACE", "NAME", "ACTION", "ENDPOINTS", "NODES", "READY", "AGE"]
+        [
+            "NAMESPACE",
+            "NAME",
+            "ACTION",
+            "ENDPOINTS",
+            "NODES",
+            "READY",
+            "AGE"
+        ]
     );
     assert_eq!(
         header(&["get", "ftd"])?,
-        ["NAME", "TRUST DOMAIN", "PROFILE", "SEQUENCE", "READY", "AGE"]
+        [
+            "NAME",
+            "TRUST DOMAIN",
+            "PROFILE",
+            "SEQUENCE",
+            "READY",
+            "AGE"
+        ]
     );
     let rows = cp.kubectl_output(&["get", "ftd", "partner", "--no-headers"])?;
     let cells: Vec<&str> = rows.split_whitespace().collect();
@@ -106,7 +138,10 @@ async fn kubectl_shows_printer_columns_and_short_names() -> Result<()> {
     // The category lists every Tessera kind at once.
     let all = cp.kubectl_output(&["get", "tessera", "-A", "-o", "name"])?;
     for kind in ["workloadidentity", "authpolicy", "federatedtrustdomain"] {
-        assert!(all.contains(&format!("{kind}.tessera.dev/")), "{kind} missing from:\n{all}");
+        assert!(
+            all.contains(&format!("{kind}.tessera.dev/")),
+            "{kind} missing from:\n{all}"
+        );
     }
     Ok(())
 }

@@ -47,11 +47,43 @@ enum Task {
     },
     /// Start a local control plane, install the CRDs and examples, and show them.
     Demo,
+    /// Fuzz a parser with cargo-fuzz (installed on first use) for a while.
+    Fuzz {
+        /// Target in api/fuzz/fuzz_targets: spiffe_id or template.
+        target: String,
+        /// How long to run.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Run one benchmark family and write target/bench/<name>.json.
     Bench {
         /// Which benchmark: controlplane.
         name: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Counts;
+
+    #[test]
+    fn counts_add_up_cargo_test_summaries() {
+        let mut c = Counts::default();
+        c.add_line("test result: ok. 41 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.29s");
+        c.add_line(
+            "test result: FAILED. 1 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        c.add_line("running 2 tests");
+        assert_eq!(
+            c,
+            Counts {
+                passed: 42,
+                failed: 3,
+                ignored: 2
+            }
+        );
+        assert_eq!(c.to_string(), "tests: 42 passed, 3 failed, 2 skipped");
+    }
 }
 
 fn main() -> Result<()> {
@@ -68,6 +100,7 @@ fn main() -> Result<()> {
             prepare()?;
             runtime()?.block_on(demo::run())
         }
+        Task::Fuzz { target, seconds } => fuzz(&target, seconds),
         Task::Bench { name } => {
             prepare()?;
             runtime()?.block_on(bench::run(&name))
@@ -130,6 +163,32 @@ fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
     Ok(())
 }
 
+fn fuzz(target: &str, seconds: u64) -> Result<()> {
+    let has_cargo_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_cargo_fuzz {
+        cargo(&["install", "cargo-fuzz", "--locked"], &[])?;
+    }
+    println!("+ cargo fuzz run {target} (for {seconds}s)");
+    // cargo-fuzz passes nightly-only sanitizer flags; the stable compiler
+    // accepts them when told it is bootstrapping itself.
+    let status = Command::new("cargo")
+        .current_dir(repo_root().join("api"))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .args(["fuzz", "run", target, "--"])
+        .arg(format!("-max_total_time={seconds}"))
+        .status()
+        .context("cannot run cargo fuzz")?;
+    if !status.success() {
+        bail!(
+            "cargo fuzz run {target} failed ({status}); the crashing input is under api/fuzz/artifacts/{target}/"
+        );
+    }
+    Ok(())
+}
+
 fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
     prepare()?;
     crds(true)?;
@@ -141,7 +200,7 @@ fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
         extra.push("--".to_owned());
         extra.extend(cargo_test_args.iter().cloned());
     }
-    cargo(&["test", "--workspace"], &extra)?;
+    let counts = cargo_test(&extra)?;
     if !no_lint {
         cargo(
             &[
@@ -155,6 +214,80 @@ fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
             &[],
         )?;
     }
-    println!("all tests passed");
+    // One closing line for the whole run, after clippy's output.
+    println!("{counts}");
+    if counts.passed == 0 {
+        bail!("no test ran; check the filter given after `--`");
+    }
     Ok(())
+}
+
+/// Totals over every `test result:` line cargo test printed.
+#[derive(Debug, Default, PartialEq)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "tests: {} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.ignored
+        )
+    }
+}
+
+impl Counts {
+    /// Adds one `test result: ok. 3 passed; 0 failed; 1 ignored; ...` line.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let words: Vec<&str> = part.split_whitespace().collect();
+            let n = |i: usize| {
+                words
+                    .get(i)
+                    .and_then(|w| w.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            match words.as_slice() {
+                [_, _, "passed"] => self.passed += n(1),
+                [_, "failed"] => self.failed += n(0),
+                [_, "ignored"] => self.ignored += n(0),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs `cargo test --workspace`, echoing its output and counting results.
+fn cargo_test(extra: &[String]) -> Result<Counts> {
+    use std::io::BufRead as _;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    println!("+ cargo test --workspace {}", extra.join(" "));
+    let mut child = Command::new(cargo)
+        .current_dir(repo_root())
+        .args(["test", "--workspace"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let mut counts = Counts::default();
+    if let Some(stdout) = child.stdout.take() {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            counts.add_line(&line);
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        println!("{counts}");
+        bail!("cargo test failed ({status}); the failing tests are listed above");
+    }
+    Ok(counts)
 }

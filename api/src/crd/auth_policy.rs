@@ -24,6 +24,9 @@ pub const MSG_HEADER_ONE_OF: &str = "set at most one of exact and prefix";
 /// selecting a workload, traffic to it is allowed; any matching Deny rule
 /// denies; otherwise any matching Allow rule allows; otherwise, once any Allow
 /// policy selects the workload, traffic is denied.
+// Several printcolumn(...) entries each set type_, which clippy reads as a
+// repeated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "tessera.dev",

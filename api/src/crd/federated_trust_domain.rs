@@ -19,6 +19,9 @@ pub const MSG_TD_IMMUTABLE: &str =
 pub const MAX_BUNDLE_LEN: u32 = 256 * 1024;
 
 /// A trust domain Tessera federates with. Cluster-scoped.
+// Several printcolumn(...) entries each set type_, which clippy reads as a
+// repeated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "tessera.dev",

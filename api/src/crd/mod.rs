@@ -11,6 +11,7 @@ use kube::CustomResourceExt;
 
 pub mod auth_policy;
 pub mod federated_trust_domain;
+pub mod installed;
 pub mod schema;
 pub mod workload_identity;
 

@@ -11,6 +11,9 @@ use crate::template::{Template, TemplateError};
 /// Assigns SPIFFE IDs to the pods it selects. Cluster-scoped, because one
 /// identity scheme usually spans namespaces. When no WorkloadIdentity selects a
 /// pod, it gets `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+// Several printcolumn(...) entries each set type_, which clippy reads as a
+// repeated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "tessera.dev",
