@@ -7,7 +7,7 @@ mod bench;
 mod demo;
 mod deps;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -31,6 +31,9 @@ enum Task {
         /// Compare instead of writing; exit non-zero when crds/ differs from the types.
         #[arg(long)]
         check: bool,
+        /// The directory to write or check (default: the repository's crds/).
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Install the Debian packages and check the Go toolchain the tests need.
     Deps,
@@ -89,7 +92,7 @@ mod tests {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.task {
-        Task::Crds { check } => crds(check),
+        Task::Crds { check, dir } => crds(check, &dir.unwrap_or_else(crds_dir)),
         Task::Deps => deps::ensure(),
         Task::Testbin => testbin().map(|_| ()),
         Task::Test {
@@ -118,13 +121,12 @@ fn crds_dir() -> PathBuf {
     repo_root().join("crds")
 }
 
-fn crds(check: bool) -> Result<()> {
-    let dir = crds_dir();
+fn crds(check: bool, dir: &Path) -> Result<()> {
     if check {
-        tessera_api::crd::check_dir(&dir)?;
-        println!("crds/ matches the Rust types");
+        tessera_api::crd::check_dir(dir)?;
+        println!("{} matches the Rust types", dir.display());
     } else {
-        for path in tessera_api::crd::write_dir(&dir)? {
+        for path in tessera_api::crd::write_dir(dir)? {
             println!("wrote {}", path.display());
         }
     }
@@ -191,7 +193,7 @@ fn fuzz(target: &str, seconds: u64) -> Result<()> {
 
 fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
     prepare()?;
-    crds(true)?;
+    crds(true, &crds_dir())?;
     if !no_lint {
         cargo(&["fmt", "--all", "--", "--check"], &[])?;
     }
