@@ -145,3 +145,45 @@ async fn kubectl_shows_printer_columns_and_short_names() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn status_conditions_merge_by_type_under_server_side_apply() -> Result<()> {
+    let (_cp, client) = with_examples().await?;
+    let api: Api<AuthPolicy> = Api::namespaced(client, "default");
+    let condition = |type_: &str, status: &str| {
+        serde_json::json!({"type": type_, "status": status, "reason": "Test",
+            "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"})
+    };
+    let patch = |cond: serde_json::Value| {
+        serde_json::json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "AuthPolicy",
+            "status": {"conditions": [cond], "endpoints": 3}})
+    };
+    // Two writers, each owning one condition type (the operator and, later, agents).
+    for (manager, cond) in [
+        ("writer-a", condition("Ready", "True")),
+        ("writer-b", condition("Enforced", "False")),
+    ] {
+        api.patch_status(
+            "ledger-allow",
+            &kube::api::PatchParams::apply(manager),
+            &kube::api::Patch::Apply(patch(cond)),
+        )
+        .await?;
+    }
+    let status = api
+        .get_status("ledger-allow")
+        .await?
+        .status
+        .context("no status")?;
+    let mut types: Vec<_> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+    types.sort();
+    assert_eq!(
+        types,
+        ["Enforced", "Ready"],
+        "one writer's condition replaced the other's"
+    );
+    assert_eq!(status.endpoints, Some(3));
+    // Spec is untouched by status writes.
+    assert_eq!(api.get("ledger-allow").await?.spec.rules.len(), 1);
+    Ok(())
+}

@@ -270,6 +270,7 @@ pub struct HeaderMatch {
 pub struct AuthPolicyStatus {
     /// Standard conditions; `Ready` says whether the policy is compiled and enforced.
     #[serde(default)]
+    #[schemars(schema_with = "schema::conditions")]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

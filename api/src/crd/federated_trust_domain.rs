@@ -117,6 +117,7 @@ pub enum BundleEndpointProfileType {
 pub struct FederatedTrustDomainStatus {
     /// Standard conditions: `Ready`, with reasons such as `Fresh`, `Stale` or `Error`.
     #[serde(default)]
+    #[schemars(schema_with = "schema::conditions")]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

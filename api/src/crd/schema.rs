@@ -5,6 +5,7 @@
 //! Every CEL rule carries a message that names what to fix; the integration
 //! tests match on these messages, so changing one means changing its test.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use schemars::{Schema, SchemaGenerator, json_schema};
 
 use crate::spiffe::{
@@ -143,4 +144,16 @@ pub fn bundle_endpoint_url(_: &mut SchemaGenerator) -> Schema {
             {"rule": "!self.contains('#')", "message": MSG_NO_FRAGMENT},
         ],
     })
+}
+
+/// Status conditions as a list map keyed by `type`, so that server-side apply
+/// merges one condition without replacing the others.
+pub fn conditions(g: &mut SchemaGenerator) -> Schema {
+    let mut schema = g.subschema_for::<Vec<Condition>>();
+    schema.insert("x-kubernetes-list-type".into(), "map".into());
+    schema.insert(
+        "x-kubernetes-list-map-keys".into(),
+        serde_json::json!(["type"]),
+    );
+    schema
 }

@@ -98,6 +98,7 @@ pub struct WorkloadIdentitySpec {
 pub struct WorkloadIdentityStatus {
     /// Standard conditions; `Ready` says whether the template renders for the selected pods.
     #[serde(default)]
+    #[schemars(schema_with = "schema::conditions")]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
