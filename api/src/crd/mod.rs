@@ -11,6 +11,7 @@ use kube::CustomResourceExt;
 
 pub mod auth_policy;
 pub mod federated_trust_domain;
+pub mod identity;
 pub mod installed;
 pub mod schema;
 pub mod workload_identity;
@@ -19,6 +20,7 @@ pub use auth_policy::{AuthPolicy, AuthPolicySpec, AuthPolicyStatus};
 pub use federated_trust_domain::{
     FederatedTrustDomain, FederatedTrustDomainSpec, FederatedTrustDomainStatus,
 };
+pub use identity::{IdentityCounter, IdentityCounterSpec, NumericIdentity, NumericIdentitySpec};
 pub use workload_identity::{WorkloadIdentity, WorkloadIdentitySpec, WorkloadIdentityStatus};
 
 /// The API group of every Tessera resource.
@@ -138,7 +140,17 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         WorkloadIdentity::crd(),
         AuthPolicy::crd(),
         FederatedTrustDomain::crd(),
+        NumericIdentity::crd(),
+        IdentityCounter::crd(),
     ]
+}
+
+/// The CRDs users write; the rest are the operator's internal bookkeeping.
+pub fn user_facing() -> Vec<CustomResourceDefinition> {
+    all()
+        .into_iter()
+        .filter(|c| c.spec.names.categories.as_deref() == Some(&["tessera".to_owned()][..]))
+        .collect()
 }
 
 /// The file name a CRD is stored under in `crds/`: `<group>_<plural>.yaml`.
@@ -161,7 +173,22 @@ mod tests {
 
     #[test]
     fn names_and_scopes() {
-        let crds = all();
+        let internal: Vec<_> = all()
+            .iter()
+            .filter(|c| {
+                c.spec.names.categories.as_deref() == Some(&["tessera-internal".to_owned()][..])
+            })
+            .map(|c| c.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(
+            internal,
+            [
+                "numericidentities.tessera.dev",
+                "identitycounters.tessera.dev"
+            ]
+        );
+        assert_eq!(user_facing().len() + internal.len(), all().len());
+        let crds = user_facing();
         let names: Vec<_> = crds
             .iter()
             .map(|c| c.metadata.name.clone().unwrap())

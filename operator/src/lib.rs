@@ -1,0 +1,5 @@
+//! The Tessera operator's library: the pieces the `tessera-operator` binary
+//! runs, each testable on its own against a real API server.
+#![forbid(unsafe_code)]
+
+pub mod allocator;
