@@ -4,3 +4,4 @@
 
 pub mod allocator;
 pub mod assign;
+pub mod ca;

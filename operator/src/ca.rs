@@ -1,0 +1,442 @@
+//! The trust-domain CA: ECDSA P-256 roots kept in a Secret, created on first
+//! start, rotated with overlap, and the trust bundle published for agents.
+//!
+//! The Secret holds every root still valid, newest last, as JSON under
+//! [`SECRET_KEY`]. Writers use the Secret's resourceVersion, so two operators
+//! starting at once end up with one CA. A Secret that cannot be read is never
+//! overwritten: losing the CA would break every workload's trust at once.
+//!
+//! Rotation: when the newest root has less than a third of its lifetime left,
+//! a new root is added and becomes the signer. An old root stays in the bundle
+//! until it expires; SVIDs never outlive the root that signed them (see
+//! [`TrustDomainCa::max_svid_not_after`]), so none is orphaned.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    SerialNumber,
+};
+use serde::{Deserialize, Serialize};
+use tessera_api::spiffe::TrustDomain;
+use time::OffsetDateTime;
+
+/// Key in the CA Secret under which the roots are stored.
+pub const SECRET_KEY: &str = "roots.json";
+/// Key in the bundle ConfigMap holding the PEM bundle.
+pub const BUNDLE_KEY: &str = "bundle.pem";
+/// Field manager for the CA's writes.
+const FIELD_MANAGER: &str = "tessera-operator";
+
+/// Where the CA lives and how long roots last.
+#[derive(Debug, Clone)]
+pub struct CaConfig {
+    /// The trust domain the CA signs for.
+    pub trust_domain: TrustDomain,
+    /// Namespace of the Secret and the bundle ConfigMap (the operator's).
+    pub namespace: String,
+    /// Name of the Secret holding the roots.
+    pub secret_name: String,
+    /// Name of the ConfigMap the bundle is published in.
+    pub bundle_name: String,
+    /// Lifetime of a new root.
+    pub root_ttl: Duration,
+}
+
+impl CaConfig {
+    /// Defaults: Secret `tessera-ca`, ConfigMap `tessera-trust-bundle`, roots for a year.
+    pub fn new(trust_domain: TrustDomain, namespace: &str) -> CaConfig {
+        CaConfig {
+            trust_domain,
+            namespace: namespace.to_owned(),
+            secret_name: "tessera-ca".to_owned(),
+            bundle_name: "tessera-trust-bundle".to_owned(),
+            root_ttl: Duration::from_secs(365 * 24 * 3600),
+        }
+    }
+}
+
+/// Why the CA could not be loaded, created, rotated or published.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CaError {
+    /// The API server refused or failed a request.
+    #[error(
+        "API server error while managing the CA: {0}; check that the operator may get, create and update secrets and configmaps in its namespace"
+    )]
+    Api(#[source] Arc<kube::Error>),
+    /// The Secret exists but does not hold roots this operator can read.
+    #[error(
+        "Secret {namespace}/{name} exists but is unreadable ({reason}); it is left untouched: restore it from backup, or delete it to create a new CA (every workload will need new SVIDs)"
+    )]
+    Unreadable {
+        /// Namespace.
+        namespace: String,
+        /// Secret name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Generating or parsing a certificate failed.
+    #[error("certificate error: {0}")]
+    Certificate(String),
+    /// Every root has expired.
+    #[error("every root in the CA Secret has expired; delete the Secret to create a new CA")]
+    Expired,
+    /// Two writers kept changing the Secret.
+    #[error("the CA Secret kept changing under concurrent writers; retry")]
+    Contention,
+}
+
+impl From<kube::Error> for CaError {
+    fn from(e: kube::Error) -> Self {
+        CaError::Api(Arc::new(e))
+    }
+}
+
+fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+/// One root as stored in the Secret.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+struct StoredRoot {
+    cert_pem: String,
+    key_pem: String,
+}
+
+/// A root certificate with its key and validity.
+#[derive(Clone)]
+pub struct Root {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    key_pem: String,
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
+}
+
+impl std::fmt::Debug for Root {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("Root")
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Root {
+    fn parse(stored: &StoredRoot) -> Result<Root, String> {
+        let der = pem_der(&stored.cert_pem)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| format!("root certificate: {e}"))?;
+        if !cert.is_ca() {
+            return Err("a stored root is not a CA certificate".to_owned());
+        }
+        let validity = cert.validity();
+        let to_time = |t: x509_parser::time::ASN1Time| t.to_datetime();
+        KeyPair::from_pem(&stored.key_pem).map_err(|e| format!("root key: {e}"))?;
+        Ok(Root {
+            cert_pem: stored.cert_pem.clone(),
+            key_pem: stored.key_pem.clone(),
+            not_before: to_time(validity.not_before),
+            not_after: to_time(validity.not_after),
+        })
+    }
+
+    fn stored(&self) -> StoredRoot {
+        StoredRoot {
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+        }
+    }
+
+    /// An rcgen issuer that signs with this root.
+    pub fn issuer(&self) -> Result<Issuer<'static, KeyPair>, CaError> {
+        let key =
+            KeyPair::from_pem(&self.key_pem).map_err(|e| CaError::Certificate(e.to_string()))?;
+        Issuer::from_ca_cert_pem(&self.cert_pem, key)
+            .map_err(|e| CaError::Certificate(e.to_string()))
+    }
+}
+
+fn pem_der(text: &str) -> Result<Vec<u8>, String> {
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(text.as_bytes()).map_err(|e| format!("PEM: {e}"))?;
+    Ok(pem.contents)
+}
+
+/// Makes a new self-signed root for `td`, valid from `now` for `ttl`.
+pub fn new_root(td: &TrustDomain, now: OffsetDateTime, ttl: Duration) -> Result<Root, CaError> {
+    let cert_err = |e: rcgen::Error| CaError::Certificate(e.to_string());
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(cert_err)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Tessera");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("Tessera root for {td}"));
+    let uri = td.id().to_string().try_into().map_err(cert_err)?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    // A little slack for clocks that run behind.
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + ttl;
+    let mut serial = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
+        .map_err(|_| CaError::Certificate("no randomness for a serial number".to_owned()))?;
+    serial[0] &= 0x7f; // positive
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    let cert = params.self_signed(&key).map_err(cert_err)?;
+    Ok(Root {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        not_before: params.not_before,
+        not_after: params.not_after,
+    })
+}
+
+/// The trust domain's roots, newest last.
+#[derive(Debug, Clone)]
+pub struct TrustDomainCa {
+    roots: Vec<Root>,
+    resource_version: Option<String>,
+}
+
+impl TrustDomainCa {
+    /// Reads the CA Secret, creating it with one new root when absent.
+    pub async fn load_or_create(
+        client: &kube::Client,
+        cfg: &CaConfig,
+        now: OffsetDateTime,
+    ) -> Result<TrustDomainCa, CaError> {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &cfg.namespace);
+        for _ in 0..8 {
+            if let Some(secret) = secrets.get_opt(&cfg.secret_name).await? {
+                return Self::from_secret(cfg, &secret);
+            }
+            let root = new_root(&cfg.trust_domain, now, cfg.root_ttl)?;
+            let secret = secret_for(cfg, &[root], None)?;
+            match secrets.create(&PostParams::default(), &secret).await {
+                Ok(created) => return Self::from_secret(cfg, &created),
+                // Another operator created it first: use theirs.
+                Err(e) if is_status(&e, 409) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CaError::Contention)
+    }
+
+    fn from_secret(cfg: &CaConfig, secret: &Secret) -> Result<TrustDomainCa, CaError> {
+        let unreadable = |reason: String| CaError::Unreadable {
+            namespace: cfg.namespace.clone(),
+            name: cfg.secret_name.clone(),
+            reason,
+        };
+        let data = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(SECRET_KEY))
+            .ok_or_else(|| unreadable(format!("no {SECRET_KEY} key")))?;
+        let stored: Vec<StoredRoot> = serde_json::from_slice(&data.0)
+            .map_err(|e| unreadable(format!("{SECRET_KEY}: {e}")))?;
+        if stored.is_empty() {
+            return Err(unreadable("no roots".to_owned()));
+        }
+        let roots = stored
+            .iter()
+            .map(Root::parse)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unreadable)?;
+        Ok(TrustDomainCa {
+            roots,
+            resource_version: secret.metadata.resource_version.clone(),
+        })
+    }
+
+    /// Every root, newest last.
+    pub fn roots(&self) -> &[Root] {
+        &self.roots
+    }
+
+    /// The root that signs now: the newest one already valid.
+    pub fn active(&self, now: OffsetDateTime) -> Result<&Root, CaError> {
+        self.roots
+            .iter()
+            .rev()
+            .find(|r| r.not_before <= now && now < r.not_after)
+            .ok_or(CaError::Expired)
+    }
+
+    /// The latest NotAfter an SVID signed now may have: the active root's.
+    pub fn max_svid_not_after(&self, now: OffsetDateTime) -> Result<OffsetDateTime, CaError> {
+        Ok(self.active(now)?.not_after)
+    }
+
+    /// The trust bundle: every unexpired root, PEM, oldest first.
+    pub fn bundle_pem(&self, now: OffsetDateTime) -> String {
+        self.roots
+            .iter()
+            .filter(|r| now < r.not_after)
+            .map(|r| r.cert_pem.as_str())
+            .collect()
+    }
+
+    /// Adds a new root when the newest has less than a third of its lifetime
+    /// left, and drops expired ones. Returns whether the Secret changed.
+    pub async fn rotate_if_due(
+        &mut self,
+        client: &kube::Client,
+        cfg: &CaConfig,
+        now: OffsetDateTime,
+    ) -> Result<bool, CaError> {
+        let newest = self.roots.last().ok_or(CaError::Expired)?;
+        let lifetime = newest.not_after - newest.not_before;
+        let due = newest.not_after - now < lifetime / 3;
+        let expired = self.roots.iter().any(|r| r.not_after <= now);
+        if !due && !expired {
+            return Ok(false);
+        }
+        let mut roots: Vec<Root> = self
+            .roots
+            .iter()
+            .filter(|r| now < r.not_after)
+            .cloned()
+            .collect();
+        if due {
+            roots.push(new_root(&cfg.trust_domain, now, cfg.root_ttl)?);
+        }
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &cfg.namespace);
+        let secret = secret_for(cfg, &roots, self.resource_version.clone())?;
+        match secrets
+            .replace(&cfg.secret_name, &PostParams::default(), &secret)
+            .await
+        {
+            Ok(updated) => {
+                *self = Self::from_secret(cfg, &updated)?;
+                Ok(true)
+            }
+            // Someone else rotated first: adopt their roots.
+            Err(e) if is_status(&e, 409) => {
+                *self = Self::load_or_create(client, cfg, now).await?;
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes the bundle into the ConfigMap agents read (server-side apply).
+    pub async fn publish_bundle(
+        &self,
+        client: &kube::Client,
+        cfg: &CaConfig,
+        now: OffsetDateTime,
+    ) -> Result<(), CaError> {
+        let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &cfg.namespace);
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(cfg.bundle_name.clone()),
+                namespace: Some(cfg.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([
+                (BUNDLE_KEY.to_owned(), self.bundle_pem(now)),
+                ("trustDomain".to_owned(), cfg.trust_domain.to_string()),
+            ])),
+            ..ConfigMap::default()
+        };
+        let mut value =
+            serde_json::to_value(&cm).map_err(|e| CaError::Certificate(e.to_string()))?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert("apiVersion".into(), "v1".into());
+            obj.insert("kind".into(), "ConfigMap".into());
+        }
+        maps.patch(
+            &cfg.bundle_name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(value),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+fn secret_for(
+    cfg: &CaConfig,
+    roots: &[Root],
+    resource_version: Option<String>,
+) -> Result<Secret, CaError> {
+    let stored: Vec<StoredRoot> = roots.iter().map(Root::stored).collect();
+    let json = serde_json::to_vec(&stored).map_err(|e| CaError::Certificate(e.to_string()))?;
+    Ok(Secret {
+        metadata: ObjectMeta {
+            name: Some(cfg.secret_name.clone()),
+            namespace: Some(cfg.namespace.clone()),
+            resource_version,
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/part-of".to_owned(),
+                "tessera".to_owned(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".to_owned()),
+        data: Some(BTreeMap::from([(SECRET_KEY.to_owned(), ByteString(json))])),
+        ..Secret::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_root_is_a_p256_ca_for_the_trust_domain() {
+        let td: TrustDomain = "cluster.test".parse().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let root = new_root(&td, now, Duration::from_secs(3600)).unwrap();
+        let der = pem_der(&root.cert_pem).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert!(cert.is_ca());
+        let sans = cert.subject_alternative_name().unwrap().unwrap();
+        let uris: Vec<String> = sans
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(uris, ["spiffe://cluster.test"]);
+        assert_eq!(
+            cert.public_key()
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok()),
+            Some(x509_parser::oid_registry::OID_EC_P256)
+        );
+        assert!(
+            format!("{root:?}").find("PRIVATE").is_none(),
+            "Debug must not print the key"
+        );
+        let parsed = Root::parse(&root.stored()).unwrap();
+        assert_eq!(
+            parsed.not_after.unix_timestamp(),
+            root.not_after.unix_timestamp()
+        );
+        root.issuer().unwrap();
+    }
+}
