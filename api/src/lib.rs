@@ -1,6 +1,7 @@
 //! Tessera's API: the CRD types, SPIFFE ID and trust domain types, and templates.
 #![forbid(unsafe_code)]
 
+pub mod annotations;
 #[cfg(feature = "crd")]
 pub mod crd;
 pub mod spiffe;

@@ -5,3 +5,4 @@
 pub mod allocator;
 pub mod assign;
 pub mod ca;
+pub mod identity;

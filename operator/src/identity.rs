@@ -1,0 +1,444 @@
+//! The identity controller: gives every pod its SPIFFE ID and numeric
+//! identity, and releases numeric identities no pod uses any more.
+//!
+//! Event-driven throughout. Pods are reconciled when they change; all pods are
+//! re-evaluated when a WorkloadIdentity or a namespace's labels change (rare);
+//! pods holding a SPIFFE ID are re-evaluated when its NumericIdentity goes
+//! away. There is no periodic relist. A pod's identity reaches the agents as
+//! annotations (see [`tessera_api::annotations`]), written with server-side
+//! apply so that removing one is a matter of not applying it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use tessera_api::annotations;
+use tessera_api::crd::{NumericIdentity, WorkloadIdentity};
+use tessera_api::spiffe::{SpiffeId, TrustDomain};
+use tracing::{info, warn};
+
+use crate::allocator::{Allocation, Allocator, AllocatorError};
+use crate::assign::{self, Assignment};
+
+/// Field manager of the annotations.
+pub const FIELD_MANAGER: &str = "tessera-operator";
+
+/// Why one pod could not be reconciled (it is retried).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IdentityError {
+    /// Allocation failed.
+    #[error(transparent)]
+    Allocator(#[from] AllocatorError),
+    /// Writing the pod's annotations failed.
+    #[error("cannot annotate pod {pod}: {source}; check that the operator may patch pods")]
+    Annotate {
+        /// `namespace/name`.
+        pod: String,
+        /// The API error.
+        source: Arc<kube::Error>,
+    },
+    /// A watch failed for good.
+    #[error("watch on {what} failed: {source}")]
+    Watch {
+        /// What was watched.
+        what: &'static str,
+        /// The watcher's error.
+        source: Arc<watcher::Error>,
+    },
+}
+
+/// Shared state of the reconcilers.
+pub struct Context {
+    trust_domain: TrustDomain,
+    allocator: Allocator,
+    client: kube::Client,
+    namespaces: Store<Namespace>,
+    wids: Store<WorkloadIdentity>,
+    recorder: Recorder,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The annotations a pod should carry for `assignment` and its allocation.
+pub fn desired_annotations(
+    assignment: &Assignment,
+    allocation: Option<Allocation>,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    match (&assignment.result, allocation) {
+        (Ok(id), Some(a)) => {
+            out.insert(annotations::SPIFFE_ID.to_owned(), id.to_string());
+            out.insert(
+                annotations::IDENTITY.to_owned(),
+                annotations::format_identity(a.id, a.generation),
+            );
+            out.insert(
+                annotations::IDENTITY_SOURCE.to_owned(),
+                assignment
+                    .source
+                    .clone()
+                    .unwrap_or_else(|| "default".to_owned()),
+            );
+        }
+        (Err(e), _) => {
+            out.insert(annotations::IDENTITY_ERROR.to_owned(), e.to_string());
+        }
+        (Ok(_), None) => {}
+    }
+    out
+}
+
+/// The Tessera annotations a pod carries now.
+fn current_annotations(pod: &Pod) -> BTreeMap<String, String> {
+    pod.annotations()
+        .iter()
+        .filter(|(k, _)| {
+            [
+                annotations::SPIFFE_ID,
+                annotations::IDENTITY,
+                annotations::IDENTITY_SOURCE,
+                annotations::IDENTITY_ERROR,
+            ]
+            .contains(&k.as_str())
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn assignment_for(ctx: &Context, pod: &Pod) -> Assignment {
+    let namespace = pod.namespace().unwrap_or_default();
+    let ns_labels = ctx
+        .namespaces
+        .get(&ObjectRef::new(&namespace))
+        .map(|ns| ns.labels().clone())
+        .unwrap_or_default();
+    let spec = pod.spec.as_ref();
+    let facts = assign::Pod {
+        namespace: &namespace,
+        name: pod.metadata.name.as_deref().unwrap_or_default(),
+        service_account: spec
+            .and_then(|s| s.service_account_name.as_deref())
+            .unwrap_or("default"),
+        node_name: spec
+            .and_then(|s| s.node_name.as_deref())
+            .unwrap_or_default(),
+        labels: pod.labels(),
+        namespace_labels: &ns_labels,
+    };
+    let wids: Vec<WorkloadIdentity> = ctx.wids.state().iter().map(|w| (**w).clone()).collect();
+    assign::assign(&ctx.trust_domain, &facts, &wids)
+}
+
+async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, IdentityError> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let assignment = assignment_for(&ctx, &pod);
+    let allocation = match &assignment.result {
+        Ok(id) => Some(ctx.allocator.allocate(id).await?),
+        Err(_) => None,
+    };
+    let desired = desired_annotations(&assignment, allocation);
+    if desired == current_annotations(&pod) {
+        return Ok(Action::await_change());
+    }
+    let name = pod.name_any();
+    let namespace = pod.namespace().unwrap_or_default();
+    let patch = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "annotations": desired},
+    });
+    Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await
+        .map_err(|e| IdentityError::Annotate {
+            pod: format!("{namespace}/{name}"),
+            source: Arc::new(e),
+        })?;
+    info!(pod = %format!("{namespace}/{name}"), annotations = ?desired, "identity assigned");
+    publish_events(&ctx, &pod, &assignment).await;
+    Ok(Action::await_change())
+}
+
+/// Events on the pod for conflicts and failures (best effort: logged on error).
+async fn publish_events(ctx: &Context, pod: &Pod, assignment: &Assignment) {
+    let mut events = Vec::new();
+    if !assignment.conflicts.is_empty() {
+        events.push(Event {
+            type_: EventType::Warning,
+            reason: "IdentityConflict".into(),
+            note: Some(format!(
+                "selected by several WorkloadIdentities; used {}, ignored {}",
+                assignment.source.as_deref().unwrap_or("default"),
+                assignment.conflicts.join(", ")
+            )),
+            action: "AssignIdentity".into(),
+            secondary: None,
+        });
+    }
+    if let Err(e) = &assignment.result {
+        events.push(Event {
+            type_: EventType::Warning,
+            reason: "IdentityFailed".into(),
+            note: Some(format!("pod has no identity: {e}")),
+            action: "AssignIdentity".into(),
+            secondary: None,
+        });
+    }
+    let reference = pod.object_ref(&());
+    for event in events {
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            warn!(error = %e, "cannot publish event");
+        }
+    }
+}
+
+fn error_policy(_pod: Arc<Pod>, error: &IdentityError, _ctx: Arc<Context>) -> Action {
+    warn!(%error, "identity reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// The SPIFFE ID and allocation a pod's annotations name, if valid.
+fn annotated(pod: &Pod) -> Option<(SpiffeId, Allocation)> {
+    let a = pod.annotations();
+    let id = a.get(annotations::SPIFFE_ID)?.parse().ok()?;
+    let (num, generation) = annotations::parse_identity(a.get(annotations::IDENTITY)?)?;
+    Some((
+        id,
+        Allocation {
+            id: num,
+            generation,
+        },
+    ))
+}
+
+/// Releases allocations of SPIFFE IDs no pod uses: when a pod is deleted or
+/// its annotations move to another SPIFFE ID, and once after every (re)list
+/// for anything that changed while nobody watched.
+async fn collect_garbage(client: kube::Client, allocator: Allocator) -> Result<(), IdentityError> {
+    let identities: Api<NumericIdentity> = Api::all(client.clone());
+    // What each pod's annotations named when last seen.
+    let mut last: HashMap<ObjectRef<Pod>, (SpiffeId, Allocation)> = HashMap::new();
+    let mut events = watcher(Api::<Pod>::all(client), watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = events.try_next().await.map_err(|e| IdentityError::Watch {
+        what: "pods",
+        source: Arc::new(e),
+    })? {
+        let dropped = match event {
+            watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
+                let key = ObjectRef::from_obj(&pod);
+                let now = annotated(&pod).filter(|_| pod.metadata.deletion_timestamp.is_none());
+                let before = match now.clone() {
+                    Some(held) => last.insert(key, held),
+                    None => last.remove(&key),
+                };
+                before
+                    .filter(|b| Some(b) != now.as_ref())
+                    .into_iter()
+                    .collect()
+            }
+            watcher::Event::Delete(pod) => last
+                .remove(&ObjectRef::from_obj(&pod))
+                .into_iter()
+                .collect(),
+            watcher::Event::InitDone => {
+                let all = identities
+                    .list(&Default::default())
+                    .await
+                    .map_err(|e| IdentityError::Allocator(e.into()))?;
+                all.items
+                    .into_iter()
+                    .filter_map(|obj| {
+                        let id = obj.spec.spiffe_id.parse::<SpiffeId>().ok()?;
+                        Some((
+                            id,
+                            Allocation {
+                                id: obj.spec.id,
+                                generation: obj.spec.generation,
+                            },
+                        ))
+                    })
+                    .collect::<Vec<_>>()
+            }
+            watcher::Event::Init => {
+                last.clear();
+                Vec::new()
+            }
+        };
+        for (id, allocation) in dropped {
+            let used = last.values().any(|(held, _)| *held == id);
+            if !used && allocator.release(&id, allocation).await? {
+                info!(spiffe_id = %id, ?allocation, "released numeric identity no pod uses");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the identity controller until `shutdown` resolves or a watch fails.
+pub async fn run(
+    client: kube::Client,
+    trust_domain: TrustDomain,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), IdentityError> {
+    let (namespaces, ns_writer) = reflector::store::<Namespace>();
+    let (wids, wid_writer) = reflector::store::<WorkloadIdentity>();
+    // Any WorkloadIdentity or namespace change re-evaluates every pod.
+    let (trigger_tx, trigger_rx) = futures::channel::mpsc::channel::<()>(16);
+    let ns_stream = reflector::reflector(
+        ns_writer,
+        watcher(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    );
+    let wid_stream = reflector::reflector(
+        wid_writer,
+        watcher(
+            Api::<WorkloadIdentity>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    );
+    let feed = |stream: futures::stream::BoxStream<'static, Result<(), watcher::Error>>,
+                what: &'static str| {
+        let mut tx = trigger_tx.clone();
+        async move {
+            let mut stream = stream;
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(()) => {
+                        // A full channel already holds a pending trigger.
+                        let _ = tx.try_send(());
+                    }
+                    Err(e) => warn!(error = %e, what, "watch error; retrying"),
+                }
+            }
+        }
+    };
+    tokio::spawn(feed(
+        ns_stream.default_backoff().map_ok(|_| ()).boxed(),
+        "namespaces",
+    ));
+    tokio::spawn(feed(
+        wid_stream.default_backoff().map_ok(|_| ()).boxed(),
+        "workloadidentities",
+    ));
+    drop(trigger_tx);
+    namespaces.wait_until_ready().await.ok();
+    wids.wait_until_ready().await.ok();
+
+    let allocator = Allocator::new(client.clone());
+    let gc = tokio::spawn(collect_garbage(client.clone(), allocator.clone()));
+
+    let pods: Api<Pod> = Api::all(client.clone());
+    let controller = Controller::new(pods.clone(), watcher::Config::default());
+    let pod_store = controller.store();
+    let ctx = Arc::new(Context {
+        trust_domain,
+        allocator,
+        client: client.clone(),
+        namespaces,
+        wids,
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "tessera-operator".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+    });
+    controller
+        .watches(
+            Api::<NumericIdentity>::all(client),
+            watcher::Config::default(),
+            move |nid: NumericIdentity| {
+                // Pods still naming a released SPIFFE ID must be re-evaluated.
+                pod_store
+                    .state()
+                    .iter()
+                    .filter(|p| {
+                        p.annotations().get(annotations::SPIFFE_ID) == Some(&nid.spec.spiffe_id)
+                    })
+                    .map(|p| ObjectRef::from_obj(p.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .reconcile_all_on(trigger_rx)
+        .with_config(ControllerConfig::default().debounce(Duration::from_millis(100)))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
+    gc.abort();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn annotations_for_success_and_failure() {
+        let ok = Assignment {
+            source: None,
+            result: Ok("spiffe://td/ns/a/sa/b".parse().unwrap()),
+            conflicts: Vec::new(),
+            broken_selectors: Vec::new(),
+        };
+        let got = desired_annotations(
+            &ok,
+            Some(Allocation {
+                id: 300,
+                generation: 9,
+            }),
+        );
+        assert_eq!(
+            got.get(annotations::IDENTITY).map(String::as_str),
+            Some("300/9")
+        );
+        assert_eq!(
+            got.get(annotations::IDENTITY_SOURCE).map(String::as_str),
+            Some("default")
+        );
+        assert!(!got.contains_key(annotations::IDENTITY_ERROR));
+
+        let failed = Assignment {
+            source: Some("w".into()),
+            result: Err(assign::AssignError::Template {
+                wid: "w".into(),
+                source: tessera_api::template::TemplateError::MissingLabel("app".into()),
+            }),
+            conflicts: Vec::new(),
+            broken_selectors: Vec::new(),
+        };
+        let got = desired_annotations(&failed, None);
+        assert_eq!(
+            got.len(),
+            1,
+            "a failed pod keeps no stale identity: {got:?}"
+        );
+        assert!(got[annotations::IDENTITY_ERROR].contains("no label \"app\""));
+    }
+}

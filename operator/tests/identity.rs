@@ -1,0 +1,296 @@
+//! The identity controller against a real API server: pods get their default
+//! or WorkloadIdentity-chosen SPIFFE ID and numeric identity as annotations,
+//! a template that cannot render fails closed, identities no pod uses are
+//! released, and a restarted controller catches up with what it missed.
+#![allow(clippy::expect_used)] // test helpers outside #[test] functions
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
+use tessera_api::annotations;
+use tessera_api::crd::{NumericIdentity, WorkloadIdentity};
+use tessera_operator::identity;
+use tessera_tests::{ControlPlane, resources};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const NS: &str = "shop";
+
+struct Operator {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Operator {
+    fn start(client: kube::Client) -> Operator {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            if let Err(e) =
+                identity::run(client, "cluster.test".parse().expect("td"), shutdown).await
+            {
+                eprintln!("identity controller failed: {e}");
+            }
+        });
+        Operator {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+        self.task.abort();
+    }
+}
+
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn meta(name: &str, ns: Option<&str>, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: ns.map(Into::into),
+        labels: Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..ObjectMeta::default()
+    }
+}
+
+async fn setup() -> Result<(ControlPlane, kube::Client)> {
+    let cp = ControlPlane::start().await?;
+    let client = cp.client().await?;
+    resources::install_crds(&client, &tessera_api::crd::all()).await?;
+    let pp = PostParams::default();
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &pp,
+            &Namespace {
+                metadata: meta(NS, None, &[("team", "shop")]),
+                ..Default::default()
+            },
+        )
+        .await?;
+    // No controller-manager runs, so service accounts are made by hand.
+    for sa in ["default", "web-sa"] {
+        Api::<ServiceAccount>::namespaced(client.clone(), NS)
+            .create(
+                &pp,
+                &ServiceAccount {
+                    metadata: meta(sa, Some(NS), &[]),
+                    ..Default::default()
+                },
+            )
+            .await?;
+    }
+    Ok((cp, client))
+}
+
+async fn create_pod(client: &kube::Client, name: &str, labels: &[(&str, &str)]) -> Result<()> {
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS,
+            "labels": labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()},
+        "spec": {"serviceAccountName": "web-sa", "nodeName": "node-a",
+            "containers": [{"name": "app", "image": "registry.invalid/app:1"}]}
+    }))?;
+    Api::<Pod>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), &pod)
+        .await?;
+    Ok(())
+}
+
+async fn create_wid(client: &kube::Client, name: &str, template: &str) -> Result<()> {
+    let wid: WorkloadIdentity = serde_json::from_value(serde_json::json!({
+        "apiVersion": "tessera.dev/v1alpha1", "kind": "WorkloadIdentity",
+        "metadata": {"name": name},
+        "spec": {"spiffeIDTemplate": template, "podSelector": {"matchLabels": {"app": "web"}}}
+    }))?;
+    Api::<WorkloadIdentity>::all(client.clone())
+        .create(&PostParams::default(), &wid)
+        .await?;
+    Ok(())
+}
+
+/// Waits until the pod's Tessera annotations satisfy `want`, returning them.
+async fn wait_pod(
+    client: &kube::Client,
+    name: &str,
+    what: &str,
+    want: impl Fn(&BTreeMap<String, String>) -> bool,
+) -> Result<BTreeMap<String, String>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    eventually(&format!("pod {name}: {what}"), || async {
+        let a = pods.get(name).await?.annotations().clone();
+        Ok(want(&a).then_some(a))
+    })
+    .await
+}
+
+fn spiffe_id(a: &BTreeMap<String, String>) -> Option<&str> {
+    a.get(annotations::SPIFFE_ID).map(String::as_str)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_get_identities_that_follow_workload_identities() -> Result<()> {
+    let (_cp, client) = setup().await?;
+    let op = Operator::start(client.clone());
+
+    // No WorkloadIdentity: the default ID from namespace and service account.
+    create_pod(&client, "web-1", &[("app", "web")]).await?;
+    let a = wait_pod(&client, "web-1", "default identity", |a| {
+        spiffe_id(a) == Some("spiffe://cluster.test/ns/shop/sa/web-sa")
+    })
+    .await?;
+    assert_eq!(a[annotations::IDENTITY_SOURCE], "default");
+    let default_pair =
+        annotations::parse_identity(&a[annotations::IDENTITY]).context("identity")?;
+
+    // A WorkloadIdentity selecting the pod takes over.
+    create_wid(&client, "web", "spiffe://{trustDomain}/app/{podLabel:app}").await?;
+    let a = wait_pod(
+        &client,
+        "web-1",
+        "identity from WorkloadIdentity web",
+        |a| spiffe_id(a) == Some("spiffe://cluster.test/app/web"),
+    )
+    .await?;
+    assert_eq!(a[annotations::IDENTITY_SOURCE], "web");
+    let web_pair = annotations::parse_identity(&a[annotations::IDENTITY]).context("identity")?;
+    assert_ne!(web_pair, default_pair);
+
+    // A second pod with the same SPIFFE ID shares its numeric identity.
+    create_pod(&client, "web-2", &[("app", "web")]).await?;
+    let b = wait_pod(&client, "web-2", "shared identity", |a| {
+        spiffe_id(a).is_some()
+    })
+    .await?;
+    assert_eq!(b[annotations::IDENTITY], a[annotations::IDENTITY]);
+
+    // The default ID lost its last pod, so its numeric identity is released.
+    let nids: Api<NumericIdentity> = Api::all(client.clone());
+    eventually("release of the default identity", || async {
+        let live = nids.list(&ListParams::default()).await?;
+        Ok(live
+            .items
+            .iter()
+            .all(|n| n.spec.spiffe_id != "spiffe://cluster.test/ns/shop/sa/web-sa")
+            .then_some(()))
+    })
+    .await?;
+
+    // A WorkloadIdentity that wins (name order) but cannot render: fail closed.
+    create_wid(
+        &client,
+        "a-needs-tier",
+        "spiffe://{trustDomain}/tier/{podLabel:tier}",
+    )
+    .await?;
+    let a = wait_pod(&client, "web-1", "fail closed", |a| {
+        a.contains_key(annotations::IDENTITY_ERROR)
+    })
+    .await?;
+    assert!(
+        spiffe_id(&a).is_none() && !a.contains_key(annotations::IDENTITY),
+        "stale identity kept: {a:?}"
+    );
+    assert!(
+        a[annotations::IDENTITY_ERROR].contains("no label \"tier\""),
+        "{a:?}"
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), NS);
+    eventually("IdentityFailed and IdentityConflict events", || async {
+        let reasons: Vec<String> = events
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|e| e.reason)
+            .collect();
+        Ok((reasons.iter().any(|r| r == "IdentityFailed")
+            && reasons.iter().any(|r| r == "IdentityConflict"))
+        .then_some(()))
+    })
+    .await?;
+
+    // Removing it restores the working identity.
+    Api::<WorkloadIdentity>::all(client.clone())
+        .delete("a-needs-tier", &DeleteParams::default())
+        .await?;
+    wait_pod(&client, "web-1", "identity restored", |a| {
+        spiffe_id(a) == Some("spiffe://cluster.test/app/web")
+            && !a.contains_key(annotations::IDENTITY_ERROR)
+    })
+    .await?;
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_catches_up() -> Result<()> {
+    let (_cp, client) = setup().await?;
+    let op = Operator::start(client.clone());
+    create_pod(&client, "old", &[("app", "old")]).await?;
+    let a = wait_pod(&client, "old", "identity", |a| spiffe_id(a).is_some()).await?;
+    let (id, generation) =
+        annotations::parse_identity(&a[annotations::IDENTITY]).context("identity")?;
+    op.stop().await;
+
+    // While it is down: the pod goes away and a new one arrives.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    pods.delete("old", &DeleteParams::default().grace_period(0))
+        .await?;
+    create_pod(&client, "new", &[("app", "new")]).await?;
+
+    let op = Operator::start(client.clone());
+    // Converged: the new pod names the one live allocation of its SPIFFE ID.
+    let nids: Api<NumericIdentity> = Api::all(client.clone());
+    let live = eventually("the new pod to hold the live allocation", || async {
+        let a = pods.get("new").await?.annotations().clone();
+        let live = nids.list(&ListParams::default()).await?.items;
+        let held = a
+            .get(annotations::IDENTITY)
+            .and_then(|v| annotations::parse_identity(v));
+        Ok(match (held, live.as_slice()) {
+            (Some(pair), [only]) if pair == (only.spec.id, only.spec.generation) => {
+                Some(only.spec.clone())
+            }
+            _ => None,
+        })
+    })
+    .await?;
+    assert_eq!(live.spiffe_id, "spiffe://cluster.test/ns/shop/sa/web-sa");
+    assert!(live.generation >= generation);
+    let _ = id;
+    op.stop().await;
+    Ok(())
+}
