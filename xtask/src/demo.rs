@@ -92,10 +92,105 @@ pub async fn run() -> Result<()> {
         Err(e) => println!("rejected: {}", resources::api_message(&e)),
     }
 
-    step(6, "stop the control plane and delete its files");
+    step(6, "run tessera-operator: it creates the trust-domain CA and gives pods identities");
+    identities(&cp, &client).await?;
+
+    step(7, "stop the control plane and delete its files");
     let dir = cp.dir().to_path_buf();
     cp.stop();
     println!("stopped; {} removed: {}", dir.display(), !dir.exists());
-    println!("\nNot shown yet: the operator, node agents and workloads (see README, Status).");
+    println!("\nNot shown yet: node agents, SVIDs and the data path (see README, Status).");
     Ok(())
+}
+
+/// Pods for the identity step: one picked by the `payments` sample
+/// WorkloadIdentity, one that falls back to the default-service-accounts one.
+const PODS: &str = r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: payments
+  labels: {team: payments}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: tessera-system}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: default, namespace: payments}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: default, namespace: default}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: ledger-0
+  namespace: payments
+  labels: {app.kubernetes.io/name: ledger}
+spec:
+  containers: [{name: app, image: registry.invalid/ledger:1}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: default}
+spec:
+  containers: [{name: app, image: registry.invalid/web:1}]
+"#;
+
+async fn identities(cp: &ControlPlane, client: &kube::Client) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .current_dir(repo_root())
+        .args(["build", "--quiet", "-p", "tessera-operator"])
+        .status()?;
+    if !status.success() {
+        bail!("cannot build tessera-operator");
+    }
+    let binary = repo_root().join("target/debug/tessera-operator");
+    let mut operator = std::process::Command::new(&binary)
+        .args(["run", "--trust-domain", "cluster.local", "--namespace", "tessera-system"])
+        .arg("--kubeconfig")
+        .arg(cp.kubeconfig())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let result = async {
+        resources::apply_manifest(client, PODS).await?;
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::all(client.clone());
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let list = pods.list(&Default::default()).await?;
+            let done = list.items.iter().all(|p| {
+                p.metadata.annotations.as_ref().is_some_and(|a| {
+                    a.contains_key(tessera_api::annotations::IDENTITY)
+                        || a.contains_key(tessera_api::annotations::IDENTITY_ERROR)
+                })
+            });
+            if done {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("pods did not get identities within 30s; is tessera-operator running?");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let columns = "custom-columns=NAMESPACE:.metadata.namespace,POD:.metadata.name,SPIFFE-ID:.metadata.annotations.tessera\\.dev/spiffe-id,ID/GEN:.metadata.annotations.tessera\\.dev/identity,FROM:.metadata.annotations.tessera\\.dev/identity-source";
+        for args in [
+            &["get", "pods", "--all-namespaces", "-o", columns][..],
+            &["get", "numericidentities"],
+            &["get", "configmap", "tessera-trust-bundle", "-n", "tessera-system"],
+        ] {
+            println!("$ kubectl {}", args.join(" "));
+            print!("{}", cp.kubectl_output(args)?);
+        }
+        Ok(())
+    }
+    .await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &operator.id().to_string()])
+        .status();
+    let _ = operator.wait();
+    result
 }
