@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -28,6 +29,7 @@ use tracing::{info, warn};
 
 use crate::allocator::{Allocation, Allocator, AllocatorError};
 use crate::assign::{self, Assignment};
+use crate::wid_status;
 
 /// Field manager of the annotations.
 pub const FIELD_MANAGER: &str = "tessera-operator";
@@ -43,6 +45,16 @@ pub enum IdentityError {
     Annotate {
         /// `namespace/name`.
         pod: String,
+        /// The API error.
+        source: Arc<kube::Error>,
+    },
+    /// Writing a WorkloadIdentity's status failed.
+    #[error(
+        "cannot update status of WorkloadIdentity {name}: {source}; check that the operator may patch workloadidentities/status"
+    )]
+    Status {
+        /// The WorkloadIdentity.
+        name: String,
         /// The API error.
         source: Arc<kube::Error>,
     },
@@ -64,6 +76,8 @@ pub struct Context {
     namespaces: Store<Namespace>,
     wids: Store<WorkloadIdentity>,
     recorder: Recorder,
+    /// Asks the WorkloadIdentity status writer to recompute (coalesced).
+    status_trigger: futures::channel::mpsc::Sender<()>,
 }
 
 impl std::fmt::Debug for Context {
@@ -145,6 +159,9 @@ fn assignment_for(ctx: &Context, pod: &Pod) -> Assignment {
 }
 
 async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, IdentityError> {
+    // Whatever happens to this pod may change some WorkloadIdentity's status;
+    // a full channel already holds a pending recompute.
+    let _ = ctx.status_trigger.clone().try_send(());
     if pod.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
@@ -355,7 +372,30 @@ pub async fn run(
     let pods: Api<Pod> = Api::all(client.clone());
     let controller = Controller::new(pods.clone(), watcher::Config::default());
     let pod_store = controller.store();
+    let (status_trigger, status_rx) = futures::channel::mpsc::channel::<()>(1);
+    let (stop_status_tx, stop_status_rx) = futures::channel::oneshot::channel::<()>();
+    let status_ctx = Arc::new(StatusContext {
+        trust_domain: trust_domain.clone(),
+        client: client.clone(),
+        pods: pod_store.clone(),
+        namespaces: namespaces.clone(),
+        wids: wids.clone(),
+    });
+    let status_controller = tokio::spawn(
+        Controller::new(
+            Api::<WorkloadIdentity>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .reconcile_all_on(status_rx)
+        .with_config(ControllerConfig::default().debounce(Duration::from_millis(300)))
+        .graceful_shutdown_on(async move {
+            let _ = stop_status_rx.await;
+        })
+        .run(reconcile_status, status_error_policy, status_ctx)
+        .for_each(|_| async {}),
+    );
     let ctx = Arc::new(Context {
+        status_trigger,
         trust_domain,
         allocator,
         client: client.clone(),
@@ -391,8 +431,66 @@ pub async fn run(
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;
+    let _ = stop_status_tx.send(());
+    let _ = status_controller.await;
     gc.abort();
     Ok(())
+}
+
+/// What the WorkloadIdentity status writer reads.
+struct StatusContext {
+    trust_domain: TrustDomain,
+    client: kube::Client,
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    wids: Store<WorkloadIdentity>,
+}
+
+async fn reconcile_status(
+    wid: Arc<WorkloadIdentity>,
+    ctx: Arc<StatusContext>,
+) -> Result<Action, IdentityError> {
+    let all: Vec<WorkloadIdentity> = ctx.wids.state().iter().map(|w| (**w).clone()).collect();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let status = wid_status::compute(
+        &ctx.trust_domain,
+        &wid,
+        &ctx.pods,
+        &ctx.namespaces,
+        &all,
+        wid.status.as_ref(),
+        now,
+    );
+    if wid.status.as_ref() == Some(&status) {
+        return Ok(Action::await_change());
+    }
+    let name = wid.name_any();
+    let patch = serde_json::json!({
+        "apiVersion": "tessera.dev/v1alpha1",
+        "kind": "WorkloadIdentity",
+        "status": status,
+    });
+    Api::<WorkloadIdentity>::all(ctx.client.clone())
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await
+        .map_err(|e| IdentityError::Status {
+            name,
+            source: Arc::new(e),
+        })?;
+    Ok(Action::await_change())
+}
+
+fn status_error_policy(
+    _wid: Arc<WorkloadIdentity>,
+    error: &IdentityError,
+    _ctx: Arc<StatusContext>,
+) -> Action {
+    warn!(%error, "WorkloadIdentity status update failed; retrying");
+    Action::requeue(Duration::from_secs(2))
 }
 
 #[cfg(test)]

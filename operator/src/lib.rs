@@ -6,3 +6,4 @@ pub mod allocator;
 pub mod assign;
 pub mod ca;
 pub mod identity;
+pub mod wid_status;

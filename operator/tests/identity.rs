@@ -14,7 +14,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use tessera_api::annotations;
-use tessera_api::crd::{NumericIdentity, WorkloadIdentity};
+use tessera_api::crd::{NumericIdentity, WorkloadIdentity, WorkloadIdentityStatus};
 use tessera_operator::identity;
 use tessera_tests::{ControlPlane, resources};
 use tokio::sync::oneshot;
@@ -196,6 +196,13 @@ async fn pods_get_identities_that_follow_workload_identities() -> Result<()> {
     .await?;
     assert_eq!(b[annotations::IDENTITY], a[annotations::IDENTITY]);
 
+    wait_status(&client, "web", "two pods, one identity", |s| {
+        s.pods_selected == Some(2)
+            && s.identities_rendered == Some(1)
+            && ready(s) == Some(("True", "Rendered"))
+    })
+    .await?;
+
     // The default ID lost its last pod, so its numeric identity is released.
     let nids: Api<NumericIdentity> = Api::all(client.clone());
     eventually("release of the default identity", || async {
@@ -242,6 +249,23 @@ async fn pods_get_identities_that_follow_workload_identities() -> Result<()> {
     })
     .await?;
 
+    let failing = wait_status(&client, "a-needs-tier", "RenderFailed", |s| {
+        ready(s) == Some(("False", "RenderFailed")) && s.pods_selected == Some(2)
+    })
+    .await?;
+    let message = &failing.conditions[0].message;
+    assert!(
+        message.contains("2 pod(s)") && message.contains("no label \"tier\""),
+        "{message}"
+    );
+    let loser = wait_status(&client, "web", "conflicts", |s| {
+        ready(s) == Some(("True", "Conflicts"))
+    })
+    .await?;
+    assert_eq!(loser.conflicts.len(), 2);
+    assert_eq!(loser.conflicts[0].chosen, "a-needs-tier");
+    assert_eq!(loser.conflicts[0].others, ["web"]);
+
     // Removing it restores the working identity.
     Api::<WorkloadIdentity>::all(client.clone())
         .delete("a-needs-tier", &DeleteParams::default())
@@ -251,8 +275,36 @@ async fn pods_get_identities_that_follow_workload_identities() -> Result<()> {
             && !a.contains_key(annotations::IDENTITY_ERROR)
     })
     .await?;
+    wait_status(&client, "web", "conflicts gone", |s| {
+        ready(s) == Some(("True", "Rendered"))
+    })
+    .await?;
     op.stop().await;
     Ok(())
+}
+
+fn ready(s: &WorkloadIdentityStatus) -> Option<(&str, &str)> {
+    s.conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (c.status.as_str(), c.reason.as_str()))
+}
+
+async fn wait_status(
+    client: &kube::Client,
+    name: &str,
+    what: &str,
+    want: impl Fn(&WorkloadIdentityStatus) -> bool,
+) -> Result<WorkloadIdentityStatus> {
+    let wids: Api<WorkloadIdentity> = Api::all(client.clone());
+    eventually(&format!("WorkloadIdentity {name}: {what}"), || async {
+        let wid = wids.get(name).await?;
+        let generation = wid.metadata.generation;
+        Ok(wid
+            .status
+            .filter(|s| s.observed_generation == generation && want(s)))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

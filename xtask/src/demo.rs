@@ -92,7 +92,10 @@ pub async fn run() -> Result<()> {
         Err(e) => println!("rejected: {}", resources::api_message(&e)),
     }
 
-    step(6, "run tessera-operator: it creates the trust-domain CA and gives pods identities");
+    step(
+        6,
+        "run tessera-operator: it creates the trust-domain CA and gives pods identities",
+    );
     identities(&cp, &client).await?;
 
     step(7, "stop the control plane and delete its files");
@@ -150,7 +153,13 @@ async fn identities(cp: &ControlPlane, client: &kube::Client) -> Result<()> {
     }
     let binary = repo_root().join("target/debug/tessera-operator");
     let mut operator = std::process::Command::new(&binary)
-        .args(["run", "--trust-domain", "cluster.local", "--namespace", "tessera-system"])
+        .args([
+            "run",
+            "--trust-domain",
+            "cluster.local",
+            "--namespace",
+            "tessera-system",
+        ])
         .arg("--kubeconfig")
         .arg(cp.kubeconfig())
         .env("RUST_LOG", "warn")
