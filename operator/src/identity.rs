@@ -29,6 +29,7 @@ use tracing::{info, warn};
 
 use crate::allocator::{Allocation, Allocator, AllocatorError};
 use crate::assign::{self, Assignment};
+use crate::metrics::{Metrics, ResultLabel};
 use crate::wid_status;
 
 /// Field manager of the annotations.
@@ -78,6 +79,7 @@ pub struct Context {
     recorder: Recorder,
     /// Asks the WorkloadIdentity status writer to recompute (coalesced).
     status_trigger: futures::channel::mpsc::Sender<()>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Context {
@@ -172,6 +174,10 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, IdentityE
     };
     let desired = desired_annotations(&assignment, allocation);
     if desired == current_annotations(&pod) {
+        ctx.metrics
+            .reconciles
+            .get_or_create(&ResultLabel { result: "ok" })
+            .inc();
         return Ok(Action::await_change());
     }
     let name = pod.name_any();
@@ -193,6 +199,15 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, IdentityE
             source: Arc::new(e),
         })?;
     info!(pod = %format!("{namespace}/{name}"), annotations = ?desired, "identity assigned");
+    ctx.metrics
+        .reconciles
+        .get_or_create(&ResultLabel { result: "ok" })
+        .inc();
+    if assignment.result.is_ok() {
+        ctx.metrics.identities_assigned.inc();
+    } else {
+        ctx.metrics.identity_failures.inc();
+    }
     publish_events(&ctx, &pod, &assignment).await;
     Ok(Action::await_change())
 }
@@ -230,8 +245,12 @@ async fn publish_events(ctx: &Context, pod: &Pod, assignment: &Assignment) {
     }
 }
 
-fn error_policy(_pod: Arc<Pod>, error: &IdentityError, _ctx: Arc<Context>) -> Action {
+fn error_policy(_pod: Arc<Pod>, error: &IdentityError, ctx: Arc<Context>) -> Action {
     warn!(%error, "identity reconcile failed; retrying");
+    ctx.metrics
+        .reconciles
+        .get_or_create(&ResultLabel { result: "error" })
+        .inc();
     Action::requeue(Duration::from_secs(2))
 }
 
@@ -252,7 +271,11 @@ fn annotated(pod: &Pod) -> Option<(SpiffeId, Allocation)> {
 /// Releases allocations of SPIFFE IDs no pod uses: when a pod is deleted or
 /// its annotations move to another SPIFFE ID, and once after every (re)list
 /// for anything that changed while nobody watched.
-async fn collect_garbage(client: kube::Client, allocator: Allocator) -> Result<(), IdentityError> {
+async fn collect_garbage(
+    client: kube::Client,
+    allocator: Allocator,
+    metrics: Arc<Metrics>,
+) -> Result<(), IdentityError> {
     let identities: Api<NumericIdentity> = Api::all(client.clone());
     // What each pod's annotations named when last seen.
     let mut last: HashMap<ObjectRef<Pod>, (SpiffeId, Allocation)> = HashMap::new();
@@ -307,6 +330,7 @@ async fn collect_garbage(client: kube::Client, allocator: Allocator) -> Result<(
         for (id, allocation) in dropped {
             let used = last.values().any(|(held, _)| *held == id);
             if !used && allocator.release(&id, allocation).await? {
+                metrics.identities_released.inc();
                 info!(spiffe_id = %id, ?allocation, "released numeric identity no pod uses");
             }
         }
@@ -318,6 +342,7 @@ async fn collect_garbage(client: kube::Client, allocator: Allocator) -> Result<(
 pub async fn run(
     client: kube::Client,
     trust_domain: TrustDomain,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), IdentityError> {
     let (namespaces, ns_writer) = reflector::store::<Namespace>();
@@ -367,7 +392,11 @@ pub async fn run(
     wids.wait_until_ready().await.ok();
 
     let allocator = Allocator::new(client.clone());
-    let gc = tokio::spawn(collect_garbage(client.clone(), allocator.clone()));
+    let gc = tokio::spawn(collect_garbage(
+        client.clone(),
+        allocator.clone(),
+        metrics.clone(),
+    ));
 
     let pods: Api<Pod> = Api::all(client.clone());
     let controller = Controller::new(pods.clone(), watcher::Config::default());
@@ -395,6 +424,7 @@ pub async fn run(
         .for_each(|_| async {}),
     );
     let ctx = Arc::new(Context {
+        metrics,
         status_trigger,
         trust_domain,
         allocator,

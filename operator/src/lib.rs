@@ -6,4 +6,5 @@ pub mod allocator;
 pub mod assign;
 pub mod ca;
 pub mod identity;
+pub mod metrics;
 pub mod wid_status;

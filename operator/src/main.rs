@@ -6,10 +6,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use kube_lease_manager::LeaseManagerBuilder;
+use tessera_operator::metrics::{self, Metrics};
 
 use tessera_api::crd::installed::{self, CrdState};
 use tessera_api::spiffe::TrustDomain;
@@ -37,7 +42,8 @@ enum Command {
         #[arg(long, env = "KUBECONFIG")]
         kubeconfig: Option<PathBuf>,
     },
-    /// Run the controllers until SIGTERM or Ctrl-C.
+    /// Run the controllers until SIGTERM or Ctrl-C. Replicas elect a leader
+    /// through a Lease; only the leader reconciles, the others stand by.
     Run {
         /// Kubeconfig to use (see `check`).
         #[arg(long, env = "KUBECONFIG")]
@@ -45,56 +51,17 @@ enum Command {
         /// The trust domain this cluster's identities belong to.
         #[arg(long, env = "TESSERA_TRUST_DOMAIN")]
         trust_domain: String,
-        /// Namespace for the CA Secret and the trust bundle ConfigMap.
+        /// Namespace for the CA Secret, the trust bundle ConfigMap and the Lease.
         #[arg(long, env = "POD_NAMESPACE", default_value = "tessera-system")]
         namespace: String,
+        /// Where to serve /metrics, /healthz and /readyz.
+        #[arg(long, default_value = "0.0.0.0:9090")]
+        metrics_addr: SocketAddr,
+        /// Leader lease duration in seconds; a standby takes over this long
+        /// after a leader stops renewing (at once when it shuts down cleanly).
+        #[arg(long, default_value_t = 15)]
+        lease_duration: u64,
     },
-}
-
-async fn run(kubeconfig: Option<PathBuf>, trust_domain: &str, namespace: &str) -> Result<ExitCode> {
-    let trust_domain: TrustDomain = trust_domain.parse().with_context(|| {
-        format!("--trust-domain {trust_domain:?} is not a SPIFFE trust domain name")
-    })?;
-    let client = client(kubeconfig).await?;
-    let cfg = CaConfig::new(trust_domain.clone(), namespace);
-    let mut ca = TrustDomainCa::load_or_create(&client, &cfg, OffsetDateTime::now_utc()).await?;
-    ca.publish_bundle(&client, &cfg, OffsetDateTime::now_utc())
-        .await?;
-    info!(%trust_domain, roots = ca.roots().len(), "trust-domain CA ready; bundle published");
-    let rotation = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            // Root lifetimes are months; checking hourly is plenty.
-            let mut tick = tokio::time::interval(Duration::from_secs(3600));
-            loop {
-                tick.tick().await;
-                let now = OffsetDateTime::now_utc();
-                match ca.rotate_if_due(&client, &cfg, now).await {
-                    Ok(true) => {
-                        info!(roots = ca.roots().len(), "CA roots rotated");
-                        if let Err(e) = ca.publish_bundle(&client, &cfg, now).await {
-                            warn!(error = %e, "cannot publish the rotated bundle; retrying next hour");
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(e) => warn!(error = %e, "CA rotation check failed; retrying next hour"),
-                }
-            }
-        })
-    };
-    let shutdown = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
-        info!("shutting down");
-    };
-    let result = identity::run(client, trust_domain, shutdown).await;
-    rotation.abort();
-    result?;
-    Ok(ExitCode::SUCCESS)
 }
 
 async fn client(kubeconfig: Option<PathBuf>) -> Result<kube::Client> {
@@ -129,6 +96,149 @@ async fn check(kubeconfig: Option<PathBuf>) -> Result<ExitCode> {
     })
 }
 
+/// Resolves on SIGTERM or Ctrl-C.
+async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let term = async {
+        match term.as_mut() {
+            Some(t) => {
+                t.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// Everything the leader runs: CA upkeep and the identity controllers, until
+/// `stop` resolves.
+async fn lead(
+    client: kube::Client,
+    trust_domain: TrustDomain,
+    cfg: CaConfig,
+    metrics: Arc<Metrics>,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> Result<()> {
+    let mut ca = TrustDomainCa::load_or_create(&client, &cfg, OffsetDateTime::now_utc()).await?;
+    ca.publish_bundle(&client, &cfg, OffsetDateTime::now_utc())
+        .await?;
+    metrics.ca_roots.set(ca.roots().len() as i64);
+    info!(%trust_domain, roots = ca.roots().len(), "trust-domain CA ready; bundle published");
+    let rotation = {
+        let (client, metrics) = (client.clone(), metrics.clone());
+        tokio::spawn(async move {
+            // Root lifetimes are months; checking hourly is plenty.
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tick.tick().await;
+                let now = OffsetDateTime::now_utc();
+                match ca.rotate_if_due(&client, &cfg, now).await {
+                    Ok(true) => {
+                        info!(roots = ca.roots().len(), "CA roots rotated");
+                        metrics.ca_roots.set(ca.roots().len() as i64);
+                        if let Err(e) = ca.publish_bundle(&client, &cfg, now).await {
+                            warn!(error = %e, "cannot publish the rotated bundle; retrying next hour");
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => warn!(error = %e, "CA rotation check failed; retrying next hour"),
+                }
+            }
+        })
+    };
+    let result = identity::run(client, trust_domain, metrics, stop).await;
+    rotation.abort();
+    Ok(result?)
+}
+
+async fn run(
+    kubeconfig: Option<PathBuf>,
+    trust_domain: &str,
+    namespace: &str,
+    metrics_addr: SocketAddr,
+    lease_duration: u64,
+) -> Result<ExitCode> {
+    let trust_domain: TrustDomain = trust_domain.parse().with_context(|| {
+        format!("--trust-domain {trust_domain:?} is not a SPIFFE trust domain name")
+    })?;
+    let client = client(kubeconfig).await?;
+    let metrics = Arc::new(Metrics::default());
+    let (bound, _server) = metrics::serve(metrics_addr, metrics.clone())
+        .await
+        .with_context(|| format!("cannot listen on --metrics-addr {metrics_addr}"))?;
+    info!(%bound, "serving /metrics, /healthz and /readyz");
+
+    let manager = LeaseManagerBuilder::new(client.clone(), "tessera-operator")
+        .with_namespace(namespace)
+        .with_duration(lease_duration.max(2))
+        .with_grace((lease_duration / 3).max(1))
+        .build()
+        .await
+        .with_context(|| format!("cannot set up the leader Lease in namespace {namespace}; does it exist, and may the operator manage leases there?"))?;
+    let (mut is_leader, lease_task) = manager.watch().await;
+    metrics.set_ready();
+    let terminated = terminated();
+    tokio::pin!(terminated);
+    loop {
+        // Stand by until this replica holds the lease.
+        while !*is_leader.borrow_and_update() {
+            tokio::select! {
+                changed = is_leader.changed() => if changed.is_err() { bail!("the leader election task stopped") },
+                _ = &mut terminated => {
+                    info!("shutting down");
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+        }
+        info!("elected leader");
+        metrics.leader.set(1);
+        let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut watch_lost = is_leader.clone();
+        let lost_watcher = tokio::spawn(async move {
+            while *watch_lost.borrow_and_update() {
+                if watch_lost.changed().await.is_err() {
+                    break;
+                }
+            }
+            let _ = lost_tx.send(());
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let leading = tokio::spawn(lead(
+            client.clone(),
+            trust_domain.clone(),
+            CaConfig::new(trust_domain.clone(), namespace),
+            metrics.clone(),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let mut shutting_down = false;
+        tokio::select! {
+            _ = lost_rx => warn!("lost the leader lease; standing by"),
+            _ = &mut terminated => shutting_down = true,
+        }
+        let _ = stop_tx.send(());
+        lost_watcher.abort();
+        match leading.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "controllers stopped with an error"),
+            Err(e) => warn!(error = %e, "controllers panicked"),
+        }
+        metrics.leader.set(0);
+        if shutting_down {
+            info!("shutting down");
+            // Dropping the receiver makes the lease task release the lease,
+            // so a standby takes over at once.
+            drop(is_leader);
+            let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<ExitCode> {
     tracing_subscriber::fmt()
@@ -149,6 +259,17 @@ async fn main() -> Result<ExitCode> {
             kubeconfig,
             trust_domain,
             namespace,
-        } => run(kubeconfig, &trust_domain, &namespace).await,
+            metrics_addr,
+            lease_duration,
+        } => {
+            run(
+                kubeconfig,
+                &trust_domain,
+                &namespace,
+                metrics_addr,
+                lease_duration,
+            )
+            .await
+        }
     }
 }

@@ -34,8 +34,13 @@ impl Operator {
             let shutdown = async move {
                 let _ = stopped.await;
             };
-            if let Err(e) =
-                identity::run(client, "cluster.test".parse().expect("td"), shutdown).await
+            if let Err(e) = identity::run(
+                client,
+                "cluster.test".parse().expect("td"),
+                Default::default(),
+                shutdown,
+            )
+            .await
             {
                 eprintln!("identity controller failed: {e}");
             }
