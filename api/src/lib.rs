@@ -6,3 +6,5 @@ pub mod annotations;
 pub mod crd;
 pub mod spiffe;
 pub mod template;
+#[cfg(feature = "grpc")]
+pub mod workload_api;
