@@ -1,0 +1,111 @@
+//! The identity material this node's pods may fetch: per pod UID, the X.509
+//! SVIDs with their keys, and the trust bundles. Every change replaces the
+//! whole value, so Workload API streams always send a full, consistent state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use crate::attestation::PodUid;
+
+/// One X.509-SVID with its key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct X509Svid {
+    /// The SPIFFE ID in the certificate.
+    pub spiffe_id: String,
+    /// DER chain, leaf first.
+    pub chain_der: Vec<u8>,
+    /// DER PKCS#8 private key.
+    pub key_der: Vec<u8>,
+    /// Operator hint (WorkloadIdentity `hint`), or empty.
+    pub hint: String,
+}
+
+impl std::fmt::Debug for X509Svid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("X509Svid")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("hint", &self.hint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Trust bundles: the own trust domain's and federated ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bundles {
+    /// Trust domain ID (`spiffe://td`) of this cluster.
+    pub trust_domain_id: String,
+    /// DER CA certificates of the own trust domain, concatenated.
+    pub own_der: Vec<u8>,
+    /// DER CA certificates of federated trust domains, by trust domain ID.
+    pub federated_der: BTreeMap<String, Vec<u8>>,
+}
+
+/// What one pod may fetch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodIdentity {
+    /// Its SVIDs (usually one).
+    pub svids: Vec<X509Svid>,
+    /// Trust domain IDs whose federated bundles it receives.
+    pub federates_with: Vec<String>,
+}
+
+/// One pod's current identity; None once removed.
+type PodSlot = watch::Sender<Option<Arc<PodIdentity>>>;
+
+/// Shared, cheaply cloned store; one per agent.
+#[derive(Debug, Clone)]
+pub struct IdentityStore {
+    pods: Arc<Mutex<HashMap<PodUid, PodSlot>>>,
+    bundles: watch::Sender<Arc<Bundles>>,
+}
+
+impl Default for IdentityStore {
+    fn default() -> Self {
+        IdentityStore {
+            pods: Arc::default(),
+            bundles: watch::channel(Arc::new(Bundles::default())).0,
+        }
+    }
+}
+
+impl IdentityStore {
+    fn sender(&self, uid: &PodUid) -> PodSlot {
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        pods.entry(uid.clone())
+            .or_insert_with(|| watch::channel(None).0)
+            .clone()
+    }
+
+    /// Sets (or replaces) a pod's identity; open streams see it at once.
+    pub fn set(&self, uid: &PodUid, identity: PodIdentity) {
+        self.sender(uid).send_replace(Some(Arc::new(identity)));
+    }
+
+    /// Removes a pod's identity; open streams end with PermissionDenied.
+    pub fn remove(&self, uid: &PodUid) {
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = pods.remove(uid) {
+            tx.send_replace(None);
+        }
+    }
+
+    /// Follows a pod's identity, if it has one; a None value later means it
+    /// was removed.
+    pub fn watch_pod(&self, uid: &PodUid) -> Option<watch::Receiver<Option<Arc<PodIdentity>>>> {
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        pods.get(uid).map(watch::Sender::subscribe)
+    }
+
+    /// Replaces the bundles.
+    pub fn set_bundles(&self, bundles: Bundles) {
+        self.bundles.send_replace(Arc::new(bundles));
+    }
+
+    /// Follows the bundles.
+    pub fn watch_bundles(&self) -> watch::Receiver<Arc<Bundles>> {
+        self.bundles.subscribe()
+    }
+}

@@ -1,0 +1,232 @@
+//! The SPIFFE Workload API server on a Unix socket.
+//!
+//! Every request must carry the `workload.spiffe.io: true` header
+//! (InvalidArgument otherwise). The caller is identified by the kernel: the
+//! socket's peer PID, then that process's pod cgroup, then the pod's identity
+//! in the [`IdentityStore`]; a caller in no known pod gets PermissionDenied.
+//! Streams send the full state first and again on every change, and end with
+//! PermissionDenied when the pod loses its identity.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+use futures::Stream;
+use tessera_api::workload_api::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use tessera_api::workload_api::{
+    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, SECURITY_HEADER,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
+    X509svid, X509svidRequest, X509svidResponse,
+};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info};
+
+use crate::attestation::{self, PodUid};
+use crate::identities::{Bundles, IdentityStore, PodIdentity};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Binding or preparing the socket failed.
+    #[error("cannot listen on {path}: {source}; check that the directory exists and is writable")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// The Workload API service.
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    store: IdentityStore,
+}
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
+    match request
+        .metadata()
+        .get(SECURITY_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some("true") => Ok(()),
+        _ => Err(Status::invalid_argument(
+            "security header workload.spiffe.io: true is missing",
+        )),
+    }
+}
+
+fn caller<T>(request: &Request<T>) -> Result<PodUid, Status> {
+    let pid = request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .and_then(|cred| cred.pid())
+        .ok_or_else(|| {
+            Status::permission_denied(attestation::AttestationError::NoPeerPid.to_string())
+        })?;
+    attestation::pod_of_pid(pid).map_err(|e| {
+        debug!(error = %e, "caller attestation failed");
+        Status::permission_denied("caller is not a workload known to this node agent")
+    })
+}
+
+fn x509_response(identity: &PodIdentity, bundles: &Bundles) -> X509svidResponse {
+    X509svidResponse {
+        svids: identity
+            .svids
+            .iter()
+            .map(|s| X509svid {
+                spiffe_id: s.spiffe_id.clone(),
+                x509_svid: s.chain_der.clone(),
+                x509_svid_key: s.key_der.clone(),
+                bundle: bundles.own_der.clone(),
+                hint: s.hint.clone(),
+            })
+            .collect(),
+        crl: Vec::new(),
+        federated_bundles: identity
+            .federates_with
+            .iter()
+            .filter_map(|td| {
+                bundles
+                    .federated_der
+                    .get(td)
+                    .map(|b| (td.clone(), b.clone()))
+            })
+            .collect(),
+    }
+}
+
+fn bundles_response(identity: &PodIdentity, bundles: &Bundles) -> X509BundlesResponse {
+    let mut all = x509_response(identity, bundles).federated_bundles;
+    all.insert(bundles.trust_domain_id.clone(), bundles.own_der.clone());
+    X509BundlesResponse {
+        crl: Vec::new(),
+        bundles: all,
+    }
+}
+
+impl WorkloadApi {
+    /// A service answering from `store`.
+    pub fn new(store: IdentityStore) -> WorkloadApi {
+        WorkloadApi { store }
+    }
+
+    /// A stream of `render(identity, bundles)`, re-sent on every change of
+    /// either, ending with PermissionDenied when the pod loses its identity.
+    fn follow<T, F>(&self, uid: PodUid, render: F) -> Result<Streamed<T>, Status>
+    where
+        T: Send + 'static,
+        F: Fn(&PodIdentity, &Bundles) -> T + Send + 'static,
+    {
+        let denied =
+            || Status::permission_denied("this workload has no identity (yet); retry later");
+        let mut pod = self.store.watch_pod(&uid).ok_or_else(denied)?;
+        let mut bundles = self.store.watch_bundles();
+        let stream = async_stream::stream! {
+            loop {
+                let current = pod.borrow_and_update().clone();
+                let Some(identity) = current.filter(|i| !i.svids.is_empty()) else {
+                    yield Err(denied());
+                    break;
+                };
+                let b = bundles.borrow_and_update().clone();
+                yield Ok(render(&identity, &b));
+                tokio::select! {
+                    changed = pod.changed() => if changed.is_err() { yield Err(denied()); break; },
+                    changed = bundles.changed() => if changed.is_err() { break; },
+                }
+            }
+        };
+        Ok(Box::pin(stream))
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = Streamed<X509svidResponse>;
+    type FetchX509BundlesStream = Streamed<X509BundlesResponse>;
+    type FetchJWTBundlesStream = Streamed<JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_header(&request)?;
+        let uid = caller(&request)?;
+        info!(pod_uid = %uid, "FetchX509SVID");
+        Ok(Response::new(self.follow(uid, x509_response)?))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_header(&request)?;
+        let uid = caller(&request)?;
+        Ok(Response::new(self.follow(uid, bundles_response)?))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        check_header(&request)?;
+        caller(&request)?;
+        Err(Status::unimplemented("JWT-SVIDs are not implemented yet"))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(&request)?;
+        caller(&request)?;
+        Err(Status::unimplemented("JWT bundles are not implemented yet"))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        check_header(&request)?;
+        caller(&request)?;
+        Err(Status::unimplemented(
+            "JWT-SVID validation is not implemented yet",
+        ))
+    }
+}
+
+/// Listens on `path` (replacing a stale socket) and serves until `shutdown`.
+pub async fn serve(
+    path: &Path,
+    store: IdentityStore,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>, ServeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| ServeError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    // Any local process may connect; who it is decides what it gets.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).map_err(err)?;
+    let service = SpiffeWorkloadApiServer::new(WorkloadApi::new(store));
+    Ok(tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown),
+    ))
+}

@@ -1,0 +1,279 @@
+//! The Workload API server with real callers: client processes placed in a
+//! pod's cgroup (cgroup v2, as root) fetch through the `spiffe` crate's
+//! client; a process in no pod is refused; a request without the security
+//! header is refused; a rotation reaches an open stream.
+//!
+//! Needs root and the cgroup v2 hierarchy at /sys/fs/cgroup/unified (or
+//! $TESSERA_CGROUP2_ROOT); fails, never skips, when they are missing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers outside #[test] functions
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use tessera_agent::attestation::PodUid;
+use tessera_agent::identities::{Bundles, IdentityStore, PodIdentity, X509Svid};
+use tessera_agent::workload_api;
+
+const UID: &str = "6f1c2a9e-0d3b-4c5a-9e8f-7a6b5c4d3e2f";
+const ID: &str = "spiffe://cluster.test/ns/shop/sa/web";
+
+fn cgroup2_root() -> PathBuf {
+    std::env::var_os("TESSERA_CGROUP2_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup/unified"))
+}
+
+/// A pod cgroup `<root>/tessera-test-<pid>-<tag>/kubepods/pod<uid>`, removed on drop.
+struct PodCgroup {
+    top: PathBuf,
+    leaf: PathBuf,
+}
+
+impl PodCgroup {
+    fn create(tag: &str, uid: &str) -> PodCgroup {
+        let root = cgroup2_root();
+        assert!(
+            root.join("cgroup.procs").exists(),
+            "no cgroup v2 hierarchy at {}; mount one or set TESSERA_CGROUP2_ROOT (this test needs root)",
+            root.display()
+        );
+        let top = root.join(format!("tessera-test-{}-{tag}", std::process::id()));
+        let leaf = top.join("kubepods").join(format!("pod{uid}"));
+        std::fs::create_dir_all(&leaf)
+            .unwrap_or_else(|e| panic!("cannot create {} (run as root): {e}", leaf.display()));
+        PodCgroup { top, leaf }
+    }
+
+    /// Starts the agent's fetch client inside this cgroup.
+    fn spawn_client(&self, socket: &Path, extra: &[&str]) -> Child {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec \"$0\" fetch-x509 --socket \"$1\" {}",
+            self.leaf.display(),
+            extra.join(" ")
+        );
+        Command::new("sh")
+            .args(["-c", &script, env!("CARGO_BIN_EXE_tessera-agent")])
+            .arg(socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        // Directories go leaf first; they are empty once the clients exited.
+        for dir in [
+            self.leaf.clone(),
+            self.leaf.parent().unwrap().to_path_buf(),
+            self.top.clone(),
+        ] {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+struct Material {
+    root_der: Vec<u8>,
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Material {
+    fn new() -> Material {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.subject_alt_names = vec![SanType::URI("spiffe://cluster.test".try_into().unwrap())];
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Material {
+            root_der: issuer.der().to_vec(),
+            issuer,
+        }
+    }
+
+    fn svid(&self, id: &str) -> X509Svid {
+        // What the X509-SVID specification asks of a leaf.
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        X509Svid {
+            spiffe_id: id.into(),
+            chain_der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
+            hint: String::new(),
+        }
+    }
+}
+
+async fn start(
+    store: &IdentityStore,
+) -> (tempfile::TempDir, PathBuf, tokio::sync::oneshot::Sender<()>) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    workload_api::serve(&socket, store.clone(), async move {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    (dir, socket, stop)
+}
+
+fn finish(child: Child) -> (bool, String, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn store_with_pod(material: &Material) -> IdentityStore {
+    let store = IdentityStore::default();
+    store.set_bundles(Bundles {
+        trust_domain_id: "spiffe://cluster.test".into(),
+        own_der: material.root_der.clone(),
+        federated_der: Default::default(),
+    });
+    store.set(
+        &PodUid::parse(UID).unwrap(),
+        PodIdentity {
+            svids: vec![material.svid(ID)],
+            federates_with: Vec::new(),
+        },
+    );
+    store
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_in_the_pod_cgroup_gets_its_svid_and_others_do_not() {
+    let material = Material::new();
+    let store = store_with_pod(&material);
+    let (_dir, socket, _stop) = start(&store).await;
+
+    let cgroup = PodCgroup::create("fetch", UID);
+    let (ok, out, err) = tokio::task::spawn_blocking({
+        let child = cgroup.spawn_client(&socket, &[]);
+        move || finish(child)
+    })
+    .await
+    .unwrap();
+    assert!(ok, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains(&format!("SPIFFE ID: {ID} (chain of 1")),
+        "{out}"
+    );
+    assert!(
+        out.contains("bundle: cluster.test (1 authorities)"),
+        "{out}"
+    );
+
+    // The same client outside any pod cgroup is refused.
+    let outsider = Command::new(env!("CARGO_BIN_EXE_tessera-agent"))
+        .args(["fetch-x509", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&outsider.stderr);
+    assert!(!outsider.status.success());
+    assert!(err.to_lowercase().contains("permission denied"), "{err}");
+
+    // A pod this agent does not know is refused too.
+    let stranger = PodCgroup::create("stranger", "11111111-2222-3333-4444-555555555555");
+    let (ok, _, err) = finish(stranger.spawn_client(&socket, &[]));
+    assert!(!ok);
+    assert!(err.to_lowercase().contains("permission denied"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_the_security_header_is_invalid() {
+    use tessera_api::workload_api::X509svidRequest;
+    use tessera_api::workload_api::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+
+    let material = Material::new();
+    let store = store_with_pod(&material);
+    let (_dir, socket, _stop) = start(&store).await;
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    let status = SpiffeWorkloadApiClient::new(channel)
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .expect_err("a request without the header must fail");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    assert!(status.message().contains("workload.spiffe.io"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_reaches_an_open_stream() {
+    let material = Material::new();
+    let store = store_with_pod(&material);
+    let (_dir, socket, _stop) = start(&store).await;
+    let cgroup = PodCgroup::create("watch", UID);
+    let mut child = cgroup.spawn_client(&socket, &["--updates", "2"]);
+    let stdout = child.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let first = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        first.starts_with(&format!("update 1: SPIFFE ID: {ID} leaf ")),
+        "{first}"
+    );
+
+    // Rotate: a new certificate and key for the same identity.
+    store.set(
+        &PodUid::parse(UID).unwrap(),
+        PodIdentity {
+            svids: vec![material.svid(ID)],
+            federates_with: Vec::new(),
+        },
+    );
+    let second = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(second.starts_with("update 2: "), "{second}");
+    let leaf = |l: &str| l.rsplit(' ').next().unwrap().to_owned();
+    assert_ne!(
+        leaf(&first),
+        leaf(&second),
+        "the stream repeated the old certificate"
+    );
+    let (ok, _, err) = tokio::task::spawn_blocking(move || finish(child))
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+}
