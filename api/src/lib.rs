@@ -4,6 +4,8 @@
 pub mod annotations;
 #[cfg(feature = "crd")]
 pub mod crd;
+#[cfg(feature = "grpc")]
+pub mod signer_api;
 pub mod spiffe;
 pub mod template;
 #[cfg(feature = "grpc")]

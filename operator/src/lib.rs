@@ -7,4 +7,5 @@ pub mod assign;
 pub mod ca;
 pub mod identity;
 pub mod metrics;
+pub mod signer;
 pub mod wid_status;

@@ -1,0 +1,340 @@
+//! The signing service: node agents get X.509-SVIDs for the pods on their own
+//! node, and nothing else.
+//!
+//! Each call carries a service-account token bound to the agent's Node. The
+//! operator checks it with a TokenReview (audience [`TOKEN_AUDIENCE`]), requires
+//! the agent's service account, and takes the node from the token. The pod is
+//! read from the API server: its UID must match the request, it must run on
+//! that node, and its SPIFFE ID comes from the identity controller's
+//! annotation. The CSR contributes only its public key, so the agent's key
+//! never leaves the node and the CA key never leaves the operator.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, PostParams};
+use rcgen::{
+    CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use tessera_api::annotations;
+use tessera_api::signer_api::signer_server::{Signer, SignerServer};
+use tessera_api::signer_api::{SignX509svidRequest, SignX509svidResponse, TOKEN_AUDIENCE};
+use tessera_api::spiffe::{SpiffeId, TrustDomain};
+use time::OffsetDateTime;
+use tokio::sync::RwLock;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::ca::{CaError, TrustDomainCa};
+
+/// The extra field in a TokenReview's user info that names the bound node.
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+
+/// How the signer decides and signs.
+#[derive(Debug, Clone)]
+pub struct SignerConfig {
+    /// The trust domain it signs for.
+    pub trust_domain: TrustDomain,
+    /// The one user allowed to call: `system:serviceaccount:<ns>:<agent-sa>`.
+    pub agent_username: String,
+    /// Lifetime of an X.509-SVID (capped by the signing root's own NotAfter).
+    pub svid_ttl: Duration,
+}
+
+/// Why the signer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SignerError {
+    /// Issuing the server's own certificate failed.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// Binding or serving failed.
+    #[error("signing service on {addr}: {source}; is the address free?")]
+    Serve {
+        /// The listen address.
+        addr: SocketAddr,
+        /// The transport error.
+        source: tonic::transport::Error,
+    },
+    /// Binding the listener failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The listen address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct SignerService {
+    client: kube::Client,
+    cfg: Arc<SignerConfig>,
+    ca: Arc<RwLock<TrustDomainCa>>,
+}
+
+impl std::fmt::Debug for SignerService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignerService")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Status {
+    warn!(error = %e, "{what}");
+    Status::internal(format!("{what}: {e}"))
+}
+
+impl SignerService {
+    /// A service signing with `ca` (shared with whoever rotates it).
+    pub fn new(
+        client: kube::Client,
+        cfg: SignerConfig,
+        ca: Arc<RwLock<TrustDomainCa>>,
+    ) -> SignerService {
+        SignerService {
+            client,
+            cfg: Arc::new(cfg),
+            ca,
+        }
+    }
+
+    /// The node the caller's token is bound to, after a TokenReview.
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated("no bearer token; send the agent's service-account token")
+            })?;
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_owned(),
+                audiences: Some(vec![TOKEN_AUDIENCE.to_owned()]),
+            },
+            ..TokenReview::default()
+        };
+        let reviewed = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| internal("TokenReview failed", e))?;
+        let status = reviewed.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            let why = status.error.unwrap_or_else(|| "invalid token".to_owned());
+            return Err(Status::unauthenticated(format!("token rejected: {why}")));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        if username != self.cfg.agent_username {
+            return Err(Status::permission_denied(format!(
+                "{username} is not the node agent ({})",
+                self.cfg.agent_username
+            )));
+        }
+        user.extra
+            .unwrap_or_default()
+            .remove(NODE_NAME_EXTRA)
+            .and_then(|v| v.into_iter().next())
+            .ok_or_else(|| {
+                Status::permission_denied(
+                    "the token is not bound to a Node; request it with boundObjectRef kind Node",
+                )
+            })
+    }
+}
+
+/// Signs a leaf X.509-SVID for `id` over `public_key` with the active root.
+fn sign_leaf(
+    ca: &TrustDomainCa,
+    id: &SpiffeId,
+    csr: &CertificateSigningRequestParams,
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<(Vec<u8>, OffsetDateTime), Status> {
+    let root = ca.active(now).map_err(|e| internal("no usable root", e))?;
+    let issuer = root.issuer().map_err(|e| internal("root unusable", e))?;
+    let mut params =
+        CertificateParams::new(Vec::<String>::new()).map_err(|e| internal("params", e))?;
+    let uri = id
+        .to_string()
+        .try_into()
+        .map_err(|e| internal("SPIFFE ID as URI", e))?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Tessera");
+    // What the X509-SVID specification asks of a leaf.
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+        KeyUsagePurpose::KeyAgreement,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_before = now - time::Duration::seconds(30);
+    let wanted = now + ttl;
+    params.not_after = wanted.min(root.not_after);
+    let mut serial = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
+        .map_err(|_| Status::internal("no randomness for a serial number"))?;
+    serial[0] &= 0x7f;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    let cert = params
+        .signed_by(&csr.public_key, &issuer)
+        .map_err(|e| internal("signing failed", e))?;
+    Ok((cert.der().to_vec(), params.not_after))
+}
+
+#[tonic::async_trait]
+impl Signer for SignerService {
+    async fn sign_x509svid(
+        &self,
+        request: Request<SignX509svidRequest>,
+    ) -> Result<Response<SignX509svidResponse>, Status> {
+        let node = self.authenticate(&request).await?;
+        let req = request.into_inner();
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &req.pod_namespace);
+        let pod = pods
+            .get_opt(&req.pod_name)
+            .await
+            .map_err(|e| internal("reading the pod failed", e))?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "pod {}/{} does not exist",
+                    req.pod_namespace, req.pod_name
+                ))
+            })?;
+        if pod.metadata.uid.as_deref() != Some(req.pod_uid.as_str()) {
+            return Err(Status::failed_precondition(
+                "the pod was recreated: its UID differs from the request's",
+            ));
+        }
+        let pod_node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .unwrap_or_default();
+        if pod_node != node {
+            return Err(Status::permission_denied(format!(
+                "pod {}/{} is not on node {node}; an agent gets SVIDs only for its own node's pods",
+                req.pod_namespace, req.pod_name
+            )));
+        }
+        if pod.metadata.deletion_timestamp.is_some() {
+            return Err(Status::failed_precondition("the pod is terminating"));
+        }
+        let id: SpiffeId = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(annotations::SPIFFE_ID))
+            .ok_or_else(|| {
+                Status::failed_precondition(
+                    "the pod has no identity yet (no tessera.dev/spiffe-id annotation)",
+                )
+            })?
+            .parse()
+            .map_err(|e| internal("the pod's SPIFFE ID annotation is invalid", e))?;
+        if !id.is_member_of(&self.cfg.trust_domain) {
+            return Err(Status::failed_precondition(format!(
+                "{id} is outside trust domain {}",
+                self.cfg.trust_domain
+            )));
+        }
+        let csr = CertificateSigningRequestParams::from_der(&req.csr.into())
+            .map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
+        let now = OffsetDateTime::now_utc();
+        let ca = self.ca.read().await;
+        let (leaf, not_after) = sign_leaf(&ca, &id, &csr, self.cfg.svid_ttl, now)?;
+        let bundle = ca
+            .roots()
+            .iter()
+            .filter(|r| now < r.not_after)
+            .filter_map(|r| {
+                x509_parser::pem::parse_x509_pem(r.cert_pem.as_bytes())
+                    .ok()
+                    .map(|(_, p)| p.contents)
+            })
+            .collect();
+        info!(spiffe_id = %id, %node, pod = %format!("{}/{}", req.pod_namespace, req.pod_name), "signed X.509-SVID");
+        Ok(Response::new(SignX509svidResponse {
+            spiffe_id: id.to_string(),
+            chain: vec![leaf],
+            bundle,
+            expires_at: not_after.unix_timestamp(),
+        }))
+    }
+}
+
+/// The signer's own serving certificate: issued by the active root for the
+/// given DNS names (and 127.0.0.1), with the SPIFFE ID `spiffe://<td>/tessera/signer`.
+pub fn server_identity(
+    ca: &TrustDomainCa,
+    td: &TrustDomain,
+    dns_names: &[String],
+) -> Result<Identity, CaError> {
+    let now = OffsetDateTime::now_utc();
+    let root = ca.active(now)?;
+    let issuer = root.issuer()?;
+    let cert_err = |e: rcgen::Error| CaError::Certificate(e.to_string());
+    let mut params = CertificateParams::new(dns_names.to_vec()).map_err(cert_err)?;
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(std::net::IpAddr::V4(
+            std::net::Ipv4Addr::LOCALHOST,
+        )));
+    let uri = format!("spiffe://{td}/tessera/signer")
+        .try_into()
+        .map_err(cert_err)?;
+    params.subject_alt_names.push(SanType::URI(uri));
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = (now + time::Duration::days(1)).min(root.not_after);
+    let key = KeyPair::generate().map_err(cert_err)?;
+    let cert = params.signed_by(&key, &issuer).map_err(cert_err)?;
+    Ok(Identity::from_pem(cert.pem(), key.serialize_pem()))
+}
+
+/// Serves the signer over TLS on `addr` until `shutdown`; returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    service: SignerService,
+    identity: Identity,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<Result<(), SignerError>>), SignerError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| SignerError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| SignerError::Bind { addr, source })?;
+    let router = Server::builder()
+        .tls_config(ServerTlsConfig::new().identity(identity))
+        .map_err(|source| SignerError::Serve { addr, source })?
+        .add_service(SignerServer::new(service));
+    let task = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            )
+            .await
+            .map_err(|source| SignerError::Serve {
+                addr: bound,
+                source,
+            })
+    });
+    Ok((bound, task))
+}

@@ -1,0 +1,312 @@
+//! The signing service over TLS against a real API server: an agent with a
+//! node-bound token gets SVIDs for pods on its node and is refused for pods
+//! elsewhere; bad, foreign-audience, unbound and other service accounts'
+//! tokens are refused.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] functions
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use rcgen::{CertificateParams, KeyPair};
+use tessera_api::signer_api::signer_client::SignerClient;
+use tessera_api::signer_api::{SignX509svidRequest, TOKEN_AUDIENCE};
+use tessera_operator::ca::{CaConfig, TrustDomainCa};
+use tessera_operator::signer::{self, SignerConfig, SignerService};
+use tessera_tests::{ControlPlane, resources};
+use time::OffsetDateTime;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+const SETUP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: tessera-system}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: tessera-agent, namespace: tessera-system}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: default, namespace: shop}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p-a, namespace: shop}
+spec:
+  nodeName: node-a
+  containers: [{name: c, image: registry.invalid/c:1}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p-b, namespace: shop}
+spec:
+  nodeName: node-b
+  containers: [{name: c, image: registry.invalid/c:1}]
+"#;
+
+struct Fixture {
+    _cp: ControlPlane,
+    client: kube::Client,
+    channel: Channel,
+    root_der: Vec<u8>,
+}
+
+async fn fixture() -> Result<Fixture> {
+    let cp = ControlPlane::start().await?;
+    let client = cp.client().await?;
+    resources::install_crds(&client, &tessera_api::crd::all()).await?;
+    resources::apply_manifest(&client, SETUP).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
+    for (pod, id) in [
+        ("p-a", "spiffe://cluster.test/ns/shop/sa/a"),
+        ("p-b", "spiffe://cluster.test/ns/shop/sa/b"),
+    ] {
+        let patch = serde_json::json!({"metadata": {"annotations": {tessera_api::annotations::SPIFFE_ID: id}}});
+        pods.patch(pod, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+    }
+
+    let td: tessera_api::spiffe::TrustDomain = "cluster.test".parse()?;
+    let ca_cfg = CaConfig::new(td.clone(), "tessera-system");
+    let ca = TrustDomainCa::load_or_create(&client, &ca_cfg, OffsetDateTime::now_utc()).await?;
+    let bundle_pem = ca.bundle_pem(OffsetDateTime::now_utc());
+    let root_der = x509_parser::pem::parse_x509_pem(bundle_pem.as_bytes())
+        .unwrap()
+        .1
+        .contents;
+    let dns = "tessera-signer.tessera-system.svc".to_owned();
+    let identity = signer::server_identity(&ca, &td, std::slice::from_ref(&dns))?;
+    let service = SignerService::new(
+        client.clone(),
+        SignerConfig {
+            trust_domain: td,
+            agent_username: "system:serviceaccount:tessera-system:tessera-agent".into(),
+            svid_ttl: Duration::from_secs(3600),
+        },
+        Arc::new(tokio::sync::RwLock::new(ca)),
+    );
+    let (addr, _task) = signer::serve(
+        "127.0.0.1:0".parse()?,
+        service,
+        identity,
+        std::future::pending(),
+    )
+    .await?;
+    let channel = Channel::from_shared(format!("https://{addr}"))?
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(bundle_pem))
+                .domain_name(dns),
+        )?
+        .connect()
+        .await?;
+    Ok(Fixture {
+        _cp: cp,
+        client,
+        channel,
+        root_der,
+    })
+}
+
+/// A token for `sa` in `ns`, bound to `node` when given.
+async fn token(
+    client: &kube::Client,
+    ns: &str,
+    sa: &str,
+    node: Option<&str>,
+    audience: &str,
+) -> Result<String> {
+    let bound = match node {
+        Some(name) => {
+            let uid = Api::<Node>::all(client.clone())
+                .get(name)
+                .await?
+                .metadata
+                .uid;
+            Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(name.into()),
+                uid,
+            })
+        }
+        None => None,
+    };
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience.into()]),
+            expiration_seconds: Some(600),
+            bound_object_ref: bound,
+        }),
+        ..TokenRequest::default()
+    };
+    let issued = Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(sa, &PostParams::default(), &request)
+        .await?;
+    Ok(issued.status.and_then(|s| s.token).unwrap_or_default())
+}
+
+async fn sign(
+    f: &Fixture,
+    pod: &str,
+    token: Option<&str>,
+    uid: Option<String>,
+) -> Result<(String, Vec<u8>, KeyPair), tonic::Status> {
+    let pods: Api<Pod> = Api::namespaced(f.client.clone(), "shop");
+    let actual_uid = pods
+        .get(pod)
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap_or_default();
+    let key = KeyPair::generate().unwrap();
+    let csr = CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap();
+    let mut request = tonic::Request::new(SignX509svidRequest {
+        pod_namespace: "shop".into(),
+        pod_name: pod.into(),
+        pod_uid: uid.unwrap_or(actual_uid),
+        csr: csr.der().to_vec(),
+    });
+    if let Some(t) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let response = SignerClient::new(f.channel.clone())
+        .sign_x509svid(request)
+        .await?
+        .into_inner();
+    Ok((response.spiffe_id, response.chain[0].clone(), key))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_gets_svids_only_for_its_own_nodes_pods() -> Result<()> {
+    let f = fixture().await?;
+    let node_a = token(
+        &f.client,
+        "tessera-system",
+        "tessera-agent",
+        Some("node-a"),
+        TOKEN_AUDIENCE,
+    )
+    .await?;
+
+    let (id, leaf_der, key) = sign(&f, "p-a", Some(&node_a), None).await?;
+    assert_eq!(id, "spiffe://cluster.test/ns/shop/sa/a");
+    let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der)?;
+    let (_, root) = x509_parser::parse_x509_certificate(&f.root_der)?;
+    leaf.verify_signature(Some(root.public_key()))?;
+    assert!(!leaf.is_ca());
+    assert_eq!(
+        leaf.public_key().subject_public_key.data.as_ref(),
+        key.public_key_raw(),
+        "the CSR's key was not the one certified"
+    );
+    let uris: Vec<String> = leaf
+        .subject_alternative_name()?
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(uris, std::slice::from_ref(&id));
+    assert!(
+        leaf.key_usage()?
+            .is_some_and(|ku| ku.value.digital_signature())
+    );
+
+    let denied = sign(&f, "p-b", Some(&node_a), None)
+        .await
+        .expect_err("pod on another node");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied}");
+    assert!(denied.message().contains("not on node node-a"), "{denied}");
+
+    let stale = sign(
+        &f,
+        "p-a",
+        Some(&node_a),
+        Some("00000000-0000-0000-0000-000000000000".into()),
+    )
+    .await
+    .expect_err("wrong pod UID");
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_and_foreign_tokens_are_refused() -> Result<()> {
+    let f = fixture().await?;
+    let cases = [
+        ("no token", None, tonic::Code::Unauthenticated),
+        (
+            "forged token",
+            Some("eyJhbGciOiJSUzI1NiJ9.e30.c2lnbmF0dXJl".to_owned()),
+            tonic::Code::Unauthenticated,
+        ),
+        (
+            "other audience",
+            Some(
+                token(
+                    &f.client,
+                    "tessera-system",
+                    "tessera-agent",
+                    Some("node-a"),
+                    "https://kubernetes.default.svc",
+                )
+                .await?,
+            ),
+            tonic::Code::Unauthenticated,
+        ),
+        (
+            "not the agent",
+            Some(token(&f.client, "shop", "default", Some("node-a"), TOKEN_AUDIENCE).await?),
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "not node-bound",
+            Some(
+                token(
+                    &f.client,
+                    "tessera-system",
+                    "tessera-agent",
+                    None,
+                    TOKEN_AUDIENCE,
+                )
+                .await?,
+            ),
+            tonic::Code::PermissionDenied,
+        ),
+    ];
+    for (what, token, code) in cases {
+        let status = sign(&f, "p-a", token.as_deref(), None)
+            .await
+            .expect_err(what);
+        assert_eq!(status.code(), code, "{what}: {status}");
+    }
+    Ok(())
+}
