@@ -20,7 +20,9 @@ use tessera_api::crd::installed::{self, CrdState};
 use tessera_api::spiffe::TrustDomain;
 use tessera_operator::ca::{CaConfig, TrustDomainCa};
 use tessera_operator::identity;
+use tessera_operator::signer::{self, SignerConfig, SignerService};
 use time::OffsetDateTime;
+use tokio::sync::{Notify, RwLock};
 use tracing::{info, warn};
 
 #[derive(Parser)]
@@ -44,24 +46,7 @@ enum Command {
     },
     /// Run the controllers until SIGTERM or Ctrl-C. Replicas elect a leader
     /// through a Lease; only the leader reconciles, the others stand by.
-    Run {
-        /// Kubeconfig to use (see `check`).
-        #[arg(long, env = "KUBECONFIG")]
-        kubeconfig: Option<PathBuf>,
-        /// The trust domain this cluster's identities belong to.
-        #[arg(long, env = "TESSERA_TRUST_DOMAIN")]
-        trust_domain: String,
-        /// Namespace for the CA Secret, the trust bundle ConfigMap and the Lease.
-        #[arg(long, env = "POD_NAMESPACE", default_value = "tessera-system")]
-        namespace: String,
-        /// Where to serve /metrics, /healthz and /readyz.
-        #[arg(long, default_value = "0.0.0.0:9090")]
-        metrics_addr: SocketAddr,
-        /// Leader lease duration in seconds; a standby takes over this long
-        /// after a leader stops renewing (at once when it shuts down cleanly).
-        #[arg(long, default_value_t = 15)]
-        lease_duration: u64,
-    },
+    Run(RunArgs),
 }
 
 async fn client(kubeconfig: Option<PathBuf>) -> Result<kube::Client> {
@@ -96,6 +81,36 @@ async fn check(kubeconfig: Option<PathBuf>) -> Result<ExitCode> {
     })
 }
 
+/// Options of `tessera-operator run`.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kubeconfig to use (see `check`).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// The trust domain this cluster's identities belong to.
+    #[arg(long, env = "TESSERA_TRUST_DOMAIN")]
+    trust_domain: String,
+    /// Namespace for the CA Secret, the trust bundle ConfigMap and the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tessera-system")]
+    namespace: String,
+    /// Where to serve /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    metrics_addr: SocketAddr,
+    /// Leader lease duration in seconds; a standby takes over this long
+    /// after a leader stops renewing (at once when it shuts down cleanly).
+    #[arg(long, default_value_t = 15)]
+    lease_duration: u64,
+    /// Where the signing service listens (TLS; name tessera-signer.<namespace>.svc).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    signer_addr: SocketAddr,
+    /// The node agents' service account in --namespace; only it may get SVIDs.
+    #[arg(long, default_value = "tessera-agent")]
+    agent_service_account: String,
+    /// Lifetime of X.509-SVIDs, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    svid_ttl_seconds: u64,
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 async fn terminated() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -113,28 +128,86 @@ async fn terminated() {
     }
 }
 
-/// Everything the leader runs: CA upkeep and the identity controllers, until
-/// `stop` resolves.
+/// What the leader needs besides the client.
+struct Leading {
+    trust_domain: TrustDomain,
+    ca: CaConfig,
+    signer: SignerConfig,
+    signer_addr: SocketAddr,
+    signer_dns: Vec<String>,
+}
+
+/// Serves the signer, restarting it with a fresh serving certificate after
+/// every root rotation (`rotated`), until the task is aborted.
+async fn run_signer(
+    client: kube::Client,
+    leading: Arc<Leading>,
+    ca: Arc<RwLock<TrustDomainCa>>,
+    rotated: Arc<Notify>,
+) {
+    let service = SignerService::new(client, leading.signer.clone(), ca.clone());
+    loop {
+        let identity = match signer::server_identity(
+            &*ca.read().await,
+            &leading.trust_domain,
+            &leading.signer_dns,
+        ) {
+            Ok(identity) => identity,
+            Err(e) => {
+                warn!(error = %e, "cannot issue the signer's certificate; retrying in 10s");
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                continue;
+            }
+        };
+        let stop = {
+            let rotated = rotated.clone();
+            async move { rotated.notified().await }
+        };
+        match signer::serve(leading.signer_addr, service.clone(), identity, stop).await {
+            Ok((bound, task)) => {
+                info!(%bound, "signing service listening");
+                match task.await {
+                    Ok(Ok(())) => {
+                        info!("restarting the signing service with a certificate from the new root")
+                    }
+                    Ok(Err(e)) => warn!(error = %e, "signing service failed; restarting"),
+                    Err(e) => warn!(error = %e, "signing service panicked; restarting"),
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot start the signing service; retrying in 10s");
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        }
+    }
+}
+
+/// Everything the leader runs: CA upkeep, the signing service and the
+/// identity controllers, until `stop` resolves.
 async fn lead(
     client: kube::Client,
-    trust_domain: TrustDomain,
-    cfg: CaConfig,
+    leading: Arc<Leading>,
     metrics: Arc<Metrics>,
     stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<()> {
-    let mut ca = TrustDomainCa::load_or_create(&client, &cfg, OffsetDateTime::now_utc()).await?;
+    let cfg = leading.ca.clone();
+    let ca = TrustDomainCa::load_or_create(&client, &cfg, OffsetDateTime::now_utc()).await?;
     ca.publish_bundle(&client, &cfg, OffsetDateTime::now_utc())
         .await?;
     metrics.ca_roots.set(ca.roots().len() as i64);
-    info!(%trust_domain, roots = ca.roots().len(), "trust-domain CA ready; bundle published");
+    info!(trust_domain = %leading.trust_domain, roots = ca.roots().len(), "trust-domain CA ready; bundle published");
+    let ca = Arc::new(RwLock::new(ca));
+    let rotated = Arc::new(Notify::new());
     let rotation = {
-        let (client, metrics) = (client.clone(), metrics.clone());
+        let (client, metrics, ca, rotated) =
+            (client.clone(), metrics.clone(), ca.clone(), rotated.clone());
         tokio::spawn(async move {
             // Root lifetimes are months; checking hourly is plenty.
             let mut tick = tokio::time::interval(Duration::from_secs(3600));
             loop {
                 tick.tick().await;
                 let now = OffsetDateTime::now_utc();
+                let mut ca = ca.write().await;
                 match ca.rotate_if_due(&client, &cfg, now).await {
                     Ok(true) => {
                         info!(roots = ca.roots().len(), "CA roots rotated");
@@ -142,6 +215,7 @@ async fn lead(
                         if let Err(e) = ca.publish_bundle(&client, &cfg, now).await {
                             warn!(error = %e, "cannot publish the rotated bundle; retrying next hour");
                         }
+                        rotated.notify_waiters();
                     }
                     Ok(false) => {}
                     Err(e) => warn!(error = %e, "CA rotation check failed; retrying next hour"),
@@ -149,22 +223,43 @@ async fn lead(
             }
         })
     };
-    let result = identity::run(client, trust_domain, metrics, stop).await;
+    let signing = tokio::spawn(run_signer(client.clone(), leading.clone(), ca, rotated));
+    let result = identity::run(client, leading.trust_domain.clone(), metrics, stop).await;
     rotation.abort();
+    signing.abort();
     Ok(result?)
 }
 
-async fn run(
-    kubeconfig: Option<PathBuf>,
-    trust_domain: &str,
-    namespace: &str,
-    metrics_addr: SocketAddr,
-    lease_duration: u64,
-) -> Result<ExitCode> {
+async fn run(args: RunArgs) -> Result<ExitCode> {
+    let RunArgs {
+        kubeconfig,
+        trust_domain,
+        namespace,
+        metrics_addr,
+        lease_duration,
+        signer_addr,
+        agent_service_account,
+        svid_ttl_seconds,
+    } = args;
+    let namespace = namespace.as_str();
     let trust_domain: TrustDomain = trust_domain.parse().with_context(|| {
         format!("--trust-domain {trust_domain:?} is not a SPIFFE trust domain name")
     })?;
     let client = client(kubeconfig).await?;
+    let leading_cfg = Arc::new(Leading {
+        trust_domain: trust_domain.clone(),
+        ca: CaConfig::new(trust_domain.clone(), namespace),
+        signer: SignerConfig {
+            trust_domain: trust_domain.clone(),
+            agent_username: format!("system:serviceaccount:{namespace}:{agent_service_account}"),
+            svid_ttl: Duration::from_secs(svid_ttl_seconds),
+        },
+        signer_addr,
+        signer_dns: vec![
+            "tessera-signer".to_owned(),
+            format!("tessera-signer.{namespace}.svc"),
+        ],
+    });
     let metrics = Arc::new(Metrics::default());
     let (bound, _server) = metrics::serve(metrics_addr, metrics.clone())
         .await
@@ -208,8 +303,7 @@ async fn run(
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let leading = tokio::spawn(lead(
             client.clone(),
-            trust_domain.clone(),
-            CaConfig::new(trust_domain.clone(), namespace),
+            leading_cfg.clone(),
             metrics.clone(),
             async move {
                 let _ = stop_rx.await;
@@ -255,21 +349,6 @@ async fn main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { kubeconfig } => check(kubeconfig).await,
-        Command::Run {
-            kubeconfig,
-            trust_domain,
-            namespace,
-            metrics_addr,
-            lease_duration,
-        } => {
-            run(
-                kubeconfig,
-                &trust_domain,
-                &namespace,
-                metrics_addr,
-                lease_duration,
-            )
-            .await
-        }
+        Command::Run(args) => run(args).await,
     }
 }

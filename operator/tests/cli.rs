@@ -108,6 +108,7 @@ impl RunningOperator {
             ])
             .arg(format!("--metrics-addr=127.0.0.1:{port}"))
             .arg(format!("--lease-duration={lease_seconds}"))
+            .arg("--signer-addr=127.0.0.1:0")
             .arg("--kubeconfig")
             .arg(cp.kubeconfig())
             .stdout(std::process::Stdio::null())
