@@ -4,4 +4,5 @@
 
 pub mod attestation;
 pub mod identities;
+pub mod svids;
 pub mod workload_api;

@@ -26,6 +26,9 @@ enum Command {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Run the agent: get SVIDs for this node's pods from the operator's
+    /// signing service and serve them on the Workload API socket.
+    Run(RunArgs),
     /// Fetch this process's X.509-SVIDs and bundles from a SPIFFE Workload API
     /// socket and print them. Exits 1 with the server's answer on failure.
     FetchX509 {
@@ -36,6 +39,89 @@ enum Command {
         #[arg(long)]
         updates: Option<usize>,
     },
+}
+
+/// Options of `tessera-agent run`.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kubeconfig; without it, $KUBECONFIG, ~/.kube/config or in-cluster.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// This node's name (from the downward API in a DaemonSet).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// The operator's signing service.
+    #[arg(long, default_value = "https://tessera-signer.tessera-system.svc:8443")]
+    signer: String,
+    /// The name the signer's certificate must carry.
+    #[arg(long, default_value = "tessera-signer.tessera-system.svc")]
+    signer_name: String,
+    /// Namespace of the trust bundle ConfigMap (the operator's).
+    #[arg(long, default_value = "tessera-system")]
+    namespace: String,
+    /// The agent's node-bound service-account token (audience tessera-signer).
+    #[arg(long, default_value = "/var/run/secrets/tessera/token")]
+    token_file: std::path::PathBuf,
+    /// Where to serve the SPIFFE Workload API.
+    #[arg(long, default_value = "/run/tessera/agent.sock")]
+    socket: std::path::PathBuf,
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig and not in a cluster; pass --kubeconfig")?,
+    };
+    let client = kube::Client::try_from(config)?;
+    // Trust for the signer: the trust bundle the operator publishes.
+    let bundle = kube::Api::<ConfigMap>::namespaced(client.clone(), &args.namespace)
+        .get("tessera-trust-bundle")
+        .await
+        .with_context(|| format!("cannot read ConfigMap {}/tessera-trust-bundle; is the operator running, and may the agent read it?", args.namespace))?
+        .data
+        .and_then(|mut d| d.remove("bundle.pem"))
+        .context("ConfigMap tessera-trust-bundle has no bundle.pem")?;
+    let channel = tonic::transport::Channel::from_shared(args.signer.clone())
+        .with_context(|| format!("--signer {:?} is not a URL", args.signer))?
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(bundle))
+                .domain_name(args.signer_name.clone()),
+        )?
+        .connect_lazy();
+    let store = tessera_agent::identities::IdentityStore::default();
+    let server = tessera_agent::workload_api::serve(&args.socket, store.clone(), async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    tracing::info!(socket = %args.socket.display(), node = %args.node_name, "serving the SPIFFE Workload API");
+    let svids = tessera_agent::svids::run(
+        client,
+        channel,
+        tessera_agent::svids::SvidConfig {
+            node_name: args.node_name,
+            token_file: args.token_file,
+        },
+        store,
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = svids => tracing::warn!("the pod watch ended"),
+        _ = term.recv() => tracing::info!("shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+    }
+    server.abort();
+    let _ = std::fs::remove_file(&args.socket);
+    Ok(())
 }
 
 /// A short fingerprint of a certificate, to tell rotations apart in output.
@@ -107,6 +193,32 @@ async fn fetch_x509(socket: &str, updates: Option<usize>) -> Result<(), String> 
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Run(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tessera-agent: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::FetchX509 { socket, updates } => {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

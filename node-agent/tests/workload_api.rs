@@ -8,8 +8,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers outside #[test] functions
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use rcgen::{
@@ -20,65 +20,11 @@ use tessera_agent::attestation::PodUid;
 use tessera_agent::identities::{Bundles, IdentityStore, PodIdentity, X509Svid};
 use tessera_agent::workload_api;
 
+mod common;
+use common::PodCgroup;
+
 const UID: &str = "6f1c2a9e-0d3b-4c5a-9e8f-7a6b5c4d3e2f";
 const ID: &str = "spiffe://cluster.test/ns/shop/sa/web";
-
-fn cgroup2_root() -> PathBuf {
-    std::env::var_os("TESSERA_CGROUP2_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup/unified"))
-}
-
-/// A pod cgroup `<root>/tessera-test-<pid>-<tag>/kubepods/pod<uid>`, removed on drop.
-struct PodCgroup {
-    top: PathBuf,
-    leaf: PathBuf,
-}
-
-impl PodCgroup {
-    fn create(tag: &str, uid: &str) -> PodCgroup {
-        let root = cgroup2_root();
-        assert!(
-            root.join("cgroup.procs").exists(),
-            "no cgroup v2 hierarchy at {}; mount one or set TESSERA_CGROUP2_ROOT (this test needs root)",
-            root.display()
-        );
-        let top = root.join(format!("tessera-test-{}-{tag}", std::process::id()));
-        let leaf = top.join("kubepods").join(format!("pod{uid}"));
-        std::fs::create_dir_all(&leaf)
-            .unwrap_or_else(|e| panic!("cannot create {} (run as root): {e}", leaf.display()));
-        PodCgroup { top, leaf }
-    }
-
-    /// Starts the agent's fetch client inside this cgroup.
-    fn spawn_client(&self, socket: &Path, extra: &[&str]) -> Child {
-        let script = format!(
-            "echo $$ > {}/cgroup.procs && exec \"$0\" fetch-x509 --socket \"$1\" {}",
-            self.leaf.display(),
-            extra.join(" ")
-        );
-        Command::new("sh")
-            .args(["-c", &script, env!("CARGO_BIN_EXE_tessera-agent")])
-            .arg(socket)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    }
-}
-
-impl Drop for PodCgroup {
-    fn drop(&mut self) {
-        // Directories go leaf first; they are empty once the clients exited.
-        for dir in [
-            self.leaf.clone(),
-            self.leaf.parent().unwrap().to_path_buf(),
-            self.top.clone(),
-        ] {
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
-}
 
 struct Material {
     root_der: Vec<u8>,

@@ -1,0 +1,200 @@
+//! Keeps the SVIDs of this node's pods: watches the pods scheduled here,
+//! asks the operator's signing service for an X.509-SVID (a fresh key each
+//! time, kept on this node) whenever a pod gains or changes identity, renews at
+//! half-life, and drops a pod's material when it goes away. A still-valid SVID
+//! stays in use until its replacement arrives.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use rcgen::{CertificateParams, KeyPair};
+use tessera_api::annotations;
+use tessera_api::signer_api::SignX509svidRequest;
+use tessera_api::signer_api::signer_client::SignerClient;
+use tessera_api::spiffe::SpiffeId;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::attestation::PodUid;
+use crate::identities::{Bundles, IdentityStore, PodIdentity, X509Svid};
+
+/// Why an SVID could not be obtained (retried).
+#[derive(Debug, thiserror::Error)]
+pub enum SvidError {
+    /// The token file could not be read.
+    #[error(
+        "cannot read the service-account token {path}: {source}; is the projected token volume mounted?"
+    )]
+    Token {
+        /// The token path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Making the key or CSR failed.
+    #[error("cannot make a key and CSR: {0}")]
+    Key(#[from] rcgen::Error),
+    /// The signer refused or failed.
+    #[error("the signing service answered {}: {}", .0.code(), .0.message())]
+    Signer(#[from] tonic::Status),
+    /// The signer's answer was unusable.
+    #[error("the signing service's answer is unusable: {0}")]
+    Answer(String),
+}
+
+/// Where and how to ask for SVIDs.
+#[derive(Debug, Clone)]
+pub struct SvidConfig {
+    /// This node's name.
+    pub node_name: String,
+    /// File holding the agent's node-bound service-account token (re-read per call).
+    pub token_file: PathBuf,
+}
+
+struct Held {
+    spiffe_id: String,
+    renew_at: Instant,
+    namespace: String,
+    name: String,
+}
+
+/// Asks the signer for one pod's SVID, with a new key.
+async fn issue(
+    signer: &mut SignerClient<Channel>,
+    cfg: &SvidConfig,
+    namespace: &str,
+    name: &str,
+    uid: &PodUid,
+) -> Result<(X509Svid, Bundles, i64), SvidError> {
+    let token = std::fs::read_to_string(&cfg.token_file).map_err(|source| SvidError::Token {
+        path: cfg.token_file.clone(),
+        source,
+    })?;
+    let key = KeyPair::generate()?;
+    let csr = CertificateParams::default().serialize_request(&key)?;
+    let mut request = tonic::Request::new(SignX509svidRequest {
+        pod_namespace: namespace.to_owned(),
+        pod_name: name.to_owned(),
+        pod_uid: uid.to_string(),
+        csr: csr.der().to_vec(),
+    });
+    let header = format!("Bearer {}", token.trim())
+        .parse()
+        .map_err(|_| SvidError::Answer("the token is not a valid header value".into()))?;
+    request.metadata_mut().insert("authorization", header);
+    let answer = signer.sign_x509svid(request).await?.into_inner();
+    let id: SpiffeId = answer
+        .spiffe_id
+        .parse()
+        .map_err(|e| SvidError::Answer(format!("SPIFFE ID: {e}")))?;
+    if answer.chain.is_empty() || answer.bundle.is_empty() {
+        return Err(SvidError::Answer("empty chain or bundle".into()));
+    }
+    let svid = X509Svid {
+        spiffe_id: id.to_string(),
+        chain_der: answer.chain.concat(),
+        key_der: key.serialize_der(),
+        hint: String::new(),
+    };
+    let bundles = Bundles {
+        trust_domain_id: id.trust_domain().id().to_string(),
+        own_der: answer.bundle.concat(),
+        federated_der: Default::default(),
+    };
+    Ok((svid, bundles, answer.expires_at))
+}
+
+/// When to renew an SVID that expires at `expires_at` (Unix seconds): half-way.
+fn renew_at(expires_at: i64) -> Instant {
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let remaining = (expires_at - now_unix).max(0) as u64;
+    Instant::now() + Duration::from_secs(remaining / 2)
+}
+
+/// Runs until the pod watch ends; fills `store` for this node's pods.
+pub async fn run(client: kube::Client, channel: Channel, cfg: SvidConfig, store: IdentityStore) {
+    let pods: Api<Pod> = Api::all(client);
+    let watch_cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node_name));
+    let mut events = watcher(pods, watch_cfg).default_backoff().boxed();
+    let mut signer = SignerClient::new(channel);
+    let mut held: HashMap<PodUid, Held> = HashMap::new();
+    // Pods whose identity is known but whose SVID must be (re)issued.
+    let mut due: HashMap<PodUid, (String, String, String, Instant)> = HashMap::new();
+    loop {
+        let next = due
+            .values()
+            .map(|d| d.3)
+            .chain(held.values().map(|h| h.renew_at))
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            event = events.next() => {
+                let Some(event) = event else { break };
+                let pod = match event {
+                    Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => pod,
+                    Ok(watcher::Event::Delete(pod)) => {
+                        if let Some(uid) = pod.metadata.uid.as_deref().and_then(PodUid::parse) {
+                            held.remove(&uid);
+                            due.remove(&uid);
+                            store.remove(&uid);
+                        }
+                        continue;
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        warn!(error = %e, "pod watch error; retrying");
+                        continue;
+                    }
+                };
+                let Some(uid) = pod.metadata.uid.as_deref().and_then(PodUid::parse) else { continue };
+                let id = pod.metadata.annotations.as_ref().and_then(|a| a.get(annotations::SPIFFE_ID)).cloned();
+                match id {
+                    Some(id) if pod.metadata.deletion_timestamp.is_none() => {
+                        if held.get(&uid).is_none_or(|h| h.spiffe_id != id) {
+                            let ns = pod.metadata.namespace.clone().unwrap_or_default();
+                            let name = pod.metadata.name.clone().unwrap_or_default();
+                            due.insert(uid, (id, ns, name, Instant::now()));
+                        }
+                    }
+                    _ => {
+                        held.remove(&uid);
+                        due.remove(&uid);
+                        store.remove(&uid);
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(next) => {
+                let now = Instant::now();
+                for (uid, h) in held.iter_mut().filter(|(_, h)| h.renew_at <= now) {
+                    // Renewal moves to `due`; success sets a new renewal time.
+                    h.renew_at = now + Duration::from_secs(3600);
+                    due.entry(uid.clone()).or_insert_with(|| (h.spiffe_id.clone(), h.namespace.clone(), h.name.clone(), now));
+                }
+                let ready: Vec<PodUid> = due.iter().filter(|(_, d)| d.3 <= now).map(|(u, _)| u.clone()).collect();
+                for uid in ready {
+                    let Some((id, ns, name, _)) = due.remove(&uid) else { continue };
+                    match issue(&mut signer, &cfg, &ns, &name, &uid).await {
+                        Ok((svid, bundles, expires_at)) => {
+                            info!(pod = %format!("{ns}/{name}"), spiffe_id = %svid.spiffe_id, "X.509-SVID issued");
+                            store.set_bundles(bundles);
+                            store.set(&uid, PodIdentity { svids: vec![svid], federates_with: Vec::new() });
+                            held.insert(uid, Held { spiffe_id: id, renew_at: renew_at(expires_at), namespace: ns, name });
+                        }
+                        Err(e) => {
+                            warn!(pod = %format!("{ns}/{name}"), error = %e, "cannot get an SVID; retrying in 2s");
+                            due.insert(uid, (id, ns, name, now + Duration::from_secs(2)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

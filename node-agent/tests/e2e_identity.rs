@@ -1,0 +1,230 @@
+//! End to end, as root: a real API server; the operator's identity
+//! controller, CA and signing service; the `tessera-agent run` process for
+//! node-a with a node-bound token; and a client process inside a pod's
+//! cgroup fetching its X.509-SVID over the Workload API. A pod on another node
+//! gets nothing from node-a's agent.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use kube::api::{Api, PostParams};
+use tessera_api::signer_api::TOKEN_AUDIENCE;
+use tessera_operator::ca::{CaConfig, TrustDomainCa};
+use tessera_operator::signer::{self, SignerConfig, SignerService};
+use tessera_tests::{ControlPlane, resources};
+use time::OffsetDateTime;
+
+mod common;
+use common::PodCgroup;
+
+const SETUP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: tessera-system}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: tessera-agent, namespace: tessera-system}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: default, namespace: shop}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+"#;
+
+fn pod(name: &str, node: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}
+    }))
+    .unwrap()
+}
+
+struct Agent(std::process::Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
+    let cp = ControlPlane::start().await.unwrap();
+    let client = cp.client().await.unwrap();
+    resources::install_crds(&client, &tessera_api::crd::all())
+        .await
+        .unwrap();
+    resources::apply_manifest(&client, SETUP).await.unwrap();
+
+    // The operator's parts, in this process.
+    let td: tessera_api::spiffe::TrustDomain = "cluster.test".parse().unwrap();
+    let ca_cfg = CaConfig::new(td.clone(), "tessera-system");
+    let now = OffsetDateTime::now_utc();
+    let ca = TrustDomainCa::load_or_create(&client, &ca_cfg, now)
+        .await
+        .unwrap();
+    ca.publish_bundle(&client, &ca_cfg, now).await.unwrap();
+    let name = "tessera-signer.tessera-system.svc".to_owned();
+    let identity = signer::server_identity(&ca, &td, std::slice::from_ref(&name)).unwrap();
+    let service = SignerService::new(
+        client.clone(),
+        SignerConfig {
+            trust_domain: td.clone(),
+            agent_username: "system:serviceaccount:tessera-system:tessera-agent".into(),
+            svid_ttl: Duration::from_secs(3600),
+        },
+        Arc::new(tokio::sync::RwLock::new(ca)),
+    );
+    let (addr, _signer) = signer::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        service,
+        identity,
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    let controller = tokio::spawn(tessera_operator::identity::run(
+        client.clone(),
+        td,
+        Default::default(),
+        std::future::pending(),
+    ));
+
+    // The agent for node-a, as a real process with a node-bound token.
+    let node_uid = Api::<Node>::all(client.clone())
+        .get("node-a")
+        .await
+        .unwrap()
+        .metadata
+        .uid;
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![TOKEN_AUDIENCE.into()]),
+            expiration_seconds: Some(3600),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some("node-a".into()),
+                uid: node_uid,
+            }),
+        }),
+        ..TokenRequest::default()
+    };
+    let token = Api::<ServiceAccount>::namespaced(client.clone(), "tessera-system")
+        .create_token_request("tessera-agent", &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.token)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let socket = dir.path().join("agent.sock");
+    let _agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_tessera-agent"))
+            .arg("run")
+            .arg("--kubeconfig")
+            .arg(cp.kubeconfig())
+            .args([
+                "--node-name",
+                "node-a",
+                "--namespace",
+                "tessera-system",
+                "--signer-name",
+                &name,
+            ])
+            .arg(format!("--signer=https://{addr}"))
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--socket")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+
+    // A pod on node-a, and a process in its cgroup.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
+    let created = pods
+        .create(&PostParams::default(), &pod("web", "node-a"))
+        .await
+        .unwrap();
+    let cgroup = PodCgroup::create("e2e-web", created.metadata.uid.as_deref().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let out = loop {
+        let output = cgroup
+            .spawn_client(&socket, &[])
+            .wait_with_output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        if output.status.success() {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pod never got its SVID; last answer: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        out.contains("SPIFFE ID: spiffe://cluster.test/ns/shop/sa/default (chain of 1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("bundle: cluster.test (1 authorities)"),
+        "{out}"
+    );
+
+    // A pod on node-b gets nothing from node-a's agent, even once annotated.
+    let other = pods
+        .create(&PostParams::default(), &pod("elsewhere", "node-b"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pods
+        .get("elsewhere")
+        .await
+        .unwrap()
+        .metadata
+        .annotations
+        .is_none_or(|a| !a.contains_key(tessera_api::annotations::SPIFFE_ID))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the other pod never got an identity"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let foreign = PodCgroup::create("e2e-elsewhere", other.metadata.uid.as_deref().unwrap());
+    let output = foreign
+        .spawn_client(&socket, &[])
+        .wait_with_output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .to_lowercase()
+            .contains("permission denied")
+    );
+    controller.abort();
+}
