@@ -195,6 +195,28 @@ async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
         "{out}"
     );
 
+    // SPIRE's own client, which also verifies the SVID against the bundle.
+    let spire_agent = tessera_tests::TestBins::locate().unwrap().spire_agent;
+    let socket_arg = socket.to_str().unwrap();
+    let output = cgroup
+        .spawn(
+            &spire_agent,
+            &["api", "fetch", "x509", "-socketPath", socket_arg],
+        )
+        .wait_with_output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "spire-agent failed:\n{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.contains("SPIFFE ID:") && text.contains("spiffe://cluster.test/ns/shop/sa/default"),
+        "{text}"
+    );
+    println!("spire-agent api fetch x509:\n{text}");
+
     // A pod on node-b gets nothing from node-a's agent, even once annotated.
     let other = pods
         .create(&PostParams::default(), &pod("elsewhere", "node-b"))

@@ -225,6 +225,7 @@ async fn run_publishes_the_bundle_annotates_pods_serves_metrics_and_stops_on_sig
         log.contains("bundle published") && log.contains("shutting down"),
         "{log}"
     );
+    assert!(log.contains("signing service listening"), "{log}");
     Ok(())
 }
 

@@ -15,6 +15,8 @@ use anyhow::{Context, Result, bail};
 
 /// Kubernetes release the tests run; matches the `v1_36` feature of k8s-openapi.
 pub const KUBERNETES_VERSION: &str = "1.36.3";
+/// SPIRE release whose agent the interop tests use as a Workload API client.
+pub const SPIRE_VERSION: &str = "1.15.3";
 /// etcd release, the one Kubernetes 1.36.3 requires in its go.mod.
 pub const ETCD_VERSION: &str = "3.6.8";
 /// Bumped whenever the build recipe changes, so cached builds of an older
@@ -32,6 +34,8 @@ pub struct TestBins {
     pub kubectl: PathBuf,
     /// `etcd`.
     pub etcd: PathBuf,
+    /// `spire-agent`, a real SPIFFE Workload API client (`api fetch x509`).
+    pub spire_agent: PathBuf,
 }
 
 /// The cache root (see the module docs).
@@ -55,19 +59,29 @@ fn etcd_dir(root: &Path) -> PathBuf {
     root.join(format!("etcd-v{ETCD_VERSION}"))
 }
 
+fn spire_dir(root: &Path) -> PathBuf {
+    root.join(format!("spire-v{SPIRE_VERSION}"))
+}
+
 impl TestBins {
     fn at(root: &Path) -> TestBins {
         TestBins {
             kube_apiserver: kubernetes_dir(root).join("kube-apiserver"),
             kubectl: kubernetes_dir(root).join("kubectl"),
             etcd: etcd_dir(root).join("etcd"),
+            spire_agent: spire_dir(root).join("spire-agent"),
         }
     }
 
     /// Finds the cached binaries; fails with what to run when any is missing.
     pub fn locate() -> Result<TestBins> {
         let bins = TestBins::at(&cache_root()?);
-        for path in [&bins.kube_apiserver, &bins.kubectl, &bins.etcd] {
+        for path in [
+            &bins.kube_apiserver,
+            &bins.kubectl,
+            &bins.etcd,
+            &bins.spire_agent,
+        ] {
             if !path.is_file() {
                 bail!(
                     "{} is missing: run `cargo xtask testbin` (or `cargo xtask test`, which builds it) to build the test control plane from the Go module proxy",
@@ -93,6 +107,9 @@ impl TestBins {
         }
         if !is_current(&etcd_dir(&root)) {
             build_etcd(&root)?;
+        }
+        if !is_current(&spire_dir(&root)) {
+            build_spire(&root)?;
         }
         TestBins::locate()
     }
@@ -251,6 +268,20 @@ fn build_etcd(root: &Path) -> Result<()> {
         "",
         &["go.etcd.io/etcd/server/v3"],
         &[("server", "etcd")],
+    )
+}
+
+fn build_spire(root: &Path) -> Result<()> {
+    // SPIRE's go.mod has no replace directives, so requiring it is enough.
+    let go_mod = format!(
+        "module tessera.dev/testbin/spire\n\ngo 1.26.0\n\nrequire github.com/spiffe/spire v{SPIRE_VERSION}\n"
+    );
+    build_into(
+        &spire_dir(root),
+        &go_mod,
+        "",
+        &["github.com/spiffe/spire/cmd/spire-agent"],
+        &[],
     )
 }
 

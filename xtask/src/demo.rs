@@ -159,6 +159,8 @@ async fn identities(cp: &ControlPlane, client: &kube::Client) -> Result<()> {
             "cluster.local",
             "--namespace",
             "tessera-system",
+            "--metrics-addr=127.0.0.1:0",
+            "--signer-addr=127.0.0.1:0",
         ])
         .arg("--kubeconfig")
         .arg(cp.kubeconfig())

@@ -136,10 +136,11 @@ fn crds(check: bool, dir: &Path) -> Result<()> {
 fn testbin() -> Result<TestBins> {
     let bins = TestBins::ensure_built()?;
     println!(
-        "test binaries ready:\n  {}\n  {}\n  {}",
+        "test binaries ready:\n  {}\n  {}\n  {}\n  {}",
         bins.kube_apiserver.display(),
         bins.kubectl.display(),
-        bins.etcd.display()
+        bins.etcd.display(),
+        bins.spire_agent.display()
     );
     Ok(bins)
 }

@@ -50,6 +50,24 @@ impl PodCgroup {
     }
 }
 
+impl PodCgroup {
+    /// Starts `program args...` inside this cgroup.
+    pub fn spawn(&self, program: &Path, args: &[&str]) -> Child {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"",
+            self.leaf.display()
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .arg(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
 impl Drop for PodCgroup {
     fn drop(&mut self) {
         // Kill whatever a failed test left inside, then remove leaf first.
