@@ -98,11 +98,13 @@ pub async fn run() -> Result<()> {
     );
     identities(&cp, &client).await?;
 
-    step(7, "stop the control plane and delete its files");
+    step(8, "stop the control plane and delete its files");
     let dir = cp.dir().to_path_buf();
     cp.stop();
     println!("stopped; {} removed: {}", dir.display(), !dir.exists());
-    println!("\nNot shown yet: node agents, SVIDs and the data path (see README, Status).");
+    println!(
+        "\nNot shown yet: JWT-SVIDs, mutual authentication and the data path (see README, Status)."
+    );
     Ok(())
 }
 
@@ -127,12 +129,21 @@ kind: ServiceAccount
 metadata: {name: default, namespace: default}
 ---
 apiVersion: v1
+kind: ServiceAccount
+metadata: {name: tessera-agent, namespace: tessera-system}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+---
+apiVersion: v1
 kind: Pod
 metadata:
   name: ledger-0
   namespace: payments
   labels: {app.kubernetes.io/name: ledger}
 spec:
+  nodeName: node-a
   containers: [{name: app, image: registry.invalid/ledger:1}]
 ---
 apiVersion: v1
@@ -146,12 +157,22 @@ async fn identities(cp: &ControlPlane, client: &kube::Client) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = std::process::Command::new(cargo)
         .current_dir(repo_root())
-        .args(["build", "--quiet", "-p", "tessera-operator"])
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "tessera-operator",
+            "-p",
+            "tessera-agent",
+        ])
         .status()?;
     if !status.success() {
         bail!("cannot build tessera-operator");
     }
     let binary = repo_root().join("target/debug/tessera-operator");
+    let signer_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut operator = std::process::Command::new(&binary)
         .args([
             "run",
@@ -160,8 +181,8 @@ async fn identities(cp: &ControlPlane, client: &kube::Client) -> Result<()> {
             "--namespace",
             "tessera-system",
             "--metrics-addr=127.0.0.1:0",
-            "--signer-addr=127.0.0.1:0",
         ])
+        .arg(format!("--signer-addr=127.0.0.1:{signer_port}"))
         .arg("--kubeconfig")
         .arg(cp.kubeconfig())
         .env("RUST_LOG", "warn")
@@ -196,12 +217,159 @@ async fn identities(cp: &ControlPlane, client: &kube::Client) -> Result<()> {
             println!("$ kubectl {}", args.join(" "));
             print!("{}", cp.kubectl_output(args)?);
         }
-        Ok(())
+        step(7, "run tessera-agent for node-a: pod ledger-0 fetches its SVID over the Workload API");
+        agent(cp, client, signer_port).await
     }
     .await;
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &operator.id().to_string()])
         .status();
     let _ = operator.wait();
+    result
+}
+
+/// True when this process runs as root (uid 0), read from /proc.
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|uids| uids.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
+/// Runs the node agent for node-a and has a process in ledger-0's cgroup
+/// fetch its SVID, with Tessera's client and with SPIRE's.
+async fn agent(cp: &ControlPlane, client: &kube::Client, signer_port: u16) -> Result<()> {
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec,
+    };
+    use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+    let cgroup_root = std::path::Path::new("/sys/fs/cgroup/unified");
+    if !is_root() || !cgroup_root.join("cgroup.procs").exists() {
+        println!(
+            "skipped: placing a process in a pod's cgroup needs root and cgroup v2 at {}",
+            cgroup_root.display()
+        );
+        return Ok(());
+    }
+    let node_uid = kube::Api::<Node>::all(client.clone())
+        .get("node-a")
+        .await?
+        .metadata
+        .uid;
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![tessera_api::signer_api::TOKEN_AUDIENCE.into()]),
+            expiration_seconds: Some(3600),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some("node-a".into()),
+                uid: node_uid,
+            }),
+        }),
+        ..TokenRequest::default()
+    };
+    let token = kube::Api::<ServiceAccount>::namespaced(client.clone(), "tessera-system")
+        .create_token_request("tessera-agent", &Default::default(), &request)
+        .await?
+        .status
+        .and_then(|s| s.token)
+        .context("the API server issued no token")?;
+    let token_file = cp.dir().join("agent-token");
+    std::fs::write(&token_file, token)?;
+    let socket = cp.dir().join("agent.sock");
+    let agent_bin = repo_root().join("target/debug/tessera-agent");
+    let mut agent = std::process::Command::new(&agent_bin)
+        .args([
+            "run",
+            "--node-name",
+            "node-a",
+            "--namespace",
+            "tessera-system",
+        ])
+        .args(["--signer-name", "tessera-signer.tessera-system.svc"])
+        .arg(format!("--signer=https://127.0.0.1:{signer_port}"))
+        .arg("--kubeconfig")
+        .arg(cp.kubeconfig())
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--socket")
+        .arg(&socket)
+        .env("RUST_LOG", "warn")
+        .spawn()?;
+    let uid = kube::Api::<Pod>::namespaced(client.clone(), "payments")
+        .get("ledger-0")
+        .await?
+        .metadata
+        .uid
+        .context("pod without uid")?;
+    let top = cgroup_root.join(format!("tessera-demo-{}", std::process::id()));
+    let leaf = top.join("kubepods").join(format!("pod{uid}"));
+    std::fs::create_dir_all(&leaf)?;
+    let in_pod = |program: &std::path::Path, args: &[&str]| {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"",
+            leaf.display()
+        );
+        std::process::Command::new("sh")
+            .args(["-c", &script])
+            .arg(program)
+            .args(args)
+            .output()
+    };
+    let socket_arg = socket.display().to_string();
+    let result = async {
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        let out = loop {
+            let out = in_pod(&agent_bin, &["fetch-x509", "--socket", &socket_arg])?;
+            if out.status.success() {
+                break out;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "ledger-0 got no SVID: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        };
+        println!("$ tessera-agent fetch-x509   (inside ledger-0's cgroup)");
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        if let Ok(bins) = tessera_tests::TestBins::locate() {
+            let out = in_pod(
+                &bins.spire_agent,
+                &["api", "fetch", "x509", "-socketPath", &socket_arg],
+            )?;
+            println!("$ spire-agent api fetch x509   (SPIRE's client, inside ledger-0's cgroup)");
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+        }
+        let outsider = std::process::Command::new(&agent_bin)
+            .args(["fetch-x509", "--socket", &socket_arg])
+            .output()?;
+        println!("$ tessera-agent fetch-x509   (a process in no pod)");
+        print!("{}", String::from_utf8_lossy(&outsider.stderr));
+        Ok(())
+    }
+    .await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    let _ = agent.wait();
+    let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
+    for dir in [
+        leaf.clone(),
+        leaf.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
+        top,
+    ] {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
     result
 }
