@@ -4,6 +4,7 @@
 pub mod annotations;
 #[cfg(feature = "crd")]
 pub mod crd;
+pub mod duration;
 #[cfg(feature = "grpc")]
 pub mod signer_api;
 pub mod spiffe;

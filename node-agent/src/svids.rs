@@ -100,7 +100,7 @@ async fn issue(
         spiffe_id: id.to_string(),
         chain_der: answer.chain.concat(),
         key_der: key.serialize_der(),
-        hint: String::new(),
+        hint: answer.hint,
     };
     let bundles = Bundles {
         trust_domain_id: id.trust_domain().id().to_string(),

@@ -21,6 +21,7 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use tessera_api::annotations;
+use tessera_api::crd::WorkloadIdentity;
 use tessera_api::signer_api::signer_server::{Signer, SignerServer};
 use tessera_api::signer_api::{SignX509svidRequest, SignX509svidResponse, TOKEN_AUDIENCE};
 use tessera_api::spiffe::{SpiffeId, TrustDomain};
@@ -151,6 +152,44 @@ impl SignerService {
     }
 }
 
+impl SignerService {
+    /// The SVID lifetime and hint from the WorkloadIdentity that chose the
+    /// pod's ID (its `ttl` and `hint`), else the defaults. A WorkloadIdentity
+    /// that cannot be read or parsed falls back to the defaults, logged.
+    async fn policy_for(&self, pod: &Pod) -> (Duration, String) {
+        let source = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(annotations::IDENTITY_SOURCE))
+            .filter(|s| s.as_str() != "default");
+        let Some(source) = source else {
+            return (self.cfg.svid_ttl, String::new());
+        };
+        match Api::<WorkloadIdentity>::all(self.client.clone())
+            .get_opt(source)
+            .await
+        {
+            Ok(Some(wid)) => {
+                let ttl = match wid.spec.ttl.as_deref().map(tessera_api::duration::parse) {
+                    Some(Ok(ttl)) => ttl,
+                    Some(Err(e)) => {
+                        warn!(workload_identity = %source, error = %e, "ignoring its ttl");
+                        self.cfg.svid_ttl
+                    }
+                    None => self.cfg.svid_ttl,
+                };
+                (ttl, wid.spec.hint.unwrap_or_default())
+            }
+            Ok(None) => (self.cfg.svid_ttl, String::new()),
+            Err(e) => {
+                warn!(workload_identity = %source, error = %e, "cannot read it; using the default SVID lifetime");
+                (self.cfg.svid_ttl, String::new())
+            }
+        }
+    }
+}
+
 /// Signs a leaf X.509-SVID for `id` over `public_key` with the active root.
 fn sign_leaf(
     ca: &TrustDomainCa,
@@ -252,11 +291,12 @@ impl Signer for SignerService {
                 self.cfg.trust_domain
             )));
         }
+        let (ttl, hint) = self.policy_for(&pod).await;
         let csr = CertificateSigningRequestParams::from_der(&req.csr.into())
             .map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
         let now = OffsetDateTime::now_utc();
         let ca = self.ca.read().await;
-        let (leaf, not_after) = sign_leaf(&ca, &id, &csr, self.cfg.svid_ttl, now)?;
+        let (leaf, not_after) = sign_leaf(&ca, &id, &csr, ttl, now)?;
         let bundle = ca
             .roots()
             .iter()
@@ -273,6 +313,7 @@ impl Signer for SignerService {
             chain: vec![leaf],
             bundle,
             expires_at: not_after.unix_timestamp(),
+            hint,
         }))
     }
 }

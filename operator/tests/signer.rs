@@ -73,11 +73,19 @@ async fn fixture() -> Result<Fixture> {
     resources::install_crds(&client, &tessera_api::crd::all()).await?;
     resources::apply_manifest(&client, SETUP).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
-    for (pod, id) in [
-        ("p-a", "spiffe://cluster.test/ns/shop/sa/a"),
-        ("p-b", "spiffe://cluster.test/ns/shop/sa/b"),
+    // p-a's ID came from a WorkloadIdentity with its own ttl and hint.
+    let wid = serde_json::json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "WorkloadIdentity",
+        "metadata": {"name": "wid-a"},
+        "spec": {"spiffeIDTemplate": "spiffe://{trustDomain}/ns/{namespace}/sa/a", "ttl": "20m", "hint": "internal"}});
+    resources::create(&client, &serde_json::from_value(wid)?, false).await?;
+    for (pod, id, source) in [
+        ("p-a", "spiffe://cluster.test/ns/shop/sa/a", "wid-a"),
+        ("p-b", "spiffe://cluster.test/ns/shop/sa/b", "default"),
     ] {
-        let patch = serde_json::json!({"metadata": {"annotations": {tessera_api::annotations::SPIFFE_ID: id}}});
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            tessera_api::annotations::SPIFFE_ID: id,
+            tessera_api::annotations::IDENTITY_SOURCE: source,
+        }}});
         pods.patch(pod, &PatchParams::default(), &Patch::Merge(patch))
             .await?;
     }
@@ -195,6 +203,7 @@ async fn sign(
         .sign_x509svid(request)
         .await?
         .into_inner();
+    assert_eq!(response.hint, if pod == "p-a" { "internal" } else { "" });
     Ok((response.spiffe_id, response.chain[0].clone(), key))
 }
 
@@ -216,6 +225,9 @@ async fn an_agent_gets_svids_only_for_its_own_nodes_pods() -> Result<()> {
     let (_, root) = x509_parser::parse_x509_certificate(&f.root_der)?;
     leaf.verify_signature(Some(root.public_key()))?;
     assert!(!leaf.is_ca());
+    // The WorkloadIdentity's ttl (20m), plus the 30 s of clock-skew slack.
+    let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+    assert_eq!(lifetime, 20 * 60 + 30);
     assert_eq!(
         leaf.public_key().subject_public_key.data.as_ref(),
         key.public_key_raw(),

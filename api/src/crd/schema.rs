@@ -27,7 +27,7 @@ pub const MSG_NO_FRAGMENT: &str = "bundleEndpointURL must not contain a fragment
 pub const MAX_LIST_ITEMS: u64 = 64;
 
 /// Pattern for a Go-style duration made of whole units, as `duration()` in CEL reads it.
-pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h))+$";
+pub const DURATION_PATTERN: &str = crate::duration::PATTERN;
 
 /// A SPIFFE ID string.
 pub fn spiffe_id(_: &mut SchemaGenerator) -> Schema {
