@@ -191,6 +191,27 @@ async fn fetch_x509(socket: &str, updates: Option<usize>) -> Result<(), String> 
     Ok(())
 }
 
+/// Runs `task` on a new runtime; prints its error and exits 1 on failure.
+fn block_on(task: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run(args) => {
@@ -201,43 +222,13 @@ fn main() -> ExitCode {
                 )
                 .with_writer(std::io::stderr)
                 .init();
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("tessera-agent: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            block_on(async { run(args).await.map_err(|e| format!("tessera-agent: {e:#}")) })
         }
-        Command::FetchX509 { socket, updates } => {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(fetch_x509(&socket, updates)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("fetch failed: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::FetchX509 { socket, updates } => block_on(async {
+            fetch_x509(&socket, updates)
+                .await
+                .map_err(|e| format!("fetch failed: {e}"))
+        }),
         Command::ValidateId { ids } => {
             let mut ok = true;
             for id in ids {

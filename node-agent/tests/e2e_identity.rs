@@ -9,8 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use tessera_api::signer_api::TOKEN_AUDIENCE;
 use tessera_operator::ca::{CaConfig, TrustDomainCa};
@@ -108,32 +107,15 @@ async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
     ));
 
     // The agent for node-a, as a real process with a node-bound token.
-    let node_uid = Api::<Node>::all(client.clone())
-        .get("node-a")
-        .await
-        .unwrap()
-        .metadata
-        .uid;
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec![TOKEN_AUDIENCE.into()]),
-            expiration_seconds: Some(3600),
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Node".into()),
-                name: Some("node-a".into()),
-                uid: node_uid,
-            }),
-        }),
-        ..TokenRequest::default()
-    };
-    let token = Api::<ServiceAccount>::namespaced(client.clone(), "tessera-system")
-        .create_token_request("tessera-agent", &PostParams::default(), &request)
-        .await
-        .unwrap()
-        .status
-        .and_then(|s| s.token)
-        .unwrap();
+    let token = resources::service_account_token(
+        &client,
+        "tessera-system",
+        "tessera-agent",
+        Some("node-a"),
+        TOKEN_AUDIENCE,
+    )
+    .await
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, token).unwrap();

@@ -211,6 +211,36 @@ pub fn assign(trust_domain: &TrustDomain, pod: &Pod<'_>, wids: &[WorkloadIdentit
     }
 }
 
+/// [`assign`] for a Pod object, with its namespace's labels looked up in
+/// `namespaces` (a namespace not seen yet counts as unlabelled).
+pub fn assign_pod(
+    trust_domain: &TrustDomain,
+    pod: &k8s_openapi::api::core::v1::Pod,
+    namespaces: &kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Namespace>,
+    wids: &[WorkloadIdentity],
+) -> Assignment {
+    use kube::ResourceExt;
+    let namespace = pod.namespace().unwrap_or_default();
+    let namespace_labels = namespaces
+        .get(&kube::runtime::reflector::ObjectRef::new(&namespace))
+        .map(|ns| ns.labels().clone())
+        .unwrap_or_default();
+    let spec = pod.spec.as_ref();
+    let facts = Pod {
+        namespace: &namespace,
+        name: pod.metadata.name.as_deref().unwrap_or_default(),
+        service_account: spec
+            .and_then(|s| s.service_account_name.as_deref())
+            .unwrap_or("default"),
+        node_name: spec
+            .and_then(|s| s.node_name.as_deref())
+            .unwrap_or_default(),
+        labels: pod.labels(),
+        namespace_labels: &namespace_labels,
+    };
+    assign(trust_domain, &facts, wids)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

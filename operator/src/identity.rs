@@ -137,27 +137,8 @@ fn current_annotations(pod: &Pod) -> BTreeMap<String, String> {
 }
 
 fn assignment_for(ctx: &Context, pod: &Pod) -> Assignment {
-    let namespace = pod.namespace().unwrap_or_default();
-    let ns_labels = ctx
-        .namespaces
-        .get(&ObjectRef::new(&namespace))
-        .map(|ns| ns.labels().clone())
-        .unwrap_or_default();
-    let spec = pod.spec.as_ref();
-    let facts = assign::Pod {
-        namespace: &namespace,
-        name: pod.metadata.name.as_deref().unwrap_or_default(),
-        service_account: spec
-            .and_then(|s| s.service_account_name.as_deref())
-            .unwrap_or("default"),
-        node_name: spec
-            .and_then(|s| s.node_name.as_deref())
-            .unwrap_or_default(),
-        labels: pod.labels(),
-        namespace_labels: &ns_labels,
-    };
     let wids: Vec<WorkloadIdentity> = ctx.wids.state().iter().map(|w| (**w).clone()).collect();
-    assign::assign(&ctx.trust_domain, &facts, &wids)
+    assign::assign_pod(&ctx.trust_domain, pod, &ctx.namespaces, &wids)
 }
 
 async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, IdentityError> {

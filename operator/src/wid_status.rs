@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::Store;
 use tessera_api::crd::workload_identity::IdentityConflict;
 use tessera_api::crd::{CONDITION_READY, WorkloadIdentity, WorkloadIdentityStatus};
 use tessera_api::spiffe::TrustDomain;
@@ -39,32 +39,16 @@ pub fn compute(
         if pod.metadata.deletion_timestamp.is_some() {
             continue;
         }
+        let a = assign::assign_pod(trust_domain, &pod, namespaces, wids);
         let namespace = pod.namespace().unwrap_or_default();
-        let ns_labels = namespaces
-            .get(&ObjectRef::new(&namespace))
-            .map(|ns| ns.labels().clone())
-            .unwrap_or_default();
-        let spec = pod.spec.as_ref();
-        let facts = assign::Pod {
-            namespace: &namespace,
-            name: pod.metadata.name.as_deref().unwrap_or_default(),
-            service_account: spec
-                .and_then(|s| s.service_account_name.as_deref())
-                .unwrap_or("default"),
-            node_name: spec
-                .and_then(|s| s.node_name.as_deref())
-                .unwrap_or_default(),
-            labels: pod.labels(),
-            namespace_labels: &ns_labels,
-        };
-        let a = assign::assign(trust_domain, &facts, wids);
+        let pod_name_only = pod.metadata.name.clone().unwrap_or_default();
         let won = a.source.as_deref() == Some(name.as_str());
         let lost = a.conflicts.iter().any(|c| c == &name);
         if !won && !lost {
             continue;
         }
         selected += 1;
-        let pod_name = format!("{namespace}/{}", facts.name);
+        let pod_name = format!("{namespace}/{pod_name_only}");
         if won {
             match &a.result {
                 Ok(id) => {

@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams};
 use rcgen::{CertificateParams, KeyPair};
 use tessera_api::signer_api::signer_client::SignerClient;
 use tessera_api::signer_api::{SignX509svidRequest, TOKEN_AUDIENCE};
@@ -132,44 +131,6 @@ async fn fixture() -> Result<Fixture> {
     })
 }
 
-/// A token for `sa` in `ns`, bound to `node` when given.
-async fn token(
-    client: &kube::Client,
-    ns: &str,
-    sa: &str,
-    node: Option<&str>,
-    audience: &str,
-) -> Result<String> {
-    let bound = match node {
-        Some(name) => {
-            let uid = Api::<Node>::all(client.clone())
-                .get(name)
-                .await?
-                .metadata
-                .uid;
-            Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Node".into()),
-                name: Some(name.into()),
-                uid,
-            })
-        }
-        None => None,
-    };
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec![audience.into()]),
-            expiration_seconds: Some(600),
-            bound_object_ref: bound,
-        }),
-        ..TokenRequest::default()
-    };
-    let issued = Api::<ServiceAccount>::namespaced(client.clone(), ns)
-        .create_token_request(sa, &PostParams::default(), &request)
-        .await?;
-    Ok(issued.status.and_then(|s| s.token).unwrap_or_default())
-}
-
 async fn sign(
     f: &Fixture,
     pod: &str,
@@ -210,7 +171,7 @@ async fn sign(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_gets_svids_only_for_its_own_nodes_pods() -> Result<()> {
     let f = fixture().await?;
-    let node_a = token(
+    let node_a = resources::service_account_token(
         &f.client,
         "tessera-system",
         "tessera-agent",
@@ -283,7 +244,7 @@ async fn bad_and_foreign_tokens_are_refused() -> Result<()> {
         (
             "other audience",
             Some(
-                token(
+                resources::service_account_token(
                     &f.client,
                     "tessera-system",
                     "tessera-agent",
@@ -296,13 +257,22 @@ async fn bad_and_foreign_tokens_are_refused() -> Result<()> {
         ),
         (
             "not the agent",
-            Some(token(&f.client, "shop", "default", Some("node-a"), TOKEN_AUDIENCE).await?),
+            Some(
+                resources::service_account_token(
+                    &f.client,
+                    "shop",
+                    "default",
+                    Some("node-a"),
+                    TOKEN_AUDIENCE,
+                )
+                .await?,
+            ),
             tonic::Code::PermissionDenied,
         ),
         (
             "not node-bound",
             Some(
-                token(
+                resources::service_account_token(
                     &f.client,
                     "tessera-system",
                     "tessera-agent",

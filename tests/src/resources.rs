@@ -138,3 +138,45 @@ pub fn api_message(err: &kube::Error) -> String {
         other => other.to_string(),
     }
 }
+
+/// A service-account token from the TokenRequest API for `sa` in `ns` with
+/// `audience`, bound to the Node `node` when given (as node agents get them).
+pub async fn service_account_token(
+    client: &kube::Client,
+    ns: &str,
+    sa: &str,
+    node: Option<&str>,
+    audience: &str,
+) -> Result<String> {
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec,
+    };
+    use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+    let bound_object_ref = match node {
+        Some(name) => Some(BoundObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(name.into()),
+            uid: Api::<Node>::all(client.clone())
+                .get(name)
+                .await?
+                .metadata
+                .uid,
+        }),
+        None => None,
+    };
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience.into()]),
+            expiration_seconds: Some(3600),
+            bound_object_ref,
+        }),
+        ..TokenRequest::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(sa, &PostParams::default(), &request)
+        .await?
+        .status
+        .and_then(|s| s.token)
+        .context("the API server issued no token")
+}

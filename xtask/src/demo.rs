@@ -228,56 +228,26 @@ async fn identities(cp: &ControlPlane, client: &kube::Client) -> Result<()> {
     result
 }
 
-/// True when this process runs as root (uid 0), read from /proc.
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|uids| uids.split_whitespace().nth(1))
-            == Some("0")
-    })
-}
-
 /// Runs the node agent for node-a and has a process in ledger-0's cgroup
 /// fetch its SVID, with Tessera's client and with SPIRE's.
 async fn agent(cp: &ControlPlane, client: &kube::Client, signer_port: u16) -> Result<()> {
-    use k8s_openapi::api::authentication::v1::{
-        BoundObjectReference, TokenRequest, TokenRequestSpec,
-    };
-    use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+    use k8s_openapi::api::core::v1::Pod;
     let cgroup_root = std::path::Path::new("/sys/fs/cgroup/unified");
-    if !is_root() || !cgroup_root.join("cgroup.procs").exists() {
+    if !crate::deps::is_root() || !cgroup_root.join("cgroup.procs").exists() {
         println!(
             "skipped: placing a process in a pod's cgroup needs root and cgroup v2 at {}",
             cgroup_root.display()
         );
         return Ok(());
     }
-    let node_uid = kube::Api::<Node>::all(client.clone())
-        .get("node-a")
-        .await?
-        .metadata
-        .uid;
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec![tessera_api::signer_api::TOKEN_AUDIENCE.into()]),
-            expiration_seconds: Some(3600),
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Node".into()),
-                name: Some("node-a".into()),
-                uid: node_uid,
-            }),
-        }),
-        ..TokenRequest::default()
-    };
-    let token = kube::Api::<ServiceAccount>::namespaced(client.clone(), "tessera-system")
-        .create_token_request("tessera-agent", &Default::default(), &request)
-        .await?
-        .status
-        .and_then(|s| s.token)
-        .context("the API server issued no token")?;
+    let token = resources::service_account_token(
+        client,
+        "tessera-system",
+        "tessera-agent",
+        Some("node-a"),
+        tessera_api::signer_api::TOKEN_AUDIENCE,
+    )
+    .await?;
     let token_file = cp.dir().join("agent-token");
     std::fs::write(&token_file, token)?;
     let socket = cp.dir().join("agent.sock");

@@ -17,7 +17,7 @@ fn installed(package: &str) -> bool {
 }
 
 /// True when this process runs as root (uid 0), read from /proc.
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
         status
             .lines()
