@@ -20,32 +20,6 @@ use time::OffsetDateTime;
 mod common;
 use common::PodCgroup;
 
-const SETUP: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: tessera-system}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: tessera-agent, namespace: tessera-system}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: default, namespace: shop}
----
-apiVersion: v1
-kind: Node
-metadata: {name: node-a}
----
-apiVersion: v1
-kind: Node
-metadata: {name: node-b}
-"#;
-
 fn pod(name: &str, node: &str) -> Pod {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "shop"},
@@ -70,7 +44,9 @@ async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
     resources::install_crds(&client, &tessera_api::crd::all())
         .await
         .unwrap();
-    resources::apply_manifest(&client, SETUP).await.unwrap();
+    resources::apply_manifest(&client, resources::TWO_NODES)
+        .await
+        .unwrap();
 
     // The operator's parts, in this process.
     let td: tessera_api::spiffe::TrustDomain = "cluster.test".parse().unwrap();

@@ -137,7 +137,13 @@ pub struct Assignment {
 }
 
 /// Decides the SPIFFE ID of `pod` given every WorkloadIdentity.
-pub fn assign(trust_domain: &TrustDomain, pod: &Pod<'_>, wids: &[WorkloadIdentity]) -> Assignment {
+/// `wids` is borrowed (for example straight from a reflector store), so a
+/// reconcile copies no WorkloadIdentity.
+pub fn assign<'w>(
+    trust_domain: &TrustDomain,
+    pod: &Pod<'_>,
+    wids: impl IntoIterator<Item = &'w WorkloadIdentity>,
+) -> Assignment {
     let mut broken_selectors = Vec::new();
     let mut primary = Vec::new();
     let mut fallback = Vec::new();
@@ -213,11 +219,11 @@ pub fn assign(trust_domain: &TrustDomain, pod: &Pod<'_>, wids: &[WorkloadIdentit
 
 /// [`assign`] for a Pod object, with its namespace's labels looked up in
 /// `namespaces` (a namespace not seen yet counts as unlabelled).
-pub fn assign_pod(
+pub fn assign_pod<'w>(
     trust_domain: &TrustDomain,
     pod: &k8s_openapi::api::core::v1::Pod,
     namespaces: &kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Namespace>,
-    wids: &[WorkloadIdentity],
+    wids: impl IntoIterator<Item = &'w WorkloadIdentity>,
 ) -> Assignment {
     use kube::ResourceExt;
     let namespace = pod.namespace().unwrap_or_default();

@@ -109,12 +109,16 @@ struct StoredRoot {
     key_pem: String,
 }
 
-/// A root certificate with its key and validity.
+/// A root certificate with its key and validity. Everything signing needs is
+/// parsed once, when the root is loaded, not on every signature.
 #[derive(Clone)]
 pub struct Root {
     /// The certificate, PEM.
     pub cert_pem: String,
+    /// The certificate, DER.
+    pub cert_der: Vec<u8>,
     key_pem: String,
+    issuer: Arc<Issuer<'static, KeyPair>>,
     /// Start of validity.
     pub not_before: OffsetDateTime,
     /// End of validity.
@@ -140,13 +144,20 @@ impl Root {
             return Err("a stored root is not a CA certificate".to_owned());
         }
         let validity = cert.validity();
-        let to_time = |t: x509_parser::time::ASN1Time| t.to_datetime();
-        KeyPair::from_pem(&stored.key_pem).map_err(|e| format!("root key: {e}"))?;
+        let (not_before, not_after) = (
+            validity.not_before.to_datetime(),
+            validity.not_after.to_datetime(),
+        );
+        let key = KeyPair::from_pem(&stored.key_pem).map_err(|e| format!("root key: {e}"))?;
+        let issuer = Issuer::from_ca_cert_der(&der.as_slice().into(), key)
+            .map_err(|e| format!("root as issuer: {e}"))?;
         Ok(Root {
             cert_pem: stored.cert_pem.clone(),
+            cert_der: der,
             key_pem: stored.key_pem.clone(),
-            not_before: to_time(validity.not_before),
-            not_after: to_time(validity.not_after),
+            issuer: Arc::new(issuer),
+            not_before,
+            not_after,
         })
     }
 
@@ -157,12 +168,9 @@ impl Root {
         }
     }
 
-    /// An rcgen issuer that signs with this root.
-    pub fn issuer(&self) -> Result<Issuer<'static, KeyPair>, CaError> {
-        let key =
-            KeyPair::from_pem(&self.key_pem).map_err(|e| CaError::Certificate(e.to_string()))?;
-        Issuer::from_ca_cert_pem(&self.cert_pem, key)
-            .map_err(|e| CaError::Certificate(e.to_string()))
+    /// The rcgen issuer that signs with this root.
+    pub fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
     }
 }
 
@@ -200,12 +208,12 @@ pub fn new_root(td: &TrustDomain, now: OffsetDateTime, ttl: Duration) -> Result<
     serial[0] &= 0x7f; // positive
     params.serial_number = Some(SerialNumber::from_slice(&serial));
     let cert = params.self_signed(&key).map_err(cert_err)?;
-    Ok(Root {
+    // The same path as a root read back from the Secret, so both are alike.
+    Root::parse(&StoredRoot {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
-        not_before: params.not_before,
-        not_after: params.not_after,
     })
+    .map_err(CaError::Certificate)
 }
 
 /// The trust domain's roots, newest last.
@@ -437,6 +445,6 @@ mod tests {
             parsed.not_after.unix_timestamp(),
             root.not_after.unix_timestamp()
         );
-        root.issuer().unwrap();
+        let _ = root.issuer();
     }
 }

@@ -137,8 +137,13 @@ fn current_annotations(pod: &Pod) -> BTreeMap<String, String> {
 }
 
 fn assignment_for(ctx: &Context, pod: &Pod) -> Assignment {
-    let wids: Vec<WorkloadIdentity> = ctx.wids.state().iter().map(|w| (**w).clone()).collect();
-    assign::assign_pod(&ctx.trust_domain, pod, &ctx.namespaces, &wids)
+    let wids = ctx.wids.state();
+    assign::assign_pod(
+        &ctx.trust_domain,
+        pod,
+        &ctx.namespaces,
+        wids.iter().map(AsRef::as_ref),
+    )
 }
 
 async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, IdentityError> {
@@ -461,7 +466,7 @@ async fn reconcile_status(
     wid: Arc<WorkloadIdentity>,
     ctx: Arc<StatusContext>,
 ) -> Result<Action, IdentityError> {
-    let all: Vec<WorkloadIdentity> = ctx.wids.state().iter().map(|w| (**w).clone()).collect();
+    let all = ctx.wids.state();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let status = wid_status::compute(
         &ctx.trust_domain,

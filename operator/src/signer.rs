@@ -199,7 +199,7 @@ fn sign_leaf(
     now: OffsetDateTime,
 ) -> Result<(Vec<u8>, OffsetDateTime), Status> {
     let root = ca.active(now).map_err(|e| internal("no usable root", e))?;
-    let issuer = root.issuer().map_err(|e| internal("root unusable", e))?;
+    let issuer = root.issuer();
     let mut params =
         CertificateParams::new(Vec::<String>::new()).map_err(|e| internal("params", e))?;
     let uri = id
@@ -230,7 +230,7 @@ fn sign_leaf(
     serial[0] &= 0x7f;
     params.serial_number = Some(SerialNumber::from_slice(&serial));
     let cert = params
-        .signed_by(&csr.public_key, &issuer)
+        .signed_by(&csr.public_key, issuer)
         .map_err(|e| internal("signing failed", e))?;
     Ok((cert.der().to_vec(), params.not_after))
 }
@@ -301,11 +301,7 @@ impl Signer for SignerService {
             .roots()
             .iter()
             .filter(|r| now < r.not_after)
-            .filter_map(|r| {
-                x509_parser::pem::parse_x509_pem(r.cert_pem.as_bytes())
-                    .ok()
-                    .map(|(_, p)| p.contents)
-            })
+            .map(|r| r.cert_der.clone())
             .collect();
         info!(spiffe_id = %id, %node, pod = %format!("{}/{}", req.pod_namespace, req.pod_name), "signed X.509-SVID");
         Ok(Response::new(SignX509svidResponse {
@@ -327,7 +323,7 @@ pub fn server_identity(
 ) -> Result<Identity, CaError> {
     let now = OffsetDateTime::now_utc();
     let root = ca.active(now)?;
-    let issuer = root.issuer()?;
+    let issuer = root.issuer();
     let cert_err = |e: rcgen::Error| CaError::Certificate(e.to_string());
     let mut params = CertificateParams::new(dns_names.to_vec()).map_err(cert_err)?;
     params
@@ -344,7 +340,7 @@ pub fn server_identity(
     params.not_before = now - time::Duration::minutes(1);
     params.not_after = (now + time::Duration::days(1)).min(root.not_after);
     let key = KeyPair::generate().map_err(cert_err)?;
-    let cert = params.signed_by(&key, &issuer).map_err(cert_err)?;
+    let cert = params.signed_by(&key, issuer).map_err(cert_err)?;
     Ok(Identity::from_pem(cert.pem(), key.serialize_pem()))
 }
 

@@ -6,6 +6,7 @@
 //! identity controller uses, so status and annotations cannot disagree.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -26,7 +27,7 @@ pub fn compute(
     wid: &WorkloadIdentity,
     pods: &Store<Pod>,
     namespaces: &Store<Namespace>,
-    wids: &[WorkloadIdentity],
+    wids: &[Arc<WorkloadIdentity>],
     previous: Option<&WorkloadIdentityStatus>,
     now: Time,
 ) -> WorkloadIdentityStatus {
@@ -39,7 +40,12 @@ pub fn compute(
         if pod.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        let a = assign::assign_pod(trust_domain, &pod, namespaces, wids);
+        let a = assign::assign_pod(
+            trust_domain,
+            &pod,
+            namespaces,
+            wids.iter().map(AsRef::as_ref),
+        );
         let namespace = pod.namespace().unwrap_or_default();
         let pod_name_only = pod.metadata.name.clone().unwrap_or_default();
         let won = a.source.as_deref() == Some(name.as_str());

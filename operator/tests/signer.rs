@@ -19,31 +19,8 @@ use tessera_tests::{ControlPlane, resources};
 use time::OffsetDateTime;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
-const SETUP: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: tessera-system}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: tessera-agent, namespace: tessera-system}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: default, namespace: shop}
----
-apiVersion: v1
-kind: Node
-metadata: {name: node-a}
----
-apiVersion: v1
-kind: Node
-metadata: {name: node-b}
----
+/// The pods on top of [`resources::TWO_NODES`].
+const PODS: &str = r#"
 apiVersion: v1
 kind: Pod
 metadata: {name: p-a, namespace: shop}
@@ -70,7 +47,8 @@ async fn fixture() -> Result<Fixture> {
     let cp = ControlPlane::start().await?;
     let client = cp.client().await?;
     resources::install_crds(&client, &tessera_api::crd::all()).await?;
-    resources::apply_manifest(&client, SETUP).await?;
+    resources::apply_manifest(&client, resources::TWO_NODES).await?;
+    resources::apply_manifest(&client, PODS).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
     // p-a's ID came from a WorkloadIdentity with its own ttl and hint.
     let wid = serde_json::json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "WorkloadIdentity",

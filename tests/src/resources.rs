@@ -9,6 +9,36 @@ use kube::core::GroupVersionKind;
 use kube::discovery::{ApiCapabilities, ApiResource, Scope, pinned_kind};
 use serde::Deserialize;
 
+/// A two-node cluster's objects for identity tests (no kubelet or
+/// controller-manager runs, so tests create them by hand): namespaces
+/// `tessera-system` and `shop`, the agent's service account
+/// `tessera-system/tessera-agent`, `shop/default`, and Nodes `node-a`, `node-b`.
+pub const TWO_NODES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: tessera-system}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: tessera-agent, namespace: tessera-system}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: default, namespace: shop}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+"#;
+
 /// Field manager name for everything the harness writes.
 pub const FIELD_MANAGER: &str = "tessera-tests";
 
@@ -29,17 +59,6 @@ pub async fn install_crds(client: &kube::Client, crds: &[CustomResourceDefinitio
     Ok(())
 }
 
-/// True when the CRD's `Established` condition is `True`.
-pub fn is_established(crd: &CustomResourceDefinition) -> bool {
-    crd.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-        })
-}
-
 async fn wait_established(
     api: &Api<CustomResourceDefinition>,
     name: &str,
@@ -48,7 +67,7 @@ async fn wait_established(
     let deadline = Instant::now() + timeout;
     loop {
         let crd = api.get(name).await?;
-        if is_established(&crd) {
+        if tessera_api::crd::installed::is_established(&crd) {
             return Ok(());
         }
         if Instant::now() > deadline {

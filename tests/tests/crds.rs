@@ -46,7 +46,7 @@ async fn crds_are_established_and_samples_round_trip_through_the_types() -> Resu
     for crd in tessera_api::crd::all() {
         let name = crd.metadata.name.clone().unwrap_or_default();
         assert!(
-            resources::is_established(&crds.get(&name).await?),
+            tessera_api::crd::installed::is_established(&crds.get(&name).await?),
             "{name} not Established"
         );
     }

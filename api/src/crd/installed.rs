@@ -41,6 +41,17 @@ pub async fn check(client: &kube::Client) -> Result<Vec<(String, CrdState)>, Ins
     Ok(out)
 }
 
+/// True when the CRD's `Established` condition is `True`.
+pub fn is_established(crd: &CustomResourceDefinition) -> bool {
+    crd.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        })
+}
+
 /// The state of one CRD object read from a cluster.
 pub fn state_of(found: &CustomResourceDefinition) -> CrdState {
     let versions: Vec<String> = found
@@ -53,15 +64,7 @@ pub fn state_of(found: &CustomResourceDefinition) -> CrdState {
     if !versions.iter().any(|v| v == super::VERSION) {
         return CrdState::WrongVersion(versions);
     }
-    let established = found
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-        });
-    if established {
+    if is_established(found) {
         CrdState::Ready
     } else {
         CrdState::NotEstablished
