@@ -5,6 +5,8 @@ pub mod annotations;
 #[cfg(feature = "crd")]
 pub mod crd;
 pub mod duration;
+#[cfg(feature = "jwt")]
+pub mod jwt;
 #[cfg(feature = "grpc")]
 pub mod signer_api;
 pub mod spiffe;

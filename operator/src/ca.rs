@@ -23,6 +23,7 @@ use rcgen::{
     SerialNumber,
 };
 use serde::{Deserialize, Serialize};
+use tessera_api::jwt::{JwkSet, SigningKey};
 use tessera_api::spiffe::TrustDomain;
 use time::OffsetDateTime;
 
@@ -107,6 +108,10 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
 struct StoredRoot {
     cert_pem: String,
     key_pem: String,
+    /// The JWT-SVID signing key that lives and rotates with this root (PKCS#8
+    /// PEM). Kept apart from the X.509 key so no key signs two kinds of thing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    jwt_key_pem: Option<String>,
 }
 
 /// A root certificate with its key and validity. Everything signing needs is
@@ -119,6 +124,8 @@ pub struct Root {
     pub cert_der: Vec<u8>,
     key_pem: String,
     issuer: Arc<Issuer<'static, KeyPair>>,
+    jwt_key_pem: Option<String>,
+    jwt: Option<Arc<SigningKey>>,
     /// Start of validity.
     pub not_before: OffsetDateTime,
     /// End of validity.
@@ -151,11 +158,24 @@ impl Root {
         let key = KeyPair::from_pem(&stored.key_pem).map_err(|e| format!("root key: {e}"))?;
         let issuer = Issuer::from_ca_cert_der(&der.as_slice().into(), key)
             .map_err(|e| format!("root as issuer: {e}"))?;
+        let jwt = match &stored.jwt_key_pem {
+            Some(pem) => {
+                let der = KeyPair::from_pem(pem)
+                    .map_err(|e| format!("JWT key: {e}"))?
+                    .serialize_der();
+                Some(Arc::new(
+                    SigningKey::from_pkcs8(&der).map_err(|e| format!("JWT key: {e}"))?,
+                ))
+            }
+            None => None,
+        };
         Ok(Root {
             cert_pem: stored.cert_pem.clone(),
             cert_der: der,
             key_pem: stored.key_pem.clone(),
             issuer: Arc::new(issuer),
+            jwt_key_pem: stored.jwt_key_pem.clone(),
+            jwt,
             not_before,
             not_after,
         })
@@ -165,7 +185,14 @@ impl Root {
         StoredRoot {
             cert_pem: self.cert_pem.clone(),
             key_pem: self.key_pem.clone(),
+            jwt_key_pem: self.jwt_key_pem.clone(),
         }
+    }
+
+    /// The JWT-SVID signing key of this root, if it has one (roots made
+    /// before JWT support have none; rotation adds a root that has).
+    pub fn jwt_key(&self) -> Option<&SigningKey> {
+        self.jwt.as_deref()
     }
 
     /// The rcgen issuer that signs with this root.
@@ -208,10 +235,12 @@ pub fn new_root(td: &TrustDomain, now: OffsetDateTime, ttl: Duration) -> Result<
     serial[0] &= 0x7f; // positive
     params.serial_number = Some(SerialNumber::from_slice(&serial));
     let cert = params.self_signed(&key).map_err(cert_err)?;
+    let jwt_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(cert_err)?;
     // The same path as a root read back from the Secret, so both are alike.
     Root::parse(&StoredRoot {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
+        jwt_key_pem: Some(jwt_key.serialize_pem()),
     })
     .map_err(CaError::Certificate)
 }
@@ -288,6 +317,28 @@ impl TrustDomainCa {
             .ok_or(CaError::Expired)
     }
 
+    /// The root that signs JWT-SVIDs now: the newest valid one with a JWT key.
+    pub fn active_jwt(&self, now: OffsetDateTime) -> Result<(&Root, &SigningKey), CaError> {
+        self.roots
+            .iter()
+            .rev()
+            .filter(|r| r.not_before <= now && now < r.not_after)
+            .find_map(|r| r.jwt_key().map(|k| (r, k)))
+            .ok_or(CaError::Expired)
+    }
+
+    /// The JWT bundle: the JWT keys of every unexpired root, oldest first.
+    pub fn jwt_bundle(&self, now: OffsetDateTime) -> JwkSet {
+        JwkSet {
+            keys: self
+                .roots
+                .iter()
+                .filter(|r| now < r.not_after)
+                .filter_map(|r| r.jwt_key().map(|k| k.public().clone()))
+                .collect(),
+        }
+    }
+
     /// The latest NotAfter an SVID signed now may have: the active root's.
     pub fn max_svid_not_after(&self, now: OffsetDateTime) -> Result<OffsetDateTime, CaError> {
         Ok(self.active(now)?.not_after)
@@ -312,7 +363,8 @@ impl TrustDomainCa {
     ) -> Result<bool, CaError> {
         let newest = self.roots.last().ok_or(CaError::Expired)?;
         let lifetime = newest.not_after - newest.not_before;
-        let due = newest.not_after - now < lifetime / 3;
+        // A root without a JWT key (made before JWT support) is replaced too.
+        let due = newest.not_after - now < lifetime / 3 || newest.jwt_key().is_none();
         let expired = self.roots.iter().any(|r| r.not_after <= now);
         if !due && !expired {
             return Ok(false);
@@ -446,5 +498,10 @@ mod tests {
             root.not_after.unix_timestamp()
         );
         let _ = root.issuer();
+        // Its JWT key is apart from the X.509 key, and survives the Secret.
+        let jwt = parsed.jwt_key().unwrap().public().clone();
+        assert_eq!(jwt, root.jwt_key().unwrap().public().clone());
+        let x509_point = cert.public_key().subject_public_key.data.to_vec();
+        assert_ne!(jwt.point, x509_point);
     }
 }

@@ -109,6 +109,9 @@ struct RunArgs {
     /// Lifetime of X.509-SVIDs, in seconds.
     #[arg(long, default_value_t = 3600)]
     svid_ttl_seconds: u64,
+    /// Lifetime of JWT-SVIDs, in seconds (bearer tokens: keep it short).
+    #[arg(long, default_value_t = 300)]
+    jwt_svid_ttl_seconds: u64,
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -240,6 +243,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         signer_addr,
         agent_service_account,
         svid_ttl_seconds,
+        jwt_svid_ttl_seconds,
     } = args;
     let namespace = namespace.as_str();
     let trust_domain: TrustDomain = trust_domain.parse().with_context(|| {
@@ -253,6 +257,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             trust_domain: trust_domain.clone(),
             agent_username: format!("system:serviceaccount:{namespace}:{agent_service_account}"),
             svid_ttl: Duration::from_secs(svid_ttl_seconds),
+            jwt_svid_ttl: Duration::from_secs(jwt_svid_ttl_seconds),
         },
         signer_addr,
         signer_dns: vec![

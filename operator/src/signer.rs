@@ -1,5 +1,5 @@
-//! The signing service: node agents get X.509-SVIDs for the pods on their own
-//! node, and nothing else.
+//! The signing service: node agents get X.509- and JWT-SVIDs for the pods on
+//! their own node, and nothing else.
 //!
 //! Each call carries a service-account token bound to the agent's Node. The
 //! operator checks it with a TokenReview (audience [`TOKEN_AUDIENCE`]), requires
@@ -22,8 +22,12 @@ use rcgen::{
 };
 use tessera_api::annotations;
 use tessera_api::crd::WorkloadIdentity;
+use tessera_api::jwt::Claims as JwtClaims;
 use tessera_api::signer_api::signer_server::{Signer, SignerServer};
-use tessera_api::signer_api::{SignX509svidRequest, SignX509svidResponse, TOKEN_AUDIENCE};
+use tessera_api::signer_api::{
+    SignJwtsvidRequest, SignJwtsvidResponse, SignX509svidRequest, SignX509svidResponse,
+    TOKEN_AUDIENCE,
+};
 use tessera_api::spiffe::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 use tokio::sync::RwLock;
@@ -45,6 +49,9 @@ pub struct SignerConfig {
     pub agent_username: String,
     /// Lifetime of an X.509-SVID (capped by the signing root's own NotAfter).
     pub svid_ttl: Duration,
+    /// Lifetime of a JWT-SVID (capped likewise). Short: a JWT is a bearer
+    /// token and cannot be revoked.
+    pub jwt_svid_ttl: Duration,
 }
 
 /// Why the signer could not start.
@@ -235,26 +242,23 @@ fn sign_leaf(
     Ok((cert.der().to_vec(), params.not_after))
 }
 
-#[tonic::async_trait]
-impl Signer for SignerService {
-    async fn sign_x509svid(
+impl SignerService {
+    /// The pod the request names, if it exists with that UID, runs on
+    /// `node`, is not terminating and has a SPIFFE ID in this trust domain.
+    async fn authorized_pod(
         &self,
-        request: Request<SignX509svidRequest>,
-    ) -> Result<Response<SignX509svidResponse>, Status> {
-        let node = self.authenticate(&request).await?;
-        let req = request.into_inner();
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &req.pod_namespace);
+        node: &str,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> Result<(Pod, SpiffeId), Status> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let pod = pods
-            .get_opt(&req.pod_name)
+            .get_opt(name)
             .await
             .map_err(|e| internal("reading the pod failed", e))?
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "pod {}/{} does not exist",
-                    req.pod_namespace, req.pod_name
-                ))
-            })?;
-        if pod.metadata.uid.as_deref() != Some(req.pod_uid.as_str()) {
+            .ok_or_else(|| Status::not_found(format!("pod {namespace}/{name} does not exist")))?;
+        if pod.metadata.uid.as_deref() != Some(uid) {
             return Err(Status::failed_precondition(
                 "the pod was recreated: its UID differs from the request's",
             ));
@@ -266,8 +270,7 @@ impl Signer for SignerService {
             .unwrap_or_default();
         if pod_node != node {
             return Err(Status::permission_denied(format!(
-                "pod {}/{} is not on node {node}; an agent gets SVIDs only for its own node's pods",
-                req.pod_namespace, req.pod_name
+                "pod {namespace}/{name} is not on node {node}; an agent gets SVIDs only for its own node's pods"
             )));
         }
         if pod.metadata.deletion_timestamp.is_some() {
@@ -291,6 +294,25 @@ impl Signer for SignerService {
                 self.cfg.trust_domain
             )));
         }
+        Ok((pod, id))
+    }
+}
+
+/// Longest audience list, and longest audience, a JWT-SVID request may carry.
+const MAX_AUDIENCES: usize = 32;
+const MAX_AUDIENCE_LEN: usize = 1024;
+
+#[tonic::async_trait]
+impl Signer for SignerService {
+    async fn sign_x509svid(
+        &self,
+        request: Request<SignX509svidRequest>,
+    ) -> Result<Response<SignX509svidResponse>, Status> {
+        let node = self.authenticate(&request).await?;
+        let req = request.into_inner();
+        let (pod, id) = self
+            .authorized_pod(&node, &req.pod_namespace, &req.pod_name, &req.pod_uid)
+            .await?;
         let (ttl, hint) = self.policy_for(&pod).await;
         let csr = CertificateSigningRequestParams::from_der(&req.csr.into())
             .map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
@@ -310,6 +332,53 @@ impl Signer for SignerService {
             bundle,
             expires_at: not_after.unix_timestamp(),
             hint,
+            jwt_bundle: ca.jwt_bundle(now).to_json(),
+        }))
+    }
+
+    async fn sign_jwtsvid(
+        &self,
+        request: Request<SignJwtsvidRequest>,
+    ) -> Result<Response<SignJwtsvidResponse>, Status> {
+        let node = self.authenticate(&request).await?;
+        let req = request.into_inner();
+        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument(
+                "a JWT-SVID needs at least one non-empty audience",
+            ));
+        }
+        if req.audience.len() > MAX_AUDIENCES
+            || req.audience.iter().any(|a| a.len() > MAX_AUDIENCE_LEN)
+        {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_AUDIENCES} audiences of at most {MAX_AUDIENCE_LEN} bytes each"
+            )));
+        }
+        let (pod, id) = self
+            .authorized_pod(&node, &req.pod_namespace, &req.pod_name, &req.pod_uid)
+            .await?;
+        let (_, hint) = self.policy_for(&pod).await;
+        let now = OffsetDateTime::now_utc();
+        let ca = self.ca.read().await;
+        let (root, key) = ca
+            .active_jwt(now)
+            .map_err(|e| internal("no usable JWT signing key", e))?;
+        let exp = (now + self.cfg.jwt_svid_ttl).min(root.not_after);
+        let token = key
+            .sign(&JwtClaims {
+                sub: id.clone(),
+                aud: req.audience,
+                exp: exp.unix_timestamp(),
+                iat: now.unix_timestamp(),
+            })
+            .map_err(|e| internal("signing the JWT-SVID failed", e))?;
+        info!(spiffe_id = %id, %node, pod = %format!("{}/{}", req.pod_namespace, req.pod_name), "signed JWT-SVID");
+        Ok(Response::new(SignJwtsvidResponse {
+            spiffe_id: id.to_string(),
+            token,
+            expires_at: exp.unix_timestamp(),
+            hint,
+            jwt_bundle: ca.jwt_bundle(now).to_json(),
         }))
     }
 }

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 use rcgen::{CertificateParams, KeyPair};
 use tessera_api::signer_api::signer_client::SignerClient;
-use tessera_api::signer_api::{SignX509svidRequest, TOKEN_AUDIENCE};
+use tessera_api::signer_api::{SignJwtsvidRequest, SignX509svidRequest, TOKEN_AUDIENCE};
 use tessera_operator::ca::{CaConfig, TrustDomainCa};
 use tessera_operator::signer::{self, SignerConfig, SignerService};
 use tessera_tests::{ControlPlane, resources};
@@ -37,7 +37,7 @@ spec:
 "#;
 
 struct Fixture {
-    _cp: ControlPlane,
+    cp: ControlPlane,
     client: kube::Client,
     channel: Channel,
     root_der: Vec<u8>,
@@ -83,6 +83,7 @@ async fn fixture() -> Result<Fixture> {
             trust_domain: td,
             agent_username: "system:serviceaccount:tessera-system:tessera-agent".into(),
             svid_ttl: Duration::from_secs(3600),
+            jwt_svid_ttl: Duration::from_secs(300),
         },
         Arc::new(tokio::sync::RwLock::new(ca)),
     );
@@ -102,7 +103,7 @@ async fn fixture() -> Result<Fixture> {
         .connect()
         .await?;
     Ok(Fixture {
-        _cp: cp,
+        cp,
         client,
         channel,
         root_der,
@@ -268,5 +269,116 @@ async fn bad_and_foreign_tokens_are_refused() -> Result<()> {
             .expect_err(what);
         assert_eq!(status.code(), code, "{what}: {status}");
     }
+    Ok(())
+}
+
+async fn sign_jwt(
+    f: &Fixture,
+    pod: &str,
+    token: &str,
+    audience: &[&str],
+) -> Result<tessera_api::signer_api::SignJwtsvidResponse, tonic::Status> {
+    let uid = Api::<Pod>::namespaced(f.client.clone(), "shop")
+        .get(pod)
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap_or_default();
+    let mut request = tonic::Request::new(SignJwtsvidRequest {
+        pod_namespace: "shop".into(),
+        pod_name: pod.into(),
+        pod_uid: uid,
+        audience: audience.iter().map(|a| (*a).to_owned()).collect(),
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    Ok(SignerClient::new(f.channel.clone())
+        .sign_jwtsvid(request)
+        .await?
+        .into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_svids_are_es256_for_the_asked_audience_and_own_node_only() -> Result<()> {
+    let f = fixture().await?;
+    let node_a = resources::service_account_token(
+        &f.client,
+        "tessera-system",
+        "tessera-agent",
+        Some("node-a"),
+        TOKEN_AUDIENCE,
+    )
+    .await?;
+    let answer = sign_jwt(&f, "p-a", &node_a, &["db", "cache"]).await?;
+    assert_eq!(answer.spiffe_id, "spiffe://cluster.test/ns/shop/sa/a");
+    assert_eq!(answer.hint, "internal");
+    let set = tessera_api::jwt::JwkSet::from_json(&answer.jwt_bundle)?;
+    assert_eq!(set.keys.len(), 1);
+    let td: tessera_api::spiffe::TrustDomain = "cluster.test".parse()?;
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let verified =
+        tessera_api::jwt::verify(&answer.token, "cache", now, |t| (t == &td).then_some(&set))?;
+    assert_eq!(verified.spiffe_id.as_str(), answer.spiffe_id);
+    assert_eq!(verified.claims["aud"], serde_json::json!(["db", "cache"]));
+    let (exp, iat) = (
+        verified.claims["exp"].as_i64().unwrap(),
+        verified.claims["iat"].as_i64().unwrap(),
+    );
+    assert_eq!(exp - iat, 300, "the configured JWT-SVID lifetime");
+    assert_eq!(exp, answer.expires_at);
+    // ES256 with the bundle's kid.
+    let (h, _) = answer.token.split_once('.').unwrap();
+    let header: serde_json::Value = serde_json::from_slice(&base64::Engine::decode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        h,
+    )?)?;
+    assert_eq!(header["alg"], "ES256");
+    assert_eq!(header["kid"], set.keys[0].kid.as_str());
+
+    let denied = sign_jwt(&f, "p-b", &node_a, &["db"])
+        .await
+        .expect_err("pod on another node");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied}");
+    for bad in [&[][..], &[""][..]] {
+        let status = sign_jwt(&f, "p-a", &node_a, bad)
+            .await
+            .expect_err("no audience");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_is_refused() -> Result<()> {
+    let f = fixture().await?;
+    let real = resources::service_account_token(
+        &f.client,
+        "tessera-system",
+        "tessera-agent",
+        Some("node-a"),
+        TOKEN_AUDIENCE,
+    )
+    .await?;
+    // Re-signed unchanged, the token still works: the minting is sound...
+    let resigned = f.cp.resign_service_account_token(&real, |_| {})?;
+    let (id, _, _) = sign(&f, "p-a", Some(&resigned), None).await?;
+    assert_eq!(id, "spiffe://cluster.test/ns/shop/sa/a");
+    // ...so only the expiry differs in this one.
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let expired = f.cp.resign_service_account_token(&real, |claims| {
+        claims.insert("iat".into(), (now - 7200).into());
+        claims.insert("nbf".into(), (now - 7200).into());
+        claims.insert("exp".into(), (now - 3600).into());
+    })?;
+    let status = sign(&f, "p-a", Some(&expired), None)
+        .await
+        .expect_err("expired token");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status}");
+    let status = sign_jwt(&f, "p-a", &expired, &["db"])
+        .await
+        .expect_err("expired token");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status}");
     Ok(())
 }

@@ -327,6 +327,41 @@ impl ControlPlane {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `token` (one the API server issued) with its claims changed by `edit`
+    /// and signed again with this control plane's service-account key: how a
+    /// test makes an expired token, which TokenRequest cannot (its minimum
+    /// lifetime is ten minutes). Re-signing without an edit gives a token the
+    /// API server accepts, which shows the re-signing itself is sound.
+    pub fn resign_service_account_token(
+        &self,
+        token: &str,
+        edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+    ) -> Result<String> {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+        let mut parts = token.split('.');
+        let (Some(header), Some(claims)) = (parts.next(), parts.next()) else {
+            anyhow::bail!("not a JWT");
+        };
+        let mut claims: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims)?)?;
+        edit(&mut claims);
+        let input = format!(
+            "{header}.{}",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims)?)
+        );
+        let pem = std::fs::read_to_string(self.dir.path().join(crate::pki::SA_KEY_FILE))?;
+        let der = rcgen::KeyPair::from_pem(&pem)?.serialize_der();
+        let rng = ring::rand::SystemRandom::new();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng)
+            .map_err(|e| anyhow::anyhow!("service-account key: {e}"))?;
+        let sig = key
+            .sign(&rng, input.as_bytes())
+            .map_err(|e| anyhow::anyhow!("signing: {e}"))?;
+        Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())))
+    }
+
     /// Stops both processes and deletes the directory (what dropping does).
     pub fn stop(self) {}
 }

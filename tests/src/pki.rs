@@ -32,6 +32,9 @@ pub struct Pki {
     pub admin_key_pem: String,
 }
 
+/// File name of the service-account signing key in the control plane's directory.
+pub const SA_KEY_FILE: &str = "sa.key";
+
 /// Subject of the admin client certificate.
 pub const ADMIN_USER: &str = "tessera-test-admin";
 
@@ -78,7 +81,7 @@ impl Pki {
             ca_cert: dir.join("ca.crt"),
             serving_cert: dir.join("apiserver.crt"),
             serving_key: dir.join("apiserver.key"),
-            sa_key: dir.join("sa.key"),
+            sa_key: dir.join(SA_KEY_FILE),
             sa_pub: dir.join("sa.pub"),
             ca_pem: ca.pem(),
             admin_cert_pem: admin_cert.pem(),
