@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+use tessera_api::jwt::JwkSet;
 use tokio::sync::watch;
 
 use crate::attestation::PodUid;
@@ -39,6 +40,8 @@ pub struct Bundles {
     pub trust_domain_id: String,
     /// DER CA certificates of the own trust domain, concatenated.
     pub own_der: Vec<u8>,
+    /// JWT authorities of the own trust domain.
+    pub own_jwt: JwkSet,
     /// DER CA certificates of federated trust domains, by trust domain ID.
     pub federated_der: BTreeMap<String, Vec<u8>>,
 }
@@ -46,6 +49,10 @@ pub struct Bundles {
 /// What one pod may fetch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodIdentity {
+    /// The pod's namespace (for signing requests).
+    pub namespace: String,
+    /// The pod's name (for signing requests).
+    pub name: String,
     /// Its SVIDs (usually one).
     pub svids: Vec<X509Svid>,
     /// Trust domain IDs whose federated bundles it receives.
@@ -99,9 +106,34 @@ impl IdentityStore {
         pods.get(uid).map(watch::Sender::subscribe)
     }
 
+    /// The pod's identity now, if it has one.
+    pub fn current(&self, uid: &PodUid) -> Option<Arc<PodIdentity>> {
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        pods.get(uid).and_then(|tx| tx.borrow().clone())
+    }
+
+    /// The bundles now.
+    pub fn bundles(&self) -> Arc<Bundles> {
+        self.bundles.borrow().clone()
+    }
+
     /// Replaces the bundles.
     pub fn set_bundles(&self, bundles: Bundles) {
-        self.bundles.send_replace(Arc::new(bundles));
+        self.update_bundles(|b| *b = bundles);
+    }
+
+    /// Changes the bundles with `edit`; open streams hear of it only when
+    /// something actually changed.
+    pub fn update_bundles(&self, edit: impl FnOnce(&mut Bundles)) {
+        self.bundles.send_if_modified(|current| {
+            let mut next = Bundles::clone(current);
+            edit(&mut next);
+            if next == **current {
+                return false;
+            }
+            *current = Arc::new(next);
+            true
+        });
     }
 
     /// Follows the bundles.

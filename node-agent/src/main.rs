@@ -39,6 +39,17 @@ enum Command {
         #[arg(long)]
         updates: Option<usize>,
     },
+    /// Fetch a JWT-SVID for the given audiences and the JWT bundles, have the
+    /// agent validate the token (ValidateJWTSVID), and verify it offline too
+    /// with the `spiffe` crate. Exits 1 if any step fails.
+    FetchJwt {
+        /// The Workload API socket.
+        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
+        socket: String,
+        /// Audience (repeat for several); the first is validated.
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+    },
 }
 
 /// Options of `tessera-agent run`.
@@ -99,20 +110,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )?
         .connect_lazy();
     let store = tessera_agent::identities::IdentityStore::default();
-    let server = tessera_agent::workload_api::serve(&args.socket, store.clone(), async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    let svid_cfg = tessera_agent::svids::SvidConfig {
+        node_name: args.node_name.clone(),
+        token_file: args.token_file,
+    };
+    let jwt =
+        tessera_agent::svids::JwtIssuer::new(channel.clone(), svid_cfg.clone(), store.clone());
+    let server =
+        tessera_agent::workload_api::serve(&args.socket, store.clone(), Some(jwt), async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
     tracing::info!(socket = %args.socket.display(), node = %args.node_name, "serving the SPIFFE Workload API");
-    let svids = tessera_agent::svids::run(
-        client,
-        channel,
-        tessera_agent::svids::SvidConfig {
-            node_name: args.node_name,
-            token_file: args.token_file,
-        },
-        store,
-    );
+    let svids = tessera_agent::svids::run(client, channel, svid_cfg, store);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = svids => tracing::warn!("the pod watch ended"),
@@ -140,11 +150,21 @@ async fn watch_x509(client: &spiffe::WorkloadApiClient, updates: usize) -> Resul
         .map_err(|e| e.to_string())?;
     for n in 1..=updates {
         match stream.next().await {
-            Some(Ok(svid)) => println!(
-                "update {n}: SPIFFE ID: {} leaf {}",
-                svid.spiffe_id(),
-                fingerprint(svid.leaf().as_ref())
-            ),
+            Some(Ok(svid)) => {
+                // Seconds the leaf has left as it arrives: never negative when
+                // the agent serves only valid SVIDs.
+                let expires_in = x509_parser::parse_x509_certificate(svid.leaf().as_ref())
+                    .map(|(_, c)| c.validity().not_after.timestamp())
+                    .map_err(|e| format!("update {n}: unreadable leaf: {e}"))?
+                    - std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64);
+                println!(
+                    "update {n}: SPIFFE ID: {} leaf {} expires_in {expires_in}s",
+                    svid.spiffe_id(),
+                    fingerprint(svid.leaf().as_ref())
+                );
+            }
             Some(Err(e)) => return Err(e.to_string()),
             None => {
                 return Err(format!(
@@ -157,15 +177,54 @@ async fn watch_x509(client: &spiffe::WorkloadApiClient, updates: usize) -> Resul
     Ok(())
 }
 
-async fn fetch_x509(socket: &str, updates: Option<usize>) -> Result<(), String> {
+async fn connect(socket: &str) -> Result<spiffe::WorkloadApiClient, String> {
     let endpoint = if socket.starts_with("unix:") {
         socket.to_owned()
     } else {
         format!("unix:{socket}")
     };
-    let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+    spiffe::WorkloadApiClient::connect_to(&endpoint)
         .await
-        .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;
+        .map_err(|e| format!("cannot connect to {endpoint}: {e}"))
+}
+
+async fn fetch_jwt(socket: &str, audience: &[String]) -> Result<(), String> {
+    let client = connect(socket).await?;
+    let svid = client
+        .fetch_jwt_svid(audience, None)
+        .await
+        .map_err(|e| format!("FetchJWTSVID: {e}"))?;
+    println!(
+        "SPIFFE ID: {} (audience {:?}, hint {:?})",
+        svid.spiffe_id(),
+        svid.audience(),
+        svid.hint().unwrap_or_default()
+    );
+    println!("token: {}", svid.token());
+    let bundles = client
+        .fetch_jwt_bundles()
+        .await
+        .map_err(|e| format!("FetchJWTBundles: {e}"))?;
+    for (td, bundle) in bundles.iter() {
+        println!(
+            "JWT bundle: {td} (has the token's key: {})",
+            bundle.find_jwt_authority(svid.key_id()).is_some()
+        );
+    }
+    let first = audience.first().map(String::as_str).unwrap_or_default();
+    let validated = client
+        .validate_jwt_token(first, svid.token())
+        .await
+        .map_err(|e| format!("ValidateJWTSVID: {e}"))?;
+    println!("validated by the agent: {}", validated.spiffe_id());
+    let offline = spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &[first])
+        .map_err(|e| format!("offline verification with the spiffe crate: {e}"))?;
+    println!("verified offline: {}", offline.spiffe_id());
+    Ok(())
+}
+
+async fn fetch_x509(socket: &str, updates: Option<usize>) -> Result<(), String> {
+    let client = connect(socket).await?;
     if let Some(n) = updates {
         return watch_x509(&client, n).await;
     }
@@ -226,6 +285,11 @@ fn main() -> ExitCode {
         }
         Command::FetchX509 { socket, updates } => block_on(async {
             fetch_x509(&socket, updates)
+                .await
+                .map_err(|e| format!("fetch failed: {e}"))
+        }),
+        Command::FetchJwt { socket, audience } => block_on(async {
+            fetch_jwt(&socket, &audience)
                 .await
                 .map_err(|e| format!("fetch failed: {e}"))
         }),

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -14,8 +15,9 @@ use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use rcgen::{CertificateParams, KeyPair};
 use tessera_api::annotations;
-use tessera_api::signer_api::SignX509svidRequest;
+use tessera_api::jwt::JwkSet;
 use tessera_api::signer_api::signer_client::SignerClient;
+use tessera_api::signer_api::{SignJwtsvidRequest, SignX509svidRequest};
 use tessera_api::spiffe::SpiffeId;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -64,6 +66,25 @@ struct Held {
     name: String,
 }
 
+/// `message` as a request carrying the agent's token (re-read each time, as
+/// the kubelet rotates it).
+fn authorized<T>(cfg: &SvidConfig, message: T) -> Result<tonic::Request<T>, SvidError> {
+    let token = std::fs::read_to_string(&cfg.token_file).map_err(|source| SvidError::Token {
+        path: cfg.token_file.clone(),
+        source,
+    })?;
+    let header = format!("Bearer {}", token.trim())
+        .parse()
+        .map_err(|_| SvidError::Answer("the token is not a valid header value".into()))?;
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", header);
+    Ok(request)
+}
+
+fn jwk_set(json: &[u8]) -> Result<JwkSet, SvidError> {
+    JwkSet::from_json(json).map_err(|e| SvidError::Answer(e.to_string()))
+}
+
 /// Asks the signer for one pod's SVID, with a new key.
 async fn issue(
     signer: &mut SignerClient<Channel>,
@@ -72,22 +93,17 @@ async fn issue(
     name: &str,
     uid: &PodUid,
 ) -> Result<(X509Svid, Bundles, i64), SvidError> {
-    let token = std::fs::read_to_string(&cfg.token_file).map_err(|source| SvidError::Token {
-        path: cfg.token_file.clone(),
-        source,
-    })?;
     let key = KeyPair::generate()?;
     let csr = CertificateParams::default().serialize_request(&key)?;
-    let mut request = tonic::Request::new(SignX509svidRequest {
-        pod_namespace: namespace.to_owned(),
-        pod_name: name.to_owned(),
-        pod_uid: uid.to_string(),
-        csr: csr.der().to_vec(),
-    });
-    let header = format!("Bearer {}", token.trim())
-        .parse()
-        .map_err(|_| SvidError::Answer("the token is not a valid header value".into()))?;
-    request.metadata_mut().insert("authorization", header);
+    let request = authorized(
+        cfg,
+        SignX509svidRequest {
+            pod_namespace: namespace.to_owned(),
+            pod_name: name.to_owned(),
+            pod_uid: uid.to_string(),
+            csr: csr.der().to_vec(),
+        },
+    )?;
     let answer = signer.sign_x509svid(request).await?.into_inner();
     let id: SpiffeId = answer
         .spiffe_id
@@ -105,6 +121,7 @@ async fn issue(
     let bundles = Bundles {
         trust_domain_id: id.trust_domain().id().to_string(),
         own_der: answer.bundle.concat(),
+        own_jwt: jwk_set(&answer.jwt_bundle)?,
         federated_der: Default::default(),
     };
     Ok((svid, bundles, answer.expires_at))
@@ -185,7 +202,7 @@ pub async fn run(client: kube::Client, channel: Channel, cfg: SvidConfig, store:
                         Ok((svid, bundles, expires_at)) => {
                             info!(pod = %format!("{ns}/{name}"), spiffe_id = %svid.spiffe_id, "X.509-SVID issued");
                             store.set_bundles(bundles);
-                            store.set(&uid, PodIdentity { svids: vec![svid], federates_with: Vec::new() });
+                            store.set(&uid, PodIdentity { namespace: ns.clone(), name: name.clone(), svids: vec![svid], federates_with: Vec::new() });
                             held.insert(uid, Held { spiffe_id: id, renew_at: renew_at(expires_at), namespace: ns, name });
                         }
                         Err(e) => {
@@ -196,5 +213,123 @@ pub async fn run(client: kube::Client, channel: Channel, cfg: SvidConfig, store:
                 }
             }
         }
+    }
+}
+
+/// A JWT-SVID as the Workload API hands it out.
+#[derive(Clone)]
+pub struct JwtSvid {
+    /// The subject.
+    pub spiffe_id: String,
+    /// The compact JWS.
+    pub token: String,
+    /// The WorkloadIdentity's hint, or empty.
+    pub hint: String,
+}
+
+impl std::fmt::Debug for JwtSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A JWT is a bearer credential: never print it.
+        f.debug_struct("JwtSvid")
+            .field("spiffe_id", &self.spiffe_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Cache key: pod, SPIFFE ID, sorted audiences.
+type JwtKey = (PodUid, String, Vec<String>);
+
+/// Most JWT-SVIDs kept in the cache; past it, expired entries go, then all.
+const JWT_CACHE_MAX: usize = 4096;
+
+/// Gets JWT-SVIDs from the signer for the Workload API and keeps each until
+/// half its lifetime has passed, so a workload asking often costs one
+/// signature per audience per half-lifetime.
+#[derive(Clone)]
+pub struct JwtIssuer {
+    signer: SignerClient<Channel>,
+    cfg: SvidConfig,
+    store: IdentityStore,
+    cache: Arc<Mutex<HashMap<JwtKey, (JwtSvid, Instant)>>>,
+}
+
+impl std::fmt::Debug for JwtIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtIssuer")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JwtIssuer {
+    /// An issuer asking the signer on `channel`; new JWT bundles go to `store`.
+    pub fn new(channel: Channel, cfg: SvidConfig, store: IdentityStore) -> JwtIssuer {
+        JwtIssuer {
+            signer: SignerClient::new(channel),
+            cfg,
+            store,
+            cache: Arc::default(),
+        }
+    }
+
+    /// A JWT-SVID for `spiffe_id`, one of pod `uid`'s identities, for `audience`.
+    pub async fn jwt_svid(
+        &self,
+        uid: &PodUid,
+        pod: &PodIdentity,
+        spiffe_id: &str,
+        audience: &[String],
+    ) -> Result<JwtSvid, SvidError> {
+        let mut aud = audience.to_vec();
+        aud.sort();
+        aud.dedup();
+        let key = (uid.clone(), spiffe_id.to_owned(), aud);
+        let now = Instant::now();
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((svid, renew_at)) = cache.get(&key)
+                && *renew_at > now
+            {
+                return Ok(svid.clone());
+            }
+        }
+        let request = authorized(
+            &self.cfg,
+            SignJwtsvidRequest {
+                pod_namespace: pod.namespace.clone(),
+                pod_name: pod.name.clone(),
+                pod_uid: uid.to_string(),
+                audience: audience.to_vec(),
+            },
+        )?;
+        let answer = self
+            .signer
+            .clone()
+            .sign_jwtsvid(request)
+            .await?
+            .into_inner();
+        if answer.spiffe_id != spiffe_id {
+            // The pod's identity changed meanwhile; the caller retries.
+            return Err(SvidError::Answer(format!(
+                "the signer issued {} while {spiffe_id} was asked for; the identity changed",
+                answer.spiffe_id
+            )));
+        }
+        let jwt = jwk_set(&answer.jwt_bundle)?;
+        self.store.update_bundles(|b| b.own_jwt = jwt);
+        let svid = JwtSvid {
+            spiffe_id: answer.spiffe_id,
+            token: answer.token,
+            hint: answer.hint,
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= JWT_CACHE_MAX {
+            cache.retain(|_, (_, renew_at)| *renew_at > now);
+            if cache.len() >= JWT_CACHE_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (svid.clone(), renew_at(answer.expires_at)));
+        Ok(svid)
     }
 }

@@ -11,22 +11,25 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use futures::Stream;
+use tessera_api::jwt;
+use tessera_api::spiffe::TrustDomain;
 use tessera_api::workload_api::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use tessera_api::workload_api::{
-    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, SECURITY_HEADER,
-    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
-    X509svid, X509svidRequest, X509svidResponse,
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    SECURITY_HEADER, ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest,
+    X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse, claims_struct,
 };
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::attestation::{self, PodUid};
 use crate::identities::{Bundles, IdentityStore, PodIdentity};
+use crate::svids::{JwtIssuer, SvidError};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +48,7 @@ pub enum ServeError {
 #[derive(Debug, Clone)]
 pub struct WorkloadApi {
     store: IdentityStore,
+    jwt: Option<JwtIssuer>,
 }
 
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -114,9 +118,10 @@ fn bundles_response(identity: &PodIdentity, bundles: &Bundles) -> X509BundlesRes
 }
 
 impl WorkloadApi {
-    /// A service answering from `store`.
-    pub fn new(store: IdentityStore) -> WorkloadApi {
-        WorkloadApi { store }
+    /// A service answering from `store`, getting JWT-SVIDs through `jwt`
+    /// (without one, FetchJWTSVID answers Unavailable).
+    pub fn new(store: IdentityStore, jwt: Option<JwtIssuer>) -> WorkloadApi {
+        WorkloadApi { store, jwt }
     }
 
     /// A stream of `render(identity, bundles)`, re-sent on every change of
@@ -179,8 +184,53 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
         check_header(&request)?;
-        caller(&request)?;
-        Err(Status::unimplemented("JWT-SVIDs are not implemented yet"))
+        let uid = caller(&request)?;
+        let req = request.into_inner();
+        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let identity = self
+            .store
+            .current(&uid)
+            .filter(|i| !i.svids.is_empty())
+            .ok_or_else(|| {
+                Status::permission_denied("this workload has no identity (yet); retry later")
+            })?;
+        let ids: Vec<&str> = identity
+            .svids
+            .iter()
+            .map(|s| s.spiffe_id.as_str())
+            .filter(|id| req.spiffe_id.is_empty() || *id == req.spiffe_id)
+            .collect();
+        if ids.is_empty() {
+            return Err(Status::permission_denied(format!(
+                "this workload has no identity {}",
+                req.spiffe_id
+            )));
+        }
+        let issuer = self.jwt.as_ref().ok_or_else(|| {
+            Status::unavailable("this agent has no signing service for JWT-SVIDs")
+        })?;
+        let mut svids = Vec::with_capacity(ids.len());
+        for id in ids {
+            let svid = issuer
+                .jwt_svid(&uid, &identity, id, &req.audience)
+                .await
+                .map_err(|e| {
+                    warn!(pod_uid = %uid, error = %e, "cannot get a JWT-SVID");
+                    match e {
+                        SvidError::Signer(s) if s.code() == tonic::Code::InvalidArgument => s,
+                        e => Status::unavailable(format!("cannot get a JWT-SVID now: {e}")),
+                    }
+                })?;
+            svids.push(Jwtsvid {
+                spiffe_id: svid.spiffe_id,
+                svid: svid.token,
+                hint: svid.hint,
+            });
+        }
+        info!(pod_uid = %uid, audience = ?req.audience, "FetchJWTSVID");
+        Ok(Response::new(JwtsvidResponse { svids }))
     }
 
     async fn fetch_jwt_bundles(
@@ -188,8 +238,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
-        caller(&request)?;
-        Err(Status::unimplemented("JWT bundles are not implemented yet"))
+        let uid = caller(&request)?;
+        Ok(Response::new(self.follow(uid, jwt_bundles_response)?))
     }
 
     async fn validate_jwtsvid(
@@ -197,10 +247,42 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         check_header(&request)?;
-        caller(&request)?;
-        Err(Status::unimplemented(
-            "JWT-SVID validation is not implemented yet",
-        ))
+        let uid = caller(&request)?;
+        let req = request.into_inner();
+        if req.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if req.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let bundles = self.store.bundles();
+        let own: Option<TrustDomain> = bundles
+            .trust_domain_id
+            .strip_prefix(tessera_api::spiffe::SCHEME_PREFIX)
+            .and_then(|td| td.parse().ok());
+        let verified = jwt::verify(&req.svid, &req.audience, unix_now(), |td| {
+            (own.as_ref() == Some(td)).then_some(&bundles.own_jwt)
+        })
+        .map_err(|e| {
+            debug!(pod_uid = %uid, error = %e, "JWT-SVID refused");
+            Status::invalid_argument(e.to_string())
+        })?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: verified.spiffe_id.to_string(),
+            claims: Some(claims_struct(&verified.claims)),
+        }))
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn jwt_bundles_response(_: &PodIdentity, bundles: &Bundles) -> JwtBundlesResponse {
+    JwtBundlesResponse {
+        bundles: [(bundles.trust_domain_id.clone(), bundles.own_jwt.to_json())].into(),
     }
 }
 
@@ -208,6 +290,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
 pub async fn serve(
     path: &Path,
     store: IdentityStore,
+    jwt: Option<JwtIssuer>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>, ServeError> {
     use std::os::unix::fs::PermissionsExt;
@@ -223,7 +306,7 @@ pub async fn serve(
     let listener = UnixListener::bind(path).map_err(err)?;
     // Any local process may connect; who it is decides what it gets.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).map_err(err)?;
-    let service = SpiffeWorkloadApiServer::new(WorkloadApi::new(store));
+    let service = SpiffeWorkloadApiServer::new(WorkloadApi::new(store, jwt));
     Ok(tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)

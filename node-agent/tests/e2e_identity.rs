@@ -5,7 +5,6 @@
 //! gets nothing from node-a's agent.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,15 +27,6 @@ fn pod(name: &str, node: &str) -> Pod {
     .unwrap()
 }
 
-struct Agent(std::process::Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
     let cp = ControlPlane::start().await.unwrap();
@@ -56,7 +46,7 @@ async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
         .await
         .unwrap();
     ca.publish_bundle(&client, &ca_cfg, now).await.unwrap();
-    let name = "tessera-signer.tessera-system.svc".to_owned();
+    let name = common::SIGNER_NAME.to_owned();
     let identity = signer::server_identity(&ca, &td, std::slice::from_ref(&name)).unwrap();
     let service = SignerService::new(
         client.clone(),
@@ -64,6 +54,7 @@ async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
             trust_domain: td.clone(),
             agent_username: "system:serviceaccount:tessera-system:tessera-agent".into(),
             svid_ttl: Duration::from_secs(3600),
+            jwt_svid_ttl: Duration::from_secs(300),
         },
         Arc::new(tokio::sync::RwLock::new(ca)),
     );
@@ -93,31 +84,12 @@ async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, token).unwrap();
-    let socket = dir.path().join("agent.sock");
-    let _agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_tessera-agent"))
-            .arg("run")
-            .arg("--kubeconfig")
-            .arg(cp.kubeconfig())
-            .args([
-                "--node-name",
-                "node-a",
-                "--namespace",
-                "tessera-system",
-                "--signer-name",
-                &name,
-            ])
-            .arg(format!("--signer=https://{addr}"))
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--socket")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
+    let (_agent, socket) = common::spawn_agent(
+        cp.kubeconfig(),
+        "node-a",
+        &format!("https://{addr}"),
+        &token,
+        dir.path(),
     );
 
     // A pod on node-a, and a process in its cgroup.

@@ -74,7 +74,7 @@ async fn start(
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agent.sock");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    workload_api::serve(&socket, store.clone(), async move {
+    workload_api::serve(&socket, store.clone(), None, async move {
         let _ = stopped.await;
     })
     .await
@@ -97,12 +97,14 @@ fn store_with_pod(material: &Material) -> IdentityStore {
         trust_domain_id: "spiffe://cluster.test".into(),
         own_der: material.root_der.clone(),
         federated_der: Default::default(),
+        ..Bundles::default()
     });
     store.set(
         &PodUid::parse(UID).unwrap(),
         PodIdentity {
             svids: vec![material.svid(ID)],
             federates_with: Vec::new(),
+            ..PodIdentity::default()
         },
     );
     store
@@ -205,6 +207,7 @@ async fn a_rotation_reaches_an_open_stream() {
         PodIdentity {
             svids: vec![material.svid(ID)],
             federates_with: Vec::new(),
+            ..PodIdentity::default()
         },
     );
     let second = tokio::time::timeout(Duration::from_secs(20), rx.recv())
@@ -212,7 +215,15 @@ async fn a_rotation_reaches_an_open_stream() {
         .unwrap()
         .unwrap();
     assert!(second.starts_with("update 2: "), "{second}");
-    let leaf = |l: &str| l.rsplit(' ').next().unwrap().to_owned();
+    let leaf = |l: &str| {
+        l.split(" leaf ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
     assert_ne!(
         leaf(&first),
         leaf(&second),

@@ -34,6 +34,8 @@ pub struct ControlPlane {
     kubeconfig: PathBuf,
     server: String,
     bins: TestBins,
+    pki: Option<Pki>,
+    ports: (u16, u16),
 }
 
 fn free_port() -> Result<u16> {
@@ -95,6 +97,8 @@ impl ControlPlane {
             apiserver: None,
             server: String::new(),
             bins,
+            pki: None,
+            ports: (0, 0),
         };
         let (client_port, peer_port) = (free_port().map_err(other)?, free_port().map_err(other)?);
         cp.start_etcd(client_port, peer_port)?;
@@ -102,6 +106,8 @@ impl ControlPlane {
         cp.start_apiserver(&pki, client_port, secure_port)?;
         cp.server = format!("https://127.0.0.1:{secure_port}");
         cp.write_kubeconfig(&pki).map_err(other)?;
+        cp.pki = Some(pki);
+        cp.ports = (client_port, secure_port);
         cp.wait_apiserver_ready().await?;
         Ok(cp)
     }
@@ -360,6 +366,25 @@ impl ControlPlane {
             .sign(&rng, input.as_bytes())
             .map_err(|e| anyhow::anyhow!("signing: {e}"))?;
         Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())))
+    }
+
+    /// Kills the API server (SIGKILL, no graceful shutdown), keeps it down for
+    /// `down_for`, starts it again on the same port with the same etcd, and
+    /// waits until it is ready: what clients see when the API server restarts.
+    pub async fn restart_apiserver(&mut self, down_for: Duration) -> Result<()> {
+        if let Some(mut child) = self.apiserver.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        tokio::time::sleep(down_for).await;
+        let pki = self.pki.clone().context("the control plane has no PKI")?;
+        let (etcd_port, secure_port) = self.ports;
+        let unwrap = |e: StartError| match e {
+            StartError::PortInUse(e) | StartError::Other(e) => e,
+        };
+        self.start_apiserver(&pki, etcd_port, secure_port)
+            .map_err(unwrap)?;
+        self.wait_apiserver_ready().await.map_err(unwrap)
     }
 
     /// Stops both processes and deletes the directory (what dropping does).

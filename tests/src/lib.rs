@@ -16,3 +16,22 @@ pub fn repo_root() -> std::path::PathBuf {
     let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     here.parent().unwrap_or(here).to_path_buf()
 }
+
+/// A binary of this workspace, from the same target directory as the running
+/// test (`cargo test --workspace`, which `cargo xtask test` runs, builds them
+/// all). Fails with what to run when it is missing.
+pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    // <target>/<profile>/deps/<test binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .ok_or_else(|| anyhow::anyhow!("unexpected test binary path {}", exe.display()))?;
+    let bin = profile_dir.join(name);
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing; build it first (cargo build --workspace --bins, or run cargo xtask test)",
+        bin.display()
+    );
+    Ok(bin)
+}

@@ -35,18 +35,20 @@ impl PodCgroup {
 
     /// Starts the agent's fetch client inside this cgroup.
     pub fn spawn_client(&self, socket: &Path, extra: &[&str]) -> Child {
-        let script = format!(
-            "echo $$ > {}/cgroup.procs && exec \"$0\" fetch-x509 --socket \"$1\" {}",
-            self.leaf.display(),
-            extra.join(" ")
-        );
-        Command::new("sh")
-            .args(["-c", &script, env!("CARGO_BIN_EXE_tessera-agent")])
-            .arg(socket)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        let socket = socket.to_str().unwrap();
+        let mut args = vec!["fetch-x509", "--socket", socket];
+        args.extend_from_slice(extra);
+        self.spawn(Path::new(env!("CARGO_BIN_EXE_tessera-agent")), &args)
+    }
+
+    /// Runs `program args...` inside this cgroup to completion: (success, stdout, stderr).
+    pub fn run(&self, program: &Path, args: &[&str]) -> (bool, String, String) {
+        let out = self.spawn(program, args).wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 }
 
@@ -82,3 +84,46 @@ impl Drop for PodCgroup {
         let _ = std::fs::remove_dir(&self.top);
     }
 }
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `tessera-agent run` for `node` against the control plane at
+/// `kubeconfig`, with a token file and a socket under `dir`.
+pub fn spawn_agent(
+    kubeconfig: &Path,
+    node: &str,
+    signer: &str,
+    token: &str,
+    dir: &Path,
+) -> (Proc, PathBuf) {
+    let token_file = dir.join(format!("{node}.token"));
+    std::fs::write(&token_file, token).unwrap();
+    let socket = dir.join(format!("{node}.sock"));
+    let child = Command::new(env!("CARGO_BIN_EXE_tessera-agent"))
+        .arg("run")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--node-name", node, "--namespace", "tessera-system"])
+        .args(["--signer-name", SIGNER_NAME])
+        .arg(format!("--signer={signer}"))
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--socket")
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    (Proc(child), socket)
+}
+
+/// The name on the signer's certificate that agents check.
+pub const SIGNER_NAME: &str = "tessera-signer.tessera-system.svc";
