@@ -114,6 +114,9 @@ struct RunArgs {
     jwt_svid_ttl_seconds: u64,
 }
 
+/// How long running reconciles get to finish when leadership ends.
+const CONTROLLER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Resolves on SIGTERM or Ctrl-C.
 async fn terminated() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -321,10 +324,18 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         }
         let _ = stop_tx.send(());
         lost_watcher.abort();
-        match leading.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "controllers stopped with an error"),
-            Err(e) => warn!(error = %e, "controllers panicked"),
+        // Controllers finish their running reconciles; one that does not stop
+        // in time is cut off, which is safe: every write is a compare-and-swap
+        // or an idempotent patch, as for a replica that is killed.
+        let mut leading = leading;
+        match tokio::time::timeout(CONTROLLER_STOP_TIMEOUT, &mut leading).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => warn!(error = %e, "controllers stopped with an error"),
+            Ok(Err(e)) => warn!(error = %e, "controllers panicked"),
+            Err(_) => {
+                warn!(timeout = ?CONTROLLER_STOP_TIMEOUT, "controllers did not stop in time; cutting them off");
+                leading.abort();
+            }
         }
         metrics.leader.set(0);
         if shutting_down {

@@ -5,6 +5,9 @@ use std::process::Command;
 use anyhow::Result;
 use tessera_tests::{ControlPlane, resources};
 
+mod common;
+use common::{RunningOperator, http_get, metric};
+
 fn operator(args: &[&str]) -> Result<(bool, String)> {
     let out = Command::new(env!("CARGO_BIN_EXE_tessera-operator"))
         .args(args)
@@ -52,103 +55,6 @@ fn check_explains_an_unreadable_kubeconfig() -> Result<()> {
         "{text}"
     );
     Ok(())
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// A plain HTTP/1.1 GET over TCP; returns (status code, body).
-fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
-/// The value of a metric without labels, from /metrics.
-fn metric(port: u16, name: &str) -> Option<f64> {
-    let (_, body) = http_get(port, "/metrics").ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-struct RunningOperator {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl RunningOperator {
-    fn start(cp: &ControlPlane, lease_seconds: u64) -> Result<RunningOperator> {
-        let port = free_port()?;
-        let child = Command::new(env!("CARGO_BIN_EXE_tessera-operator"))
-            .args([
-                "run",
-                "--trust-domain",
-                "cluster.test",
-                "--namespace",
-                "tessera-system",
-            ])
-            .arg(format!("--metrics-addr=127.0.0.1:{port}"))
-            .arg(format!("--lease-duration={lease_seconds}"))
-            .arg("--signer-addr=127.0.0.1:0")
-            .arg("--kubeconfig")
-            .arg(cp.kubeconfig())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
-        Ok(RunningOperator { child, port })
-    }
-
-    fn is_leader(&self) -> bool {
-        metric(self.port, "tessera_operator_leader") == Some(1.0)
-    }
-
-    /// Sends SIGTERM and returns (exit success, stderr).
-    async fn terminate(mut self) -> Result<(bool, String)> {
-        use std::time::{Duration, Instant};
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let exit = loop {
-            if let Some(exit) = self.child.try_wait()? {
-                break exit;
-            }
-            assert!(Instant::now() < deadline, "the operator ignored SIGTERM");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let mut log = String::new();
-        if let Some(mut err) = self.child.stderr.take() {
-            std::io::Read::read_to_string(&mut err, &mut log)?;
-        }
-        Ok((exit.success(), log))
-    }
-}
-
-impl Drop for RunningOperator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn cluster_with_namespaces() -> Result<(ControlPlane, kube::Client)> {
