@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -136,19 +138,59 @@ fn renew_at(expires_at: i64) -> Instant {
     Instant::now() + Duration::from_secs(remaining / 2)
 }
 
+/// Most signing requests in flight at once; a burst of new pods is signed
+/// in parallel rather than one after the other.
+const MAX_IN_FLIGHT: usize = 32;
+
+/// A pod whose SVID is wanted: its SPIFFE ID, namespace and name.
+#[derive(Clone, PartialEq)]
+struct Wanted {
+    spiffe_id: String,
+    namespace: String,
+    name: String,
+}
+
+type Issued = (PodUid, Wanted, Result<(X509Svid, Bundles, i64), SvidError>);
+
 /// Runs until the pod watch ends; fills `store` for this node's pods.
 pub async fn run(client: kube::Client, channel: Channel, cfg: SvidConfig, store: IdentityStore) {
     let pods: Api<Pod> = Api::all(client);
     let watch_cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node_name));
     let mut events = watcher(pods, watch_cfg).default_backoff().boxed();
-    let mut signer = SignerClient::new(channel);
+    let signer = SignerClient::new(channel);
     let mut held: HashMap<PodUid, Held> = HashMap::new();
-    // Pods whose identity is known but whose SVID must be (re)issued.
-    let mut due: HashMap<PodUid, (String, String, String, Instant)> = HashMap::new();
+    // Pods whose identity is known but whose SVID must be (re)issued, and when.
+    let mut due: HashMap<PodUid, (Wanted, Instant)> = HashMap::new();
+    // Requests in flight, and what each was for.
+    let mut in_flight: HashMap<PodUid, Wanted> = HashMap::new();
+    let mut running: FuturesUnordered<BoxFuture<'static, Issued>> = FuturesUnordered::new();
     loop {
+        // Start what is due, up to the limit.
+        let now = Instant::now();
+        let ready: Vec<PodUid> = due
+            .iter()
+            .filter(|(uid, d)| d.1 <= now && !in_flight.contains_key(*uid))
+            .map(|(u, _)| u.clone())
+            .take(MAX_IN_FLIGHT.saturating_sub(running.len()))
+            .collect();
+        for uid in ready {
+            let Some((wanted, _)) = due.remove(&uid) else {
+                continue;
+            };
+            in_flight.insert(uid.clone(), wanted.clone());
+            let (mut signer, cfg) = (signer.clone(), cfg.clone());
+            running.push(Box::pin(async move {
+                let result = issue(&mut signer, &cfg, &wanted.namespace, &wanted.name, &uid).await;
+                (uid, wanted, result)
+            }));
+        }
+        // Due entries that cannot start now (at the limit, or the pod's
+        // request still running) wait for a request to finish, not the clock.
+        let can_start = running.len() < MAX_IN_FLIGHT;
         let next = due
-            .values()
-            .map(|d| d.3)
+            .iter()
+            .filter(|(uid, _)| can_start && !in_flight.contains_key(*uid))
+            .map(|(_, d)| d.1)
             .chain(held.values().map(|h| h.renew_at))
             .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
@@ -161,6 +203,7 @@ pub async fn run(client: kube::Client, channel: Channel, cfg: SvidConfig, store:
                         if let Some(uid) = pod.metadata.uid.as_deref().and_then(PodUid::parse) {
                             held.remove(&uid);
                             due.remove(&uid);
+                            in_flight.remove(&uid);
                             store.remove(&uid);
                         }
                         continue;
@@ -175,16 +218,41 @@ pub async fn run(client: kube::Client, channel: Channel, cfg: SvidConfig, store:
                 let id = pod.metadata.annotations.as_ref().and_then(|a| a.get(annotations::SPIFFE_ID)).cloned();
                 match id {
                     Some(id) if pod.metadata.deletion_timestamp.is_none() => {
-                        if held.get(&uid).is_none_or(|h| h.spiffe_id != id) {
-                            let ns = pod.metadata.namespace.clone().unwrap_or_default();
-                            let name = pod.metadata.name.clone().unwrap_or_default();
-                            due.insert(uid, (id, ns, name, Instant::now()));
+                        let current = in_flight.get(&uid).map(|w| &w.spiffe_id).or(held.get(&uid).map(|h| &h.spiffe_id));
+                        if current != Some(&id) {
+                            let wanted = Wanted {
+                                spiffe_id: id,
+                                namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+                                name: pod.metadata.name.clone().unwrap_or_default(),
+                            };
+                            due.insert(uid, (wanted, Instant::now()));
                         }
                     }
                     _ => {
                         held.remove(&uid);
                         due.remove(&uid);
+                        in_flight.remove(&uid);
                         store.remove(&uid);
+                    }
+                }
+            }
+            Some((uid, wanted, result)) = running.next(), if !running.is_empty() => {
+                // A pod deleted or re-identified meanwhile: drop the answer.
+                if in_flight.get(&uid) != Some(&wanted) {
+                    continue;
+                }
+                in_flight.remove(&uid);
+                let Wanted { spiffe_id, namespace, name } = wanted;
+                match result {
+                    Ok((svid, bundles, expires_at)) => {
+                        info!(pod = %format!("{namespace}/{name}"), spiffe_id = %svid.spiffe_id, "X.509-SVID issued");
+                        store.set_bundles(bundles);
+                        store.set(&uid, PodIdentity { namespace: namespace.clone(), name: name.clone(), svids: vec![svid], federates_with: Vec::new() });
+                        held.insert(uid, Held { spiffe_id, renew_at: renew_at(expires_at), namespace, name });
+                    }
+                    Err(e) => {
+                        warn!(pod = %format!("{namespace}/{name}"), error = %e, "cannot get an SVID; retrying in 2s");
+                        due.entry(uid).or_insert((Wanted { spiffe_id, namespace, name }, Instant::now() + Duration::from_secs(2)));
                     }
                 }
             }
@@ -193,23 +261,8 @@ pub async fn run(client: kube::Client, channel: Channel, cfg: SvidConfig, store:
                 for (uid, h) in held.iter_mut().filter(|(_, h)| h.renew_at <= now) {
                     // Renewal moves to `due`; success sets a new renewal time.
                     h.renew_at = now + Duration::from_secs(3600);
-                    due.entry(uid.clone()).or_insert_with(|| (h.spiffe_id.clone(), h.namespace.clone(), h.name.clone(), now));
-                }
-                let ready: Vec<PodUid> = due.iter().filter(|(_, d)| d.3 <= now).map(|(u, _)| u.clone()).collect();
-                for uid in ready {
-                    let Some((id, ns, name, _)) = due.remove(&uid) else { continue };
-                    match issue(&mut signer, &cfg, &ns, &name, &uid).await {
-                        Ok((svid, bundles, expires_at)) => {
-                            info!(pod = %format!("{ns}/{name}"), spiffe_id = %svid.spiffe_id, "X.509-SVID issued");
-                            store.set_bundles(bundles);
-                            store.set(&uid, PodIdentity { namespace: ns.clone(), name: name.clone(), svids: vec![svid], federates_with: Vec::new() });
-                            held.insert(uid, Held { spiffe_id: id, renew_at: renew_at(expires_at), namespace: ns, name });
-                        }
-                        Err(e) => {
-                            warn!(pod = %format!("{ns}/{name}"), error = %e, "cannot get an SVID; retrying in 2s");
-                            due.insert(uid, (id, ns, name, now + Duration::from_secs(2)));
-                        }
-                    }
+                    let wanted = Wanted { spiffe_id: h.spiffe_id.clone(), namespace: h.namespace.clone(), name: h.name.clone() };
+                    due.entry(uid.clone()).or_insert((wanted, now));
                 }
             }
         }

@@ -303,6 +303,14 @@ impl TrustDomainCa {
         })
     }
 
+    /// A CA held only in memory (no Secret behind it), for benchmarks and tests.
+    pub fn in_memory(roots: Vec<Root>) -> TrustDomainCa {
+        TrustDomainCa {
+            roots,
+            resource_version: None,
+        }
+    }
+
     /// Every root, newest last.
     pub fn roots(&self) -> &[Root] {
         &self.roots

@@ -47,6 +47,60 @@ enum Command {
     /// Run the controllers until SIGTERM or Ctrl-C. Replicas elect a leader
     /// through a Lease; only the leader reconciles, the others stand by.
     Run(RunArgs),
+    /// Measure signing on one thread with an in-memory root: X.509-SVIDs
+    /// (CSR parsed, leaf built and signed) and JWT-SVIDs per second, as JSON.
+    /// Used by `cargo xtask bench identity`.
+    #[command(hide = true)]
+    BenchSign {
+        /// Seconds to spend on each kind.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+}
+
+/// Signs for `seconds` per kind on this thread; prints `{"x509_per_sec":..,"jwt_per_sec":..}`.
+fn bench_sign(seconds: f64) -> Result<ExitCode> {
+    use std::time::Instant;
+    let td: TrustDomain = "bench.test".parse()?;
+    let now = OffsetDateTime::now_utc();
+    let root = tessera_operator::ca::new_root(&td, now, Duration::from_secs(86400))?;
+    let ca = TrustDomainCa::in_memory(vec![root]);
+    let id: tessera_api::spiffe::SpiffeId = "spiffe://bench.test/ns/shop/sa/web".parse()?;
+    // Requests as agents send them: a CSR over a fresh key each.
+    let csrs = (0..64)
+        .map(|_| -> Result<Vec<u8>> {
+            let key = rcgen::KeyPair::generate()?;
+            Ok(rcgen::CertificateParams::default()
+                .serialize_request(&key)?
+                .der()
+                .to_vec())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let budget = Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut x509 = 0u64;
+    while start.elapsed() < budget {
+        let csr = &csrs[x509 as usize % csrs.len()];
+        signer::sign_x509_svid(&ca, &id, csr, Duration::from_secs(3600), now)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        x509 += 1;
+    }
+    let x509_rate = x509 as f64 / start.elapsed().as_secs_f64();
+    let (_, key) = ca.active_jwt(now)?;
+    let start = Instant::now();
+    let mut jwt = 0u64;
+    while start.elapsed() < budget {
+        key.sign(&tessera_api::jwt::Claims {
+            sub: id.clone(),
+            aud: vec!["db".to_owned()],
+            exp: now.unix_timestamp() + 300,
+            iat: now.unix_timestamp(),
+        })?;
+        jwt += 1;
+    }
+    let jwt_rate = jwt as f64 / start.elapsed().as_secs_f64();
+    println!("{{\"x509_per_sec\":{x509_rate:.1},\"jwt_per_sec\":{jwt_rate:.1}}}");
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn client(kubeconfig: Option<PathBuf>) -> Result<kube::Client> {
@@ -366,5 +420,6 @@ async fn main() -> Result<ExitCode> {
         }
         Command::Check { kubeconfig } => check(kubeconfig).await,
         Command::Run(args) => run(args).await,
+        Command::BenchSign { seconds } => bench_sign(seconds),
     }
 }

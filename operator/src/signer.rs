@@ -84,6 +84,23 @@ pub struct SignerService {
     client: kube::Client,
     cfg: Arc<SignerConfig>,
     ca: Arc<RwLock<TrustDomainCa>>,
+    reviews: Arc<std::sync::Mutex<ReviewCache>>,
+}
+
+/// Accepted tokens (by SHA-256) and the node each is bound to, so a burst
+/// of signing requests costs one TokenReview per token, not one per request.
+type ReviewCache = std::collections::HashMap<[u8; 32], (String, std::time::Instant)>;
+
+/// How long an accepted token is trusted without a new TokenReview: as long
+/// as the API server's own token authentication cache keeps a result.
+pub const TOKEN_REVIEW_CACHE_TTL: Duration = Duration::from_secs(10);
+const TOKEN_REVIEW_CACHE_MAX: usize = 4096;
+
+fn token_digest(token: &str) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
 }
 
 impl std::fmt::Debug for SignerService {
@@ -110,6 +127,7 @@ impl SignerService {
             client,
             cfg: Arc::new(cfg),
             ca,
+            reviews: Arc::default(),
         }
     }
 
@@ -123,6 +141,31 @@ impl SignerService {
             .ok_or_else(|| {
                 Status::unauthenticated("no bearer token; send the agent's service-account token")
             })?;
+        let digest = token_digest(token);
+        let now = std::time::Instant::now();
+        {
+            let cache = self.reviews.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((node, until)) = cache.get(&digest)
+                && *until > now
+            {
+                return Ok(node.clone());
+            }
+        }
+        let node = self.review(token).await?;
+        let mut cache = self.reviews.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= TOKEN_REVIEW_CACHE_MAX {
+            cache.retain(|_, (_, until)| *until > now);
+            if cache.len() >= TOKEN_REVIEW_CACHE_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(digest, (node.clone(), now + TOKEN_REVIEW_CACHE_TTL));
+        Ok(node)
+    }
+
+    /// Asks the API server about `token`: the node it is bound to, if it is
+    /// the agent's and valid.
+    async fn review(&self, token: &str) -> Result<String, Status> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: token.to_owned(),
@@ -195,6 +238,22 @@ impl SignerService {
             }
         }
     }
+}
+
+/// Signs an X.509-SVID for `id` over the public key of the DER PKCS#10
+/// `csr` with the active root; returns the DER leaf and its NotAfter. What
+/// every signing request costs once authorized (and what `cargo xtask bench
+/// identity` measures).
+pub fn sign_x509_svid(
+    ca: &TrustDomainCa,
+    id: &SpiffeId,
+    csr: &[u8],
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<(Vec<u8>, OffsetDateTime), Status> {
+    let csr = CertificateSigningRequestParams::from_der(&csr.to_vec().into())
+        .map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
+    sign_leaf(ca, id, &csr, ttl, now)
 }
 
 /// Signs a leaf X.509-SVID for `id` over `public_key` with the active root.
@@ -314,11 +373,9 @@ impl Signer for SignerService {
             .authorized_pod(&node, &req.pod_namespace, &req.pod_name, &req.pod_uid)
             .await?;
         let (ttl, hint) = self.policy_for(&pod).await;
-        let csr = CertificateSigningRequestParams::from_der(&req.csr.into())
-            .map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
         let now = OffsetDateTime::now_utc();
         let ca = self.ca.read().await;
-        let (leaf, not_after) = sign_leaf(&ca, &id, &csr, ttl, now)?;
+        let (leaf, not_after) = sign_x509_svid(&ca, &id, &req.csr, ttl, now)?;
         let bundle = ca
             .roots()
             .iter()

@@ -41,7 +41,6 @@ impl Figure {
     }
 
     /// Adds a peer measured in the same run; the ratio is value / peer value.
-    #[allow(dead_code)] // the first benchmarks name no peer; later families do
     pub fn with_peer(mut self, peer: &str, peer_value: f64) -> Figure {
         self.peer = Some(peer.to_owned());
         self.peer_value = Some(peer_value);
@@ -51,7 +50,6 @@ impl Figure {
     }
 
     /// Sets the target (`<= 5`, `>= 5000`, `>= 2x peer`) and computes `met`.
-    #[allow(dead_code)] // issue 2's benchmarks name no target; later families do
     pub fn with_target(mut self, target: &str) -> Figure {
         self.target = Some(target.to_owned());
         self.met = evaluate(target, &self);
@@ -96,7 +94,7 @@ fn machine() -> String {
     format!("{cores} cores, loopback")
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -104,7 +102,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -145,7 +143,8 @@ fn report(name: &str, figures: &[Figure]) -> Result<()> {
 pub async fn run(name: &str) -> Result<()> {
     let figures = match name {
         "controlplane" => controlplane().await?,
-        other => bail!("unknown benchmark {other:?}; available: controlplane"),
+        "identity" => crate::bench_identity::run().await?,
+        other => bail!("unknown benchmark {other:?}; available: controlplane, identity"),
     };
     report(name, &figures)
 }

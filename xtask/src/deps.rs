@@ -7,7 +7,8 @@ use anyhow::{Context, Result, bail};
 /// Packages `cargo xtask test` and `cargo xtask demo` need today. Go itself
 /// comes with the machine (Debian's golang is too old for Kubernetes 1.36);
 /// `testbin` checks its version.
-pub const PACKAGES: &[&str] = &["ca-certificates"];
+/// `openssl` is the peer `cargo xtask bench identity` measures signing against.
+pub const PACKAGES: &[&str] = &["ca-certificates", "openssl"];
 
 fn installed(package: &str) -> bool {
     Command::new("dpkg-query")

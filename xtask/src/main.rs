@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_identity;
 mod demo;
 mod deps;
 
@@ -60,7 +61,7 @@ enum Task {
     },
     /// Run one benchmark family and write target/bench/<name>.json.
     Bench {
-        /// Which benchmark: controlplane.
+        /// Which benchmark: controlplane or identity.
         name: String,
     },
 }
