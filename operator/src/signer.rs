@@ -203,10 +203,16 @@ impl SignerService {
 }
 
 impl SignerService {
-    /// The SVID lifetime and hint from the WorkloadIdentity that chose the
-    /// pod's ID (its `ttl` and `hint`), else the defaults. A WorkloadIdentity
-    /// that cannot be read or parsed falls back to the defaults, logged.
-    async fn policy_for(&self, pod: &Pod) -> (Duration, String) {
+    /// The SVID lifetimes and hint from the WorkloadIdentity that chose the
+    /// pod's ID (its `ttl`, `jwtTTL` and `hint`), else the defaults. A
+    /// WorkloadIdentity that cannot be read, or a lifetime that cannot be
+    /// parsed, falls back to the defaults, logged.
+    async fn policy_for(&self, pod: &Pod) -> Policy {
+        let defaults = Policy {
+            ttl: self.cfg.svid_ttl,
+            jwt_ttl: self.cfg.jwt_svid_ttl,
+            hint: String::new(),
+        };
         let source = pod
             .metadata
             .annotations
@@ -214,30 +220,42 @@ impl SignerService {
             .and_then(|a| a.get(annotations::IDENTITY_SOURCE))
             .filter(|s| s.as_str() != "default");
         let Some(source) = source else {
-            return (self.cfg.svid_ttl, String::new());
+            return defaults;
         };
-        match Api::<WorkloadIdentity>::all(self.client.clone())
+        let wid = match Api::<WorkloadIdentity>::all(self.client.clone())
             .get_opt(source)
             .await
         {
-            Ok(Some(wid)) => {
-                let ttl = match wid.spec.ttl.as_deref().map(tessera_api::duration::parse) {
-                    Some(Ok(ttl)) => ttl,
-                    Some(Err(e)) => {
-                        warn!(workload_identity = %source, error = %e, "ignoring its ttl");
-                        self.cfg.svid_ttl
-                    }
-                    None => self.cfg.svid_ttl,
-                };
-                (ttl, wid.spec.hint.unwrap_or_default())
-            }
-            Ok(None) => (self.cfg.svid_ttl, String::new()),
+            Ok(Some(wid)) => wid,
+            Ok(None) => return defaults,
             Err(e) => {
-                warn!(workload_identity = %source, error = %e, "cannot read it; using the default SVID lifetime");
-                (self.cfg.svid_ttl, String::new())
+                warn!(workload_identity = %source, error = %e, "cannot read it; using the default SVID lifetimes");
+                return defaults;
             }
+        };
+        let lifetime = |field: &str, value: Option<&str>, default: Duration| match value
+            .map(tessera_api::duration::parse)
+        {
+            Some(Ok(ttl)) => ttl,
+            Some(Err(e)) => {
+                warn!(workload_identity = %source, field, error = %e, "ignoring it");
+                default
+            }
+            None => default,
+        };
+        Policy {
+            ttl: lifetime("ttl", wid.spec.ttl.as_deref(), defaults.ttl),
+            jwt_ttl: lifetime("jwtTTL", wid.spec.jwt_ttl.as_deref(), defaults.jwt_ttl),
+            hint: wid.spec.hint.unwrap_or_default(),
         }
     }
+}
+
+/// What the choosing WorkloadIdentity sets for a pod's SVIDs.
+struct Policy {
+    ttl: Duration,
+    jwt_ttl: Duration,
+    hint: String,
 }
 
 /// Signs an X.509-SVID for `id` over the public key of the DER PKCS#10
@@ -372,7 +390,7 @@ impl Signer for SignerService {
         let (pod, id) = self
             .authorized_pod(&node, &req.pod_namespace, &req.pod_name, &req.pod_uid)
             .await?;
-        let (ttl, hint) = self.policy_for(&pod).await;
+        let Policy { ttl, hint, .. } = self.policy_for(&pod).await;
         let now = OffsetDateTime::now_utc();
         let ca = self.ca.read().await;
         let (leaf, not_after) = sign_x509_svid(&ca, &id, &req.csr, ttl, now)?;
@@ -414,13 +432,13 @@ impl Signer for SignerService {
         let (pod, id) = self
             .authorized_pod(&node, &req.pod_namespace, &req.pod_name, &req.pod_uid)
             .await?;
-        let (_, hint) = self.policy_for(&pod).await;
+        let Policy { jwt_ttl, hint, .. } = self.policy_for(&pod).await;
         let now = OffsetDateTime::now_utc();
         let ca = self.ca.read().await;
         let (root, key) = ca
             .active_jwt(now)
             .map_err(|e| internal("no usable JWT signing key", e))?;
-        let exp = (now + self.cfg.jwt_svid_ttl).min(root.not_after);
+        let exp = (now + jwt_ttl).min(root.not_after);
         let token = key
             .sign(&JwtClaims {
                 sub: id.clone(),

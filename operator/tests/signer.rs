@@ -53,7 +53,7 @@ async fn fixture() -> Result<Fixture> {
     // p-a's ID came from a WorkloadIdentity with its own ttl and hint.
     let wid = serde_json::json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "WorkloadIdentity",
         "metadata": {"name": "wid-a"},
-        "spec": {"spiffeIDTemplate": "spiffe://{trustDomain}/ns/{namespace}/sa/a", "ttl": "20m", "hint": "internal"}});
+        "spec": {"spiffeIDTemplate": "spiffe://{trustDomain}/ns/{namespace}/sa/a", "ttl": "20m", "jwtTTL": "2m", "hint": "internal"}});
     resources::create(&client, &serde_json::from_value(wid)?, false).await?;
     for (pod, id, source) in [
         ("p-a", "spiffe://cluster.test/ns/shop/sa/a", "wid-a"),
@@ -326,7 +326,7 @@ async fn jwt_svids_are_es256_for_the_asked_audience_and_own_node_only() -> Resul
         verified.claims["exp"].as_i64().unwrap(),
         verified.claims["iat"].as_i64().unwrap(),
     );
-    assert_eq!(exp - iat, 300, "the configured JWT-SVID lifetime");
+    assert_eq!(exp - iat, 120, "the WorkloadIdentity's jwtTTL");
     assert_eq!(exp, answer.expires_at);
     // ES256 with the bundle's kid.
     let (h, _) = answer.token.split_once('.').unwrap();

@@ -53,7 +53,7 @@ enum Task {
     Demo,
     /// Fuzz a parser with cargo-fuzz (installed on first use) for a while.
     Fuzz {
-        /// Target in api/fuzz/fuzz_targets: spiffe_id or template.
+        /// Target in api/fuzz/fuzz_targets: spiffe_id, template or jwt.
         target: String,
         /// How long to run.
         #[arg(long, default_value_t = 60)]
