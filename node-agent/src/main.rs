@@ -156,9 +156,7 @@ async fn watch_x509(client: &spiffe::WorkloadApiClient, updates: usize) -> Resul
                 let expires_in = x509_parser::parse_x509_certificate(svid.leaf().as_ref())
                     .map(|(_, c)| c.validity().not_after.timestamp())
                     .map_err(|e| format!("update {n}: unreadable leaf: {e}"))?
-                    - std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs() as i64);
+                    - tessera_agent::svids::unix_now();
                 println!(
                     "update {n}: SPIFFE ID: {} leaf {} expires_in {expires_in}s",
                     svid.spiffe_id(),

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::attestation::{self, PodUid};
 use crate::identities::{Bundles, IdentityStore, PodIdentity};
-use crate::svids::{JwtIssuer, SvidError};
+use crate::svids::{JwtIssuer, SvidError, unix_now};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -272,12 +272,6 @@ impl SpiffeWorkloadApi for WorkloadApi {
             claims: Some(claims_struct(&verified.claims)),
         }))
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn jwt_bundles_response(_: &PodIdentity, bundles: &Bundles) -> JwtBundlesResponse {

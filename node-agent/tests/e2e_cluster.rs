@@ -12,16 +12,16 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use tessera_api::signer_api::TOKEN_AUDIENCE;
 use tessera_tests::{ControlPlane, resources};
 
 mod common;
-use common::{PodCgroup, Proc};
+use common::{PodCgroup, Proc, first_fetch};
 
 /// X.509-SVID lifetime for this test: short, so rotations happen during it,
 /// long enough that a held SVID outlives each outage (renewal at half-life).
@@ -35,53 +35,18 @@ fn pod(name: &str, node: &str) -> Pod {
     .unwrap()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_operator(kubeconfig: &Path, signer_port: u16) -> Proc {
     let bin = tessera_tests::workspace_bin("tessera-operator").unwrap();
     Proc(
-        Command::new(bin)
-            .args([
-                "run",
-                "--trust-domain",
-                "cluster.test",
-                "--namespace",
-                "tessera-system",
-                "--metrics-addr=127.0.0.1:0",
-                "--lease-duration=3",
-            ])
+        tessera_tests::procs::operator_run(&bin, kubeconfig, "cluster.test")
+            .args(["--metrics-addr=127.0.0.1:0", "--lease-duration=3"])
             .arg(format!("--signer-addr=127.0.0.1:{signer_port}"))
             .arg(format!("--svid-ttl-seconds={SVID_TTL}"))
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap(),
     )
-}
-
-/// Retries `fetch-x509` in `cgroup` until it succeeds; its stdout.
-async fn first_fetch(cgroup: &PodCgroup, socket: &Path) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = cgroup.spawn_client(socket, &[]).wait_with_output().unwrap();
-        if out.status.success() {
-            return String::from_utf8_lossy(&out.stdout).into_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no SVID within 60 s; last answer: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
 }
 
 /// Lines a child prints, collected by a thread.
@@ -106,26 +71,14 @@ async fn two_nodes_jwt_and_restarts_of_operator_and_api_server() {
     resources::apply_manifest(&client, resources::TWO_NODES)
         .await
         .unwrap();
-    let signer_port = free_port();
+    let signer_port = tessera_tests::free_port().unwrap();
     let mut operator = start_operator(cp.kubeconfig(), signer_port);
     // Agents need the published bundle to trust the signer.
-    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "tessera-system");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while maps
-        .get_opt("tessera-trust-bundle")
+    resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
         .await
-        .unwrap()
-        .is_none()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the operator never published the bundle"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let signer = format!("https://127.0.0.1:{signer_port}");
     let mut agents = Vec::new();
     let mut sockets = Vec::new();
     for node in ["node-a", "node-b"] {
@@ -139,7 +92,7 @@ async fn two_nodes_jwt_and_restarts_of_operator_and_api_server() {
         .await
         .unwrap();
         let (agent, socket) =
-            common::spawn_agent(cp.kubeconfig(), node, &signer, &token, dir.path());
+            common::spawn_agent(cp.kubeconfig(), node, signer_port, &token, dir.path());
         agents.push(agent);
         sockets.push(socket);
     }
@@ -228,58 +181,35 @@ async fn two_nodes_jwt_and_restarts_of_operator_and_api_server() {
         ok && out.contains(id),
         "spire-agent api fetch jwt:\n{out}\n{err}"
     );
-    let (ok, out, err) = web_a.run(
-        &spire_agent,
-        &[
-            "api",
-            "validate",
-            "jwt",
-            "-audience",
-            "cache",
-            "-svid",
-            &token,
-            "-socketPath",
-            socket_arg,
-        ],
-    );
+    let spire_validate = |audience: &str, token: &str| {
+        web_a.run(
+            &spire_agent,
+            &[
+                "api",
+                "validate",
+                "jwt",
+                "-audience",
+                audience,
+                "-svid",
+                token,
+                "-socketPath",
+                socket_arg,
+            ],
+        )
+    };
+    let (ok, out, err) = spire_validate("cache", &token);
     assert!(
         ok && out.contains(id),
         "spire-agent api validate jwt:\n{out}\n{err}"
     );
     // Wrong audience and a tampered token are refused.
-    let (ok, out, err) = web_a.run(
-        &spire_agent,
-        &[
-            "api",
-            "validate",
-            "jwt",
-            "-audience",
-            "other",
-            "-svid",
-            &token,
-            "-socketPath",
-            socket_arg,
-        ],
-    );
+    let (ok, out, err) = spire_validate("other", &token);
     assert!(!ok, "validated for the wrong audience:\n{out}");
     assert!(err.contains("audience"), "{err}");
     let mut forged = token.clone();
     let last = forged.pop().unwrap();
     forged.push(if last == 'A' { 'B' } else { 'A' });
-    let (ok, out, err) = web_a.run(
-        &spire_agent,
-        &[
-            "api",
-            "validate",
-            "jwt",
-            "-audience",
-            "db",
-            "-svid",
-            &forged,
-            "-socketPath",
-            socket_arg,
-        ],
-    );
+    let (ok, out, err) = spire_validate("db", &forged);
     assert!(!ok, "a tampered token validated:\n{out}");
     assert!(err.contains("signature"), "{err}");
 

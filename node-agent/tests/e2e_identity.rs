@@ -46,7 +46,7 @@ async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
         .await
         .unwrap();
     ca.publish_bundle(&client, &ca_cfg, now).await.unwrap();
-    let name = common::SIGNER_NAME.to_owned();
+    let name = tessera_tests::procs::SIGNER_NAME.to_owned();
     let identity = signer::server_identity(&ca, &td, std::slice::from_ref(&name)).unwrap();
     let service = SignerService::new(
         client.clone(),
@@ -84,13 +84,8 @@ async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (_agent, socket) = common::spawn_agent(
-        cp.kubeconfig(),
-        "node-a",
-        &format!("https://{addr}"),
-        &token,
-        dir.path(),
-    );
+    let (_agent, socket) =
+        common::spawn_agent(cp.kubeconfig(), "node-a", addr.port(), &token, dir.path());
 
     // A pod on node-a, and a process in its cgroup.
     let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
@@ -99,23 +94,7 @@ async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
         .await
         .unwrap();
     let cgroup = PodCgroup::create("e2e-web", created.metadata.uid.as_deref().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let out = loop {
-        let output = cgroup
-            .spawn_client(&socket, &[])
-            .wait_with_output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        if output.status.success() {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the pod never got its SVID; last answer: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let out = common::first_fetch(&cgroup, &socket).await;
     assert!(
         out.contains("SPIFFE ID: spiffe://cluster.test/ns/shop/sa/default (chain of 1"),
         "{out}"

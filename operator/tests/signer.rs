@@ -110,35 +110,60 @@ async fn fixture() -> Result<Fixture> {
     })
 }
 
+/// The pod's current UID.
+async fn pod_uid(f: &Fixture, pod: &str) -> String {
+    Api::<Pod>::namespaced(f.client.clone(), "shop")
+        .get(pod)
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap_or_default()
+}
+
+/// `message` with `token` as its bearer credential, if any.
+fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(t) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    request
+}
+
+/// The agent's token bound to `node`.
+async fn agent_token(f: &Fixture, node: &str) -> Result<String> {
+    resources::service_account_token(
+        &f.client,
+        "tessera-system",
+        "tessera-agent",
+        Some(node),
+        TOKEN_AUDIENCE,
+    )
+    .await
+}
+
 async fn sign(
     f: &Fixture,
     pod: &str,
     token: Option<&str>,
     uid: Option<String>,
 ) -> Result<(String, Vec<u8>, KeyPair), tonic::Status> {
-    let pods: Api<Pod> = Api::namespaced(f.client.clone(), "shop");
-    let actual_uid = pods
-        .get(pod)
-        .await
-        .unwrap()
-        .metadata
-        .uid
-        .unwrap_or_default();
+    let actual_uid = pod_uid(f, pod).await;
     let key = KeyPair::generate().unwrap();
     let csr = CertificateParams::default()
         .serialize_request(&key)
         .unwrap();
-    let mut request = tonic::Request::new(SignX509svidRequest {
-        pod_namespace: "shop".into(),
-        pod_name: pod.into(),
-        pod_uid: uid.unwrap_or(actual_uid),
-        csr: csr.der().to_vec(),
-    });
-    if let Some(t) = token {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
+    let request = with_token(
+        SignX509svidRequest {
+            pod_namespace: "shop".into(),
+            pod_name: pod.into(),
+            pod_uid: uid.unwrap_or(actual_uid),
+            csr: csr.der().to_vec(),
+        },
+        token,
+    );
     let response = SignerClient::new(f.channel.clone())
         .sign_x509svid(request)
         .await?
@@ -150,14 +175,7 @@ async fn sign(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_gets_svids_only_for_its_own_nodes_pods() -> Result<()> {
     let f = fixture().await?;
-    let node_a = resources::service_account_token(
-        &f.client,
-        "tessera-system",
-        "tessera-agent",
-        Some("node-a"),
-        TOKEN_AUDIENCE,
-    )
-    .await?;
+    let node_a = agent_token(&f, "node-a").await?;
 
     let (id, leaf_der, key) = sign(&f, "p-a", Some(&node_a), None).await?;
     assert_eq!(id, "spiffe://cluster.test/ns/shop/sa/a");
@@ -278,22 +296,15 @@ async fn sign_jwt(
     token: &str,
     audience: &[&str],
 ) -> Result<tessera_api::signer_api::SignJwtsvidResponse, tonic::Status> {
-    let uid = Api::<Pod>::namespaced(f.client.clone(), "shop")
-        .get(pod)
-        .await
-        .unwrap()
-        .metadata
-        .uid
-        .unwrap_or_default();
-    let mut request = tonic::Request::new(SignJwtsvidRequest {
-        pod_namespace: "shop".into(),
-        pod_name: pod.into(),
-        pod_uid: uid,
-        audience: audience.iter().map(|a| (*a).to_owned()).collect(),
-    });
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let request = with_token(
+        SignJwtsvidRequest {
+            pod_namespace: "shop".into(),
+            pod_name: pod.into(),
+            pod_uid: pod_uid(f, pod).await,
+            audience: audience.iter().map(|a| (*a).to_owned()).collect(),
+        },
+        Some(token),
+    );
     Ok(SignerClient::new(f.channel.clone())
         .sign_jwtsvid(request)
         .await?
@@ -303,14 +314,7 @@ async fn sign_jwt(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_svids_are_es256_for_the_asked_audience_and_own_node_only() -> Result<()> {
     let f = fixture().await?;
-    let node_a = resources::service_account_token(
-        &f.client,
-        "tessera-system",
-        "tessera-agent",
-        Some("node-a"),
-        TOKEN_AUDIENCE,
-    )
-    .await?;
+    let node_a = agent_token(&f, "node-a").await?;
     let answer = sign_jwt(&f, "p-a", &node_a, &["db", "cache"]).await?;
     assert_eq!(answer.spiffe_id, "spiffe://cluster.test/ns/shop/sa/a");
     assert_eq!(answer.hint, "internal");
@@ -353,14 +357,7 @@ async fn jwt_svids_are_es256_for_the_asked_audience_and_own_node_only() -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_token_is_refused() -> Result<()> {
     let f = fixture().await?;
-    let real = resources::service_account_token(
-        &f.client,
-        "tessera-system",
-        "tessera-agent",
-        Some("node-a"),
-        TOKEN_AUDIENCE,
-    )
-    .await?;
+    let real = agent_token(&f, "node-a").await?;
     // Re-signed unchanged, the token still works: the minting is sound...
     let resigned = f.cp.resign_service_account_token(&real, |_| {})?;
     let (id, _, _) = sign(&f, "p-a", Some(&resigned), None).await?;

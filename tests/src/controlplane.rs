@@ -38,7 +38,8 @@ pub struct ControlPlane {
     ports: (u16, u16),
 }
 
-fn free_port() -> Result<u16> {
+/// A loopback TCP port free right now.
+pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .context("cannot bind a loopback port to find a free one")?;
     Ok(listener.local_addr()?.port())

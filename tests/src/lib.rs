@@ -5,10 +5,11 @@
 
 pub mod controlplane;
 pub mod pki;
+pub mod procs;
 pub mod resources;
 pub mod testbin;
 
-pub use controlplane::ControlPlane;
+pub use controlplane::{ControlPlane, free_port};
 pub use testbin::TestBins;
 
 /// The repository root (this crate lives in `<root>/tests`).

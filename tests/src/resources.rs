@@ -199,3 +199,24 @@ pub async fn service_account_token(
         .and_then(|s| s.token)
         .context("the API server issued no token")
 }
+
+/// Waits until the operator has published the trust bundle ConfigMap
+/// `tessera-trust-bundle` in `tessera-system` (agents need it to trust the
+/// signer).
+pub async fn wait_for_trust_bundle(
+    client: &kube::Client,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), crate::procs::NAMESPACE);
+    let deadline = std::time::Instant::now() + timeout;
+    while maps.get_opt("tessera-trust-bundle").await?.is_none() {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "the operator published no trust bundle within {timeout:?}; is it running?"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

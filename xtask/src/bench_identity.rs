@@ -15,30 +15,21 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
-use tessera_tests::{ControlPlane, repo_root, resources};
+use tessera_tests::procs::{KillOnDrop, agent_run, operator_run};
+use tessera_tests::{ControlPlane, free_port, repo_root, resources};
 
 use crate::bench::{Figure, ms, percentile};
 
 const PODS: usize = 1000;
 const PACED_PER_SEC: u64 = 100;
 const SERVICE_ACCOUNTS: usize = 10;
-
-/// Kills and reaps a child on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn release_bins() -> Result<(PathBuf, PathBuf)> {
     println!("building release tessera-operator and tessera-agent");
@@ -231,35 +222,17 @@ async fn pod_to_svid(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
     }
     resources::apply_manifest(&client, &manifest).await?;
 
-    let signer_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let _operator = Proc(
-        Command::new(operator)
-            .args([
-                "run",
-                "--trust-domain",
-                "cluster.test",
-                "--namespace",
-                "tessera-system",
-                "--metrics-addr=127.0.0.1:0",
-            ])
+    let signer_port = free_port()?;
+    let _operator = KillOnDrop(
+        operator_run(operator, cp.kubeconfig(), "cluster.test")
+            .arg("--metrics-addr=127.0.0.1:0")
             .arg(format!("--signer-addr=127.0.0.1:{signer_port}"))
-            .arg("--kubeconfig")
-            .arg(cp.kubeconfig())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
     );
-    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "tessera-system");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while maps.get_opt("tessera-trust-bundle").await?.is_none() {
-        if Instant::now() > deadline {
-            bail!("the operator published no bundle within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    resources::wait_for_trust_bundle(&client, Duration::from_secs(60)).await?;
     let token = resources::service_account_token(
         &client,
         "tessera-system",
@@ -271,29 +244,21 @@ async fn pod_to_svid(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
     let dir = tempfile_dir()?;
     let token_file = dir.join("token");
     std::fs::write(&token_file, token)?;
-    let mut agent = Proc(
-        Command::new(agent)
-            .args([
-                "run",
-                "--node-name",
-                "node-a",
-                "--namespace",
-                "tessera-system",
-                "--signer-name",
-                "tessera-signer.tessera-system.svc",
-            ])
-            .arg(format!("--signer=https://127.0.0.1:{signer_port}"))
-            .arg("--kubeconfig")
-            .arg(cp.kubeconfig())
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--socket")
-            .arg(dir.join("agent.sock"))
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?,
+    let socket = dir.join("agent.sock");
+    let mut agent = KillOnDrop(
+        agent_run(
+            agent,
+            cp.kubeconfig(),
+            "node-a",
+            signer_port,
+            &token_file,
+            &socket,
+        )
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?,
     );
     let stderr = agent.0.stderr.take().context("no agent stderr")?;
     let (served_tx, served) = mpsc::channel();

@@ -170,24 +170,14 @@ async fn identities(cp: &ControlPlane, client: &kube::Client) -> Result<()> {
         bail!("cannot build tessera-operator");
     }
     let binary = repo_root().join("target/debug/tessera-operator");
-    let signer_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut operator = std::process::Command::new(&binary)
-        .args([
-            "run",
-            "--trust-domain",
-            "cluster.local",
-            "--namespace",
-            "tessera-system",
-            "--metrics-addr=127.0.0.1:0",
-        ])
-        .arg(format!("--signer-addr=127.0.0.1:{signer_port}"))
-        .arg("--kubeconfig")
-        .arg(cp.kubeconfig())
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let signer_port = tessera_tests::free_port()?;
+    let mut operator =
+        tessera_tests::procs::operator_run(&binary, cp.kubeconfig(), "cluster.local")
+            .arg("--metrics-addr=127.0.0.1:0")
+            .arg(format!("--signer-addr=127.0.0.1:{signer_port}"))
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
     let result = async {
         resources::apply_manifest(client, PODS).await?;
         let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::all(client.clone());
@@ -252,24 +242,16 @@ async fn agent(cp: &ControlPlane, client: &kube::Client, signer_port: u16) -> Re
     std::fs::write(&token_file, token)?;
     let socket = cp.dir().join("agent.sock");
     let agent_bin = repo_root().join("target/debug/tessera-agent");
-    let mut agent = std::process::Command::new(&agent_bin)
-        .args([
-            "run",
-            "--node-name",
-            "node-a",
-            "--namespace",
-            "tessera-system",
-        ])
-        .args(["--signer-name", "tessera-signer.tessera-system.svc"])
-        .arg(format!("--signer=https://127.0.0.1:{signer_port}"))
-        .arg("--kubeconfig")
-        .arg(cp.kubeconfig())
-        .arg("--token-file")
-        .arg(&token_file)
-        .arg("--socket")
-        .arg(&socket)
-        .env("RUST_LOG", "warn")
-        .spawn()?;
+    let mut agent = tessera_tests::procs::agent_run(
+        &agent_bin,
+        cp.kubeconfig(),
+        "node-a",
+        signer_port,
+        &token_file,
+        &socket,
+    )
+    .env("RUST_LOG", "warn")
+    .spawn()?;
     let uid = kube::Api::<Pod>::namespaced(client.clone(), "payments")
         .get("ledger-0")
         .await?

@@ -85,45 +85,44 @@ impl Drop for PodCgroup {
     }
 }
 
-/// A child process killed (SIGKILL) and reaped on drop.
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+pub use tessera_tests::procs::KillOnDrop as Proc;
 
 /// Starts `tessera-agent run` for `node` against the control plane at
 /// `kubeconfig`, with a token file and a socket under `dir`.
 pub fn spawn_agent(
     kubeconfig: &Path,
     node: &str,
-    signer: &str,
+    signer_port: u16,
     token: &str,
     dir: &Path,
 ) -> (Proc, PathBuf) {
     let token_file = dir.join(format!("{node}.token"));
     std::fs::write(&token_file, token).unwrap();
     let socket = dir.join(format!("{node}.sock"));
-    let child = Command::new(env!("CARGO_BIN_EXE_tessera-agent"))
-        .arg("run")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(["--node-name", node, "--namespace", "tessera-system"])
-        .args(["--signer-name", SIGNER_NAME])
-        .arg(format!("--signer={signer}"))
-        .arg("--token-file")
-        .arg(&token_file)
-        .arg("--socket")
-        .arg(&socket)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_tessera-agent"));
+    let child =
+        tessera_tests::procs::agent_run(bin, kubeconfig, node, signer_port, &token_file, &socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
     (Proc(child), socket)
 }
 
-/// The name on the signer's certificate that agents check.
-pub const SIGNER_NAME: &str = "tessera-signer.tessera-system.svc";
+/// Retries `tessera-agent fetch-x509` in `cgroup` until it succeeds (the pod
+/// needs an identity and the agent an SVID first); its stdout.
+pub async fn first_fetch(cgroup: &PodCgroup, socket: &Path) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = cgroup.spawn_client(socket, &[]).wait_with_output().unwrap();
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no SVID within 60 s; last answer: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

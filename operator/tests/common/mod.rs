@@ -5,13 +5,8 @@
 use std::process::{Command, Stdio};
 
 use anyhow::Result;
-use tessera_tests::ControlPlane;
-
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
+use tessera_tests::procs::operator_run;
+use tessera_tests::{ControlPlane, free_port};
 
 /// A plain HTTP/1.1 GET over TCP; returns (status code, body).
 pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
@@ -62,19 +57,11 @@ impl RunningOperator {
         stderr: Stdio,
     ) -> Result<RunningOperator> {
         let port = free_port()?;
-        let child = Command::new(env!("CARGO_BIN_EXE_tessera-operator"))
-            .args([
-                "run",
-                "--trust-domain",
-                "cluster.test",
-                "--namespace",
-                "tessera-system",
-            ])
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_tessera-operator"));
+        let child = operator_run(bin, cp.kubeconfig(), "cluster.test")
             .arg(format!("--metrics-addr=127.0.0.1:{port}"))
             .arg(format!("--lease-duration={lease_seconds}"))
             .arg("--signer-addr=127.0.0.1:0")
-            .arg("--kubeconfig")
-            .arg(cp.kubeconfig())
             .stdout(std::process::Stdio::null())
             .stderr(stderr)
             .spawn()?;
