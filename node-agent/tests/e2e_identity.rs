@@ -70,6 +70,7 @@ async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
         client.clone(),
         td,
         Default::default(),
+        Duration::from_secs(30),
         std::future::pending(),
     ));
 

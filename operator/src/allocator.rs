@@ -3,16 +3,22 @@
 //! Each SPIFFE ID in use holds one `NumericIdentity` object whose name is a
 //! hash of the SPIFFE ID, so two operators can never create two objects for
 //! one ID: the second create fails and that operator reads the first. Numbers
-//! and generations come from the `IdentityCounter` object, advanced with
-//! compare-and-swap on its resourceVersion, so no two allocations ever take the
-//! same generation, across restarts and between replicas. A number is reused
+//! and generations come from the `IdentityCounter` object, advanced in blocks
+//! of [`BLOCK`] with compare-and-swap on its resourceVersion; a block belongs
+//! to the one process whose update succeeded, so no two allocations ever take
+//! the same generation, across restarts and between replicas. A number is reused
 //! only after the 24-bit space wraps, and never while a live object holds it;
 //! since the generation is always new, an (id, generation) pair is never
 //! issued twice.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions};
+use kube::runtime::reflector::{ObjectRef, Store};
 use tessera_api::crd::identity::{COUNTER_NAME, MAX_ID, MIN_ID};
 use tessera_api::crd::{
     IdentityCounter, IdentityCounterSpec, NumericIdentity, NumericIdentitySpec,
@@ -25,6 +31,20 @@ pub const ID_LABEL: &str = "tessera.dev/id";
 pub const FIELD_MANAGER: &str = "tessera-operator";
 /// How many counter updates may conflict before one allocation gives up.
 const MAX_CONFLICTS: usize = 64;
+
+/// How many numbers and generations one counter update reserves.
+pub const BLOCK: u32 = 16;
+
+/// One allocation in flight, awaited by every caller wanting that SPIFFE ID.
+type SharedAllocation = Shared<BoxFuture<'static, Result<Allocation, AllocatorError>>>;
+
+/// Numbers and generations reserved from the counter and not yet handed out.
+#[derive(Debug, Default)]
+struct Block {
+    next_id: u32,
+    next_generation: i64,
+    left: u32,
+}
 
 /// A numeric identity and its generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -103,6 +123,16 @@ pub fn next_id(id: u32) -> u32 {
 pub struct Allocator {
     identities: Api<NumericIdentity>,
     counters: Api<IdentityCounter>,
+    /// Allocations under way in this process, by object name: concurrent
+    /// callers for one SPIFFE ID (many pods of a new workload arrive
+    /// together) share one allocation instead of racing for the counter.
+    in_flight: Arc<Mutex<HashMap<String, SharedAllocation>>>,
+    /// Numbers and generations this process took from the counter and has
+    /// not handed out yet; one counter update serves [`BLOCK`] allocations.
+    block: Arc<tokio::sync::Mutex<Block>>,
+    /// A watch-fed view of the NumericIdentity objects, read before asking
+    /// the API server (see [`Allocator::with_cache`]).
+    cache: Option<Store<NumericIdentity>>,
 }
 
 impl std::fmt::Debug for Allocator {
@@ -117,7 +147,32 @@ impl Allocator {
         Allocator {
             identities: Api::all(client.clone()),
             counters: Api::all(client),
+            in_flight: Arc::default(),
+            block: Arc::default(),
+            cache: None,
         }
+    }
+
+    /// An allocator that answers [`Allocator::allocate`] from `cache` when
+    /// the SPIFFE ID's object is there, and asks the API server only when it
+    /// is not. A cached object may already have been released; whoever uses
+    /// the cache must re-run allocate for the pods naming an object when
+    /// the cache sees that object change or go (the identity controller
+    /// does, from the same watch that fills the cache), so a stale answer is
+    /// corrected as soon as the watch catches up. A released allocation is
+    /// never handed to another SPIFFE ID, so a stale answer never confuses
+    /// two identities.
+    pub fn with_cache(client: kube::Client, cache: Store<NumericIdentity>) -> Allocator {
+        Allocator {
+            cache: Some(cache),
+            ..Allocator::new(client)
+        }
+    }
+
+    fn cached(&self, id: &SpiffeId) -> Option<Allocation> {
+        let name = object_name(id);
+        let obj = self.cache.as_ref()?.get(&ObjectRef::new(&name))?;
+        held_by(&name, id, &obj).ok()
     }
 
     /// The allocation a SPIFFE ID holds now, if any.
@@ -131,6 +186,33 @@ impl Allocator {
 
     /// Returns the SPIFFE ID's allocation, making a new one if it has none.
     pub async fn allocate(&self, id: &SpiffeId) -> Result<Allocation, AllocatorError> {
+        if let Some(existing) = self.cached(id) {
+            return Ok(existing);
+        }
+        let name = object_name(id);
+        let shared = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            in_flight
+                .entry(name.clone())
+                .or_insert_with(|| {
+                    let (this, id) = (self.clone(), id.clone());
+                    async move { this.get_or_create(&id).await }
+                        .boxed()
+                        .shared()
+                })
+                .clone()
+        };
+        let result = shared.clone().await;
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if in_flight.get(&name).is_some_and(|s| s.ptr_eq(&shared)) {
+            in_flight.remove(&name);
+        }
+        result
+    }
+
+    /// Reads the SPIFFE ID's object, creating it with a new number and
+    /// generation when there is none.
+    async fn get_or_create(&self, id: &SpiffeId) -> Result<Allocation, AllocatorError> {
         let name = object_name(id);
         loop {
             if let Some(existing) = self.get(id).await? {
@@ -192,36 +274,26 @@ impl Allocator {
         }
     }
 
-    /// Takes the next number and generation from the counter (compare-and-swap),
-    /// skipping numbers a live identity still holds.
+    /// Takes the next number and generation from this process's block,
+    /// refilling the block from the counter when it is empty, and skipping
+    /// numbers a live identity still holds.
     async fn reserve(&self) -> Result<Allocation, AllocatorError> {
         let mut skipped = 0u64;
-        for _ in 0..MAX_CONFLICTS {
-            let counter = match self.counters.get_opt(COUNTER_NAME).await? {
-                Some(c) => c,
-                None => {
-                    self.create_counter().await?;
-                    continue;
+        loop {
+            let taken = {
+                let mut block = self.block.lock().await;
+                if block.left == 0 {
+                    *block = self.take_block().await?;
                 }
+                let taken = Allocation {
+                    id: block.next_id,
+                    generation: block.next_generation,
+                };
+                block.next_id = next_id(block.next_id);
+                block.next_generation += 1;
+                block.left -= 1;
+                taken
             };
-            let taken = Allocation {
-                id: counter.spec.next_id,
-                generation: counter.spec.next_generation,
-            };
-            let mut updated = counter.clone();
-            updated.spec.next_id = next_id(taken.id);
-            updated.spec.next_generation = taken.generation + 1;
-            let params = PostParams {
-                field_manager: Some(FIELD_MANAGER.to_owned()),
-                ..PostParams::default()
-            };
-            // replace() sends the resourceVersion we read: a concurrent update
-            // makes this fail with 409 and we read again.
-            match self.counters.replace(COUNTER_NAME, &params, &updated).await {
-                Ok(_) => {}
-                Err(e) if is_status(&e, 409) => continue,
-                Err(e) => return Err(e.into()),
-            }
             if self.in_use(taken.id).await? {
                 skipped += 1;
                 if skipped > u64::from(MAX_ID - MIN_ID) {
@@ -231,7 +303,51 @@ impl Allocator {
             }
             return Ok(taken);
         }
+    }
+
+    /// Advances the counter by [`BLOCK`] numbers and generations
+    /// (compare-and-swap on its resourceVersion) and returns what it skipped
+    /// over: from then on they are this process's alone. Those it never
+    /// hands out (it stops first) are simply never used.
+    async fn take_block(&self) -> Result<Block, AllocatorError> {
+        for _ in 0..MAX_CONFLICTS {
+            let counter = match self.counters.get_opt(COUNTER_NAME).await? {
+                Some(c) => c,
+                None => {
+                    self.create_counter().await?;
+                    continue;
+                }
+            };
+            let block = Block {
+                next_id: counter.spec.next_id,
+                next_generation: counter.spec.next_generation,
+                left: BLOCK,
+            };
+            let mut updated = counter.clone();
+            updated.spec.next_id = (0..BLOCK).fold(block.next_id, |id, _| next_id(id));
+            updated.spec.next_generation = block.next_generation + i64::from(BLOCK);
+            let params = PostParams {
+                field_manager: Some(FIELD_MANAGER.to_owned()),
+                ..PostParams::default()
+            };
+            // replace() sends the resourceVersion we read: a concurrent update
+            // makes this fail with 409 and we read again.
+            match self.counters.replace(COUNTER_NAME, &params, &updated).await {
+                Ok(_) => return Ok(block),
+                Err(e) if is_status(&e, 409) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
         Err(AllocatorError::Contention)
+    }
+
+    /// Creates the IdentityCounter if it does not exist yet, so that the
+    /// first allocation does not pay for it.
+    pub async fn ensure_counter(&self) -> Result<(), AllocatorError> {
+        if self.counters.get_opt(COUNTER_NAME).await?.is_none() {
+            self.create_counter().await?;
+        }
+        Ok(())
     }
 
     async fn create_counter(&self) -> Result<(), AllocatorError> {

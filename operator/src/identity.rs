@@ -256,22 +256,51 @@ fn annotated(pod: &Pod) -> Option<(SpiffeId, Allocation)> {
 
 /// Releases allocations of SPIFFE IDs no pod uses: when a pod is deleted or
 /// its annotations move to another SPIFFE ID, and once after every (re)list
-/// for anything that changed while nobody watched.
+/// for anything that changed while nobody watched. A candidate is released
+/// only once it has stayed unused for `grace`: this watch may lag the
+/// controller that annotates new pods (a just-allocated ID would look unused),
+/// and a rolling update that replaces a Deployment's only pod keeps its
+/// numeric identity instead of getting a new one.
 async fn collect_garbage(
     client: kube::Client,
     allocator: Allocator,
     metrics: Arc<Metrics>,
+    grace: Duration,
 ) -> Result<(), IdentityError> {
     let identities: Api<NumericIdentity> = Api::all(client.clone());
     // What each pod's annotations named when last seen.
     let mut last: HashMap<ObjectRef<Pod>, (SpiffeId, Allocation)> = HashMap::new();
+    // Candidates for release, and when they may go.
+    let mut pending: HashMap<(SpiffeId, Allocation), tokio::time::Instant> = HashMap::new();
     let mut events = watcher(Api::<Pod>::all(client), watcher::Config::default())
         .default_backoff()
         .boxed();
-    while let Some(event) = events.try_next().await.map_err(|e| IdentityError::Watch {
-        what: "pods",
-        source: Arc::new(e),
-    })? {
+    loop {
+        let next_due = pending.values().min().copied();
+        let event = tokio::select! {
+            event = events.try_next() => event.map_err(|e| IdentityError::Watch {
+                what: "pods",
+                source: Arc::new(e),
+            })?,
+            () = sleep_until_some(next_due) => {
+                let now = tokio::time::Instant::now();
+                let due: Vec<(SpiffeId, Allocation)> = pending
+                    .iter()
+                    .filter(|(_, at)| **at <= now)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for (id, allocation) in due {
+                    pending.remove(&(id.clone(), allocation));
+                    let used = last.values().any(|(held, _)| *held == id);
+                    if !used && allocator.release(&id, allocation).await? {
+                        metrics.identities_released.inc();
+                        info!(spiffe_id = %id, ?allocation, "released numeric identity no pod uses");
+                    }
+                }
+                continue;
+            }
+        };
+        let Some(event) = event else { break };
         let dropped = match event {
             watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
                 let key = ObjectRef::from_obj(&pod);
@@ -313,22 +342,31 @@ async fn collect_garbage(
                 Vec::new()
             }
         };
-        for (id, allocation) in dropped {
-            let used = last.values().any(|(held, _)| *held == id);
-            if !used && allocator.release(&id, allocation).await? {
-                metrics.identities_released.inc();
-                info!(spiffe_id = %id, ?allocation, "released numeric identity no pod uses");
+        let release_at = tokio::time::Instant::now() + grace;
+        for candidate in dropped {
+            if !last.values().any(|(held, _)| *held == candidate.0) {
+                pending.entry(candidate).or_insert(release_at);
             }
         }
     }
     Ok(())
 }
 
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs the identity controller until `shutdown` resolves or a watch fails.
+/// A numeric identity no pod uses is released after `release_grace`.
 pub async fn run(
     client: kube::Client,
     trust_domain: TrustDomain,
     metrics: Arc<Metrics>,
+    release_grace: Duration,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), IdentityError> {
     let (namespaces, ns_writer) = reflector::store::<Namespace>();
@@ -377,11 +415,28 @@ pub async fn run(
     namespaces.wait_until_ready().await.ok();
     wids.wait_until_ready().await.ok();
 
-    let allocator = Allocator::new(client.clone());
+    // NumericIdentities: cached for the allocator; each change re-runs the
+    // pods naming that SPIFFE ID (mapped below, after the cache saw it).
+    let (nid_cache, nid_writer) = reflector::store::<NumericIdentity>();
+    let nid_changes = reflector::reflector(
+        nid_writer,
+        watcher(
+            Api::<NumericIdentity>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let allocator = Allocator::with_cache(client.clone(), nid_cache);
+    if let Err(e) = allocator.ensure_counter().await {
+        // Not fatal: the first allocation creates it (and reports the error).
+        warn!(error = %e, "cannot create the IdentityCounter yet");
+    }
     let gc = tokio::spawn(collect_garbage(
         client.clone(),
-        allocator.clone(),
+        Allocator::new(client.clone()),
         metrics.clone(),
+        release_grace,
     ));
 
     let pods: Api<Pod> = Api::all(client.clone());
@@ -425,22 +480,26 @@ pub async fn run(
             },
         ),
     });
+    // Pods naming a SPIFFE ID whose NumericIdentity changed or went away are
+    // re-evaluated (a released ID gets a new allocation).
+    let nid_triggers = nid_changes
+        .filter_map(|nid| async move {
+            nid.map_err(|e| warn!(error = %e, "NumericIdentity watch error; retrying"))
+                .ok()
+        })
+        .flat_map(move |nid: NumericIdentity| {
+            let pods: Vec<ObjectRef<Pod>> = pod_store
+                .state()
+                .iter()
+                .filter(|p| {
+                    p.annotations().get(annotations::SPIFFE_ID) == Some(&nid.spec.spiffe_id)
+                })
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect();
+            futures::stream::iter(pods)
+        });
     controller
-        .watches(
-            Api::<NumericIdentity>::all(client),
-            watcher::Config::default(),
-            move |nid: NumericIdentity| {
-                // Pods still naming a released SPIFFE ID must be re-evaluated.
-                pod_store
-                    .state()
-                    .iter()
-                    .filter(|p| {
-                        p.annotations().get(annotations::SPIFFE_ID) == Some(&nid.spec.spiffe_id)
-                    })
-                    .map(|p| ObjectRef::from_obj(p.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .reconcile_on(nid_triggers)
         .reconcile_all_on(trigger_rx)
         .with_config(ControllerConfig::default().debounce(Duration::from_millis(100)))
         .graceful_shutdown_on(shutdown)

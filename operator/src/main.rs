@@ -166,6 +166,10 @@ struct RunArgs {
     /// Lifetime of JWT-SVIDs, in seconds (bearer tokens: keep it short).
     #[arg(long, default_value_t = 300)]
     jwt_svid_ttl_seconds: u64,
+    /// How long a numeric identity no pod uses is kept before it is released
+    /// (a pod of the same SPIFFE ID arriving meanwhile keeps it), in seconds.
+    #[arg(long, default_value_t = 30)]
+    identity_release_grace_seconds: u64,
 }
 
 /// How long running reconciles get to finish when leadership ends.
@@ -195,6 +199,7 @@ struct Leading {
     signer: SignerConfig,
     signer_addr: SocketAddr,
     signer_dns: Vec<String>,
+    release_grace: Duration,
 }
 
 /// Serves the signer, restarting it with a fresh serving certificate after
@@ -284,7 +289,14 @@ async fn lead(
         })
     };
     let signing = tokio::spawn(run_signer(client.clone(), leading.clone(), ca, rotated));
-    let result = identity::run(client, leading.trust_domain.clone(), metrics, stop).await;
+    let result = identity::run(
+        client,
+        leading.trust_domain.clone(),
+        metrics,
+        leading.release_grace,
+        stop,
+    )
+    .await;
     rotation.abort();
     signing.abort();
     Ok(result?)
@@ -301,6 +313,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         agent_service_account,
         svid_ttl_seconds,
         jwt_svid_ttl_seconds,
+        identity_release_grace_seconds,
     } = args;
     let namespace = namespace.as_str();
     let trust_domain: TrustDomain = trust_domain.parse().with_context(|| {
@@ -321,6 +334,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             "tessera-signer".to_owned(),
             format!("tessera-signer.{namespace}.svc"),
         ],
+        release_grace: Duration::from_secs(identity_release_grace_seconds),
     });
     let metrics = Arc::new(Metrics::default());
     let (bound, _server) = metrics::serve(metrics_addr, metrics.clone())

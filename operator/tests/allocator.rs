@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use tessera_api::crd::identity::{MIN_ID, MSG_GENERATION_GROWS, MSG_IDENTITY_IMMUTABLE};
+use tessera_api::crd::identity::{
+    COUNTER_NAME, MIN_ID, MSG_GENERATION_GROWS, MSG_IDENTITY_IMMUTABLE,
+};
 use tessera_api::crd::{IdentityCounter, NumericIdentity};
 use tessera_api::spiffe::SpiffeId;
-use tessera_operator::allocator::{Allocation, Allocator, object_name};
+use tessera_operator::allocator::{Allocation, Allocator, BLOCK, object_name};
 use tessera_tests::{ControlPlane, resources};
 
 async fn setup() -> Result<(ControlPlane, kube::Client)> {
@@ -63,6 +65,44 @@ async fn allocation_is_stable_and_release_gives_a_new_generation() -> Result<()>
     let restarted = Allocator::new(client);
     assert_eq!(restarted.get(&a).await?, Some(again));
     assert_eq!(restarted.allocate(&b).await?, other);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_share_one_allocation_and_one_counter_update() -> Result<()> {
+    let (_cp, client) = setup().await?;
+    let alloc = Allocator::new(client.clone());
+    alloc.ensure_counter().await?;
+    let counters: Api<IdentityCounter> = Api::all(client.clone());
+    let before = counters.get(COUNTER_NAME).await?.spec;
+
+    // Forty pods of one new workload arrive together.
+    let a = sid(1);
+    let calls = (0..40).map(|_| {
+        let (alloc, a) = (alloc.clone(), a.clone());
+        tokio::spawn(async move { alloc.allocate(&a).await })
+    });
+    let mut got = BTreeSet::new();
+    for call in calls {
+        got.insert(call.await??);
+    }
+    assert_eq!(got.len(), 1, "one SPIFFE ID, several allocations: {got:?}");
+    let first = *got.iter().next().context("no allocation")?;
+
+    // Further new IDs come out of the same block: no counter update.
+    let b = alloc.allocate(&sid(2)).await?;
+    assert_eq!(b.generation, first.generation + 1);
+    let after = counters.get(COUNTER_NAME).await?.spec;
+    assert_eq!(first.generation, before.next_generation);
+    assert_eq!(
+        after.next_generation,
+        before.next_generation + i64::from(BLOCK),
+        "the counter moved more than one block"
+    );
+
+    // Another process (a second replica) takes the next block, not ours.
+    let other = Allocator::new(client).allocate(&sid(3)).await?;
+    assert_eq!(other.generation, after.next_generation);
     Ok(())
 }
 

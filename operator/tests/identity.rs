@@ -22,6 +22,9 @@ use tokio::task::JoinHandle;
 
 const NS: &str = "shop";
 
+/// How long the controller under test keeps an unused numeric identity.
+const RELEASE_GRACE: Duration = Duration::from_secs(3);
+
 struct Operator {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
@@ -38,6 +41,7 @@ impl Operator {
                 client,
                 "cluster.test".parse().expect("td"),
                 Default::default(),
+                RELEASE_GRACE,
                 shutdown,
             )
             .await
@@ -163,6 +167,47 @@ async fn wait_pod(
 
 fn spiffe_id(a: &BTreeMap<String, String>) -> Option<&str> {
     a.get(annotations::SPIFFE_ID).map(String::as_str)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_pod_keeps_the_numeric_identity_until_the_grace_ends() -> Result<()> {
+    let (_cp, client) = setup().await?;
+    let op = Operator::start(client.clone());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let nids: Api<NumericIdentity> = Api::all(client.clone());
+    let default_id = "spiffe://cluster.test/ns/shop/sa/web-sa";
+    let held = || async {
+        let live = nids.list(&ListParams::default()).await?;
+        anyhow::Ok(live.items.iter().any(|n| n.spec.spiffe_id == default_id))
+    };
+
+    // A rolling update of a single pod: the old one goes, the new one comes.
+    create_pod(&client, "old", &[]).await?;
+    let old = wait_pod(&client, "old", "identity", |a| spiffe_id(a).is_some()).await?;
+    pods.delete("old", &Default::default()).await?;
+    create_pod(&client, "new", &[]).await?;
+    let new = wait_pod(&client, "new", "identity", |a| spiffe_id(a).is_some()).await?;
+    assert_eq!(
+        new[annotations::IDENTITY],
+        old[annotations::IDENTITY],
+        "the replacement got a new numeric identity"
+    );
+    // Past the grace the replacement still holds it.
+    tokio::time::sleep(RELEASE_GRACE + Duration::from_secs(1)).await;
+    assert!(held().await?, "released while a pod uses it");
+    let again = wait_pod(&client, "new", "identity", |a| spiffe_id(a).is_some()).await?;
+    assert_eq!(again[annotations::IDENTITY], old[annotations::IDENTITY]);
+
+    // The last pod goes: kept during the grace, released after it.
+    pods.delete("new", &Default::default()).await?;
+    tokio::time::sleep(RELEASE_GRACE / 3).await;
+    assert!(held().await?, "released before the grace ended");
+    eventually("release after the grace", || async {
+        Ok((!held().await?).then_some(()))
+    })
+    .await?;
+    op.stop().await;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
