@@ -7,8 +7,16 @@ use anyhow::{Context, Result, bail};
 /// Packages `cargo xtask test` and `cargo xtask demo` need today. Go itself
 /// comes with the machine (Debian's golang is too old for Kubernetes 1.36);
 /// `testbin` checks its version.
-/// `openssl` is the peer `cargo xtask bench identity` measures signing against.
-pub const PACKAGES: &[&str] = &["ca-certificates", "openssl"];
+/// `openssl` is the peer `cargo xtask bench identity` measures signing against;
+/// `clang-16` and `libbpf-dev` build the eBPF programs in `bpf/` (the
+/// workspace does not compile without them), `bpftool` inspects them.
+pub const PACKAGES: &[&str] = &[
+    "ca-certificates",
+    "openssl",
+    "clang-16",
+    "libbpf-dev",
+    "bpftool",
+];
 
 fn installed(package: &str) -> bool {
     Command::new("dpkg-query")

@@ -1,0 +1,168 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * The map ABI shared by Tessera's eBPF programs and the node agent.
+ *
+ * Every struct here has a Rust twin in bpf/src/abi.rs; both sides assert the
+ * same sizes and field offsets, so a change on one side that is not made on
+ * the other fails to build. Bump TESSERA_ABI_VERSION on any change: maps are
+ * pinned under a directory named after it, and an agent never reuses pinned
+ * maps of another version.
+ *
+ * Byte order: IP addresses are in network order, as on the wire; every other
+ * field is in host order.
+ */
+#ifndef TESSERA_ABI_H
+#define TESSERA_ABI_H
+
+#include <linux/types.h>
+
+#define TESSERA_ABI_VERSION 1
+
+/* Numeric identities below 256 are reserved (allocated ones start at 256). */
+/* Any identity, in policy keys. */
+#define TS_ID_ANY 0
+/* A peer address the agent knows no endpoint for (outside the cluster, or
+ * not yet known). Matches only "any peer" rules and never authenticates. */
+#define TS_ID_UNKNOWN 1
+
+/* An endpoint: who a pod address or pod cgroup belongs to.
+ * Maps ts_ep_ip (struct ts_ip_key -> this) and ts_ep_cgroup (__u64 cgroup
+ * id -> this). */
+struct ts_endpoint {
+	__u32 id;   /* numeric identity */
+	__u32 node; /* index of the node the pod runs on */
+	__u64 gen;  /* generation of the numeric identity */
+};
+
+/* An IPv6 address, or an IPv4 address mapped as ::ffff:a.b.c.d. */
+struct ts_ip_key {
+	__u8 addr[16];
+};
+
+/* ts_policy: one ingress rule of local identity `local` for traffic from
+ * `remote` (TS_ID_ANY: any peer) to `port` (0: any port) over `proto`
+ * (IPPROTO_TCP or IPPROTO_UDP; 0 with port 0). */
+struct ts_policy_key {
+	__u32 local;
+	__u32 remote;
+	__u16 port;
+	__u8 proto;
+	__u8 pad; /* always 0 */
+};
+
+#define TS_VERDICT_ALLOW 1
+#define TS_VERDICT_DENY 2
+
+#define TS_RULE_AUTH 1 /* mutual authentication required */
+#define TS_RULE_L7 2   /* HTTP rules apply: steer through the waypoint */
+
+struct ts_policy_value {
+	__u8 verdict; /* TS_VERDICT_* */
+	__u8 flags;   /* TS_RULE_* */
+	__u8 pad[2];  /* always 0 */
+};
+
+/* ts_selected: per local identity (__u32 key), which kinds of ts_policy keys
+ * exist for it, so the programs look up only those, and whether an Allow
+ * policy selects it (then traffic no rule allows is denied). An identity
+ * with no entry has no policy: everything is allowed. */
+#define TS_SHAPE_EXACT 1  /* remote and port */
+#define TS_SHAPE_REMOTE 2 /* remote, any port */
+#define TS_SHAPE_PORT 4   /* any remote, port */
+#define TS_SHAPE_ANY 8    /* any remote, any port */
+#define TS_DEFAULT_DENY 16
+
+struct ts_selected {
+	__u32 flags; /* TS_SHAPE_* | TS_DEFAULT_DENY */
+};
+
+/* ts_auth: the result of one mutual-TLS handshake between the agents of
+ * `local`'s node and `remote_node`, for workload identities `local` and
+ * `remote`. Valid only while both endpoints still carry the generations it
+ * was made for, before `expires_ns` (CLOCK_BOOTTIME) and while the global
+ * epoch equals `epoch`. */
+struct ts_auth_key {
+	__u32 local;
+	__u32 remote;
+	__u32 remote_node;
+	__u32 pad; /* always 0 */
+};
+
+struct ts_auth_value {
+	__u64 local_gen;
+	__u64 remote_gen;
+	__u64 expires_ns;
+	__u64 epoch;
+};
+
+/* ts_events (ring buffer): a connection needed an authentication that was
+ * missing or no longer valid. At most one per ts_auth_key per
+ * TS_EVENT_INTERVAL_NS. */
+#define TS_EVENT_INTERVAL_NS 100000000ULL
+
+struct ts_auth_event {
+	__u32 local;
+	__u32 remote;
+	__u32 remote_node;
+	__u16 port;
+	__u8 proto;
+	__u8 reason; /* TS_REASON_DENY_AUTH_* */
+	__u64 local_gen;
+	__u64 remote_gen;
+};
+
+/* Decision reasons: the index of each per-CPU counter in ts_counters, and
+ * the reason field of events. */
+enum ts_reason {
+	TS_REASON_ALLOW_NO_POLICY = 0,
+	TS_REASON_ALLOW_POLICY = 1,
+	TS_REASON_ALLOW_AUTHENTICATED = 2,
+	TS_REASON_PASS_UNMANAGED = 3, /* destination is not a known pod */
+	TS_REASON_PASS_NOT_CHECKED = 4, /* not a connection start, or not TCP */
+	TS_REASON_DENY_POLICY = 5,      /* a Deny rule matched */
+	TS_REASON_DENY_DEFAULT = 6,     /* selected by an Allow, no rule allows */
+	TS_REASON_DENY_AUTH_MISSING = 7,
+	TS_REASON_DENY_AUTH_STALE = 8,  /* a generation changed */
+	TS_REASON_DENY_AUTH_EXPIRED = 9,
+	TS_REASON_DENY_AUTH_EPOCH = 10, /* revoked by an epoch bump */
+	TS_REASON_DENY_MALFORMED = 11,
+	TS_REASON_EVENTS_LOST = 12,     /* ring buffer full */
+	TS_REASON_COUNT = 13,
+};
+
+#define TS_MAX_ENDPOINTS 65536
+#define TS_MAX_POLICY 262144
+#define TS_MAX_SELECTED 65536
+#define TS_MAX_AUTH 262144
+#define TS_EVENTS_BYTES (256 * 1024)
+
+/* Layout checks; bpf/src/abi.rs asserts the same numbers. */
+#define TS_ASSERT_SIZE(t, n) _Static_assert(sizeof(struct t) == (n), #t " size")
+#define TS_ASSERT_OFF(t, f, n) \
+	_Static_assert(__builtin_offsetof(struct t, f) == (n), #t "." #f " offset")
+
+TS_ASSERT_SIZE(ts_endpoint, 16);
+TS_ASSERT_OFF(ts_endpoint, node, 4);
+TS_ASSERT_OFF(ts_endpoint, gen, 8);
+TS_ASSERT_SIZE(ts_ip_key, 16);
+TS_ASSERT_SIZE(ts_policy_key, 12);
+TS_ASSERT_OFF(ts_policy_key, remote, 4);
+TS_ASSERT_OFF(ts_policy_key, port, 8);
+TS_ASSERT_OFF(ts_policy_key, proto, 10);
+TS_ASSERT_SIZE(ts_policy_value, 4);
+TS_ASSERT_OFF(ts_policy_value, flags, 1);
+TS_ASSERT_SIZE(ts_selected, 4);
+TS_ASSERT_SIZE(ts_auth_key, 16);
+TS_ASSERT_OFF(ts_auth_key, remote_node, 8);
+TS_ASSERT_SIZE(ts_auth_value, 32);
+TS_ASSERT_OFF(ts_auth_value, remote_gen, 8);
+TS_ASSERT_OFF(ts_auth_value, expires_ns, 16);
+TS_ASSERT_OFF(ts_auth_value, epoch, 24);
+TS_ASSERT_SIZE(ts_auth_event, 32);
+TS_ASSERT_OFF(ts_auth_event, port, 12);
+TS_ASSERT_OFF(ts_auth_event, proto, 14);
+TS_ASSERT_OFF(ts_auth_event, reason, 15);
+TS_ASSERT_OFF(ts_auth_event, local_gen, 16);
+TS_ASSERT_OFF(ts_auth_event, remote_gen, 24);
+
+#endif /* TESSERA_ABI_H */

@@ -1,0 +1,47 @@
+//! Tessera's data path: the eBPF object built from `bpf/*.bpf.c` and the map
+//! ABI it shares with the node agent (`include/tessera_abi.h`, mirrored in
+//! [`abi`]).
+// aya's `Pod` trait is unsafe to implement (it promises plain old data);
+// only the ABI structs do, each with a comment. Nothing else may.
+#![deny(unsafe_code)]
+
+pub mod abi;
+
+/// The compiled eBPF object (maps and programs), aligned for aya.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tessera.bpf.o"));
+
+/// Program names in [`OBJECT`].
+pub mod programs {
+    /// cgroup_skb/ingress: checks TCP connection starts reaching local pods.
+    pub const INGRESS: &str = "ts_ingress";
+    /// cgroup/connect4: the IPv4 egress gate.
+    pub const CONNECT4: &str = "ts_connect4";
+    /// cgroup/connect6: the IPv6 egress gate.
+    pub const CONNECT6: &str = "ts_connect6";
+}
+
+/// Map names in [`OBJECT`].
+pub mod maps {
+    /// Pod address -> endpoint.
+    pub const EP_IP: &str = "ts_ep_ip";
+    /// Pod cgroup id -> endpoint.
+    pub const EP_CGROUP: &str = "ts_ep_cgroup";
+    /// Ingress rules.
+    pub const POLICY: &str = "ts_policy";
+    /// Which rule kinds exist per identity, and default deny.
+    pub const SELECTED: &str = "ts_selected";
+    /// Authentications between identities.
+    pub const AUTH: &str = "ts_auth";
+    /// The global epoch (one u64).
+    pub const EPOCH: &str = "ts_epoch";
+    /// Ring buffer of missing authentications.
+    pub const EVENTS: &str = "ts_events";
+    /// Rate limit of events per pair.
+    pub const EVENT_LAST: &str = "ts_ev_last";
+    /// Per-CPU decision counters, indexed by [`crate::abi::Reason`].
+    pub const COUNTERS: &str = "ts_counters";
+    /// Every map, in the order the agent pins them.
+    pub const ALL: &[&str] = &[
+        EP_IP, EP_CGROUP, POLICY, SELECTED, AUTH, EPOCH, EVENTS, EVENT_LAST, COUNTERS,
+    ];
+}

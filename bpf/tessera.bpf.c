@@ -1,0 +1,374 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * Tessera's data path.
+ *
+ * ts_ingress (cgroup_skb/ingress, attached to the pods' cgroup): checks every
+ * TCP connection start (SYN without ACK) that reaches a local pod against
+ * that pod's policy and, where the policy requires it, against the
+ * authentication the agents recorded for the pair. Everything else passes.
+ *
+ * ts_connect4 / ts_connect6 (cgroup/connect4|6): the egress gate. A pod's
+ * TCP connect() to a pod the destination's policy does not admit, or whose
+ * required authentication is missing or stale, fails at once with EPERM
+ * instead of timing out; a missing authentication is reported to the agent
+ * through ts_events so it can authenticate the pair.
+ *
+ * An authentication allows only while both endpoints carry the generations
+ * it was made for, before it expires, and while the global epoch is the one
+ * it was made in: a reused address, cgroup or numeric identity never
+ * inherits another workload's authentication.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "tessera_abi.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TS_MAX_ENDPOINTS);
+	__type(key, struct ts_ip_key);
+	__type(value, struct ts_endpoint);
+} ts_ep_ip SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TS_MAX_ENDPOINTS);
+	__type(key, __u64);
+	__type(value, struct ts_endpoint);
+} ts_ep_cgroup SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TS_MAX_POLICY);
+	__type(key, struct ts_policy_key);
+	__type(value, struct ts_policy_value);
+} ts_policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TS_MAX_SELECTED);
+	__type(key, __u32);
+	__type(value, struct ts_selected);
+} ts_selected SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TS_MAX_AUTH);
+	__type(key, struct ts_auth_key);
+	__type(value, struct ts_auth_value);
+} ts_auth SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} ts_epoch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, TS_EVENTS_BYTES);
+} ts_events SEC(".maps");
+
+/* When an event was last sent for a pair (rate limit). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct ts_auth_key);
+	__type(value, __u64);
+} ts_ev_last SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TS_REASON_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} ts_counters SEC(".maps");
+
+static __always_inline void count(__u32 reason)
+{
+	__u64 *n = bpf_map_lookup_elem(&ts_counters, &reason);
+
+	if (n)
+		*n += 1;
+}
+
+static __always_inline int is_deny(__u32 reason)
+{
+	return reason >= TS_REASON_DENY_POLICY && reason <= TS_REASON_DENY_MALFORMED;
+}
+
+/* One ts_policy lookup; folds a match into *deny / *allow / *flags. */
+static __always_inline void rule(__u32 local, __u32 remote, __u16 port, __u8 proto,
+				 int *deny, int *allow, __u8 *flags)
+{
+	struct ts_policy_key key = {
+		.local = local,
+		.remote = remote,
+		.port = port,
+		.proto = proto,
+		.pad = 0,
+	};
+	struct ts_policy_value *v = bpf_map_lookup_elem(&ts_policy, &key);
+
+	if (!v)
+		return;
+	if (v->verdict == TS_VERDICT_DENY) {
+		*deny = 1;
+	} else if (v->verdict == TS_VERDICT_ALLOW) {
+		*allow = 1;
+		*flags |= v->flags;
+	}
+}
+
+/* The ingress policy of identity `local` for traffic from `remote` to
+ * port/proto: a TS_REASON_*; *flags gets the TS_RULE_* of the allowing rules. */
+static __always_inline __u32 policy(__u32 local, __u32 remote, __u16 port, __u8 proto,
+				    __u8 *flags)
+{
+	struct ts_selected *sel = bpf_map_lookup_elem(&ts_selected, &local);
+	int deny = 0, allow = 0;
+	__u32 shapes;
+
+	*flags = 0;
+	if (!sel)
+		return TS_REASON_ALLOW_NO_POLICY;
+	shapes = sel->flags;
+	if (shapes & TS_SHAPE_EXACT)
+		rule(local, remote, port, proto, &deny, &allow, flags);
+	if (shapes & TS_SHAPE_REMOTE)
+		rule(local, remote, 0, 0, &deny, &allow, flags);
+	if (shapes & TS_SHAPE_PORT)
+		rule(local, TS_ID_ANY, port, proto, &deny, &allow, flags);
+	if (shapes & TS_SHAPE_ANY)
+		rule(local, TS_ID_ANY, 0, 0, &deny, &allow, flags);
+	if (deny) {
+		*flags = 0;
+		return TS_REASON_DENY_POLICY;
+	}
+	if (allow)
+		return TS_REASON_ALLOW_POLICY;
+	if (shapes & TS_DEFAULT_DENY)
+		return TS_REASON_DENY_DEFAULT;
+	return TS_REASON_ALLOW_NO_POLICY;
+}
+
+/* Whether the agents authenticated `local` with `remote` (on remote->node)
+ * for the endpoints' current generations: a TS_REASON_*. */
+static __always_inline __u32 authenticated(const struct ts_endpoint *local,
+					   const struct ts_endpoint *remote)
+{
+	struct ts_auth_key key = {
+		.local = local->id,
+		.remote = remote->id,
+		.remote_node = remote->node,
+		.pad = 0,
+	};
+	struct ts_auth_value *a;
+	__u32 zero = 0;
+	__u64 *epoch;
+
+	if (remote->id == TS_ID_UNKNOWN)
+		return TS_REASON_DENY_AUTH_MISSING;
+	a = bpf_map_lookup_elem(&ts_auth, &key);
+	if (!a)
+		return TS_REASON_DENY_AUTH_MISSING;
+	epoch = bpf_map_lookup_elem(&ts_epoch, &zero);
+	if (!epoch || a->epoch != *epoch)
+		return TS_REASON_DENY_AUTH_EPOCH;
+	if (a->local_gen != local->gen || a->remote_gen != remote->gen)
+		return TS_REASON_DENY_AUTH_STALE;
+	if (a->expires_ns <= bpf_ktime_get_boot_ns())
+		return TS_REASON_DENY_AUTH_EXPIRED;
+	return TS_REASON_ALLOW_AUTHENTICATED;
+}
+
+/* Tells the agent (rate-limited) that `local`'s node needs an authentication
+ * with `remote`. */
+static __always_inline void report(const struct ts_endpoint *local,
+				   const struct ts_endpoint *remote, __u16 port, __u8 proto,
+				   __u32 reason)
+{
+	struct ts_auth_key key = {
+		.local = local->id,
+		.remote = remote->id,
+		.remote_node = remote->node,
+		.pad = 0,
+	};
+	struct ts_auth_event ev = {
+		.local = local->id,
+		.remote = remote->id,
+		.remote_node = remote->node,
+		.port = port,
+		.proto = proto,
+		.reason = (__u8)reason,
+		.local_gen = local->gen,
+		.remote_gen = remote->gen,
+	};
+	__u64 now = bpf_ktime_get_boot_ns();
+	__u64 *last = bpf_map_lookup_elem(&ts_ev_last, &key);
+
+	if (remote->id == TS_ID_UNKNOWN)
+		return;
+	if (last && now - *last < TS_EVENT_INTERVAL_NS)
+		return;
+	bpf_map_update_elem(&ts_ev_last, &key, &now, BPF_ANY);
+	if (bpf_ringbuf_output(&ts_events, &ev, sizeof(ev), 0))
+		count(TS_REASON_EVENTS_LOST);
+}
+
+/* The full decision for a connection from `src` to `dst`: dst's policy, then
+ * the authentication of the pair as seen from `me` (the endpoint whose node
+ * is deciding) toward `peer`. */
+static __always_inline __u32 decide(const struct ts_endpoint *dst, const struct ts_endpoint *src,
+				    const struct ts_endpoint *me, const struct ts_endpoint *peer,
+				    __u16 port, __u8 proto)
+{
+	__u8 flags = 0;
+	__u32 reason = policy(dst->id, src->id, port, proto, &flags);
+
+	if (is_deny(reason) || !(flags & TS_RULE_AUTH))
+		return reason;
+	reason = authenticated(me, peer);
+	if (reason != TS_REASON_ALLOW_AUTHENTICATED)
+		report(me, peer, port, proto, reason);
+	return reason;
+}
+
+static __always_inline void ip4_key(struct ts_ip_key *k, __u32 addr)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->addr[10] = 0xff;
+	k->addr[11] = 0xff;
+	__builtin_memcpy(&k->addr[12], &addr, 4);
+}
+
+/* The endpoint of an address, or the unknown peer. */
+static __always_inline struct ts_endpoint lookup_ip(const struct ts_ip_key *k, int *known)
+{
+	struct ts_endpoint unknown = { .id = TS_ID_UNKNOWN, .node = 0, .gen = 0 };
+	struct ts_endpoint *ep = bpf_map_lookup_elem(&ts_ep_ip, k);
+
+	*known = ep != 0;
+	return ep ? *ep : unknown;
+}
+
+SEC("cgroup_skb/ingress")
+int ts_ingress(struct __sk_buff *skb)
+{
+	struct ts_ip_key src_key, dst_key;
+	struct ts_endpoint src, dst;
+	struct tcphdr tcp;
+	__u32 l4_off, reason;
+	int src_known, dst_known;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+
+		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))
+			goto malformed;
+		if (ip.protocol != IPPROTO_TCP || (ip.frag_off & bpf_htons(0x1fff))) {
+			count(TS_REASON_PASS_NOT_CHECKED);
+			return 1;
+		}
+		l4_off = ip.ihl * 4;
+		if (l4_off < sizeof(ip))
+			goto malformed;
+		ip4_key(&src_key, ip.saddr);
+		ip4_key(&dst_key, ip.daddr);
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+
+		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)))
+			goto malformed;
+		/* Extension headers are not followed: only plain TCP is checked. */
+		if (ip6.nexthdr != IPPROTO_TCP) {
+			count(TS_REASON_PASS_NOT_CHECKED);
+			return 1;
+		}
+		l4_off = sizeof(ip6);
+		__builtin_memcpy(src_key.addr, &ip6.saddr, 16);
+		__builtin_memcpy(dst_key.addr, &ip6.daddr, 16);
+	} else {
+		count(TS_REASON_PASS_NOT_CHECKED);
+		return 1;
+	}
+	if (bpf_skb_load_bytes(skb, l4_off, &tcp, sizeof(tcp)))
+		goto malformed;
+	if (!tcp.syn || tcp.ack) {
+		count(TS_REASON_PASS_NOT_CHECKED);
+		return 1;
+	}
+	dst = lookup_ip(&dst_key, &dst_known);
+	if (!dst_known) {
+		count(TS_REASON_PASS_UNMANAGED);
+		return 1;
+	}
+	src = lookup_ip(&src_key, &src_known);
+	reason = decide(&dst, &src, &dst, &src, bpf_ntohs(tcp.dest), IPPROTO_TCP);
+	count(reason);
+	return is_deny(reason) ? 0 : 1;
+malformed:
+	count(TS_REASON_DENY_MALFORMED);
+	return 0;
+}
+
+/* The egress gate for a connect() to `dst_key`:`port`. */
+static __always_inline int gate(const struct ts_ip_key *dst_key, __u16 port, __u32 proto)
+{
+	__u64 cgroup = bpf_get_current_cgroup_id();
+	struct ts_endpoint *me = bpf_map_lookup_elem(&ts_ep_cgroup, &cgroup);
+	struct ts_endpoint src, dst;
+	int dst_known;
+	__u32 reason;
+
+	if (proto != IPPROTO_TCP) {
+		count(TS_REASON_PASS_NOT_CHECKED);
+		return 1;
+	}
+	if (!me) {
+		/* Not a pod this agent manages (a host process): not gated here;
+		 * the destination's ingress check still applies. */
+		count(TS_REASON_PASS_UNMANAGED);
+		return 1;
+	}
+	src = *me;
+	dst = lookup_ip(dst_key, &dst_known);
+	if (!dst_known) {
+		count(TS_REASON_PASS_UNMANAGED);
+		return 1;
+	}
+	reason = decide(&dst, &src, &src, &dst, port, IPPROTO_TCP);
+	count(reason);
+	return is_deny(reason) ? 0 : 1;
+}
+
+SEC("cgroup/connect4")
+int ts_connect4(struct bpf_sock_addr *ctx)
+{
+	struct ts_ip_key key;
+
+	ip4_key(&key, ctx->user_ip4);
+	return gate(&key, bpf_ntohs((__u16)ctx->user_port), ctx->protocol);
+}
+
+SEC("cgroup/connect6")
+int ts_connect6(struct bpf_sock_addr *ctx)
+{
+	struct ts_ip_key key;
+	__u32 *words = (__u32 *)key.addr;
+
+	words[0] = ctx->user_ip6[0];
+	words[1] = ctx->user_ip6[1];
+	words[2] = ctx->user_ip6[2];
+	words[3] = ctx->user_ip6[3];
+	return gate(&key, bpf_ntohs((__u16)ctx->user_port), ctx->protocol);
+}

@@ -1,0 +1,452 @@
+//! The ingress program run by the kernel (BPF_PROG_TEST_RUN) on crafted
+//! packets, with the real maps: allowed, stale generation, expired, missing,
+//! epoch-revoked, and the policy cases around them. Needs root (CAP_BPF);
+//! fails, never skips, without it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::IpAddr;
+
+use anyhow::{Context, Result, bail};
+use aya::Ebpf;
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::{CgroupSkb, TestRun, TestRunOptions};
+use tessera_bpf::abi::consts::*;
+use tessera_bpf::abi::{
+    AuthEvent, AuthKey, AuthValue, Endpoint, IpKey, PolicyKey, PolicyValue, Reason, Selected,
+};
+use tessera_bpf::{maps, programs};
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+fn require_root() -> Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|u| u.split_whitespace().nth(1));
+    if uid != Some("0") {
+        bail!("these tests load eBPF programs and need root (CAP_BPF); run them as root");
+    }
+    Ok(())
+}
+
+/// An Ethernet + IPv4 + TCP packet from `src` to `dst`:`port` with `flags`.
+fn packet(src: [u8; 4], dst: [u8; 4], proto: u8, port: u16, flags: u8) -> Vec<u8> {
+    let mut p = vec![0u8; 14];
+    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    p.extend_from_slice(&ip);
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&port.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    p.extend_from_slice(&tcp);
+    p
+}
+
+/// An Ethernet + IPv6 + TCP SYN packet.
+fn packet6(src: [u8; 16], dst: [u8; 16], port: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 14];
+    p[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    let mut ip = [0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&20u16.to_be_bytes());
+    ip[6] = TCP;
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(&src);
+    ip[24..40].copy_from_slice(&dst);
+    p.extend_from_slice(&ip);
+    let mut tcp = [0u8; 20];
+    tcp[2..4].copy_from_slice(&port.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = SYN;
+    p.extend_from_slice(&tcp);
+    p
+}
+
+/// CLOCK_BOOTTIME now, in nanoseconds, from /proc/uptime (10 ms steps: the
+/// tests keep far from any expiry edge).
+fn boot_ns() -> u64 {
+    let text = std::fs::read_to_string("/proc/uptime").unwrap();
+    let secs: f64 = text.split_whitespace().next().unwrap().parse().unwrap();
+    (secs * 1e9) as u64
+}
+
+const A: [u8; 4] = [198, 18, 1, 10]; // pod a (identity 300) on node 1, the destination
+const B: [u8; 4] = [198, 18, 2, 10]; // pod b (identity 400) on node 2, the source
+const STRANGER: [u8; 4] = [198, 18, 9, 9]; // not a known pod
+
+struct Harness {
+    ebpf: Ebpf,
+}
+
+impl Harness {
+    fn new() -> Result<Harness> {
+        require_root()?;
+        let mut ebpf = Ebpf::load(tessera_bpf::OBJECT).context("loading the eBPF object")?;
+        let prog: &mut CgroupSkb = ebpf
+            .program_mut(programs::INGRESS)
+            .context("no ingress program")?
+            .try_into()?;
+        prog.load().context("the verifier refused ts_ingress")?;
+        let mut h = Harness { ebpf };
+        h.endpoint(A, 300, 1, 5)?;
+        h.endpoint(B, 400, 2, 7)?;
+        Ok(h)
+    }
+
+    fn hash<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> HashMap<&mut MapData, K, V> {
+        HashMap::try_from(self.ebpf.map_mut(name).unwrap()).unwrap()
+    }
+
+    fn endpoint(&mut self, ip: [u8; 4], id: u32, node: u32, gen_: u64) -> Result<()> {
+        let key = IpKey::from(IpAddr::from(ip));
+        self.hash::<IpKey, Endpoint>(maps::EP_IP)
+            .insert(key, Endpoint { id, node, gen_ }, 0)?;
+        Ok(())
+    }
+
+    fn select(&mut self, local: u32, flags: u64) -> Result<()> {
+        let flags = flags as u32;
+        self.hash::<u32, Selected>(maps::SELECTED)
+            .insert(local, Selected { flags }, 0)?;
+        Ok(())
+    }
+
+    fn rule(&mut self, local: u32, remote: u32, port: u16, verdict: u64, flags: u64) -> Result<()> {
+        let key = PolicyKey {
+            local,
+            remote,
+            port,
+            proto: if port == 0 { 0 } else { TCP },
+            pad: 0,
+        };
+        let value = PolicyValue {
+            verdict: verdict as u8,
+            flags: flags as u8,
+            pad: [0; 2],
+        };
+        self.hash::<PolicyKey, PolicyValue>(maps::POLICY)
+            .insert(key, value, 0)?;
+        Ok(())
+    }
+
+    /// Records an authentication of a (300, gen 5) with b (400 on node 2, gen 7).
+    fn authenticate(
+        &mut self,
+        local_gen: u64,
+        remote_gen: u64,
+        expires_ns: u64,
+        epoch: u64,
+    ) -> Result<()> {
+        let value = AuthValue {
+            local_gen,
+            remote_gen,
+            expires_ns,
+            epoch,
+        };
+        self.hash::<AuthKey, AuthValue>(maps::AUTH)
+            .insert(auth_key(), value, 0)?;
+        Ok(())
+    }
+
+    fn set_epoch(&mut self, epoch: u64) -> Result<()> {
+        let mut map: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut(maps::EPOCH).unwrap())?;
+        map.set(0, epoch, 0)?;
+        Ok(())
+    }
+
+    /// Runs the ingress program on `packet`: true when it lets it through.
+    fn run(&mut self, packet: &[u8]) -> Result<bool> {
+        let prog: &CgroupSkb = self
+            .ebpf
+            .program(programs::INGRESS)
+            .context("no ingress program")?
+            .try_into()?;
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(packet),
+            ..TestRunOptions::default()
+        })?;
+        Ok(match result.return_value {
+            1 => true,
+            0 => false,
+            other => bail!("unexpected return value {other}"),
+        })
+    }
+
+    fn counter(&mut self, reason: Reason) -> Result<u64> {
+        let map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map(maps::COUNTERS).unwrap())?;
+        Ok(map.get(&(reason as u32), 0)?.iter().sum())
+    }
+
+    /// Runs `packet` and checks the verdict and that exactly `reason`'s
+    /// counter moved by one.
+    fn expect(&mut self, packet: &[u8], allowed: bool, reason: Reason, what: &str) -> Result<()> {
+        let before: Vec<u64> = Reason::ALL
+            .iter()
+            .map(|r| self.counter(*r))
+            .collect::<Result<_>>()?;
+        let got = self.run(packet)?;
+        let after: Vec<u64> = Reason::ALL
+            .iter()
+            .map(|r| self.counter(*r))
+            .collect::<Result<_>>()?;
+        let moved: Vec<Reason> = Reason::ALL
+            .iter()
+            .zip(before.iter().zip(&after))
+            .filter(|(_, (b, a))| a != b)
+            .map(|(r, _)| *r)
+            .collect();
+        assert_eq!(got, allowed, "{what}: verdict (counters moved: {moved:?})");
+        assert_eq!(moved, vec![reason], "{what}: reason");
+        Ok(())
+    }
+
+    fn events(&mut self) -> Vec<AuthEvent> {
+        let mut ring = RingBuf::try_from(self.ebpf.map_mut(maps::EVENTS).unwrap()).unwrap();
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            out.push(AuthEvent::parse(&item).expect("event of the ABI size"));
+        }
+        out
+    }
+}
+
+fn auth_key() -> AuthKey {
+    AuthKey {
+        local: 300,
+        remote: 400,
+        remote_node: 2,
+        pad: 0,
+    }
+}
+
+/// a (300) admits b (400) on port 8080 only with authentication.
+fn auth_policy(h: &mut Harness) -> Result<()> {
+    h.select(300, TS_SHAPE_EXACT | TS_DEFAULT_DENY)?;
+    h.rule(300, 400, 8080, TS_VERDICT_ALLOW, TS_RULE_AUTH)
+}
+
+#[test]
+fn authenticated_pairs_pass_and_every_kind_of_invalid_authentication_is_refused() -> Result<()> {
+    let mut h = Harness::new()?;
+    auth_policy(&mut h)?;
+    let syn = packet(B, A, TCP, 8080, SYN);
+    let later = boot_ns() + 3_600_000_000_000;
+
+    // Missing: refused, and the agent hears of it once.
+    h.expect(&syn, false, Reason::DenyAuthMissing, "missing")?;
+    let events = h.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let ev = events[0];
+    assert_eq!(
+        (
+            ev.local,
+            ev.remote,
+            ev.remote_node,
+            ev.port,
+            ev.proto,
+            ev.local_gen,
+            ev.remote_gen
+        ),
+        (300, 400, 2, 8080, TCP, 5, 7)
+    );
+    assert_eq!(u64::from(ev.reason), TS_REASON_DENY_AUTH_MISSING);
+    // A second miss right away is counted but not reported again (rate limit).
+    h.expect(&syn, false, Reason::DenyAuthMissing, "missing again")?;
+    assert!(h.events().is_empty(), "events are rate-limited per pair");
+
+    // Valid: allowed.
+    h.authenticate(5, 7, later, 0)?;
+    h.expect(&syn, true, Reason::AllowAuthenticated, "authenticated")?;
+
+    // Stale: b's identity got a new generation (reassigned); a's old
+    // authentication must not carry over.
+    h.endpoint(B, 400, 2, 8)?;
+    h.expect(
+        &syn,
+        false,
+        Reason::DenyAuthStale,
+        "remote generation changed",
+    )?;
+    h.endpoint(B, 400, 2, 7)?;
+    h.endpoint(A, 300, 1, 6)?;
+    h.expect(
+        &syn,
+        false,
+        Reason::DenyAuthStale,
+        "local generation changed",
+    )?;
+    h.endpoint(A, 300, 1, 5)?;
+    h.expect(&syn, true, Reason::AllowAuthenticated, "generations back")?;
+
+    // Expired.
+    h.authenticate(5, 7, boot_ns().saturating_sub(1_000_000_000), 0)?;
+    h.expect(&syn, false, Reason::DenyAuthExpired, "expired")?;
+
+    // Epoch-revoked: valid entry, then a mass revocation.
+    h.authenticate(5, 7, later, 0)?;
+    h.expect(&syn, true, Reason::AllowAuthenticated, "valid again")?;
+    h.set_epoch(1)?;
+    h.expect(&syn, false, Reason::DenyAuthEpoch, "epoch bumped")?;
+    h.authenticate(5, 7, later, 1)?;
+    h.expect(
+        &syn,
+        true,
+        Reason::AllowAuthenticated,
+        "re-authenticated in the new epoch",
+    )?;
+
+    // Another node's pod with the same identity and generation does not
+    // inherit node 2's authentication.
+    h.endpoint(B, 400, 3, 7)?;
+    h.expect(
+        &syn,
+        false,
+        Reason::DenyAuthMissing,
+        "same identity, other node",
+    )?;
+    Ok(())
+}
+
+#[test]
+fn an_address_reused_by_another_identity_does_not_inherit_authentication() -> Result<()> {
+    let mut h = Harness::new()?;
+    auth_policy(&mut h)?;
+    h.rule(300, 500, 8080, TS_VERDICT_ALLOW, TS_RULE_AUTH)?;
+    h.authenticate(5, 7, boot_ns() + 3_600_000_000_000, 0)?;
+    let syn = packet(B, A, TCP, 8080, SYN);
+    h.expect(&syn, true, Reason::AllowAuthenticated, "b authenticated")?;
+    // b goes; c (identity 500) gets b's address.
+    h.endpoint(B, 500, 2, 11)?;
+    h.expect(&syn, false, Reason::DenyAuthMissing, "c at b's address")?;
+    Ok(())
+}
+
+#[test]
+fn policy_semantics_no_policy_deny_wins_default_deny() -> Result<()> {
+    let mut h = Harness::new()?;
+    let syn = packet(B, A, TCP, 8080, SYN);
+
+    h.expect(&syn, true, Reason::AllowNoPolicy, "no policy selects a")?;
+
+    // An Allow without authentication for b on any port.
+    h.select(300, TS_SHAPE_REMOTE | TS_DEFAULT_DENY)?;
+    h.rule(300, 400, 0, TS_VERDICT_ALLOW, 0)?;
+    h.expect(&syn, true, Reason::AllowPolicy, "allowed, no auth needed")?;
+
+    // A stranger is not allowed: a is selected by an Allow.
+    let from_stranger = packet(STRANGER, A, TCP, 8080, SYN);
+    h.expect(&from_stranger, false, Reason::DenyDefault, "stranger")?;
+
+    // A Deny for anyone on 8080 wins over the Allow.
+    h.select(300, TS_SHAPE_REMOTE | TS_SHAPE_PORT | TS_DEFAULT_DENY)?;
+    h.rule(300, TS_ID_ANY as u32, 8080, TS_VERDICT_DENY, 0)?;
+    h.expect(&syn, false, Reason::DenyPolicy, "deny wins")?;
+    h.expect(
+        &packet(B, A, TCP, 9090, SYN),
+        true,
+        Reason::AllowPolicy,
+        "other port",
+    )?;
+
+    // Rules whose kind is not flagged in ts_selected are not consulted.
+    h.select(300, TS_SHAPE_REMOTE | TS_DEFAULT_DENY)?;
+    h.expect(&syn, true, Reason::AllowPolicy, "port rules switched off")?;
+
+    // A Deny-only policy does not make a default-deny.
+    h.select(300, TS_SHAPE_ANY)?;
+    h.rule(300, TS_ID_ANY as u32, 0, TS_VERDICT_DENY, 0)?;
+    h.expect(&syn, false, Reason::DenyPolicy, "deny everyone")?;
+    h.hash::<PolicyKey, PolicyValue>(maps::POLICY)
+        .remove(&PolicyKey {
+            local: 300,
+            remote: 0,
+            port: 0,
+            proto: 0,
+            pad: 0,
+        })?;
+    h.expect(
+        &syn,
+        true,
+        Reason::AllowNoPolicy,
+        "deny rule gone, no allow policy",
+    )?;
+    Ok(())
+}
+
+#[test]
+fn only_tcp_connection_starts_to_known_pods_are_checked() -> Result<()> {
+    let mut h = Harness::new()?;
+    h.select(300, TS_DEFAULT_DENY)?;
+    h.expect(
+        &packet(B, A, TCP, 8080, SYN),
+        false,
+        Reason::DenyDefault,
+        "syn",
+    )?;
+    h.expect(
+        &packet(B, A, TCP, 8080, SYN | ACK),
+        true,
+        Reason::PassNotChecked,
+        "syn-ack",
+    )?;
+    h.expect(
+        &packet(B, A, TCP, 8080, ACK),
+        true,
+        Reason::PassNotChecked,
+        "ack",
+    )?;
+    h.expect(
+        &packet(B, A, UDP, 53, 0),
+        true,
+        Reason::PassNotChecked,
+        "udp",
+    )?;
+    h.expect(
+        &packet(B, STRANGER, TCP, 8080, SYN),
+        true,
+        Reason::PassUnmanaged,
+        "not a pod",
+    )?;
+    // Truncated TCP header: refused.
+    let mut short = packet(B, A, TCP, 8080, SYN);
+    short.truncate(14 + 20 + 8);
+    h.expect(&short, false, Reason::DenyMalformed, "truncated")?;
+
+    // IPv6 endpoints are looked up by their full address.
+    let a6 = [
+        0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a,
+    ];
+    let b6 = [
+        0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0b,
+    ];
+    h.hash::<IpKey, Endpoint>(maps::EP_IP).insert(
+        IpKey { addr: a6 },
+        Endpoint {
+            id: 300,
+            node: 1,
+            gen_: 5,
+        },
+        0,
+    )?;
+    h.expect(
+        &packet6(b6, a6, 8080),
+        false,
+        Reason::DenyDefault,
+        "ipv6 syn",
+    )?;
+    Ok(())
+}
