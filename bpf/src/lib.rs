@@ -6,6 +6,8 @@
 #![deny(unsafe_code)]
 
 pub mod abi;
+pub mod cost;
+pub mod packets;
 
 /// The compiled eBPF object (maps and programs), aligned for aya.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tessera.bpf.o"));

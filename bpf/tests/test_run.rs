@@ -14,12 +14,8 @@ use tessera_bpf::abi::consts::*;
 use tessera_bpf::abi::{
     AuthEvent, AuthKey, AuthValue, Endpoint, IpKey, PolicyKey, PolicyValue, Reason, Selected,
 };
+use tessera_bpf::packets::{ACK, SYN, TCP, UDP, ipv4 as packet, ipv6_syn as packet6};
 use tessera_bpf::{maps, programs};
-
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
 
 fn require_root() -> Result<()> {
     let status = std::fs::read_to_string("/proc/self/status")?;
@@ -31,47 +27,6 @@ fn require_root() -> Result<()> {
         bail!("these tests load eBPF programs and need root (CAP_BPF); run them as root");
     }
     Ok(())
-}
-
-/// An Ethernet + IPv4 + TCP packet from `src` to `dst`:`port` with `flags`.
-fn packet(src: [u8; 4], dst: [u8; 4], proto: u8, port: u16, flags: u8) -> Vec<u8> {
-    let mut p = vec![0u8; 14];
-    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = proto;
-    ip[12..16].copy_from_slice(&src);
-    ip[16..20].copy_from_slice(&dst);
-    p.extend_from_slice(&ip);
-    let mut tcp = [0u8; 20];
-    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
-    tcp[2..4].copy_from_slice(&port.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = flags;
-    p.extend_from_slice(&tcp);
-    p
-}
-
-/// An Ethernet + IPv6 + TCP SYN packet.
-fn packet6(src: [u8; 16], dst: [u8; 16], port: u16) -> Vec<u8> {
-    let mut p = vec![0u8; 14];
-    p[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-    let mut ip = [0u8; 40];
-    ip[0] = 0x60;
-    ip[4..6].copy_from_slice(&20u16.to_be_bytes());
-    ip[6] = TCP;
-    ip[7] = 64;
-    ip[8..24].copy_from_slice(&src);
-    ip[24..40].copy_from_slice(&dst);
-    p.extend_from_slice(&ip);
-    let mut tcp = [0u8; 20];
-    tcp[2..4].copy_from_slice(&port.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = SYN;
-    p.extend_from_slice(&tcp);
-    p
 }
 
 /// CLOCK_BOOTTIME now, in nanoseconds, from /proc/uptime (10 ms steps: the

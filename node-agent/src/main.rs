@@ -19,6 +19,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Measure the ingress program's cost per packet with BPF_PROG_TEST_RUN
+    /// and print it as JSON (for `cargo xtask bench auth`; needs root).
+    #[command(hide = true)]
+    BenchDatapath {
+        /// Runs per scenario.
+        #[arg(long, default_value_t = 1_000_000)]
+        repeat: u32,
+    },
     /// Check SPIFFE IDs against the SPIFFE ID specification; prints each ID's
     /// trust domain and path, or exactly what is wrong. Exits 1 if any is invalid.
     ValidateId {
@@ -291,6 +299,19 @@ fn main() -> ExitCode {
                 .await
                 .map_err(|e| format!("fetch failed: {e}"))
         }),
+        Command::BenchDatapath { repeat } => match tessera_bpf::cost::measure(repeat) {
+            Ok(cost) => {
+                println!(
+                    "{{\"no_policy_ns\": {}, \"authenticated_ns\": {}}}",
+                    cost.no_policy_ns, cost.authenticated_ns
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tessera-agent bench-datapath: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::ValidateId { ids } => {
             let mut ok = true;
             for id in ids {

@@ -144,7 +144,8 @@ pub async fn run(name: &str) -> Result<()> {
     let figures = match name {
         "controlplane" => controlplane().await?,
         "identity" => crate::bench_identity::run().await?,
-        other => bail!("unknown benchmark {other:?}; available: controlplane, identity"),
+        "auth" => auth()?,
+        other => bail!("unknown benchmark {other:?}; available: controlplane, identity, auth"),
     };
     report(name, &figures)
 }
@@ -206,6 +207,50 @@ async fn controlplane() -> Result<Vec<Figure>> {
             "ms",
         ),
     ])
+}
+
+/// `cargo xtask bench auth` (so far the data path's part): the ingress
+/// program's cost per packet, measured by the kernel with BPF_PROG_TEST_RUN
+/// (`tessera-agent bench-datapath`, one million runs per scenario; needs root).
+fn auth() -> Result<Vec<Figure>> {
+    let (_, agent) = crate::bench_identity::release_bins()?;
+    println!("eBPF ingress decision cost (BPF_PROG_TEST_RUN, 1,000,000 runs per scenario)");
+    let cost = run_json(&agent, &["bench-datapath", "--repeat", "1000000"])?;
+    Ok(vec![
+        Figure::new("ebpf_decision_no_policy", cost.get("no_policy_ns")?, "ns"),
+        Figure::new(
+            "ebpf_decision_authenticated",
+            cost.get("authenticated_ns")?,
+            "ns",
+        )
+        .with_target("<= 100"),
+    ])
+}
+
+/// The numbers a hidden `bench-*` subcommand of our binaries printed as JSON.
+pub struct Numbers(serde_json::Value);
+
+impl Numbers {
+    /// The number under `key`.
+    pub fn get(&self, key: &str) -> Result<f64> {
+        self.0[key]
+            .as_f64()
+            .ok_or_else(|| anyhow::anyhow!("no {key} in {}", self.0))
+    }
+}
+
+/// Runs `bin args` and reads the JSON object it prints.
+pub fn run_json(bin: &std::path::Path, args: &[&str]) -> Result<Numbers> {
+    let out = std::process::Command::new(bin).args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "{} {} failed: {}",
+            bin.display(),
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(Numbers(serde_json::from_slice(&out.stdout)?))
 }
 
 #[cfg(test)]

@@ -31,7 +31,8 @@ const PODS: usize = 1000;
 const PACED_PER_SEC: u64 = 100;
 const SERVICE_ACCOUNTS: usize = 10;
 
-fn release_bins() -> Result<(PathBuf, PathBuf)> {
+/// Builds the release operator and agent; returns their paths.
+pub fn release_bins() -> Result<(PathBuf, PathBuf)> {
     println!("building release tessera-operator and tessera-agent");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args([
@@ -73,21 +74,8 @@ fn parse_openssl_speed(text: &str) -> Option<f64> {
 
 fn signing(operator: &Path) -> Result<Vec<Figure>> {
     println!("signing on one core (3 s per kind), then openssl speed ecdsap256");
-    let out = Command::new(operator)
-        .args(["bench-sign", "--seconds", "3"])
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "tessera-operator bench-sign failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let rates: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let rate = |k: &str| {
-        rates[k]
-            .as_f64()
-            .with_context(|| format!("no {k} in {rates}"))
-    };
+    let rates = crate::bench::run_json(operator, &["bench-sign", "--seconds", "3"])?;
+    let rate = |k: &str| rates.get(k);
     let openssl = openssl_sign_rate(3)?;
     Ok(vec![
         Figure::new("x509_svid_sign_per_core", rate("x509_per_sec")?, "1/s")
