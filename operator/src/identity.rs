@@ -291,10 +291,20 @@ async fn collect_garbage(
                     .collect();
                 for (id, allocation) in due {
                     pending.remove(&(id.clone(), allocation));
-                    let used = last.values().any(|(held, _)| *held == id);
-                    if !used && allocator.release(&id, allocation).await? {
-                        metrics.identities_released.inc();
-                        info!(spiffe_id = %id, ?allocation, "released numeric identity no pod uses");
+                    if last.values().any(|(held, _)| *held == id) {
+                        continue;
+                    }
+                    match allocator.release(&id, allocation).await {
+                        Ok(true) => {
+                            metrics.identities_released.inc();
+                            info!(spiffe_id = %id, ?allocation, "released numeric identity no pod uses");
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            // Keep collecting; this one is tried again later.
+                            warn!(spiffe_id = %id, error = %e, "cannot release numeric identity; retrying");
+                            pending.insert((id, allocation), now + grace.max(Duration::from_secs(5)));
+                        }
                     }
                 }
                 continue;
