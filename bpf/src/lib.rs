@@ -7,6 +7,7 @@
 
 pub mod abi;
 pub mod cost;
+pub mod datapath;
 pub mod packets;
 
 /// The compiled eBPF object (maps and programs), aligned for aya.

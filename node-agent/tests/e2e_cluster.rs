@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use tessera_api::signer_api::TOKEN_AUDIENCE;
-use tessera_tests::{ControlPlane, resources};
+use tessera_tests::resources;
 
 mod common;
 use common::{PodCgroup, Proc, first_fetch};
@@ -63,11 +63,7 @@ fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_jwt_and_restarts_of_operator_and_api_server() {
-    let mut cp = ControlPlane::start().await.unwrap();
-    let client = cp.client().await.unwrap();
-    resources::install_crds(&client, &tessera_api::crd::all())
-        .await
-        .unwrap();
+    let (mut cp, client) = resources::control_plane_with_crds().await.unwrap();
     resources::apply_manifest(&client, resources::TWO_NODES)
         .await
         .unwrap();

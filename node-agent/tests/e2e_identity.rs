@@ -13,7 +13,7 @@ use kube::api::{Api, PostParams};
 use tessera_api::signer_api::TOKEN_AUDIENCE;
 use tessera_operator::ca::{CaConfig, TrustDomainCa};
 use tessera_operator::signer::{self, SignerConfig, SignerService};
-use tessera_tests::{ControlPlane, resources};
+use tessera_tests::resources;
 use time::OffsetDateTime;
 
 mod common;
@@ -29,11 +29,7 @@ fn pod(name: &str, node: &str) -> Pod {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
-    let cp = ControlPlane::start().await.unwrap();
-    let client = cp.client().await.unwrap();
-    resources::install_crds(&client, &tessera_api::crd::all())
-        .await
-        .unwrap();
+    let (cp, client) = resources::control_plane_with_crds().await.unwrap();
     resources::apply_manifest(&client, resources::TWO_NODES)
         .await
         .unwrap();

@@ -14,14 +14,7 @@ use tessera_api::crd::identity::{
 use tessera_api::crd::{IdentityCounter, NumericIdentity};
 use tessera_api::spiffe::SpiffeId;
 use tessera_operator::allocator::{Allocation, Allocator, BLOCK, object_name};
-use tessera_tests::{ControlPlane, resources};
-
-async fn setup() -> Result<(ControlPlane, kube::Client)> {
-    let cp = ControlPlane::start().await?;
-    let client = cp.client().await?;
-    resources::install_crds(&client, &tessera_api::crd::all()).await?;
-    Ok((cp, client))
-}
+use tessera_tests::resources;
 
 fn sid(i: usize) -> SpiffeId {
     format!("spiffe://cluster.test/ns/n{}/sa/s{i}", i % 3)
@@ -31,7 +24,7 @@ fn sid(i: usize) -> SpiffeId {
 
 #[tokio::test]
 async fn allocation_is_stable_and_release_gives_a_new_generation() -> Result<()> {
-    let (_cp, client) = setup().await?;
+    let (_cp, client) = resources::control_plane_with_crds().await?;
     let alloc = Allocator::new(client.clone());
     let (a, b) = (sid(1), sid(2));
 
@@ -70,7 +63,7 @@ async fn allocation_is_stable_and_release_gives_a_new_generation() -> Result<()>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_share_one_allocation_and_one_counter_update() -> Result<()> {
-    let (_cp, client) = setup().await?;
+    let (_cp, client) = resources::control_plane_with_crds().await?;
     let alloc = Allocator::new(client.clone());
     alloc.ensure_counter().await?;
     let counters: Api<IdentityCounter> = Api::all(client.clone());
@@ -108,7 +101,7 @@ async fn concurrent_callers_share_one_allocation_and_one_counter_update() -> Res
 
 #[tokio::test]
 async fn the_api_server_guards_the_invariant() -> Result<()> {
-    let (_cp, client) = setup().await?;
+    let (_cp, client) = resources::control_plane_with_crds().await?;
     let alloc = Allocator::new(client.clone());
     let id = sid(7);
     let held = alloc.allocate(&id).await?;
@@ -185,7 +178,7 @@ async fn worker(client: kube::Client, seed: u64, ops: usize, issued: Issued) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_allocators_never_issue_a_pair_twice() -> Result<()> {
-    let (cp, client) = setup().await?;
+    let (cp, client) = resources::control_plane_with_crds().await?;
     let seed = std::env::var("TESSERA_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -201,9 +201,7 @@ async fn churn_with_two_replicas_and_restarts_never_reuses_an_identity() -> Resu
     println!("churn seed {seed} ({steps} steps); replay with TESSERA_CHURN_SEED={seed}");
     let mut rng = Rng(seed);
 
-    let cp = ControlPlane::start().await?;
-    let client = cp.client().await?;
-    resources::install_crds(&client, &tessera_api::crd::all()).await?;
+    let (cp, client) = resources::control_plane_with_crds().await?;
     let mut manifest =
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: tessera-system}\n".to_owned();
     for ns in NAMESPACES {

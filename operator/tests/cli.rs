@@ -58,9 +58,7 @@ fn check_explains_an_unreadable_kubeconfig() -> Result<()> {
 }
 
 async fn cluster_with_namespaces() -> Result<(ControlPlane, kube::Client)> {
-    let cp = ControlPlane::start().await?;
-    let client = cp.client().await?;
-    resources::install_crds(&client, &tessera_api::crd::all()).await?;
+    let (cp, client) = resources::control_plane_with_crds().await?;
     let manifest = "apiVersion: v1\nkind: Namespace\nmetadata: {name: tessera-system}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: default, namespace: default}\n";
     for obj in resources::parse_manifest(manifest)? {
         resources::create(&client, &obj, false).await?;

@@ -96,9 +96,7 @@ fn meta(name: &str, ns: Option<&str>, labels: &[(&str, &str)]) -> ObjectMeta {
 }
 
 async fn setup() -> Result<(ControlPlane, kube::Client)> {
-    let cp = ControlPlane::start().await?;
-    let client = cp.client().await?;
-    resources::install_crds(&client, &tessera_api::crd::all()).await?;
+    let (cp, client) = resources::control_plane_with_crds().await?;
     let pp = PostParams::default();
     Api::<Namespace>::all(client.clone())
         .create(

@@ -44,9 +44,7 @@ struct Fixture {
 }
 
 async fn fixture() -> Result<Fixture> {
-    let cp = ControlPlane::start().await?;
-    let client = cp.client().await?;
-    resources::install_crds(&client, &tessera_api::crd::all()).await?;
+    let (cp, client) = resources::control_plane_with_crds().await?;
     resources::apply_manifest(&client, resources::TWO_NODES).await?;
     resources::apply_manifest(&client, PODS).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");

@@ -42,6 +42,15 @@ metadata: {name: node-b}
 /// Field manager name for everything the harness writes.
 pub const FIELD_MANAGER: &str = "tessera-tests";
 
+/// A fresh control plane with every Tessera CRD installed and Established,
+/// and an admin client for it.
+pub async fn control_plane_with_crds() -> Result<(crate::ControlPlane, kube::Client)> {
+    let cp = crate::ControlPlane::start().await?;
+    let client = cp.client().await?;
+    install_crds(&client, &tessera_api::crd::all()).await?;
+    Ok((cp, client))
+}
+
 /// Creates or updates each CRD, then waits until every one is Established.
 pub async fn install_crds(client: &kube::Client, crds: &[CustomResourceDefinition]) -> Result<()> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());

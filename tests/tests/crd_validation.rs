@@ -537,9 +537,7 @@ async fn submit(client: &kube::Client, case: &Case, dry_run: bool) -> Result<(),
 }
 
 async fn setup() -> Result<(ControlPlane, kube::Client)> {
-    let cp = ControlPlane::start().await?;
-    let client = cp.client().await?;
-    resources::install_crds(&client, &tessera_api::crd::all()).await?;
+    let (cp, client) = resources::control_plane_with_crds().await?;
     for case in cases() {
         if let Some(base) = &case.base {
             resources::create(&client, &dynamic(base)?, false)

@@ -28,9 +28,7 @@ fn examples() -> Result<Vec<(String, String)>> {
 }
 
 async fn with_examples() -> Result<(ControlPlane, kube::Client)> {
-    let cp = ControlPlane::start().await?;
-    let client = cp.client().await?;
-    resources::install_crds(&client, &tessera_api::crd::all()).await?;
+    let (cp, client) = resources::control_plane_with_crds().await?;
     for (name, yaml) in examples()? {
         resources::apply_manifest(&client, &yaml)
             .await

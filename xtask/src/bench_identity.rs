@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use tessera_tests::procs::{KillOnDrop, agent_run, operator_run};
-use tessera_tests::{ControlPlane, free_port, repo_root, resources};
+use tessera_tests::{free_port, repo_root, resources};
 
 use crate::bench::{Figure, ms, percentile};
 
@@ -332,9 +332,7 @@ fn watch_annotations(client: kube::Client) -> mpsc::Receiver<(String, Instant)> 
 }
 
 async fn pod_to_svid(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
-    let cp = ControlPlane::start().await?;
-    let client = cp.client().await?;
-    resources::install_crds(&client, &tessera_api::crd::all()).await?;
+    let (cp, client) = resources::control_plane_with_crds().await?;
     resources::apply_manifest(&client, resources::TWO_NODES).await?;
     let mut manifest = String::new();
     for ns in ["paced", "burst"] {
