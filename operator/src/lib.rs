@@ -7,5 +7,6 @@ pub mod assign;
 pub mod ca;
 pub mod identity;
 pub mod metrics;
+pub mod policy;
 pub mod signer;
 pub mod wid_status;

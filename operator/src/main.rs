@@ -289,6 +289,14 @@ async fn lead(
         })
     };
     let signing = tokio::spawn(run_signer(client.clone(), leading.clone(), ca, rotated));
+    let (stop_policy, policy_stopped) = tokio::sync::oneshot::channel::<()>();
+    let policies = tokio::spawn(tessera_operator::policy::run(
+        client.clone(),
+        metrics.clone(),
+        async move {
+            let _ = policy_stopped.await;
+        },
+    ));
     let result = identity::run(
         client,
         leading.trust_domain.clone(),
@@ -297,6 +305,12 @@ async fn lead(
         stop,
     )
     .await;
+    let _ = stop_policy.send(());
+    match policies.await {
+        Ok(Err(e)) => warn!(error = %e, "the policy compiler failed"),
+        Err(e) => warn!(error = %e, "the policy compiler panicked"),
+        Ok(Ok(())) => {}
+    }
     rotation.abort();
     signing.abort();
     Ok(result?)

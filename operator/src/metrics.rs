@@ -39,6 +39,12 @@ pub struct Metrics {
     pub identities_released: Counter,
     /// Roots in the trust-domain CA.
     pub ca_roots: Gauge,
+    /// Policy compilations (each writes what changed), by result.
+    pub policy_syncs: Family<ResultLabel, Counter>,
+    /// IdentityPolicy objects written or deleted.
+    pub identity_policy_writes: Counter,
+    /// SPIFFE IDs that have compiled policy.
+    pub identity_policies: Gauge,
     /// Set once the replica has initialized (CA loaded or standing by).
     pub ready: AtomicBool,
 }
@@ -76,6 +82,21 @@ impl Metrics {
             "ca_roots",
             "Roots in the trust-domain CA",
             self.ca_roots.clone(),
+        );
+        r.register(
+            "policy_syncs",
+            "Policy compilations by result",
+            self.policy_syncs.clone(),
+        );
+        r.register(
+            "identity_policy_writes",
+            "IdentityPolicy objects written or deleted",
+            self.identity_policy_writes.clone(),
+        );
+        r.register(
+            "identity_policies",
+            "SPIFFE IDs with compiled policy",
+            self.identity_policies.clone(),
         );
         r
     }

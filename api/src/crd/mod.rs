@@ -12,6 +12,7 @@ use kube::CustomResourceExt;
 pub mod auth_policy;
 pub mod federated_trust_domain;
 pub mod identity;
+pub mod identity_policy;
 pub mod installed;
 pub mod schema;
 pub mod workload_identity;
@@ -21,6 +22,7 @@ pub use federated_trust_domain::{
     FederatedTrustDomain, FederatedTrustDomainSpec, FederatedTrustDomainStatus,
 };
 pub use identity::{IdentityCounter, IdentityCounterSpec, NumericIdentity, NumericIdentitySpec};
+pub use identity_policy::{IdentityPolicy, IdentityPolicySpec};
 pub use workload_identity::{WorkloadIdentity, WorkloadIdentitySpec, WorkloadIdentityStatus};
 
 /// The API group of every Tessera resource.
@@ -142,6 +144,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         FederatedTrustDomain::crd(),
         NumericIdentity::crd(),
         IdentityCounter::crd(),
+        IdentityPolicy::crd(),
     ]
 }
 
