@@ -81,7 +81,7 @@ struct {
 /* When an event was last sent for a pair (rate limit). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
+	__uint(max_entries, TS_MAX_EVENT_PAIRS);
 	__type(key, struct ts_auth_key);
 	__type(value, __u64);
 } ts_ev_last SEC(".maps");
@@ -321,11 +321,31 @@ malformed:
 	return 0;
 }
 
+/* The pod the calling process belongs to: its cgroup's entry, or the entry
+ * of the nearest ancestor (containers' cgroups sit below their pod's). */
+static __always_inline struct ts_endpoint *current_pod(void)
+{
+	__u64 cgroup = bpf_get_current_cgroup_id();
+	struct ts_endpoint *ep = bpf_map_lookup_elem(&ts_ep_cgroup, &cgroup);
+	int level;
+
+	if (ep)
+		return ep;
+	for (level = TS_CGROUP_DEPTH; level > 0; level--) {
+		cgroup = bpf_get_current_ancestor_cgroup_id(level);
+		if (!cgroup)
+			continue;
+		ep = bpf_map_lookup_elem(&ts_ep_cgroup, &cgroup);
+		if (ep)
+			return ep;
+	}
+	return 0;
+}
+
 /* The egress gate for a connect() to `dst_key`:`port`. */
 static __always_inline int gate(const struct ts_ip_key *dst_key, __u16 port, __u32 proto)
 {
-	__u64 cgroup = bpf_get_current_cgroup_id();
-	struct ts_endpoint *me = bpf_map_lookup_elem(&ts_ep_cgroup, &cgroup);
+	struct ts_endpoint *me = current_pod();
 	struct ts_endpoint src, dst;
 	int dst_known;
 	__u32 reason;

@@ -134,7 +134,10 @@ enum ts_reason {
 #define TS_MAX_POLICY 262144
 #define TS_MAX_SELECTED 65536
 #define TS_MAX_AUTH 262144
-#define TS_EVENTS_BYTES (256 * 1024)
+#define TS_EVENTS_BYTES 262144 /* 256 KiB */
+#define TS_MAX_EVENT_PAIRS 16384
+/* Deepest cgroup level the connect gates search for a pod's cgroup. */
+#define TS_CGROUP_DEPTH 16
 
 /* Layout checks; bpf/src/abi.rs asserts the same numbers. */
 #define TS_ASSERT_SIZE(t, n) _Static_assert(sizeof(struct t) == (n), #t " size")

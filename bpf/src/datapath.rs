@@ -3,15 +3,18 @@
 //! (CAP_BPF).
 
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{CgroupSkb, TestRun, TestRunOptions};
+use aya::programs::links::{CgroupAttachMode, FdLink};
+use aya::programs::{CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, TestRun, TestRunOptions};
+use aya::{Ebpf, EbpfLoader};
 
 use crate::abi::{
     AuthEvent, AuthKey, AuthValue, Endpoint, IpKey, PolicyKey, PolicyValue, Reason, Selected,
 };
+use crate::pinning::{self, PinningError};
 use crate::{maps, programs};
 
 /// Why loading the data path or touching its maps failed.
@@ -29,29 +32,160 @@ pub enum DatapathError {
     /// A program or map is missing from the object.
     #[error("{0} is missing from the eBPF object; was it built from another bpf/ tree?")]
     Missing(&'static str),
+    /// A program link cannot be pinned.
+    #[error("eBPF link error: {0}")]
+    Link(#[from] aya::programs::links::LinkError),
+    /// The pinned maps cannot be reused.
+    #[error(transparent)]
+    Pinning(#[from] PinningError),
+    /// A cgroup or pin path cannot be used.
+    #[error("{what} {path}: {source}")]
+    Path {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
 }
 
-/// The data-path object with its ingress program loaded (not attached).
+/// The data-path object with its programs loaded (attached only by
+/// [`Datapath::attach`]).
 pub struct Datapath {
     ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
+    reused: Vec<&'static str>,
 }
 
 impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Datapath")
+        f.debug_struct("Datapath")
+            .field("pin_dir", &self.pin_dir)
+            .field("reused", &self.reused)
+            .finish()
     }
 }
 
+fn path_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError {
+    let path = path.to_owned();
+    move |source| DatapathError::Path { what, path, source }
+}
+
 impl Datapath {
-    /// Loads [`crate::OBJECT`] and its ingress program into the kernel.
+    /// Loads [`crate::OBJECT`] and its programs into the kernel, with private
+    /// maps (for tests and benchmarks).
     pub fn load() -> Result<Datapath, DatapathError> {
-        let mut ebpf = Ebpf::load(crate::OBJECT)?;
+        Self::open(None)
+    }
+
+    /// Loads the object with its maps pinned in `pin_dir` (a versioned
+    /// directory on bpffs, see [`crate::pinning::version_dir`]): maps already
+    /// pinned there are checked against this build and reused with their
+    /// entries, missing ones are created and pinned.
+    pub fn open(pin_dir: Option<&Path>) -> Result<Datapath, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        let mut reused = Vec::new();
+        let mut paths = Vec::new();
+        if let Some(dir) = pin_dir {
+            std::fs::create_dir_all(dir).map_err(path_err("cannot create", dir))?;
+            reused = pinning::check_pinned(dir)?;
+            paths = maps::ALL.iter().map(|m| (*m, dir.join(m))).collect();
+        }
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(crate::OBJECT)?;
         let prog: &mut CgroupSkb = ebpf
             .program_mut(programs::INGRESS)
             .ok_or(DatapathError::Missing(programs::INGRESS))?
             .try_into()?;
         prog.load()?;
-        Ok(Datapath { ebpf })
+        for name in [programs::CONNECT4, programs::CONNECT6] {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing(name))?
+                .try_into()?;
+            prog.load()?;
+        }
+        Ok(Datapath {
+            ebpf,
+            pin_dir: pin_dir.map(Path::to_owned),
+            reused,
+        })
+    }
+
+    /// The maps that were found pinned and reused (with their entries).
+    pub fn reused_maps(&self) -> &[&'static str] {
+        &self.reused
+    }
+
+    /// Attaches the ingress check and the connect gates to the cgroup at
+    /// `cgroup` (the parent of the pods' cgroups), next to any other programs
+    /// there. With a pin directory the links are pinned under `links/`,
+    /// replacing (and so detaching) those of a previous agent only once the
+    /// new ones are attached: enforcement has no gap. Without one, the links
+    /// end with this value.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
+        let fd = std::fs::File::open(cgroup).map_err(path_err("cannot open cgroup", cgroup))?;
+        let links_dir = self.pin_dir.as_ref().map(|d| d.join("links"));
+        if let Some(dir) = &links_dir {
+            std::fs::create_dir_all(dir).map_err(path_err("cannot create", dir))?;
+        }
+        // With BPF links (kernel >= 5.7, which aya uses when it can) a cgroup
+        // takes any number of links, and the kernel wants flags 0 (`Single`).
+        let mut fd_links: Vec<(&'static str, FdLink)> = Vec::new();
+        {
+            let prog: &mut CgroupSkb = self
+                .ebpf
+                .program_mut(programs::INGRESS)
+                .ok_or(DatapathError::Missing(programs::INGRESS))?
+                .try_into()?;
+            let id = prog.attach(&fd, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)?;
+            if links_dir.is_some() {
+                fd_links.push((programs::INGRESS, FdLink::try_from(prog.take_link(id)?)?));
+            }
+        }
+        for name in [programs::CONNECT4, programs::CONNECT6] {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing(name))?
+                .try_into()?;
+            let id = prog.attach(&fd, CgroupAttachMode::Single)?;
+            if links_dir.is_some() {
+                fd_links.push((name, FdLink::try_from(prog.take_link(id)?)?));
+            }
+        }
+        let Some(dir) = links_dir else {
+            return Ok(());
+        };
+        for (name, link) in fd_links {
+            // bpffs refuses names with dots.
+            let fresh = dir.join(format!("{name}_new"));
+            let _ = std::fs::remove_file(&fresh);
+            link.pin(&fresh).map_err(|e| DatapathError::Path {
+                what: "cannot pin link",
+                path: fresh.clone(),
+                source: std::io::Error::other(format!("{e:?}")),
+            })?;
+            // The rename drops the old pin: the previous agent's link detaches
+            // now, after the new one is in place.
+            let path = dir.join(name);
+            std::fs::rename(&fresh, &path)
+                .map_err(path_err("cannot replace pinned link", &path))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches pinned links and removes the pins under the pin directory
+    /// (maps included): for uninstalling, never on a restart.
+    pub fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(path_err("cannot remove", dir)(e)),
+        }
     }
 
     fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DatapathError> {
@@ -70,6 +204,80 @@ impl Datapath {
         Ok(self.hash(maps::EP_IP)?.insert(IpKey::from(ip), ep, 0)?)
     }
 
+    /// Forgets a pod address.
+    pub fn remove_endpoint_ip(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
+        remove_missing_ok(
+            self.hash::<IpKey, Endpoint>(maps::EP_IP)?
+                .remove(&IpKey::from(ip)),
+        )
+    }
+
+    /// Every pod address in the map with its endpoint.
+    pub fn endpoint_ips(&mut self) -> Result<Vec<(IpKey, Endpoint)>, DatapathError> {
+        Ok(self
+            .hash::<IpKey, Endpoint>(maps::EP_IP)?
+            .iter()
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Sets who a pod cgroup (by cgroup id) belongs to.
+    pub fn set_endpoint_cgroup(&mut self, cgroup: u64, ep: Endpoint) -> Result<(), DatapathError> {
+        Ok(self.hash(maps::EP_CGROUP)?.insert(cgroup, ep, 0)?)
+    }
+
+    /// Forgets a pod cgroup.
+    pub fn remove_endpoint_cgroup(&mut self, cgroup: u64) -> Result<(), DatapathError> {
+        remove_missing_ok(self.hash::<u64, Endpoint>(maps::EP_CGROUP)?.remove(&cgroup))
+    }
+
+    /// Every pod cgroup in the map with its endpoint.
+    pub fn endpoint_cgroups(&mut self) -> Result<Vec<(u64, Endpoint)>, DatapathError> {
+        Ok(self
+            .hash::<u64, Endpoint>(maps::EP_CGROUP)?
+            .iter()
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Every identity with policy, with its flags.
+    pub fn selected(&mut self) -> Result<Vec<(u32, u32)>, DatapathError> {
+        self.hash::<u32, Selected>(maps::SELECTED)?
+            .iter()
+            .map(|r| r.map(|(k, v)| (k, v.flags)).map_err(Into::into))
+            .collect()
+    }
+
+    /// Removes an identity's policy flags (it then has no policy).
+    pub fn remove_selected(&mut self, local: u32) -> Result<(), DatapathError> {
+        remove_missing_ok(self.hash::<u32, Selected>(maps::SELECTED)?.remove(&local))
+    }
+
+    /// Every ingress rule.
+    pub fn rules(&mut self) -> Result<Vec<(PolicyKey, PolicyValue)>, DatapathError> {
+        Ok(self
+            .hash::<PolicyKey, PolicyValue>(maps::POLICY)?
+            .iter()
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Every recorded authentication.
+    pub fn auths(&mut self) -> Result<Vec<(AuthKey, AuthValue)>, DatapathError> {
+        Ok(self
+            .hash::<AuthKey, AuthValue>(maps::AUTH)?
+            .iter()
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Removes an authentication.
+    pub fn remove_auth(&mut self, key: &AuthKey) -> Result<(), DatapathError> {
+        remove_missing_ok(self.hash::<AuthKey, AuthValue>(maps::AUTH)?.remove(key))
+    }
+
+    /// The global epoch.
+    pub fn epoch(&mut self) -> Result<u64, DatapathError> {
+        let map: Array<&mut MapData, u64> = Array::try_from(self.map(maps::EPOCH)?)?;
+        Ok(map.get(&0, 0)?)
+    }
+
     /// Sets which rule kinds exist for `local`, and default deny.
     pub fn set_selected(&mut self, local: u32, flags: u32) -> Result<(), DatapathError> {
         Ok(self
@@ -84,9 +292,10 @@ impl Datapath {
 
     /// Removes one ingress rule.
     pub fn remove_rule(&mut self, key: &PolicyKey) -> Result<(), DatapathError> {
-        Ok(self
-            .hash::<PolicyKey, PolicyValue>(maps::POLICY)?
-            .remove(key)?)
+        remove_missing_ok(
+            self.hash::<PolicyKey, PolicyValue>(maps::POLICY)?
+                .remove(key),
+        )
     }
 
     /// Records an authentication.
@@ -135,5 +344,22 @@ impl Datapath {
             ..TestRunOptions::default()
         })?;
         Ok((result.return_value, result.duration))
+    }
+}
+
+/// The id the kernel gives the cgroup at `path` (cgroup v2: its inode
+/// number), as `bpf_get_current_cgroup_id` reports it.
+pub fn cgroup_id(path: &Path) -> Result<u64, DatapathError> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)
+        .map_err(path_err("cannot stat cgroup", path))?
+        .ino())
+}
+
+/// A removal of an entry that is already gone is not an error.
+fn remove_missing_ok(result: Result<(), aya::maps::MapError>) -> Result<(), DatapathError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => Ok(other?),
     }
 }

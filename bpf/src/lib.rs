@@ -9,6 +9,7 @@ pub mod abi;
 pub mod cost;
 pub mod datapath;
 pub mod packets;
+pub mod pinning;
 
 /// The compiled eBPF object (maps and programs), aligned for aya.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tessera.bpf.o"));

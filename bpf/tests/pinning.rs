@@ -1,0 +1,176 @@
+//! The data path as the agent runs it: maps and links pinned on a real bpffs,
+//! the connect gate attached to a real cgroup and exercised by real processes
+//! doing connect(). Enforcement outlives the process that set it up, a second
+//! load reuses the pinned maps with their entries, and pinned maps of another
+//! layout are refused. Needs root; fails, never skips, without it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use tessera_bpf::abi::consts::TS_DEFAULT_DENY;
+use tessera_bpf::abi::{AuthKey, AuthValue, Endpoint};
+use tessera_bpf::datapath::{Datapath, DatapathError, cgroup_id};
+use tessera_bpf::pinning::{self, PinningError};
+
+fn cgroup2_root() -> PathBuf {
+    std::env::var_os("TESSERA_CGROUP2_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup/unified"))
+}
+
+/// A private bpffs mount and a cgroup tree `<top>/pod/ctr`, both removed on drop.
+struct Fixture {
+    bpffs: tempfile::TempDir,
+    top: PathBuf,
+}
+
+impl Fixture {
+    fn new(tag: &str) -> Result<Fixture> {
+        let root = cgroup2_root();
+        if !root.join("cgroup.procs").exists() {
+            bail!(
+                "no cgroup v2 hierarchy at {}; mount one or set TESSERA_CGROUP2_ROOT (this test needs root)",
+                root.display()
+            );
+        }
+        let bpffs = tempfile::tempdir()?;
+        pinning::ensure_bpffs(bpffs.path()).context("mounting bpffs (needs root)")?;
+        let top = root.join(format!("tessera-bpf-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(top.join("pod/ctr"))?;
+        Ok(Fixture { bpffs, top })
+    }
+
+    fn pin_dir(&self) -> PathBuf {
+        pinning::version_dir(&self.bpffs.path().join("tessera"))
+    }
+
+    /// Tries a TCP connect to `port` on 127.0.0.1 from a process in the
+    /// container cgroup: Ok(()) or the shell's error text.
+    fn connect_from_pod(&self, port: u16) -> Result<(), String> {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec 3<>/dev/tcp/127.0.0.1/{port}",
+            self.top.join("pod/ctr").display()
+        );
+        let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = Datapath::remove_pins(&self.pin_dir());
+        let _ = Command::new("umount").arg(self.bpffs.path()).status();
+        for dir in ["pod/ctr", "pod", ""] {
+            let _ = std::fs::remove_dir(self.top.join(dir));
+        }
+    }
+}
+
+const POD: Endpoint = Endpoint {
+    id: 300,
+    node: 1,
+    gen_: 4,
+};
+const SERVER: Endpoint = Endpoint {
+    id: 400,
+    node: 1,
+    gen_: 9,
+};
+
+fn denied(result: Result<(), String>) -> bool {
+    matches!(result, Err(e) if e.contains("Operation not permitted"))
+}
+
+#[test]
+fn enforcement_outlives_the_loader_and_a_reload_reuses_the_pinned_maps() -> Result<()> {
+    let fx = Fixture::new("reuse")?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    assert!(fx.connect_from_pod(port).is_ok(), "nothing attached yet");
+    {
+        let mut dp = Datapath::open(Some(&fx.pin_dir()))?;
+        assert!(dp.reused_maps().is_empty(), "a fresh bpffs has no pins");
+        dp.set_endpoint_cgroup(cgroup_id(&fx.top.join("pod"))?, POD)?;
+        dp.set_endpoint_ip(loopback, SERVER)?;
+        // The server's identity is selected by an Allow policy with no rule.
+        dp.set_selected(SERVER.id, TS_DEFAULT_DENY as u32)?;
+        dp.set_auth(
+            AuthKey {
+                local: POD.id,
+                remote: SERVER.id,
+                remote_node: SERVER.node,
+                pad: 0,
+            },
+            AuthValue {
+                local_gen: POD.gen_,
+                remote_gen: SERVER.gen_,
+                expires_ns: u64::MAX,
+                epoch: 0,
+            },
+        )?;
+        dp.attach(&fx.top)?;
+        // The container's cgroup is below the pod's: the gate finds the pod.
+        let first = fx.connect_from_pod(port);
+        assert!(
+            denied(first.clone()),
+            "connect() should fail with EPERM: {first:?}"
+        );
+    }
+    // The loader is gone; the pinned links and maps still enforce.
+    let after = fx.connect_from_pod(port);
+    assert!(
+        denied(after.clone()),
+        "enforcement stopped with the loader: {after:?}"
+    );
+    assert!(fx.pin_dir().join("links/ts_connect4").exists());
+
+    // A new load (an agent restart) finds every map with its entries.
+    let mut dp = Datapath::open(Some(&fx.pin_dir()))?;
+    assert_eq!(dp.reused_maps().len(), tessera_bpf::maps::ALL.len());
+    assert_eq!(dp.selected()?, vec![(SERVER.id, TS_DEFAULT_DENY as u32)]);
+    assert_eq!(dp.auths()?.len(), 1, "the authentication survived");
+    dp.attach(&fx.top)?; // replaces the previous links without a gap
+    assert!(denied(fx.connect_from_pod(port)));
+    dp.remove_selected(SERVER.id)?;
+    let open = fx.connect_from_pod(port);
+    assert!(open.is_ok(), "no policy: connect() should pass: {open:?}");
+    // Still one gate per hook: the old links went when the new ones were pinned.
+    let links = std::fs::read_dir(fx.pin_dir().join("links"))?.count();
+    assert_eq!(links, 3);
+    Ok(())
+}
+
+#[test]
+fn pinned_maps_of_another_layout_are_refused() -> Result<()> {
+    let fx = Fixture::new("layout")?;
+    let dir = fx.pin_dir();
+    std::fs::create_dir_all(&dir)?;
+    // A map of another shape where ts_auth belongs (the rate-limit map:
+    // same key, 8-byte values).
+    let mut other = aya::Ebpf::load(tessera_bpf::OBJECT)?;
+    let wrong = other.map_mut(tessera_bpf::maps::EVENT_LAST).unwrap();
+    let wrong: aya::maps::HashMap<_, AuthKey, u64> = aya::maps::HashMap::try_from(wrong)?;
+    wrong.pin(dir.join(tessera_bpf::maps::AUTH))?;
+    let err = Datapath::open(Some(&dir)).unwrap_err();
+    match &err {
+        DatapathError::Pinning(PinningError::Layout { path, .. }) => {
+            assert_eq!(path, &dir.join(tessera_bpf::maps::AUTH))
+        }
+        other => panic!("expected a layout error, got {other}"),
+    }
+    let message = err.to_string();
+    assert!(
+        message.contains("value 8 B") && message.contains("value 32 B"),
+        "{message}"
+    );
+    Ok(())
+}
