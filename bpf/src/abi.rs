@@ -44,7 +44,7 @@ impl From<std::net::IpAddr> for IpKey {
 
 /// One ingress rule of identity `local` (see the header).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct PolicyKey {
     /// The protected identity.
     pub local: u32,
@@ -80,7 +80,7 @@ pub struct Selected {
 
 /// Key of one authentication.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct AuthKey {
     /// The identity on this node.
     pub local: u32,

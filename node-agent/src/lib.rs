@@ -4,5 +4,6 @@
 
 pub mod attestation;
 pub mod identities;
+pub mod policy;
 pub mod svids;
 pub mod workload_api;
