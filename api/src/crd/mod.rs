@@ -187,7 +187,8 @@ mod tests {
             internal,
             [
                 "numericidentities.tessera.dev",
-                "identitycounters.tessera.dev"
+                "identitycounters.tessera.dev",
+                "identitypolicies.tessera.dev"
             ]
         );
         assert_eq!(user_facing().len() + internal.len(), all().len());
