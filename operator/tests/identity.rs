@@ -5,10 +5,9 @@
 #![allow(clippy::expect_used)] // test helpers outside #[test] functions
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
@@ -16,6 +15,7 @@ use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use tessera_api::annotations;
 use tessera_api::crd::{NumericIdentity, WorkloadIdentity, WorkloadIdentityStatus};
 use tessera_operator::identity;
+use tessera_tests::eventually;
 use tessera_tests::{ControlPlane, resources};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -61,23 +61,6 @@ impl Operator {
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
         self.task.abort();
-    }
-}
-
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = check().await? {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

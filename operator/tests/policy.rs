@@ -5,15 +5,15 @@
 //! deletes its compiled rules.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::{Api, ListParams, PostParams};
 use tessera_api::crd::auth_policy::{Authentication, PolicyAction};
 use tessera_api::crd::{AuthPolicy, IdentityPolicy};
 use tessera_operator::{identity, policy};
+use tessera_tests::eventually;
 use tessera_tests::resources;
 use tokio::sync::oneshot;
 
@@ -21,23 +21,6 @@ const NS: &str = "shop";
 const DB: &str = "spiffe://cluster.test/ns/shop/sa/db";
 const WEB: &str = "spiffe://cluster.test/ns/shop/sa/web";
 const WEB2: &str = "spiffe://cluster.test/ns/shop/sa/web2";
-
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = check().await? {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn create<K>(api: &Api<K>, value: serde_json::Value) -> Result<()>
 where
