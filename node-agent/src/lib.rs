@@ -1,8 +1,10 @@
 //! The Tessera node agent's library: workload attestation, the identity
-//! material of this node's pods, and the SPIFFE Workload API server.
+//! material of this node's pods, the SPIFFE Workload API server,
+//! agent-to-agent handshakes, the auth cache and the policy writer.
 #![forbid(unsafe_code)]
 
 pub mod attestation;
+pub mod handshake;
 pub mod identities;
 pub mod policy;
 pub mod svids;

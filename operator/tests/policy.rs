@@ -130,13 +130,16 @@ async fn auth_policies_compile_into_identity_policies_that_follow_the_pods() -> 
     assert_eq!(db.spec.rules[0].action, PolicyAction::Allow);
     assert_eq!(db.spec.rules[0].authentication, Authentication::Mutual);
     assert_eq!(db.spec.rules[0].ports[0].port, 5432);
-    let status = eventually("the AuthPolicy's status", || async {
+    // The status is written after the IdentityPolicies, and an earlier pass
+    // may have seen the policy before the pods: wait for the count to settle.
+    let status = eventually("the AuthPolicy's status counting db-0", || async {
         let p = policies.get("db-from-web").await?;
-        Ok(p.status.filter(|s| s.observed_generation.is_some()))
+        Ok(p.status.filter(|s| {
+            s.observed_generation.is_some() && (s.endpoints, s.nodes) == (Some(1), Some(1))
+        }))
     })
     .await?;
     assert_eq!(status.conditions[0].status, "True", "{status:?}");
-    assert_eq!((status.endpoints, status.nodes), (Some(1), Some(1)));
 
     // A new pod the peer selector picks, with another SPIFFE ID, joins the rule.
     pod(&client, "web2-0", "web", "web2", "node-b").await?;

@@ -1,0 +1,689 @@
+//! Agent-to-agent mutual authentication of two workload identities.
+//!
+//! The initiator (the agent on the client pod's node) opens TCP to the
+//! responder (the agent on the server pod's node), and the two run TLS 1.3
+//! with both certificates required:
+//!
+//! - the initiator presents the SVID of its local workload and names the
+//!   identity it expects in SNI ([`server_name`]: a hash of the SPIFFE ID, as
+//!   SNI only carries DNS names);
+//! - the responder picks the SVID of that local workload by SNI, and refuses
+//!   when it holds none (it holds keys only for its own node's workloads);
+//! - each side checks the other's chain against the bundle of the peer's
+//!   trust domain (own or federated, never mixed) and the initiator checks
+//!   that the responder's SPIFFE ID is the one it named.
+//!
+//! Inside the tunnel the initiator says which node it speaks for, the
+//! responder admits or refuses it (the agent checks the node against the
+//! connection's source address), and both sides return an
+//! [`Authenticated`] result to record: one handshake, both directions.
+//! Expiry is the earlier of the two certificates' NotAfter.
+//!
+//! [`Credentials`] holds the rustls configurations; they are built once per
+//! SVID rotation, never per handshake. Session resumption is off: every
+//! handshake checks both certificates afresh.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::TrustAnchor;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use tessera_api::spiffe::SpiffeId;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use webpki::{EndEntityCert, KeyUsage};
+
+use crate::identities::{Bundles, X509Svid};
+
+/// ALPN protocol of the handshake port.
+pub const ALPN: &[u8] = b"tessera-auth/1";
+
+/// The longest a handshake may take, TCP connect included.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Version byte of the message the initiator sends inside the tunnel.
+const HELLO_VERSION: u8 = 1;
+
+/// Why a handshake or building the credentials failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// An SVID, key or bundle could not be used.
+    #[error("unusable identity material: {0}; check the SVIDs the signer issued to this node")]
+    Material(String),
+    /// This agent holds no SVID for the identity the handshake needs.
+    #[error(
+        "this agent holds no SVID for {0}; only identities of pods on this node can be authenticated here"
+    )]
+    NoCredential(String),
+    /// The connection or the TLS handshake failed (certificate errors included).
+    #[error("{what} with {peer}: {source}")]
+    Io {
+        /// The step that failed.
+        what: &'static str,
+        /// The other agent's address.
+        peer: String,
+        /// The error; rustls' verdict for TLS failures.
+        source: std::io::Error,
+    },
+    /// The responder refused the initiator's node.
+    #[error("the agent at {peer} refused: {reason}")]
+    Refused {
+        /// The other agent's address.
+        peer: String,
+        /// What it said.
+        reason: String,
+    },
+    /// The other side broke the protocol.
+    #[error("the agent at {peer} broke the handshake protocol: {reason}")]
+    Protocol {
+        /// The other agent's address.
+        peer: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// Too slow.
+    #[error(
+        "no handshake with {peer} within {HANDSHAKE_TIMEOUT:?}; is its handshake port reachable?"
+    )]
+    Timeout {
+        /// The other agent's address.
+        peer: String,
+    },
+}
+
+/// The result of one successful handshake, as one side records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated {
+    /// The SPIFFE ID of this side's workload.
+    pub local: String,
+    /// The peer workload's SPIFFE ID, verified.
+    pub remote: String,
+    /// The node the peer agent speaks for (on the responder: as admitted;
+    /// on the initiator: the node it dialled, as given by the caller).
+    pub remote_node: String,
+    /// When the authentication ends: the earlier NotAfter of the two
+    /// certificates, Unix seconds.
+    pub not_after: i64,
+}
+
+/// The SNI name that asks a responder for `spiffe_id`'s SVID: the first 20
+/// bytes of its SHA-256 in hex, under `.tessera.invalid`.
+pub fn server_name(spiffe_id: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, spiffe_id.as_bytes());
+    let hex: String = digest.as_ref()[..20]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{hex}.tessera.invalid")
+}
+
+/// Splits concatenated DER certificates.
+fn split_der(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, HandshakeError> {
+    let mut out = Vec::new();
+    while !der.is_empty() {
+        let (rest, _) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| HandshakeError::Material(format!("bad DER certificate: {e}")))?;
+        let used = der.len() - rest.len();
+        out.push(CertificateDer::from(der[..used].to_vec()));
+        der = rest;
+    }
+    Ok(out)
+}
+
+/// The SPIFFE ID and NotAfter (Unix seconds) of a leaf: exactly one URI SAN,
+/// which must parse as a SPIFFE ID.
+fn leaf_identity(der: &[u8]) -> Result<(SpiffeId, i64), String> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("bad certificate: {e}"))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("bad subjectAltName: {e}"))?
+        .ok_or("no subjectAltName: not an X509-SVID")?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    let [uri] = uris.as_slice() else {
+        return Err(format!(
+            "an X509-SVID has exactly one URI SAN, this one has {}",
+            uris.len()
+        ));
+    };
+    let id = uri
+        .parse::<SpiffeId>()
+        .map_err(|e| format!("URI SAN {uri:?}: {e}"))?;
+    Ok((id, cert.validity().not_after.timestamp()))
+}
+
+/// Trust anchors by trust domain ID (`spiffe://td`).
+#[derive(Debug)]
+struct Anchors {
+    by_domain: HashMap<String, Vec<TrustAnchor<'static>>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl Anchors {
+    fn new(
+        bundles: &Bundles,
+        algorithms: WebPkiSupportedAlgorithms,
+    ) -> Result<Anchors, HandshakeError> {
+        let mut by_domain = HashMap::new();
+        let all = std::iter::once((&bundles.trust_domain_id, &bundles.own_der))
+            .chain(&bundles.federated_der);
+        for (domain, der) in all {
+            let anchors = split_der(der)?
+                .iter()
+                .map(|c| {
+                    webpki::anchor_from_trusted_cert(c)
+                        .map(|a| a.to_owned())
+                        .map_err(|e| {
+                            HandshakeError::Material(format!("a CA of {domain} is unusable: {e}"))
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            by_domain.insert(domain.clone(), anchors);
+        }
+        Ok(Anchors {
+            by_domain,
+            algorithms,
+        })
+    }
+
+    /// Verifies `leaf` against the bundle of its own trust domain; the
+    /// SPIFFE ID on success.
+    fn verify(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: KeyUsage,
+    ) -> Result<(SpiffeId, i64), rustls::Error> {
+        let bad = |why: String| rustls::Error::General(why);
+        let (id, not_after) = leaf_identity(leaf).map_err(bad)?;
+        let domain = id.trust_domain().id().to_string();
+        let anchors = self
+            .by_domain
+            .get(&domain)
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| bad(format!("no trust bundle for {domain} (peer {id})")))?;
+        let cert = EndEntityCert::try_from(leaf)
+            .map_err(|e| bad(format!("peer certificate of {id}: {e}")))?;
+        cert.verify_for_usage(
+            self.algorithms.all,
+            anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| {
+            bad(format!(
+                "the certificate of {id} does not chain to {domain}'s bundle: {e}"
+            ))
+        })?;
+        Ok((id, not_after))
+    }
+
+    fn verify_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+}
+
+/// The initiator's check of the responder: chain, and the SPIFFE ID named by SNI.
+#[derive(Debug)]
+struct ResponderVerifier(Arc<Anchors>);
+
+impl ServerCertVerifier for ResponderVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let (id, _) = self
+            .0
+            .verify(end_entity, intermediates, now, KeyUsage::server_auth())?;
+        if ServerName::try_from(self::server_name(id.as_str()).as_str())
+            .ok()
+            .as_ref()
+            != Some(server_name)
+        {
+            return Err(rustls::Error::General(format!(
+                "the responder presented {id}, not the identity this handshake asked for"
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.algorithms.supported_schemes()
+    }
+}
+
+/// The responder's check of the initiator: a valid SVID of a trust domain
+/// it has a bundle for. Which identities may talk is policy's business.
+#[derive(Debug)]
+struct InitiatorVerifier(Arc<Anchors>);
+
+impl ClientCertVerifier for InitiatorVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .verify(end_entity, intermediates, now, KeyUsage::client_auth())?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.algorithms.supported_schemes()
+    }
+}
+
+/// One local workload's key and chain, ready for rustls.
+#[derive(Debug)]
+struct Local {
+    client: Arc<rustls::ClientConfig>,
+    not_after: i64,
+}
+
+/// The responder's certificate choice: the local SVID SNI names.
+#[derive(Debug)]
+struct BySni(HashMap<String, Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for BySni {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        hello.server_name().and_then(|n| self.0.get(n)).cloned()
+    }
+}
+
+/// rustls configurations for this node's workloads, built once per rotation.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    locals: Arc<HashMap<String, Local>>,
+    by_sni: Arc<HashMap<String, String>>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Credentials {
+    /// Builds the configurations for `svids` (one per SPIFFE ID is used: the
+    /// latest-expiring) verified against `bundles`.
+    pub fn build<'a>(
+        svids: impl IntoIterator<Item = &'a X509Svid>,
+        bundles: &Bundles,
+    ) -> Result<Credentials, HandshakeError> {
+        let provider = provider();
+        let anchors = Arc::new(Anchors::new(
+            bundles,
+            provider.signature_verification_algorithms,
+        )?);
+        let tls = |e: rustls::Error| HandshakeError::Material(e.to_string());
+        let mut newest: HashMap<String, (&X509Svid, Vec<CertificateDer<'static>>, i64)> =
+            HashMap::new();
+        for svid in svids {
+            let chain = split_der(&svid.chain_der)?;
+            let leaf = chain.first().ok_or_else(|| {
+                HandshakeError::Material(format!("{}: empty chain", svid.spiffe_id))
+            })?;
+            let (id, not_after) = leaf_identity(leaf).map_err(HandshakeError::Material)?;
+            if id.as_str() != svid.spiffe_id {
+                return Err(HandshakeError::Material(format!(
+                    "the SVID stored for {} names {id}",
+                    svid.spiffe_id
+                )));
+            }
+            if newest
+                .get(&svid.spiffe_id)
+                .is_none_or(|(_, _, t)| *t < not_after)
+            {
+                newest.insert(svid.spiffe_id.clone(), (svid, chain, not_after));
+            }
+        }
+        let mut locals = HashMap::new();
+        let mut by_sni = HashMap::new();
+        let mut keys = HashMap::new();
+        for (id, (svid, chain, not_after)) in newest {
+            let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key_der.clone()));
+            let signing = provider
+                .key_provider
+                .load_private_key(key_der.clone_key())
+                .map_err(|e| HandshakeError::Material(format!("the key of {id}: {e}")))?;
+            let key = Arc::new(CertifiedKey::new(chain.clone(), signing));
+            let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(tls)?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ResponderVerifier(anchors.clone())))
+                .with_client_auth_cert(chain, key_der)
+                .map_err(tls)?;
+            client.alpn_protocols = vec![ALPN.to_vec()];
+            client.resumption = rustls::client::Resumption::disabled();
+            let sni = server_name(&id);
+            keys.insert(sni.clone(), key.clone());
+            by_sni.insert(sni, id.clone());
+            locals.insert(
+                id,
+                Local {
+                    client: Arc::new(client),
+                    not_after,
+                },
+            );
+        }
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls)?
+            .with_client_cert_verifier(Arc::new(InitiatorVerifier(anchors)))
+            .with_cert_resolver(Arc::new(BySni(keys)));
+        server.alpn_protocols = vec![ALPN.to_vec()];
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
+        Ok(Credentials {
+            locals: Arc::new(locals),
+            by_sni: Arc::new(by_sni),
+            server: Arc::new(server),
+        })
+    }
+
+    /// Whether this agent holds an SVID for `spiffe_id`.
+    pub fn holds(&self, spiffe_id: &str) -> bool {
+        self.locals.contains_key(spiffe_id)
+    }
+
+    /// The local identities held, sorted.
+    pub fn identities(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.locals.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// NotAfter (Unix seconds) of the SVID used for `spiffe_id`.
+    pub fn not_after(&self, spiffe_id: &str) -> Option<i64> {
+        self.locals.get(spiffe_id).map(|l| l.not_after)
+    }
+}
+
+async fn write_frame<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    head: u8,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let len = u8::try_from(body.len()).unwrap_or(u8::MAX);
+    let mut frame = Vec::with_capacity(2 + usize::from(len));
+    frame.push(head);
+    frame.push(len);
+    frame.extend_from_slice(&body[..usize::from(len)]);
+    stream.write_all(&frame).await?;
+    stream.flush().await
+}
+
+/// Tells the initiator why it is refused; returns the reason.
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, reason: String) -> String {
+    let _ = write_frame(stream, 1, reason.as_bytes()).await;
+    reason
+}
+
+async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).await?;
+    let mut body = vec![0u8; usize::from(head[1])];
+    stream.read_exact(&mut body).await?;
+    Ok((head[0], body))
+}
+
+/// The peer's leaf from a finished TLS session, with its SPIFFE ID and NotAfter.
+fn peer_leaf(
+    certs: Option<&[CertificateDer<'_>]>,
+    peer: &str,
+) -> Result<(SpiffeId, i64), HandshakeError> {
+    let leaf = certs
+        .and_then(|c| c.first())
+        .ok_or_else(|| HandshakeError::Protocol {
+            peer: peer.to_owned(),
+            reason: "no peer certificate after the handshake".into(),
+        })?;
+    leaf_identity(leaf).map_err(|reason| HandshakeError::Protocol {
+        peer: peer.to_owned(),
+        reason,
+    })
+}
+
+/// What an initiator asks for.
+#[derive(Debug, Clone)]
+pub struct Initiate<'a> {
+    /// The local workload's SPIFFE ID (its SVID is presented).
+    pub local: &'a str,
+    /// The SPIFFE ID expected of the remote workload.
+    pub remote: &'a str,
+    /// The node this agent speaks for.
+    pub local_node: &'a str,
+    /// The node of the responder (recorded as the remote node).
+    pub remote_node: &'a str,
+}
+
+/// Authenticates `ask.local` to `ask.remote` over a new connection to the
+/// responder at `addr`.
+pub async fn initiate(
+    creds: &Credentials,
+    addr: std::net::SocketAddr,
+    ask: &Initiate<'_>,
+) -> Result<Authenticated, HandshakeError> {
+    let peer = addr.to_string();
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, initiate_inner(creds, addr, ask))
+        .await
+        .map_err(|_| HandshakeError::Timeout { peer })?
+}
+
+async fn initiate_inner(
+    creds: &Credentials,
+    addr: std::net::SocketAddr,
+    ask: &Initiate<'_>,
+) -> Result<Authenticated, HandshakeError> {
+    let peer = addr.to_string();
+    let io = |what: &'static str| {
+        let peer = peer.clone();
+        move |source| HandshakeError::Io { what, peer, source }
+    };
+    let local = creds
+        .locals
+        .get(ask.local)
+        .ok_or_else(|| HandshakeError::NoCredential(ask.local.to_owned()))?;
+    let name = ServerName::try_from(server_name(ask.remote))
+        .map_err(|e| HandshakeError::Material(format!("SNI for {}: {e}", ask.remote)))?;
+    let tcp = TcpStream::connect(addr).await.map_err(io("connecting"))?;
+    let _ = tcp.set_nodelay(true);
+    let mut tls = TlsConnector::from(local.client.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(io("TLS handshake"))?;
+    let (remote, remote_not_after) = peer_leaf(tls.get_ref().1.peer_certificates(), &peer)?;
+    if remote.as_str() != ask.remote {
+        // The verifier already checked this via SNI; a second look costs nothing.
+        return Err(HandshakeError::Protocol {
+            peer,
+            reason: format!("presented {remote}, expected {}", ask.remote),
+        });
+    }
+    write_frame(&mut tls, HELLO_VERSION, ask.local_node.as_bytes())
+        .await
+        .map_err(io("sending the node name"))?;
+    let (status, body) = read_frame(&mut tls)
+        .await
+        .map_err(io("reading the answer"))?;
+    if status != 0 {
+        return Err(HandshakeError::Refused {
+            peer,
+            reason: String::from_utf8_lossy(&body).into_owned(),
+        });
+    }
+    let _ = tls.shutdown().await;
+    Ok(Authenticated {
+        local: ask.local.to_owned(),
+        remote: remote.to_string(),
+        remote_node: ask.remote_node.to_owned(),
+        not_after: local.not_after.min(remote_not_after),
+    })
+}
+
+/// What the responder knows about an initiator before admitting it.
+#[derive(Debug, Clone)]
+pub struct Knock<'a> {
+    /// The initiator's verified SPIFFE ID.
+    pub remote: &'a str,
+    /// The local workload it asked for.
+    pub local: &'a str,
+    /// The node it says it speaks for.
+    pub remote_node: &'a str,
+    /// Where the connection came from.
+    pub from: std::net::SocketAddr,
+}
+
+/// Answers one initiator on an accepted connection. `admit` decides whether
+/// the initiator may speak for the node it names (the agent checks the
+/// node's address); on success both the result and the initiator's node
+/// are returned for recording.
+pub async fn respond(
+    creds: &Credentials,
+    tcp: TcpStream,
+    admit: impl FnOnce(&Knock<'_>) -> Result<(), String>,
+) -> Result<Authenticated, HandshakeError> {
+    let from = tcp.peer_addr().map_err(|source| HandshakeError::Io {
+        what: "reading the peer address",
+        peer: "?".into(),
+        source,
+    })?;
+    let peer = from.to_string();
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, respond_inner(creds, tcp, from, admit))
+        .await
+        .map_err(|_| HandshakeError::Timeout { peer })?
+}
+
+async fn respond_inner(
+    creds: &Credentials,
+    tcp: TcpStream,
+    from: std::net::SocketAddr,
+    admit: impl FnOnce(&Knock<'_>) -> Result<(), String>,
+) -> Result<Authenticated, HandshakeError> {
+    let peer = from.to_string();
+    let io = |what: &'static str| {
+        let peer = peer.clone();
+        move |source| HandshakeError::Io { what, peer, source }
+    };
+    let _ = tcp.set_nodelay(true);
+    let mut tls = TlsAcceptor::from(creds.server.clone())
+        .accept(tcp)
+        .await
+        .map_err(io("TLS handshake"))?;
+    let (_, session) = tls.get_ref();
+    let (remote, remote_not_after) = peer_leaf(session.peer_certificates(), &peer)?;
+    let local = session
+        .server_name()
+        .and_then(|n| creds.by_sni.get(n))
+        .cloned()
+        .ok_or_else(|| HandshakeError::Protocol {
+            peer: peer.clone(),
+            reason: "no SNI naming a local identity".into(),
+        })?;
+    let not_after = creds.locals.get(&local).map_or(i64::MIN, |l| l.not_after);
+    let (version, node) = read_frame(&mut tls)
+        .await
+        .map_err(io("reading the node name"))?;
+    if version != HELLO_VERSION {
+        let reason = refuse(&mut tls, format!("unsupported handshake version {version}")).await;
+        return Err(HandshakeError::Protocol { peer, reason });
+    }
+    let Ok(node) = String::from_utf8(node) else {
+        let reason = refuse(&mut tls, "the node name is not UTF-8".into()).await;
+        return Err(HandshakeError::Protocol { peer, reason });
+    };
+    let knock = Knock {
+        remote: remote.as_str(),
+        local: &local,
+        remote_node: &node,
+        from,
+    };
+    if let Err(reason) = admit(&knock) {
+        let reason = refuse(&mut tls, reason).await;
+        return Err(HandshakeError::Refused { peer, reason });
+    }
+    write_frame(&mut tls, 0, b"")
+        .await
+        .map_err(io("answering"))?;
+    let _ = tls.shutdown().await;
+    Ok(Authenticated {
+        local,
+        remote: remote.to_string(),
+        remote_node: node,
+        not_after: not_after.min(remote_not_after),
+    })
+}
