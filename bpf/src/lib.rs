@@ -49,3 +49,12 @@ pub mod maps {
         EP_IP, EP_CGROUP, POLICY, SELECTED, AUTH, EPOCH, EVENTS, EVENT_LAST, COUNTERS,
     ];
 }
+
+/// CLOCK_BOOTTIME in nanoseconds: the clock of [`abi::AuthValue::expires_ns`]
+/// (`bpf_ktime_get_boot_ns`).
+pub fn boot_time_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    (t.tv_sec.max(0) as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec.max(0) as u64)
+}

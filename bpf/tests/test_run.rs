@@ -24,14 +24,6 @@ fn require_root() -> Result<()> {
     Ok(())
 }
 
-/// CLOCK_BOOTTIME now, in nanoseconds, from /proc/uptime (10 ms steps: the
-/// tests keep far from any expiry edge).
-fn boot_ns() -> u64 {
-    let text = std::fs::read_to_string("/proc/uptime").unwrap();
-    let secs: f64 = text.split_whitespace().next().unwrap().parse().unwrap();
-    (secs * 1e9) as u64
-}
-
 const A: [u8; 4] = [198, 18, 1, 10]; // pod a (identity 300) on node 1, the destination
 const B: [u8; 4] = [198, 18, 2, 10]; // pod b (identity 400) on node 2, the source
 const STRANGER: [u8; 4] = [198, 18, 9, 9]; // not a known pod
@@ -156,7 +148,7 @@ fn authenticated_pairs_pass_and_every_kind_of_invalid_authentication_is_refused(
     let mut h = Harness::new()?;
     auth_policy(&mut h)?;
     let syn = packet(B, A, TCP, 8080, SYN);
-    let later = boot_ns() + 3_600_000_000_000;
+    let later = tessera_bpf::boot_time_ns() + 3_600_000_000_000;
 
     // Missing: refused, and the agent hears of it once.
     h.expect(&syn, false, Reason::DenyAuthMissing, "missing")?;
@@ -205,7 +197,12 @@ fn authenticated_pairs_pass_and_every_kind_of_invalid_authentication_is_refused(
     h.expect(&syn, true, Reason::AllowAuthenticated, "generations back")?;
 
     // Expired.
-    h.authenticate(5, 7, boot_ns().saturating_sub(1_000_000_000), 0)?;
+    h.authenticate(
+        5,
+        7,
+        tessera_bpf::boot_time_ns().saturating_sub(1_000_000_000),
+        0,
+    )?;
     h.expect(&syn, false, Reason::DenyAuthExpired, "expired")?;
 
     // Epoch-revoked: valid entry, then a mass revocation.
@@ -238,7 +235,7 @@ fn an_address_reused_by_another_identity_does_not_inherit_authentication() -> Re
     let mut h = Harness::new()?;
     auth_policy(&mut h)?;
     h.rule(300, 500, 8080, TS_VERDICT_ALLOW, TS_RULE_AUTH)?;
-    h.authenticate(5, 7, boot_ns() + 3_600_000_000_000, 0)?;
+    h.authenticate(5, 7, tessera_bpf::boot_time_ns() + 3_600_000_000_000, 0)?;
     let syn = packet(B, A, TCP, 8080, SYN);
     h.expect(&syn, true, Reason::AllowAuthenticated, "b authenticated")?;
     // b goes; c (identity 500) gets b's address.

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attestation;
+pub mod authcache;
 pub mod handshake;
 pub mod identities;
 pub mod policy;
