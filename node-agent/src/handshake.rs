@@ -529,6 +529,9 @@ pub struct Initiate<'a> {
     pub local_node: &'a str,
     /// The node of the responder (recorded as the remote node).
     pub remote_node: &'a str,
+    /// The local address to connect from (this node's address, which the
+    /// responder checks); None lets the kernel choose.
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// Authenticates `ask.local` to `ask.remote` over a new connection to the
@@ -560,7 +563,21 @@ async fn initiate_inner(
         .ok_or_else(|| HandshakeError::NoCredential(ask.local.to_owned()))?;
     let name = ServerName::try_from(server_name(ask.remote))
         .map_err(|e| HandshakeError::Material(format!("SNI for {}: {e}", ask.remote)))?;
-    let tcp = TcpStream::connect(addr).await.map_err(io("connecting"))?;
+    let tcp = match ask.source {
+        Some(ip) => {
+            let socket = if ip.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }
+            .map_err(io("opening a socket"))?;
+            socket
+                .bind(std::net::SocketAddr::new(ip, 0))
+                .map_err(io("binding to this node's address"))?;
+            socket.connect(addr).await.map_err(io("connecting"))?
+        }
+        None => TcpStream::connect(addr).await.map_err(io("connecting"))?,
+    };
     let _ = tcp.set_nodelay(true);
     let mut tls = TlsConnector::from(local.client.clone())
         .connect(name, tcp)

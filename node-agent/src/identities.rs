@@ -67,6 +67,8 @@ type PodSlot = watch::Sender<Option<Arc<PodIdentity>>>;
 pub struct IdentityStore {
     pods: Arc<Mutex<HashMap<PodUid, PodSlot>>>,
     bundles: watch::Sender<Arc<Bundles>>,
+    /// Bumped on every pod change: handshake credentials follow it.
+    changes: watch::Sender<u64>,
 }
 
 impl Default for IdentityStore {
@@ -74,6 +76,7 @@ impl Default for IdentityStore {
         IdentityStore {
             pods: Arc::default(),
             bundles: watch::channel(Arc::new(Bundles::default())).0,
+            changes: watch::channel(0).0,
         }
     }
 }
@@ -89,6 +92,7 @@ impl IdentityStore {
     /// Sets (or replaces) a pod's identity; open streams see it at once.
     pub fn set(&self, uid: &PodUid, identity: PodIdentity) {
         self.sender(uid).send_replace(Some(Arc::new(identity)));
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// Removes a pod's identity; open streams end with PermissionDenied.
@@ -97,6 +101,22 @@ impl IdentityStore {
         if let Some(tx) = pods.remove(uid) {
             tx.send_replace(None);
         }
+        drop(pods);
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Every SVID held for this node's pods.
+    pub fn all_svids(&self) -> Vec<X509Svid> {
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        pods.values()
+            .filter_map(|tx| tx.borrow().clone())
+            .flat_map(|p| p.svids.clone())
+            .collect()
+    }
+
+    /// Changes whenever any pod's identity is set or removed.
+    pub fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Follows a pod's identity, if it has one; a None value later means it

@@ -5,8 +5,10 @@
 
 pub mod attestation;
 pub mod authcache;
+pub mod enforcer;
 pub mod handshake;
 pub mod identities;
 pub mod policy;
 pub mod svids;
+pub mod view;
 pub mod workload_api;

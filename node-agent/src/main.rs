@@ -36,7 +36,7 @@ enum Command {
     },
     /// Run the agent: get SVIDs for this node's pods from the operator's
     /// signing service and serve them on the Workload API socket.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Fetch this process's X.509-SVIDs and bundles from a SPIFFE Workload API
     /// socket and print them. Exits 1 with the server's answer on failure.
     FetchX509 {
@@ -84,6 +84,26 @@ struct RunArgs {
     /// Where to serve the SPIFFE Workload API.
     #[arg(long, default_value = "/run/tessera/agent.sock")]
     socket: std::path::PathBuf,
+    /// Enables the data path: the cgroup (v2) the eBPF programs attach to,
+    /// the parent of this node's pod cgroups (found by pod UID below it).
+    /// Needs root. Without it the agent serves identities only.
+    #[arg(long)]
+    cgroup_root: Option<std::path::PathBuf>,
+    /// The bpffs mount point (mounted there if it is not yet).
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: std::path::PathBuf,
+    /// Directory on bpffs where maps and links are pinned, one directory per
+    /// ABI version below it (one per agent: simulated nodes on one host
+    /// need one each).
+    #[arg(long, default_value = "tessera")]
+    pin_name: String,
+    /// Where agents accept handshakes; other agents are dialled on this port
+    /// at their node's address.
+    #[arg(long, default_value = "0.0.0.0:4434")]
+    handshake_addr: std::net::SocketAddr,
+    /// Where the auth cache is kept.
+    #[arg(long, default_value = "/var/lib/tessera")]
+    state_dir: std::path::PathBuf,
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -130,12 +150,61 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         })
         .await?;
     tracing::info!(socket = %args.socket.display(), node = %args.node_name, "serving the SPIFFE Workload API");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let enforcer = match &args.cgroup_root {
+        Some(cgroup) => {
+            tessera_bpf::pinning::ensure_bpffs(&args.bpffs)
+                .with_context(|| format!("cannot mount bpffs at {}", args.bpffs.display()))?;
+            let cfg = tessera_agent::enforcer::EnforcerConfig {
+                node_name: args.node_name.clone(),
+                listen: args.handshake_addr,
+                peer_port: args.handshake_addr.port(),
+                cache_dir: args.state_dir.join("authcache"),
+                pin_dir: Some(tessera_bpf::pinning::version_dir(
+                    &args.bpffs.join(&args.pin_name),
+                )),
+                attach_cgroup: Some(cgroup.clone()),
+                pod_cgroups: cgroup.clone(),
+            };
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(tessera_agent::enforcer::run(
+                client.clone(),
+                cfg,
+                store.clone(),
+                Default::default(),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )))
+        }
+        None => None,
+    };
     let svids = tessera_agent::svids::run(client, channel, svid_cfg, store);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let enforcer_done = async {
+        match enforcer {
+            Some(task) => task.await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut enforcer_done = std::pin::pin!(enforcer_done);
     tokio::select! {
         _ = svids => tracing::warn!("the pod watch ended"),
         _ = term.recv() => tracing::info!("shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+        done = &mut enforcer_done => {
+            server.abort();
+            let _ = std::fs::remove_file(&args.socket);
+            return match done {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the data path controller stopped")),
+                Ok(Err(e)) => Err(anyhow::Error::new(e).context("the data path failed")),
+                Err(e) => Err(anyhow::anyhow!("the data path controller panicked: {e}")),
+            };
+        }
+    }
+    let _ = stop_tx.send(true);
+    if args.cgroup_root.is_some() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), &mut enforcer_done).await;
     }
     server.abort();
     let _ = std::fs::remove_file(&args.socket);
@@ -286,8 +355,9 @@ fn main() -> ExitCode {
                         .unwrap_or_else(|_| "info".into()),
                 )
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
-            block_on(async { run(args).await.map_err(|e| format!("tessera-agent: {e:#}")) })
+            block_on(async { run(*args).await.map_err(|e| format!("tessera-agent: {e:#}")) })
         }
         Command::FetchX509 { socket, updates } => block_on(async {
             fetch_x509(&socket, updates)

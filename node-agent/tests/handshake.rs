@@ -86,6 +86,7 @@ fn ask<'a>(local: &'a str, remote: &'a str) -> Initiate<'a> {
         remote,
         local_node: "node-a",
         remote_node: "node-b",
+        source: Some([127, 0, 0, 1].into()),
     }
 }
 

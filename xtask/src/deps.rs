@@ -7,6 +7,8 @@ use anyhow::{Context, Result, bail};
 /// Packages `cargo xtask test` and `cargo xtask demo` need today. Go itself
 /// comes with the machine (Debian's golang is too old for Kubernetes 1.36);
 /// `testbin` checks its version.
+/// `iproute2` builds the end-to-end tests' network namespaces and
+/// `python3` runs the simulated pods' TCP clients and servers.
 /// `openssl` is the peer `cargo xtask bench identity` measures signing against;
 /// `clang-16` and `libbpf-dev` build the eBPF programs in `bpf/` (the
 /// workspace does not compile without them), `bpftool` inspects them.
@@ -16,6 +18,8 @@ pub const PACKAGES: &[&str] = &[
     "clang-16",
     "libbpf-dev",
     "bpftool",
+    "iproute2",
+    "python3",
 ];
 
 fn installed(package: &str) -> bool {

@@ -126,3 +126,166 @@ pub async fn first_fetch(cgroup: &PodCgroup, socket: &Path) -> String {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+/// Runs a command, panicking with its output when it fails.
+pub fn sh(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd} (installed by cargo xtask test): {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test network: a bridge in the host namespace holding the simulated
+/// nodes' addresses, and one network namespace per pod joined to it by a
+/// veth pair. Addresses are from 198.18.0.0/15; no route leads elsewhere.
+/// Everything is removed on drop.
+pub struct Topology {
+    tag: String,
+    bridge: String,
+    namespaces: std::sync::Mutex<Vec<String>>,
+    next: std::sync::atomic::AtomicU32,
+}
+
+impl Topology {
+    pub fn create(node_ips: &[&str]) -> Topology {
+        let tag = format!("{}", std::process::id() % 100_000);
+        let bridge = format!("tsbr{tag}");
+        sh("ip", &["link", "add", &bridge, "type", "bridge"]);
+        sh("ip", &["link", "set", &bridge, "up"]);
+        for ip in node_ips {
+            sh("ip", &["addr", "add", &format!("{ip}/15"), "dev", &bridge]);
+        }
+        Topology {
+            tag,
+            bridge,
+            namespaces: Default::default(),
+            next: 0.into(),
+        }
+    }
+
+    /// A pod network namespace with `ip`; its name.
+    pub fn pod(&self, ip: &str) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ns = format!("ts{}-{n}", self.tag);
+        let (host, inner) = (
+            format!("tsh{}x{n}", self.tag),
+            format!("tsp{}x{n}", self.tag),
+        );
+        sh("ip", &["netns", "add", &ns]);
+        self.namespaces.lock().unwrap().push(ns.clone());
+        sh(
+            "ip",
+            &["link", "add", &host, "type", "veth", "peer", "name", &inner],
+        );
+        sh("ip", &["link", "set", &host, "master", &self.bridge, "up"]);
+        sh("ip", &["link", "set", &inner, "netns", &ns]);
+        let exec = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &ns, "ip"];
+            all.extend_from_slice(args);
+            sh("ip", &all);
+        };
+        exec(&["addr", "add", &format!("{ip}/15"), "dev", &inner]);
+        exec(&["link", "set", &inner, "up"]);
+        exec(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Removes a pod's namespace (and with it its veth pair).
+    pub fn remove_pod(&self, ns: &str) {
+        sh("ip", &["netns", "del", ns]);
+        self.namespaces.lock().unwrap().retain(|n| n != ns);
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in self.namespaces.lock().unwrap().drain(..) {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+    }
+}
+
+/// A cgroup (v2) directory removed, with whatever runs in it, on drop.
+pub struct Cgroup(pub PathBuf);
+
+impl Cgroup {
+    pub fn create(path: PathBuf) -> Cgroup {
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {} (run as root): {e}", path.display()));
+        Cgroup(path)
+    }
+
+    /// Starts `program args...` in this cgroup and in network namespace `ns`.
+    pub fn spawn_in(&self, ns: &str, program: &str, args: &[&str]) -> Child {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {ns} \"$0\" \"$@\"",
+            self.0.display()
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .arg(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Leaves first: remove every directory below, deepest first.
+        let mut dirs = vec![self.0.clone()];
+        let mut i = 0;
+        while i < dirs.len() {
+            if let Ok(read) = std::fs::read_dir(&dirs[i]) {
+                for e in read.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        dirs.push(e.path());
+                    }
+                }
+            }
+            i += 1;
+        }
+        for dir in dirs.iter().rev() {
+            let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+            for _ in 0..100 {
+                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Lines a child writes to stderr, echoed to the test's stderr and kept.
+pub fn collect_stderr(
+    child: &mut Child,
+    tag: &str,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = lines.clone();
+    let tag = tag.to_owned();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            eprintln!("[{tag}] {line}");
+            keep.lock().unwrap().push(line);
+        }
+    });
+    lines
+}

@@ -1,0 +1,464 @@
+//! The agent's view of the cluster as the data path needs it, computed
+//! without side effects: which endpoint entries the maps should hold, which
+//! identity pairs this node should authenticate ahead of traffic, and the
+//! current generation of every identity on every node.
+//!
+//! Everything comes from pods: the operator annotates each with its SPIFFE
+//! ID and `<numeric id>/<generation>`; `spec.nodeName`, `status.podIP` and
+//! `status.hostIP` give where it runs and where its node's agent listens.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use tessera_api::annotations;
+use tessera_api::crd::IdentityPolicySpec;
+use tessera_api::crd::auth_policy::{Authentication, PolicyAction};
+use tessera_api::spiffe::SpiffeId;
+use tessera_bpf::abi::{Endpoint, IpKey};
+
+use crate::authcache::Generations;
+
+/// What the data path needs to know about one pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodView {
+    /// The pod's UID.
+    pub uid: String,
+    /// `namespace/name`, for logs.
+    pub name: String,
+    /// The node it runs on.
+    pub node: String,
+    /// Its address, once it has one.
+    pub ip: Option<IpAddr>,
+    /// Its node's address, where that node's agent listens.
+    pub host_ip: Option<IpAddr>,
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    /// Its numeric identity.
+    pub id: u32,
+    /// The generation of that numeric identity.
+    pub generation: u64,
+    /// Being deleted.
+    pub terminating: bool,
+    /// Creation time, Unix seconds (newer pods win an address conflict).
+    pub created: i64,
+}
+
+/// The view of a pod that has an identity and a node; None otherwise (the
+/// data path treats such pods as unknown).
+pub fn pod_view(pod: &Pod) -> Option<PodView> {
+    let ann = pod.metadata.annotations.as_ref()?;
+    let spiffe_id = ann.get(annotations::SPIFFE_ID)?;
+    spiffe_id.parse::<SpiffeId>().ok()?;
+    let (id, generation) = annotations::parse_identity(ann.get(annotations::IDENTITY)?)?;
+    let generation = u64::try_from(generation).ok().filter(|g| *g > 0)?;
+    if id == 0 {
+        return None;
+    }
+    let node = pod.spec.as_ref()?.node_name.clone()?;
+    let status = pod.status.as_ref();
+    let ip = status
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|ip| ip.parse().ok());
+    let host_ip = status
+        .and_then(|s| s.host_ip.as_deref())
+        .and_then(|ip| ip.parse().ok());
+    Some(PodView {
+        uid: pod.metadata.uid.clone()?,
+        name: format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()),
+        node,
+        ip,
+        host_ip,
+        spiffe_id: spiffe_id.clone(),
+        id,
+        generation,
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+        created: pod
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(0, |t| t.0.as_second()),
+    })
+}
+
+/// The index of a node name in the data path: FNV-1a over the name, never 0.
+pub fn node_hash(name: &str) -> u32 {
+    let h = name.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    h.max(1)
+}
+
+/// Node names and their indexes. Two names with the same index are both
+/// left out (their pods get no endpoint entries, so no authentication can
+/// be mistaken between them) and reported.
+#[derive(Debug, Clone, Default)]
+pub struct NodeIndex {
+    by_name: HashMap<String, u32>,
+    by_index: HashMap<u32, String>,
+    /// Names left out because another name has the same index.
+    pub collisions: BTreeSet<String>,
+}
+
+impl NodeIndex {
+    /// Indexes `names`.
+    pub fn build<'a>(names: impl IntoIterator<Item = &'a str>) -> NodeIndex {
+        let mut groups: BTreeMap<u32, BTreeSet<&str>> = BTreeMap::new();
+        for name in names {
+            groups.entry(node_hash(name)).or_default().insert(name);
+        }
+        let mut out = NodeIndex::default();
+        for (index, names) in groups {
+            if names.len() == 1 {
+                for name in names {
+                    out.by_name.insert(name.to_owned(), index);
+                    out.by_index.insert(index, name.to_owned());
+                }
+            } else {
+                out.collisions.extend(names.into_iter().map(str::to_owned));
+            }
+        }
+        out
+    }
+
+    /// The index of `name`, unless unknown or colliding.
+    pub fn get(&self, name: &str) -> Option<u32> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The name of an index.
+    pub fn name(&self, index: u32) -> Option<&str> {
+        self.by_index.get(&index).map(String::as_str)
+    }
+}
+
+/// One identity pair to authenticate: a workload on this node (`local`)
+/// and a workload `remote` on `remote_node`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pair {
+    /// Local SPIFFE ID.
+    pub local: String,
+    /// Peer SPIFFE ID.
+    pub remote: String,
+    /// Peer node name.
+    pub remote_node: String,
+}
+
+/// The cluster as this agent sees it.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// This node's name.
+    pub local_node: String,
+    /// Pods with identities, by UID.
+    pub pods: BTreeMap<String, PodView>,
+    /// Node indexes of every node with such pods (and this one).
+    pub nodes: NodeIndex,
+}
+
+impl View {
+    /// A view of `pods` from `local_node`.
+    pub fn new(local_node: &str, pods: impl IntoIterator<Item = PodView>) -> View {
+        let pods: BTreeMap<String, PodView> =
+            pods.into_iter().map(|p| (p.uid.clone(), p)).collect();
+        let nodes = NodeIndex::build(
+            pods.values()
+                .map(|p| p.node.as_str())
+                .chain(std::iter::once(local_node)),
+        );
+        View {
+            local_node: local_node.to_owned(),
+            pods,
+            nodes,
+        }
+    }
+
+    /// Pods on this node.
+    pub fn local_pods(&self) -> impl Iterator<Item = &PodView> {
+        self.pods.values().filter(|p| p.node == self.local_node)
+    }
+
+    fn endpoint(&self, pod: &PodView) -> Option<Endpoint> {
+        Some(Endpoint {
+            id: pod.id,
+            node: self.nodes.get(&pod.node)?,
+            gen_: pod.generation,
+        })
+    }
+
+    /// The `ts_ep_ip` entries: every pod address. When two pods claim one
+    /// address (a deleted pod's IP reused), the live, newest one wins.
+    pub fn ip_endpoints(&self) -> BTreeMap<[u8; 16], Endpoint> {
+        let mut winner: BTreeMap<[u8; 16], &PodView> = BTreeMap::new();
+        for pod in self.pods.values() {
+            let Some(ip) = pod.ip else { continue };
+            let key = IpKey::from(ip).addr;
+            let rank = |p: &PodView| (!p.terminating, p.created, p.uid.clone());
+            if winner.get(&key).is_none_or(|w| rank(w) < rank(pod)) {
+                winner.insert(key, pod);
+            }
+        }
+        winner
+            .into_iter()
+            .filter_map(|(k, p)| Some((k, self.endpoint(p)?)))
+            .collect()
+    }
+
+    /// The `ts_ep_cgroup` entries of this node's pods, given each pod's
+    /// cgroup id (None while it has none).
+    pub fn cgroup_endpoints(
+        &self,
+        cgroup_of: &mut dyn FnMut(&PodView) -> Option<u64>,
+    ) -> BTreeMap<u64, Endpoint> {
+        let mut out = BTreeMap::new();
+        for pod in self.local_pods() {
+            if let (Some(cgroup), Some(ep)) = (cgroup_of(pod), self.endpoint(pod)) {
+                out.insert(cgroup, ep);
+            }
+        }
+        out
+    }
+
+    /// The (id, generation) of `spiffe_id` as held by a pod on `node`.
+    pub fn identity_on(&self, spiffe_id: &str, node: &str) -> Option<(u32, u64)> {
+        self.pods
+            .values()
+            .filter(|p| p.node == node && p.spiffe_id == spiffe_id && !p.terminating)
+            .map(|p| (p.id, p.generation))
+            .max_by_key(|(_, g)| *g)
+    }
+
+    /// The SPIFFE ID of numeric identity `id` as held on `node`.
+    pub fn spiffe_id_on(&self, id: u32, node: &str) -> Option<&str> {
+        self.pods
+            .values()
+            .find(|p| p.node == node && p.id == id && !p.terminating)
+            .map(|p| p.spiffe_id.as_str())
+    }
+
+    /// Where `node`'s agent listens (its pods' host address).
+    pub fn host_of(&self, node: &str) -> Option<IpAddr> {
+        self.pods
+            .values()
+            .filter(|p| p.node == node)
+            .find_map(|p| p.host_ip)
+    }
+
+    /// Whether `ip` is an address of `node` (its pods' host address).
+    pub fn is_host_of(&self, node: &str, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.pods
+            .values()
+            .any(|p| p.node == node && p.host_ip.map(canonical) == Some(ip))
+    }
+
+    /// The pairs this node should authenticate ahead of traffic: a local
+    /// workload L and a remote workload R on node N where R's compiled policy
+    /// has an Allow rule requiring mutual authentication from L. (This node
+    /// initiates, as L's side; the responder records the other direction.)
+    pub fn wanted_pairs(&self, policies: &[&IdentityPolicySpec]) -> BTreeSet<Pair> {
+        let locals: BTreeSet<&str> = self
+            .local_pods()
+            .filter(|p| !p.terminating)
+            .map(|p| p.spiffe_id.as_str())
+            .collect();
+        let mut out = BTreeSet::new();
+        for policy in policies {
+            let needing: Vec<&str> = locals
+                .iter()
+                .copied()
+                .filter(|l| {
+                    let Ok(id) = l.parse::<SpiffeId>() else {
+                        return false;
+                    };
+                    policy.rules.iter().any(|r| {
+                        r.action == PolicyAction::Allow
+                            && r.authentication == Authentication::Mutual
+                            && r.from.iter().any(|peer| peer.matches(&id))
+                    })
+                })
+                .collect();
+            if needing.is_empty() {
+                continue;
+            }
+            let nodes: BTreeSet<&str> = self
+                .pods
+                .values()
+                .filter(|p| p.spiffe_id == policy.spiffe_id && !p.terminating)
+                .map(|p| p.node.as_str())
+                .collect();
+            for local in &needing {
+                for node in &nodes {
+                    out.insert(Pair {
+                        local: (*local).to_owned(),
+                        remote: policy.spiffe_id.clone(),
+                        remote_node: (*node).to_owned(),
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+impl Generations for View {
+    fn local(&self, id: u32) -> Option<u64> {
+        self.local_pods()
+            .filter(|p| p.id == id && !p.terminating)
+            .map(|p| p.generation)
+            .max()
+    }
+
+    fn remote(&self, id: u32, node: u32) -> Option<u64> {
+        let node = self.nodes.name(node)?;
+        self.pods
+            .values()
+            .filter(|p| p.node == node && p.id == id && !p.terminating)
+            .map(|p| p.generation)
+            .max()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use tessera_api::crd::identity_policy::{CompiledPeer, CompiledRule};
+
+    fn pod(uid: &str, node: &str, ip: &str, id: &str, num: u32, generation: u64) -> PodView {
+        PodView {
+            uid: uid.into(),
+            name: format!("shop/{uid}"),
+            node: node.into(),
+            ip: Some(ip.parse().unwrap()),
+            host_ip: Some(
+                if node == "a" {
+                    "198.18.0.1"
+                } else {
+                    "198.18.0.2"
+                }
+                .parse()
+                .unwrap(),
+            ),
+            spiffe_id: format!("spiffe://td/{id}"),
+            id: num,
+            generation,
+            terminating: false,
+            created: 100,
+        }
+    }
+
+    fn policy(dst: &str, from: &[&str], auth: bool) -> IdentityPolicySpec {
+        IdentityPolicySpec {
+            spiffe_id: format!("spiffe://td/{dst}"),
+            default_deny: true,
+            rules: vec![CompiledRule {
+                action: PolicyAction::Allow,
+                from: vec![CompiledPeer {
+                    spiffe_ids: Some(from.iter().map(|f| format!("spiffe://td/{f}")).collect()),
+                    ..Default::default()
+                }],
+                ports: vec![],
+                authentication: if auth {
+                    Authentication::Mutual
+                } else {
+                    Authentication::None
+                },
+                l7: false,
+            }],
+            sources: vec![],
+        }
+    }
+
+    #[test]
+    fn a_reused_address_belongs_to_the_live_newest_pod() {
+        let mut old = pod("b", "b", "198.18.2.10", "db", 7, 1);
+        old.terminating = true;
+        let mut new = pod("c", "b", "198.18.2.10", "cache", 9, 4);
+        new.created = 50; // older creation, but the other is terminating
+        let view = View::new("a", [old, new]);
+        let eps = view.ip_endpoints();
+        assert_eq!(eps.len(), 1);
+        let ep = eps.values().next().unwrap();
+        assert_eq!((ep.id, ep.gen_), (9, 4));
+        assert_eq!(ep.node, node_hash("b"));
+    }
+
+    #[test]
+    fn colliding_node_names_get_no_entries() {
+        // Find two names with one FNV-1a index.
+        let mut seen = HashMap::new();
+        let (x, y) = (0..10_000_000u32)
+            .find_map(|i| {
+                let name = format!("n{i}");
+                seen.insert(node_hash(&name), name.clone())
+                    .filter(|other| *other != name)
+                    .map(|other| (other, name))
+            })
+            .unwrap();
+        let view = View::new(
+            "a",
+            [
+                pod("1", &x, "198.18.2.1", "x", 1, 1),
+                pod("2", &y, "198.18.2.2", "y", 2, 1),
+            ],
+        );
+        assert!(view.ip_endpoints().is_empty());
+        assert_eq!(view.nodes.collisions, [x, y].into());
+    }
+
+    #[test]
+    fn pairs_follow_policy_requiring_authentication() {
+        let view = View::new(
+            "a",
+            [
+                pod("1", "a", "198.18.1.1", "web", 1, 1),
+                pod("2", "b", "198.18.2.1", "db", 2, 1),
+                pod("3", "a", "198.18.1.2", "db", 2, 1),
+                pod("4", "b", "198.18.2.2", "cache", 3, 1),
+            ],
+        );
+        let db = policy("db", &["web"], true);
+        let cache = policy("cache", &["web"], false);
+        let pairs = view.wanted_pairs(&[&db, &cache]);
+        let want: BTreeSet<Pair> = ["a", "b"]
+            .iter()
+            .map(|n| Pair {
+                local: "spiffe://td/web".into(),
+                remote: "spiffe://td/db".into(),
+                remote_node: (*n).into(),
+            })
+            .collect();
+        assert_eq!(pairs, want);
+        // From node b, web is not local: nothing to initiate there.
+        let from_b = View::new("b", view.pods.values().cloned());
+        assert!(from_b.wanted_pairs(&[&db]).is_empty());
+    }
+
+    #[test]
+    fn generations_come_from_live_pods_on_the_node() {
+        let mut gone = pod("3", "b", "198.18.2.3", "db", 2, 1);
+        gone.terminating = true;
+        let view = View::new(
+            "a",
+            [
+                pod("1", "a", "198.18.1.1", "web", 1, 5),
+                pod("2", "b", "198.18.2.1", "db", 2, 6),
+                gone,
+            ],
+        );
+        assert_eq!(view.local(1), Some(5));
+        assert_eq!(view.local(2), None);
+        assert_eq!(view.remote(2, node_hash("b")), Some(6));
+        assert_eq!(view.remote(2, node_hash("a")), None);
+        assert!(view.is_host_of("b", "::ffff:198.18.0.2".parse().unwrap()));
+        assert!(!view.is_host_of("b", "198.18.0.1".parse().unwrap()));
+    }
+}
