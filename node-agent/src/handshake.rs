@@ -173,6 +173,27 @@ fn leaf_identity(der: &[u8]) -> Result<(SpiffeId, i64), String> {
 struct Anchors {
     by_domain: HashMap<String, Vec<TrustAnchor<'static>>>,
     algorithms: WebPkiSupportedAlgorithms,
+    /// Chains already verified against these anchors: digest of (usage,
+    /// leaf, intermediates) -> (SPIFFE ID, NotBefore, NotAfter). Peers
+    /// present the same SVID for many handshakes; the validity period is
+    /// still checked on every use, and a bundle change builds new anchors
+    /// (and so an empty cache). The handshake signature is always verified.
+    verified: std::sync::Mutex<HashMap<[u8; 32], (SpiffeId, i64, i64)>>,
+}
+
+/// Most verified chains remembered per set of anchors.
+const VERIFIED_CACHE: usize = 4096;
+
+fn chain_digest(usage: u8, leaf: &[u8], intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(&[usage]);
+    for cert in std::iter::once(leaf).chain(intermediates.iter().map(|c| c.as_ref())) {
+        ctx.update(&(cert.len() as u64).to_be_bytes());
+        ctx.update(cert);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }
 
 impl Anchors {
@@ -199,6 +220,7 @@ impl Anchors {
         Ok(Anchors {
             by_domain,
             algorithms,
+            verified: Default::default(),
         })
     }
 
@@ -210,8 +232,23 @@ impl Anchors {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
         usage: KeyUsage,
+        usage_tag: u8,
     ) -> Result<(SpiffeId, i64), rustls::Error> {
         let bad = |why: String| rustls::Error::General(why);
+        let digest = chain_digest(usage_tag, leaf, intermediates);
+        let now_secs = now.as_secs() as i64;
+        let cached = self
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&digest)
+            .cloned();
+        if let Some((id, not_before, not_after)) = cached
+            && not_before <= now_secs
+            && now_secs < not_after
+        {
+            return Ok((id, not_after));
+        }
         let (id, not_after) = leaf_identity(leaf).map_err(bad)?;
         let domain = id.trust_domain().id().to_string();
         let anchors = self
@@ -235,6 +272,14 @@ impl Anchors {
                 "the certificate of {id} does not chain to {domain}'s bundle: {e}"
             ))
         })?;
+        let not_before = x509_parser::parse_x509_certificate(leaf)
+            .map(|(_, c)| c.validity().not_before.timestamp())
+            .map_err(|e| bad(format!("bad certificate: {e}")))?;
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if verified.len() >= VERIFIED_CACHE {
+            verified.clear();
+        }
+        verified.insert(digest, (id.clone(), not_before, not_after));
         Ok((id, not_after))
     }
 
@@ -263,7 +308,7 @@ impl ServerCertVerifier for ResponderVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let (id, _) = self
             .0
-            .verify(end_entity, intermediates, now, KeyUsage::server_auth())?;
+            .verify(end_entity, intermediates, now, KeyUsage::server_auth(), 1)?;
         if ServerName::try_from(self::server_name(id.as_str()).as_str())
             .ok()
             .as_ref()
@@ -318,7 +363,7 @@ impl ClientCertVerifier for InitiatorVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.0
-            .verify(end_entity, intermediates, now, KeyUsage::client_auth())?;
+            .verify(end_entity, intermediates, now, KeyUsage::client_auth(), 2)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -373,7 +418,20 @@ pub struct Credentials {
 }
 
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    // TLS 1.3 suites only, AES-128-GCM/SHA-256 first (as Go and BoringSSL
+    // prefer on CPUs with AES and SHA instructions: the transcript hash and
+    // key schedule then run on SHA-256 in hardware).
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_CHACHA20_POLY1305_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 impl Credentials {

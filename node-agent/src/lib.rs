@@ -5,6 +5,7 @@
 
 pub mod attestation;
 pub mod authcache;
+pub mod bench;
 pub mod enforcer;
 pub mod handshake;
 pub mod identities;

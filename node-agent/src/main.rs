@@ -27,6 +27,18 @@ enum Command {
         #[arg(long, default_value_t = 1_000_000)]
         repeat: u32,
     },
+    /// Measure agent handshakes (initiator and responder on one thread) for
+    /// `seconds`, writing the certificates used into `dir` for the Go peer;
+    /// prints JSON (for `cargo xtask bench auth`).
+    #[command(hide = true)]
+    BenchHandshake {
+        /// Where the CA and SVIDs are written (PEM).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// How long to measure.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// Check SPIFFE IDs against the SPIFFE ID specification; prints each ID's
     /// trust domain and path, or exactly what is wrong. Exits 1 if any is invalid.
     ValidateId {
@@ -357,7 +369,11 @@ fn main() -> ExitCode {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
-            block_on(async { run(*args).await.map_err(|e| format!("tessera-agent: {e:#}")) })
+            block_on(async {
+                run(*args)
+                    .await
+                    .map_err(|e| format!("tessera-agent: {e:#}"))
+            })
         }
         Command::FetchX509 { socket, updates } => block_on(async {
             fetch_x509(&socket, updates)
@@ -382,6 +398,34 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::BenchHandshake { dir, seconds } => {
+            let measured = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+                .and_then(|rt| {
+                    rt.block_on(async {
+                        let (client, server, bundles) =
+                            tessera_agent::bench::make_material(&dir).map_err(|e| e.to_string())?;
+                        tessera_agent::bench::handshakes(&client, &server, &bundles, seconds)
+                            .await
+                            .map_err(|e| e.to_string())
+                    })
+                });
+            match measured {
+                Ok(f) => {
+                    println!(
+                        "{{\"per_second\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"count\": {}}}",
+                        f.per_second, f.p50_ms, f.p99_ms, f.count
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tessera-agent bench-handshake: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::ValidateId { ids } => {
             let mut ok = true;
             for id in ids {

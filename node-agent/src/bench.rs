@@ -1,0 +1,179 @@
+//! The handshake benchmark behind `tessera-agent bench-handshake` (run by
+//! `cargo xtask bench auth`): a throwaway CA and two X509-SVIDs (ECDSA
+//! P-256), written as PEM so the Go crypto/tls peer uses the very same
+//! material, then sequential agent handshakes over loopback with initiator
+//! and responder on one thread.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+use crate::handshake::{self, Credentials, Initiate};
+use crate::identities::{Bundles, X509Svid};
+
+/// The benchmark's trust domain and identities.
+pub const TRUST_DOMAIN: &str = "spiffe://bench.test";
+/// The initiator's SPIFFE ID.
+pub const CLIENT_ID: &str = "spiffe://bench.test/ns/shop/sa/web";
+/// The responder's SPIFFE ID.
+pub const SERVER_ID: &str = "spiffe://bench.test/ns/shop/sa/db";
+
+/// Why the benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Making certificates failed.
+    #[error("cannot make certificates: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// Writing them failed.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A handshake failed.
+    #[error(transparent)]
+    Handshake(#[from] handshake::HandshakeError),
+    /// Loopback failed.
+    #[error("loopback: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Handshake rate and latency.
+#[derive(Debug, Clone, Copy)]
+pub struct HandshakeFigures {
+    /// Completed handshakes per second (initiator and responder on one core).
+    pub per_second: f64,
+    /// Median latency of one handshake, milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile, milliseconds.
+    pub p99_ms: f64,
+    /// Handshakes measured.
+    pub count: usize,
+}
+
+/// A leaf SVID for `id`: PEM, DER and key.
+type Leaf = (String, Vec<u8>, KeyPair);
+
+fn leaf(id: &str, issuer: &Issuer<'_, KeyPair>) -> Result<Leaf, rcgen::Error> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.subject_alt_names = vec![SanType::URI(id.to_owned().try_into()?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = params.signed_by(&key, issuer)?;
+    Ok((cert.pem(), cert.der().to_vec(), key))
+}
+
+/// Makes the CA and both SVIDs, writes `ca.pem`, `client.pem`,
+/// `client.key`, `server.pem`, `server.key` into `dir`, and returns the
+/// SVIDs and bundle for the Rust side.
+pub fn make_material(dir: &Path) -> Result<(X509Svid, X509Svid, Bundles), BenchError> {
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.subject_alt_names = vec![SanType::URI(TRUST_DOMAIN.to_owned().try_into()?)];
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|source| BenchError::Write {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    write("ca.pem", &ca_cert.pem())?;
+    let mut svids = Vec::new();
+    for (name, id) in [("client", CLIENT_ID), ("server", SERVER_ID)] {
+        let (pem, der, key) = leaf(id, &issuer)?;
+        write(&format!("{name}.pem"), &pem)?;
+        write(&format!("{name}.key"), &key.serialize_pem())?;
+        svids.push(X509Svid {
+            spiffe_id: id.to_owned(),
+            chain_der: der,
+            key_der: key.serialize_der(),
+            hint: String::new(),
+        });
+    }
+    let bundles = Bundles {
+        trust_domain_id: TRUST_DOMAIN.to_owned(),
+        own_der: ca_cert.der().to_vec(),
+        ..Default::default()
+    };
+    let server = svids.pop().ok_or(rcgen::Error::CouldNotParseCertificate)?;
+    let client = svids.pop().ok_or(rcgen::Error::CouldNotParseCertificate)?;
+    Ok((client, server, bundles))
+}
+
+/// Runs sequential handshakes for `seconds` on the current (single) thread.
+pub async fn handshakes(
+    client: &X509Svid,
+    server: &X509Svid,
+    bundles: &Bundles,
+    seconds: f64,
+) -> Result<HandshakeFigures, BenchError> {
+    let initiator = Credentials::build([client], bundles)?;
+    let responder = Credentials::build([server], bundles)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let accept = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let responder = responder.clone();
+            tokio::spawn(async move {
+                let _ = handshake::respond(&responder, tcp, |_| Ok(())).await;
+            });
+        }
+    });
+    let ask = Initiate {
+        local: CLIENT_ID,
+        remote: SERVER_ID,
+        local_node: "node-a",
+        remote_node: "node-b",
+        source: None,
+    };
+    // Warm up, then measure.
+    for _ in 0..20 {
+        handshake::initiate(&initiator, addr, &ask).await?;
+    }
+    let mut latencies = Vec::new();
+    let started = Instant::now();
+    while started.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        handshake::initiate(&initiator, addr, &ask).await?;
+        latencies.push(t.elapsed());
+    }
+    let total = started.elapsed();
+    accept.abort();
+    latencies.sort();
+    let at = |p: f64| {
+        let i = ((p / 100.0) * (latencies.len() as f64 - 1.0)).round() as usize;
+        latencies
+            .get(i.min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64()
+            * 1000.0
+    };
+    Ok(HandshakeFigures {
+        per_second: latencies.len() as f64 / total.as_secs_f64(),
+        p50_ms: at(50.0),
+        p99_ms: at(99.0),
+        count: latencies.len(),
+    })
+}
