@@ -16,12 +16,11 @@
 //! - On start the auth map is restored from the auth cache (no handshake for
 //!   a still-valid entry) after the first full view of the cluster.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
@@ -30,15 +29,15 @@ use kube::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tessera_api::crd::{IdentityPolicy, IdentityPolicySpec, NumericIdentity};
-use tessera_bpf::abi::{AuthKey, AuthValue, Endpoint};
-use tessera_bpf::datapath::{Datapath, DatapathError};
+use tessera_bpf::abi::AuthKey;
+use tessera_bpf::datapath::DatapathError;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::authcache::{self, AuthCache, AuthCacheError, Clocks, Entry, Generations};
+use crate::authcache::Generations;
 use crate::handshake::{self, Authenticated, Credentials, HandshakeError, Initiate};
 use crate::identities::IdentityStore;
-use crate::policy::{self, IdentityTable};
+use crate::policy::IdentityTable;
 use crate::view::{Pair, View, pod_view};
 
 /// Re-authenticate an entry with less than this left.
@@ -56,9 +55,9 @@ pub enum EnforceError {
     /// Loading, pinning or attaching the eBPF programs failed.
     #[error("eBPF data path: {0}")]
     Datapath(#[from] DatapathError),
-    /// The auth cache failed.
+    /// Opening the maps or the auth cache failed.
     #[error(transparent)]
-    Cache(#[from] AuthCacheError),
+    Open(#[from] DataPlaneError),
     /// The handshake port could not be opened.
     #[error("cannot listen for handshakes on {addr}: {source}; is another agent running there?")]
     Listen {
@@ -91,49 +90,8 @@ pub struct EnforcerConfig {
     pub pod_cgroups: PathBuf,
 }
 
-/// Counters of what the enforcer did.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Handshakes this agent initiated that succeeded.
-    pub initiated_ok: AtomicU64,
-    /// Handshakes this agent initiated that failed.
-    pub initiated_failed: AtomicU64,
-    /// Handshakes this agent answered that succeeded.
-    pub responded_ok: AtomicU64,
-    /// Handshakes this agent answered that failed.
-    pub responded_failed: AtomicU64,
-    /// Auth entries restored from the cache at start without a handshake.
-    pub restored: AtomicU64,
-    /// Auth entries removed because generations, epoch or expiry no longer hold.
-    pub invalidated: AtomicU64,
-    /// Missing authentications reported by the data path.
-    pub events: AtomicU64,
-}
-
-impl Stats {
-    fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A one-line summary for logs.
-    pub fn summary(&self) -> String {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        format!(
-            "handshakes initiated ok={} failed={}, answered ok={} failed={}, restored={}, invalidated={}, events={}",
-            get(&self.initiated_ok),
-            get(&self.initiated_failed),
-            get(&self.responded_ok),
-            get(&self.responded_failed),
-            get(&self.restored),
-            get(&self.invalidated),
-            get(&self.events)
-        )
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub use crate::dataplane::Stats;
+use crate::dataplane::{DataPlane, DataPlaneError, lock};
 
 /// The cluster objects the enforcer follows.
 #[derive(Clone)]
@@ -145,20 +103,13 @@ struct Stores {
 
 struct Inner {
     cfg: EnforcerConfig,
-    dp: Mutex<Datapath>,
-    cache: AuthCache,
-    /// The cache's records, by key (what the auth map may hold).
-    entries: Mutex<HashMap<AuthKey, Entry>>,
+    plane: DataPlane,
     view: Mutex<Arc<View>>,
     policies: Mutex<Arc<Vec<IdentityPolicySpec>>>,
     creds: Mutex<Option<Credentials>>,
     inflight: Mutex<HashSet<Pair>>,
     failed: Mutex<HashMap<Pair, Instant>>,
     cgroups: Mutex<HashMap<String, u64>>,
-    /// NotAfter of the local SVID each entry was authenticated with.
-    used_svid: Mutex<HashMap<AuthKey, i64>>,
-    stats: Arc<Stats>,
-    dirty: AtomicU64,
 }
 
 impl Inner {
@@ -194,8 +145,6 @@ impl Inner {
         *lock(&self.view) = view.clone();
         let live: HashSet<&str> = view.local_pods().map(|p| p.uid.as_str()).collect();
         lock(&self.cgroups).retain(|uid, _| live.contains(uid.as_str()));
-        let ips = view.ip_endpoints();
-        let cgroups = view.cgroup_endpoints(&mut |p| self.cgroup_of(&p.uid));
         let mut table = IdentityTable::default();
         for ni in stores.identities.state() {
             if let Ok(generation) = u64::try_from(ni.spec.generation) {
@@ -209,45 +158,10 @@ impl Inner {
             .map(|p| p.spec.clone())
             .collect();
         let refs: Vec<&IdentityPolicySpec> = specs.iter().collect();
-        let (rules, errors) = policy::translate(&refs, &table);
-        for e in &errors {
-            warn!(error = %e, "policy enforced fail-closed");
-        }
-        let mut dp = lock(&self.dp);
-        write_endpoints(&mut dp, &ips, &cgroups)?;
-        policy::write(&mut dp, &rules)?;
-        let epoch = dp.epoch()?;
-        let clocks = Clocks::now();
-        for (key, value) in dp.auths()? {
-            let entry = lock(&self.entries).get(&key).cloned();
-            let valid = entry
-                .as_ref()
-                .and_then(|e| authcache::map_value(e, view.as_ref(), clocks, epoch))
-                .is_some_and(|v| {
-                    v.local_gen == value.local_gen && v.remote_gen == value.remote_gen
-                });
-            if !valid {
-                dp.remove_auth(&key)?;
-                self.forget(&key);
-                Stats::bump(&self.stats.invalidated);
-                debug!(
-                    ?key,
-                    "auth entry removed: its generations, epoch or expiry no longer hold"
-                );
-            }
-        }
-        drop(dp);
+        self.plane
+            .apply(&view, &table, &refs, &mut |p| self.cgroup_of(&p.uid))?;
         *lock(&self.policies) = Arc::new(specs);
         Ok(())
-    }
-
-    fn forget(&self, key: &AuthKey) {
-        lock(&self.entries).remove(key);
-        lock(&self.used_svid).remove(key);
-        if let Err(e) = self.cache.remove(key) {
-            warn!(error = %e, "cannot remove an auth cache record");
-        }
-        self.dirty.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether `pair` holds an authentication that needs no renewal.
@@ -255,14 +169,14 @@ impl Inner {
         let Some(key) = auth_key(view, pair) else {
             return true; // not resolvable: nothing to do until the view changes
         };
-        let Some(entry) = lock(&self.entries).get(&key).cloned() else {
+        let Some(entry) = self.plane.entry(&key) else {
             return false;
         };
         let current = view.local(key.local) == Some(entry.local_gen)
             && view.remote(key.remote, key.remote_node) == Some(entry.remote_gen);
         let left = entry.not_after - crate::svids::unix_now();
         // This node's SVID rotated since the handshake: renew with the new one.
-        let used = lock(&self.used_svid).get(&key).copied();
+        let used = self.plane.used_svid(&key);
         let rotated = used.is_some_and(|used| creds.not_after(&pair.local) != Some(used));
         current && left > REAUTH_MARGIN.as_secs() as i64 && !rotated
     }
@@ -314,14 +228,14 @@ impl Inner {
         };
         match handshake::initiate(&creds, addr, &ask).await {
             Ok(auth) => {
-                Stats::bump(&self.stats.initiated_ok);
+                Stats::bump(&self.plane.stats.initiated_ok);
                 lock(&self.failed).remove(pair);
                 let recorded = self.record(&auth);
                 info!(local = %pair.local, remote = %pair.remote, node = %pair.remote_node,
                       took_us = started.elapsed().as_micros() as u64, recorded, "authenticated");
             }
             Err(e) => {
-                Stats::bump(&self.stats.initiated_failed);
+                Stats::bump(&self.plane.stats.initiated_failed);
                 lock(&self.failed).insert(pair.clone(), Instant::now());
                 warn!(local = %pair.local, remote = %pair.remote, node = %pair.remote_node,
                       error = %e, "handshake failed; the pair stays denied and is retried");
@@ -329,58 +243,16 @@ impl Inner {
         }
     }
 
-    /// Writes one authentication into the cache and the auth map; false when
-    /// the view no longer has both workloads where the handshake found them.
+    /// Records a successful handshake (see [`DataPlane::record`]).
     fn record(&self, auth: &Authenticated) -> bool {
-        let view = self.view();
-        let pair = Pair {
-            local: auth.local.clone(),
-            remote: auth.remote.clone(),
-            remote_node: auth.remote_node.clone(),
-        };
-        let (Some(key), Some((_, local_gen)), Some((_, remote_gen))) = (
-            auth_key(&view, &pair),
-            view.identity_on(&auth.local, &self.cfg.node_name),
-            view.identity_on(&auth.remote, &auth.remote_node),
-        ) else {
-            return false;
-        };
-        let entry = Entry {
-            key,
-            local_gen,
-            remote_gen,
-            not_after: auth.not_after,
-            local_id: auth.local.clone(),
-            remote_id: auth.remote.clone(),
-            remote_node: auth.remote_node.clone(),
-        };
-        let mut dp = lock(&self.dp);
-        let Ok(epoch) = dp.epoch() else { return false };
-        let Some(value) = authcache::map_value(&entry, view.as_ref(), Clocks::now(), epoch) else {
-            return false;
-        };
-        if let Err(e) = self.cache.put(&entry) {
-            // Not persisted: still enforced now, re-authenticated after a restart.
-            warn!(error = %e, "cannot persist an authentication");
-        }
-        if let Some(used) = self.creds().and_then(|c| c.not_after(&auth.local)) {
-            lock(&self.used_svid).insert(key, used);
-        }
-        lock(&self.entries).insert(key, entry);
-        self.dirty.fetch_add(1, Ordering::Relaxed);
-        match dp.set_auth(key, value) {
-            Ok(()) => true,
-            Err(e) => {
-                warn!(error = %e, "cannot write an auth entry");
-                false
-            }
-        }
+        let used = self.creds().and_then(|c| c.not_after(&auth.local));
+        self.plane.record(&self.view(), auth, used)
     }
 
     /// Reads the data path's reports of missing authentications and
     /// authenticates those pairs.
     fn drain_events(self: &Arc<Self>) {
-        let events = match lock(&self.dp).take_events() {
+        let events = match self.plane.take_events() {
             Ok(events) => events,
             Err(e) => {
                 warn!(error = %e, "cannot read the auth event ring buffer");
@@ -392,7 +264,7 @@ impl Inner {
         }
         let view = self.view();
         for ev in events {
-            Stats::bump(&self.stats.events);
+            Stats::bump(&self.plane.stats.events);
             let Some(node) = view.nodes.name(ev.remote_node) else {
                 continue;
             };
@@ -409,42 +281,6 @@ impl Inner {
             });
         }
     }
-
-    /// Restores the auth map from the cache (after the first full sync).
-    fn restore(&self, cached: &[Entry]) -> Result<(), DatapathError> {
-        let view = self.view();
-        let mut dp = lock(&self.dp);
-        let epoch = dp.epoch()?;
-        let pinned: BTreeMap<AuthKey, AuthValue> = dp.auths()?.into_iter().collect();
-        let plan = authcache::reconcile(cached, &pinned, view.as_ref(), Clocks::now(), epoch);
-        for (key, value) in &plan.write {
-            dp.set_auth(*key, *value)?;
-        }
-        for key in &plan.remove {
-            dp.remove_auth(key)?;
-        }
-        drop(dp);
-        for key in &plan.forget {
-            self.forget(key);
-        }
-        let forgotten: HashSet<&AuthKey> = plan.forget.iter().collect();
-        let mut entries = lock(&self.entries);
-        for e in cached.iter().filter(|e| !forgotten.contains(&e.key)) {
-            entries.insert(e.key, e.clone());
-        }
-        let restored = plan.kept + plan.write.len();
-        self.stats
-            .restored
-            .store(restored as u64, Ordering::Relaxed);
-        info!(
-            restored,
-            rewritten = plan.write.len(),
-            removed = plan.remove.len(),
-            forgotten = plan.forget.len(),
-            "auth map restored from the auth cache without handshakes"
-        );
-        Ok(())
-    }
 }
 
 /// The auth map key of `pair` in `view`.
@@ -457,37 +293,6 @@ fn auth_key(view: &View, pair: &Pair) -> Option<AuthKey> {
         remote_node: view.nodes.get(&pair.remote_node)?,
         pad: 0,
     })
-}
-
-/// Writes the endpoint maps: changed and new entries first, then removals.
-fn write_endpoints(
-    dp: &mut Datapath,
-    ips: &BTreeMap<[u8; 16], Endpoint>,
-    cgroups: &BTreeMap<u64, Endpoint>,
-) -> Result<(), DatapathError> {
-    let current: BTreeMap<[u8; 16], Endpoint> = dp
-        .endpoint_ips()?
-        .into_iter()
-        .map(|(k, v)| (k.addr, v))
-        .collect();
-    for (addr, ep) in ips {
-        if current.get(addr) != Some(ep) {
-            dp.set_endpoint_ip(std::net::Ipv6Addr::from(*addr).into(), *ep)?;
-        }
-    }
-    for addr in current.keys().filter(|a| !ips.contains_key(*a)) {
-        dp.remove_endpoint_ip(std::net::Ipv6Addr::from(*addr).into())?;
-    }
-    let current: BTreeMap<u64, Endpoint> = dp.endpoint_cgroups()?.into_iter().collect();
-    for (cgroup, ep) in cgroups {
-        if current.get(cgroup) != Some(ep) {
-            dp.set_endpoint_cgroup(*cgroup, *ep)?;
-        }
-    }
-    for cgroup in current.keys().filter(|c| !cgroups.contains_key(*c)) {
-        dp.remove_endpoint_cgroup(*cgroup)?;
-    }
-    Ok(())
 }
 
 /// A directory below `root` (at most `depth` levels) whose name contains
@@ -535,17 +340,10 @@ pub async fn run(
     stats: Arc<Stats>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), EnforceError> {
-    let mut dp = Datapath::open(cfg.pin_dir.as_deref())?;
-    if !dp.reused_maps().is_empty() {
-        info!(maps = ?dp.reused_maps(), "reusing pinned maps: enforcement continued while the agent was down");
-    }
+    let (plane, _) = DataPlane::open(cfg.pin_dir.as_deref(), &cfg.cache_dir, stats)?;
     if let Some(cgroup) = &cfg.attach_cgroup {
-        dp.attach(cgroup)?;
+        plane.with_datapath(|dp| dp.attach(cgroup))?;
         info!(cgroup = %cgroup.display(), "data path attached");
-    }
-    let (cache, opened) = AuthCache::open(&cfg.cache_dir)?;
-    if let Some(why) = &opened.discarded {
-        warn!(path = %cfg.cache_dir.display(), reason = %why, "the auth cache was damaged and is rebuilt: pairs are authenticated again");
     }
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -556,18 +354,13 @@ pub async fn run(
     info!(addr = %cfg.listen, "accepting handshakes");
     let inner = Arc::new(Inner {
         cfg,
-        dp: Mutex::new(dp),
-        cache,
-        entries: Mutex::default(),
+        plane,
         view: Mutex::default(),
         policies: Mutex::default(),
         creds: Mutex::new(None),
         inflight: Mutex::default(),
         failed: Mutex::default(),
         cgroups: Mutex::default(),
-        used_svid: Mutex::default(),
-        stats,
-        dirty: AtomicU64::new(0),
     });
 
     let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
@@ -654,7 +447,7 @@ pub async fn run(
         }
     }
     inner.sync(&stores)?;
-    inner.restore(&opened.entries)?;
+    inner.plane.restore(&inner.view())?;
     info!("data path in sync with the cluster");
 
     // Handshakes from other agents.
@@ -687,12 +480,12 @@ pub async fn run(
                     };
                     match handshake::respond(&creds, tcp, admit).await {
                         Ok(auth) => {
-                            Stats::bump(&inner.stats.responded_ok);
+                            Stats::bump(&inner.plane.stats.responded_ok);
                             let recorded = inner.record(&auth);
                             info!(local = %auth.local, remote = %auth.remote, node = %auth.remote_node, recorded, "authenticated (answered)");
                         }
                         Err(e) => {
-                            Stats::bump(&inner.stats.responded_failed);
+                            Stats::bump(&inner.plane.stats.responded_failed);
                             warn_handshake(&e, from);
                         }
                     }
@@ -715,7 +508,6 @@ pub async fn run(
 
     let mut sweep = tokio::time::interval(SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut flushed = inner.dirty.load(Ordering::Relaxed);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -730,19 +522,15 @@ pub async fn run(
             continue;
         }
         inner.preauthenticate();
-        let dirty = inner.dirty.load(Ordering::Relaxed);
-        if dirty != flushed {
-            if let Err(e) = inner.cache.flush() {
-                warn!(error = %e, "cannot flush the auth cache");
-            }
-            flushed = dirty;
+        if let Err(e) = inner.plane.flush() {
+            warn!(error = %e, "cannot flush the auth cache");
         }
     }
     tasks.iter().for_each(|t| t.abort());
-    if let Err(e) = inner.cache.flush() {
+    if let Err(e) = inner.plane.flush() {
         warn!(error = %e, "cannot flush the auth cache");
     }
-    info!(stats = %inner.stats.summary(), "data path controller stopped; pinned enforcement stays");
+    info!(stats = %inner.plane.stats.summary(), "data path controller stopped; pinned enforcement stays");
     Ok(())
 }
 

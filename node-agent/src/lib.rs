@@ -6,6 +6,7 @@
 pub mod attestation;
 pub mod authcache;
 pub mod bench;
+pub mod dataplane;
 pub mod enforcer;
 pub mod handshake;
 pub mod identities;

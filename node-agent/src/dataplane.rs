@@ -1,0 +1,334 @@
+//! The node's data-path state without the cluster plumbing: the eBPF maps
+//! and the auth cache, and the operations that keep them consistent with a
+//! [`View`] of the cluster. [`crate::enforcer`] feeds it from watches and
+//! handshakes; tests feed it directly and compare the kernel's decisions
+//! with a model.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tessera_api::crd::IdentityPolicySpec;
+use tessera_bpf::abi::{AuthEvent, AuthKey, AuthValue, Endpoint};
+use tessera_bpf::datapath::{Datapath, DatapathError};
+use tracing::{debug, info, warn};
+
+use crate::authcache::{self, AuthCache, AuthCacheError, Clocks, Entry, Opened};
+use crate::handshake::Authenticated;
+use crate::policy::{self, IdentityTable};
+use crate::view::{PodView, View};
+
+/// Counters of what the data path and the handshakes did.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Handshakes this agent initiated that succeeded.
+    pub initiated_ok: AtomicU64,
+    /// Handshakes this agent initiated that failed.
+    pub initiated_failed: AtomicU64,
+    /// Handshakes this agent answered that succeeded.
+    pub responded_ok: AtomicU64,
+    /// Handshakes this agent answered that failed.
+    pub responded_failed: AtomicU64,
+    /// Auth entries restored from the cache at start without a handshake.
+    pub restored: AtomicU64,
+    /// Auth entries removed because generations, epoch or expiry no longer hold.
+    pub invalidated: AtomicU64,
+    /// Missing authentications reported by the data path.
+    pub events: AtomicU64,
+}
+
+impl Stats {
+    /// Adds one to `counter`.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A one-line summary for logs.
+    pub fn summary(&self) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "handshakes initiated ok={} failed={}, answered ok={} failed={}, restored={}, invalidated={}, events={}",
+            get(&self.initiated_ok),
+            get(&self.initiated_failed),
+            get(&self.responded_ok),
+            get(&self.responded_failed),
+            get(&self.restored),
+            get(&self.invalidated),
+            get(&self.events)
+        )
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why the data path could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    /// Loading or pinning the eBPF object failed.
+    #[error("eBPF data path: {0}")]
+    Datapath(#[from] DatapathError),
+    /// The auth cache failed.
+    #[error(transparent)]
+    Cache(#[from] AuthCacheError),
+}
+
+/// The maps, the auth cache and what the cache vouches for.
+#[derive(Debug)]
+pub struct DataPlane {
+    dp: Mutex<Datapath>,
+    cache: AuthCache,
+    /// The cache's records, by key (what the auth map may hold).
+    entries: Mutex<HashMap<AuthKey, Entry>>,
+    /// NotAfter of the local SVID each entry was authenticated with.
+    used_svid: Mutex<HashMap<AuthKey, i64>>,
+    /// Changes since the last flush of the cache.
+    dirty: AtomicU64,
+    flushed: AtomicU64,
+    /// Counters.
+    pub stats: Arc<Stats>,
+}
+
+impl DataPlane {
+    /// Loads the programs with maps pinned in `pin_dir` (reused when
+    /// compatible) and opens the auth cache in `cache_dir`; what the cache
+    /// held comes back in [`Opened`] for [`DataPlane::restore`].
+    pub fn open(
+        pin_dir: Option<&Path>,
+        cache_dir: &Path,
+        stats: Arc<Stats>,
+    ) -> Result<(DataPlane, Opened), DataPlaneError> {
+        let dp = Datapath::open(pin_dir)?;
+        if !dp.reused_maps().is_empty() {
+            info!(maps = ?dp.reused_maps(), "reusing pinned maps: enforcement continued while the agent was down");
+        }
+        let (cache, opened) = AuthCache::open(cache_dir)?;
+        if let Some(why) = &opened.discarded {
+            warn!(path = %cache_dir.display(), reason = %why, "the auth cache was damaged and is rebuilt: pairs are authenticated again");
+        }
+        // What the cache vouches for counts from the start: the first
+        // apply() keeps pinned entries it vouches for instead of removing them.
+        let entries = opened.entries.iter().map(|e| (e.key, e.clone())).collect();
+        Ok((
+            DataPlane {
+                dp: Mutex::new(dp),
+                cache,
+                entries: Mutex::new(entries),
+                used_svid: Mutex::default(),
+                dirty: AtomicU64::new(0),
+                flushed: AtomicU64::new(0),
+                stats,
+            },
+            opened,
+        ))
+    }
+
+    /// Runs `f` with the loaded data path (attaching, test runs).
+    pub fn with_datapath<T>(&self, f: impl FnOnce(&mut Datapath) -> T) -> T {
+        f(&mut lock(&self.dp))
+    }
+
+    /// Brings endpoints, policy and auth entries in line with `view`,
+    /// `table` (SPIFFE ID -> numeric identity) and the compiled `policies`.
+    /// Auth entries whose generations no longer hold are removed here, at
+    /// once.
+    pub fn apply(
+        &self,
+        view: &View,
+        table: &IdentityTable,
+        policies: &[&IdentityPolicySpec],
+        cgroup_of: &mut dyn FnMut(&PodView) -> Option<u64>,
+    ) -> Result<(), DatapathError> {
+        let ips = view.ip_endpoints();
+        let cgroups = view.cgroup_endpoints(cgroup_of);
+        let (rules, errors) = policy::translate(policies, table);
+        for e in &errors {
+            warn!(error = %e, "policy enforced fail-closed");
+        }
+        let mut dp = lock(&self.dp);
+        write_endpoints(&mut dp, &ips, &cgroups)?;
+        policy::write(&mut dp, &rules)?;
+        let epoch = dp.epoch()?;
+        let clocks = Clocks::now();
+        for (key, value) in dp.auths()? {
+            let entry = lock(&self.entries).get(&key).cloned();
+            match entry
+                .as_ref()
+                .and_then(|e| authcache::map_value(e, view, clocks, epoch))
+            {
+                Some(want) => {
+                    let same = (want.local_gen, want.remote_gen, want.epoch)
+                        == (value.local_gen, value.remote_gen, value.epoch)
+                        && value.expires_ns <= want.expires_ns;
+                    if !same {
+                        dp.set_auth(key, want)?;
+                    }
+                }
+                None => {
+                    dp.remove_auth(&key)?;
+                    if entry.is_some() {
+                        self.forget(&key);
+                    }
+                    Stats::bump(&self.stats.invalidated);
+                    debug!(
+                        ?key,
+                        "auth entry removed: its generations, epoch or expiry no longer hold"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn forget(&self, key: &AuthKey) {
+        lock(&self.entries).remove(key);
+        lock(&self.used_svid).remove(key);
+        if let Err(e) = self.cache.remove(key) {
+            warn!(error = %e, "cannot remove an auth cache record");
+        }
+        self.dirty.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The record under `key`, if the cache vouches for one.
+    pub fn entry(&self, key: &AuthKey) -> Option<Entry> {
+        lock(&self.entries).get(key).cloned()
+    }
+
+    /// NotAfter of the local SVID the entry under `key` was made with.
+    pub fn used_svid(&self, key: &AuthKey) -> Option<i64> {
+        lock(&self.used_svid).get(key).copied()
+    }
+
+    /// Writes one authentication into the cache and the auth map, with the
+    /// generations `view` gives both workloads now; false when `view` no
+    /// longer has them where the handshake found them. `svid_not_after` is
+    /// the NotAfter of the local SVID used (to renew after rotation).
+    pub fn record(&self, view: &View, auth: &Authenticated, svid_not_after: Option<i64>) -> bool {
+        let (Some((local, local_gen)), Some((remote, remote_gen)), Some(node)) = (
+            view.identity_on(&auth.local, &view.local_node),
+            view.identity_on(&auth.remote, &auth.remote_node),
+            view.nodes.get(&auth.remote_node),
+        ) else {
+            return false;
+        };
+        let key = AuthKey {
+            local,
+            remote,
+            remote_node: node,
+            pad: 0,
+        };
+        let entry = Entry {
+            key,
+            local_gen,
+            remote_gen,
+            not_after: auth.not_after,
+            local_id: auth.local.clone(),
+            remote_id: auth.remote.clone(),
+            remote_node: auth.remote_node.clone(),
+        };
+        let mut dp = lock(&self.dp);
+        let Ok(epoch) = dp.epoch() else { return false };
+        let Some(value) = authcache::map_value(&entry, view, Clocks::now(), epoch) else {
+            return false;
+        };
+        if let Err(e) = self.cache.put(&entry) {
+            // Not persisted: still enforced now, re-authenticated after a restart.
+            warn!(error = %e, "cannot persist an authentication");
+        }
+        if let Some(used) = svid_not_after {
+            lock(&self.used_svid).insert(key, used);
+        }
+        lock(&self.entries).insert(key, entry);
+        self.dirty.fetch_add(1, Ordering::Relaxed);
+        match dp.set_auth(key, value) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "cannot write an auth entry");
+                false
+            }
+        }
+    }
+
+    /// Restores the auth map from the cache's records (after the first full
+    /// [`DataPlane::apply`]): valid records are written without handshakes,
+    /// everything else is removed. Returns how many were restored.
+    pub fn restore(&self, view: &View) -> Result<usize, DatapathError> {
+        let cached: Vec<Entry> = lock(&self.entries).values().cloned().collect();
+        let cached = cached.as_slice();
+        let mut dp = lock(&self.dp);
+        let epoch = dp.epoch()?;
+        let pinned: BTreeMap<AuthKey, AuthValue> = dp.auths()?.into_iter().collect();
+        let plan = authcache::reconcile(cached, &pinned, view, Clocks::now(), epoch);
+        for (key, value) in &plan.write {
+            dp.set_auth(*key, *value)?;
+        }
+        for key in &plan.remove {
+            dp.remove_auth(key)?;
+        }
+        drop(dp);
+        for key in &plan.forget {
+            self.forget(key);
+        }
+        let restored = plan.kept + plan.write.len();
+        self.stats
+            .restored
+            .store(restored as u64, Ordering::Relaxed);
+        info!(
+            restored,
+            rewritten = plan.write.len(),
+            removed = plan.remove.len(),
+            forgotten = plan.forget.len(),
+            "auth map restored from the auth cache without handshakes"
+        );
+        Ok(restored)
+    }
+
+    /// Missing authentications the data path reported since the last call.
+    pub fn take_events(&self) -> Result<Vec<AuthEvent>, DatapathError> {
+        lock(&self.dp).take_events()
+    }
+
+    /// Writes the cache to disk if anything changed since the last flush.
+    pub fn flush(&self) -> Result<(), AuthCacheError> {
+        let dirty = self.dirty.load(Ordering::Relaxed);
+        if dirty == self.flushed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.cache.flush()?;
+        self.flushed.store(dirty, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Writes the endpoint maps: changed and new entries first, then removals.
+fn write_endpoints(
+    dp: &mut Datapath,
+    ips: &BTreeMap<[u8; 16], Endpoint>,
+    cgroups: &BTreeMap<u64, Endpoint>,
+) -> Result<(), DatapathError> {
+    let current: BTreeMap<[u8; 16], Endpoint> = dp
+        .endpoint_ips()?
+        .into_iter()
+        .map(|(k, v)| (k.addr, v))
+        .collect();
+    for (addr, ep) in ips {
+        if current.get(addr) != Some(ep) {
+            dp.set_endpoint_ip(std::net::Ipv6Addr::from(*addr).into(), *ep)?;
+        }
+    }
+    for addr in current.keys().filter(|a| !ips.contains_key(*a)) {
+        dp.remove_endpoint_ip(std::net::Ipv6Addr::from(*addr).into())?;
+    }
+    let current: BTreeMap<u64, Endpoint> = dp.endpoint_cgroups()?.into_iter().collect();
+    for (cgroup, ep) in cgroups {
+        if current.get(cgroup) != Some(ep) {
+            dp.set_endpoint_cgroup(*cgroup, *ep)?;
+        }
+    }
+    for cgroup in current.keys().filter(|c| !cgroups.contains_key(*c)) {
+        dp.remove_endpoint_cgroup(*cgroup)?;
+    }
+    Ok(())
+}
