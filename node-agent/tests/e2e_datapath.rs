@@ -24,38 +24,11 @@ use tessera_api::signer_api::TOKEN_AUDIENCE;
 use tessera_tests::resources;
 
 mod common;
-use common::{Cgroup, Proc, Topology};
+use common::Proc;
+use tessera_tests::netns::{self, Cgroup, Topology};
 
-const PORT: &str = "5432";
+const PORT: u16 = 5432;
 const NODE_IPS: [&str; 3] = ["198.18.0.1", "198.18.0.2", "198.18.0.3"];
-
-const SERVER: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.listen(64)
-print("listening", flush=True)
-while True:
-    c, _ = s.accept()
-    c.sendall(sys.argv[2].encode())
-    c.close()
-"#;
-
-const CLIENT: &str = r#"
-import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.settimeout(float(sys.argv[3]))
-t = time.monotonic()
-try:
-    s.connect((sys.argv[1], int(sys.argv[2])))
-    data = s.recv(64).decode()
-    print("ok %.6f %s" % (time.monotonic() - t, data))
-except socket.timeout:
-    print("timeout %.6f" % (time.monotonic() - t))
-except OSError as e:
-    print("errno %d %.6f" % (e.errno, time.monotonic() - t))
-"#;
 
 /// A simulated pod: its Pod object, network namespace and cgroup.
 struct SimPod {
@@ -70,11 +43,13 @@ impl SimPod {
     /// One connection attempt from this pod: "ok <secs> <banner>",
     /// "errno <n> <secs>" or "timeout <secs>".
     fn connect(&self, ip: &str) -> String {
-        let child = self
-            .cgroup
-            .spawn_in(&self.ns, "python3", &["-c", CLIENT, ip, PORT, "1.5"]);
-        let out = child.wait_with_output().unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        netns::connect(
+            &self.cgroup,
+            &self.ns,
+            ip,
+            PORT,
+            Duration::from_millis(1500),
+        )
     }
 }
 
@@ -121,18 +96,7 @@ impl Cluster {
         .unwrap();
         let ns = self.topology.pod(ip);
         let cgroup = Cgroup::create(self.node_cgroup(node).join(format!("pod{uid}")));
-        let mut server = cgroup.spawn_in(&ns, "python3", &["-c", SERVER, PORT, name]);
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(
-            line.trim(),
-            "listening",
-            "the server in {name} did not start"
-        );
+        let server = netns::serve(&cgroup, &ns, PORT, name);
         SimPod {
             name: name.into(),
             ip: ip.into(),
@@ -226,7 +190,7 @@ fn start_agent(
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    let lines = common::collect_stderr(&mut child, node);
+    let lines = netns::collect_stderr(&mut child, node, true);
     Agent {
         proc: Proc(child),
         lines,

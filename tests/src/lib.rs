@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod controlplane;
+pub mod netns;
 pub mod pki;
 pub mod procs;
 pub mod resources;

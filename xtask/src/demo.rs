@@ -98,13 +98,10 @@ pub async fn run() -> Result<()> {
     );
     identities(&cp, &client).await?;
 
-    step(8, "stop the control plane and delete its files");
+    step(9, "stop the control plane and delete its files");
     let dir = cp.dir().to_path_buf();
     cp.stop();
     println!("stopped; {} removed: {}", dir.display(), !dir.exists());
-    println!(
-        "\nNot shown yet: JWT-SVIDs, mutual authentication and the data path (see README, Status)."
-    );
     Ok(())
 }
 
@@ -208,7 +205,12 @@ async fn identities(cp: &ControlPlane, client: &kube::Client) -> Result<()> {
             print!("{}", cp.kubectl_output(args)?);
         }
         step(7, "run tessera-agent for node-a: pod ledger-0 fetches its SVID over the Workload API");
-        agent(cp, client, signer_port).await
+        agent(cp, client, signer_port).await?;
+        step(
+            8,
+            "mutual authentication in the data path: two nodes with agents, pods in network namespaces, a policy",
+        );
+        datapath(cp, client, signer_port).await
     }
     .await;
     let _ = std::process::Command::new("kill")
@@ -322,6 +324,184 @@ async fn agent(cp: &ControlPlane, client: &kube::Client, signer_port: u16) -> Re
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+    }
+    result
+}
+
+/// Namespaces, accounts and the second node for the data-path step.
+const SHOP: &str = r#"apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: web, namespace: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: db, namespace: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: batch, namespace: shop}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+---
+apiVersion: tessera.dev/v1alpha1
+kind: AuthPolicy
+metadata: {name: db-from-web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  rules:
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports: [{port: 5432}]
+"#;
+
+/// The simulated nodes: name and address (node-c has no agent).
+const NODES: [(&str, &str); 3] = [
+    ("node-a", "198.18.0.1"),
+    ("node-b", "198.18.0.2"),
+    ("node-c", "198.18.0.3"),
+];
+
+/// Runs agents with the eBPF data path for node-a and node-b, pods as
+/// network namespaces with real TCP servers, and prints what connects.
+async fn datapath(cp: &ControlPlane, client: &kube::Client, signer_port: u16) -> Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Patch, PatchParams, PostParams};
+    use tessera_tests::netns::{self, Cgroup, Topology};
+    let cgroup_root = std::path::Path::new("/sys/fs/cgroup/unified");
+    if !crate::deps::is_root() || !cgroup_root.join("cgroup.procs").exists() {
+        println!(
+            "skipped: the data path needs root and cgroup v2 at {}",
+            cgroup_root.display()
+        );
+        return Ok(());
+    }
+    resources::apply_manifest(client, SHOP).await?;
+    let tag = format!("tessera-demo-{}", std::process::id());
+    let topology = Topology::create(&NODES.map(|(_, ip)| ip));
+    let top = Cgroup::create(cgroup_root.join(&tag));
+    let node_cgroup = |node: &str| top.0.join(node);
+    let _nodes: Vec<Cgroup> = NODES
+        .iter()
+        .map(|(n, _)| Cgroup::create(node_cgroup(n)))
+        .collect();
+    let agent_bin = repo_root().join("target/debug/tessera-agent");
+    let mut agents = Vec::new();
+    for (node, ip) in &NODES[..2] {
+        let token = resources::service_account_token(
+            client,
+            "tessera-system",
+            "tessera-agent",
+            Some(node),
+            tessera_api::signer_api::TOKEN_AUDIENCE,
+        )
+        .await?;
+        let token_file = cp.dir().join(format!("{node}-dp-token"));
+        std::fs::write(&token_file, token)?;
+        let mut child = tessera_tests::procs::agent_run(
+            &agent_bin,
+            cp.kubeconfig(),
+            node,
+            signer_port,
+            &token_file,
+            &cp.dir().join(format!("{node}-dp.sock")),
+        )
+        .arg("--cgroup-root")
+        .arg(node_cgroup(node))
+        .arg(format!("--pin-name={tag}-{node}"))
+        .arg(format!("--handshake-addr={ip}:4434"))
+        .arg("--state-dir")
+        .arg(cp.dir().join(format!("{node}-state")))
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+        let lines = netns::collect_stderr(&mut child, node, false);
+        agents.push((tessera_tests::procs::KillOnDrop(child), lines));
+        println!(
+            "started tessera-agent for {node}: eBPF programs on {}, handshakes on {ip}:4434",
+            node_cgroup(node).display()
+        );
+    }
+    let result = async {
+        // name, app (and service account), node index, address
+        let pods = [
+            ("web", "web", 0, "198.18.1.10"),
+            ("batch", "batch", 0, "198.18.1.11"),
+            ("db", "db", 1, "198.18.2.10"),
+            ("web-rogue", "web", 2, "198.18.3.10"),
+        ];
+        let api: kube::Api<Pod> = kube::Api::namespaced(client.clone(), "shop");
+        let mut sims = Vec::new();
+        for (name, app, node, ip) in pods {
+            let pod: Pod = serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "shop", "labels": {"app": app}},
+                "spec": {"nodeName": NODES[node].0, "serviceAccountName": app,
+                         "containers": [{"name": "app", "image": "registry.invalid/app:1"}]}
+            }))?;
+            let uid = api.create(&PostParams::default(), &pod).await?.metadata.uid.context("pod without uid")?;
+            api.patch_status(name, &PatchParams::default(), &Patch::Merge(serde_json::json!({"status": {
+                "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": NODES[node].1
+            }}))).await?;
+            let ns = topology.pod(ip);
+            let cgroup = Cgroup::create(node_cgroup(NODES[node].0).join(format!("pod{uid}")));
+            let server = tessera_tests::procs::KillOnDrop(netns::serve(&cgroup, &ns, 5432, name));
+            sims.push((name, NODES[node].0, ip, ns, cgroup, server));
+        }
+        println!("pods: web and batch on node-a, db on node-b, web-rogue (app=web, no agent, so no SVID) on node-c");
+        println!("policy shop/db-from-web: db accepts port 5432 from app=web, with mutual authentication");
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        let took = loop {
+            let found = agents[0].1.lock().map_err(|_| anyhow::anyhow!("log lock"))?.iter().find_map(|l| {
+                (l.contains(" authenticated ") && l.contains("sa/db"))
+                    .then(|| l.split("took_us=").nth(1).and_then(|t| t.split_whitespace().next()).and_then(|t| t.parse::<f64>().ok()))
+                    .flatten()
+            });
+            if let Some(us) = found {
+                break us / 1000.0;
+            }
+            if Instant::now() > deadline {
+                bail!("node-a's agent authenticated nothing within 60 s");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        println!("node-a's agent authenticated web with db on node-b before any traffic (handshake {took:.2} ms)\n");
+        let db_ip = sims[2].2;
+        println!("{:<28} {:<18} {:<10} {:>9}  why", "from", "to", "result", "time");
+        for i in [0usize, 1, 3] {
+            let (name, node, _, ns, cgroup, _) = &sims[i];
+            let out = netns::connect(cgroup, ns, db_ip, 5432, std::time::Duration::from_millis(1500));
+            let mut words = out.split_whitespace();
+            let (result, secs, why) = match words.next() {
+                Some("ok") => ("allowed", words.next(), "authenticated pair (pre-authenticated)"),
+                Some("errno") => {
+                    let errno = words.next().unwrap_or("?");
+                    ("denied", words.next(), if errno == "1" { "no policy allows it: refused at connect() (EPERM)" } else { "refused" })
+                }
+                _ => ("denied", words.next(), "peer not authenticated: SYN dropped at db's node"),
+            };
+            let ms = secs.and_then(|s| s.parse::<f64>().ok()).map_or("-".to_owned(), |s| format!("{:.1} ms", s * 1000.0));
+            println!("{:<28} {:<18} {:<10} {:>9}  {why}", format!("shop/{name} ({node})"), "shop/db:5432", result, ms);
+        }
+        Ok(())
+    }
+    .await;
+    for (agent, _) in &agents {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &agent.0.id().to_string()])
+            .status();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    drop(agents);
+    for (node, _) in &NODES[..2] {
+        let _ = std::fs::remove_dir_all(
+            std::path::Path::new("/sys/fs/bpf").join(format!("{tag}-{node}")),
+        );
     }
     result
 }

@@ -1,0 +1,250 @@
+//! Simulated nodes and pods for root-only tests and the demo: a bridge in
+//! the host namespace holding the nodes' addresses, a network namespace per
+//! pod joined to it by a veth pair (addresses from 198.18.0.0/15, the range
+//! reserved for network testing; no route leads anywhere else), a cgroup
+//! (v2) per pod, and Python's socket module as the pods' real TCP server and
+//! client.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A TCP server: `python3 -c SERVER <port> <banner>` prints `listening`,
+/// then answers every connection with the banner.
+pub const SERVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(64)
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    c.sendall(sys.argv[2].encode())
+    c.close()
+"#;
+
+/// One connection attempt: `python3 -c CLIENT <ip> <port> <timeout>` prints
+/// `ok <secs> <banner>`, `errno <n> <secs>` or `timeout <secs>`.
+pub const CLIENT: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.settimeout(float(sys.argv[3]))
+t = time.monotonic()
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    data = s.recv(64).decode()
+    print("ok %.6f %s" % (time.monotonic() - t, data))
+except socket.timeout:
+    print("timeout %.6f" % (time.monotonic() - t))
+except OSError as e:
+    print("errno %d %.6f" % (e.errno, time.monotonic() - t))
+"#;
+
+/// Runs a command, panicking with its output when it fails.
+pub fn sh(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd} (installed by cargo xtask test): {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test network: a bridge in the host namespace holding the simulated
+/// nodes' addresses, and one network namespace per pod joined to it by a
+/// veth pair. Addresses are from 198.18.0.0/15; no route leads elsewhere.
+/// Everything is removed on drop.
+#[derive(Debug)]
+pub struct Topology {
+    tag: String,
+    bridge: String,
+    namespaces: std::sync::Mutex<Vec<String>>,
+    next: std::sync::atomic::AtomicU32,
+}
+
+impl Topology {
+    pub fn create(node_ips: &[&str]) -> Topology {
+        let tag = format!("{}", std::process::id() % 100_000);
+        let bridge = format!("tsbr{tag}");
+        sh("ip", &["link", "add", &bridge, "type", "bridge"]);
+        sh("ip", &["link", "set", &bridge, "up"]);
+        for ip in node_ips {
+            sh("ip", &["addr", "add", &format!("{ip}/15"), "dev", &bridge]);
+        }
+        Topology {
+            tag,
+            bridge,
+            namespaces: Default::default(),
+            next: 0.into(),
+        }
+    }
+
+    /// A pod network namespace with `ip`; its name.
+    pub fn pod(&self, ip: &str) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ns = format!("ts{}-{n}", self.tag);
+        let (host, inner) = (
+            format!("tsh{}x{n}", self.tag),
+            format!("tsp{}x{n}", self.tag),
+        );
+        sh("ip", &["netns", "add", &ns]);
+        self.namespaces.lock().unwrap().push(ns.clone());
+        sh(
+            "ip",
+            &["link", "add", &host, "type", "veth", "peer", "name", &inner],
+        );
+        sh("ip", &["link", "set", &host, "master", &self.bridge, "up"]);
+        sh("ip", &["link", "set", &inner, "netns", &ns]);
+        let exec = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &ns, "ip"];
+            all.extend_from_slice(args);
+            sh("ip", &all);
+        };
+        exec(&["addr", "add", &format!("{ip}/15"), "dev", &inner]);
+        exec(&["link", "set", &inner, "up"]);
+        exec(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Removes a pod's namespace (and with it its veth pair).
+    pub fn remove_pod(&self, ns: &str) {
+        sh("ip", &["netns", "del", ns]);
+        self.namespaces.lock().unwrap().retain(|n| n != ns);
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in self.namespaces.lock().unwrap().drain(..) {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+    }
+}
+
+/// A cgroup (v2) directory removed, with whatever runs in it, on drop.
+#[derive(Debug)]
+pub struct Cgroup(pub PathBuf);
+
+impl Cgroup {
+    pub fn create(path: PathBuf) -> Cgroup {
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {} (run as root): {e}", path.display()));
+        Cgroup(path)
+    }
+
+    /// Starts `program args...` in this cgroup and in network namespace `ns`.
+    pub fn spawn_in(&self, ns: &str, program: &str, args: &[&str]) -> Child {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {ns} \"$0\" \"$@\"",
+            self.0.display()
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .arg(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Leaves first: remove every directory below, deepest first.
+        let mut dirs = vec![self.0.clone()];
+        let mut i = 0;
+        while i < dirs.len() {
+            if let Ok(read) = std::fs::read_dir(&dirs[i]) {
+                for e in read.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        dirs.push(e.path());
+                    }
+                }
+            }
+            i += 1;
+        }
+        for dir in dirs.iter().rev() {
+            let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+            for _ in 0..100 {
+                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Lines a child writes to stderr, kept, and echoed to this process's
+/// stderr under `tag` when `echo`.
+pub fn collect_stderr(
+    child: &mut Child,
+    tag: &str,
+    echo: bool,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = lines.clone();
+    let tag = tag.to_owned();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if echo {
+                eprintln!("[{tag}] {line}");
+            }
+            keep.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+/// One TCP connection attempt from a process in `cgroup` and network
+/// namespace `ns` to `ip`:`port`, as [`CLIENT`] reports it.
+pub fn connect(cgroup: &Cgroup, ns: &str, ip: &str, port: u16, timeout: Duration) -> String {
+    let out = cgroup
+        .spawn_in(
+            ns,
+            "python3",
+            &[
+                "-c",
+                CLIENT,
+                ip,
+                &port.to_string(),
+                &timeout.as_secs_f64().to_string(),
+            ],
+        )
+        .wait_with_output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Starts [`SERVER`] in `cgroup` and `ns` on `port` answering `banner`, and
+/// waits until it listens.
+pub fn serve(cgroup: &Cgroup, ns: &str, port: u16, banner: &str) -> Child {
+    let mut server = cgroup.spawn_in(ns, "python3", &["-c", SERVER, &port.to_string(), banner]);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(
+        line.trim(),
+        "listening",
+        "the server for {banner} did not start"
+    );
+    server
+}
