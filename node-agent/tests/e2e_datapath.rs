@@ -280,17 +280,9 @@ async fn authenticated_pairs_connect_and_nothing_else_does() {
     let mut agents = Vec::new();
     let mut token_files = Vec::new();
     for node in ["node-a", "node-b"] {
-        let token = resources::service_account_token(
-            &client,
-            "tessera-system",
-            "tessera-agent",
-            Some(node),
-            TOKEN_AUDIENCE,
-        )
-        .await
-        .unwrap();
-        let token_file = dir.path().join(format!("{node}.token"));
-        std::fs::write(&token_file, token).unwrap();
+        let token_file = resources::agent_token_file(&client, node, TOKEN_AUDIENCE, dir.path())
+            .await
+            .unwrap();
         agents.push(start_agent(
             cp.kubeconfig(),
             node,

@@ -209,6 +209,28 @@ pub async fn service_account_token(
         .context("the API server issued no token")
 }
 
+/// Requests the Node-bound token a node agent for `node` gets (service
+/// account `tessera-agent` in `tessera-system`, for `audience`) and writes
+/// it to `<dir>/<node>.token`; that path.
+pub async fn agent_token_file(
+    client: &kube::Client,
+    node: &str,
+    audience: &str,
+    dir: &std::path::Path,
+) -> Result<std::path::PathBuf> {
+    let token = service_account_token(
+        client,
+        "tessera-system",
+        "tessera-agent",
+        Some(node),
+        audience,
+    )
+    .await?;
+    let path = dir.join(format!("{node}.token"));
+    std::fs::write(&path, token).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
 /// Waits until the operator has published the trust bundle ConfigMap
 /// `tessera-trust-bundle` in `tessera-system` (agents need it to trust the
 /// signer).

@@ -232,16 +232,13 @@ async fn agent(cp: &ControlPlane, client: &kube::Client, signer_port: u16) -> Re
         );
         return Ok(());
     }
-    let token = resources::service_account_token(
+    let token_file = resources::agent_token_file(
         client,
-        "tessera-system",
-        "tessera-agent",
-        Some("node-a"),
+        "node-a",
         tessera_api::signer_api::TOKEN_AUDIENCE,
+        cp.dir(),
     )
     .await?;
-    let token_file = cp.dir().join("agent-token");
-    std::fs::write(&token_file, token)?;
     let socket = cp.dir().join("agent.sock");
     let agent_bin = repo_root().join("target/debug/tessera-agent");
     let mut agent = tessera_tests::procs::agent_run(
@@ -392,16 +389,13 @@ async fn datapath(cp: &ControlPlane, client: &kube::Client, signer_port: u16) ->
     let agent_bin = repo_root().join("target/debug/tessera-agent");
     let mut agents = Vec::new();
     for (node, ip) in &NODES[..2] {
-        let token = resources::service_account_token(
+        let token_file = resources::agent_token_file(
             client,
-            "tessera-system",
-            "tessera-agent",
-            Some(node),
+            node,
             tessera_api::signer_api::TOKEN_AUDIENCE,
+            cp.dir(),
         )
         .await?;
-        let token_file = cp.dir().join(format!("{node}-dp-token"));
-        std::fs::write(&token_file, token)?;
         let mut child = tessera_tests::procs::agent_run(
             &agent_bin,
             cp.kubeconfig(),
