@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use tessera_bpf::abi::{AuthKey, AuthValue};
 
 /// Format version of records; a different one discards the cache.
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
 /// Name of the sled tree holding the records.
 const TREE: &str = "auth-v1";
 /// Bytes of SHA-256 kept per record as its checksum.
@@ -64,6 +64,9 @@ pub struct Entry {
     pub remote_gen: u64,
     /// Expiry, Unix seconds (the earlier NotAfter of the two SVIDs).
     pub not_after: i64,
+    /// When the handshake was made, Unix seconds (renewal is planned from
+    /// the lifetime `not_after - made`).
+    pub made: i64,
     /// The local workload's SPIFFE ID.
     pub local_id: String,
     /// The peer's SPIFFE ID.
@@ -96,11 +99,12 @@ fn encode(entry: &Entry) -> Result<Vec<u8>, AuthCacheError> {
     if texts.iter().any(|t| t.len() > MAX_TEXT) {
         return Err(AuthCacheError::TooLarge(total));
     }
-    let mut body = Vec::with_capacity(25 + total + 6 + CHECKSUM);
+    let mut body = Vec::with_capacity(33 + total + 6 + CHECKSUM);
     body.push(FORMAT);
     body.extend_from_slice(&entry.local_gen.to_be_bytes());
     body.extend_from_slice(&entry.remote_gen.to_be_bytes());
     body.extend_from_slice(&entry.not_after.to_be_bytes());
+    body.extend_from_slice(&entry.made.to_be_bytes());
     for text in texts {
         // Bounded by MAX_TEXT above.
         body.extend_from_slice(&(text.len() as u16).to_be_bytes());
@@ -145,6 +149,7 @@ fn decode(key: &[u8], value: &[u8]) -> Result<Entry, String> {
     let local_gen = u64_at(take(8)?)?;
     let remote_gen = u64_at(take(8)?)?;
     let not_after = u64_at(take(8)?)? as i64;
+    let made = u64_at(take(8)?)? as i64;
     let mut text = || -> Result<String, String> {
         let len = u16::from_be_bytes([take(1)?[0], take(1)?[0]]);
         String::from_utf8(take(usize::from(len))?.to_vec())
@@ -162,6 +167,7 @@ fn decode(key: &[u8], value: &[u8]) -> Result<Entry, String> {
         local_gen,
         remote_gen,
         not_after,
+        made,
         local_id,
         remote_id,
         remote_node,
@@ -457,6 +463,7 @@ mod tests {
             local_gen: 1,
             remote_gen: 2,
             not_after: 2_000,
+            made: 1_000,
             local_id: "spiffe://td/a".into(),
             remote_id: "spiffe://td/b".into(),
             remote_node: format!("node-{node}"),
@@ -469,7 +476,7 @@ mod tests {
                               a in ".{0,64}", b in ".{0,64}", n in "[a-z0-9.-]{0,63}") {
             let e = Entry {
                 key: AuthKey { local, remote, remote_node: node, pad: 0 },
-                local_gen: lg, remote_gen: rg, not_after: na,
+                local_gen: lg, remote_gen: rg, not_after: na, made: na / 2,
                 local_id: a, remote_id: b, remote_node: n,
             };
             let value = encode(&e).unwrap();

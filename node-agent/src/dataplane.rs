@@ -82,7 +82,8 @@ pub struct DataPlane {
     cache: AuthCache,
     /// The cache's records, by key (what the auth map may hold).
     entries: Mutex<HashMap<AuthKey, Entry>>,
-    /// NotAfter of the local SVID each entry was authenticated with.
+    /// Per entry made by this process: NotAfter of the local SVID it was
+    /// authenticated with.
     used_svid: Mutex<HashMap<AuthKey, i64>>,
     /// Changes since the last flush of the cache.
     dirty: AtomicU64,
@@ -196,7 +197,8 @@ impl DataPlane {
         lock(&self.entries).get(key).cloned()
     }
 
-    /// NotAfter of the local SVID the entry under `key` was made with.
+    /// For an entry this process made: NotAfter of the local SVID it was
+    /// made with.
     pub fn used_svid(&self, key: &AuthKey) -> Option<i64> {
         lock(&self.used_svid).get(key).copied()
     }
@@ -224,6 +226,7 @@ impl DataPlane {
             local_gen,
             remote_gen,
             not_after: auth.not_after,
+            made: crate::svids::unix_now(),
             local_id: auth.local.clone(),
             remote_id: auth.remote.clone(),
             remote_node: auth.remote_node.clone(),

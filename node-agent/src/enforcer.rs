@@ -40,7 +40,8 @@ use crate::identities::IdentityStore;
 use crate::policy::IdentityTable;
 use crate::view::{Pair, View, pod_view};
 
-/// Re-authenticate an entry with less than this left.
+/// Re-authenticate an entry with less than this left (or a quarter of its
+/// lifetime, when shorter).
 pub const REAUTH_MARGIN: Duration = Duration::from_secs(30);
 /// After a failed handshake, wait this long before trying the pair again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -176,9 +177,14 @@ impl Inner {
             && view.remote(key.remote, key.remote_node) == Some(entry.remote_gen);
         let left = entry.not_after - crate::svids::unix_now();
         // This node's SVID rotated since the handshake: renew with the new one.
-        let used = self.plane.used_svid(&key);
-        let rotated = used.is_some_and(|used| creds.not_after(&pair.local) != Some(used));
-        current && left > REAUTH_MARGIN.as_secs() as i64 && !rotated
+        let rotated = self
+            .plane
+            .used_svid(&key)
+            .is_some_and(|svid| creds.not_after(&pair.local) != Some(svid));
+        // Renew ahead of expiry: REAUTH_MARGIN, or a quarter of the entry's
+        // lifetime when that is shorter (short-lived SVIDs).
+        let margin = (REAUTH_MARGIN.as_secs() as i64).min((entry.not_after - entry.made) / 4);
+        current && left > margin && !rotated
     }
 
     /// Starts handshakes for the pairs that need one.

@@ -18,6 +18,7 @@ fn entry(i: u32) -> Entry {
         local_gen: u64::from(i) * 3,
         remote_gen: u64::from(i) * 5,
         not_after: 1_900_000_000 + i64::from(i),
+        made: 1_800_000_000,
         local_id: format!("spiffe://a.test/ns/shop/sa/w{i}"),
         remote_id: format!("spiffe://a.test/ns/shop/sa/w{}", i + 1),
         remote_node: "node-b".into(),
