@@ -288,6 +288,24 @@ impl DataPlane {
         Ok(restored)
     }
 
+    /// Revokes every authentication at once: the epoch moves on (every
+    /// auth entry stops counting in the same instant), then the entries and
+    /// the cache are cleared. Returns the new epoch.
+    pub fn revoke_all(&self) -> Result<u64, DataPlaneError> {
+        let mut dp = lock(&self.dp);
+        let epoch = dp.epoch()?.wrapping_add(1);
+        dp.set_epoch(epoch)?;
+        for (key, _) in dp.auths()? {
+            dp.remove_auth(&key)?;
+        }
+        drop(dp);
+        lock(&self.entries).clear();
+        lock(&self.used_svid).clear();
+        self.cache.clear()?;
+        self.dirty.fetch_add(1, Ordering::Relaxed);
+        Ok(epoch)
+    }
+
     /// Missing authentications the data path reported since the last call.
     pub fn take_events(&self) -> Result<Vec<AuthEvent>, DatapathError> {
         lock(&self.dp).take_events()

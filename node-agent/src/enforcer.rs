@@ -412,9 +412,22 @@ pub async fn run(
         let mut pods_changed = store.watch_changes();
         let mut bundles_changed = store.watch_bundles();
         tasks.push(tokio::spawn(async move {
+            let mut trusted: Option<std::sync::Arc<crate::identities::Bundles>> = None;
             loop {
                 let svids = store.all_svids();
                 let bundles = store.bundles();
+                // A CA that left the bundles may have signed the SVIDs of
+                // authentications still in the map: revoke them all.
+                if trusted
+                    .as_ref()
+                    .is_some_and(|old| handshake::authorities_removed(old, &bundles))
+                {
+                    match inner.plane.revoke_all() {
+                        Ok(epoch) => warn!(epoch, "a CA left the trust bundles: every authentication is revoked and pairs are authenticated again"),
+                        Err(e) => warn!(error = %e, "cannot revoke authentications after a CA left the trust bundles"),
+                    }
+                }
+                trusted = Some(bundles.clone());
                 if !bundles.trust_domain_id.is_empty() {
                     match Credentials::build(&svids, &bundles) {
                         Ok(c) => {

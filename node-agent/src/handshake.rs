@@ -138,6 +138,26 @@ fn split_der(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, HandshakeEr
     Ok(out)
 }
 
+/// Whether some CA certificate of `old` (own or federated, per trust
+/// domain) is missing from `new`: authentications made with SVIDs it signed
+/// must not outlive it. Unreadable bundles count as removed (fail closed).
+pub fn authorities_removed(old: &Bundles, new: &Bundles) -> bool {
+    let set = |b: &Bundles| -> Option<std::collections::BTreeSet<(String, Vec<u8>)>> {
+        let mut out = std::collections::BTreeSet::new();
+        let all = std::iter::once((&b.trust_domain_id, &b.own_der)).chain(&b.federated_der);
+        for (domain, der) in all {
+            for cert in split_der(der).ok()? {
+                out.insert((domain.clone(), cert.to_vec()));
+            }
+        }
+        Some(out)
+    };
+    match (set(old), set(new)) {
+        (Some(old), Some(new)) => !old.is_subset(&new),
+        _ => true,
+    }
+}
+
 /// The SPIFFE ID and NotAfter (Unix seconds) of a leaf: exactly one URI SAN,
 /// which must parse as a SPIFFE ID.
 fn leaf_identity(der: &[u8]) -> Result<(SpiffeId, i64), String> {

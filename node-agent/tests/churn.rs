@@ -3,8 +3,8 @@
 //! sled, and the agent's own code for endpoints, policy, handshake results
 //! and restarts ([`DataPlane`]). Events: pods created and deleted, addresses
 //! reused by pods of other identities, numeric identities reassigned (also
-//! to other SPIFFE IDs), policies changed, handshakes recorded, and agent
-//! restarts. After every event every (source pod, local destination pod,
+//! to other SPIFFE IDs), policies changed, handshakes recorded, agent
+//! restarts and mass revocations (epoch bumps). After every event every (source pod, local destination pod,
 //! port) is decided by the kernel (`BPF_PROG_TEST_RUN` of the ingress
 //! program) and compared with the model; any difference fails, a wrong allow
 //! first of all.
@@ -446,9 +446,14 @@ fn churn_never_allows_what_the_model_denies() {
                 ));
                 "handshake"
             }
-            99 => {
+            99 if rng.chance(80) => {
                 h.restart(&model);
                 "agent restart"
+            }
+            99 => {
+                h.plane().revoke_all().unwrap();
+                model.auths.clear();
+                "mass revocation"
             }
             // A guarded event that cannot happen now (no pods, no room).
             _ => continue,
@@ -500,6 +505,7 @@ fn churn_never_allows_what_the_model_denies() {
         "policy changed",
         "handshake",
         "agent restart",
+        "mass revocation",
     ] {
         assert!(
             counts.get(kind).copied().unwrap_or(0) > 0 || events < 1000,

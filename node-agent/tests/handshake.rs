@@ -358,3 +358,30 @@ fn server_names_are_dns_names_one_per_identity() {
     assert!(a.len() < 64 + 16 && a.ends_with(".tessera.invalid"));
     assert!(rustls::pki_types::ServerName::try_from(a.as_str()).is_ok());
 }
+
+#[test]
+fn a_ca_leaving_the_bundles_is_noticed() {
+    let td = domain("a.test");
+    let other = domain("b.test");
+    let old = td.bundles();
+    assert!(!handshake::authorities_removed(&old, &old));
+    // Adding a root or a federated domain removes nothing.
+    let mut more = old.clone();
+    more.own_der.extend_from_slice(&other.root_der);
+    more.federated_der
+        .insert(other.id.clone(), other.root_der.clone());
+    assert!(!handshake::authorities_removed(&old, &more));
+    // Dropping the federated domain, or the old root, does.
+    assert!(handshake::authorities_removed(&more, &old));
+    let mut rotated = old.clone();
+    rotated.own_der = other.root_der.clone();
+    assert!(handshake::authorities_removed(&old, &rotated));
+    // The same certificate under another trust domain is not the same CA.
+    let mut moved = old.clone();
+    moved.trust_domain_id = other.id.clone();
+    assert!(handshake::authorities_removed(&old, &moved));
+    // Unreadable bundles fail closed.
+    let mut broken = old.clone();
+    broken.own_der.truncate(10);
+    assert!(handshake::authorities_removed(&old, &broken));
+}
