@@ -158,9 +158,15 @@ pub fn authorities_removed(old: &Bundles, new: &Bundles) -> bool {
     }
 }
 
-/// The SPIFFE ID and NotAfter (Unix seconds) of a leaf: exactly one URI SAN,
-/// which must parse as a SPIFFE ID.
-fn leaf_identity(der: &[u8]) -> Result<(SpiffeId, i64), String> {
+/// What a leaf certificate says: its SPIFFE ID and validity (Unix seconds).
+struct Leaf {
+    id: SpiffeId,
+    not_before: i64,
+    not_after: i64,
+}
+
+/// Reads a leaf: exactly one URI SAN, which must parse as a SPIFFE ID.
+fn leaf_identity(der: &[u8]) -> Result<Leaf, String> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(der).map_err(|e| format!("bad certificate: {e}"))?;
     let san = cert
@@ -185,7 +191,11 @@ fn leaf_identity(der: &[u8]) -> Result<(SpiffeId, i64), String> {
     let id = uri
         .parse::<SpiffeId>()
         .map_err(|e| format!("URI SAN {uri:?}: {e}"))?;
-    Ok((id, cert.validity().not_after.timestamp()))
+    Ok(Leaf {
+        id,
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
 }
 
 /// Trust anchors by trust domain ID (`spiffe://td`).
@@ -269,7 +279,11 @@ impl Anchors {
         {
             return Ok((id, not_after));
         }
-        let (id, not_after) = leaf_identity(leaf).map_err(bad)?;
+        let Leaf {
+            id,
+            not_before,
+            not_after,
+        } = leaf_identity(leaf).map_err(bad)?;
         let domain = id.trust_domain().id().to_string();
         let anchors = self
             .by_domain
@@ -292,9 +306,6 @@ impl Anchors {
                 "the certificate of {id} does not chain to {domain}'s bundle: {e}"
             ))
         })?;
-        let not_before = x509_parser::parse_x509_certificate(leaf)
-            .map(|(_, c)| c.validity().not_before.timestamp())
-            .map_err(|e| bad(format!("bad certificate: {e}")))?;
         let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
         if verified.len() >= VERIFIED_CACHE {
             verified.clear();
@@ -460,7 +471,8 @@ impl Credentials {
             let leaf = chain.first().ok_or_else(|| {
                 HandshakeError::Material(format!("{}: empty chain", svid.spiffe_id))
             })?;
-            let (id, not_after) = leaf_identity(leaf).map_err(HandshakeError::Material)?;
+            let Leaf { id, not_after, .. } =
+                leaf_identity(leaf).map_err(HandshakeError::Material)?;
             if id.as_str() != svid.spiffe_id {
                 return Err(HandshakeError::Material(format!(
                     "the SVID stored for {} names {id}",
@@ -576,10 +588,12 @@ fn peer_leaf(
             peer: peer.to_owned(),
             reason: "no peer certificate after the handshake".into(),
         })?;
-    leaf_identity(leaf).map_err(|reason| HandshakeError::Protocol {
-        peer: peer.to_owned(),
-        reason,
-    })
+    leaf_identity(leaf)
+        .map(|l| (l.id, l.not_after))
+        .map_err(|reason| HandshakeError::Protocol {
+            peer: peer.to_owned(),
+            reason,
+        })
 }
 
 /// What an initiator asks for.

@@ -12,7 +12,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -35,20 +34,6 @@ fn pod(name: &str, node: &str) -> Pod {
     .unwrap()
 }
 
-fn start_operator(kubeconfig: &Path, signer_port: u16) -> Proc {
-    let bin = tessera_tests::workspace_bin("tessera-operator").unwrap();
-    Proc(
-        tessera_tests::procs::operator_run(&bin, kubeconfig, "cluster.test")
-            .args(["--metrics-addr=127.0.0.1:0", "--lease-duration=3"])
-            .arg(format!("--signer-addr=127.0.0.1:{signer_port}"))
-            .arg(format!("--svid-ttl-seconds={SVID_TTL}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    )
-}
-
 /// Lines a child prints, collected by a thread.
 fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
     let stdout = child.stdout.take().unwrap();
@@ -68,7 +53,7 @@ async fn two_nodes_jwt_and_restarts_of_operator_and_api_server() {
         .await
         .unwrap();
     let signer_port = tessera_tests::free_port().unwrap();
-    let mut operator = start_operator(cp.kubeconfig(), signer_port);
+    let mut operator = common::start_operator(cp.kubeconfig(), signer_port, SVID_TTL);
     // Agents need the published bundle to trust the signer.
     resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
         .await
@@ -222,7 +207,7 @@ async fn two_nodes_jwt_and_restarts_of_operator_and_api_server() {
     // Kill the operator (no clean lease release) and start it again.
     drop(operator);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    operator = start_operator(cp.kubeconfig(), signer_port);
+    operator = common::start_operator(cp.kubeconfig(), signer_port, SVID_TTL);
     // Kill the API server, keep it down, start it again.
     tokio::time::sleep(Duration::from_secs(3)).await;
     cp.restart_apiserver(Duration::from_secs(3)).await.unwrap();

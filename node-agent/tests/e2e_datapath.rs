@@ -254,17 +254,7 @@ async fn authenticated_pairs_connect_and_nothing_else_does() {
         .unwrap();
     }
     let signer_port = tessera_tests::free_port().unwrap();
-    let op_bin = tessera_tests::workspace_bin("tessera-operator").unwrap();
-    let _operator = Proc(
-        tessera_tests::procs::operator_run(&op_bin, cp.kubeconfig(), "cluster.test")
-            .args(["--metrics-addr=127.0.0.1:0", "--lease-duration=3"])
-            .arg(format!("--signer-addr=127.0.0.1:{signer_port}"))
-            .arg(format!("--svid-ttl-seconds={SVID_TTL}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let _operator = common::start_operator(cp.kubeconfig(), signer_port, SVID_TTL);
     resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
         .await
         .unwrap();

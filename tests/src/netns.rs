@@ -6,7 +6,7 @@
 //! client.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -143,19 +143,26 @@ impl Cgroup {
 
     /// Starts `program args...` in this cgroup and in network namespace `ns`.
     pub fn spawn_in(&self, ns: &str, program: &str, args: &[&str]) -> Child {
-        let script = format!(
-            "echo $$ > {}/cgroup.procs && exec ip netns exec {ns} \"$0\" \"$@\"",
-            self.0.display()
-        );
-        Command::new("sh")
-            .args(["-c", &script])
-            .arg(program)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        spawn_in_cgroup(&self.0, Some(ns), program, args)
     }
+}
+
+/// Starts `program args...` (stdout and stderr piped) as a member of the
+/// cgroup at `cgroup` and, when given, inside network namespace `ns`.
+pub fn spawn_in_cgroup(cgroup: &Path, ns: Option<&str>, program: &str, args: &[&str]) -> Child {
+    let netns = ns.map_or(String::new(), |ns| format!("ip netns exec {ns} "));
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec {netns}\"$0\" \"$@\"",
+        cgroup.display()
+    );
+    Command::new("sh")
+        .args(["-c", &script])
+        .arg(program)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 impl Drop for Cgroup {

@@ -220,18 +220,27 @@ async fn identities(cp: &ControlPlane, client: &kube::Client) -> Result<()> {
     result
 }
 
+/// The cgroup v2 hierarchy pods' cgroups go under, when this process may
+/// use it (root); otherwise says that `what` is skipped and why.
+fn pod_cgroups(what: &str) -> Option<&'static std::path::Path> {
+    let root = std::path::Path::new("/sys/fs/cgroup/unified");
+    if crate::deps::is_root() && root.join("cgroup.procs").exists() {
+        return Some(root);
+    }
+    println!(
+        "skipped: {what} needs root and cgroup v2 at {}",
+        root.display()
+    );
+    None
+}
+
 /// Runs the node agent for node-a and has a process in ledger-0's cgroup
 /// fetch its SVID, with Tessera's client and with SPIRE's.
 async fn agent(cp: &ControlPlane, client: &kube::Client, signer_port: u16) -> Result<()> {
     use k8s_openapi::api::core::v1::Pod;
-    let cgroup_root = std::path::Path::new("/sys/fs/cgroup/unified");
-    if !crate::deps::is_root() || !cgroup_root.join("cgroup.procs").exists() {
-        println!(
-            "skipped: placing a process in a pod's cgroup needs root and cgroup v2 at {}",
-            cgroup_root.display()
-        );
+    let Some(cgroup_root) = pod_cgroups("placing a process in a pod's cgroup") else {
         return Ok(());
-    }
+    };
     let token_file = resources::agent_token_file(
         client,
         "node-a",
@@ -369,14 +378,9 @@ async fn datapath(cp: &ControlPlane, client: &kube::Client, signer_port: u16) ->
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::{Patch, PatchParams, PostParams};
     use tessera_tests::netns::{self, Cgroup, Topology};
-    let cgroup_root = std::path::Path::new("/sys/fs/cgroup/unified");
-    if !crate::deps::is_root() || !cgroup_root.join("cgroup.procs").exists() {
-        println!(
-            "skipped: the data path needs root and cgroup v2 at {}",
-            cgroup_root.display()
-        );
+    let Some(cgroup_root) = pod_cgroups("the data path") else {
         return Ok(());
-    }
+    };
     resources::apply_manifest(client, SHOP).await?;
     let tag = format!("tessera-demo-{}", std::process::id());
     let topology = Topology::create(&NODES.map(|(_, ip)| ip));

@@ -3,7 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 pub fn cgroup2_root() -> PathBuf {
@@ -55,18 +55,7 @@ impl PodCgroup {
 impl PodCgroup {
     /// Starts `program args...` inside this cgroup.
     pub fn spawn(&self, program: &Path, args: &[&str]) -> Child {
-        let script = format!(
-            "echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"",
-            self.leaf.display()
-        );
-        Command::new("sh")
-            .args(["-c", &script])
-            .arg(program)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        tessera_tests::netns::spawn_in_cgroup(&self.leaf, None, program.to_str().unwrap(), args)
     }
 }
 
@@ -125,4 +114,21 @@ pub async fn first_fetch(cgroup: &PodCgroup, socket: &Path) -> String {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// Starts `tessera-operator run` for trust domain `cluster.test` against the
+/// control plane at `kubeconfig`, its signer on loopback `signer_port`,
+/// issuing X.509-SVIDs valid for `svid_ttl` seconds.
+pub fn start_operator(kubeconfig: &Path, signer_port: u16, svid_ttl: u64) -> Proc {
+    let bin = tessera_tests::workspace_bin("tessera-operator").unwrap();
+    Proc(
+        tessera_tests::procs::operator_run(&bin, kubeconfig, "cluster.test")
+            .args(["--metrics-addr=127.0.0.1:0", "--lease-duration=3"])
+            .arg(format!("--signer-addr=127.0.0.1:{signer_port}"))
+            .arg(format!("--svid-ttl-seconds={svid_ttl}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
 }
