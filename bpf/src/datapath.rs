@@ -220,6 +220,19 @@ impl Datapath {
             .collect::<Result<_, _>>()?)
     }
 
+    /// The endpoint of one pod address, if the map has it.
+    pub fn endpoint_ip(&mut self, ip: IpAddr) -> Result<Option<Endpoint>, DatapathError> {
+        get_missing_none(
+            self.hash::<IpKey, Endpoint>(maps::EP_IP)?
+                .get(&IpKey::from(ip), 0),
+        )
+    }
+
+    /// The endpoint of one pod cgroup, if the map has it.
+    pub fn endpoint_cgroup(&mut self, cgroup: u64) -> Result<Option<Endpoint>, DatapathError> {
+        get_missing_none(self.hash::<u64, Endpoint>(maps::EP_CGROUP)?.get(&cgroup, 0))
+    }
+
     /// Sets who a pod cgroup (by cgroup id) belongs to.
     pub fn set_endpoint_cgroup(&mut self, cgroup: u64, ep: Endpoint) -> Result<(), DatapathError> {
         Ok(self.hash(maps::EP_CGROUP)?.insert(cgroup, ep, 0)?)
@@ -361,5 +374,12 @@ fn remove_missing_ok(result: Result<(), aya::maps::MapError>) -> Result<(), Data
     match result {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         other => Ok(other?),
+    }
+}
+
+fn get_missing_none<V>(result: Result<V, aya::maps::MapError>) -> Result<Option<V>, DatapathError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        other => Ok(Some(other?)),
     }
 }

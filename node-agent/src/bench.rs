@@ -136,7 +136,7 @@ pub async fn handshakes(
             };
             let responder = responder.clone();
             tokio::spawn(async move {
-                let _ = handshake::respond(&responder, tcp, |_| Ok(())).await;
+                let _ = handshake::respond(&responder, tcp, |_| Ok(()), |_| true).await;
             });
         }
     });

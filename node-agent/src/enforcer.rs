@@ -94,6 +94,14 @@ pub struct EnforcerConfig {
 pub use crate::dataplane::Stats;
 use crate::dataplane::{DataPlane, DataPlaneError, lock};
 
+/// Drops the metadata the enforcer never reads (managed fields, labels,
+/// annotations such as kubectl's last-applied copy of the object).
+fn trim_meta(meta: &mut kube::api::ObjectMeta) {
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.labels = None;
+}
+
 /// The cluster objects the enforcer follows.
 #[derive(Clone)]
 struct Stores {
@@ -375,10 +383,13 @@ pub async fn run(
     let (identities, id_writer) = reflector::store::<NumericIdentity>();
     let mut tasks = Vec::new();
     macro_rules! follow {
-        ($writer:expr, $api:expr, $what:literal) => {{
+        ($writer:expr, $api:expr, $trim:expr, $what:literal) => {{
             let tx = tx.clone();
-            let stream = reflector::reflector($writer, watcher($api, watcher::Config::default()))
-                .default_backoff()
+            let stream = reflector::reflector(
+                $writer,
+                watcher($api, watcher::Config::default()).modify($trim),
+            )
+            .default_backoff()
                 .map_ok(|_| ());
             tasks.push(tokio::spawn(async move {
                 let mut stream = std::pin::pin!(stream);
@@ -393,15 +404,24 @@ pub async fn run(
             }));
         }};
     }
-    follow!(pod_writer, Api::<Pod>::all(client.clone()), "pods");
+    // Only what the view reads is kept of each object: the agent holds every
+    // pod and identity of the cluster.
+    follow!(
+        pod_writer,
+        Api::<Pod>::all(client.clone()),
+        crate::view::trim_pod,
+        "pods"
+    );
     follow!(
         policy_writer,
         Api::<IdentityPolicy>::all(client.clone()),
+        |p: &mut IdentityPolicy| trim_meta(&mut p.metadata),
         "identitypolicies"
     );
     follow!(
         id_writer,
         Api::<NumericIdentity>::all(client.clone()),
+        |n: &mut NumericIdentity| trim_meta(&mut n.metadata),
         "numericidentities"
     );
 
@@ -497,11 +517,10 @@ pub async fn run(
                             ))
                         }
                     };
-                    match handshake::respond(&creds, tcp, admit).await {
+                    match handshake::respond(&creds, tcp, admit, |auth| inner.record(auth)).await {
                         Ok(auth) => {
                             Stats::bump(&inner.plane.stats.responded_ok);
-                            let recorded = inner.record(&auth);
-                            info!(local = %auth.local, remote = %auth.remote, node = %auth.remote_node, recorded, "authenticated (answered)");
+                            info!(local = %auth.local, remote = %auth.remote, node = %auth.remote_node, "authenticated (answered)");
                         }
                         Err(e) => {
                             Stats::bump(&inner.plane.stats.responded_failed);

@@ -703,14 +703,23 @@ pub struct Knock<'a> {
     pub from: std::net::SocketAddr,
 }
 
+/// How long a responder waits for its own view of the cluster to know the
+/// initiator's workload before it refuses: it records the result before it
+/// answers, so the initiator never allows traffic this side would drop.
+pub const RECORD_WAIT: Duration = Duration::from_secs(2);
+
 /// Answers one initiator on an accepted connection. `admit` decides whether
 /// the initiator may speak for the node it names (the agent checks the
-/// node's address); on success both the result and the initiator's node
-/// are returned for recording.
+/// node's address); `record` stores the result and says whether it could
+/// (it cannot while this agent does not know the initiator's workload yet:
+/// it is retried for up to [`RECORD_WAIT`]). Only a recorded result is
+/// answered with success, so both sides hold it before any traffic flows;
+/// it is returned too.
 pub async fn respond(
     creds: &Credentials,
     tcp: TcpStream,
     admit: impl FnOnce(&Knock<'_>) -> Result<(), String>,
+    record: impl Fn(&Authenticated) -> bool,
 ) -> Result<Authenticated, HandshakeError> {
     let from = tcp.peer_addr().map_err(|source| HandshakeError::Io {
         what: "reading the peer address",
@@ -718,9 +727,12 @@ pub async fn respond(
         source,
     })?;
     let peer = from.to_string();
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, respond_inner(creds, tcp, from, admit))
-        .await
-        .map_err(|_| HandshakeError::Timeout { peer })?
+    tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        respond_inner(creds, tcp, from, admit, record),
+    )
+    .await
+    .map_err(|_| HandshakeError::Timeout { peer })?
 }
 
 async fn respond_inner(
@@ -728,6 +740,7 @@ async fn respond_inner(
     tcp: TcpStream,
     from: std::net::SocketAddr,
     admit: impl FnOnce(&Knock<'_>) -> Result<(), String>,
+    record: impl Fn(&Authenticated) -> bool,
 ) -> Result<Authenticated, HandshakeError> {
     let peer = from.to_string();
     let io = |what: &'static str| {
@@ -771,14 +784,30 @@ async fn respond_inner(
         let reason = refuse(&mut tls, reason).await;
         return Err(HandshakeError::Refused { peer, reason });
     }
-    write_frame(&mut tls, 0, b"")
-        .await
-        .map_err(io("answering"))?;
-    let _ = tls.shutdown().await;
-    Ok(Authenticated {
+    let auth = Authenticated {
         local,
         remote: remote.to_string(),
         remote_node: node,
         not_after: not_after.min(remote_not_after),
-    })
+    };
+    let waited = tokio::time::Instant::now();
+    while !record(&auth) {
+        if waited.elapsed() >= RECORD_WAIT {
+            let reason = refuse(
+                &mut tls,
+                format!(
+                    "the responder cannot record {} on {} (not in its view of the cluster after {RECORD_WAIT:?})",
+                    auth.remote, auth.remote_node
+                ),
+            )
+            .await;
+            return Err(HandshakeError::Refused { peer, reason });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    write_frame(&mut tls, 0, b"")
+        .await
+        .map_err(io("answering"))?;
+    let _ = tls.shutdown().await;
+    Ok(auth)
 }

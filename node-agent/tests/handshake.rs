@@ -75,7 +75,7 @@ async fn responder(
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
-        handshake::respond(&creds, tcp, admit).await
+        handshake::respond(&creds, tcp, admit, |_| true).await
     });
     (addr, task)
 }
@@ -140,6 +140,54 @@ async fn one_handshake_authenticates_both_sides_until_the_earlier_not_after() {
             not_after: expiry,
         }
     );
+}
+
+/// The responder records before it answers: an initiator hears success
+/// only once the responder holds the result (here after three tries), and
+/// a refusal when the responder cannot record it within RECORD_WAIT.
+#[tokio::test]
+async fn the_responder_answers_only_what_it_recorded() {
+    let td = domain("a.test");
+    let web = td.svid("/ns/shop/sa/web");
+    let db = td.svid("/ns/shop/sa/db");
+    let client = Credentials::build([&web], &td.bundles()).unwrap();
+    let server = Credentials::build([&db], &td.bundles()).unwrap();
+    for recordable_after in [Some(3usize), None] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = tries.clone();
+        let server = server.clone();
+        let task = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            handshake::respond(
+                &server,
+                tcp,
+                |_| Ok(()),
+                |_| {
+                    let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    recordable_after.is_some_and(|after| n >= after)
+                },
+            )
+            .await
+        });
+        let started = std::time::Instant::now();
+        let mine = handshake::initiate(&client, addr, &ask(&web.spiffe_id, &db.spiffe_id)).await;
+        let theirs = task.await.unwrap();
+        let tries = tries.load(std::sync::atomic::Ordering::SeqCst);
+        match recordable_after {
+            Some(after) => {
+                assert!(mine.is_ok() && theirs.is_ok(), "{mine:?} / {theirs:?}");
+                assert_eq!(tries, after);
+            }
+            None => {
+                let err = mine.unwrap_err().to_string();
+                assert!(err.contains("cannot record"), "{err}");
+                assert!(matches!(theirs, Err(HandshakeError::Refused { .. })));
+                assert!(started.elapsed() >= handshake::RECORD_WAIT);
+            }
+        }
+    }
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 //! helpers to install CRDs and apply manifests.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod controlplane;
 pub mod netns;
 pub mod pki;

@@ -147,7 +147,7 @@ impl Cgroup {
     }
 }
 
-/// Starts `program args...` (stdout and stderr piped) as a member of the
+/// Starts `program args...` (stdin, stdout and stderr piped) as a member of the
 /// cgroup at `cgroup` and, when given, inside network namespace `ns`.
 pub fn spawn_in_cgroup(cgroup: &Path, ns: Option<&str>, program: &str, args: &[&str]) -> Child {
     let netns = ns.map_or(String::new(), |ns| format!("ip netns exec {ns} "));
@@ -159,6 +159,7 @@ pub fn spawn_in_cgroup(cgroup: &Path, ns: Option<&str>, program: &str, args: &[&
         .args(["-c", &script])
         .arg(program)
         .args(args)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

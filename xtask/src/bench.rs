@@ -144,8 +144,16 @@ pub async fn run(name: &str) -> Result<()> {
     let figures = match name {
         "controlplane" => controlplane().await?,
         "identity" => crate::bench_identity::run().await?,
-        "auth" => auth()?,
-        other => bail!("unknown benchmark {other:?}; available: controlplane, identity, auth"),
+        "auth" => auth().await?,
+        // The part of `auth` that runs a cluster (first connection, policy
+        // to maps, agent memory).
+        "auth-cluster" => {
+            let (operator, agent) = crate::bench_identity::release_bins()?;
+            crate::bench_datapath::run(&operator, &agent).await?
+        }
+        other => bail!(
+            "unknown benchmark {other:?}; available: controlplane, identity, auth, auth-cluster"
+        ),
     };
     report(name, &figures)
 }
@@ -245,8 +253,8 @@ fn tlsbench() -> Result<std::path::PathBuf> {
 /// X25519, AES-128-GCM, no resumption), each with client and server pinned
 /// to one core; and the ingress program's cost per packet, measured by the
 /// kernel with BPF_PROG_TEST_RUN (one million runs per scenario; needs root).
-fn auth() -> Result<Vec<Figure>> {
-    let (_, agent) = crate::bench_identity::release_bins()?;
+async fn auth() -> Result<Vec<Figure>> {
+    let (operator, agent) = crate::bench_identity::release_bins()?;
     let peer = tlsbench()?;
     let certs = tempfile::tempdir()?;
     let dir = certs
@@ -265,7 +273,7 @@ fn auth() -> Result<Vec<Figure>> {
     println!("eBPF ingress decision cost (BPF_PROG_TEST_RUN, 1,000,000 runs per scenario)");
     let cost = run_json(&agent, &["bench-datapath", "--repeat", "1000000"])?;
     let go = "go crypto/tls";
-    Ok(vec![
+    let mut figures = vec![
         Figure::new("handshakes_per_core", ours.get("per_second")?, "1/s")
             .with_target(">= 2x peer")
             .with_peer(go, theirs.get("per_second")?),
@@ -280,7 +288,9 @@ fn auth() -> Result<Vec<Figure>> {
             "ns",
         )
         .with_target("<= 100"),
-    ])
+    ];
+    figures.extend(crate::bench_datapath::run(&operator, &agent).await?);
+    Ok(figures)
 }
 
 /// The numbers a hidden `bench-*` subcommand of our binaries printed as JSON.

@@ -222,7 +222,7 @@ async fn identities(cp: &ControlPlane, client: &kube::Client) -> Result<()> {
 
 /// The cgroup v2 hierarchy pods' cgroups go under, when this process may
 /// use it (root); otherwise says that `what` is skipped and why.
-fn pod_cgroups(what: &str) -> Option<&'static std::path::Path> {
+pub(crate) fn pod_cgroups(what: &str) -> Option<&'static std::path::Path> {
     let root = std::path::Path::new("/sys/fs/cgroup/unified");
     if crate::deps::is_root() && root.join("cgroup.procs").exists() {
         return Some(root);

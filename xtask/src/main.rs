@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_datapath;
 mod bench_identity;
 mod demo;
 mod deps;

@@ -1,0 +1,351 @@
+//! A simulated cluster for the data-path tests, the demo and the
+//! benchmarks: simulated nodes on one [`Topology`] bridge, a cgroup (v2) per
+//! node holding its pods' cgroups, `tessera-agent run --cgroup-root ...` per
+//! node with real eBPF programs pinned under `/sys/fs/bpf/<tag>-<node>`, and
+//! pods that are Pod objects in the API server plus, when they need traffic,
+//! a network namespace, a cgroup and a Python TCP server.
+//!
+//! Everything is removed on drop: agents first (SIGKILL), then their pins,
+//! cgroups and namespaces.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+
+use crate::netns::{self, Cgroup, Topology};
+use crate::procs::KillOnDrop;
+
+/// Where agents pin their maps and links.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// A running `tessera-agent run` and the lines it logged.
+#[derive(Debug)]
+pub struct Agent {
+    /// The node it serves.
+    pub node: String,
+    /// The process (killed on drop).
+    pub proc: KillOnDrop,
+    /// Its stderr, line by line.
+    pub lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// How many logged lines contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits (up to 60 s) until at least `at_least` lines contain `needle`.
+    pub async fn wait_for(&self, needle: &str, at_least: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.count(needle) < at_least {
+            assert!(
+                Instant::now() < deadline,
+                "the agent of {} never logged {needle:?}",
+                self.node
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The agent's resident memory in KiB (`VmRSS`) and its peak (`VmHWM`).
+    pub fn rss_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.0.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+/// A simulated pod with traffic: its Pod object, network namespace, cgroup
+/// and TCP server.
+#[derive(Debug)]
+pub struct SimPod {
+    /// Pod name.
+    pub name: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Its address.
+    pub ip: String,
+    /// Its network namespace.
+    pub ns: String,
+    /// Its cgroup (below its node's).
+    pub cgroup: Cgroup,
+    /// Its TCP server, when it runs one.
+    pub server: Option<KillOnDrop>,
+}
+
+impl SimPod {
+    /// One connection attempt from this pod to `ip`:`port`, as
+    /// [`netns::CLIENT`] reports it.
+    pub fn connect(&self, ip: &str, port: u16) -> String {
+        netns::connect(
+            &self.cgroup,
+            &self.ns,
+            ip,
+            port,
+            Duration::from_millis(1500),
+        )
+    }
+}
+
+/// What a new pod looks like.
+#[derive(Debug, Clone, Copy)]
+pub struct PodSpec<'a> {
+    /// Namespace.
+    pub namespace: &'a str,
+    /// Name.
+    pub name: &'a str,
+    /// Labels.
+    pub labels: &'a [(&'a str, &'a str)],
+    /// Service account.
+    pub service_account: &'a str,
+    /// Node name.
+    pub node: &'a str,
+    /// Pod IP.
+    pub ip: &'a str,
+}
+
+/// How agents are started: the same for every node.
+#[derive(Debug, Clone)]
+pub struct AgentLaunch {
+    /// The `tessera-agent` binary.
+    pub bin: PathBuf,
+    /// The control plane's kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// The operator's signer port on loopback.
+    pub signer_port: u16,
+    /// Where sockets (`<node>.sock`) and state (`<node>/`) go.
+    pub dir: PathBuf,
+    /// Whether agent logs are echoed to stderr.
+    pub echo: bool,
+}
+
+/// Simulated nodes, their cgroups and agents, and the pods' namespaces.
+pub struct SimCluster {
+    /// A client of the control plane.
+    pub client: kube::Client,
+    /// The agents started, in start order.
+    pub agents: Vec<Agent>,
+    tag: String,
+    nodes: Vec<(String, String)>,
+    node_cgroups: Vec<Cgroup>,
+    top: Option<Cgroup>,
+    topology: Option<Topology>,
+}
+
+impl SimCluster {
+    /// Creates the bridge holding `nodes` (name, address) and a cgroup per
+    /// node under `<cgroup_root>/<tag>`. Pins go under `/sys/fs/bpf/<tag>-<node>`.
+    pub fn create(
+        client: kube::Client,
+        cgroup_root: &Path,
+        tag: &str,
+        nodes: &[(&str, &str)],
+    ) -> SimCluster {
+        assert!(
+            cgroup_root.join("cgroup.procs").exists(),
+            "no cgroup v2 hierarchy at {} (this needs root)",
+            cgroup_root.display()
+        );
+        let topology = Topology::create(&nodes.iter().map(|(_, ip)| *ip).collect::<Vec<_>>());
+        let top = Cgroup::create(cgroup_root.join(tag));
+        let node_cgroups = nodes
+            .iter()
+            .map(|(n, _)| Cgroup::create(top.0.join(n)))
+            .collect();
+        SimCluster {
+            client,
+            agents: Vec::new(),
+            tag: tag.to_owned(),
+            nodes: nodes
+                .iter()
+                .map(|(n, ip)| ((*n).to_owned(), (*ip).to_owned()))
+                .collect(),
+            node_cgroups,
+            top: Some(top),
+            topology: Some(topology),
+        }
+    }
+
+    fn index(&self, node: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|(n, _)| n == node)
+            .unwrap_or_else(|| panic!("no simulated node {node}"))
+    }
+
+    /// The cgroup holding `node`'s pods (its agent's `--cgroup-root`).
+    pub fn node_cgroup(&self, node: &str) -> &Path {
+        &self.node_cgroups[self.index(node)].0
+    }
+
+    /// `node`'s address.
+    pub fn node_ip(&self, node: &str) -> &str {
+        &self.nodes[self.index(node)].1
+    }
+
+    /// Where `node`'s agent pins its maps and links (the root; the
+    /// versioned directory is below it).
+    pub fn pin_root(&self, node: &str) -> PathBuf {
+        Path::new(BPFFS).join(format!("{}-{node}", self.tag))
+    }
+
+    /// Starts the agent of `node` as `launch` says, with the eBPF programs
+    /// on the node's cgroup and handshakes on the node's address, its
+    /// Node-bound token in `token_file`.
+    pub fn start_agent(&mut self, launch: &AgentLaunch, node: &str, token_file: &Path) -> &Agent {
+        let (bin, dir) = (&launch.bin, &launch.dir);
+        let mut child = crate::procs::agent_run(
+            bin,
+            &launch.kubeconfig,
+            node,
+            launch.signer_port,
+            token_file,
+            &dir.join(format!("{node}.sock")),
+        )
+        .arg("--cgroup-root")
+        .arg(self.node_cgroup(node))
+        .arg("--pin-name")
+        .arg(self.pin_root(node).file_name().unwrap())
+        .arg(format!("--handshake-addr={}:4434", self.node_ip(node)))
+        .arg("--state-dir")
+        .arg(dir.join(node))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let lines = netns::collect_stderr(&mut child, node, launch.echo);
+        self.agents.push(Agent {
+            node: node.to_owned(),
+            proc: KillOnDrop(child),
+            lines,
+        });
+        self.agents.last().unwrap()
+    }
+
+    /// The agent of `node`.
+    pub fn agent(&self, node: &str) -> &Agent {
+        self.agents
+            .iter()
+            .find(|a| a.node == node)
+            .unwrap_or_else(|| panic!("no agent runs for {node}"))
+    }
+
+    /// Creates the Pod object of `spec` (no process runs), running on its
+    /// node with its address. Its uid.
+    pub async fn pod_object(&self, spec: PodSpec<'_>) -> String {
+        let uid = self.create_pod(spec).await;
+        self.set_running(spec).await;
+        uid
+    }
+
+    /// Creates the Pod object of `spec`, scheduled but without an address
+    /// yet. Its uid.
+    async fn create_pod(&self, spec: PodSpec<'_>) -> String {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), spec.namespace);
+        let labels: serde_json::Map<String, serde_json::Value> = spec
+            .labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).into()))
+            .collect();
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": labels},
+            "spec": {"nodeName": spec.node, "serviceAccountName": spec.service_account,
+                     "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}
+        }))
+        .unwrap();
+        let created = pods
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap_or_else(|e| panic!("cannot create pod {}: {e}", spec.name));
+        created.metadata.uid.unwrap()
+    }
+
+    /// Reports the pod of `spec` running with its address (what the kubelet
+    /// does once the pod's sandbox, cgroup and network are set up).
+    async fn set_running(&self, spec: PodSpec<'_>) {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), spec.namespace);
+        pods.patch_status(
+            spec.name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {
+                "phase": "Running", "podIP": spec.ip, "podIPs": [{"ip": spec.ip}],
+                "hostIP": self.node_ip(spec.node)
+            }})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot set the status of pod {}: {e}", spec.name));
+    }
+
+    /// Creates the pod of `spec` as a kubelet would: the object, then its
+    /// cgroup and network namespace, then its address in the status; with
+    /// a TCP server on `port` answering its name when `port` is given.
+    pub async fn pod(&self, spec: PodSpec<'_>, port: Option<u16>) -> SimPod {
+        let uid = self.create_pod(spec).await;
+        let ns = self.topology.as_ref().unwrap().pod(spec.ip);
+        let cgroup = Cgroup::create(self.node_cgroup(spec.node).join(format!("pod{uid}")));
+        self.set_running(spec).await;
+        let server = port.map(|p| KillOnDrop(netns::serve(&cgroup, &ns, p, spec.name)));
+        SimPod {
+            name: spec.name.to_owned(),
+            namespace: spec.namespace.to_owned(),
+            ip: spec.ip.to_owned(),
+            ns,
+            cgroup,
+            server,
+        }
+    }
+
+    /// Deletes `pod`'s object, stops its server and removes its namespace.
+    pub async fn delete_pod(&self, pod: &mut SimPod) {
+        pod.server.take();
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        pods.delete(&pod.name, &Default::default())
+            .await
+            .unwrap_or_else(|e| panic!("cannot delete pod {}: {e}", pod.name));
+        self.topology.as_ref().unwrap().remove_pod(&pod.ns);
+    }
+}
+
+impl std::fmt::Debug for SimCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimCluster")
+            .field("tag", &self.tag)
+            .field("nodes", &self.nodes)
+            .field("agents", &self.agents)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for SimCluster {
+    fn drop(&mut self) {
+        self.agents.clear();
+        for (node, _) in &self.nodes {
+            let _ = std::fs::remove_dir_all(Path::new(BPFFS).join(format!("{}-{node}", self.tag)));
+        }
+        self.node_cgroups.clear();
+        self.top.take();
+        self.topology.take();
+    }
+}

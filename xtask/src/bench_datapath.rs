@@ -1,0 +1,483 @@
+//! The data-path benchmarks of `cargo xtask bench auth` that need a running
+//! system (root): etcd and kube-apiserver, the release operator and agents
+//! with their eBPF programs on simulated nodes' cgroups, pods as network
+//! namespaces with real TCP.
+//!
+//! - First connection of a new authenticated pair: a new identity's pod
+//!   starts connecting the moment both endpoints are in the agents' maps
+//!   (before that its address is not managed yet); the added latency is its
+//!   first successful connect (retrying on EPERM while the pair is being
+//!   authenticated) minus a plain connect of the same pair right after.
+//! - Policy change to maps: with 1,000 pods in the cluster, the time from
+//!   creating (or deleting) an AuthPolicy until the destination node's
+//!   kernel decides accordingly, observed by running the pinned ingress
+//!   program on the agent's live maps (BPF_PROG_TEST_RUN) every 0.5 ms.
+//! - Agent memory: the destination node's agent with 100 local pods, then
+//!   with 10,000 identities in the cluster (one per pod).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use tessera_bpf::datapath::Datapath;
+use tessera_bpf::packets::{self, SYN, TCP};
+use tessera_tests::cluster::{AgentLaunch, PodSpec, SimCluster};
+use tessera_tests::procs::{KillOnDrop, operator_run};
+use tessera_tests::{free_port, repo_root, resources};
+
+use crate::bench::{Figure, ms, percentile};
+
+/// New pairs whose first connection is timed.
+const FIRST_CONNECTIONS: usize = 100;
+/// Pods in the cluster while policy changes are timed.
+const POLICY_PODS: usize = 1000;
+/// Policies created, then deleted, while timing.
+const POLICY_CHANGES: usize = 50;
+/// Pods on the measured agent's node.
+const LOCAL_PODS: usize = 100;
+/// Identities in the cluster for the memory figure (the figure is named
+/// for this default; `TESSERA_BENCH_IDENTITIES` sets another count for
+/// quicker runs).
+const IDENTITIES: usize = 10_000;
+
+fn identities() -> usize {
+    std::env::var("TESSERA_BENCH_IDENTITIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(IDENTITIES)
+        .max(POLICY_PODS)
+}
+const PORT: u16 = 5432;
+const NODES: [(&str, &str); 3] = [
+    ("node-a", "198.18.0.1"),
+    ("node-b", "198.18.0.2"),
+    ("node-c", "198.18.0.3"),
+];
+
+/// Waits on stdin, then connects to `ip`:`port` until it succeeds, retrying
+/// at once on EPERM (the pair is being authenticated); prints `ok <secs of
+/// the first success> <attempts> <secs of a second, plain connect>` or
+/// `fail <errno>`.
+const FIRST: &str = r#"
+import errno, socket, sys, time
+ip, port = sys.argv[1], int(sys.argv[2])
+def once():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect((ip, port))
+        s.recv(64)
+    finally:
+        s.close()
+sys.stdin.readline()
+t = time.monotonic()
+attempts = 0
+while True:
+    attempts += 1
+    try:
+        once()
+        break
+    except OSError as e:
+        if e.errno != errno.EPERM or time.monotonic() - t > 10:
+            print("fail %s" % e.errno, flush=True)
+            sys.exit(0)
+        time.sleep(0.0002)
+first = time.monotonic() - t
+t = time.monotonic()
+once()
+print("ok %.6f %d %.6f" % (first, attempts, time.monotonic() - t), flush=True)
+"#;
+
+fn ip(text: &str) -> Result<IpAddr> {
+    text.parse().with_context(|| format!("bad address {text}"))
+}
+
+/// The pinned data path of `node`'s agent, opened in this process: the
+/// agent's live maps, and a copy of its programs to test-run on them.
+fn live(cluster: &SimCluster, node: &str) -> Result<Datapath> {
+    let dir = tessera_bpf::pinning::version_dir(&cluster.pin_root(node));
+    Datapath::open(Some(&dir)).with_context(|| format!("cannot open {}", dir.display()))
+}
+
+/// Address of the `i`th scale pod: 198.19.0.0/16.
+fn scale_ip(i: usize) -> String {
+    format!("198.19.{}.{}", i / 200, i % 200 + 10)
+}
+
+/// Runs the three benchmarks; their figures.
+pub async fn run(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
+    let Some(cgroup_root) = crate::demo::pod_cgroups("the data-path benchmarks") else {
+        bail!("the data-path benchmarks need root and cgroup v2 (run as root)");
+    };
+    tessera_bpf::pinning::ensure_bpffs(Path::new(tessera_tests::cluster::BPFFS))?;
+    let (cp, client) = resources::control_plane_with_crds().await?;
+    resources::apply_manifest(&client, resources::TWO_NODES).await?;
+    resources::apply_manifest(
+        &client,
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-c}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: db, namespace: shop}\n",
+    )
+    .await?;
+    let signer_port = free_port()?;
+    let logs = repo_root().join("target/bench");
+    std::fs::create_dir_all(&logs)?;
+    let operator_log = logs.join("auth-operator.log");
+    println!("operator log: {}", operator_log.display());
+    let _operator = KillOnDrop(
+        operator_run(operator, cp.kubeconfig(), "cluster.test")
+            .arg("--metrics-addr=127.0.0.1:0")
+            .arg(format!("--signer-addr=127.0.0.1:{signer_port}"))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&operator_log)?)
+            .spawn()?,
+    );
+    resources::wait_for_trust_bundle(&client, Duration::from_secs(60)).await?;
+
+    let tag = format!("tessera-bench-{}", std::process::id());
+    let mut cluster = SimCluster::create(client.clone(), cgroup_root, &tag, &NODES);
+    let dir = tempfile::tempdir()?;
+    let launch = AgentLaunch {
+        bin: agent.to_owned(),
+        kubeconfig: cp.kubeconfig().to_owned(),
+        signer_port,
+        dir: dir.path().to_owned(),
+        echo: false,
+    };
+    for node in ["node-a", "node-b"] {
+        let token = resources::agent_token_file(
+            &client,
+            node,
+            tessera_api::signer_api::TOKEN_AUDIENCE,
+            dir.path(),
+        )
+        .await?;
+        cluster.start_agent(&launch, node, &token);
+    }
+    for node in ["node-a", "node-b"] {
+        cluster.agent(node).wait_for("data path in sync", 1).await;
+    }
+    let mut figures = first_connections(&cluster).await?;
+    // The rest measures node-b's agent alone.
+    cluster.agents.retain(|a| a.node == "node-b");
+    figures.extend(policy_and_memory(&cluster).await?);
+    drop(cluster);
+    drop(cp);
+    Ok(figures)
+}
+
+/// Added latency of the first connection of new authenticated pairs.
+async fn first_connections(cluster: &SimCluster) -> Result<Vec<Figure>> {
+    let db = cluster
+        .pod(
+            PodSpec {
+                namespace: "shop",
+                name: "db",
+                labels: &[("app", "db")],
+                service_account: "db",
+                node: "node-b",
+                ip: "198.18.2.10",
+            },
+            Some(PORT),
+        )
+        .await;
+    resources::apply_manifest(
+        &cluster.client,
+        &format!(
+            "apiVersion: tessera.dev/v1alpha1\nkind: AuthPolicy\nmetadata: {{name: db-from-clients, namespace: shop}}\n\
+             spec:\n  selector: {{matchLabels: {{app: db}}}}\n  rules:\n  - from: [{{podSelector: {{matchLabels: {{role: client}}}}}}]\n    ports: [{{port: {PORT}}}]\n"
+        ),
+    )
+    .await?;
+    let mut a = live(cluster, "node-a")?;
+    let mut b = live(cluster, "node-b")?;
+    println!(
+        "first connection of {FIRST_CONNECTIONS} new authenticated pairs (node-a -> db on node-b)"
+    );
+    let (mut added, mut waited, mut plain) = (Vec::new(), 0, Vec::new());
+    for i in 0..FIRST_CONNECTIONS {
+        let name = format!("client-{i}");
+        resources::apply_manifest(
+            &cluster.client,
+            &format!(
+                "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {name}, namespace: shop}}\n"
+            ),
+        )
+        .await?;
+        let client_ip = format!("198.18.1.{}", 10 + i);
+        let pod = cluster
+            .pod(
+                PodSpec {
+                    namespace: "shop",
+                    name: &name,
+                    labels: &[("app", &name), ("role", "client")],
+                    service_account: &name,
+                    node: "node-a",
+                    ip: &client_ip,
+                },
+                None,
+            )
+            .await;
+        let mut child = KillOnDrop(pod.cgroup.spawn_in(
+            &pod.ns,
+            "python3",
+            &["-c", FIRST, &db.ip, &PORT.to_string()],
+        ));
+        let cgroup = tessera_bpf::datapath::cgroup_id(&pod.cgroup.0)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // t0: both endpoints are in both agents' maps.
+        loop {
+            let known = a.endpoint_cgroup(cgroup)?.is_some()
+                && a.endpoint_ip(ip(&client_ip)?)?.is_some()
+                && b.endpoint_ip(ip(&client_ip)?)?.is_some()
+                && a.endpoint_ip(ip(&db.ip)?)?.is_some();
+            if known {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{name}'s endpoints were not in the agents' maps within 60 s");
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        let stdin = child.0.stdin.as_mut().context("no stdin")?;
+        stdin.write_all(b"go\n")?;
+        stdin.flush()?;
+        let stdout = child.0.stdout.take().context("no stdout")?;
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        })
+        .await??;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let [ok, first, attempts, second] = words[..] else {
+            bail!("{name}'s first connection failed: {line:?}");
+        };
+        if ok != "ok" {
+            bail!("{name}'s first connection failed: {line:?}");
+        }
+        let (first, attempts, second): (f64, u32, f64) =
+            (first.parse()?, attempts.parse()?, second.parse()?);
+        if attempts > 1 {
+            waited += 1;
+        }
+        if first > 0.005 {
+            // Slow: show what the agents said about this pair.
+            println!(
+                "{name}: first connection after {:.1} ms, {attempts} attempt(s)",
+                first * 1000.0
+            );
+            for node in ["node-a", "node-b"] {
+                let lines = cluster
+                    .agent(node)
+                    .lines
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("log lock"))?;
+                for l in lines.iter().filter(|l| l.contains(&format!("sa/{name}"))) {
+                    println!("  [{node}] {l}");
+                }
+            }
+        }
+        added.push(Duration::from_secs_f64((first - second).max(0.0)));
+        plain.push(Duration::from_secs_f64(second));
+    }
+    added.sort();
+    plain.sort();
+    println!(
+        "{waited} of {FIRST_CONNECTIONS} first connections waited for the handshake (EPERM, retried)"
+    );
+    Ok(vec![
+        Figure::new(
+            "first_connection_added_p50",
+            ms(percentile(&added, 50.0)),
+            "ms",
+        ),
+        Figure::new(
+            "first_connection_added_p99",
+            ms(percentile(&added, 99.0)),
+            "ms",
+        )
+        .with_target("<= 5"),
+        Figure::new(
+            "first_connection_added_max",
+            ms(percentile(&added, 100.0)),
+            "ms",
+        ),
+        Figure::new("plain_connect_p50", ms(percentile(&plain, 50.0)), "ms"),
+    ])
+}
+
+/// Creates `count` pods (objects only) named `<prefix>-<i>` with label
+/// `app=<prefix>-<i>` and `scale=yes`, the `i`th on `node_of(i)` at
+/// `ip_of(i)`, 16 at a time.
+async fn scale_pods(
+    cluster: &SimCluster,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    node_of: impl Fn(usize) -> &'static str,
+    ip_of: impl Fn(usize) -> String,
+) {
+    futures::stream::iter(range.map(|i| {
+        let name = format!("{prefix}-{i}");
+        let ip = ip_of(i);
+        let node = node_of(i);
+        async move {
+            cluster
+                .pod_object(PodSpec {
+                    namespace: "scale",
+                    name: &name,
+                    labels: &[("app", &name), ("scale", "yes")],
+                    service_account: "default",
+                    node,
+                    ip: &ip,
+                })
+                .await;
+        }
+    }))
+    .buffer_unordered(16)
+    .collect::<Vec<()>>()
+    .await;
+}
+
+/// Waits until node-b's endpoint map holds at least `count` addresses with
+/// a numeric identity; how long that took.
+async fn until_endpoints(b: &mut Datapath, count: usize, within: Duration) -> Result<Duration> {
+    let t = Instant::now();
+    loop {
+        let n = b
+            .endpoint_ips()?
+            .iter()
+            .filter(|(_, ep)| u64::from(ep.id) != tessera_bpf::abi::consts::TS_ID_UNKNOWN)
+            .count();
+        if n >= count {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > within {
+            bail!("node-b's agent holds {n} of {count} endpoints after {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Policy change -> maps with 1,000 pods; the agent's memory with 100 local
+/// pods at 1,000 and 10,000 identities.
+async fn policy_and_memory(cluster: &SimCluster) -> Result<Vec<Figure>> {
+    resources::apply_manifest(
+        &cluster.client,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: scale}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: default, namespace: scale}\n---\n\
+         apiVersion: tessera.dev/v1alpha1\nkind: WorkloadIdentity\nmetadata: {name: per-pod, namespace: scale}\n\
+         spec:\n  spiffeIDTemplate: \"spiffe://{trustDomain}/ns/{namespace}/pod/{podName}\"\n  podSelector: {matchLabels: {scale: \"yes\"}}\n",
+    )
+    .await?;
+    let mut b = live(cluster, "node-b")?;
+    let existing = b.endpoint_ips()?.len();
+    let t = Instant::now();
+    // 100 pods on node-b, the rest on node-c (no agent), one identity each.
+    let node_of = |i: usize| if i < LOCAL_PODS { "node-b" } else { "node-c" };
+    scale_pods(cluster, "p", 0..POLICY_PODS - existing, node_of, scale_ip).await;
+    let settled = until_endpoints(&mut b, POLICY_PODS, Duration::from_secs(300)).await?;
+    println!(
+        "{POLICY_PODS} pods created and in node-b's maps after {:.1} s ({:.1} s after the last create)",
+        t.elapsed().as_secs_f64(),
+        settled.as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (rss_1k, _) = cluster.agent("node-b").rss_kib();
+
+    println!(
+        "policy change -> node-b's kernel decision: {POLICY_CHANGES} Deny policies created, then deleted"
+    );
+    let policies: kube::Api<tessera_api::crd::AuthPolicy> =
+        kube::Api::namespaced(cluster.client.clone(), "scale");
+    let mut latencies = Vec::new();
+    for k in 0..POLICY_CHANGES {
+        // local pod k (node-b) and remote pod 100 + k (node-c)
+        let (local, remote) = (k, LOCAL_PODS + k);
+        let packet = packets::ipv4(
+            octets(&scale_ip(remote))?,
+            octets(&scale_ip(local))?,
+            TCP,
+            PORT,
+            SYN,
+        );
+        let verdict = |b: &Datapath| b.test_ingress(&packet, 1).map(|(v, _)| v);
+        if verdict(&b)? != 1 {
+            bail!("p-{remote} -> p-{local} is denied before any policy");
+        }
+        let name = format!("deny-{k}");
+        let yaml = format!(
+            "apiVersion: tessera.dev/v1alpha1\nkind: AuthPolicy\nmetadata: {{name: {name}, namespace: scale}}\n\
+             spec:\n  selector: {{matchLabels: {{app: p-{local}}}}}\n  action: Deny\n  rules:\n  - from: [{{podSelector: {{matchLabels: {{app: p-{remote}}}}}}}]\n    ports: [{{port: {PORT}}}]\n"
+        );
+        let t = Instant::now();
+        resources::apply_manifest(&cluster.client, &yaml).await?;
+        latencies.push(until_verdict(&b, &verdict, 0, t).await?);
+        let t = Instant::now();
+        policies.delete(&name, &Default::default()).await?;
+        latencies.push(until_verdict(&b, &verdict, 1, t).await?);
+    }
+    latencies.sort();
+
+    let identities = identities();
+    println!("scaling to {identities} identities (one pod each)");
+    let t = Instant::now();
+    scale_pods(
+        cluster,
+        "p",
+        POLICY_PODS - existing..identities,
+        node_of,
+        scale_ip,
+    )
+    .await;
+    let settled = until_endpoints(&mut b, identities, Duration::from_secs(900)).await?;
+    println!(
+        "{identities} pods created and in node-b's maps after {:.1} s ({:.1} s after the last create)",
+        t.elapsed().as_secs_f64(),
+        settled.as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (rss_10k, peak) = cluster.agent("node-b").rss_kib();
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    Ok(vec![
+        Figure::new("policy_to_maps_p50", ms(percentile(&latencies, 50.0)), "ms"),
+        Figure::new("policy_to_maps_p99", ms(percentile(&latencies, 99.0)), "ms")
+            .with_target("<= 500"),
+        Figure::new("agent_rss_1k_pods", mib(rss_1k), "MiB"),
+        Figure::new(
+            &format!("agent_rss_{}k_identities", identities / 1000),
+            mib(rss_10k),
+            "MiB",
+        )
+        .with_target("<= 30"),
+        Figure::new("agent_rss_peak", mib(peak), "MiB"),
+    ])
+}
+
+fn octets(text: &str) -> Result<[u8; 4]> {
+    match ip(text)? {
+        IpAddr::V4(v4) => Ok(v4.octets()),
+        IpAddr::V6(_) => bail!("{text} is not IPv4"),
+    }
+}
+
+/// Test-runs the ingress program every 0.5 ms until it returns `want`; the
+/// time since `t`.
+async fn until_verdict(
+    b: &Datapath,
+    verdict: &impl Fn(&Datapath) -> Result<u32, tessera_bpf::datapath::DatapathError>,
+    want: u32,
+    t: Instant,
+) -> Result<Duration> {
+    loop {
+        if verdict(b)? == want {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("node-b's kernel did not return {want} within 30 s of the policy change");
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
