@@ -23,11 +23,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
 use tessera_api::crd::{IdentityPolicy, IdentityPolicySpec, NumericIdentity};
 use tessera_bpf::abi::AuthKey;
 use tessera_bpf::datapath::DatapathError;
@@ -35,10 +32,11 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::authcache::Generations;
+use crate::follow::Compact;
 use crate::handshake::{self, Authenticated, Credentials, HandshakeError, Initiate};
 use crate::identities::IdentityStore;
 use crate::policy::IdentityTable;
-use crate::view::{Pair, View, pod_view};
+use crate::view::{Pair, PodView, View, pod_view};
 
 /// Re-authenticate an entry with less than this left (or a quarter of its
 /// lifetime, when shorter).
@@ -94,20 +92,22 @@ pub struct EnforcerConfig {
 pub use crate::dataplane::Stats;
 use crate::dataplane::{DataPlane, DataPlaneError, lock};
 
-/// Drops the metadata the enforcer never reads (managed fields, labels,
-/// annotations such as kubectl's last-applied copy of the object).
-fn trim_meta(meta: &mut kube::api::ObjectMeta) {
-    meta.managed_fields = None;
-    meta.annotations = None;
-    meta.labels = None;
+/// The cluster objects the enforcer follows, as much of each as it reads.
+#[derive(Clone, Default)]
+struct Stores {
+    pods: Compact<PodView>,
+    policies: Compact<IdentityPolicySpec>,
+    /// SPIFFE ID, number, generation.
+    identities: Compact<(String, u32, u64)>,
 }
 
-/// The cluster objects the enforcer follows.
-#[derive(Clone)]
-struct Stores {
-    pods: Store<Pod>,
-    policies: Store<IdentityPolicy>,
-    identities: Store<NumericIdentity>,
+fn identity_value(ni: &NumericIdentity) -> Option<(String, u32, u64)> {
+    let generation = u64::try_from(ni.spec.generation).ok()?;
+    Some((ni.spec.spiffe_id.clone(), ni.spec.id, generation))
+}
+
+fn policy_value(p: &IdentityPolicy) -> Option<IdentityPolicySpec> {
+    Some(p.spec.clone())
 }
 
 struct Inner {
@@ -144,10 +144,7 @@ impl Inner {
 
     /// Brings endpoints, policy and auth entries in line with the view.
     fn sync(&self, stores: &Stores) -> Result<(), DatapathError> {
-        let view = Arc::new(View::new(
-            &self.cfg.node_name,
-            stores.pods.state().iter().filter_map(|p| pod_view(p)),
-        ));
+        let view = Arc::new(View::new(&self.cfg.node_name, stores.pods.values()));
         if !view.nodes.collisions.is_empty() {
             warn!(nodes = ?view.nodes.collisions, "node names with the same data-path index: their pods get no endpoint entries (fail closed)");
         }
@@ -155,17 +152,12 @@ impl Inner {
         let live: HashSet<&str> = view.local_pods().map(|p| p.uid.as_str()).collect();
         lock(&self.cgroups).retain(|uid, _| live.contains(uid.as_str()));
         let mut table = IdentityTable::default();
-        for ni in stores.identities.state() {
-            if let Ok(generation) = u64::try_from(ni.spec.generation) {
-                table.insert(&ni.spec.spiffe_id, ni.spec.id, generation);
+        stores.identities.read(|ids| {
+            for (spiffe_id, id, generation) in ids.values() {
+                table.insert(spiffe_id, *id, *generation);
             }
-        }
-        let specs: Vec<IdentityPolicySpec> = stores
-            .policies
-            .state()
-            .iter()
-            .map(|p| p.spec.clone())
-            .collect();
+        });
+        let specs = stores.policies.values();
         let refs: Vec<&IdentityPolicySpec> = specs.iter().collect();
         self.plane
             .apply(&view, &table, &refs, &mut |p| self.cgroup_of(&p.uid))?;
@@ -378,52 +370,32 @@ pub async fn run(
     });
 
     let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
-    let (pods, pod_writer) = reflector::store::<Pod>();
-    let (policies, policy_writer) = reflector::store::<IdentityPolicy>();
-    let (identities, id_writer) = reflector::store::<NumericIdentity>();
+    let stores = Stores::default();
     let mut tasks = Vec::new();
-    macro_rules! follow {
-        ($writer:expr, $api:expr, $trim:expr, $what:literal) => {{
-            let tx = tx.clone();
-            let stream = reflector::reflector(
-                $writer,
-                watcher($api, watcher::Config::default()).modify($trim),
-            )
-            .default_backoff()
-                .map_ok(|_| ());
-            tasks.push(tokio::spawn(async move {
-                let mut stream = std::pin::pin!(stream);
-                while let Some(item) = stream.next().await {
-                    match item {
-                        Ok(()) => {
-                            let _ = tx.try_send(());
-                        }
-                        Err(e) => warn!(error = %e, what = $what, "watch error; retrying"),
-                    }
-                }
-            }));
-        }};
-    }
-    // Only what the view reads is kept of each object: the agent holds every
-    // pod and identity of the cluster.
-    follow!(
-        pod_writer,
+    let notify = {
+        let tx = tx.clone();
+        move || {
+            let _ = tx.try_send(());
+        }
+    };
+    tasks.push(tokio::spawn(stores.pods.clone().follow(
         Api::<Pod>::all(client.clone()),
-        crate::view::trim_pod,
-        "pods"
-    );
-    follow!(
-        policy_writer,
+        pod_view,
+        notify.clone(),
+        "pods",
+    )));
+    tasks.push(tokio::spawn(stores.policies.clone().follow(
         Api::<IdentityPolicy>::all(client.clone()),
-        |p: &mut IdentityPolicy| trim_meta(&mut p.metadata),
-        "identitypolicies"
-    );
-    follow!(
-        id_writer,
+        policy_value,
+        notify.clone(),
+        "identitypolicies",
+    )));
+    tasks.push(tokio::spawn(stores.identities.clone().follow(
         Api::<NumericIdentity>::all(client.clone()),
-        |n: &mut NumericIdentity| trim_meta(&mut n.metadata),
-        "numericidentities"
-    );
+        identity_value,
+        notify,
+        "numericidentities",
+    )));
 
     // Credentials follow this node's SVIDs and the bundles.
     {
@@ -449,7 +421,8 @@ pub async fn run(
                 }
                 trusted = Some(bundles.clone());
                 if !bundles.trust_domain_id.is_empty() {
-                    match Credentials::build(&svids, &bundles) {
+                    let prev = inner.creds();
+                    match Credentials::rebuild(prev.as_ref(), &svids, &bundles) {
                         Ok(c) => {
                             debug!(identities = ?c.identities(), "handshake credentials rebuilt");
                             *lock(&inner.creds) = Some(c);
@@ -467,16 +440,11 @@ pub async fn run(
     }
     drop(tx);
 
-    let stores = Stores {
-        pods,
-        policies,
-        identities,
-    };
     let mut shutdown = std::pin::pin!(shutdown);
     let ready = async {
-        let _ = stores.pods.wait_until_ready().await;
-        let _ = stores.policies.wait_until_ready().await;
-        let _ = stores.identities.wait_until_ready().await;
+        stores.pods.wait_until_ready().await;
+        stores.policies.wait_until_ready().await;
+        stores.identities.wait_until_ready().await;
     };
     tokio::select! {
         _ = ready => {}

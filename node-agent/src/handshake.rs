@@ -410,10 +410,23 @@ impl ClientCertVerifier for InitiatorVerifier {
 }
 
 /// One local workload's key and chain, ready for rustls.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Local {
     client: Arc<rustls::ClientConfig>,
+    key: Arc<CertifiedKey>,
+    chain_der: Vec<u8>,
     not_after: i64,
+}
+
+/// The X.509 part of the bundles a [`Credentials`] was built for.
+type Trust = (String, Vec<u8>, std::collections::BTreeMap<String, Vec<u8>>);
+
+fn trust_of(bundles: &Bundles) -> Trust {
+    (
+        bundles.trust_domain_id.clone(),
+        bundles.own_der.clone(),
+        bundles.federated_der.clone(),
+    )
 }
 
 /// The responder's certificate choice: the local SVID SNI names.
@@ -429,6 +442,8 @@ impl ResolvesServerCert for BySni {
 /// rustls configurations for this node's workloads, built once per rotation.
 #[derive(Debug, Clone)]
 pub struct Credentials {
+    trust: Arc<Trust>,
+    anchors: Arc<Anchors>,
     locals: Arc<HashMap<String, Local>>,
     by_sni: Arc<HashMap<String, String>>,
     server: Arc<rustls::ServerConfig>,
@@ -458,11 +473,28 @@ impl Credentials {
         svids: impl IntoIterator<Item = &'a X509Svid>,
         bundles: &Bundles,
     ) -> Result<Credentials, HandshakeError> {
+        Self::rebuild(None, svids, bundles)
+    }
+
+    /// As [`Credentials::build`], reusing from `prev` (when its bundles are
+    /// the same) the anchors, with their verified-chain cache, and every
+    /// workload's configuration whose chain did not change: one new SVID
+    /// costs one new configuration, not one per local workload.
+    pub fn rebuild<'a>(
+        prev: Option<&Credentials>,
+        svids: impl IntoIterator<Item = &'a X509Svid>,
+        bundles: &Bundles,
+    ) -> Result<Credentials, HandshakeError> {
         let provider = provider();
-        let anchors = Arc::new(Anchors::new(
-            bundles,
-            provider.signature_verification_algorithms,
-        )?);
+        let trust = trust_of(bundles);
+        let prev = prev.filter(|p| *p.trust == trust);
+        let anchors = match prev {
+            Some(p) => p.anchors.clone(),
+            None => Arc::new(Anchors::new(
+                bundles,
+                provider.signature_verification_algorithms,
+            )?),
+        };
         let tls = |e: rustls::Error| HandshakeError::Material(e.to_string());
         let mut newest: HashMap<String, (&X509Svid, Vec<CertificateDer<'static>>, i64)> =
             HashMap::new();
@@ -490,6 +522,16 @@ impl Credentials {
         let mut by_sni = HashMap::new();
         let mut keys = HashMap::new();
         for (id, (svid, chain, not_after)) in newest {
+            let sni = server_name(&id);
+            if let Some(old) = prev
+                .and_then(|p| p.locals.get(&id))
+                .filter(|l| l.chain_der == svid.chain_der)
+            {
+                keys.insert(sni.clone(), old.key.clone());
+                by_sni.insert(sni, id.clone());
+                locals.insert(id, old.clone());
+                continue;
+            }
             let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key_der.clone()));
             let signing = provider
                 .key_provider
@@ -505,13 +547,14 @@ impl Credentials {
                 .map_err(tls)?;
             client.alpn_protocols = vec![ALPN.to_vec()];
             client.resumption = rustls::client::Resumption::disabled();
-            let sni = server_name(&id);
             keys.insert(sni.clone(), key.clone());
             by_sni.insert(sni, id.clone());
             locals.insert(
                 id,
                 Local {
                     client: Arc::new(client),
+                    key,
+                    chain_der: svid.chain_der.clone(),
                     not_after,
                 },
             );
@@ -519,12 +562,14 @@ impl Credentials {
         let mut server = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls)?
-            .with_client_cert_verifier(Arc::new(InitiatorVerifier(anchors)))
+            .with_client_cert_verifier(Arc::new(InitiatorVerifier(anchors.clone())))
             .with_cert_resolver(Arc::new(BySni(keys)));
         server.alpn_protocols = vec![ALPN.to_vec()];
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
         Ok(Credentials {
+            trust: Arc::new(trust),
+            anchors,
             locals: Arc::new(locals),
             by_sni: Arc::new(by_sni),
             server: Arc::new(server),

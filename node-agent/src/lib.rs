@@ -8,6 +8,7 @@ pub mod authcache;
 pub mod bench;
 pub mod dataplane;
 pub mod enforcer;
+pub mod follow;
 pub mod handshake;
 pub mod identities;
 pub mod policy;

@@ -82,36 +82,6 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
     })
 }
 
-/// Drops from a watched pod everything [`pod_view`] does not read (labels,
-/// managed fields, containers, conditions, other annotations ...), so that
-/// the agent's copy of every pod in the cluster stays small; `pod_view` of
-/// the trimmed pod equals `pod_view` of the original.
-pub fn trim_pod(pod: &mut Pod) {
-    let meta = &mut pod.metadata;
-    meta.managed_fields = None;
-    meta.labels = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    meta.generate_name = None;
-    if let Some(ann) = meta.annotations.as_mut() {
-        ann.retain(|k, _| k == annotations::SPIFFE_ID || k == annotations::IDENTITY);
-    }
-    let node_name = pod.spec.as_mut().and_then(|s| s.node_name.take());
-    pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
-        node_name,
-        ..Default::default()
-    });
-    let (pod_ip, host_ip) = pod
-        .status
-        .as_mut()
-        .map_or((None, None), |s| (s.pod_ip.take(), s.host_ip.take()));
-    pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
-        pod_ip,
-        host_ip,
-        ..Default::default()
-    });
-}
-
 /// The index of a node name in the data path: FNV-1a over the name, never 0.
 pub fn node_hash(name: &str) -> u32 {
     let h = name.bytes().fold(0x811c_9dc5u32, |h, b| {
@@ -404,45 +374,6 @@ mod tests {
                 l7: false,
             }],
             sources: vec![],
-        }
-    }
-
-    #[test]
-    fn a_trimmed_pod_has_the_same_view_and_little_else() {
-        let mut full: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {
-                "name": "web-1", "namespace": "shop", "uid": "u-1",
-                "creationTimestamp": "2026-11-29T10:00:00Z",
-                "labels": {"app": "web", "pod-template-hash": "abc"},
-                "annotations": {
-                    "tessera.dev/spiffe-id": "spiffe://td/ns/shop/sa/web",
-                    "tessera.dev/identity": "300/4",
-                    "kubectl.kubernetes.io/last-applied-configuration": "x".repeat(4000),
-                },
-                "managedFields": [{"manager": "kubelet", "operation": "Update"}],
-                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "r"}],
-            },
-            "spec": {"nodeName": "a", "serviceAccountName": "web",
-                     "containers": [{"name": "c", "image": "registry.invalid/web:1", "env": [{"name": "A", "value": "1"}]}]},
-            "status": {"phase": "Running", "podIP": "198.18.1.10", "hostIP": "198.18.0.1",
-                       "conditions": [{"type": "Ready", "status": "True"}]}
-        }))
-        .unwrap();
-        let before = pod_view(&full);
-        assert!(before.is_some(), "the fixture must have a view");
-        trim_pod(&mut full);
-        assert_eq!(pod_view(&full), before);
-        let kept = serde_json::to_string(&full).unwrap();
-        assert!(kept.len() < 500, "{kept}");
-        for gone in [
-            "last-applied",
-            "kubelet",
-            "ReplicaSet",
-            "registry.invalid",
-            "Ready",
-            "pod-template-hash",
-        ] {
-            assert!(!kept.contains(gone), "{gone} kept: {kept}");
         }
     }
 

@@ -142,6 +142,47 @@ async fn one_handshake_authenticates_both_sides_until_the_earlier_not_after() {
     );
 }
 
+/// Rebuilt credentials present a rotated SVID and follow changed bundles,
+/// whatever they reuse from the previous build.
+#[tokio::test]
+async fn rebuilt_credentials_use_the_new_svid_and_the_new_bundles() {
+    let td = domain("a.test");
+    let other_td = domain("b.test");
+    let old = td.svid_at(
+        "/ns/shop/sa/web",
+        OffsetDateTime::now_utc(),
+        Duration::from_secs(1800),
+    );
+    let new = td.svid("/ns/shop/sa/web");
+    let cache = td.svid("/ns/shop/sa/cache");
+    let db = td.svid("/ns/shop/sa/db");
+    let server = Credentials::build([&db], &td.bundles()).unwrap();
+    let first = Credentials::build([&old, &cache], &td.bundles()).unwrap();
+    let rotated = Credentials::rebuild(Some(&first), [&new, &cache], &td.bundles()).unwrap();
+    assert_eq!(
+        rotated.not_after(&new.spiffe_id),
+        Some(leaf_not_after(&new))
+    );
+    for (creds, svid) in [(&rotated, &new), (&rotated, &cache)] {
+        let (addr, task) = responder(server.clone(), |_| Ok(())).await;
+        handshake::initiate(creds, addr, &ask(&svid.spiffe_id, &db.spiffe_id))
+            .await
+            .unwrap();
+        let theirs = task.await.unwrap().unwrap();
+        assert_eq!(theirs.remote, svid.spiffe_id);
+        assert_eq!(
+            theirs.not_after,
+            leaf_not_after(svid).min(leaf_not_after(&db))
+        );
+    }
+    // Bundles that no longer hold a.test's CA: db is not trusted any more.
+    let moved = Credentials::rebuild(Some(&rotated), [&new], &other_td.bundles()).unwrap();
+    let (addr, task) = responder(server.clone(), |_| Ok(())).await;
+    let out = handshake::initiate(&moved, addr, &ask(&new.spiffe_id, &db.spiffe_id)).await;
+    assert!(out.is_err(), "{out:?}");
+    let _ = task.await;
+}
+
 /// The responder records before it answers: an initiator hears success
 /// only once the responder holds the result (here after three tries), and
 /// a refusal when the responder cannot record it within RECORD_WAIT.

@@ -1,0 +1,148 @@
+//! Watch-fed maps holding only what the agent reads of each object.
+//!
+//! The agent follows every pod and numeric identity of the cluster. A
+//! reflector store would keep each whole object (tens of optional fields
+//! per pod even when empty); [`Compact`] keeps one small value per object
+//! instead, made by an `extract` function, keyed by namespace/name. A new
+//! listing (start, or a watch that had to start over) is collected aside
+//! and swapped in whole, so readers never see a half-listed cluster.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+use k8s_openapi::serde::de::DeserializeOwned;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use tracing::warn;
+
+/// Values by namespace/name, filled by [`Compact::follow`].
+#[derive(Debug)]
+pub struct Compact<V> {
+    items: Arc<RwLock<HashMap<String, V>>>,
+    ready: tokio::sync::watch::Receiver<bool>,
+    ready_tx: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl<V> Clone for Compact<V> {
+    fn clone(&self) -> Self {
+        Compact {
+            items: self.items.clone(),
+            ready: self.ready.clone(),
+            ready_tx: self.ready_tx.clone(),
+        }
+    }
+}
+
+impl<V> Default for Compact<V> {
+    fn default() -> Self {
+        let (ready_tx, ready) = tokio::sync::watch::channel(false);
+        Compact {
+            items: Arc::default(),
+            ready,
+            ready_tx: Arc::new(ready_tx),
+        }
+    }
+}
+
+fn key<K: Resource>(obj: &K) -> String {
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+impl<V: Clone + Send + Sync + 'static> Compact<V> {
+    /// Runs `f` over the values held.
+    pub fn read<T>(&self, f: impl FnOnce(&HashMap<String, V>) -> T) -> T {
+        match self.items.read() {
+            Ok(items) => f(&items),
+            Err(poisoned) => f(&poisoned.into_inner()),
+        }
+    }
+
+    /// A copy of every value held.
+    pub fn values(&self) -> Vec<V> {
+        self.read(|items| items.values().cloned().collect())
+    }
+
+    /// Waits until the first listing is in.
+    pub async fn wait_until_ready(&self) {
+        let mut ready = self.ready.clone();
+        let _ = ready.wait_for(|r| *r).await;
+    }
+
+    fn write(&self, f: impl FnOnce(&mut HashMap<String, V>)) {
+        match self.items.write() {
+            Ok(mut items) => f(&mut items),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// Follows `api` until the watch ends (it retries with backoff on its
+    /// own): keeps `extract(obj)` for every object that yields a value and
+    /// calls `changed` after every change. `what` names the resource in logs.
+    pub async fn follow<K>(
+        self,
+        api: Api<K>,
+        extract: fn(&K) -> Option<V>,
+        changed: impl Fn(),
+        what: &'static str,
+    ) where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+    {
+        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        let mut listing: Option<HashMap<String, V>> = None;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Init) => listing = Some(HashMap::new()),
+                Ok(watcher::Event::InitApply(obj)) => {
+                    if let (Some(listing), Some(v)) = (listing.as_mut(), extract(&obj)) {
+                        listing.insert(key(&obj), v);
+                    }
+                }
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(listed) = listing.take() {
+                        self.write(|items| *items = listed);
+                    }
+                    self.ready_tx.send_replace(true);
+                    changed();
+                }
+                Ok(watcher::Event::Apply(obj)) => {
+                    let k = key(&obj);
+                    match extract(&obj) {
+                        Some(v) => self.write(|items| {
+                            items.insert(k, v);
+                        }),
+                        None => self.write(|items| {
+                            items.remove(&k);
+                        }),
+                    }
+                    changed();
+                }
+                Ok(watcher::Event::Delete(obj)) => {
+                    let k = key(&obj);
+                    self.write(|items| {
+                        items.remove(&k);
+                    });
+                    changed();
+                }
+                Err(e) => warn!(error = %e, what, "watch error; retrying"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn keys_are_namespace_and_name() {
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "web-1", "namespace": "shop"}}),
+        )
+        .unwrap();
+        assert_eq!(key(&pod), "shop/web-1");
+    }
+}
