@@ -485,7 +485,15 @@ pub async fn run(
                             ))
                         }
                     };
-                    match handshake::respond(&creds, tcp, admit, |auth| inner.record(auth)).await {
+                    // Recorded only once this node's data path holds a policy
+                    // that asks for the pair: the initiator's side then never
+                    // allows what this side would still drop.
+                    let record = |auth: &Authenticated| {
+                        let applied = lock(&inner.policies).clone();
+                        crate::view::pair_needs_authentication(&applied, &auth.local, &auth.remote)
+                            && inner.record(auth)
+                    };
+                    match handshake::respond(&creds, tcp, admit, record).await {
                         Ok(auth) => {
                             Stats::bump(&inner.plane.stats.responded_ok);
                             info!(local = %auth.local, remote = %auth.remote, node = %auth.remote_node, "authenticated (answered)");

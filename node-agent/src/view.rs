@@ -82,6 +82,29 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
     })
 }
 
+/// Whether `policy` has an Allow rule requiring mutual authentication from
+/// `peer` (a SPIFFE ID).
+pub fn requires_authentication_from(policy: &IdentityPolicySpec, peer: &str) -> bool {
+    let Ok(id) = peer.parse::<SpiffeId>() else {
+        return false;
+    };
+    policy.rules.iter().any(|r| {
+        r.action == PolicyAction::Allow
+            && r.authentication == Authentication::Mutual
+            && r.from.iter().any(|p| p.matches(&id))
+    })
+}
+
+/// Whether, by `policies`, `a` and `b` may need each other authenticated:
+/// one's policy has an Allow rule requiring mutual authentication from the
+/// other.
+pub fn pair_needs_authentication(policies: &[IdentityPolicySpec], a: &str, b: &str) -> bool {
+    policies.iter().any(|p| {
+        (p.spiffe_id == a && requires_authentication_from(p, b))
+            || (p.spiffe_id == b && requires_authentication_from(p, a))
+    })
+}
+
 /// The index of a node name in the data path: FNV-1a over the name, never 0.
 pub fn node_hash(name: &str) -> u32 {
     let h = name.bytes().fold(0x811c_9dc5u32, |h, b| {
@@ -267,16 +290,7 @@ impl View {
             let needing: Vec<&str> = locals
                 .iter()
                 .copied()
-                .filter(|l| {
-                    let Ok(id) = l.parse::<SpiffeId>() else {
-                        return false;
-                    };
-                    policy.rules.iter().any(|r| {
-                        r.action == PolicyAction::Allow
-                            && r.authentication == Authentication::Mutual
-                            && r.from.iter().any(|peer| peer.matches(&id))
-                    })
-                })
+                .filter(|l| requires_authentication_from(policy, l))
                 .collect();
             if needing.is_empty() {
                 continue;
@@ -375,6 +389,34 @@ mod tests {
             }],
             sources: vec![],
         }
+    }
+
+    #[test]
+    fn a_pair_needs_authentication_when_either_side_asks_for_it() {
+        let td = |n: &str| format!("spiffe://td/{n}");
+        let policies = vec![
+            policy("db", &["web"], true),
+            policy("cache", &["web"], false),
+        ];
+        assert!(pair_needs_authentication(&policies, &td("db"), &td("web")));
+        assert!(pair_needs_authentication(&policies, &td("web"), &td("db")));
+        assert!(!pair_needs_authentication(
+            &policies,
+            &td("db"),
+            &td("batch")
+        ));
+        // Allowed without authentication: nothing to authenticate.
+        assert!(!pair_needs_authentication(
+            &policies,
+            &td("cache"),
+            &td("web")
+        ));
+        assert!(!pair_needs_authentication(&[], &td("db"), &td("web")));
+        assert!(!pair_needs_authentication(
+            &policies,
+            &td("db"),
+            "not a spiffe id"
+        ));
     }
 
     #[test]
