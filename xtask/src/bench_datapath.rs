@@ -18,7 +18,6 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -26,8 +25,8 @@ use futures::StreamExt;
 use tessera_bpf::datapath::Datapath;
 use tessera_bpf::packets::{self, SYN, TCP};
 use tessera_tests::cluster::{AgentLaunch, PodSpec, SimCluster};
-use tessera_tests::procs::{KillOnDrop, operator_run};
-use tessera_tests::{free_port, repo_root, resources};
+use tessera_tests::procs::KillOnDrop;
+use tessera_tests::resources;
 
 use crate::bench::{Figure, ms, percentile};
 
@@ -121,22 +120,8 @@ pub async fn run(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
         "apiVersion: v1\nkind: Node\nmetadata: {name: node-c}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: db, namespace: shop}\n",
     )
     .await?;
-    let signer_port = free_port()?;
-    let logs = repo_root().join("target/bench");
-    std::fs::create_dir_all(&logs)?;
-    let operator_log = logs.join("auth-operator.log");
-    println!("operator log: {}", operator_log.display());
-    let _operator = KillOnDrop(
-        operator_run(operator, cp.kubeconfig(), "cluster.test")
-            .arg("--metrics-addr=127.0.0.1:0")
-            .arg(format!("--signer-addr=127.0.0.1:{signer_port}"))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&operator_log)?)
-            .spawn()?,
-    );
-    resources::wait_for_trust_bundle(&client, Duration::from_secs(60)).await?;
+    let (_operator, signer_port, _) =
+        crate::bench_identity::start_operator(operator, &cp, &client, "auth-operator.log").await?;
 
     let tag = format!("tessera-bench-{}", std::process::id());
     let mut cluster = SimCluster::create(client.clone(), cgroup_root, &tag, &NODES);

@@ -331,6 +331,34 @@ fn watch_annotations(client: kube::Client) -> mpsc::Receiver<(String, Instant)> 
     rx
 }
 
+/// Starts the release operator for trust domain `cluster.test` against
+/// `cp`, logging to `target/bench/<log_name>`, and waits for its trust
+/// bundle: the process, its signer port and its log's path.
+pub async fn start_operator(
+    operator: &Path,
+    cp: &tessera_tests::ControlPlane,
+    client: &kube::Client,
+    log_name: &str,
+) -> Result<(KillOnDrop, u16, PathBuf)> {
+    let signer_port = free_port()?;
+    let logs = repo_root().join("target/bench");
+    std::fs::create_dir_all(&logs)?;
+    let operator_log = logs.join(log_name);
+    println!("operator log: {}", operator_log.display());
+    let child = KillOnDrop(
+        operator_run(operator, cp.kubeconfig(), "cluster.test")
+            .arg("--metrics-addr=127.0.0.1:0")
+            .arg(format!("--signer-addr=127.0.0.1:{signer_port}"))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&operator_log)?)
+            .spawn()?,
+    );
+    resources::wait_for_trust_bundle(client, Duration::from_secs(60)).await?;
+    Ok((child, signer_port, operator_log))
+}
+
 async fn pod_to_svid(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
     let (cp, client) = resources::control_plane_with_crds().await?;
     resources::apply_manifest(&client, resources::TWO_NODES).await?;
@@ -345,21 +373,8 @@ async fn pod_to_svid(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
     }
     resources::apply_manifest(&client, &manifest).await?;
 
-    let signer_port = free_port()?;
-    let operator_log = repo_root().join("target/bench/identity-operator.log");
-    std::fs::create_dir_all(repo_root().join("target/bench"))?;
-    println!("operator log: {}", operator_log.display());
-    let _operator = KillOnDrop(
-        operator_run(operator, cp.kubeconfig(), "cluster.test")
-            .arg("--metrics-addr=127.0.0.1:0")
-            .arg(format!("--signer-addr=127.0.0.1:{signer_port}"))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&operator_log)?)
-            .spawn()?,
-    );
-    resources::wait_for_trust_bundle(&client, Duration::from_secs(60)).await?;
+    let (_operator, signer_port, operator_log) =
+        start_operator(operator, &cp, &client, "identity-operator.log").await?;
     // Measure a running system: the operator's identity controller is up
     // once it has made the IdentityCounter (the first object of a new CRD
     // can take the API server seconds to store, once in a cluster's life).
