@@ -272,7 +272,7 @@ async fn first_connections(cluster: &SimCluster) -> Result<Vec<Figure>> {
     added.sort();
     plain.sort();
     println!(
-        "{waited} of {FIRST_CONNECTIONS} first connections waited for the handshake (EPERM, retried)"
+        "{waited} of {FIRST_CONNECTIONS} first connections met EPERM first (policy or authentication not in place yet) and retried"
     );
     Ok(vec![
         Figure::new(
@@ -347,6 +347,28 @@ async fn until_endpoints(b: &mut Datapath, count: usize, within: Duration) -> Re
     }
 }
 
+/// Creates the scale pods `range` (100 first on node-b, the rest on node-c)
+/// and waits until node-b's maps hold `total` endpoints, then 3 s more for
+/// the agent to settle.
+async fn grow(
+    cluster: &SimCluster,
+    b: &mut Datapath,
+    range: std::ops::Range<usize>,
+    total: usize,
+    t: Instant,
+) -> Result<()> {
+    let node_of = |i: usize| if i < LOCAL_PODS { "node-b" } else { "node-c" };
+    scale_pods(cluster, "p", range, node_of, scale_ip).await;
+    let settled = until_endpoints(b, total, Duration::from_secs(900)).await?;
+    println!(
+        "{total} pods created and in node-b's maps after {:.1} s ({:.1} s after the last create)",
+        t.elapsed().as_secs_f64(),
+        settled.as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    Ok(())
+}
+
 /// Policy change -> maps with 1,000 pods; the agent's memory with 100 local
 /// pods at 1,000 and 10,000 identities.
 async fn policy_and_memory(cluster: &SimCluster) -> Result<Vec<Figure>> {
@@ -360,16 +382,8 @@ async fn policy_and_memory(cluster: &SimCluster) -> Result<Vec<Figure>> {
     let mut b = live(cluster, "node-b")?;
     let existing = b.endpoint_ips()?.len();
     let t = Instant::now();
-    // 100 pods on node-b, the rest on node-c (no agent), one identity each.
-    let node_of = |i: usize| if i < LOCAL_PODS { "node-b" } else { "node-c" };
-    scale_pods(cluster, "p", 0..POLICY_PODS - existing, node_of, scale_ip).await;
-    let settled = until_endpoints(&mut b, POLICY_PODS, Duration::from_secs(300)).await?;
-    println!(
-        "{POLICY_PODS} pods created and in node-b's maps after {:.1} s ({:.1} s after the last create)",
-        t.elapsed().as_secs_f64(),
-        settled.as_secs_f64()
-    );
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // One identity per pod.
+    grow(cluster, &mut b, 0..POLICY_PODS - existing, POLICY_PODS, t).await?;
     let (rss_1k, _) = cluster.agent("node-b").rss_kib();
 
     println!(
@@ -409,21 +423,14 @@ async fn policy_and_memory(cluster: &SimCluster) -> Result<Vec<Figure>> {
     let identities = identities();
     println!("scaling to {identities} identities (one pod each)");
     let t = Instant::now();
-    scale_pods(
+    grow(
         cluster,
-        "p",
+        &mut b,
         POLICY_PODS - existing..identities,
-        node_of,
-        scale_ip,
+        identities,
+        t,
     )
-    .await;
-    let settled = until_endpoints(&mut b, identities, Duration::from_secs(900)).await?;
-    println!(
-        "{identities} pods created and in node-b's maps after {:.1} s ({:.1} s after the last create)",
-        t.elapsed().as_secs_f64(),
-        settled.as_secs_f64()
-    );
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    .await?;
     let (rss_10k, peak) = cluster.agent("node-b").rss_kib();
     let mib = |kib: u64| kib as f64 / 1024.0;
     Ok(vec![
