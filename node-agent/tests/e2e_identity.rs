@@ -67,6 +67,7 @@ async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
         td,
         Default::default(),
         Duration::from_secs(30),
+        None,
         std::future::pending(),
     ));
 

@@ -30,7 +30,12 @@ use tracing::{info, warn};
 use crate::allocator::{Allocation, Allocator, AllocatorError};
 use crate::assign::{self, Assignment};
 use crate::metrics::{Metrics, ResultLabel};
+use crate::policy::{PendingPod, Preview};
 use crate::wid_status;
+
+/// How long a pod's identity waits for the policy compiler to write the
+/// rules that name it (see [`Preview`]).
+pub const PREVIEW_WAIT: Duration = Duration::from_secs(2);
 
 /// Field manager of the annotations.
 pub const FIELD_MANAGER: &str = "tessera-operator";
@@ -80,6 +85,8 @@ pub struct Context {
     /// Asks the WorkloadIdentity status writer to recompute (coalesced).
     status_trigger: futures::channel::mpsc::Sender<()>,
     metrics: Arc<Metrics>,
+    /// The policy compiler's preview, when one runs in this process.
+    preview: Option<Arc<Preview>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -168,6 +175,22 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, IdentityE
     }
     let name = pod.name_any();
     let namespace = pod.namespace().unwrap_or_default();
+    let current_id = pod.annotations().get(annotations::SPIFFE_ID);
+    if let (Some(preview), Ok(id)) = (&ctx.preview, &assignment.result)
+        && current_id.map(String::as_str) != Some(id.as_str())
+    {
+        let pending = PendingPod::new(
+            namespace.clone(),
+            pod.labels().clone(),
+            id.clone(),
+            pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        );
+        let key = format!("{namespace}/{name}");
+        if !preview.admit(key, pending, PREVIEW_WAIT).await {
+            warn!(pod = %format!("{namespace}/{name}"), wait = ?PREVIEW_WAIT,
+                "the policy compiler did not write this pod's rules in time; assigning its identity anyway (check the operator's policy compiler logs)");
+        }
+    }
     let patch = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -371,12 +394,15 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 }
 
 /// Runs the identity controller until `shutdown` resolves or a watch fails.
-/// A numeric identity no pod uses is released after `release_grace`.
+/// A numeric identity no pod uses is released after `release_grace`. With
+/// `preview`, a pod's new SPIFFE ID is written only after the policy compiler
+/// has written the rules that name it.
 pub async fn run(
     client: kube::Client,
     trust_domain: TrustDomain,
     metrics: Arc<Metrics>,
     release_grace: Duration,
+    preview: Option<Arc<Preview>>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), IdentityError> {
     let (namespaces, ns_writer) = reflector::store::<Namespace>();
@@ -475,6 +501,7 @@ pub async fn run(
         .for_each(|_| async {}),
     );
     let ctx = Arc::new(Context {
+        preview,
         metrics,
         status_trigger,
         trust_domain,

@@ -290,9 +290,11 @@ async fn lead(
     };
     let signing = tokio::spawn(run_signer(client.clone(), leading.clone(), ca, rotated));
     let (stop_policy, policy_stopped) = tokio::sync::oneshot::channel::<()>();
+    let preview = Arc::new(tessera_operator::policy::Preview::default());
     let policies = tokio::spawn(tessera_operator::policy::run(
         client.clone(),
         metrics.clone(),
+        preview.clone(),
         async move {
             let _ = policy_stopped.await;
         },
@@ -302,6 +304,7 @@ async fn lead(
         leading.trust_domain.clone(),
         metrics,
         leading.release_grace,
+        Some(preview),
         stop,
     )
     .await;

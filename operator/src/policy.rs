@@ -102,6 +102,122 @@ pub struct PodFacts<'a> {
     pub node: Option<&'a str>,
 }
 
+/// A pod the identity controller is about to give a SPIFFE ID, known to the
+/// compiler before the pod's annotation is written.
+#[derive(Debug, Clone)]
+pub struct PendingPod {
+    /// Namespace.
+    pub namespace: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// The SPIFFE ID it is about to get.
+    pub spiffe_id: SpiffeId,
+    /// The node it runs on, if scheduled.
+    pub node: Option<String>,
+    since: std::time::Instant,
+}
+
+impl PendingPod {
+    /// A pod in `namespace` with `labels` about to get `spiffe_id`.
+    pub fn new(
+        namespace: String,
+        labels: BTreeMap<String, String>,
+        spiffe_id: SpiffeId,
+        node: Option<String>,
+    ) -> PendingPod {
+        PendingPod {
+            namespace,
+            labels,
+            spiffe_id,
+            node,
+            since: std::time::Instant::now(),
+        }
+    }
+
+    fn facts(&self) -> PodFacts<'_> {
+        PodFacts {
+            namespace: &self.namespace,
+            labels: &self.labels,
+            spiffe_id: self.spiffe_id.clone(),
+            node: self.node.as_deref(),
+        }
+    }
+}
+
+/// How long a pending pod is compiled in without its annotation showing up
+/// (the identity controller's write failed or the pod went away).
+const PENDING_FOR: Duration = Duration::from_secs(30);
+
+/// Rules before identities: the identity controller hands a pod's new SPIFFE
+/// ID to the compiler and waits until the IdentityPolicies that name it are
+/// written, and only then annotates the pod. Agents learn a pod's identity
+/// from that annotation, so by the time one can put the pod on the data path
+/// the policies that let it talk (or deny it) are already out, and the pod's
+/// first connection does not meet a policy that has not caught up yet.
+#[derive(Debug)]
+pub struct Preview {
+    pending: std::sync::Mutex<BTreeMap<String, PendingPod>>,
+    requested: std::sync::atomic::AtomicU64,
+    wake: tokio::sync::Notify,
+    done: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Preview {
+    fn default() -> Preview {
+        Preview {
+            pending: std::sync::Mutex::default(),
+            requested: std::sync::atomic::AtomicU64::new(0),
+            wake: tokio::sync::Notify::new(),
+            done: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+impl Preview {
+    fn pending(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PendingPod>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Compiles `pod` (keyed `namespace/name`) in and waits, at most
+    /// `timeout`, until a compile that includes it has been written. False
+    /// when that did not happen in time (the compiler is failing or not
+    /// running); the caller goes on anyway, as it would without a preview.
+    pub async fn admit(&self, key: String, pod: PendingPod, timeout: Duration) -> bool {
+        use std::sync::atomic::Ordering;
+        self.pending().insert(key, pod);
+        let mine = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        self.wake.notify_one();
+        let mut done = self.done.subscribe();
+        tokio::time::timeout(timeout, done.wait_for(|d| *d >= mine))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The round a compile starting now covers, and the pending pods it
+    /// includes (those whose annotation is not in `annotated` yet).
+    fn begin(&self, annotated: &BTreeMap<String, String>) -> (u64, Vec<PendingPod>) {
+        let round = self.requested.load(std::sync::atomic::Ordering::SeqCst);
+        let mut pending = self.pending();
+        pending.retain(|key, p| {
+            annotated.get(key) != Some(&p.spiffe_id.to_string()) && p.since.elapsed() < PENDING_FOR
+        });
+        (round, pending.values().cloned().collect())
+    }
+
+    /// A compile that began at `round` has been written.
+    fn finished(&self, round: u64) {
+        self.done.send_if_modified(|d| {
+            let newer = round > *d;
+            if newer {
+                *d = round;
+            }
+            newer
+        });
+    }
+}
+
 /// The facts of a pod that has an identity and is not being deleted.
 pub fn pod_facts(pod: &Pod) -> Option<PodFacts<'_>> {
     if pod.metadata.deletion_timestamp.is_some() {
@@ -404,16 +520,13 @@ pub fn object_name(spiffe_id: &str) -> Option<String> {
         .map(|id| crate::allocator::object_name(&id))
 }
 
-/// How long the controller waits after a change for more changes, so a burst
-/// of pod events compiles once.
-pub const DEBOUNCE: Duration = Duration::from_millis(20);
-
 /// Runs the policy compiler until `shutdown` resolves: watches AuthPolicies,
-/// pods, namespaces and IdentityPolicies, and after every change (debounced)
+/// pods, namespaces and IdentityPolicies, and after every change (coalesced)
 /// recompiles everything and writes what differs.
 pub async fn run(
     client: kube::Client,
     metrics: Arc<Metrics>,
+    preview: Arc<Preview>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), PolicyError> {
     let (policies, policy_writer) = reflector::store::<AuthPolicy>();
@@ -480,12 +593,25 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             got = rx.recv() => if got.is_none() { break },
+            () = preview.wake.notified() => {}
             _ = tokio::time::sleep(delay), if retry => {}
         }
-        tokio::time::sleep(DEBOUNCE).await;
+        // No fixed delay: a new identity's rules go out at once (a new pod's
+        // first connection waits for them). Changes that arrive while a
+        // compile runs coalesce into the next one, so a burst of pod events
+        // still compiles a few times, not once per event.
         while rx.try_recv().is_ok() {}
         let started = std::time::Instant::now();
-        let result = sync(&client, &policies, &pods, &namespaces, &compiled, &metrics).await;
+        let result = sync(
+            &client,
+            &policies,
+            &pods,
+            &namespaces,
+            &compiled,
+            &metrics,
+            &preview,
+        )
+        .await;
         let label = ResultLabel {
             result: if result.is_ok() { "ok" } else { "error" },
         };
@@ -516,9 +642,22 @@ async fn sync(
     namespaces: &Store<Namespace>,
     compiled: &Store<IdentityPolicy>,
     metrics: &Metrics,
+    preview: &Preview,
 ) -> Result<(), PolicyError> {
     let all_pods = pods.state();
-    let facts: Vec<PodFacts> = all_pods.iter().filter_map(|p| pod_facts(p)).collect();
+    let annotated: BTreeMap<String, String> = all_pods
+        .iter()
+        .filter_map(|p| {
+            let id = p.annotations().get(annotations::SPIFFE_ID)?;
+            Some((
+                format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
+                id.clone(),
+            ))
+        })
+        .collect();
+    let (round, pending) = preview.begin(&annotated);
+    let mut facts: Vec<PodFacts> = all_pods.iter().filter_map(|p| pod_facts(p)).collect();
+    facts.extend(pending.iter().map(PendingPod::facts));
     let ns_labels = |name: &str| {
         namespaces
             .get(&reflector::ObjectRef::new(name))
@@ -570,6 +709,8 @@ async fn sync(
             Err(e) => return Err(write(format!("IdentityPolicy {name} (delete)"))(e)),
         }
     }
+    // The rules are out: pods waiting for them may get their identity.
+    preview.finished(round);
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     for policy in &all_policies {
         let namespace = policy.namespace().unwrap_or_default();

@@ -42,6 +42,7 @@ impl Operator {
                 "cluster.test".parse().expect("td"),
                 Default::default(),
                 RELEASE_GRACE,
+                None,
                 shutdown,
             )
             .await

@@ -5,6 +5,7 @@
 //! deletes its compiled rules.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -88,11 +89,13 @@ async fn auth_policies_compile_into_identity_policies_that_follow_the_pods() -> 
     }
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (stop_tx2, stop_rx2) = oneshot::channel::<()>();
+    let preview = Arc::new(policy::Preview::default());
     let ids = tokio::spawn(identity::run(
         client.clone(),
         "cluster.test".parse()?,
         Default::default(),
         Duration::from_secs(30),
+        Some(preview.clone()),
         async move {
             let _ = stop_rx.await;
         },
@@ -100,6 +103,7 @@ async fn auth_policies_compile_into_identity_policies_that_follow_the_pods() -> 
     let compiler = tokio::spawn(policy::run(
         client.clone(),
         Default::default(),
+        preview,
         async move {
             let _ = stop_rx2.await;
         },
@@ -143,10 +147,37 @@ async fn auth_policies_compile_into_identity_policies_that_follow_the_pods() -> 
 
     // A new pod the peer selector picks, with another SPIFFE ID, joins the rule.
     pod(&client, "web2-0", "web", "web2", "node-b").await?;
-    compiled(&client, DB, "the new web pod's ID in db's rule", |p| {
+    let db = compiled(&client, DB, "the new web pod's ID in db's rule", |p| {
         p.is_some_and(|p| peers(p) == [WEB, WEB2])
     })
+    .await?
+    .unwrap();
+    // ... and did so before the pod got its identity: agents put a pod on
+    // the data path only once it has one, so its first connection never
+    // meets rules that do not know it yet. (Resource versions are etcd
+    // revisions here: one store, comparable; nothing else writes either
+    // object in between.)
+    let pods = Api::<Pod>::namespaced(client.clone(), NS);
+    let web2 = eventually("web2-0's identity", || async {
+        let p = pods.get("web2-0").await?;
+        Ok(p.metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| {
+                a.get(tessera_api::annotations::SPIFFE_ID)
+                    .map(String::as_str)
+                    == Some(WEB2)
+            })
+            .then_some(p))
+    })
     .await?;
+    let revision = |rv: &Option<String>| -> u64 { rv.as_deref().unwrap().parse().unwrap() };
+    assert!(
+        revision(&db.metadata.resource_version) < revision(&web2.metadata.resource_version),
+        "db's rules naming web2 (rv {:?}) were written after web2-0 got its identity (rv {:?})",
+        db.metadata.resource_version,
+        web2.metadata.resource_version
+    );
     // When its pod goes, it leaves the rule.
     Api::<Pod>::namespaced(client.clone(), NS)
         .delete("web2-0", &Default::default())
