@@ -16,7 +16,7 @@
 
 #include <linux/types.h>
 
-#define TESSERA_ABI_VERSION 1
+#define TESSERA_ABI_VERSION 2
 
 /* Numeric identities below 256 are reserved (allocated ones start at 256). */
 /* Any identity, in policy keys. */
@@ -39,9 +39,14 @@ struct ts_ip_key {
 	__u8 addr[16];
 };
 
-/* ts_policy: one ingress rule of local identity `local` for traffic from
+/* ts_policy: the ingress decision of local identity `local` for traffic from
  * `remote` (TS_ID_ANY: any peer) to `port` (0: any port) over `proto`
- * (IPPROTO_TCP or IPPROTO_UDP; 0 with port 0). */
+ * (IPPROTO_TCP or IPPROTO_UDP; 0 with port 0). The programs look up, in this
+ * order, (remote, port), (remote, any port), (any peer, port), (any peer,
+ * any port), and the first entry found decides: the agent writes each entry
+ * with the merged verdict of every rule that matches traffic reaching it
+ * (a Deny wins; Allows add up their requirements), including an exact entry
+ * wherever a (remote, any port) and an (any peer, port) rule overlap. */
 struct ts_policy_key {
 	__u32 local;
 	__u32 remote;
@@ -79,7 +84,8 @@ struct ts_selected {
 /* ts_auth: the result of one mutual-TLS handshake between the agents of
  * `local`'s node and `remote_node`, for workload identities `local` and
  * `remote`. Valid only while both endpoints still carry the generations it
- * was made for, before `expires_ns` (CLOCK_BOOTTIME) and while the global
+ * was made for, before `expires_ns` (CLOCK_MONOTONIC, read with the coarse clock: at most
+ * one tick late) and while the global
  * epoch equals `epoch`. */
 struct ts_auth_key {
 	__u32 local;

@@ -93,7 +93,7 @@ pub struct AuthKey {
 }
 
 /// One authentication: valid for these generations, until `expires_ns`
-/// (CLOCK_BOOTTIME), in this epoch.
+/// (CLOCK_MONOTONIC), in this epoch.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AuthValue {
@@ -101,7 +101,7 @@ pub struct AuthValue {
     pub local_gen: u64,
     /// Generation of the peer identity it was made for.
     pub remote_gen: u64,
-    /// Expiry, CLOCK_BOOTTIME nanoseconds.
+    /// Expiry, CLOCK_MONOTONIC nanoseconds.
     pub expires_ns: u64,
     /// The global epoch it was made in.
     pub epoch: u64,

@@ -5,8 +5,8 @@
 use std::net::IpAddr;
 
 use crate::abi::consts::{
-    TS_DEFAULT_DENY, TS_RULE_AUTH, TS_SHAPE_ANY, TS_SHAPE_EXACT, TS_SHAPE_PORT, TS_SHAPE_REMOTE,
-    TS_VERDICT_ALLOW,
+    TS_DEFAULT_DENY, TS_ID_ANY, TS_RULE_AUTH, TS_SHAPE_ANY, TS_SHAPE_EXACT, TS_SHAPE_PORT,
+    TS_SHAPE_REMOTE, TS_VERDICT_ALLOW,
 };
 use crate::abi::{AuthKey, AuthValue, Endpoint, PolicyKey, PolicyValue};
 use crate::datapath::{Datapath, DatapathError};
@@ -33,52 +33,76 @@ pub enum CostError {
 /// Mean nanoseconds per packet of the ingress program.
 #[derive(Debug, Clone, Copy)]
 pub struct DecisionCost {
-    /// A SYN to a pod no policy selects (one lookup after parsing).
+    /// A frame that is not IP: the program returns at its first check. What
+    /// BPF_PROG_TEST_RUN itself costs per run, plus almost nothing; the
+    /// floor every other figure stands on.
+    pub floor_ns: f64,
+    /// A SYN to a pod no policy selects (address and policy-flag lookups).
     pub no_policy_ns: f64,
-    /// A SYN to a pod whose policy has every rule kind and requires
-    /// authentication, with a valid authentication: the longest path.
+    /// A SYN to a pod whose policy requires authentication from the source,
+    /// with a valid authentication: both endpoints, the policy flags, the
+    /// (peer, port) entry, the authentication. The path of every first
+    /// packet of an authenticated connection.
     pub authenticated_ns: f64,
+    /// As `authenticated_ns` when the destination has entries of every kind
+    /// and only the (any peer, any port) one matches: three policy lookups
+    /// miss first. The longest path.
+    pub authenticated_worst_ns: f64,
 }
 
-/// Loads the program, fills the maps for both scenarios and runs each
+/// Loads the program, fills the maps for every scenario and runs each
 /// `repeat` times.
 pub fn measure(repeat: u32) -> Result<DecisionCost, CostError> {
     let mut dp = Datapath::load()?;
-    let (a, b, c) = ([198, 18, 1, 10], [198, 18, 2, 10], [198, 18, 1, 11]);
+    let (a, b, c, d) = (
+        [198, 18, 1, 10],
+        [198, 18, 2, 10],
+        [198, 18, 1, 11],
+        [198, 18, 1, 12],
+    );
     let ep = |id, node, gen_| Endpoint { id, node, gen_ };
     dp.set_endpoint_ip(IpAddr::from(a), ep(300, 1, 5))?;
     dp.set_endpoint_ip(IpAddr::from(b), ep(400, 2, 7))?;
     dp.set_endpoint_ip(IpAddr::from(c), ep(600, 1, 9))?;
+    dp.set_endpoint_ip(IpAddr::from(d), ep(700, 1, 11))?;
+    let allow_auth = PolicyValue {
+        verdict: TS_VERDICT_ALLOW as u8,
+        flags: TS_RULE_AUTH as u8,
+        pad: [0; 2],
+    };
+    let rule = |local, remote, port, proto| PolicyKey {
+        local,
+        remote,
+        port,
+        proto,
+        pad: 0,
+    };
+    // 300: one exact entry for 400 on 8080.
+    dp.set_selected(300, (TS_SHAPE_EXACT | TS_DEFAULT_DENY) as u32)?;
+    dp.set_rule(rule(300, 400, 8080, TCP), allow_auth)?;
+    // 700: entries of every kind, only "any peer, any port" matching 400:8080.
     let all = TS_SHAPE_EXACT | TS_SHAPE_REMOTE | TS_SHAPE_PORT | TS_SHAPE_ANY | TS_DEFAULT_DENY;
-    dp.set_selected(300, all as u32)?;
-    dp.set_rule(
-        PolicyKey {
-            local: 300,
-            remote: 400,
-            port: 8080,
-            proto: TCP,
-            pad: 0,
-        },
-        PolicyValue {
-            verdict: TS_VERDICT_ALLOW as u8,
-            flags: TS_RULE_AUTH as u8,
-            pad: [0; 2],
-        },
-    )?;
-    dp.set_auth(
-        AuthKey {
-            local: 300,
-            remote: 400,
-            remote_node: 2,
-            pad: 0,
-        },
-        AuthValue {
-            local_gen: 5,
-            remote_gen: 7,
-            expires_ns: u64::MAX,
-            epoch: 0,
-        },
-    )?;
+    dp.set_selected(700, all as u32)?;
+    dp.set_rule(rule(700, 600, 9090, TCP), allow_auth)?;
+    dp.set_rule(rule(700, 600, 0, 0), allow_auth)?;
+    dp.set_rule(rule(700, TS_ID_ANY as u32, 9090, TCP), allow_auth)?;
+    dp.set_rule(rule(700, TS_ID_ANY as u32, 0, 0), allow_auth)?;
+    for local in [300, 700] {
+        dp.set_auth(
+            AuthKey {
+                local,
+                remote: 400,
+                remote_node: 2,
+                pad: 0,
+            },
+            AuthValue {
+                local_gen: if local == 300 { 5 } else { 11 },
+                remote_gen: 7,
+                expires_ns: u64::MAX,
+                epoch: 0,
+            },
+        )?;
+    }
     dp.set_epoch(0)?;
     let run = |scenario: &'static str, packet: &[u8]| -> Result<f64, CostError> {
         let (got, mean) = dp.test_ingress(packet, repeat)?;
@@ -92,7 +116,9 @@ pub fn measure(repeat: u32) -> Result<DecisionCost, CostError> {
         Ok(mean.as_nanos() as f64)
     };
     Ok(DecisionCost {
+        floor_ns: run("not-ip", &packets::not_ip())?,
         no_policy_ns: run("no-policy", &packets::ipv4(b, c, TCP, 8080, SYN))?,
         authenticated_ns: run("authenticated", &packets::ipv4(b, a, TCP, 8080, SYN))?,
+        authenticated_worst_ns: run("authenticated-worst", &packets::ipv4(b, d, TCP, 8080, SYN))?,
     })
 }

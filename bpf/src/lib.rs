@@ -50,10 +50,11 @@ pub mod maps {
     ];
 }
 
-/// CLOCK_BOOTTIME in nanoseconds: the clock of [`abi::AuthValue::expires_ns`]
-/// (`bpf_ktime_get_boot_ns`).
-pub fn boot_time_ns() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+/// CLOCK_MONOTONIC in nanoseconds: the clock of [`abi::AuthValue::expires_ns`]
+/// (the programs read it with `bpf_ktime_get_coarse_ns`, at most one tick
+/// behind).
+pub fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     (t.tv_sec.max(0) as u64)
         .saturating_mul(1_000_000_000)
         .saturating_add(t.tv_nsec.max(0) as u64)

@@ -43,6 +43,14 @@ pub fn ipv6_syn(src: [u8; 16], dst: [u8; 16], port: u16) -> Vec<u8> {
     p
 }
 
+/// An Ethernet frame that carries no IP (an ARP-typed header and padding):
+/// the program's shortest path.
+pub fn not_ip() -> Vec<u8> {
+    let mut p = vec![0u8; 60];
+    p[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    p
+}
+
 fn tcp(port: u16, flags: u8) -> [u8; 20] {
     let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());

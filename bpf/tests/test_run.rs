@@ -148,7 +148,7 @@ fn authenticated_pairs_pass_and_every_kind_of_invalid_authentication_is_refused(
     let mut h = Harness::new()?;
     auth_policy(&mut h)?;
     let syn = packet(B, A, TCP, 8080, SYN);
-    let later = tessera_bpf::boot_time_ns() + 3_600_000_000_000;
+    let later = tessera_bpf::monotonic_ns() + 3_600_000_000_000;
 
     // Missing: refused, and the agent hears of it once.
     h.expect(&syn, false, Reason::DenyAuthMissing, "missing")?;
@@ -200,7 +200,7 @@ fn authenticated_pairs_pass_and_every_kind_of_invalid_authentication_is_refused(
     h.authenticate(
         5,
         7,
-        tessera_bpf::boot_time_ns().saturating_sub(1_000_000_000),
+        tessera_bpf::monotonic_ns().saturating_sub(1_000_000_000),
         0,
     )?;
     h.expect(&syn, false, Reason::DenyAuthExpired, "expired")?;
@@ -235,7 +235,7 @@ fn an_address_reused_by_another_identity_does_not_inherit_authentication() -> Re
     let mut h = Harness::new()?;
     auth_policy(&mut h)?;
     h.rule(300, 500, 8080, TS_VERDICT_ALLOW, TS_RULE_AUTH)?;
-    h.authenticate(5, 7, tessera_bpf::boot_time_ns() + 3_600_000_000_000, 0)?;
+    h.authenticate(5, 7, tessera_bpf::monotonic_ns() + 3_600_000_000_000, 0)?;
     let syn = packet(B, A, TCP, 8080, SYN);
     h.expect(&syn, true, Reason::AllowAuthenticated, "b authenticated")?;
     // b goes; c (identity 500) gets b's address.
@@ -244,8 +244,12 @@ fn an_address_reused_by_another_identity_does_not_inherit_authentication() -> Re
     Ok(())
 }
 
+/// The program looks up (peer, port), (peer, any), (any, port), (any, any),
+/// only the kinds the destination's flags name, and the first entry found
+/// decides (the agent writes each entry with the merged verdict of the rules
+/// that reach it; that merge is tested with the agent's policy module).
 #[test]
-fn policy_semantics_no_policy_deny_wins_default_deny() -> Result<()> {
+fn the_first_policy_entry_found_decides_most_specific_first() -> Result<()> {
     let mut h = Harness::new()?;
     let syn = packet(B, A, TCP, 8080, SYN);
 
@@ -260,20 +264,44 @@ fn policy_semantics_no_policy_deny_wins_default_deny() -> Result<()> {
     let from_stranger = packet(STRANGER, A, TCP, 8080, SYN);
     h.expect(&from_stranger, false, Reason::DenyDefault, "stranger")?;
 
-    // A Deny for anyone on 8080 wins over the Allow.
-    h.select(300, TS_SHAPE_REMOTE | TS_SHAPE_PORT | TS_DEFAULT_DENY)?;
+    // A Deny for anyone on 8080, with the exact entry the agent writes for
+    // b on 8080 (the merge of both rules: deny).
     h.rule(300, TS_ID_ANY as u32, 8080, TS_VERDICT_DENY, 0)?;
-    h.expect(&syn, false, Reason::DenyPolicy, "deny wins")?;
+    h.select(300, TS_SHAPE_REMOTE | TS_SHAPE_PORT | TS_DEFAULT_DENY)?;
+    h.expect(
+        &syn,
+        true,
+        Reason::AllowPolicy,
+        "(b, any port) is found before (anyone, 8080)",
+    )?;
+    h.rule(300, 400, 8080, TS_VERDICT_DENY, 0)?;
+    h.select(
+        300,
+        TS_SHAPE_EXACT | TS_SHAPE_REMOTE | TS_SHAPE_PORT | TS_DEFAULT_DENY,
+    )?;
+    h.expect(&syn, false, Reason::DenyPolicy, "(b, 8080) is found first")?;
     h.expect(
         &packet(B, A, TCP, 9090, SYN),
         true,
         Reason::AllowPolicy,
-        "other port",
+        "other port: (b, any port)",
+    )?;
+    h.expect(
+        &from_stranger,
+        false,
+        Reason::DenyPolicy,
+        "stranger on 8080: (anyone, 8080)",
+    )?;
+    h.expect(
+        &packet(STRANGER, A, TCP, 9090, SYN),
+        false,
+        Reason::DenyDefault,
+        "stranger elsewhere: nothing found",
     )?;
 
-    // Rules whose kind is not flagged in ts_selected are not consulted.
+    // Entries whose kind is not flagged are not consulted.
     h.select(300, TS_SHAPE_REMOTE | TS_DEFAULT_DENY)?;
-    h.expect(&syn, true, Reason::AllowPolicy, "port rules switched off")?;
+    h.expect(&syn, true, Reason::AllowPolicy, "exact and port kinds off")?;
 
     // A Deny-only policy does not make a default-deny.
     h.select(300, TS_SHAPE_ANY)?;
@@ -290,8 +318,12 @@ fn policy_semantics_no_policy_deny_wins_default_deny() -> Result<()> {
         &syn,
         true,
         Reason::AllowNoPolicy,
-        "deny rule gone, no allow policy",
+        "deny entry gone, no allow policy",
     )?;
+
+    // A verdict the program does not know denies.
+    h.rule(300, TS_ID_ANY as u32, 0, 7, 0)?;
+    h.expect(&syn, false, Reason::DenyPolicy, "unknown verdict")?;
     Ok(())
 }
 

@@ -337,13 +337,13 @@ pub trait Generations {
     fn remote(&self, id: u32, node: u32) -> Option<u64>;
 }
 
-/// Clocks needed to turn a Unix expiry into the data path's CLOCK_BOOTTIME.
+/// Clocks needed to turn a Unix expiry into the data path's CLOCK_MONOTONIC.
 #[derive(Debug, Clone, Copy)]
 pub struct Clocks {
     /// Wall clock now, Unix seconds.
     pub unix_now: i64,
-    /// CLOCK_BOOTTIME now, nanoseconds.
-    pub boot_now_ns: u64,
+    /// CLOCK_MONOTONIC now, nanoseconds.
+    pub mono_now_ns: u64,
 }
 
 impl Clocks {
@@ -351,16 +351,16 @@ impl Clocks {
     pub fn now() -> Clocks {
         Clocks {
             unix_now: crate::svids::unix_now(),
-            boot_now_ns: tessera_bpf::boot_time_ns(),
+            mono_now_ns: tessera_bpf::monotonic_ns(),
         }
     }
 
-    /// The CLOCK_BOOTTIME instant of Unix time `not_after`, or None when it
+    /// The CLOCK_MONOTONIC instant of Unix time `not_after`, or None when it
     /// has passed.
-    pub fn boot_deadline(&self, not_after: i64) -> Option<u64> {
+    pub fn deadline_ns(&self, not_after: i64) -> Option<u64> {
         let left = not_after.checked_sub(self.unix_now).filter(|s| *s > 0)?;
         Some(
-            self.boot_now_ns
+            self.mono_now_ns
                 .saturating_add((left as u64).saturating_mul(1_000_000_000)),
         )
     }
@@ -382,7 +382,7 @@ pub fn map_value(
     Some(AuthValue {
         local_gen: entry.local_gen,
         remote_gen: entry.remote_gen,
-        expires_ns: clocks.boot_deadline(entry.not_after)?,
+        expires_ns: clocks.deadline_ns(entry.not_after)?,
         epoch,
     })
 }
@@ -518,7 +518,7 @@ mod tests {
     fn reconcile_keeps_valid_records_and_removes_everything_else() {
         let clocks = Clocks {
             unix_now: 1_000,
-            boot_now_ns: 5_000_000_000,
+            mono_now_ns: 5_000_000_000,
         };
         let valid = entry(1, 2, 3);
         let mut expired = entry(1, 4, 3);
@@ -589,7 +589,7 @@ mod tests {
             &Gens(BTreeMap::new(), BTreeMap::new()),
             Clocks {
                 unix_now: 0,
-                boot_now_ns: 0,
+                mono_now_ns: 0,
             },
             0,
         );

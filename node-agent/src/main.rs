@@ -388,8 +388,11 @@ fn main() -> ExitCode {
         Command::BenchDatapath { repeat } => match tessera_bpf::cost::measure(repeat) {
             Ok(cost) => {
                 println!(
-                    "{{\"no_policy_ns\": {}, \"authenticated_ns\": {}}}",
-                    cost.no_policy_ns, cost.authenticated_ns
+                    "{{\"floor_ns\": {}, \"no_policy_ns\": {}, \"authenticated_ns\": {}, \"authenticated_worst_ns\": {}}}",
+                    cost.floor_ns,
+                    cost.no_policy_ns,
+                    cost.authenticated_ns,
+                    cost.authenticated_worst_ns
                 );
                 ExitCode::SUCCESS
             }

@@ -124,6 +124,60 @@ fn shapes<'a>(entries: impl Iterator<Item = &'a PolicyKey>, default_deny: bool) 
     flags
 }
 
+/// The entries the programs look up for one identity's `raw` rules (merged
+/// per key): the programs take the first entry found, most specific first
+/// ((remote, port), (remote, any), (any, port), (any, any)), so each entry
+/// holds the merged verdict of every rule matching the traffic that reaches
+/// it, and an exact entry is added wherever a (remote, any port) rule and an
+/// (any peer, port) rule overlap.
+fn close(raw: &BTreeMap<PolicyKey, PolicyValue>) -> BTreeMap<PolicyKey, PolicyValue> {
+    let any = TS_ID_ANY as u32;
+    let remotes: Vec<&PolicyKey> = raw
+        .keys()
+        .filter(|k| k.remote != any && k.port == 0)
+        .collect();
+    let ports: Vec<&PolicyKey> = raw
+        .keys()
+        .filter(|k| k.remote == any && k.port != 0)
+        .collect();
+    let mut exact: BTreeSet<PolicyKey> = raw
+        .keys()
+        .filter(|k| k.remote != any && k.port != 0)
+        .copied()
+        .collect();
+    for r in &remotes {
+        for p in &ports {
+            exact.insert(key(r.local, r.remote, p.port, p.proto));
+        }
+    }
+    let mut out = BTreeMap::new();
+    // Every raw rule key a packet reaching `k` also matches, `k` included.
+    let covering = |k: &PolicyKey| {
+        let mut ks = vec![*k];
+        if k.port != 0 && k.remote != any {
+            ks.push(key(k.local, k.remote, 0, 0));
+        }
+        if k.remote != any {
+            ks.push(key(k.local, any, k.port, k.proto));
+        }
+        if k.port != 0 || k.remote != any {
+            ks.push(key(k.local, any, 0, 0));
+        }
+        ks
+    };
+    for k in exact
+        .iter()
+        .chain(raw.keys().filter(|k| k.port == 0 || k.remote == any))
+    {
+        for c in covering(k) {
+            if let Some(v) = raw.get(&c) {
+                merge(&mut out, *k, *v);
+            }
+        }
+    }
+    out
+}
+
 /// Translates compiled policies into map entries. Policies of SPIFFE IDs
 /// with no numeric identity yet are skipped (no pod of theirs is on the data
 /// path); peers are matched against every known identity.
@@ -191,6 +245,10 @@ pub fn translate(
                     merge(&mut entries, key(local, *remote, *port, *proto), value);
                 }
             }
+        }
+        if count <= MAX_ENTRIES_PER_IDENTITY {
+            entries = close(&entries);
+            count = entries.len();
         }
         if count > MAX_ENTRIES_PER_IDENTITY {
             errors.push(TranslateError::TooLarge {
@@ -368,38 +426,61 @@ pub enum Decision {
     Allow(u8),
 }
 
-/// [`Decision`] for traffic from `remote` to `local` on `port`/`proto`.
+/// [`Decision`] for traffic from `remote` to `local` on `port`/`proto`: the
+/// first entry found decides, most specific first.
 pub fn decide(rules: &Rules, local: u32, remote: u32, port: u16, proto: u8) -> Decision {
     let Some(flags) = rules.selected.get(&local) else {
         return Decision::Allow(0);
     };
-    let mut candidates = Vec::new();
-    if flags & TS_SHAPE_EXACT as u32 != 0 {
-        candidates.push(key(local, remote, port, proto));
+    let any = TS_ID_ANY as u32;
+    let candidates = [
+        (TS_SHAPE_EXACT, key(local, remote, port, proto)),
+        (TS_SHAPE_REMOTE, key(local, remote, 0, 0)),
+        (TS_SHAPE_PORT, key(local, any, port, proto)),
+        (TS_SHAPE_ANY, key(local, any, 0, 0)),
+    ];
+    let found = candidates
+        .iter()
+        .filter(|(shape, _)| flags & *shape as u32 != 0)
+        .find_map(|(_, k)| rules.rules.get(k));
+    match found {
+        Some(v) if is_deny(v) => Decision::Deny,
+        Some(v) => Decision::Allow(v.flags),
+        None if flags & TS_DEFAULT_DENY as u32 != 0 => Decision::Deny,
+        None => Decision::Allow(0),
     }
-    if flags & TS_SHAPE_REMOTE as u32 != 0 {
-        candidates.push(key(local, remote, 0, 0));
-    }
-    if flags & TS_SHAPE_PORT as u32 != 0 {
-        candidates.push(key(local, TS_ID_ANY as u32, port, proto));
-    }
-    if flags & TS_SHAPE_ANY as u32 != 0 {
-        candidates.push(key(local, TS_ID_ANY as u32, 0, 0));
-    }
+}
+
+/// The decision of raw (unclosed) rules by the policy semantics: any
+/// matching Deny denies, else matching Allows allow with all their
+/// requirements, else the identity's default. The reference that
+/// [`close`] plus [`decide`] must agree with.
+#[cfg(test)]
+fn semantics(
+    raw: &BTreeMap<PolicyKey, PolicyValue>,
+    default_deny: bool,
+    local: u32,
+    remote: u32,
+    port: u16,
+    proto: u8,
+) -> Decision {
+    let any = TS_ID_ANY as u32;
     let (mut allow, mut need) = (false, 0u8);
-    for k in candidates {
-        match rules.rules.get(&k) {
-            Some(v) if is_deny(v) => return Decision::Deny,
-            Some(v) => {
-                allow = true;
-                need |= v.flags;
-            }
-            None => {}
+    for (k, v) in raw.iter().filter(|(k, _)| k.local == local) {
+        let peer = k.remote == any || k.remote == remote;
+        let to = k.port == 0 || (k.port == port && k.proto == proto);
+        if !(peer && to) {
+            continue;
         }
+        if is_deny(v) {
+            return Decision::Deny;
+        }
+        allow = true;
+        need |= v.flags;
     }
     if allow {
         Decision::Allow(need)
-    } else if flags & TS_DEFAULT_DENY as u32 != 0 {
+    } else if default_deny {
         Decision::Deny
     } else {
         Decision::Allow(0)
@@ -545,8 +626,9 @@ mod tests {
         assert_eq!(decide(&rules, 400, 300, 1, TCP), Decision::Deny);
     }
 
-    /// Small random rule sets over identities 1..=3 (0 = any), ports {0, 80, 443}.
-    fn rules_strategy() -> impl Strategy<Value = Rules> {
+    /// Small random raw rule sets over identities 1..=3 (0 = any), ports
+    /// {0, 80, 443}, with each identity's default deny.
+    fn raw_strategy() -> impl Strategy<Value = (BTreeMap<PolicyKey, PolicyValue>, Vec<bool>)> {
         let entry = (
             0u32..4,
             1u32..4,
@@ -559,7 +641,7 @@ mod tests {
             prop::collection::vec(any::<bool>(), 3),
         )
             .prop_map(|(entries, dd)| {
-                let mut r = Rules::default();
+                let mut raw = BTreeMap::new();
                 for (remote, local, port, verdict, flags) in entries {
                     let v = PolicyValue {
                         verdict: if verdict == 0 {
@@ -571,19 +653,34 @@ mod tests {
                         pad: [0; 2],
                     };
                     let proto = if port == 0 { 0 } else { TCP };
-                    merge(&mut r.rules, key(local, remote, port, proto), v);
+                    merge(&mut raw, key(local, remote, port, proto), v);
                 }
-                for local in 1..4u32 {
-                    let keys: Vec<&PolicyKey> =
-                        r.rules.keys().filter(|k| k.local == local).collect();
-                    let default_deny = dd[local as usize - 1];
-                    if default_deny || !keys.is_empty() {
-                        r.selected
-                            .insert(local, shapes(keys.into_iter(), default_deny));
-                    }
-                }
-                r
+                (raw, dd)
             })
+    }
+
+    /// What [`translate`] makes of raw rules: closed entries and flags.
+    fn closed(raw: &BTreeMap<PolicyKey, PolicyValue>, dd: &[bool]) -> Rules {
+        let mut r = Rules::default();
+        for local in 1..4u32 {
+            let mine: BTreeMap<PolicyKey, PolicyValue> = raw
+                .iter()
+                .filter(|(k, _)| k.local == local)
+                .map(|(k, v)| (*k, *v))
+                .collect();
+            let entries = close(&mine);
+            let default_deny = dd[local as usize - 1];
+            if default_deny || !entries.is_empty() {
+                r.selected
+                    .insert(local, shapes(entries.keys(), default_deny));
+            }
+            r.rules.extend(entries);
+        }
+        r
+    }
+
+    fn rules_strategy() -> impl Strategy<Value = Rules> {
+        raw_strategy().prop_map(|(raw, dd)| closed(&raw, &dd))
     }
 
     /// `mid` is acceptable between `old` and `new`: a denial, or an allow
@@ -598,6 +695,22 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn the_first_entry_found_decides_as_the_policy_semantics_say(
+            (raw, dd) in raw_strategy(),
+        ) {
+            let rules = closed(&raw, &dd);
+            for local in 1..4u32 {
+                for remote in 1..4u32 {
+                    for port in [80u16, 443, 8080] {
+                        let want = semantics(&raw, dd[local as usize - 1], local, remote, port, TCP);
+                        let got = decide(&rules, local, remote, port, TCP);
+                        prop_assert_eq!(got, want, "{}<-{}:{} with {:?}", local, remote, port, raw);
+                    }
+                }
+            }
+        }
+
         #[test]
         fn every_intermediate_state_is_safe_and_the_end_is_the_target(
             old in rules_strategy(),

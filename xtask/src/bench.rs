@@ -281,6 +281,7 @@ async fn auth() -> Result<Vec<Figure>> {
             .with_peer(go, theirs.get("p50_ms")?),
         Figure::new("handshake_p99", ours.get("p99_ms")?, "ms")
             .with_peer(go, theirs.get("p99_ms")?),
+        Figure::new("ebpf_test_run_floor", cost.get("floor_ns")?, "ns"),
         Figure::new("ebpf_decision_no_policy", cost.get("no_policy_ns")?, "ns"),
         Figure::new(
             "ebpf_decision_authenticated",
@@ -288,6 +289,11 @@ async fn auth() -> Result<Vec<Figure>> {
             "ns",
         )
         .with_target("<= 100"),
+        Figure::new(
+            "ebpf_decision_authenticated_worst",
+            cost.get("authenticated_worst_ns")?,
+            "ns",
+        ),
     ];
     figures.extend(crate::bench_datapath::run(&operator, &agent).await?);
     Ok(figures)
