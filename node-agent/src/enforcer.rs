@@ -218,6 +218,13 @@ impl Inner {
 
     async fn initiate(&self, pair: &Pair) {
         let Some(creds) = self.creds() else { return };
+        if !creds.holds(&pair.local) {
+            // The pod's SVID is not issued yet (its traffic may already be
+            // reported): not a failure to back off from; the new credentials
+            // start the handshake.
+            debug!(local = %pair.local, "no SVID for the local identity yet; authenticating once it is issued");
+            return;
+        }
         let view = self.view();
         let Some(host) = view.host_of(&pair.remote_node) else {
             debug!(node = %pair.remote_node, "no address known for the node's agent yet");

@@ -598,8 +598,8 @@ pub async fn run(
         }
         // No fixed delay: a new identity's rules go out at once (a new pod's
         // first connection waits for them). Changes that arrive while a
-        // compile runs coalesce into the next one, so a burst of pod events
-        // still compiles a few times, not once per event.
+        // compile runs, or during the pause after it, coalesce into the
+        // next one.
         while rx.try_recv().is_ok() {}
         let started = std::time::Instant::now();
         let result = sync(
@@ -616,10 +616,11 @@ pub async fn run(
             result: if result.is_ok() { "ok" } else { "error" },
         };
         metrics.policy_syncs.get_or_create(&label).inc();
+        let took = started.elapsed();
         match result {
             Ok(()) => {
                 (retry, delay) = (false, Duration::from_secs(1));
-                tracing::debug!(took = ?started.elapsed(), "policies compiled and written");
+                tracing::debug!(?took, "policies compiled and written");
             }
             Err(e) => {
                 warn!(error = %e, retry_in = ?delay, "policy sync failed");
@@ -629,10 +630,19 @@ pub async fn run(
                 retry = true;
             }
         }
+        // Under steady churn, compiles (each over every pod) would run back
+        // to back and take a whole core from the rest of the operator (the
+        // identity controller and the signer among them): rest as long as
+        // the compile took, so the compiler uses at most about half a core.
+        // A single change on a quiet cluster still compiles at once.
+        tokio::time::sleep(took.min(MAX_PAUSE)).await;
     }
     tasks.iter().for_each(|t| t.abort());
     Ok(())
 }
+
+/// The longest rest after a compile (see [`run`]).
+const MAX_PAUSE: Duration = Duration::from_millis(100);
 
 /// Compiles the current state and writes what differs from the cluster.
 async fn sync(
