@@ -433,6 +433,9 @@ pub async fn run(
                         Ok(c) => {
                             debug!(identities = ?c.identities(), "handshake credentials rebuilt");
                             *lock(&inner.creds) = Some(c);
+                            // A new pod's SVID: authenticate its pairs now,
+                            // not after the next pass over the cluster.
+                            inner.preauthenticate();
                             let _ = tx.try_send(());
                         }
                         Err(e) => warn!(error = %e, "cannot build handshake credentials"),
