@@ -51,6 +51,27 @@ pub enum AuthCacheError {
     /// A record is too large to store.
     #[error("an auth cache record is too large ({0} bytes of text)")]
     TooLarge(usize),
+    /// Another process holds the store's lock (kept, never discarded).
+    #[error(
+        "the auth cache at {path} is still locked by another process after {LOCK_WAIT:?}; is another agent running on this node with the same --cache-dir?"
+    )]
+    Locked {
+        /// The cache directory.
+        path: PathBuf,
+    },
+}
+
+/// How long opening waits for another holder of the store's lock to let go
+/// (sled's background flusher keeps it briefly after the store is dropped;
+/// a previous agent may still be exiting).
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Why a store could not be opened.
+enum OpenFailure {
+    /// Another process (or a store not yet fully closed) holds its lock.
+    Locked,
+    /// Unreadable or damaged: discarded and rebuilt.
+    Damaged(String),
 }
 
 /// One recorded authentication.
@@ -200,10 +221,23 @@ impl AuthCache {
             path: dir.to_owned(),
             source,
         };
-        let found = Self::open_store(dir).and_then(|(db, tree)| {
-            let entries = Self::read_all(&tree)?;
-            Ok((db, tree, entries))
-        });
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let found = loop {
+            match Self::open_store(dir) {
+                Err(OpenFailure::Locked) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(OpenFailure::Locked) => {
+                    return Err(AuthCacheError::Locked {
+                        path: dir.to_owned(),
+                    });
+                }
+                Err(OpenFailure::Damaged(reason)) => break Err(reason),
+                Ok((db, tree)) => {
+                    break Self::read_all(&tree).map(|entries| (db, tree, entries));
+                }
+            }
+        };
         match found {
             Ok((db, tree, entries)) => Ok((
                 AuthCache {
@@ -250,7 +284,7 @@ impl AuthCache {
         }
     }
 
-    fn open_store(dir: &Path) -> Result<(sled::Db, sled::Tree), String> {
+    fn open_store(dir: &Path) -> Result<(sled::Db, sled::Tree), OpenFailure> {
         // sled reports most damage as errors; some damaged files make it
         // panic instead. Either way the store is unusable and is rebuilt.
         let opened = std::panic::catch_unwind(|| {
@@ -260,8 +294,18 @@ impl AuthCache {
         });
         match opened {
             Ok(Ok(pair)) => Ok(pair),
-            Ok(Err(e)) => Err(format!("sled cannot open it: {e}")),
-            Err(_) => Err("sled failed reading it (damaged files)".into()),
+            // sled 0.34 reports a held lock as an I/O error of kind Other
+            // whose text names it.
+            Ok(Err(sled::Error::Io(e)))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock") =>
+            {
+                Err(OpenFailure::Locked)
+            }
+            Ok(Err(e)) => Err(OpenFailure::Damaged(format!("sled cannot open it: {e}"))),
+            Err(_) => Err(OpenFailure::Damaged(
+                "sled failed reading it (damaged files)".into(),
+            )),
         }
     }
 

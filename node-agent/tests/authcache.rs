@@ -181,3 +181,20 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn a_store_still_locked_by_its_last_holder_is_waited_for_not_discarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("auth");
+    let (cache, _) = AuthCache::open(&path).unwrap();
+    cache.put(&entry(1)).unwrap();
+    cache.flush().unwrap();
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(cache);
+    });
+    let (_reopened, opened) = AuthCache::open(&path).unwrap();
+    holder.join().unwrap();
+    assert_eq!(opened.discarded, None);
+    assert_eq!(opened.entries, vec![entry(1)]);
+}
