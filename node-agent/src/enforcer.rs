@@ -95,15 +95,19 @@ use crate::dataplane::{DataPlane, DataPlaneError, lock};
 /// The cluster objects the enforcer follows, as much of each as it reads.
 #[derive(Clone, Default)]
 struct Stores {
-    pods: Compact<PodView>,
+    pods: Compact<Arc<PodView>>,
     policies: Compact<IdentityPolicySpec>,
     /// SPIFFE ID, number, generation.
-    identities: Compact<(String, u32, u64)>,
+    identities: Compact<(Arc<str>, u32, u64)>,
 }
 
-fn identity_value(ni: &NumericIdentity) -> Option<(String, u32, u64)> {
+fn pod_value(pod: &Pod) -> Option<Arc<PodView>> {
+    pod_view(pod).map(Arc::new)
+}
+
+fn identity_value(ni: &NumericIdentity) -> Option<(Arc<str>, u32, u64)> {
     let generation = u64::try_from(ni.spec.generation).ok()?;
-    Some((ni.spec.spiffe_id.clone(), ni.spec.id, generation))
+    Some((ni.spec.spiffe_id.as_str().into(), ni.spec.id, generation))
 }
 
 fn policy_value(p: &IdentityPolicy) -> Option<IdentityPolicySpec> {
@@ -154,7 +158,7 @@ impl Inner {
         let mut table = IdentityTable::default();
         stores.identities.read(|ids| {
             for (spiffe_id, id, generation) in ids.values() {
-                table.insert(spiffe_id, *id, *generation);
+                table.insert(spiffe_id.clone(), *id, *generation);
             }
         });
         let specs = stores.policies.values();
@@ -387,7 +391,7 @@ pub async fn run(
     };
     tasks.push(tokio::spawn(stores.pods.clone().follow(
         Api::<Pod>::all(client.clone()),
-        pod_view,
+        pod_value,
         notify.clone(),
         "pods",
     )));

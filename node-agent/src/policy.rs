@@ -6,6 +6,7 @@
 //! allows what neither the old nor the new rules allow.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use tessera_api::crd::IdentityPolicySpec;
 use tessera_api::crd::auth_policy::{Authentication, PolicyAction, Protocol};
@@ -27,13 +28,14 @@ const UDP: u8 = 17;
 /// Which numeric identity (and generation) each SPIFFE ID holds now.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct IdentityTable {
-    ids: HashMap<String, (u32, u64)>,
+    ids: HashMap<Arc<str>, (u32, u64)>,
 }
 
 impl IdentityTable {
-    /// Records that `spiffe_id` holds `id` at `generation`.
-    pub fn insert(&mut self, spiffe_id: &str, id: u32, generation: u64) {
-        self.ids.insert(spiffe_id.to_owned(), (id, generation));
+    /// Records that `spiffe_id` holds `id` at `generation` (an `Arc<str>`
+    /// is shared, not copied).
+    pub fn insert(&mut self, spiffe_id: impl Into<Arc<str>>, id: u32, generation: u64) {
+        self.ids.insert(spiffe_id.into(), (id, generation));
     }
 
     /// The identity of a SPIFFE ID.
@@ -43,7 +45,7 @@ impl IdentityTable {
 
     /// Every (SPIFFE ID, id, generation).
     pub fn iter(&self) -> impl Iterator<Item = (&str, u32, u64)> {
-        self.ids.iter().map(|(s, (i, g))| (s.as_str(), *i, *g))
+        self.ids.iter().map(|(s, (i, g))| (s.as_ref(), *i, *g))
     }
 
     /// How many SPIFFE IDs are known.

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
@@ -173,19 +174,24 @@ pub struct Pair {
 pub struct View {
     /// This node's name.
     pub local_node: String,
-    /// Pods with identities, by UID.
-    pub pods: BTreeMap<String, PodView>,
+    /// Pods with identities, one per UID, in UID order; shared with the
+    /// agent's store of pods and with the previous view (one copy of each
+    /// pod in memory however many views hold it).
+    pub pods: Vec<Arc<PodView>>,
     /// Node indexes of every node with such pods (and this one).
     pub nodes: NodeIndex,
 }
 
 impl View {
     /// A view of `pods` from `local_node`.
-    pub fn new(local_node: &str, pods: impl IntoIterator<Item = PodView>) -> View {
-        let pods: BTreeMap<String, PodView> =
-            pods.into_iter().map(|p| (p.uid.clone(), p)).collect();
+    pub fn new(local_node: &str, pods: impl IntoIterator<Item = impl Into<Arc<PodView>>>) -> View {
+        let mut pods: Vec<Arc<PodView>> = pods.into_iter().map(Into::into).collect();
+        // One per UID, the last given winning (as a map keyed by UID would).
+        pods.reverse();
+        pods.sort_by(|a, b| a.uid.cmp(&b.uid));
+        pods.dedup_by(|later, first| later.uid == first.uid);
         let nodes = NodeIndex::build(
-            pods.values()
+            pods.iter()
                 .map(|p| p.node.as_str())
                 .chain(std::iter::once(local_node)),
         );
@@ -198,7 +204,10 @@ impl View {
 
     /// Pods on this node.
     pub fn local_pods(&self) -> impl Iterator<Item = &PodView> {
-        self.pods.values().filter(|p| p.node == self.local_node)
+        self.pods
+            .iter()
+            .map(Arc::as_ref)
+            .filter(|p| p.node == self.local_node)
     }
 
     fn endpoint(&self, pod: &PodView) -> Option<Endpoint> {
@@ -213,10 +222,12 @@ impl View {
     /// address (a deleted pod's IP reused), the live, newest one wins.
     pub fn ip_endpoints(&self) -> BTreeMap<[u8; 16], Endpoint> {
         let mut winner: BTreeMap<[u8; 16], &PodView> = BTreeMap::new();
-        for pod in self.pods.values() {
+        fn rank(p: &PodView) -> (bool, i64, &str) {
+            (!p.terminating, p.created, p.uid.as_str())
+        }
+        for pod in self.pods.iter().map(Arc::as_ref) {
             let Some(ip) = pod.ip else { continue };
             let key = IpKey::from(ip).addr;
-            let rank = |p: &PodView| (!p.terminating, p.created, p.uid.clone());
             if winner.get(&key).is_none_or(|w| rank(w) < rank(pod)) {
                 winner.insert(key, pod);
             }
@@ -245,7 +256,7 @@ impl View {
     /// The (id, generation) of `spiffe_id` as held by a pod on `node`.
     pub fn identity_on(&self, spiffe_id: &str, node: &str) -> Option<(u32, u64)> {
         self.pods
-            .values()
+            .iter()
             .filter(|p| p.node == node && p.spiffe_id == spiffe_id && !p.terminating)
             .map(|p| (p.id, p.generation))
             .max_by_key(|(_, g)| *g)
@@ -254,7 +265,7 @@ impl View {
     /// The SPIFFE ID of numeric identity `id` as held on `node`.
     pub fn spiffe_id_on(&self, id: u32, node: &str) -> Option<&str> {
         self.pods
-            .values()
+            .iter()
             .find(|p| p.node == node && p.id == id && !p.terminating)
             .map(|p| p.spiffe_id.as_str())
     }
@@ -262,7 +273,7 @@ impl View {
     /// Where `node`'s agent listens (its pods' host address).
     pub fn host_of(&self, node: &str) -> Option<IpAddr> {
         self.pods
-            .values()
+            .iter()
             .filter(|p| p.node == node)
             .find_map(|p| p.host_ip)
     }
@@ -271,7 +282,7 @@ impl View {
     pub fn is_host_of(&self, node: &str, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         self.pods
-            .values()
+            .iter()
             .any(|p| p.node == node && p.host_ip.map(canonical) == Some(ip))
     }
 
@@ -297,7 +308,7 @@ impl View {
             }
             let nodes: BTreeSet<&str> = self
                 .pods
-                .values()
+                .iter()
                 .filter(|p| p.spiffe_id == policy.spiffe_id && !p.terminating)
                 .map(|p| p.node.as_str())
                 .collect();
@@ -333,7 +344,7 @@ impl Generations for View {
     fn remote(&self, id: u32, node: u32) -> Option<u64> {
         let node = self.nodes.name(node)?;
         self.pods
-            .values()
+            .iter()
             .filter(|p| p.node == node && p.id == id && !p.terminating)
             .map(|p| p.generation)
             .max()
@@ -480,7 +491,7 @@ mod tests {
             .collect();
         assert_eq!(pairs, want);
         // From node b, web is not local: nothing to initiate there.
-        let from_b = View::new("b", view.pods.values().cloned());
+        let from_b = View::new("b", view.pods.iter().cloned());
         assert!(from_b.wanted_pairs(&[&db]).is_empty());
     }
 

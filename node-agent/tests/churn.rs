@@ -161,7 +161,7 @@ impl Model {
     fn table(&self) -> IdentityTable {
         let mut t = IdentityTable::default();
         for (s, (id, generation)) in &self.ids {
-            t.insert(s, *id, *generation);
+            t.insert(s.as_str(), *id, *generation);
         }
         t
     }

@@ -72,6 +72,22 @@ impl Agent {
         };
         (field("VmRSS:"), field("VmHWM:"))
     }
+
+    /// The agent's resident memory by kind, from `/proc/<pid>/status`:
+    /// heap and stacks (RssAnon), mapped files such as its own binary
+    /// (RssFile) and shared memory (RssShmem), for reports.
+    pub fn rss_by_kind(&self) -> String {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.0.id()))
+            .unwrap_or_default();
+        ["RssAnon:", "RssFile:", "RssShmem:"]
+            .iter()
+            .filter_map(|name| {
+                let line = status.lines().find(|l| l.starts_with(name))?;
+                Some(line.split_whitespace().collect::<Vec<_>>().join(" "))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// A simulated pod with traffic: its Pod object, network namespace, cgroup

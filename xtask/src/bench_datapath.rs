@@ -385,6 +385,10 @@ async fn policy_and_memory(cluster: &SimCluster) -> Result<Vec<Figure>> {
     // One identity per pod.
     grow(cluster, &mut b, 0..POLICY_PODS - existing, POLICY_PODS, t).await?;
     let (rss_1k, _) = cluster.agent("node-b").rss_kib();
+    println!(
+        "node-b's agent at {POLICY_PODS} pods: {}",
+        cluster.agent("node-b").rss_by_kind()
+    );
 
     println!(
         "policy change -> node-b's kernel decision: {POLICY_CHANGES} Deny policies created, then deleted"
@@ -432,6 +436,10 @@ async fn policy_and_memory(cluster: &SimCluster) -> Result<Vec<Figure>> {
     )
     .await?;
     let (rss_10k, peak) = cluster.agent("node-b").rss_kib();
+    println!(
+        "node-b's agent at {identities} identities: {}",
+        cluster.agent("node-b").rss_by_kind()
+    );
     let mib = |kib: u64| kib as f64 / 1024.0;
     Ok(vec![
         Figure::new("policy_to_maps_p50", ms(percentile(&latencies, 50.0)), "ms"),
