@@ -1,8 +1,9 @@
-//! `tessera-agent`: the node agent. Today it checks SPIFFE IDs with the same
-//! parser the agent uses on every peer certificate, and fetches X.509-SVIDs
-//! from a Workload API socket (a client for debugging, like
-//! `spire-agent api fetch`). Serving the Workload API from the agent process,
-//! handshakes and the data path come with the identity and data-path issues.
+//! `tessera-agent`: the node agent. `run` gets SVIDs for this node's pods
+//! from the operator's signing service and serves them on the Workload API;
+//! with `--cgroup-root` it also runs the data path (eBPF programs and maps,
+//! agent-to-agent handshakes, the auth cache). Smaller subcommands check
+//! SPIFFE IDs and fetch SVIDs from a Workload API socket (debugging clients,
+//! like `spire-agent api fetch`); hidden `bench-*` ones serve the benchmarks.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
