@@ -158,8 +158,6 @@ fn close(raw: &BTreeMap<PolicyKey, PolicyValue>) -> BTreeMap<PolicyKey, PolicyVa
         let mut ks = vec![*k];
         if k.port != 0 && k.remote != any {
             ks.push(key(k.local, k.remote, 0, 0));
-        }
-        if k.remote != any {
             ks.push(key(k.local, any, k.port, k.proto));
         }
         if k.port != 0 || k.remote != any {

@@ -181,12 +181,12 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, IdentityE
     {
         let pending = PendingPod::new(
             namespace.clone(),
+            name.clone(),
             pod.labels().clone(),
             id.clone(),
             pod.spec.as_ref().and_then(|s| s.node_name.clone()),
         );
-        let key = format!("{namespace}/{name}");
-        if !preview.admit(key, pending, PREVIEW_WAIT).await {
+        if !preview.admit(pending, PREVIEW_WAIT).await {
             warn!(pod = %format!("{namespace}/{name}"), wait = ?PREVIEW_WAIT,
                 "the policy compiler did not write this pod's rules in time; assigning its identity anyway (check the operator's policy compiler logs)");
         }

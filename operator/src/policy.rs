@@ -108,6 +108,8 @@ pub struct PodFacts<'a> {
 pub struct PendingPod {
     /// Namespace.
     pub namespace: String,
+    /// Name.
+    pub name: String,
     /// Labels.
     pub labels: BTreeMap<String, String>,
     /// The SPIFFE ID it is about to get.
@@ -121,12 +123,14 @@ impl PendingPod {
     /// A pod in `namespace` with `labels` about to get `spiffe_id`.
     pub fn new(
         namespace: String,
+        name: String,
         labels: BTreeMap<String, String>,
         spiffe_id: SpiffeId,
         node: Option<String>,
     ) -> PendingPod {
         PendingPod {
             namespace,
+            name,
             labels,
             spiffe_id,
             node,
@@ -156,7 +160,7 @@ const PENDING_FOR: Duration = Duration::from_secs(30);
 /// first connection does not meet a policy that has not caught up yet.
 #[derive(Debug)]
 pub struct Preview {
-    pending: std::sync::Mutex<BTreeMap<String, PendingPod>>,
+    pending: std::sync::Mutex<BTreeMap<(String, String), PendingPod>>,
     requested: std::sync::atomic::AtomicU64,
     wake: tokio::sync::Notify,
     done: tokio::sync::watch::Sender<u64>,
@@ -174,19 +178,20 @@ impl Default for Preview {
 }
 
 impl Preview {
-    fn pending(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PendingPod>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), PendingPod>> {
         self.pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Compiles `pod` (keyed `namespace/name`) in and waits, at most
+    /// Compiles `pod` in and waits, at most
     /// `timeout`, until a compile that includes it has been written. False
     /// when that did not happen in time (the compiler is failing or not
     /// running); the caller goes on anyway, as it would without a preview.
-    pub async fn admit(&self, key: String, pod: PendingPod, timeout: Duration) -> bool {
+    pub async fn admit(&self, pod: PendingPod, timeout: Duration) -> bool {
         use std::sync::atomic::Ordering;
-        self.pending().insert(key, pod);
+        self.pending()
+            .insert((pod.namespace.clone(), pod.name.clone()), pod);
         let mine = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
         self.wake.notify_one();
         let mut done = self.done.subscribe();
@@ -196,13 +201,12 @@ impl Preview {
     }
 
     /// The round a compile starting now covers, and the pending pods it
-    /// includes (those whose annotation is not in `annotated` yet).
-    fn begin(&self, annotated: &BTreeMap<String, String>) -> (u64, Vec<PendingPod>) {
+    /// includes: those `annotated` does not yet show with their new SPIFFE
+    /// ID (the pod store then carries them itself).
+    fn begin(&self, annotated: impl Fn(&PendingPod) -> bool) -> (u64, Vec<PendingPod>) {
         let round = self.requested.load(std::sync::atomic::Ordering::SeqCst);
         let mut pending = self.pending();
-        pending.retain(|key, p| {
-            annotated.get(key) != Some(&p.spiffe_id.to_string()) && p.since.elapsed() < PENDING_FOR
-        });
+        pending.retain(|_, p| !annotated(p) && p.since.elapsed() < PENDING_FOR);
         (round, pending.values().cloned().collect())
     }
 
@@ -655,17 +659,15 @@ async fn sync(
     preview: &Preview,
 ) -> Result<(), PolicyError> {
     let all_pods = pods.state();
-    let annotated: BTreeMap<String, String> = all_pods
-        .iter()
-        .filter_map(|p| {
-            let id = p.annotations().get(annotations::SPIFFE_ID)?;
-            Some((
-                format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
-                id.clone(),
-            ))
-        })
-        .collect();
-    let (round, pending) = preview.begin(&annotated);
+    let (round, pending) = preview.begin(|p| {
+        pods.get(&reflector::ObjectRef::new(&p.name).within(&p.namespace))
+            .is_some_and(|pod| {
+                pod.annotations()
+                    .get(annotations::SPIFFE_ID)
+                    .map(String::as_str)
+                    == Some(p.spiffe_id.as_str())
+            })
+    });
     let mut facts: Vec<PodFacts> = all_pods.iter().filter_map(|p| pod_facts(p)).collect();
     facts.extend(pending.iter().map(PendingPod::facts));
     let ns_labels = |name: &str| {
