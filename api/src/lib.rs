@@ -7,6 +7,8 @@ pub mod crd;
 pub mod duration;
 #[cfg(feature = "jwt")]
 pub mod jwt;
+#[cfg(feature = "probes")]
+pub mod probes;
 #[cfg(feature = "grpc")]
 pub mod signer_api;
 pub mod spiffe;

@@ -6,11 +6,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tessera_api::crd::IdentityPolicySpec;
-use tessera_bpf::abi::{AuthEvent, AuthKey, AuthValue, Endpoint};
+use tessera_bpf::abi::{AuthEvent, AuthKey, AuthValue, Endpoint, Reason};
 use tessera_bpf::datapath::{Datapath, DatapathError};
 use tracing::{debug, info, warn};
 
@@ -36,6 +36,11 @@ pub struct Stats {
     pub invalidated: AtomicU64,
     /// Missing authentications reported by the data path.
     pub events: AtomicU64,
+    /// The data path's decisions by reason (index: `Reason as usize`),
+    /// summed over CPUs, as last read from the kernel's counters.
+    pub decisions: [AtomicU64; Reason::ALL.len()],
+    /// Set once the maps were first brought in sync with the cluster.
+    pub in_sync: AtomicBool,
 }
 
 impl Stats {
@@ -304,6 +309,17 @@ impl DataPlane {
         self.cache.clear()?;
         self.dirty.fetch_add(1, Ordering::Relaxed);
         Ok(epoch)
+    }
+
+    /// Copies the kernel's per-reason decision counters into
+    /// [`Stats::decisions`] (for metrics).
+    pub fn read_decisions(&self) -> Result<(), DatapathError> {
+        let mut dp = lock(&self.dp);
+        for reason in Reason::ALL {
+            let n = dp.counter(reason)?;
+            self.stats.decisions[reason as usize].store(n, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Missing authentications the data path reported since the last call.

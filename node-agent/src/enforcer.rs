@@ -107,7 +107,11 @@ fn pod_value(pod: &Pod) -> Option<Arc<PodView>> {
 
 fn identity_value(ni: &NumericIdentity) -> Option<(Arc<str>, u32, u64)> {
     let generation = u64::try_from(ni.spec.generation).ok()?;
-    Some((ni.spec.spiffe_id.as_str().into(), ni.spec.id, generation))
+    Some((
+        crate::intern::intern(ni.spec.spiffe_id.as_str()),
+        ni.spec.id,
+        generation,
+    ))
 }
 
 fn policy_value(p: &IdentityPolicy) -> Option<IdentityPolicySpec> {
@@ -470,6 +474,11 @@ pub async fn run(
     inner.sync(&stores)?;
     inner.plane.restore(&inner.view())?;
     info!("data path in sync with the cluster");
+    inner
+        .plane
+        .stats
+        .in_sync
+        .store(true, std::sync::atomic::Ordering::Relaxed);
 
     // Handshakes from other agents.
     {
@@ -552,6 +561,9 @@ pub async fn run(
         inner.preauthenticate();
         if let Err(e) = inner.plane.flush() {
             warn!(error = %e, "cannot flush the auth cache");
+        }
+        if let Err(e) = inner.plane.read_decisions() {
+            warn!(error = %e, "cannot read the data path's counters");
         }
     }
     tasks.iter().for_each(|t| t.abort());

@@ -726,7 +726,9 @@ async fn initiate_inner(
             reason: String::from_utf8_lossy(&body).into_owned(),
         });
     }
-    let _ = tls.shutdown().await;
+    // No close_notify: both frames are length-delimited, so a truncation
+    // cannot pass for an answer, and closing the socket is enough.
+    drop(tls);
     Ok(Authenticated {
         local: ask.local.to_owned(),
         remote: remote.to_string(),
@@ -853,6 +855,8 @@ async fn respond_inner(
     write_frame(&mut tls, 0, b"")
         .await
         .map_err(io("answering"))?;
-    let _ = tls.shutdown().await;
+    // The initiator has sent all it will send (it reads the answer next), so
+    // closing here sends FIN after the answer, never a reset.
+    drop(tls);
     Ok(auth)
 }

@@ -105,6 +105,12 @@ impl IdentityStore {
         self.changes.send_modify(|n| *n += 1);
     }
 
+    /// How many of this node's pods hold an identity (SVIDs issued).
+    pub fn pods_with_identity(&self) -> usize {
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        pods.values().filter(|tx| tx.borrow().is_some()).count()
+    }
+
     /// Every SVID held for this node's pods.
     pub fn all_svids(&self) -> Vec<X509Svid> {
         let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());

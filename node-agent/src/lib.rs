@@ -1,6 +1,6 @@
 //! The Tessera node agent's library: workload attestation, the identity
 //! material of this node's pods, the SPIFFE Workload API server,
-//! agent-to-agent handshakes, the auth cache and the policy writer.
+//! agent-to-agent handshakes, the auth cache, the policy writer and metrics.
 #![forbid(unsafe_code)]
 
 pub mod attestation;
@@ -11,6 +11,8 @@ pub mod enforcer;
 pub mod follow;
 pub mod handshake;
 pub mod identities;
+pub mod intern;
+pub mod metrics;
 pub mod policy;
 pub mod svids;
 pub mod view;

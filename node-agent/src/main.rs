@@ -114,6 +114,10 @@ struct RunArgs {
     /// at their node's address.
     #[arg(long, default_value = "0.0.0.0:4434")]
     handshake_addr: std::net::SocketAddr,
+    /// Where to serve /metrics, /healthz and /readyz (ready once the data
+    /// path is in sync, or at once without a data path).
+    #[arg(long, default_value = "0.0.0.0:9091")]
+    metrics_addr: std::net::SocketAddr,
     /// Where the auth cache is kept.
     #[arg(long, default_value = "/var/lib/tessera")]
     state_dir: std::path::PathBuf,
@@ -163,6 +167,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         })
         .await?;
     tracing::info!(socket = %args.socket.display(), node = %args.node_name, "serving the SPIFFE Workload API");
+    let stats = std::sync::Arc::new(tessera_agent::enforcer::Stats::default());
+    let ready: tessera_api::probes::Readiness = if args.cgroup_root.is_some() {
+        let stats = stats.clone();
+        std::sync::Arc::new(move || stats.in_sync.load(std::sync::atomic::Ordering::Relaxed))
+    } else {
+        std::sync::Arc::new(|| true)
+    };
+    let registry = tessera_agent::metrics::registry(stats.clone(), store.clone());
+    let (metrics_bound, metrics_server) =
+        tessera_api::probes::serve(args.metrics_addr, registry, ready, None)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot serve metrics on {}; pass another --metrics-addr",
+                    args.metrics_addr
+                )
+            })?;
+    tracing::info!(addr = %metrics_bound, "serving /metrics, /healthz and /readyz");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let enforcer = match &args.cgroup_root {
         Some(cgroup) => {
@@ -184,7 +206,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 client.clone(),
                 cfg,
                 store.clone(),
-                Default::default(),
+                stats,
                 async move {
                     let _ = stop.wait_for(|s| *s).await;
                 },
@@ -220,6 +242,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), &mut enforcer_done).await;
     }
     server.abort();
+    metrics_server.abort();
     let _ = std::fs::remove_file(&args.socket);
     Ok(())
 }

@@ -28,14 +28,14 @@ pub struct PodView {
     pub uid: String,
     /// `namespace/name`, for logs.
     pub name: String,
-    /// The node it runs on.
-    pub node: String,
+    /// The node it runs on (shared: see [`crate::intern`]).
+    pub node: Arc<str>,
     /// Its address, once it has one.
     pub ip: Option<IpAddr>,
     /// Its node's address, where that node's agent listens.
     pub host_ip: Option<IpAddr>,
-    /// Its SPIFFE ID.
-    pub spiffe_id: String,
+    /// Its SPIFFE ID (shared: see [`crate::intern`]).
+    pub spiffe_id: Arc<str>,
     /// Its numeric identity.
     pub id: u32,
     /// The generation of that numeric identity.
@@ -57,7 +57,7 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
     if id == 0 {
         return None;
     }
-    let node = pod.spec.as_ref()?.node_name.clone()?;
+    let node = crate::intern::intern(pod.spec.as_ref()?.node_name.as_deref()?);
     let status = pod.status.as_ref();
     let ip = status
         .and_then(|s| s.pod_ip.as_deref())
@@ -71,7 +71,7 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
         node,
         ip,
         host_ip,
-        spiffe_id: spiffe_id.clone(),
+        spiffe_id: crate::intern::intern(spiffe_id),
         id,
         generation,
         terminating: pod.metadata.deletion_timestamp.is_some(),
@@ -192,7 +192,7 @@ impl View {
         pods.dedup_by(|later, first| later.uid == first.uid);
         let nodes = NodeIndex::build(
             pods.iter()
-                .map(|p| p.node.as_str())
+                .map(|p| &*p.node)
                 .chain(std::iter::once(local_node)),
         );
         View {
@@ -207,7 +207,7 @@ impl View {
         self.pods
             .iter()
             .map(Arc::as_ref)
-            .filter(|p| p.node == self.local_node)
+            .filter(|p| *p.node == *self.local_node)
     }
 
     fn endpoint(&self, pod: &PodView) -> Option<Endpoint> {
@@ -257,7 +257,7 @@ impl View {
     pub fn identity_on(&self, spiffe_id: &str, node: &str) -> Option<(u32, u64)> {
         self.pods
             .iter()
-            .filter(|p| p.node == node && p.spiffe_id == spiffe_id && !p.terminating)
+            .filter(|p| *p.node == *node && *p.spiffe_id == *spiffe_id && !p.terminating)
             .map(|p| (p.id, p.generation))
             .max_by_key(|(_, g)| *g)
     }
@@ -266,15 +266,15 @@ impl View {
     pub fn spiffe_id_on(&self, id: u32, node: &str) -> Option<&str> {
         self.pods
             .iter()
-            .find(|p| p.node == node && p.id == id && !p.terminating)
-            .map(|p| p.spiffe_id.as_str())
+            .find(|p| *p.node == *node && p.id == id && !p.terminating)
+            .map(|p| &*p.spiffe_id)
     }
 
     /// Where `node`'s agent listens (its pods' host address).
     pub fn host_of(&self, node: &str) -> Option<IpAddr> {
         self.pods
             .iter()
-            .filter(|p| p.node == node)
+            .filter(|p| *p.node == *node)
             .find_map(|p| p.host_ip)
     }
 
@@ -283,7 +283,7 @@ impl View {
         let ip = canonical(ip);
         self.pods
             .iter()
-            .any(|p| p.node == node && p.host_ip.map(canonical) == Some(ip))
+            .any(|p| *p.node == *node && p.host_ip.map(canonical) == Some(ip))
     }
 
     /// The pairs this node should authenticate ahead of traffic: a local
@@ -294,7 +294,7 @@ impl View {
         let locals: BTreeSet<&str> = self
             .local_pods()
             .filter(|p| !p.terminating)
-            .map(|p| p.spiffe_id.as_str())
+            .map(|p| &*p.spiffe_id)
             .collect();
         let mut out = BTreeSet::new();
         for policy in policies {
@@ -309,8 +309,8 @@ impl View {
             let nodes: BTreeSet<&str> = self
                 .pods
                 .iter()
-                .filter(|p| p.spiffe_id == policy.spiffe_id && !p.terminating)
-                .map(|p| p.node.as_str())
+                .filter(|p| *p.spiffe_id == *policy.spiffe_id && !p.terminating)
+                .map(|p| &*p.node)
                 .collect();
             for local in &needing {
                 for node in &nodes {
@@ -345,7 +345,7 @@ impl Generations for View {
         let node = self.nodes.name(node)?;
         self.pods
             .iter()
-            .filter(|p| p.node == node && p.id == id && !p.terminating)
+            .filter(|p| *p.node == *node && p.id == id && !p.terminating)
             .map(|p| p.generation)
             .max()
     }
@@ -372,7 +372,7 @@ mod tests {
                 .parse()
                 .unwrap(),
             ),
-            spiffe_id: format!("spiffe://td/{id}"),
+            spiffe_id: format!("spiffe://td/{id}").into(),
             id: num,
             generation,
             terminating: false,

@@ -145,10 +145,10 @@ impl Model {
             PodView {
                 uid: uid.clone(),
                 name: uid.clone(),
-                node: p.node.clone(),
+                node: p.node.as_str().into(),
                 ip: Some(IpAddr::V4(Ipv4Addr::from(ip_of(p.ip)))),
                 host_ip: Some(IpAddr::V4(Ipv4Addr::new(198, 18, 0, node_ip))),
-                spiffe_id: p.spiffe.clone(),
+                spiffe_id: p.spiffe.as_str().into(),
                 id,
                 generation,
                 terminating: false,

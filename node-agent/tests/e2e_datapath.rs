@@ -162,6 +162,46 @@ async fn authenticated_pairs_connect_and_nothing_else_does() {
     // No policy allows other -> db: refused by connect() itself (EPERM).
     let out = other.connect(&db.ip, PORT);
     assert!(out.starts_with("errno 1 "), "other -> db: {out}");
+    // The agents' metrics tell the same story (decisions are read from the
+    // kernel's counters at most a second late).
+    for (agent, sample) in [
+        (
+            0,
+            r#"tessera_agent_handshakes_total{role="initiator",result="ok"}"#,
+        ),
+        (
+            1,
+            r#"tessera_agent_handshakes_total{role="responder",result="ok"}"#,
+        ),
+        (
+            0,
+            r#"tessera_agent_datapath_decisions_total{reason="allow_authenticated"}"#,
+        ),
+        (
+            0,
+            r#"tessera_agent_datapath_decisions_total{reason="deny_default"}"#,
+        ),
+        (
+            1,
+            r#"tessera_agent_datapath_decisions_total{reason="allow_authenticated"}"#,
+        ),
+        (0, "tessera_agent_datapath_in_sync"),
+        (0, "tessera_agent_local_identities"),
+    ] {
+        let agent = &cluster.agents[agent];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while agent.metric(sample).unwrap_or(0.0) < 1.0 {
+            assert!(
+                Instant::now() < deadline,
+                "{}'s {sample} is {:?}, not >= 1",
+                agent.node,
+                agent.metric(sample)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let port = cluster.agents[0].metrics_port().unwrap();
+    assert_eq!(tessera_tests::http_get(port, "/readyz").unwrap().0, 200);
 
     // A pod claiming web's identity on a node without an agent has no SVID:
     // nobody can authenticate it, and db's node drops its connection.

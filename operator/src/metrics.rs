@@ -1,21 +1,15 @@
 //! Prometheus metrics and the HTTP endpoints that serve them with the health
 //! and readiness probes: `/metrics`, `/healthz`, `/readyz`.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tracing::warn;
 
 /// Label set for per-result counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -107,76 +101,13 @@ impl Metrics {
     }
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
-}
-
-fn respond(path: &str, metrics: &Metrics, registry: &Registry) -> Response<Full<Bytes>> {
-    match path {
-        "/metrics" => {
-            let mut body = String::new();
-            match prometheus_client::encoding::text::encode(&mut body, registry) {
-                Ok(()) => {
-                    let mut r = text(StatusCode::OK, body);
-                    if let Ok(v) =
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8".parse()
-                    {
-                        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-                    }
-                    r
-                }
-                Err(e) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("encoding metrics failed: {e}\n"),
-                ),
-            }
-        }
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" if metrics.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "initializing\n".into()),
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "try /metrics, /healthz or /readyz\n".into(),
-        ),
-    }
-}
-
-/// Binds `addr` and serves the endpoints until the task is dropped; returns
-/// the bound address (useful with port 0).
+/// Binds `addr` and serves `/metrics`, `/healthz` and `/readyz` until the
+/// task is dropped; returns the bound address (useful with port 0).
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    let registry = Arc::new(metrics.registry());
-    let task = tokio::spawn(async move {
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    warn!(error = %e, "metrics listener accept failed");
-                    continue;
-                }
-            };
-            let (metrics, registry) = (metrics.clone(), registry.clone());
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let response = respond(req.uri().path(), &metrics, &registry);
-                        async move { Ok::<_, Infallible>(response) }
-                    });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await
-                {
-                    warn!(error = %e, "metrics connection failed");
-                }
-            });
-        }
-    });
-    Ok((bound, task))
+    let registry = metrics.registry();
+    let ready = move || metrics.ready.load(Ordering::Relaxed);
+    tessera_api::probes::serve(addr, registry, Arc::new(ready), None).await
 }

@@ -58,6 +58,28 @@ impl Agent {
         }
     }
 
+    /// The loopback port of the agent's /metrics endpoint, from its log.
+    pub fn metrics_port(&self) -> Option<u16> {
+        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines
+            .iter()
+            .filter(|l| l.contains("serving /metrics"))
+            .find_map(|l| {
+                l.split("addr=127.0.0.1:")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+    }
+
+    /// The value of the sample `name` (labels included, as exposed) on the
+    /// agent's /metrics endpoint.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        crate::metric(self.metrics_port()?, name)
+    }
+
     /// The agent's resident memory in KiB (`VmRSS`) and its peak (`VmHWM`).
     pub fn rss_kib(&self) -> (u64, u64) {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.0.id()))

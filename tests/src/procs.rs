@@ -49,7 +49,18 @@ pub fn agent_run(
     token_file: &Path,
     socket: &Path,
 ) -> Command {
-    let mut cmd = Command::new(bin);
+    // For memory investigations: TESSERA_AGENT_HEAPTRACK=<dir> runs every
+    // agent under heaptrack, writing <dir>/heaptrack.<node>.*.
+    let mut cmd = match std::env::var_os("TESSERA_AGENT_HEAPTRACK") {
+        Some(dir) => {
+            let mut cmd = Command::new("heaptrack");
+            cmd.arg("-o")
+                .arg(Path::new(&dir).join(format!("heaptrack.{node}")))
+                .arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    };
     cmd.args(["run", "--node-name", node, "--namespace", NAMESPACE])
         .args(["--signer-name", SIGNER_NAME])
         .arg(format!("--signer=https://127.0.0.1:{signer_port}"))
@@ -58,6 +69,7 @@ pub fn agent_run(
         .arg("--token-file")
         .arg(token_file)
         .arg("--socket")
-        .arg(socket);
+        .arg(socket)
+        .arg("--metrics-addr=127.0.0.1:0");
     cmd
 }

@@ -10,32 +10,12 @@ use tessera_tests::{ControlPlane, free_port};
 
 /// A plain HTTP/1.1 GET over TCP; returns (status code, body).
 pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
+    tessera_tests::http_get(port, path)
 }
 
 /// The value of a metric without labels, from /metrics.
 pub fn metric(port: u16, name: &str) -> Option<f64> {
-    let (_, body) = http_get(port, "/metrics").ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    tessera_tests::metric(port, name)
 }
 
 pub struct RunningOperator {

@@ -1,0 +1,108 @@
+//! The agent's Prometheus metrics, read at scrape time from the data path's
+//! [`Stats`] and the identity store (names under `tessera_agent_`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tessera_bpf::abi::Reason;
+
+use crate::dataplane::Stats;
+use crate::identities::IdentityStore;
+
+#[derive(Debug)]
+struct Agent {
+    stats: Arc<Stats>,
+    store: IdentityStore,
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// One counter without labels.
+fn counter(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let metric = ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+impl Collector for Agent {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = &self.stats;
+        let mut family = encoder.encode_descriptor(
+            "handshakes",
+            "Agent-to-agent mutual-TLS handshakes, by role (initiator or responder) and result",
+            None,
+            MetricType::Counter,
+        )?;
+        for (role, result, n) in [
+            ("initiator", "ok", &s.initiated_ok),
+            ("initiator", "error", &s.initiated_failed),
+            ("responder", "ok", &s.responded_ok),
+            ("responder", "error", &s.responded_failed),
+        ] {
+            ConstCounter::new(get(n))
+                .encode(family.encode_family(&[("role", role), ("result", result)])?)?;
+        }
+        counter(
+            &mut encoder,
+            "auth_restored",
+            "Authentications restored from the auth cache at start, without a handshake",
+            get(&s.restored),
+        )?;
+        counter(
+            &mut encoder,
+            "auth_invalidated",
+            "Authentications removed because a generation, the epoch or the expiry no longer held",
+            get(&s.invalidated),
+        )?;
+        counter(
+            &mut encoder,
+            "auth_missing_events",
+            "Connections the data path reported as needing an authentication it did not have",
+            get(&s.events),
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "datapath_decisions",
+            "Decisions of this node's eBPF programs, by reason (deny_* were refused)",
+            None,
+            MetricType::Counter,
+        )?;
+        for reason in Reason::ALL {
+            ConstCounter::new(get(&s.decisions[reason as usize]))
+                .encode(family.encode_family(&[("reason", reason.label())])?)?;
+        }
+        let pods =
+            ConstGauge::new(i64::try_from(self.store.pods_with_identity()).unwrap_or(i64::MAX));
+        pods.encode(encoder.encode_descriptor(
+            "local_identities",
+            "Pods on this node holding an identity (their SVIDs issued)",
+            None,
+            pods.metric_type(),
+        )?)?;
+        let in_sync = ConstGauge::new(i64::from(s.in_sync.load(Ordering::Relaxed)));
+        in_sync.encode(encoder.encode_descriptor(
+            "datapath_in_sync",
+            "1 once the eBPF maps were first brought in sync with the cluster",
+            None,
+            in_sync.metric_type(),
+        )?)
+    }
+}
+
+/// A registry exposing the agent's metrics under the `tessera_agent` prefix.
+pub fn registry(stats: Arc<Stats>, store: IdentityStore) -> Registry {
+    let mut registry = Registry::with_prefix("tessera_agent");
+    registry.register_collector(Box::new(Agent { stats, store }));
+    registry
+}
