@@ -2,6 +2,8 @@
 #![forbid(unsafe_code)]
 
 pub mod annotations;
+#[cfg(feature = "bundle")]
+pub mod bundle;
 #[cfg(feature = "crd")]
 pub mod crd;
 pub mod duration;

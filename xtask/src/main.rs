@@ -54,7 +54,7 @@ enum Task {
     Demo,
     /// Fuzz a parser with cargo-fuzz (installed on first use) for a while.
     Fuzz {
-        /// Target in api/fuzz/fuzz_targets: spiffe_id, template or jwt.
+        /// Target in api/fuzz/fuzz_targets: spiffe_id, template, jwt or bundle.
         target: String,
         /// How long to run.
         #[arg(long, default_value_t = 60)]
