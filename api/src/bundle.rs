@@ -179,8 +179,9 @@ fn x509_key(key: &Map<String, Value>, kty: &str) -> Result<Vec<u8>, String> {
     Ok(der)
 }
 
-/// A jwt-svid key Tessera can verify (EC P-256), or why it is skipped
-/// (Ok(None) with a note) or refused.
+/// A jwt-svid key: `Ok(Ok(key))` when Tessera can verify with it (EC
+/// P-256), `Ok(Err(note))` when it is skipped (another key type), `Err` when
+/// it is malformed.
 fn jwt_key(key: &Map<String, Value>, kty: &str) -> Result<Result<PublicKey, String>, String> {
     let kid = member(key, "kid")?
         .filter(|k| !k.is_empty())
@@ -258,8 +259,9 @@ impl SpiffeBundle {
         Ok(decoded)
     }
 
-    /// The bundle document. Certificates whose key cannot be read are left
-    /// out (and named in the error): a bundle is only served whole.
+    /// The bundle document. A certificate whose key cannot be read fails
+    /// the whole encoding (the error names it): a bundle is only served
+    /// whole.
     pub fn to_json(&self) -> Result<Vec<u8>, BundleError> {
         let mut keys = Vec::new();
         for (index, der) in self.x509_authorities.iter().enumerate() {

@@ -16,10 +16,6 @@ use tracing::warn;
 /// What `/readyz` asks: true once the process is ready.
 pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
 
-/// Something a scrape refreshes first (figures read from elsewhere, such as
-/// eBPF counters), called before `/metrics` is encoded.
-pub type Refresh = Arc<dyn Fn() + Send + Sync>;
-
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -27,17 +23,9 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 /// The answer to a GET of `path`.
-pub fn respond(
-    path: &str,
-    registry: &Registry,
-    ready: &Readiness,
-    refresh: Option<&Refresh>,
-) -> Response<Full<Bytes>> {
+pub fn respond(path: &str, registry: &Registry, ready: &Readiness) -> Response<Full<Bytes>> {
     match path {
         "/metrics" => {
-            if let Some(refresh) = refresh {
-                refresh();
-            }
             let mut body = String::new();
             match prometheus_client::encoding::text::encode(&mut body, registry) {
                 Ok(()) => {
@@ -71,7 +59,6 @@ pub async fn serve(
     addr: SocketAddr,
     registry: Registry,
     ready: Readiness,
-    refresh: Option<Refresh>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
@@ -85,12 +72,11 @@ pub async fn serve(
                     continue;
                 }
             };
-            let (registry, ready, refresh) = (registry.clone(), ready.clone(), refresh.clone());
+            let (registry, ready) = (registry.clone(), ready.clone());
             tokio::spawn(async move {
                 let service =
                     hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let response =
-                            respond(req.uri().path(), &registry, &ready, refresh.as_ref());
+                        let response = respond(req.uri().path(), &registry, &ready);
                         async move { Ok::<_, Infallible>(response) }
                     });
                 let io = hyper_util::rt::TokioIo::new(stream);

@@ -176,7 +176,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let registry = tessera_agent::metrics::registry(stats.clone(), store.clone());
     let (metrics_bound, metrics_server) =
-        tessera_api::probes::serve(args.metrics_addr, registry, ready, None)
+        tessera_api::probes::serve(args.metrics_addr, registry, ready)
             .await
             .with_context(|| {
                 format!(

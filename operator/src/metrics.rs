@@ -109,5 +109,5 @@ pub async fn serve(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let registry = metrics.registry();
     let ready = move || metrics.ready.load(Ordering::Relaxed);
-    tessera_api::probes::serve(addr, registry, Arc::new(ready), None).await
+    tessera_api::probes::serve(addr, registry, Arc::new(ready)).await
 }
