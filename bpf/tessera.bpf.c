@@ -17,6 +17,11 @@
  * it was made for, before it expires, and while the global epoch is the one
  * it was made in: a reused address, cgroup or numeric identity never
  * inherits another workload's authentication.
+ *
+ * ts_ingress caches allow verdicts per flow key (ts_verdicts4/6): a cached
+ * verdict counts only while ts_version is unchanged, and the agent writes a
+ * new version after every change to the maps a decision reads, so the cache
+ * saves the lookups without ever outliving a change.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -72,6 +77,29 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } ts_epoch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} ts_version SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__uint(max_entries, TS_MAX_FLOWS);
+	__type(key, struct ts_flow4_key);
+	__type(value, struct ts_verdict);
+} ts_verdicts4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__uint(max_entries, TS_MAX_FLOWS);
+	__type(key, struct ts_flow6_key);
+	__type(value, struct ts_verdict);
+} ts_verdicts6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -161,7 +189,7 @@ static __always_inline __u32 policy(__u32 shapes, __u32 local, __u32 remote, __u
 /* Whether the agents authenticated `local` with `remote` (on remote->node)
  * for the endpoints' current generations: a TS_REASON_*. */
 static __always_inline __u32 authenticated(const struct ts_endpoint *local,
-					   const struct ts_endpoint *remote)
+					   const struct ts_endpoint *remote, __u64 *expires)
 {
 	struct ts_auth_key key = {
 		.local = local->id,
@@ -185,6 +213,7 @@ static __always_inline __u32 authenticated(const struct ts_endpoint *local,
 		return TS_REASON_DENY_AUTH_STALE;
 	if (a->expires_ns <= bpf_ktime_get_coarse_ns())
 		return TS_REASON_DENY_AUTH_EXPIRED;
+	*expires = a->expires_ns;
 	return TS_REASON_ALLOW_AUTHENTICATED;
 }
 
@@ -224,17 +253,20 @@ static __always_inline void report(const struct ts_endpoint *local,
 
 /* The full decision for a connection from `src` to `dst`: dst's policy, then
  * the authentication of the pair as seen from `me` (the endpoint whose node
- * is deciding) toward `peer`. */
+ * is deciding) toward `peer`. *expires gets when an allow ends
+ * (TS_EXPIRES_NEVER unless it rests on an authentication). */
 static __always_inline __u32 decide(__u32 shapes, const struct ts_endpoint *dst,
 				    const struct ts_endpoint *src, const struct ts_endpoint *me,
-				    const struct ts_endpoint *peer, __u16 port, __u8 proto)
+				    const struct ts_endpoint *peer, __u16 port, __u8 proto,
+				    __u64 *expires)
 {
 	__u8 flags = 0;
 	__u32 reason = policy(shapes, dst->id, src->id, port, proto, &flags);
 
+	*expires = TS_EXPIRES_NEVER;
 	if (is_deny(reason) || !(flags & TS_RULE_AUTH))
 		return reason;
-	reason = authenticated(me, peer);
+	reason = authenticated(me, peer, expires);
 	if (reason != TS_REASON_ALLOW_AUTHENTICATED)
 		report(me, peer, port, proto, reason);
 	return reason;
@@ -275,14 +307,39 @@ static __always_inline int read_packet(struct __sk_buff *skb, __u32 off, void *t
 	return bpf_skb_load_bytes(skb, off, to, len);
 }
 
+/* The version of the decision inputs (0: the verdict cache is off). */
+static __always_inline __u64 inputs_version(void)
+{
+	__u32 zero = 0;
+	__u64 *v = bpf_map_lookup_elem(&ts_version, &zero);
+
+	return v ? *v : 0;
+}
+
+/* Whether `v` is a verdict made at `version` that has not expired; counts
+ * it if so. */
+static __always_inline int still_valid(const struct ts_verdict *v, __u64 version)
+{
+	if (!v || v->version != version)
+		return 0;
+	if (v->expires_ns != TS_EXPIRES_NEVER && v->expires_ns <= bpf_ktime_get_coarse_ns())
+		return 0;
+	count(v->reason);
+	return 1;
+}
+
 SEC("cgroup_skb/ingress")
 int ts_ingress(struct __sk_buff *skb)
 {
+	struct ts_flow4_key f4 = {};
+	struct ts_flow6_key f6 = {};
 	struct ts_ip_key src_key, dst_key;
 	struct ts_endpoint src, dst;
+	struct ts_verdict verdict = {};
 	struct tcphdr tcp;
 	__u32 l4_off, reason, shapes;
-	int src_known, dst_known;
+	int src_known, dst_known, v6 = 0;
+	__u64 version, expires = TS_EXPIRES_NEVER;
 
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
@@ -296,8 +353,8 @@ int ts_ingress(struct __sk_buff *skb)
 		l4_off = ip.ihl * 4;
 		if (l4_off < sizeof(ip))
 			goto malformed;
-		ip4_key(&src_key, ip.saddr);
-		ip4_key(&dst_key, ip.daddr);
+		f4.src = ip.saddr;
+		f4.dst = ip.daddr;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
 
@@ -309,8 +366,9 @@ int ts_ingress(struct __sk_buff *skb)
 			return 1;
 		}
 		l4_off = sizeof(ip6);
-		__builtin_memcpy(src_key.addr, &ip6.saddr, 16);
-		__builtin_memcpy(dst_key.addr, &ip6.daddr, 16);
+		__builtin_memcpy(f6.src, &ip6.saddr, 16);
+		__builtin_memcpy(f6.dst, &ip6.daddr, 16);
+		v6 = 1;
 	} else {
 		count(TS_REASON_PASS_NOT_CHECKED);
 		return 1;
@@ -321,6 +379,24 @@ int ts_ingress(struct __sk_buff *skb)
 		count(TS_REASON_PASS_NOT_CHECKED);
 		return 1;
 	}
+	/* Read before any input: a change made during this decision leaves the
+	 * verdict cached under the old version, which no longer counts. */
+	version = inputs_version();
+	if (v6) {
+		f6.port = bpf_ntohs(tcp.dest);
+		f6.proto = IPPROTO_TCP;
+		if (version && still_valid(bpf_map_lookup_elem(&ts_verdicts6, &f6), version))
+			return 1;
+		__builtin_memcpy(src_key.addr, f6.src, 16);
+		__builtin_memcpy(dst_key.addr, f6.dst, 16);
+	} else {
+		f4.port = bpf_ntohs(tcp.dest);
+		f4.proto = IPPROTO_TCP;
+		if (version && still_valid(bpf_map_lookup_elem(&ts_verdicts4, &f4), version))
+			return 1;
+		ip4_key(&src_key, f4.src);
+		ip4_key(&dst_key, f4.dst);
+	}
 	dst = lookup_ip(&dst_key, &dst_known);
 	if (!dst_known) {
 		count(TS_REASON_PASS_UNMANAGED);
@@ -330,13 +406,25 @@ int ts_ingress(struct __sk_buff *skb)
 	if (!shapes) {
 		/* No policy selects the destination: who the source is does not
 		 * matter. */
-		count(TS_REASON_ALLOW_NO_POLICY);
-		return 1;
+		reason = TS_REASON_ALLOW_NO_POLICY;
+	} else {
+		src = lookup_ip(&src_key, &src_known);
+		reason = decide(shapes, &dst, &src, &dst, &src, bpf_ntohs(tcp.dest), IPPROTO_TCP,
+				&expires);
 	}
-	src = lookup_ip(&src_key, &src_known);
-	reason = decide(shapes, &dst, &src, &dst, &src, bpf_ntohs(tcp.dest), IPPROTO_TCP);
 	count(reason);
-	return is_deny(reason) ? 0 : 1;
+	if (is_deny(reason))
+		return 0;
+	if (version) {
+		verdict.version = version;
+		verdict.expires_ns = expires;
+		verdict.reason = reason;
+		if (v6)
+			bpf_map_update_elem(&ts_verdicts6, &f6, &verdict, BPF_ANY);
+		else
+			bpf_map_update_elem(&ts_verdicts4, &f4, &verdict, BPF_ANY);
+	}
+	return 1;
 malformed:
 	count(TS_REASON_DENY_MALFORMED);
 	return 0;
@@ -368,6 +456,7 @@ static __always_inline int gate(const struct ts_ip_key *dst_key, __u16 port, __u
 {
 	struct ts_endpoint *me = current_pod();
 	struct ts_endpoint src, dst;
+	__u64 expires;
 	int dst_known;
 	__u32 reason;
 
@@ -387,7 +476,7 @@ static __always_inline int gate(const struct ts_ip_key *dst_key, __u16 port, __u
 		count(TS_REASON_PASS_UNMANAGED);
 		return 1;
 	}
-	reason = decide(shapes_of(dst.id), &dst, &src, &src, &dst, port, IPPROTO_TCP);
+	reason = decide(shapes_of(dst.id), &dst, &src, &src, &dst, port, IPPROTO_TCP, &expires);
 	count(reason);
 	return is_deny(reason) ? 0 : 1;
 }

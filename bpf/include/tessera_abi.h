@@ -16,7 +16,7 @@
 
 #include <linux/types.h>
 
-#define TESSERA_ABI_VERSION 2
+#define TESSERA_ABI_VERSION 3
 
 /* Numeric identities below 256 are reserved (allocated ones start at 256). */
 /* Any identity, in policy keys. */
@@ -117,6 +117,44 @@ struct ts_auth_event {
 	__u64 remote_gen;
 };
 
+/* ts_verdicts4 / ts_verdicts6 (LRU): the ingress verdict cache. An allowed
+ * connection start records its verdict under (source, destination,
+ * destination port, protocol), with the version ts_version held when the
+ * decision began; the next connection start of the same flow key reuses it
+ * only while ts_version still holds that version and, for an authenticated
+ * verdict, before the authentication's expiry. The agent writes a new version
+ * after every change to any map the decision reads, so a cached verdict
+ * never outlives a change of endpoint, generation, policy, authentication or
+ * epoch. Denials are never cached. */
+struct ts_flow4_key {
+	__u32 src; /* network order */
+	__u32 dst; /* network order */
+	__u16 port;
+	__u8 proto;
+	__u8 pad; /* always 0 */
+};
+
+struct ts_flow6_key {
+	__u8 src[16];
+	__u8 dst[16];
+	__u16 port;
+	__u8 proto;
+	__u8 pad; /* always 0 */
+};
+
+/* An expiry that never comes (verdicts that need no authentication). */
+#define TS_EXPIRES_NEVER 18446744073709551615ULL
+
+struct ts_verdict {
+	__u64 version;    /* ts_version when the decision began */
+	__u64 expires_ns; /* the authentication's expiry, or TS_EXPIRES_NEVER */
+	__u32 reason;     /* TS_REASON_ALLOW_* */
+	__u32 pad;        /* always 0 */
+};
+
+/* ts_version (array of one __u64): the version of the decision inputs. 0
+ * turns the verdict cache off (nothing is read from or written to it). */
+
 /* Decision reasons: the index of each per-CPU counter in ts_counters, and
  * the reason field of events. */
 enum ts_reason {
@@ -142,6 +180,7 @@ enum ts_reason {
 #define TS_MAX_AUTH 262144
 #define TS_EVENTS_BYTES 262144 /* 256 KiB */
 #define TS_MAX_EVENT_PAIRS 16384
+#define TS_MAX_FLOWS 65536
 /* Deepest cgroup level the connect gates search for a pod's cgroup. */
 #define TS_CGROUP_DEPTH 16
 
@@ -173,5 +212,16 @@ TS_ASSERT_OFF(ts_auth_event, proto, 14);
 TS_ASSERT_OFF(ts_auth_event, reason, 15);
 TS_ASSERT_OFF(ts_auth_event, local_gen, 16);
 TS_ASSERT_OFF(ts_auth_event, remote_gen, 24);
+TS_ASSERT_SIZE(ts_flow4_key, 12);
+TS_ASSERT_OFF(ts_flow4_key, dst, 4);
+TS_ASSERT_OFF(ts_flow4_key, port, 8);
+TS_ASSERT_OFF(ts_flow4_key, proto, 10);
+TS_ASSERT_SIZE(ts_flow6_key, 36);
+TS_ASSERT_OFF(ts_flow6_key, dst, 16);
+TS_ASSERT_OFF(ts_flow6_key, port, 32);
+TS_ASSERT_OFF(ts_flow6_key, proto, 34);
+TS_ASSERT_SIZE(ts_verdict, 24);
+TS_ASSERT_OFF(ts_verdict, expires_ns, 8);
+TS_ASSERT_OFF(ts_verdict, reason, 16);
 
 #endif /* TESSERA_ABI_H */

@@ -147,6 +147,53 @@ impl AuthEvent {
     }
 }
 
+/// Key of a cached IPv4 ingress verdict (see the header's ts_verdicts4).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey4 {
+    /// Source address, network order.
+    pub src: [u8; 4],
+    /// Destination address, network order.
+    pub dst: [u8; 4],
+    /// Destination port.
+    pub port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Always 0.
+    pub pad: u8,
+}
+
+/// Key of a cached IPv6 ingress verdict (ts_verdicts6).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey6 {
+    /// Source address, network order.
+    pub src: [u8; 16],
+    /// Destination address, network order.
+    pub dst: [u8; 16],
+    /// Destination port.
+    pub port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Always 0.
+    pub pad: u8,
+}
+
+/// A cached allow verdict: it counts only while the inputs' version is still
+/// `version`, and before `expires_ns`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Verdict {
+    /// The inputs' version when the decision began.
+    pub version: u64,
+    /// The authentication's expiry (CLOCK_MONOTONIC ns), or `TS_EXPIRES_NEVER`.
+    pub expires_ns: u64,
+    /// A `TS_REASON_ALLOW_*`.
+    pub reason: u32,
+    /// Always 0.
+    pub pad: u32,
+}
+
 // SAFETY (all impls below): each type is #[repr(C)], holds only integers
 // and byte arrays, has no implicit padding (sizes asserted below equal the
 // sum of the fields), and any bit pattern is a valid value: aya may copy it
@@ -161,6 +208,9 @@ mod pod {
     unsafe impl aya::Pod for Selected {}
     unsafe impl aya::Pod for AuthKey {}
     unsafe impl aya::Pod for AuthValue {}
+    unsafe impl aya::Pod for FlowKey4 {}
+    unsafe impl aya::Pod for FlowKey6 {}
+    unsafe impl aya::Pod for Verdict {}
 }
 
 // The same numbers as the header's TS_ASSERT_* lines.
@@ -188,6 +238,17 @@ const _: () = {
     assert!(offset_of!(AuthEvent, reason) == 15);
     assert!(offset_of!(AuthEvent, local_gen) == 16);
     assert!(offset_of!(AuthEvent, remote_gen) == 24);
+    assert!(size_of::<FlowKey4>() == 12);
+    assert!(offset_of!(FlowKey4, dst) == 4);
+    assert!(offset_of!(FlowKey4, port) == 8);
+    assert!(offset_of!(FlowKey4, proto) == 10);
+    assert!(size_of::<FlowKey6>() == 36);
+    assert!(offset_of!(FlowKey6, dst) == 16);
+    assert!(offset_of!(FlowKey6, port) == 32);
+    assert!(offset_of!(FlowKey6, proto) == 34);
+    assert!(size_of::<Verdict>() == 24);
+    assert!(offset_of!(Verdict, expires_ns) == 8);
+    assert!(offset_of!(Verdict, reason) == 16);
 };
 
 /// Why the data path decided what it did: the index of its per-CPU counter.

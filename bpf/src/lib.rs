@@ -38,6 +38,12 @@ pub mod maps {
     pub const AUTH: &str = "ts_auth";
     /// The global epoch (one u64).
     pub const EPOCH: &str = "ts_epoch";
+    /// The version of the decision inputs (one u64; 0: verdict cache off).
+    pub const VERSION: &str = "ts_version";
+    /// Cached IPv4 ingress allow verdicts.
+    pub const VERDICTS4: &str = "ts_verdicts4";
+    /// Cached IPv6 ingress allow verdicts.
+    pub const VERDICTS6: &str = "ts_verdicts6";
     /// Ring buffer of missing authentications.
     pub const EVENTS: &str = "ts_events";
     /// Rate limit of events per pair.
@@ -46,7 +52,8 @@ pub mod maps {
     pub const COUNTERS: &str = "ts_counters";
     /// Every map, in the order the agent pins them.
     pub const ALL: &[&str] = &[
-        EP_IP, EP_CGROUP, POLICY, SELECTED, AUTH, EPOCH, EVENTS, EVENT_LAST, COUNTERS,
+        EP_IP, EP_CGROUP, POLICY, SELECTED, AUTH, EPOCH, VERSION, VERDICTS4, VERDICTS6, EVENTS,
+        EVENT_LAST, COUNTERS,
     ];
 }
 

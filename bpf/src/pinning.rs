@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{MapInfo, MapType};
 
-use crate::abi::{AuthKey, AuthValue, Endpoint, IpKey, PolicyKey, PolicyValue, Selected, consts};
+use crate::abi::{
+    AuthKey, AuthValue, Endpoint, FlowKey4, FlowKey6, IpKey, PolicyKey, PolicyValue, Selected,
+    Verdict, consts,
+};
 use crate::maps;
 
 /// Why the pinned state cannot be used.
@@ -119,7 +122,19 @@ pub fn expected(name: &str) -> Option<Layout> {
             size::<AuthValue>(),
             consts::TS_MAX_AUTH,
         ),
-        maps::EPOCH => l(MapType::Array, 4, 8, 1),
+        maps::EPOCH | maps::VERSION => l(MapType::Array, 4, 8, 1),
+        maps::VERDICTS4 => l(
+            MapType::LruHash,
+            size::<FlowKey4>(),
+            size::<Verdict>(),
+            consts::TS_MAX_FLOWS,
+        ),
+        maps::VERDICTS6 => l(
+            MapType::LruHash,
+            size::<FlowKey6>(),
+            size::<Verdict>(),
+            consts::TS_MAX_FLOWS,
+        ),
         maps::EVENTS => l(MapType::RingBuf, 0, 0, consts::TS_EVENTS_BYTES),
         maps::EVENT_LAST => l(
             MapType::LruHash,

@@ -1,6 +1,7 @@
 //! The ingress program run by the kernel (BPF_PROG_TEST_RUN) on crafted
 //! packets, with the real maps: allowed, stale generation, expired, missing,
-//! epoch-revoked, and the policy cases around them. Needs root (CAP_BPF);
+//! epoch-revoked, the policy cases around them, and the verdict cache (used
+//! until any input changes, never for denials). Needs root (CAP_BPF);
 //! fails, never skips, without it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -8,8 +9,10 @@ use std::net::IpAddr;
 
 use anyhow::{Context, Result, bail};
 use tessera_bpf::abi::consts::*;
-use tessera_bpf::abi::{AuthEvent, AuthKey, AuthValue, Endpoint, PolicyKey, PolicyValue, Reason};
-use tessera_bpf::datapath::Datapath;
+use tessera_bpf::abi::{
+    AuthEvent, AuthKey, AuthValue, Endpoint, PolicyKey, PolicyValue, Reason, Verdict,
+};
+use tessera_bpf::datapath::{Datapath, VERDICT_CACHE_SUPPORTED};
 use tessera_bpf::packets::{ACK, SYN, TCP, UDP, ipv4 as packet, ipv6_syn as packet6};
 
 fn require_root() -> Result<()> {
@@ -387,5 +390,238 @@ fn only_tcp_connection_starts_to_known_pods_are_checked() -> Result<()> {
         Reason::DenyDefault,
         "ipv6 syn",
     )?;
+    Ok(())
+}
+
+/// A harness whose maps are pinned on a private bpffs (removed on drop), so a
+/// test can also reach them the way another process would.
+struct Pinned {
+    h: Harness,
+    bpffs: tempfile::TempDir,
+}
+
+impl Pinned {
+    fn new() -> Result<Pinned> {
+        require_root()?;
+        let bpffs = tempfile::tempdir()?;
+        tessera_bpf::pinning::ensure_bpffs(bpffs.path()).context("mounting bpffs (needs root)")?;
+        let dp = Datapath::open(Some(bpffs.path())).context("loading the data path")?;
+        let mut h = Harness { dp };
+        h.endpoint(A, 300, 1, 5)?;
+        h.endpoint(B, 400, 2, 7)?;
+        Ok(Pinned { h, bpffs })
+    }
+
+    /// Removes the a-b authentication behind the data path's back: straight
+    /// from the pinned map, with no new inputs version.
+    fn remove_auth_unversioned(&self) -> Result<()> {
+        let data = aya::maps::MapData::from_pin(self.bpffs.path().join("ts_auth"))?;
+        let mut map: aya::maps::HashMap<_, AuthKey, AuthValue> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+        map.remove(&auth_key())?;
+        Ok(())
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.bpffs.path())
+            .status();
+    }
+}
+
+fn in_an_hour() -> u64 {
+    tessera_bpf::monotonic_ns() + 3_600_000_000_000
+}
+
+/// The cached IPv4 verdict of b -> a:8080, if any.
+fn cached_b_to_a(h: &mut Harness) -> Result<Option<Verdict>> {
+    Ok(h.dp
+        .cached_verdicts4()?
+        .into_iter()
+        .find(|(k, _)| k.src == B && k.dst == A && k.port == 8080 && k.proto == TCP)
+        .map(|(_, v)| v))
+}
+
+#[test]
+fn a_cached_verdict_counts_until_the_inputs_version_changes() -> Result<()> {
+    if !VERDICT_CACHE_SUPPORTED {
+        bail!("the verdict cache is off on this architecture; this test needs x86-64");
+    }
+    let mut p = Pinned::new()?;
+    auth_policy(&mut p.h)?;
+    p.h.authenticate(5, 7, in_an_hour(), 0)?;
+    let syn = packet(B, A, TCP, 8080, SYN);
+    p.h.expect(&syn, true, Reason::AllowAuthenticated, "decided")?;
+    let version = p.h.dp.inputs_version()?;
+    assert_ne!(version, 0);
+    let cached = cached_b_to_a(&mut p.h)?.context("the allow was not cached")?;
+    assert_eq!(
+        (cached.version, cached.reason),
+        (version, TS_REASON_ALLOW_AUTHENTICATED as u32)
+    );
+    // With the authentication gone but no new version the cached verdict is
+    // what lets the SYN through: the cache is really consulted.
+    p.remove_auth_unversioned()?;
+    p.h.expect(&syn, true, Reason::AllowAuthenticated, "cached")?;
+    // Any change through the data path writes a new version; the same
+    // connection start now gets the full decision.
+    p.h.endpoint(STRANGER, 900, 3, 1)?;
+    assert!(p.h.dp.inputs_version()? > version);
+    p.h.expect(&syn, false, Reason::DenyAuthMissing, "after a new version")?;
+    Ok(())
+}
+
+#[test]
+fn every_change_to_a_decision_input_retires_cached_allows() -> Result<()> {
+    type Change = fn(&mut Harness) -> Result<()>;
+    let changes: [(&str, Change, Reason); 9] = [
+        (
+            "authentication removed",
+            |h| Ok(h.dp.remove_auth(&auth_key())?),
+            Reason::DenyAuthMissing,
+        ),
+        (
+            "remote generation",
+            |h| h.endpoint(B, 400, 2, 8),
+            Reason::DenyAuthStale,
+        ),
+        (
+            "local generation",
+            |h| h.endpoint(A, 300, 1, 6),
+            Reason::DenyAuthStale,
+        ),
+        (
+            "address reassigned",
+            |h| h.endpoint(B, 500, 2, 11),
+            Reason::DenyDefault,
+        ),
+        (
+            "source address removed",
+            |h| Ok(h.dp.remove_endpoint_ip(IpAddr::from(B))?),
+            Reason::DenyDefault,
+        ),
+        ("epoch", |h| h.set_epoch(1), Reason::DenyAuthEpoch),
+        (
+            "rule removed",
+            |h| {
+                Ok(h.dp.remove_rule(&PolicyKey {
+                    local: 300,
+                    remote: 400,
+                    port: 8080,
+                    proto: TCP,
+                    pad: 0,
+                })?)
+            },
+            Reason::DenyDefault,
+        ),
+        (
+            "deny rule",
+            |h| h.rule(300, 400, 8080, TS_VERDICT_DENY, 0),
+            Reason::DenyPolicy,
+        ),
+        (
+            "selection changed",
+            |h| {
+                h.select(300, TS_SHAPE_ANY | TS_DEFAULT_DENY)?;
+                h.rule(300, TS_ID_ANY as u32, 0, TS_VERDICT_DENY, 0)
+            },
+            Reason::DenyPolicy,
+        ),
+    ];
+    for (what, change, reason) in changes {
+        let mut h = Harness::new()?;
+        auth_policy(&mut h)?;
+        h.authenticate(5, 7, in_an_hour(), 0)?;
+        let syn = packet(B, A, TCP, 8080, SYN);
+        h.expect(&syn, true, Reason::AllowAuthenticated, what)?;
+        h.expect(&syn, true, Reason::AllowAuthenticated, what)?;
+        if VERDICT_CACHE_SUPPORTED {
+            assert!(cached_b_to_a(&mut h)?.is_some(), "{what}: not cached");
+        }
+        change(&mut h)?;
+        h.expect(&syn, false, reason, what)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_cached_authenticated_verdict_ends_with_its_authentication() -> Result<()> {
+    let mut h = Harness::new()?;
+    auth_policy(&mut h)?;
+    h.authenticate(5, 7, tessera_bpf::monotonic_ns() + 300_000_000, 0)?;
+    let syn = packet(B, A, TCP, 8080, SYN);
+    h.expect(&syn, true, Reason::AllowAuthenticated, "fresh")?;
+    h.expect(&syn, true, Reason::AllowAuthenticated, "cached")?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Nothing changed in the maps: only the cached expiry can refuse.
+    h.expect(&syn, false, Reason::DenyAuthExpired, "expired")?;
+    Ok(())
+}
+
+#[test]
+fn denials_are_never_cached_and_ipv6_verdicts_are() -> Result<()> {
+    let mut h = Harness::new()?;
+    auth_policy(&mut h)?;
+    let syn = packet(B, A, TCP, 8080, SYN);
+    h.expect(&syn, false, Reason::DenyAuthMissing, "missing")?;
+    assert!(h.dp.cached_verdicts4()?.is_empty(), "a denial was cached");
+    // A destination no policy selects: allowed, cached as such.
+    let (a6, b6) = (
+        [
+            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a,
+        ],
+        [
+            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0b,
+        ],
+    );
+    h.dp.set_endpoint_ip(
+        IpAddr::from(a6),
+        Endpoint {
+            id: 600,
+            node: 1,
+            gen_: 1,
+        },
+    )?;
+    h.expect(&packet6(b6, a6, 9000), true, Reason::AllowNoPolicy, "v6")?;
+    h.expect(
+        &packet6(b6, a6, 9000),
+        true,
+        Reason::AllowNoPolicy,
+        "v6 again",
+    )?;
+    let cached = h.dp.cached_verdicts6()?;
+    if VERDICT_CACHE_SUPPORTED {
+        assert_eq!(cached.len(), 1, "{cached:?}");
+        let (k, v) = cached[0];
+        assert_eq!((k.src, k.dst, k.port, k.proto), (b6, a6, 9000, TCP));
+        assert_eq!(
+            (v.reason, v.expires_ns),
+            (TS_REASON_ALLOW_NO_POLICY as u32, TS_EXPIRES_NEVER)
+        );
+    }
+    // Policy now selects it: the cached allow no longer counts.
+    h.select(600, TS_DEFAULT_DENY)?;
+    h.expect(
+        &packet6(b6, a6, 9000),
+        false,
+        Reason::DenyDefault,
+        "v6 selected",
+    )?;
+
+    // With the cache off nothing is read or written.
+    h.dp.set_verdict_cache(false)?;
+    assert_eq!(h.dp.inputs_version()?, 0);
+    h.select(600, 0)?;
+    h.dp.remove_selected(600)?;
+    let before = h.dp.cached_verdicts6()?;
+    h.expect(
+        &packet6(b6, a6, 9001),
+        true,
+        Reason::AllowNoPolicy,
+        "cache off",
+    )?;
+    assert_eq!(h.dp.cached_verdicts6()?, before);
     Ok(())
 }
