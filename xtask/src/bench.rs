@@ -250,7 +250,7 @@ fn tlsbench() -> Result<std::path::PathBuf> {
 
 /// `cargo xtask bench auth`: agent handshakes against Go crypto/tls doing
 /// the same mutual TLS 1.3 handshake (ECDSA P-256 SVIDs from the same files,
-/// X25519, AES-128-GCM, no resumption), each with client and server pinned
+/// P-256 key exchange, AES-128-GCM, no resumption), each with client and server pinned
 /// to one core; and the ingress program's cost per packet, measured by the
 /// kernel with BPF_PROG_TEST_RUN (one million runs per scenario; needs root).
 async fn auth() -> Result<Vec<Figure>> {

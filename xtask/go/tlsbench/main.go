@@ -1,6 +1,6 @@
 // tlsbench is the peer `cargo xtask bench auth` measures Tessera's agent
 // handshakes against: Go crypto/tls doing the same mutual TLS 1.3 handshake
-// (ECDSA P-256 SVIDs from the same files, X25519, no resumption, the
+// (ECDSA P-256 SVIDs from the same files, P-256 key exchange, no resumption, the
 // responder's SPIFFE ID checked) between a client and a server in one
 // process, sequentially, over loopback. Run it with GOMAXPROCS=1 for one
 // core. It prints {"per_second", "p50_ms", "p99_ms", "count"} as JSON.
@@ -58,7 +58,7 @@ func main() {
 	if !roots.AppendCertsFromPEM(caPEM) {
 		fail(errors.New("no CA in ca.pem"))
 	}
-	groups := []tls.CurveID{tls.X25519}
+	groups := []tls.CurveID{tls.CurveP256} // the agents' key exchange group
 	server := &tls.Config{
 		MinVersion:             tls.VersionTLS13,
 		Certificates:           []tls.Certificate{load(*dir, "server")},
