@@ -208,11 +208,26 @@ impl DataPlane {
         lock(&self.used_svid).get(key).copied()
     }
 
+    /// The global epoch now (None when the map cannot be read). A
+    /// handshake notes it before it starts and hands it to
+    /// [`DataPlane::record`].
+    pub fn epoch(&self) -> Option<u64> {
+        lock(&self.dp).epoch().ok()
+    }
+
     /// Writes one authentication into the cache and the auth map, with the
     /// generations `view` gives both workloads now; false when `view` no
-    /// longer has them where the handshake found them. `svid_not_after` is
-    /// the NotAfter of the local SVID used (to renew after rotation).
-    pub fn record(&self, view: &View, auth: &Authenticated, svid_not_after: Option<i64>) -> bool {
+    /// longer has them where the handshake found them, or when a revocation
+    /// happened since `started_in` (the epoch when the handshake began: it
+    /// may have trusted what was revoked). `svid_not_after` is the NotAfter
+    /// of the local SVID used (to renew after rotation).
+    pub fn record(
+        &self,
+        view: &View,
+        auth: &Authenticated,
+        svid_not_after: Option<i64>,
+        started_in: u64,
+    ) -> bool {
         let (Some((local, local_gen)), Some((remote, remote_gen)), Some(node)) = (
             view.identity_on(&auth.local, &view.local_node),
             view.identity_on(&auth.remote, &auth.remote_node),
@@ -238,6 +253,10 @@ impl DataPlane {
         };
         let mut dp = lock(&self.dp);
         let Ok(epoch) = dp.epoch() else { return false };
+        if epoch != started_in {
+            debug!(local = %auth.local, remote = %auth.remote, "not recorded: every authentication was revoked during the handshake");
+            return false;
+        }
         let Some(value) = authcache::map_value(&entry, view, Clocks::now(), epoch) else {
             return false;
         };

@@ -225,6 +225,12 @@ impl Inner {
     }
 
     async fn initiate(&self, pair: &Pair) {
+        // The epoch before the credentials: a revocation swaps the
+        // credentials first, so a handshake on the old ones always sees an
+        // older epoch than the one it would record in, and is not recorded.
+        let Some(epoch) = self.plane.epoch() else {
+            return;
+        };
         let Some(creds) = self.creds() else { return };
         if !creds.holds(&pair.local) {
             // The pod's SVID is not issued yet (its traffic may already be
@@ -251,7 +257,7 @@ impl Inner {
             Ok(auth) => {
                 Stats::bump(&self.plane.stats.initiated_ok);
                 lock(&self.failed).remove(pair);
-                let recorded = self.record(&auth);
+                let recorded = self.record(&auth, epoch);
                 info!(local = %pair.local, remote = %pair.remote, node = %pair.remote_node,
                       took_us = started.elapsed().as_micros() as u64, recorded, "authenticated");
             }
@@ -264,10 +270,11 @@ impl Inner {
         }
     }
 
-    /// Records a successful handshake (see [`DataPlane::record`]).
-    fn record(&self, auth: &Authenticated) -> bool {
+    /// Records a successful handshake begun in epoch `started_in` (see
+    /// [`DataPlane::record`]).
+    fn record(&self, auth: &Authenticated, started_in: u64) -> bool {
         let used = self.creds().and_then(|c| c.not_after(&auth.local));
-        self.plane.record(&self.view(), auth, used)
+        self.plane.record(&self.view(), auth, used, started_in)
     }
 
     /// Reads the data path's reports of missing authentications and
@@ -424,30 +431,41 @@ pub async fn run(
                 let svids = store.all_svids();
                 let bundles = store.bundles();
                 // A CA that left the bundles may have signed the SVIDs of
-                // authentications still in the map: revoke them all.
-                if trusted
+                // authentications still in the map: they are all revoked,
+                // once handshakes trust only the new bundles (a handshake
+                // begun before the revocation is not recorded after it).
+                let removed = trusted
                     .as_ref()
-                    .is_some_and(|old| handshake::authorities_removed(old, &bundles))
-                {
-                    match inner.plane.revoke_all() {
-                        Ok(epoch) => warn!(epoch, "a CA left the trust bundles: every authentication is revoked and pairs are authenticated again"),
-                        Err(e) => warn!(error = %e, "cannot revoke authentications after a CA left the trust bundles"),
-                    }
-                }
+                    .is_some_and(|old| handshake::authorities_removed(old, &bundles));
                 trusted = Some(bundles.clone());
+                let mut rebuilt = false;
                 if !bundles.trust_domain_id.is_empty() {
                     let prev = inner.creds();
                     match Credentials::rebuild(prev.as_ref(), &svids, &bundles) {
                         Ok(c) => {
                             debug!(identities = ?c.identities(), "handshake credentials rebuilt");
                             *lock(&inner.creds) = Some(c);
-                            // A new pod's SVID: authenticate its pairs now,
-                            // not after the next pass over the cluster.
-                            inner.preauthenticate();
-                            let _ = tx.try_send(());
+                            rebuilt = true;
                         }
-                        Err(e) => warn!(error = %e, "cannot build handshake credentials"),
+                        Err(e) if removed => {
+                            // Never go on trusting what left the bundles.
+                            *lock(&inner.creds) = None;
+                            warn!(error = %e, "cannot build handshake credentials for the new bundles; no handshakes until they can be built");
+                        }
+                        Err(e) => warn!(error = %e, "cannot build handshake credentials; the previous ones stay in use"),
                     }
+                }
+                if removed {
+                    match inner.plane.revoke_all() {
+                        Ok(epoch) => warn!(epoch, "a CA left the trust bundles: every authentication is revoked and pairs are authenticated again"),
+                        Err(e) => warn!(error = %e, "cannot revoke authentications after a CA left the trust bundles"),
+                    }
+                }
+                if rebuilt {
+                    // A new pod's SVID (or new bundles): authenticate its
+                    // pairs now, not after the next pass over the cluster.
+                    inner.preauthenticate();
+                    let _ = tx.try_send(());
                 }
                 tokio::select! {
                     r = pods_changed.changed() => if r.is_err() { break },
@@ -495,6 +513,8 @@ pub async fn run(
                 };
                 let inner = inner.clone();
                 tokio::spawn(async move {
+                    // The epoch before the credentials (see `initiate`).
+                    let Some(epoch) = inner.plane.epoch() else { return };
                     let Some(creds) = inner.creds() else { return };
                     let view = inner.view();
                     let admit = |knock: &handshake::Knock<'_>| {
@@ -514,7 +534,7 @@ pub async fn run(
                     let record = |auth: &Authenticated| {
                         let applied = lock(&inner.policies).clone();
                         crate::view::pair_needs_authentication(&applied, &auth.local, &auth.remote)
-                            && inner.record(auth)
+                            && inner.record(auth, epoch)
                     };
                     match handshake::respond(&creds, tcp, admit, record).await {
                         Ok(auth) => {

@@ -15,5 +15,6 @@ pub mod intern;
 pub mod metrics;
 pub mod policy;
 pub mod svids;
+pub mod trust;
 pub mod view;
 pub mod workload_api;

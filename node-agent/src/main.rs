@@ -140,11 +140,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_from(config)?;
     // Trust for the signer: the trust bundle the operator publishes.
     let bundle = kube::Api::<ConfigMap>::namespaced(client.clone(), &args.namespace)
-        .get("tessera-trust-bundle")
+        .get(tessera_agent::trust::BUNDLE_CONFIGMAP)
         .await
         .with_context(|| format!("cannot read ConfigMap {}/tessera-trust-bundle; is the operator running, and may the agent read it?", args.namespace))?
         .data
-        .and_then(|mut d| d.remove("bundle.pem"))
+        .and_then(|mut d| d.remove(tessera_agent::trust::BUNDLE_KEY))
         .context("ConfigMap tessera-trust-bundle has no bundle.pem")?;
     let channel = tonic::transport::Channel::from_shared(args.signer.clone())
         .with_context(|| format!("--signer {:?} is not a URL", args.signer))?
@@ -155,6 +155,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )?
         .connect_lazy();
     let store = tessera_agent::identities::IdentityStore::default();
+    // The own CAs follow the published bundle from now on.
+    tokio::spawn(tessera_agent::trust::follow(
+        client.clone(),
+        args.namespace.clone(),
+        store.clone(),
+    ));
     let svid_cfg = tessera_agent::svids::SvidConfig {
         node_name: args.node_name.clone(),
         token_file: args.token_file,

@@ -435,16 +435,29 @@ fn churn_never_allows_what_the_model_denies() {
                     remote_node: r.node.clone(),
                     not_after: tessera_agent::svids::unix_now() + 3600,
                 };
-                assert!(
-                    h.plane().record(&view, &auth, None),
-                    "event {event}: handshake not recorded"
-                );
-                model.auths.insert((
-                    model.incarnation(&l.spiffe),
-                    model.incarnation(&r.spiffe),
-                    r.node.clone(),
-                ));
-                "handshake"
+                let started_in = h.plane().epoch().unwrap();
+                if rng.chance(5) {
+                    // Every authentication is revoked while this handshake
+                    // runs: its result must not be recorded.
+                    h.plane().revoke_all().unwrap();
+                    model.auths.clear();
+                    assert!(
+                        !h.plane().record(&view, &auth, None, started_in),
+                        "event {event}: a handshake begun before a revocation was recorded after it"
+                    );
+                    "handshake across a revocation"
+                } else {
+                    assert!(
+                        h.plane().record(&view, &auth, None, started_in),
+                        "event {event}: handshake not recorded"
+                    );
+                    model.auths.insert((
+                        model.incarnation(&l.spiffe),
+                        model.incarnation(&r.spiffe),
+                        r.node.clone(),
+                    ));
+                    "handshake"
+                }
             }
             99 if rng.chance(80) => {
                 h.restart(&model);

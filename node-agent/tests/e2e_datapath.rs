@@ -17,7 +17,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kube::api::Api;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, Patch, PatchParams};
 use tessera_api::signer_api::TOKEN_AUDIENCE;
 use tessera_tests::cluster::{AgentLaunch, PodSpec, SimCluster, SimPod};
 use tessera_tests::resources;
@@ -291,6 +292,47 @@ async fn authenticated_pairs_connect_and_nothing_else_does() {
         SVID_TTL + 5
     );
 
+    // A CA joining the bundle revokes nothing; the CA that signed every SVID
+    // leaving it revokes every authentication at once (the agents bump the
+    // epoch), and no new one can be made until it is back.
+    let bundles: Api<ConfigMap> = Api::namespaced(client.clone(), tessera_tests::procs::NAMESPACE);
+    let original = bundles
+        .get("tessera-trust-bundle")
+        .await
+        .unwrap()
+        .data
+        .and_then(|d| d.get("bundle.pem").cloned())
+        .unwrap();
+    let foreign = foreign_ca_pem();
+    let updated = "own trust bundle updated";
+    let seen: Vec<usize> = cluster.agents.iter().map(|a| a.count(updated)).collect();
+    set_bundle(&bundles, &format!("{original}{foreign}")).await;
+    for (agent, seen) in cluster.agents.iter().zip(seen) {
+        agent.wait_for(updated, seen + 1).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        ok(&web.connect(&db.ip, PORT)),
+        "web -> db after a CA joined the bundle"
+    );
+    let revoked = "a CA left the trust bundles";
+    assert_eq!(cluster.agents[0].count(revoked), 0, "a CA joining revoked");
+    set_bundle(&bundles, &foreign).await;
+    cluster.agents[0].wait_for(revoked, 1).await;
+    let left = Instant::now();
+    while left.elapsed() < Duration::from_secs(3) {
+        let out = web.connect(&db.ip, PORT);
+        assert!(
+            out.starts_with("errno 1 "),
+            "web -> db {:?} after its CA left the bundle: {out}",
+            left.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    set_bundle(&bundles, &original).await;
+    let (_, attempts) = until_ok(&web, &db.ip).await;
+    println!("web -> db allowed again {attempts} attempt(s) after the CA came back");
+
     // Identity confusion: db goes, and cache takes its address on node-c
     // (no agent: nobody can authenticate it). web's authentication with db
     // does not carry over to the new owner of the address.
@@ -309,4 +351,27 @@ async fn authenticated_pairs_connect_and_nothing_else_does() {
     drop(cache);
     drop(cluster);
     drop(cp);
+}
+
+/// A CA of nobody's: a self-signed P-256 CA certificate, PEM.
+fn foreign_ca_pem() -> String {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap())
+        .unwrap()
+        .pem()
+}
+
+/// Replaces the trust bundle the agents follow (as an administrator would
+/// by hand; the operator republishes it only when it rotates its CA).
+async fn set_bundle(maps: &Api<ConfigMap>, pem: &str) {
+    let patch = serde_json::json!({ "data": { "bundle.pem": pem } });
+    maps.patch(
+        "tessera-trust-bundle",
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
 }
