@@ -440,6 +440,13 @@ async fn policy_and_memory(cluster: &SimCluster) -> Result<Vec<Figure>> {
         "node-b's agent at {identities} identities: {}",
         cluster.agent("node-b").rss_by_kind()
     );
+    if let Some(secs) = std::env::var("TESSERA_BENCH_HOLD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        println!("HOLDING {secs} s");
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+    }
     let mib = |kib: u64| kib as f64 / 1024.0;
     Ok(vec![
         Figure::new("policy_to_maps_p50", ms(percentile(&latencies, 50.0)), "ms"),
