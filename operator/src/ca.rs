@@ -276,7 +276,8 @@ impl TrustDomainCa {
         Err(CaError::Contention)
     }
 
-    fn from_secret(cfg: &CaConfig, secret: &Secret) -> Result<TrustDomainCa, CaError> {
+    /// Reads the roots from the roots Secret (the same checks as at start).
+    pub fn from_secret(cfg: &CaConfig, secret: &Secret) -> Result<TrustDomainCa, CaError> {
         let unreadable = |reason: String| CaError::Unreadable {
             namespace: cfg.namespace.clone(),
             name: cfg.secret_name.clone(),
@@ -301,6 +302,25 @@ impl TrustDomainCa {
             roots,
             resource_version: secret.metadata.resource_version.clone(),
         })
+    }
+
+    /// Whether `secret` holds a newer state of the roots Secret than the one
+    /// these roots came from.
+    pub fn is_older_than(&self, secret: &Secret) -> bool {
+        let theirs = secret.metadata.resource_version.as_deref();
+        match (self.resource_version.as_deref(), theirs) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(ours), Some(theirs)) if ours == theirs => false,
+            // resourceVersions are opaque to clients, but etcd-backed API
+            // servers hand out increasing integers: an event older than
+            // what is held (a watch catching up after this operator's own
+            // write) must not bring old roots back.
+            (Some(ours), Some(theirs)) => match (ours.parse::<u64>(), theirs.parse::<u64>()) {
+                (Ok(ours), Ok(theirs)) => theirs > ours,
+                _ => true,
+            },
+        }
     }
 
     /// A CA held only in memory (no Secret behind it), for benchmarks and tests.
@@ -465,9 +485,96 @@ fn secret_for(
     })
 }
 
+/// Follows the roots Secret for changes made under the operator: an
+/// administrator removing a root (a compromised one, say) or adding one, or
+/// another replica rotating. A newer Secret is reloaded into `ca`, the bundle
+/// republished (agents follow it and revoke every authentication when a root
+/// leaves) and `reloaded` called. A Secret that cannot be read, or whose
+/// roots are none valid now, is reported and changes nothing: the roots in
+/// memory stay in use. Runs until the task is dropped.
+pub async fn follow_secret(
+    client: kube::Client,
+    cfg: CaConfig,
+    ca: Arc<tokio::sync::RwLock<TrustDomainCa>>,
+    reloaded: impl Fn(&TrustDomainCa) + Send + 'static,
+) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &cfg.namespace);
+    let selector = watcher::Config::default().fields(&format!("metadata.name={}", cfg.secret_name));
+    let mut events = std::pin::pin!(watcher(secrets, selector).default_backoff());
+    while let Some(event) = events.next().await {
+        let secret = match event {
+            Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => s,
+            Ok(watcher::Event::Delete(_)) => {
+                tracing::warn!(namespace = %cfg.namespace, name = %cfg.secret_name, "the roots Secret was deleted; the roots in memory stay in use, restore the Secret (rotation fails until then)");
+                continue;
+            }
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the roots Secret; retrying (may the operator list and watch Secrets in its namespace?)");
+                continue;
+            }
+        };
+        let now = OffsetDateTime::now_utc();
+        let mut held = ca.write().await;
+        if !held.is_older_than(&secret) {
+            continue;
+        }
+        let next = match TrustDomainCa::from_secret(&cfg, &secret) {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::warn!(error = %e, "the roots Secret changed but cannot be used; the roots in memory stay in use");
+                continue;
+            }
+        };
+        if let Err(e) = next.active(now) {
+            tracing::warn!(error = %e, "the roots Secret changed to roots none of which is valid now; the roots in memory stay in use");
+            continue;
+        }
+        let before = held.roots.len();
+        *held = next;
+        tracing::info!(
+            before,
+            after = held.roots.len(),
+            "the roots Secret changed; roots reloaded, bundle republished"
+        );
+        if let Err(e) = held.publish_bundle(&client, &cfg, now).await {
+            tracing::warn!(error = %e, "cannot publish the reloaded bundle; it goes out with the next change or rotation");
+        }
+        reloaded(&held);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_newer_secrets_replace_the_roots_held() {
+        let td: TrustDomain = "cluster.test".parse().unwrap();
+        let cfg = CaConfig::new(td.clone(), "ns");
+        let root = new_root(&td, OffsetDateTime::now_utc(), Duration::from_secs(3600)).unwrap();
+        let secret = |rv: Option<&str>| {
+            secret_for(&cfg, std::slice::from_ref(&root), rv.map(Into::into)).unwrap()
+        };
+        let held = TrustDomainCa::from_secret(&cfg, &secret(Some("100"))).unwrap();
+        assert!(
+            !held.is_older_than(&secret(Some("100"))),
+            "the same version"
+        );
+        assert!(
+            !held.is_older_than(&secret(Some("99"))),
+            "an event older than what is held"
+        );
+        assert!(held.is_older_than(&secret(Some("101"))));
+        assert!(
+            held.is_older_than(&secret(Some("opaque"))),
+            "not a number: reload"
+        );
+        assert!(!held.is_older_than(&secret(None)));
+        assert!(TrustDomainCa::in_memory(vec![root.clone()]).is_older_than(&secret(Some("1"))));
+    }
 
     #[test]
     fn new_root_is_a_p256_ca_for_the_trust_domain() {

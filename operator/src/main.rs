@@ -288,6 +288,20 @@ async fn lead(
             }
         })
     };
+    // Changes to the roots Secret made under the operator (a root removed
+    // by an administrator, another replica's rotation) are picked up at once.
+    let following = {
+        let (metrics, rotated) = (metrics.clone(), rotated.clone());
+        tokio::spawn(tessera_operator::ca::follow_secret(
+            client.clone(),
+            leading.ca.clone(),
+            ca.clone(),
+            move |ca| {
+                metrics.ca_roots.set(ca.roots().len() as i64);
+                rotated.notify_waiters();
+            },
+        ))
+    };
     let signing = tokio::spawn(run_signer(client.clone(), leading.clone(), ca, rotated));
     let (stop_policy, policy_stopped) = tokio::sync::oneshot::channel::<()>();
     let preview = Arc::new(tessera_operator::policy::Preview::default());
@@ -315,6 +329,7 @@ async fn lead(
         Ok(Ok(())) => {}
     }
     rotation.abort();
+    following.abort();
     signing.abort();
     Ok(result?)
 }

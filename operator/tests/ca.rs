@@ -132,3 +132,91 @@ async fn an_unreadable_secret_is_reported_and_left_alone() -> Result<()> {
     );
     Ok(())
 }
+
+/// The published bundle, once it holds exactly `roots` certificates.
+async fn bundle_with(client: &kube::Client, cfg: &CaConfig, roots: usize) -> Result<String> {
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let pem = maps
+            .get_opt(&cfg.bundle_name)
+            .await?
+            .and_then(|cm| cm.data?.get(BUNDLE_KEY).cloned())
+            .unwrap_or_default();
+        if pem.matches("BEGIN CERTIFICATE").count() == roots {
+            return Ok(pem);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the bundle did not reach {roots} root(s) within 10 s: {pem}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn changes_to_the_roots_secret_are_reloaded_and_published_at_once() -> Result<()> {
+    let (_cp, client, cfg) = setup().await?;
+    let start = OffsetDateTime::now_utc();
+    let ca = TrustDomainCa::load_or_create(&client, &cfg, start).await?;
+    ca.publish_bundle(&client, &cfg, start).await?;
+    let first = ca.roots()[0].cert_pem.clone();
+    let held = std::sync::Arc::new(tokio::sync::RwLock::new(ca));
+    let (tx, mut reloads) = tokio::sync::mpsc::unbounded_channel();
+    let follower = tokio::spawn(tessera_operator::ca::follow_secret(
+        client.clone(),
+        cfg.clone(),
+        held.clone(),
+        move |ca| {
+            let _ = tx.send(ca.roots().len());
+        },
+    ));
+
+    // Another replica rotates (its own copy of the roots): this one follows.
+    let mut other = TrustDomainCa::load_or_create(&client, &cfg, start).await?;
+    assert!(other.rotate_if_due(&client, &cfg, start + days(25)).await?);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), reloads.recv()).await?,
+        Some(2)
+    );
+    let both = bundle_with(&client, &cfg, 2).await?;
+    assert!(both.contains(&first));
+    assert_eq!(held.read().await.roots().len(), 2);
+
+    // An administrator removes the new root from the Secret: it leaves the
+    // bundle at once.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let secret = secrets.get(&cfg.secret_name).await?;
+    let data = secret.data.clone().unwrap_or_default();
+    let mut roots: Vec<serde_json::Value> = serde_json::from_slice(&data["roots.json"].0)?;
+    roots.truncate(1);
+    let patch = serde_json::json!({"stringData": {"roots.json": serde_json::to_string(&roots)?}});
+    secrets
+        .patch(
+            &cfg.secret_name,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), reloads.recv()).await?,
+        Some(1)
+    );
+    assert_eq!(bundle_with(&client, &cfg, 1).await?, first);
+
+    // A broken Secret changes nothing: the roots in memory stay in use.
+    let broken = serde_json::json!({"stringData": {"roots.json": "[{\"cert_pem\": \"x\", \"key_pem\": \"\"}]"}});
+    secrets
+        .patch(
+            &cfg.secret_name,
+            &PatchParams::default(),
+            &Patch::Merge(&broken),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(reloads.try_recv().is_err(), "a broken Secret was loaded");
+    assert_eq!(held.read().await.roots()[0].cert_pem, first);
+    assert_eq!(bundle_with(&client, &cfg, 1).await?, first);
+    follower.abort();
+    Ok(())
+}
