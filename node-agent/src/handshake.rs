@@ -141,11 +141,13 @@ fn split_der(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, HandshakeEr
 /// Whether some CA certificate of `old` (own or federated, per trust
 /// domain) is missing from `new`: authentications made with SVIDs it signed
 /// must not outlive it. Unreadable bundles count as removed (fail closed).
+/// CAs held before the own trust domain was known count for nothing: no
+/// handshake could use them.
 pub fn authorities_removed(old: &Bundles, new: &Bundles) -> bool {
     let set = |b: &Bundles| -> Option<std::collections::BTreeSet<(String, Vec<u8>)>> {
         let mut out = std::collections::BTreeSet::new();
         let all = std::iter::once((&b.trust_domain_id, &b.own_der)).chain(&b.federated_der);
-        for (domain, der) in all {
+        for (domain, der) in all.filter(|(domain, _)| !domain.is_empty()) {
             for cert in split_der(der).ok()? {
                 out.insert((domain.clone(), cert.to_vec()));
             }

@@ -20,6 +20,8 @@ use crate::identities::IdentityStore;
 pub const BUNDLE_CONFIGMAP: &str = "tessera-trust-bundle";
 /// The key of that ConfigMap holding the CA certificates, PEM.
 pub const BUNDLE_KEY: &str = "bundle.pem";
+/// The key of that ConfigMap naming the trust domain (`cluster.test`).
+pub const TRUST_DOMAIN_KEY: &str = "trustDomain";
 
 /// Why a published bundle is not used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -37,6 +39,9 @@ pub enum TrustError {
         "{BUNDLE_KEY} of ConfigMap {BUNDLE_CONFIGMAP} holds no certificate (an operator never publishes that)"
     )]
     Empty,
+    /// The trust domain named is not one.
+    #[error("{TRUST_DOMAIN_KEY} of ConfigMap {BUNDLE_CONFIGMAP} is not a trust domain: {0}")]
+    TrustDomain(String),
     /// A certificate cannot be a trust anchor.
     #[error(
         "certificate {index} of {BUNDLE_KEY} in ConfigMap {BUNDLE_CONFIGMAP} is unusable as a CA: {reason}"
@@ -80,15 +85,32 @@ pub fn own_der_of(cm: &ConfigMap) -> Result<Vec<u8>, TrustError> {
     parse_pem_bundle(pem)
 }
 
-/// Sets the store's own CAs from a published ConfigMap; a malformed one is
-/// logged and changes nothing (the previous bundle stays in use).
+/// The trust domain ID (`spiffe://td`) a published ConfigMap names, if it
+/// names one.
+pub fn trust_domain_id_of(cm: &ConfigMap) -> Result<Option<String>, TrustError> {
+    let Some(td) = cm.data.as_ref().and_then(|d| d.get(TRUST_DOMAIN_KEY)) else {
+        return Ok(None);
+    };
+    td.parse::<tessera_api::spiffe::TrustDomain>()
+        .map(|td| Some(td.id().to_string()))
+        .map_err(|e| TrustError::TrustDomain(format!("{td:?}: {e}")))
+}
+
+/// Sets the store's own CAs (and trust domain) from a published ConfigMap;
+/// a malformed one is logged and changes nothing (the previous bundle stays
+/// in use).
 pub fn apply(store: &IdentityStore, cm: &ConfigMap) {
-    match own_der_of(cm) {
-        Ok(der) => {
+    match own_der_of(cm).and_then(|der| Ok((der, trust_domain_id_of(cm)?))) {
+        Ok((der, td)) => {
             if store.bundles().own_der != der {
                 info!("own trust bundle updated from ConfigMap {BUNDLE_CONFIGMAP}");
             }
-            store.update_bundles(|b| b.own_der = der);
+            store.update_bundles(|b| {
+                b.own_der = der;
+                if let Some(td) = td {
+                    b.trust_domain_id = td;
+                }
+            });
         }
         Err(e) => {
             warn!(error = %e, "ignoring the published trust bundle; the previous one stays in use")
@@ -162,6 +184,21 @@ mod tests {
         apply(&store, &cm(&good));
         let der = parse_pem_bundle(&good).unwrap();
         assert_eq!(store.bundles().own_der, der);
+        let mut named = cm(&good);
+        if let Some(d) = named.data.as_mut() {
+            d.insert(TRUST_DOMAIN_KEY.to_owned(), "cluster.test".to_owned());
+        }
+        apply(&store, &named);
+        assert_eq!(store.bundles().trust_domain_id, "spiffe://cluster.test");
+        if let Some(d) = named.data.as_mut() {
+            d.insert(TRUST_DOMAIN_KEY.to_owned(), "Not A Domain".to_owned());
+        }
+        assert!(matches!(
+            trust_domain_id_of(&named),
+            Err(TrustError::TrustDomain(_))
+        ));
+        apply(&store, &named);
+        assert_eq!(store.bundles().trust_domain_id, "spiffe://cluster.test");
         apply(&store, &cm("garbage"));
         apply(&store, &ConfigMap::default());
         assert_eq!(store.bundles().own_der, der);
