@@ -30,6 +30,12 @@ fn require_root() -> Result<()> {
 const A: [u8; 4] = [198, 18, 1, 10]; // pod a (identity 300) on node 1, the destination
 const B: [u8; 4] = [198, 18, 2, 10]; // pod b (identity 400) on node 2, the source
 const STRANGER: [u8; 4] = [198, 18, 9, 9]; // not a known pod
+const A6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a,
+]; // an IPv6 pod
+const B6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0b,
+]; // its peer
 
 struct Harness {
     dp: Datapath,
@@ -370,12 +376,7 @@ fn only_tcp_connection_starts_to_known_pods_are_checked() -> Result<()> {
     h.expect(&short, false, Reason::DenyMalformed, "truncated")?;
 
     // IPv6 endpoints are looked up by their full address.
-    let a6 = [
-        0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a,
-    ];
-    let b6 = [
-        0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0b,
-    ];
+    let (a6, b6) = (A6, B6);
     h.dp.set_endpoint_ip(
         IpAddr::from(a6),
         Endpoint {
@@ -568,14 +569,7 @@ fn denials_are_never_cached_and_ipv6_verdicts_are() -> Result<()> {
     h.expect(&syn, false, Reason::DenyAuthMissing, "missing")?;
     assert!(h.dp.cached_verdicts4()?.is_empty(), "a denial was cached");
     // A destination no policy selects: allowed, cached as such.
-    let (a6, b6) = (
-        [
-            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a,
-        ],
-        [
-            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0b,
-        ],
-    );
+    let (a6, b6) = (A6, B6);
     h.dp.set_endpoint_ip(
         IpAddr::from(a6),
         Endpoint {
