@@ -90,6 +90,9 @@ pub struct DataPlane {
     /// Per entry made by this process: NotAfter of the local SVID it was
     /// authenticated with.
     used_svid: Mutex<HashMap<AuthKey, i64>>,
+    /// The global epoch as this process last read or wrote it (the map is
+    /// the truth; this spares handshakes the map lock a sync pass holds).
+    epoch: AtomicU64,
     /// Changes since the last flush of the cache.
     dirty: AtomicU64,
     flushed: AtomicU64,
@@ -106,7 +109,8 @@ impl DataPlane {
         cache_dir: &Path,
         stats: Arc<Stats>,
     ) -> Result<(DataPlane, Opened), DataPlaneError> {
-        let dp = Datapath::open(pin_dir)?;
+        let mut dp = Datapath::open(pin_dir)?;
+        let epoch = dp.epoch()?;
         if !dp.reused_maps().is_empty() {
             info!(maps = ?dp.reused_maps(), "reusing pinned maps: enforcement continued while the agent was down");
         }
@@ -123,6 +127,7 @@ impl DataPlane {
                 cache,
                 entries: Mutex::new(entries),
                 used_svid: Mutex::default(),
+                epoch: AtomicU64::new(epoch),
                 dirty: AtomicU64::new(0),
                 flushed: AtomicU64::new(0),
                 stats,
@@ -208,11 +213,10 @@ impl DataPlane {
         lock(&self.used_svid).get(key).copied()
     }
 
-    /// The global epoch now (None when the map cannot be read). A
-    /// handshake notes it before it starts and hands it to
-    /// [`DataPlane::record`].
-    pub fn epoch(&self) -> Option<u64> {
-        lock(&self.dp).epoch().ok()
+    /// The global epoch now. A handshake notes it before it starts and
+    /// hands it to [`DataPlane::record`].
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// Writes one authentication into the cache and the auth map, with the
@@ -253,6 +257,7 @@ impl DataPlane {
         };
         let mut dp = lock(&self.dp);
         let Ok(epoch) = dp.epoch() else { return false };
+        self.epoch.store(epoch, Ordering::Release);
         if epoch != started_in {
             debug!(local = %auth.local, remote = %auth.remote, "not recorded: every authentication was revoked during the handshake");
             return false;
@@ -319,6 +324,7 @@ impl DataPlane {
         let mut dp = lock(&self.dp);
         let epoch = dp.epoch()?.wrapping_add(1);
         dp.set_epoch(epoch)?;
+        self.epoch.store(epoch, Ordering::Release);
         for (key, _) in dp.auths()? {
             dp.remove_auth(&key)?;
         }

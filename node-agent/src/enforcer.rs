@@ -228,9 +228,7 @@ impl Inner {
         // The epoch before the credentials: a revocation swaps the
         // credentials first, so a handshake on the old ones always sees an
         // older epoch than the one it would record in, and is not recorded.
-        let Some(epoch) = self.plane.epoch() else {
-            return;
-        };
+        let epoch = self.plane.epoch();
         let Some(creds) = self.creds() else { return };
         if !creds.holds(&pair.local) {
             // The pod's SVID is not issued yet (its traffic may already be
@@ -514,7 +512,7 @@ pub async fn run(
                 let inner = inner.clone();
                 tokio::spawn(async move {
                     // The epoch before the credentials (see `initiate`).
-                    let Some(epoch) = inner.plane.epoch() else { return };
+                    let epoch = inner.plane.epoch();
                     let Some(creds) = inner.creds() else { return };
                     let view = inner.view();
                     let admit = |knock: &handshake::Knock<'_>| {
