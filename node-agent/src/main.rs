@@ -138,14 +138,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .context("no kubeconfig and not in a cluster; pass --kubeconfig")?,
     };
     let client = kube::Client::try_from(config)?;
-    // Trust for the signer: the trust bundle the operator publishes.
-    let bundle = kube::Api::<ConfigMap>::namespaced(client.clone(), &args.namespace)
+    // The trust bundle the operator publishes: trust for the signer, and the
+    // own CAs, which follow the ConfigMap from now on.
+    let published = kube::Api::<ConfigMap>::namespaced(client.clone(), &args.namespace)
         .get(tessera_agent::trust::BUNDLE_CONFIGMAP)
         .await
-        .with_context(|| format!("cannot read ConfigMap {}/tessera-trust-bundle; is the operator running, and may the agent read it?", args.namespace))?
+        .with_context(|| format!("cannot read ConfigMap {}/tessera-trust-bundle; is the operator running, and may the agent read it?", args.namespace))?;
+    tessera_agent::trust::own_der_of(&published)?;
+    let store = tessera_agent::identities::IdentityStore::default();
+    tessera_agent::trust::apply(&store, &published);
+    tokio::spawn(tessera_agent::trust::follow(
+        client.clone(),
+        args.namespace.clone(),
+        store.clone(),
+    ));
+    let bundle = published
         .data
         .and_then(|mut d| d.remove(tessera_agent::trust::BUNDLE_KEY))
-        .context("ConfigMap tessera-trust-bundle has no bundle.pem")?;
+        .unwrap_or_default();
     let channel = tonic::transport::Channel::from_shared(args.signer.clone())
         .with_context(|| format!("--signer {:?} is not a URL", args.signer))?
         .tls_config(
@@ -154,13 +164,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .domain_name(args.signer_name.clone()),
         )?
         .connect_lazy();
-    let store = tessera_agent::identities::IdentityStore::default();
-    // The own CAs follow the published bundle from now on.
-    tokio::spawn(tessera_agent::trust::follow(
-        client.clone(),
-        args.namespace.clone(),
-        store.clone(),
-    ));
     let svid_cfg = tessera_agent::svids::SvidConfig {
         node_name: args.node_name.clone(),
         token_file: args.token_file,

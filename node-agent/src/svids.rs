@@ -250,15 +250,11 @@ pub async fn run(client: kube::Client, channel: Channel, cfg: SvidConfig, store:
                 match result {
                     Ok((svid, bundles, expires_at)) => {
                         info!(pod = %format!("{namespace}/{name}"), spiffe_id = %svid.spiffe_id, "X.509-SVID issued");
+                        // The own CAs come from the published bundle
+                        // (crate::trust), never from the signer's copy.
                         store.update_bundles(|b| {
                             b.trust_domain_id = bundles.trust_domain_id;
                             b.own_jwt = bundles.own_jwt;
-                            // The published bundle (crate::trust) is the
-                            // authority on the own CAs; the signer's copy
-                            // only fills in until it has been read.
-                            if b.own_der.is_empty() {
-                                b.own_der = bundles.own_der;
-                            }
                         });
                         store.set(&uid, PodIdentity { namespace: namespace.clone(), name: name.clone(), svids: vec![svid], federates_with: Vec::new() });
                         held.insert(uid, Held { spiffe_id, renew_at: renew_at(expires_at), namespace, name });

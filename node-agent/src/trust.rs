@@ -2,9 +2,9 @@
 //! (ConfigMap `tessera-trust-bundle`), followed live: a CA joining or leaving
 //! the bundle reaches the handshakes within a watch event, not at the next
 //! SVID issuance, and a CA that leaves revokes every authentication it may
-//! have signed (see the enforcer). The published bundle is the authority on
-//! the own CAs; the copy the signer sends with each SVID only fills in until
-//! the ConfigMap has been read.
+//! have signed (see the enforcer). The published bundle is the only source
+//! of the own CAs (read at start, then watched); the copy the signer sends
+//! with each SVID is not used for them.
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;

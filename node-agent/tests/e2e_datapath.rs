@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
+use tessera_agent::trust::{BUNDLE_CONFIGMAP, BUNDLE_KEY};
 use tessera_api::signer_api::TOKEN_AUDIENCE;
 use tessera_tests::cluster::{AgentLaunch, PodSpec, SimCluster, SimPod};
 use tessera_tests::resources;
@@ -297,11 +298,11 @@ async fn authenticated_pairs_connect_and_nothing_else_does() {
     // epoch), and no new one can be made until it is back.
     let bundles: Api<ConfigMap> = Api::namespaced(client.clone(), tessera_tests::procs::NAMESPACE);
     let original = bundles
-        .get("tessera-trust-bundle")
+        .get(BUNDLE_CONFIGMAP)
         .await
         .unwrap()
         .data
-        .and_then(|d| d.get("bundle.pem").cloned())
+        .and_then(|d| d.get(BUNDLE_KEY).cloned())
         .unwrap();
     let foreign = foreign_ca_pem();
     let updated = "own trust bundle updated";
@@ -375,9 +376,9 @@ fn foreign_ca_pem() -> String {
 /// Replaces the trust bundle the agents follow (as an administrator would
 /// by hand; the operator republishes it only when it rotates its CA).
 async fn set_bundle(maps: &Api<ConfigMap>, pem: &str) {
-    let patch = serde_json::json!({ "data": { "bundle.pem": pem } });
+    let patch = serde_json::json!({ "data": { BUNDLE_KEY: pem } });
     maps.patch(
-        "tessera-trust-bundle",
+        BUNDLE_CONFIGMAP,
         &PatchParams::default(),
         &Patch::Merge(&patch),
     )
