@@ -10,6 +10,20 @@ pub const IDENTITY: &str = "tessera.dev/identity";
 pub const IDENTITY_SOURCE: &str = "tessera.dev/identity-source";
 /// Why the pod has no identity; set instead of the three above.
 pub const IDENTITY_ERROR: &str = "tessera.dev/identity-error";
+/// The trust domains whose bundles the pod receives through the Workload
+/// API (its WorkloadIdentity's `federatesWith`), comma-separated; absent
+/// when none.
+pub const FEDERATES_WITH: &str = "tessera.dev/federates-with";
+
+/// Parses the [`FEDERATES_WITH`] annotation value into trust domain IDs
+/// (`spiffe://b.test`); names that are not trust domains are skipped.
+pub fn parse_federates_with(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .filter_map(|td| td.trim().parse::<crate::spiffe::TrustDomain>().ok())
+        .map(|td| td.id().to_string())
+        .collect()
+}
 
 /// Formats the [`IDENTITY`] annotation value.
 pub fn format_identity(id: u32, generation: i64) -> String {
@@ -32,5 +46,18 @@ mod tests {
         assert_eq!(parse_identity("300"), None);
         assert_eq!(parse_identity("x/1"), None);
         assert_eq!(parse_identity("1/-"), None);
+    }
+
+    #[test]
+    fn federates_with_parses_to_trust_domain_ids() {
+        assert_eq!(
+            parse_federates_with("b.test,c.test"),
+            ["spiffe://b.test", "spiffe://c.test"]
+        );
+        assert_eq!(
+            parse_federates_with("b.test, Not Valid,"),
+            ["spiffe://b.test"]
+        );
+        assert!(parse_federates_with("").is_empty());
     }
 }

@@ -17,6 +17,12 @@ use serde_json::{Map, Value};
 
 use crate::jwt::{JwkSet, PublicKey};
 
+/// The ConfigMap (in the operator's namespace) where the operator
+/// publishes the bundles of federated trust domains for the node agents:
+/// one key per trust domain (its name), holding that trust domain's bundle
+/// document. Bundles of different trust domains are never merged.
+pub const FEDERATED_CONFIGMAP: &str = "tessera-federated-bundles";
+
 /// Largest bundle document read, in bytes.
 pub const MAX_BUNDLE_LEN: usize = 1024 * 1024;
 

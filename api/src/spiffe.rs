@@ -86,6 +86,12 @@ impl TrustDomain {
             td_end: SCHEME_PREFIX.len() + self.0.len(),
         }
     }
+
+    /// The SPIFFE ID `spiffe://<name><path>`; `path` is checked like any
+    /// SPIFFE ID path (it starts with `/`).
+    pub fn member(&self, path: &str) -> Result<SpiffeId, SpiffeIdError> {
+        format!("{SCHEME_PREFIX}{}{path}", self.0).parse()
+    }
 }
 
 /// Validates a trust domain name; `offset` shifts byte positions in errors so

@@ -36,6 +36,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tessera_api::spiffe::SpiffeId;
+use tessera_api::svid::Leaf;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -160,44 +161,9 @@ pub fn authorities_removed(old: &Bundles, new: &Bundles) -> bool {
     }
 }
 
-/// What a leaf certificate says: its SPIFFE ID and validity (Unix seconds).
-struct Leaf {
-    id: SpiffeId,
-    not_before: i64,
-    not_after: i64,
-}
-
 /// Reads a leaf: exactly one URI SAN, which must parse as a SPIFFE ID.
 fn leaf_identity(der: &[u8]) -> Result<Leaf, String> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| format!("bad certificate: {e}"))?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| format!("bad subjectAltName: {e}"))?
-        .ok_or("no subjectAltName: not an X509-SVID")?;
-    let uris: Vec<&str> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    let [uri] = uris.as_slice() else {
-        return Err(format!(
-            "an X509-SVID has exactly one URI SAN, this one has {}",
-            uris.len()
-        ));
-    };
-    let id = uri
-        .parse::<SpiffeId>()
-        .map_err(|e| format!("URI SAN {uri:?}: {e}"))?;
-    Ok(Leaf {
-        id,
-        not_before: cert.validity().not_before.timestamp(),
-        not_after: cert.validity().not_after.timestamp(),
-    })
+    tessera_api::svid::leaf(der).map_err(|e| e.to_string())
 }
 
 /// Trust anchors by trust domain ID (`spiffe://td`).

@@ -152,6 +152,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.namespace.clone(),
         store.clone(),
     ));
+    // Federated trust domains' bundles, for handshakes with their workloads
+    // and for the Workload API of pods that federate with them.
+    tokio::spawn(tessera_agent::trust::follow_federated(
+        client.clone(),
+        args.namespace.clone(),
+        store.clone(),
+    ));
     let bundle = published
         .data
         .and_then(|mut d| d.remove(tessera_agent::trust::BUNDLE_KEY))

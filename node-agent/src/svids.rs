@@ -168,6 +168,9 @@ pub async fn run(client: kube::Client, channel: Channel, cfg: SvidConfig, store:
     // Requests in flight, and what each was for.
     let mut in_flight: HashMap<PodUid, Wanted> = HashMap::new();
     let mut running: FuturesUnordered<BoxFuture<'static, Issued>> = FuturesUnordered::new();
+    // Each pod's federated trust domains (its federates-with annotation):
+    // which federated bundles its Workload API answers carry.
+    let mut federates: HashMap<PodUid, Vec<String>> = HashMap::new();
     loop {
         // Start what is due, up to the limit.
         let now = Instant::now();
@@ -208,6 +211,7 @@ pub async fn run(client: kube::Client, channel: Channel, cfg: SvidConfig, store:
                             held.remove(&uid);
                             due.remove(&uid);
                             in_flight.remove(&uid);
+                            federates.remove(&uid);
                             store.remove(&uid);
                         }
                         continue;
@@ -220,6 +224,18 @@ pub async fn run(client: kube::Client, channel: Channel, cfg: SvidConfig, store:
                 };
                 let Some(uid) = pod.metadata.uid.as_deref().and_then(PodUid::parse) else { continue };
                 let id = pod.metadata.annotations.as_ref().and_then(|a| a.get(annotations::SPIFFE_ID)).cloned();
+                let wanted_federation = pod.metadata.annotations.as_ref()
+                    .and_then(|a| a.get(annotations::FEDERATES_WITH))
+                    .map(|v| annotations::parse_federates_with(v))
+                    .unwrap_or_default();
+                if federates.get(&uid) != Some(&wanted_federation) {
+                    if let Some(current) = store.current(&uid)
+                        && current.federates_with != wanted_federation
+                    {
+                        store.set(&uid, PodIdentity { federates_with: wanted_federation.clone(), ..PodIdentity::clone(&current) });
+                    }
+                    federates.insert(uid.clone(), wanted_federation);
+                }
                 match id {
                     Some(id) if pod.metadata.deletion_timestamp.is_none() => {
                         let current = in_flight.get(&uid).map(|w| &w.spiffe_id).or(held.get(&uid).map(|h| &h.spiffe_id));
@@ -256,7 +272,7 @@ pub async fn run(client: kube::Client, channel: Channel, cfg: SvidConfig, store:
                             b.trust_domain_id = bundles.trust_domain_id;
                             b.own_jwt = bundles.own_jwt;
                         });
-                        store.set(&uid, PodIdentity { namespace: namespace.clone(), name: name.clone(), svids: vec![svid], federates_with: Vec::new() });
+                        store.set(&uid, PodIdentity { namespace: namespace.clone(), name: name.clone(), svids: vec![svid], federates_with: federates.get(&uid).cloned().unwrap_or_default() });
                         held.insert(uid, Held { spiffe_id, renew_at: renew_at(expires_at), namespace, name });
                     }
                     Err(e) => {

@@ -14,6 +14,11 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tracing::{info, warn};
 
+use std::collections::BTreeMap;
+
+use tessera_api::bundle::{FEDERATED_CONFIGMAP, SpiffeBundle};
+use tessera_api::spiffe::TrustDomain;
+
 use crate::identities::IdentityStore;
 
 /// The ConfigMap the operator publishes the bundle in (in its namespace).
@@ -139,6 +144,118 @@ pub async fn follow(client: kube::Client, namespace: String, store: IdentityStor
     }
 }
 
+/// The federated trust domains' CA certificates from the published
+/// ConfigMap ([`FEDERATED_CONFIGMAP`]), by trust domain ID, each DER and
+/// concatenated (the form of [`crate::identities::Bundles::federated_der`]).
+///
+/// `previous` is what is in use now: an entry that cannot be used (a key
+/// that is not a trust domain name, the own trust domain, a malformed
+/// bundle, a CA webpki refuses, a bundle without X.509 authorities) is
+/// logged and keeps its previous value, if it had one. A trust domain
+/// whose key is gone is gone (the operator withdraws a bundle when its
+/// FederatedTrustDomain is deleted).
+pub fn federated_der_of(
+    cm: Option<&ConfigMap>,
+    own_td_id: &str,
+    previous: &BTreeMap<String, Vec<u8>>,
+) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let Some(data) = cm.and_then(|cm| cm.data.as_ref()) else {
+        return out;
+    };
+    for (key, document) in data {
+        let td = match key.parse::<TrustDomain>() {
+            Ok(td) => td,
+            Err(e) => {
+                warn!(key = %key, error = %e, "ConfigMap {FEDERATED_CONFIGMAP}: key is not a trust domain name; ignored");
+                continue;
+            }
+        };
+        let id = td.id().to_string();
+        if id == own_td_id {
+            warn!(trust_domain = %td, "ConfigMap {FEDERATED_CONFIGMAP} names this cluster's own trust domain; ignored (its CAs come from {BUNDLE_CONFIGMAP} only)");
+            continue;
+        }
+        match federated_der(document) {
+            Ok(der) => {
+                out.insert(id, der);
+            }
+            Err(e) => {
+                let kept = previous.get(&id).cloned();
+                warn!(trust_domain = %td, error = %e, kept = kept.is_some(), "federated bundle unusable; the previous one (if any) stays in use");
+                if let Some(der) = kept {
+                    out.insert(id, der);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One federated bundle document's X.509 authorities, checked and DER
+/// concatenated.
+fn federated_der(document: &str) -> Result<Vec<u8>, String> {
+    let bundle = SpiffeBundle::from_json(document.as_bytes())
+        .map_err(|e| e.to_string())?
+        .bundle;
+    if bundle.x509_authorities.is_empty() {
+        return Err("no X.509 authorities".to_owned());
+    }
+    let mut der = Vec::new();
+    for (index, cert) in bundle.x509_authorities.iter().enumerate() {
+        webpki::anchor_from_trusted_cert(&CertificateDer::from(cert.as_slice()))
+            .map_err(|e| format!("X.509 authority {index} is unusable as a CA: {e}"))?;
+        der.extend_from_slice(cert);
+    }
+    Ok(der)
+}
+
+/// Sets the store's federated bundles from the published ConfigMap (see
+/// [`federated_der_of`]); `None` when it does not exist.
+pub fn apply_federated(store: &IdentityStore, cm: Option<&ConfigMap>) {
+    let current = store.bundles();
+    let next = federated_der_of(cm, &current.trust_domain_id, &current.federated_der);
+    if next != current.federated_der {
+        info!(
+            trust_domains = ?next.keys().collect::<Vec<_>>(),
+            "federated bundles updated from ConfigMap {FEDERATED_CONFIGMAP}"
+        );
+    }
+    store.update_bundles(|b| b.federated_der = next);
+}
+
+/// Follows ConfigMap [`FEDERATED_CONFIGMAP`] in `namespace` for as long as
+/// the future runs. Deleting the ConfigMap withdraws every federated
+/// bundle, as deleting each FederatedTrustDomain would.
+pub async fn follow_federated(client: kube::Client, namespace: String, store: IdentityStore) {
+    let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={FEDERATED_CONFIGMAP}"));
+    let mut events = std::pin::pin!(watcher(api, cfg).default_backoff());
+    let mut seen = false;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
+                seen = true;
+                apply_federated(&store, Some(&cm));
+            }
+            Ok(watcher::Event::Delete(_)) => {
+                warn!(
+                    "ConfigMap {namespace}/{FEDERATED_CONFIGMAP} was deleted; every federated bundle is withdrawn"
+                );
+                seen = false;
+                apply_federated(&store, None);
+            }
+            // A relist that finds no ConfigMap: nothing is federated.
+            Ok(watcher::Event::InitDone) if !seen => apply_federated(&store, None),
+            Ok(watcher::Event::Init) => seen = false,
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "cannot watch ConfigMap {namespace}/{FEDERATED_CONFIGMAP}; retrying (may the agent list and watch it?)")
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +288,77 @@ mod tests {
         let cut = "-----BEGIN CERTIFICATE-----\nMIIB";
         assert!(matches!(parse_pem_bundle(cut), Err(TrustError::Pem(_))));
         assert_eq!(own_der_of(&ConfigMap::default()), Err(TrustError::Missing));
+    }
+
+    fn spiffe_doc(pems: &[&str]) -> String {
+        let bundle = SpiffeBundle {
+            x509_authorities: pems.iter().map(|p| parse_pem_bundle(p).unwrap()).collect(),
+            sequence: Some(3),
+            ..SpiffeBundle::default()
+        };
+        String::from_utf8(bundle.to_json().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn federated_bundles_are_kept_apart_and_bad_ones_keep_the_previous() {
+        let (b1, b2, c) = (ca_pem(), ca_pem(), ca_pem());
+        let cm = |entries: &[(&str, String)]| ConfigMap {
+            data: Some(
+                entries
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                    .collect(),
+            ),
+            ..ConfigMap::default()
+        };
+        let own = "spiffe://cluster.test";
+        let first = federated_der_of(
+            Some(&cm(&[
+                ("b.test", spiffe_doc(&[&b1, &b2])),
+                ("c.test", spiffe_doc(&[&c])),
+                ("cluster.test", spiffe_doc(&[&c])),
+                ("Not A Domain", spiffe_doc(&[&c])),
+            ])),
+            own,
+            &BTreeMap::new(),
+        );
+        assert_eq!(
+            first.keys().collect::<Vec<_>>(),
+            ["spiffe://b.test", "spiffe://c.test"],
+            "the own trust domain and bad keys are ignored"
+        );
+        assert_eq!(
+            first["spiffe://b.test"],
+            [
+                parse_pem_bundle(&b1).unwrap(),
+                parse_pem_bundle(&b2).unwrap()
+            ]
+            .concat()
+        );
+        assert_eq!(first["spiffe://c.test"], parse_pem_bundle(&c).unwrap());
+        // b.test turns malformed: its previous CAs stay; c.test is withdrawn.
+        let second = federated_der_of(
+            Some(&cm(&[("b.test", "{\"keys\": 1}".to_owned())])),
+            own,
+            &first,
+        );
+        assert_eq!(second.keys().collect::<Vec<_>>(), ["spiffe://b.test"]);
+        assert_eq!(second["spiffe://b.test"], first["spiffe://b.test"]);
+        // A bundle with no X.509 authority is refused too; with nothing
+        // before, the trust domain has no bundle.
+        let empty = String::from_utf8(SpiffeBundle::default().to_json().unwrap()).unwrap();
+        assert!(federated_der_of(Some(&cm(&[("d.test", empty)])), own, &first).is_empty());
+        assert!(federated_der_of(None, own, &first).is_empty());
+
+        let store = IdentityStore::default();
+        store.update_bundles(|b| b.trust_domain_id = own.to_owned());
+        apply_federated(&store, Some(&cm(&[("b.test", spiffe_doc(&[&b1]))])));
+        assert_eq!(
+            store.bundles().federated_der["spiffe://b.test"],
+            parse_pem_bundle(&b1).unwrap()
+        );
+        apply_federated(&store, None);
+        assert!(store.bundles().federated_der.is_empty());
     }
 
     #[test]

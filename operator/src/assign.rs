@@ -134,6 +134,9 @@ pub struct Assignment {
     pub conflicts: Vec<String>,
     /// WorkloadIdentities skipped because a selector could not be evaluated.
     pub broken_selectors: Vec<(String, SelectorError)>,
+    /// Trust domains the pod federates with (the chosen WorkloadIdentity's
+    /// `federatesWith`, sorted, without duplicates or the own trust domain).
+    pub federates_with: Vec<TrustDomain>,
 }
 
 /// Decides the SPIFFE ID of `pod` given every WorkloadIdentity.
@@ -179,6 +182,7 @@ pub fn assign<'w>(
             }),
             conflicts: Vec::new(),
             broken_selectors,
+            federates_with: Vec::new(),
         };
     };
     let facts = PodFacts {
@@ -209,9 +213,20 @@ pub fn assign<'w>(
                 })
             }
         });
+    // The schema admits only trust domain names; anything else is skipped.
+    let mut federates_with: Vec<TrustDomain> = wid
+        .spec
+        .federates_with
+        .iter()
+        .filter_map(|td| td.parse().ok())
+        .filter(|td| td != trust_domain)
+        .collect();
+    federates_with.sort();
+    federates_with.dedup();
     Assignment {
         source: Some(name),
         result,
+        federates_with,
         conflicts: tier.map(|(n, _)| n).collect(),
         broken_selectors,
     }

@@ -6,6 +6,11 @@
 //! starting at once end up with one CA. A Secret that cannot be read is never
 //! overwritten: losing the CA would break every workload's trust at once.
 //!
+//! The Secret also holds the bundle's sequence number ([`SEQUENCE_KEY`]),
+//! increased with every change of the roots, including changes an
+//! administrator makes by hand (see [`follow_secret`]): federated trust
+//! domains use it to tell a new bundle from the one they hold.
+//!
 //! Rotation: when the newest root has less than a third of its lifetime left,
 //! a new root is added and becomes the signer. An old root stays in the bundle
 //! until it expires; SVIDs never outlive the root that signed them (see
@@ -23,12 +28,17 @@ use rcgen::{
     SerialNumber,
 };
 use serde::{Deserialize, Serialize};
+use tessera_api::bundle::SpiffeBundle;
 use tessera_api::jwt::{JwkSet, SigningKey};
 use tessera_api::spiffe::TrustDomain;
 use time::OffsetDateTime;
 
 /// Key in the CA Secret under which the roots are stored.
 pub const SECRET_KEY: &str = "roots.json";
+/// Key in the CA Secret holding the bundle's sequence number
+/// (`spiffe_sequence` of the bundle endpoint), a decimal integer increased
+/// with every change of the roots. A Secret without it counts as 1.
+pub const SEQUENCE_KEY: &str = "sequence";
 /// Key in the bundle ConfigMap holding the PEM bundle.
 pub const BUNDLE_KEY: &str = "bundle.pem";
 /// Field manager for the CA's writes.
@@ -249,6 +259,7 @@ pub fn new_root(td: &TrustDomain, now: OffsetDateTime, ttl: Duration) -> Result<
 #[derive(Debug, Clone)]
 pub struct TrustDomainCa {
     roots: Vec<Root>,
+    sequence: u64,
     resource_version: Option<String>,
 }
 
@@ -265,7 +276,7 @@ impl TrustDomainCa {
                 return Self::from_secret(cfg, &secret);
             }
             let root = new_root(&cfg.trust_domain, now, cfg.root_ttl)?;
-            let secret = secret_for(cfg, &[root], None)?;
+            let secret = secret_for(cfg, &[root], 1, None)?;
             match secrets.create(&PostParams::default(), &secret).await {
                 Ok(created) => return Self::from_secret(cfg, &created),
                 // Another operator created it first: use theirs.
@@ -293,6 +304,15 @@ impl TrustDomainCa {
         if stored.is_empty() {
             return Err(unreadable("no roots".to_owned()));
         }
+        let sequence = match secret.data.as_ref().and_then(|d| d.get(SEQUENCE_KEY)) {
+            None => 1,
+            Some(raw) => std::str::from_utf8(&raw.0)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    unreadable(format!("{SEQUENCE_KEY} is not a non-negative integer"))
+                })?,
+        };
         let roots = stored
             .iter()
             .map(Root::parse)
@@ -300,6 +320,7 @@ impl TrustDomainCa {
             .map_err(unreadable)?;
         Ok(TrustDomainCa {
             roots,
+            sequence,
             resource_version: secret.metadata.resource_version.clone(),
         })
     }
@@ -327,8 +348,84 @@ impl TrustDomainCa {
     pub fn in_memory(roots: Vec<Root>) -> TrustDomainCa {
         TrustDomainCa {
             roots,
+            sequence: 1,
             resource_version: None,
         }
+    }
+
+    /// The bundle's sequence number (see [`SEQUENCE_KEY`]).
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// Whether `other` holds the same roots, in the same order.
+    pub fn same_roots(&self, other: &TrustDomainCa) -> bool {
+        self.roots.len() == other.roots.len()
+            && self
+                .roots
+                .iter()
+                .zip(&other.roots)
+                .all(|(a, b)| a.cert_der == b.cert_der && a.jwt_key_pem == b.jwt_key_pem)
+    }
+
+    /// The bundle in SPIFFE bundle format: every unexpired root (X.509
+    /// authorities) and JWT key, oldest first, with the sequence number and
+    /// `refresh_hint`.
+    pub fn spiffe_bundle(&self, now: OffsetDateTime, refresh_hint: Duration) -> SpiffeBundle {
+        SpiffeBundle {
+            x509_authorities: self
+                .roots
+                .iter()
+                .filter(|r| now < r.not_after)
+                .map(|r| r.cert_der.clone())
+                .collect(),
+            jwt_authorities: self.jwt_bundle(now),
+            sequence: Some(self.sequence),
+            refresh_hint: Some(refresh_hint.as_secs().max(1)),
+        }
+    }
+
+    /// The oldest root that is valid now and stays valid for `ttl`, else
+    /// the active one. A certificate others check against a bundle they
+    /// fetched earlier (the bundle endpoint's) is issued from it: a new
+    /// root reaches them through the bundle long before the old one
+    /// expires, so no relying party is ever shown a root it has not had
+    /// the chance to fetch.
+    pub fn longest_trusted(&self, now: OffsetDateTime, ttl: Duration) -> Result<&Root, CaError> {
+        self.roots
+            .iter()
+            .find(|r| r.not_before <= now && now + ttl <= r.not_after)
+            .map_or_else(|| self.active(now), Ok)
+    }
+
+    /// Issues a TLS server certificate from `root` (one of these roots): an
+    /// X509-SVID for `id`, with `dns` names and `ips` too, valid for `ttl`
+    /// at most (never past the root). Returns the certificate and the key,
+    /// both PEM.
+    pub fn issue_server_cert(
+        &self,
+        root: &Root,
+        id: &tessera_api::spiffe::SpiffeId,
+        dns: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<(String, String), CaError> {
+        let cert_err = |e: rcgen::Error| CaError::Certificate(e.to_string());
+        let mut params = CertificateParams::new(dns.to_vec()).map_err(cert_err)?;
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        let uri = id.to_string().try_into().map_err(cert_err)?;
+        params.subject_alt_names.push(SanType::URI(uri));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = (now + ttl).min(root.not_after);
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(cert_err)?;
+        let cert = params.signed_by(&key, root.issuer()).map_err(cert_err)?;
+        Ok((cert.pem(), key.serialize_pem()))
     }
 
     /// Every root, newest last.
@@ -407,7 +504,12 @@ impl TrustDomainCa {
             roots.push(new_root(&cfg.trust_domain, now, cfg.root_ttl)?);
         }
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &cfg.namespace);
-        let secret = secret_for(cfg, &roots, self.resource_version.clone())?;
+        let secret = secret_for(
+            cfg,
+            &roots,
+            self.sequence.saturating_add(1),
+            self.resource_version.clone(),
+        )?;
         match secrets
             .replace(&cfg.secret_name, &PostParams::default(), &secret)
             .await
@@ -464,6 +566,7 @@ impl TrustDomainCa {
 fn secret_for(
     cfg: &CaConfig,
     roots: &[Root],
+    sequence: u64,
     resource_version: Option<String>,
 ) -> Result<Secret, CaError> {
     let stored: Vec<StoredRoot> = roots.iter().map(Root::stored).collect();
@@ -480,7 +583,13 @@ fn secret_for(
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".to_owned()),
-        data: Some(BTreeMap::from([(SECRET_KEY.to_owned(), ByteString(json))])),
+        data: Some(BTreeMap::from([
+            (SECRET_KEY.to_owned(), ByteString(json)),
+            (
+                SEQUENCE_KEY.to_owned(),
+                ByteString(sequence.to_string().into_bytes()),
+            ),
+        ])),
         ..Secret::default()
     })
 }
@@ -532,6 +641,40 @@ pub async fn follow_secret(
             tracing::warn!(error = %e, "the roots Secret changed to roots none of which is valid now; the roots in memory stay in use");
             continue;
         }
+        let mut next = next;
+        if !held.same_roots(&next) && next.sequence <= held.sequence {
+            // Changed by hand without a new sequence number: give it one, so
+            // federated trust domains notice. The write comes back as one
+            // more (newer) event, which changes nothing further.
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), &cfg.namespace);
+            let bumped = secret_for(
+                &cfg,
+                &next.roots,
+                held.sequence.saturating_add(1),
+                next.resource_version.clone(),
+            );
+            match bumped {
+                Ok(bumped) => match secrets
+                    .replace(&cfg.secret_name, &PostParams::default(), &bumped)
+                    .await
+                {
+                    Ok(written) => match TrustDomainCa::from_secret(&cfg, &written) {
+                        Ok(written) => next = written,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read back the roots Secret after numbering it")
+                        }
+                    },
+                    // Changed again meanwhile: the newer event follows.
+                    Err(e) if is_status(&e, 409) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot give the changed roots a new bundle sequence number; federated trust domains may not notice the change until the next rotation")
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot give the changed roots a new bundle sequence number")
+                }
+            }
+        }
         let before = held.roots.len();
         *held = next;
         tracing::info!(
@@ -556,7 +699,7 @@ mod tests {
         let cfg = CaConfig::new(td.clone(), "ns");
         let root = new_root(&td, OffsetDateTime::now_utc(), Duration::from_secs(3600)).unwrap();
         let secret = |rv: Option<&str>| {
-            secret_for(&cfg, std::slice::from_ref(&root), rv.map(Into::into)).unwrap()
+            secret_for(&cfg, std::slice::from_ref(&root), 1, rv.map(Into::into)).unwrap()
         };
         let held = TrustDomainCa::from_secret(&cfg, &secret(Some("100"))).unwrap();
         assert!(

@@ -117,6 +117,14 @@ pub fn desired_annotations(
                     .clone()
                     .unwrap_or_else(|| "default".to_owned()),
             );
+            if !assignment.federates_with.is_empty() {
+                let names: Vec<&str> = assignment
+                    .federates_with
+                    .iter()
+                    .map(TrustDomain::as_str)
+                    .collect();
+                out.insert(annotations::FEDERATES_WITH.to_owned(), names.join(","));
+            }
         }
         (Err(e), _) => {
             out.insert(annotations::IDENTITY_ERROR.to_owned(), e.to_string());
@@ -136,6 +144,7 @@ fn current_annotations(pod: &Pod) -> BTreeMap<String, String> {
                 annotations::IDENTITY,
                 annotations::IDENTITY_SOURCE,
                 annotations::IDENTITY_ERROR,
+                annotations::FEDERATES_WITH,
             ]
             .contains(&k.as_str())
         })
@@ -616,6 +625,7 @@ mod tests {
             result: Ok("spiffe://td/ns/a/sa/b".parse().unwrap()),
             conflicts: Vec::new(),
             broken_selectors: Vec::new(),
+            federates_with: Vec::new(),
         };
         let got = desired_annotations(
             &ok,
@@ -642,6 +652,7 @@ mod tests {
             }),
             conflicts: Vec::new(),
             broken_selectors: Vec::new(),
+            federates_with: Vec::new(),
         };
         let got = desired_annotations(&failed, None);
         assert_eq!(

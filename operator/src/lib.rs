@@ -4,7 +4,10 @@
 
 pub mod allocator;
 pub mod assign;
+pub mod bundle_endpoint;
 pub mod ca;
+pub mod federation;
+pub mod fetch;
 pub mod identity;
 pub mod metrics;
 pub mod policy;

@@ -19,8 +19,8 @@ use tessera_operator::metrics::{self, Metrics};
 use tessera_api::crd::installed::{self, CrdState};
 use tessera_api::spiffe::TrustDomain;
 use tessera_operator::ca::{CaConfig, TrustDomainCa};
-use tessera_operator::identity;
 use tessera_operator::signer::{self, SignerConfig, SignerService};
+use tessera_operator::{bundle_endpoint, identity};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, RwLock};
 use tracing::{info, warn};
@@ -46,7 +46,7 @@ enum Command {
     },
     /// Run the controllers until SIGTERM or Ctrl-C. Replicas elect a leader
     /// through a Lease; only the leader reconciles, the others stand by.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Measure signing on one thread with an in-memory root: X.509-SVIDs
     /// (CSR parsed, leaf built and signed) and JWT-SVIDs per second, as JSON.
     /// Used by `cargo xtask bench identity`.
@@ -170,6 +170,26 @@ struct RunArgs {
     /// (a pod of the same SPIFFE ID arriving meanwhile keeps it), in seconds.
     #[arg(long, default_value_t = 30)]
     identity_release_grace_seconds: u64,
+    /// Serve the trust domain's SPIFFE bundle endpoint with the https_spiffe
+    /// profile on this address (the endpoint presents an X509-SVID for
+    /// spiffe://<trust domain>/tessera/bundle-endpoint). Off when unset.
+    #[arg(long)]
+    bundle_endpoint_addr: Option<SocketAddr>,
+    /// Serve the bundle endpoint with the https_web profile on this address,
+    /// presenting the certificate in --bundle-endpoint-web-cert. Off when unset.
+    #[arg(long, requires_all = ["bundle_endpoint_web_cert", "bundle_endpoint_web_key"])]
+    bundle_endpoint_web_addr: Option<SocketAddr>,
+    /// PEM certificate chain (leaf first) for the https_web bundle endpoint;
+    /// reloaded when it changes.
+    #[arg(long)]
+    bundle_endpoint_web_cert: Option<PathBuf>,
+    /// PEM private key of --bundle-endpoint-web-cert.
+    #[arg(long)]
+    bundle_endpoint_web_key: Option<PathBuf>,
+    /// `spiffe_refresh_hint` of the served bundle: how often federated
+    /// trust domains should fetch it, in seconds.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    bundle_refresh_hint_seconds: u64,
 }
 
 /// How long running reconciles get to finish when leadership ends.
@@ -200,6 +220,36 @@ struct Leading {
     signer_addr: SocketAddr,
     signer_dns: Vec<String>,
     release_grace: Duration,
+    endpoint: EndpointArgs,
+}
+
+/// Where and how the bundle endpoint is served.
+#[derive(Debug, Clone)]
+struct EndpointArgs {
+    spiffe_addr: Option<SocketAddr>,
+    web: Option<(SocketAddr, PathBuf, PathBuf)>,
+    refresh_hint: Duration,
+}
+
+/// Serves one profile of the bundle endpoint, binding again after a
+/// failure, until the task is aborted.
+async fn keep_serving<F, Fut>(addr: SocketAddr, profile: &str, run: F)
+where
+    F: Fn(tokio::net::TcpListener) -> Fut,
+    Fut: std::future::Future<Output = Result<(), bundle_endpoint::EndpointError>>,
+{
+    loop {
+        match bundle_endpoint::bind(addr).await {
+            Ok(listener) => {
+                info!(%addr, profile, "bundle endpoint listening");
+                if let Err(e) = run(listener).await {
+                    warn!(error = %e, profile, "bundle endpoint stopped; retrying in 10s");
+                }
+            }
+            Err(e) => warn!(error = %e, profile, "retrying in 10s"),
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
 }
 
 /// Serves the signer, restarting it with a fresh serving certificate after
@@ -302,6 +352,33 @@ async fn lead(
             },
         ))
     };
+    let source = bundle_endpoint::Source {
+        ca: ca.clone(),
+        refresh_hint: leading.endpoint.refresh_hint,
+        metrics: metrics.clone(),
+    };
+    let mut endpoints = Vec::new();
+    if let Some(addr) = leading.endpoint.spiffe_addr {
+        let (td, source, rotated) = (
+            leading.trust_domain.clone(),
+            source.clone(),
+            rotated.clone(),
+        );
+        endpoints.push(tokio::spawn(async move {
+            keep_serving(addr, "https_spiffe", |listener| {
+                bundle_endpoint::run_spiffe(listener, td.clone(), source.clone(), rotated.clone())
+            })
+            .await
+        }));
+    }
+    if let Some((addr, cert, key)) = leading.endpoint.web.clone() {
+        endpoints.push(tokio::spawn(async move {
+            keep_serving(addr, "https_web", |listener| {
+                bundle_endpoint::run_web(listener, cert.clone(), key.clone(), source.clone())
+            })
+            .await
+        }));
+    }
     let signing = tokio::spawn(run_signer(client.clone(), leading.clone(), ca, rotated));
     let (stop_policy, policy_stopped) = tokio::sync::oneshot::channel::<()>();
     let preview = Arc::new(tessera_operator::policy::Preview::default());
@@ -311,6 +388,18 @@ async fn lead(
         preview.clone(),
         async move {
             let _ = policy_stopped.await;
+        },
+    ));
+    let (stop_federation, federation_stopped) = tokio::sync::oneshot::channel::<()>();
+    let federating = tokio::spawn(tessera_operator::federation::run(
+        client.clone(),
+        tessera_operator::federation::FederationConfig {
+            own: leading.trust_domain.clone(),
+            namespace: leading.ca.namespace.clone(),
+        },
+        metrics.clone(),
+        async move {
+            let _ = federation_stopped.await;
         },
     ));
     let result = identity::run(
@@ -323,6 +412,10 @@ async fn lead(
     )
     .await;
     let _ = stop_policy.send(());
+    let _ = stop_federation.send(());
+    if let Err(e) = federating.await {
+        warn!(error = %e, "the federation controller panicked");
+    }
     match policies.await {
         Ok(Err(e)) => warn!(error = %e, "the policy compiler failed"),
         Err(e) => warn!(error = %e, "the policy compiler panicked"),
@@ -330,6 +423,9 @@ async fn lead(
     }
     rotation.abort();
     following.abort();
+    for endpoint in endpoints {
+        endpoint.abort();
+    }
     signing.abort();
     Ok(result?)
 }
@@ -346,6 +442,11 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         svid_ttl_seconds,
         jwt_svid_ttl_seconds,
         identity_release_grace_seconds,
+        bundle_endpoint_addr,
+        bundle_endpoint_web_addr,
+        bundle_endpoint_web_cert,
+        bundle_endpoint_web_key,
+        bundle_refresh_hint_seconds,
     } = args;
     let namespace = namespace.as_str();
     let trust_domain: TrustDomain = trust_domain.parse().with_context(|| {
@@ -367,6 +468,18 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             format!("tessera-signer.{namespace}.svc"),
         ],
         release_grace: Duration::from_secs(identity_release_grace_seconds),
+        endpoint: EndpointArgs {
+            spiffe_addr: bundle_endpoint_addr,
+            web: match (
+                bundle_endpoint_web_addr,
+                bundle_endpoint_web_cert,
+                bundle_endpoint_web_key,
+            ) {
+                (Some(addr), Some(cert), Some(key)) => Some((addr, cert, key)),
+                _ => None,
+            },
+            refresh_hint: Duration::from_secs(bundle_refresh_hint_seconds),
+        },
     });
     let metrics = Arc::new(Metrics::default());
     let (bound, _server) = metrics::serve(metrics_addr, metrics.clone())
@@ -465,7 +578,7 @@ async fn main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { kubeconfig } => check(kubeconfig).await,
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::BenchSign { seconds } => bench_sign(seconds),
     }
 }

@@ -18,6 +18,24 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// Label set for bundle endpoint requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    /// `https_spiffe` or `https_web`.
+    pub profile: &'static str,
+    /// HTTP status code answered.
+    pub code: u16,
+}
+
+/// Label set for federated bundle fetches.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabel {
+    /// The foreign trust domain.
+    pub trust_domain: String,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
 /// Every metric the operator exports.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -39,6 +57,13 @@ pub struct Metrics {
     pub identity_policy_writes: Counter,
     /// SPIFFE IDs that have compiled policy.
     pub identity_policies: Gauge,
+    /// Requests to the bundle endpoint, by profile and status code.
+    pub bundle_endpoint_requests: Family<EndpointLabel, Counter>,
+    /// Bundle fetches from federated trust domains, by trust domain and result.
+    pub federation_fetches: Family<FetchLabel, Counter>,
+    /// Federated trust domains whose bundle in use is stale (the last
+    /// fetches failed).
+    pub federation_stale: Gauge,
     /// Set once the replica has initialized (CA loaded or standing by).
     pub ready: AtomicBool,
 }
@@ -91,6 +116,21 @@ impl Metrics {
             "identity_policies",
             "SPIFFE IDs with compiled policy",
             self.identity_policies.clone(),
+        );
+        r.register(
+            "bundle_endpoint_requests",
+            "Requests to the SPIFFE bundle endpoint by profile and status code",
+            self.bundle_endpoint_requests.clone(),
+        );
+        r.register(
+            "federation_fetches",
+            "Bundle fetches from federated trust domains by trust domain and result",
+            self.federation_fetches.clone(),
+        );
+        r.register(
+            "federation_stale",
+            "Federated trust domains whose bundle in use is stale",
+            self.federation_stale.clone(),
         );
         r
     }

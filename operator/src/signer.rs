@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use rcgen::{
     CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    KeyUsagePurpose, SanType, SerialNumber,
 };
 use tessera_api::annotations;
 use tessera_api::crd::WorkloadIdentity;
@@ -465,27 +465,19 @@ pub fn server_identity(
     td: &TrustDomain,
     dns_names: &[String],
 ) -> Result<Identity, CaError> {
+    let id = td
+        .member("/tessera/signer")
+        .map_err(|e| CaError::Certificate(e.to_string()))?;
     let now = OffsetDateTime::now_utc();
-    let root = ca.active(now)?;
-    let issuer = root.issuer();
-    let cert_err = |e: rcgen::Error| CaError::Certificate(e.to_string());
-    let mut params = CertificateParams::new(dns_names.to_vec()).map_err(cert_err)?;
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress(std::net::IpAddr::V4(
-            std::net::Ipv4Addr::LOCALHOST,
-        )));
-    let uri = format!("spiffe://{td}/tessera/signer")
-        .try_into()
-        .map_err(cert_err)?;
-    params.subject_alt_names.push(SanType::URI(uri));
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.not_before = now - time::Duration::minutes(1);
-    params.not_after = (now + time::Duration::days(1)).min(root.not_after);
-    let key = KeyPair::generate().map_err(cert_err)?;
-    let cert = params.signed_by(&key, issuer).map_err(cert_err)?;
-    Ok(Identity::from_pem(cert.pem(), key.serialize_pem()))
+    let (cert, key) = ca.issue_server_cert(
+        ca.active(now)?,
+        &id,
+        dns_names,
+        &[std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)],
+        Duration::from_secs(24 * 3600),
+        now,
+    )?;
+    Ok(Identity::from_pem(cert, key))
 }
 
 /// Serves the signer over TLS on `addr` until `shutdown`; returns the bound address.

@@ -34,8 +34,11 @@ pub struct TestBins {
     pub kubectl: PathBuf,
     /// `etcd`.
     pub etcd: PathBuf,
-    /// `spire-agent`, a real SPIFFE Workload API client (`api fetch x509`).
+    /// `spire-agent`, a real SPIFFE Workload API client (`api fetch x509`)
+    /// and a real SPIRE agent (Delegated Identity API).
     pub spire_agent: PathBuf,
+    /// `spire-server`, a real SPIRE server (Entry API, federation).
+    pub spire_server: PathBuf,
 }
 
 /// The cache root (see the module docs).
@@ -70,6 +73,7 @@ impl TestBins {
             kubectl: kubernetes_dir(root).join("kubectl"),
             etcd: etcd_dir(root).join("etcd"),
             spire_agent: spire_dir(root).join("spire-agent"),
+            spire_server: spire_dir(root).join("spire-server"),
         }
     }
 
@@ -81,6 +85,7 @@ impl TestBins {
             &bins.kubectl,
             &bins.etcd,
             &bins.spire_agent,
+            &bins.spire_server,
         ] {
             if !path.is_file() {
                 bail!(
@@ -102,22 +107,28 @@ impl TestBins {
         lock.lock()
             .with_context(|| format!("cannot lock {}", root.join(".lock").display()))?;
         check_go()?;
-        if !is_current(&kubernetes_dir(&root)) {
+        let want = TestBins::at(&root);
+        if !is_current(
+            &kubernetes_dir(&root),
+            &[&want.kube_apiserver, &want.kubectl],
+        ) {
             build_kubernetes(&root)?;
         }
-        if !is_current(&etcd_dir(&root)) {
+        if !is_current(&etcd_dir(&root), &[&want.etcd]) {
             build_etcd(&root)?;
         }
-        if !is_current(&spire_dir(&root)) {
+        if !is_current(&spire_dir(&root), &[&want.spire_agent, &want.spire_server]) {
             build_spire(&root)?;
         }
         TestBins::locate()
     }
 }
 
-/// True when `dir` holds a finished build of the current recipe.
-fn is_current(dir: &Path) -> bool {
+/// True when `dir` holds a finished build of the current recipe with every
+/// binary in `bins` (a binary added to a recipe later rebuilds the directory).
+fn is_current(dir: &Path, bins: &[&Path]) -> bool {
     fs::read_to_string(dir.join("recipe")).is_ok_and(|r| r == RECIPE)
+        && bins.iter().all(|b| b.is_file())
 }
 
 /// Fails unless `go` is on PATH and new enough.
@@ -271,16 +282,28 @@ fn build_etcd(root: &Path) -> Result<()> {
     )
 }
 
+/// See [`build_spire`].
+const EJBCA_REPLACE: &str = "replace github.com/Keyfactor/ejbca-go-client-sdk => github.com/Keyfactor/ejbca-go-client-sdk v1.0.2";
+
 fn build_spire(root: &Path) -> Result<()> {
-    // SPIRE's go.mod has no replace directives, so requiring it is enough.
+    // SPIRE's go.mod has no replace directives, so requiring it is enough,
+    // but for one module: the module proxy here does not serve the EJBCA
+    // client SDK version SPIRE 1.15 requires (v1.1.0), only v1.0.2, the one
+    // SPIRE 1.13 built its EJBCA plugin against; the plugin's code is the
+    // same in both releases. The tests never load that plugin.
+    // The server's sqlite datastore needs cgo (go's default when a C
+    // compiler is installed; build_into does not turn it off).
     let go_mod = format!(
-        "module tessera.dev/testbin/spire\n\ngo 1.26.0\n\nrequire github.com/spiffe/spire v{SPIRE_VERSION}\n"
+        "module tessera.dev/testbin/spire\n\ngo 1.26.0\n\nrequire github.com/spiffe/spire v{SPIRE_VERSION}\n\n{EJBCA_REPLACE}\n"
     );
     build_into(
         &spire_dir(root),
         &go_mod,
         "",
-        &["github.com/spiffe/spire/cmd/spire-agent"],
+        &[
+            "github.com/spiffe/spire/cmd/spire-agent",
+            "github.com/spiffe/spire/cmd/spire-server",
+        ],
         &[],
     )
 }

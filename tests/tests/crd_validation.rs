@@ -17,7 +17,7 @@ use tessera_api::crd::auth_policy::{
     MSG_EMPTY_PEER, MSG_HEADER_ONE_OF, MSG_HTTP_NEEDS_TCP, MSG_PATH_SLASH, MSG_PORT_RANGE,
 };
 use tessera_api::crd::federated_trust_domain::{
-    MSG_SPIFFE_NEEDS_ID, MSG_TD_IMMUTABLE, MSG_WEB_FORBIDS_ID,
+    MSG_CA_BUNDLE_WEB_ONLY, MSG_SPIFFE_NEEDS_ID, MSG_TD_IMMUTABLE, MSG_WEB_FORBIDS_ID,
 };
 use tessera_api::crd::schema::{
     MSG_HTTPS_ONLY, MSG_NO_FRAGMENT, MSG_NO_USERINFO, MSG_TEMPLATE_SCHEME,
@@ -424,6 +424,19 @@ fn cases() -> Vec<Case> {
             ),
             &[p(FTD_PROFILE, "/x-kubernetes-validations/1")],
             &["spec.bundleEndpointProfile", MSG_WEB_FORBIDS_ID],
+        ),
+        case(
+            "ftd-https-spiffe-with-ca-bundle",
+            "federatedtrustdomains",
+            ftd(
+                "f2b",
+                ftd_spec(
+                    "https://b.test/",
+                    serde_json::json!({"type": "https_spiffe", "endpointSPIFFEID": "spiffe://b.test/spire/server", "caBundle": "-----BEGIN CERTIFICATE-----"}),
+                ),
+            ),
+            &[p(FTD_PROFILE, "/x-kubernetes-validations/2")],
+            &["spec.bundleEndpointProfile", MSG_CA_BUNDLE_WEB_ONLY],
         ),
         case(
             "ftd-http-url",

@@ -12,6 +12,9 @@ use super::schema;
 pub const MSG_SPIFFE_NEEDS_ID: &str = "endpointSPIFFEID is required when type is https_spiffe";
 /// Message of the CEL rule that forbids an endpoint SPIFFE ID for https_web.
 pub const MSG_WEB_FORBIDS_ID: &str = "endpointSPIFFEID must not be set when type is https_web";
+/// Message of the CEL rule that allows caBundle only for https_web.
+pub const MSG_CA_BUNDLE_WEB_ONLY: &str =
+    "caBundle is only for https_web; https_spiffe endpoints are checked against trustDomainBundle";
 /// Message of the CEL rule that keeps the trust domain fixed.
 pub const MSG_TD_IMMUTABLE: &str =
     "trustDomain is immutable; create a new FederatedTrustDomain instead";
@@ -84,7 +87,8 @@ pub struct FederatedTrustDomainSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(
     validation = kube::core::Rule::new("self.type != 'https_spiffe' || has(self.endpointSPIFFEID)").message(MSG_SPIFFE_NEEDS_ID),
-    validation = kube::core::Rule::new("self.type != 'https_web' || !has(self.endpointSPIFFEID)").message(MSG_WEB_FORBIDS_ID)
+    validation = kube::core::Rule::new("self.type != 'https_web' || !has(self.endpointSPIFFEID)").message(MSG_WEB_FORBIDS_ID),
+    validation = kube::core::Rule::new("self.type == 'https_web' || !has(self.caBundle)").message(MSG_CA_BUNDLE_WEB_ONLY)
 )]
 pub struct BundleEndpointProfile {
     /// `https_web` (Web PKI) or `https_spiffe` (the endpoint presents an SVID).
@@ -98,6 +102,12 @@ pub struct BundleEndpointProfile {
     )]
     #[schemars(schema_with = "schema::spiffe_id")]
     pub endpoint_spiffe_id: Option<String>,
+    /// PEM CA certificates that authenticate an https_web endpoint instead
+    /// of the operator's system trust roots (for endpoints with a private
+    /// CA). Only for https_web.
+    #[serde(rename = "caBundle", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 262144))]
+    pub ca_bundle: Option<String>,
 }
 
 /// Bundle endpoint authentication profile.

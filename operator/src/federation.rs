@@ -1,0 +1,640 @@
+//! The FederatedTrustDomain controller: fetches each foreign trust domain's
+//! bundle from its SPIFFE bundle endpoint, on the schedule the bundle's
+//! `spiffe_refresh_hint` asks for, and publishes it for the node agents.
+//!
+//! Bundles are published in the ConfigMap [`STORE_NAME`] in the operator's
+//! namespace, one key per trust domain (the trust domain name) holding
+//! that trust domain's SPIFFE bundle document: bundles of different trust
+//! domains are never merged, and agents verify a peer only against the
+//! bundle of the peer's own trust domain. The ConfigMap is also where the
+//! last good bundle is kept across fetch failures and operator restarts.
+//!
+//! Rules:
+//! - The bootstrap bundle (`trustDomainBundle`) is published until the
+//!   first fetch succeeds; an https_spiffe endpoint is authenticated
+//!   against the bundle currently published for its trust domain.
+//! - A failed fetch, a malformed bundle or an empty one changes nothing
+//!   published: the previous bundle stays in use, the condition turns
+//!   `Stale` (or `Error` when there is no bundle at all), and the fetch is
+//!   retried within [`MAX_RETRY`].
+//! - This cluster's own trust domain cannot be federated, and two
+//!   FederatedTrustDomains for one trust domain are refused (the older one
+//!   wins), so no foreign endpoint can add anchors for a trust domain some
+//!   other source already speaks for.
+//! - Deleting a FederatedTrustDomain removes its bundle (a finalizer
+//!   makes sure of it); agents stop trusting the trust domain at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::{Controller, reflector, watcher};
+use kube::{Resource, ResourceExt};
+use rustls::pki_types::CertificateDer;
+use tessera_api::bundle::SpiffeBundle;
+use tessera_api::crd::CONDITION_READY;
+use tessera_api::crd::federated_trust_domain::{
+    BundleEndpointProfileType, FederatedTrustDomain, FederatedTrustDomainStatus,
+};
+use tessera_api::spiffe::{SpiffeId, TrustDomain};
+use tracing::{info, warn};
+
+use crate::fetch::{self, Profile};
+use crate::metrics::{FetchLabel, Metrics};
+
+/// The ConfigMap (in the operator's namespace) holding the federated
+/// bundles, one key per trust domain.
+pub const STORE_NAME: &str = tessera_api::bundle::FEDERATED_CONFIGMAP;
+/// Finalizer that removes a deleted FederatedTrustDomain's bundle.
+pub const FINALIZER: &str = "tessera.dev/federated-bundle";
+/// Refresh interval when neither the bundle nor the spec gives one.
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
+/// Shortest refresh honoured, whatever the hint says.
+pub const MIN_REFRESH: Duration = Duration::from_secs(5);
+/// Longest refresh honoured.
+pub const MAX_REFRESH: Duration = Duration::from_secs(24 * 3600);
+/// Longest wait before retrying after a failed fetch.
+pub const MAX_RETRY: Duration = Duration::from_secs(30);
+/// Condition reasons.
+pub const REASON_FRESH: &str = "Fresh";
+/// The last fetch failed; the previous bundle stays in use.
+pub const REASON_STALE: &str = "Stale";
+/// There is no bundle in use.
+pub const REASON_ERROR: &str = "Error";
+const FIELD_MANAGER: &str = "tessera-operator";
+
+/// Why a reconcile failed (retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum FederationError {
+    /// The API server refused or failed a request.
+    #[error(
+        "API server error while federating {what}: {source}; check that the operator may update federatedtrustdomains and their status, and get, create and patch configmaps in its namespace"
+    )]
+    Api {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: Arc<kube::Error>,
+    },
+    /// The finalizer machinery failed.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> FederationError {
+    let what = what.into();
+    move |e| FederationError::Api {
+        what,
+        source: Arc::new(e),
+    }
+}
+
+/// Where the controller publishes and what it refuses.
+#[derive(Debug, Clone)]
+pub struct FederationConfig {
+    /// This cluster's own trust domain (never federated).
+    pub own: TrustDomain,
+    /// The operator's namespace, where [`STORE_NAME`] lives.
+    pub namespace: String,
+}
+
+struct Context {
+    client: kube::Client,
+    cfg: FederationConfig,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    store: reflector::Store<FederatedTrustDomain>,
+    stale: Mutex<BTreeSet<String>>,
+}
+
+/// Reads the published bundles: trust domain name -> bundle document.
+pub async fn published(
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<BTreeMap<String, String>, kube::Error> {
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    Ok(maps
+        .get_opt(STORE_NAME)
+        .await?
+        .and_then(|cm| cm.data)
+        .unwrap_or_default())
+}
+
+/// Sets (`Some`) or removes (`None`) one trust domain's published bundle,
+/// creating the ConfigMap when needed. Other trust domains' keys are left
+/// alone (JSON merge patch of one key).
+async fn publish(
+    client: &kube::Client,
+    namespace: &str,
+    td: &str,
+    document: Option<&str>,
+) -> Result<(), FederationError> {
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let patch = serde_json::json!({ "data": { td: document } });
+    match maps
+        .patch(STORE_NAME, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            let Some(document) = document else {
+                return Ok(());
+            };
+            let cm = ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(STORE_NAME.to_owned()),
+                    namespace: Some(namespace.to_owned()),
+                    labels: Some(BTreeMap::from([(
+                        "app.kubernetes.io/part-of".to_owned(),
+                        "tessera".to_owned(),
+                    )])),
+                    ..ObjectMeta::default()
+                },
+                data: Some(BTreeMap::from([(td.to_owned(), document.to_owned())])),
+                ..ConfigMap::default()
+            };
+            match maps.create(&PostParams::default(), &cm).await {
+                Ok(_) => Ok(()),
+                // Created meanwhile by another reconcile: patch it.
+                Err(kube::Error::Api(s)) if s.code == 409 => maps
+                    .patch(STORE_NAME, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ())
+                    .map_err(api_err(format!("{td} (publishing its bundle)"))),
+                Err(e) => Err(api_err(format!("{td} (publishing its bundle)"))(e)),
+            }
+        }
+        Err(e) => Err(api_err(format!("{td} (publishing its bundle)"))(e)),
+    }
+}
+
+/// How long to wait before the next fetch after a successful one: the
+/// bundle's refresh hint, else the spec's refreshInterval, else
+/// [`DEFAULT_REFRESH`], kept within [`MIN_REFRESH`]..=[`MAX_REFRESH`].
+pub fn refresh_after(hint: Option<u64>, spec_interval: Option<&str>) -> Duration {
+    let chosen = hint
+        .map(Duration::from_secs)
+        .or_else(|| spec_interval.and_then(|s| tessera_api::duration::parse(s).ok()));
+    chosen
+        .unwrap_or(DEFAULT_REFRESH)
+        .clamp(MIN_REFRESH, MAX_REFRESH)
+}
+
+/// The outcome of one reconcile, turned into status.
+struct Outcome {
+    reason: &'static str,
+    message: String,
+    bundle: Option<SpiffeBundle>,
+    refreshed: bool,
+    next: Duration,
+}
+
+/// How long until the next fetch is due, when it is not due yet: the
+/// status describes the current generation and its next refresh time is
+/// ahead (by more than a second, so a timer firing early does not wait
+/// again).
+fn not_due(ftd: &FederatedTrustDomain, now: k8s_openapi::jiff::Timestamp) -> Option<Duration> {
+    let status = ftd.status.as_ref()?;
+    if status.observed_generation != ftd.metadata.generation {
+        return None;
+    }
+    let next = status.next_refresh_time.as_ref()?.0;
+    let ahead = next.duration_since(now);
+    if ahead.as_millis() <= 1000 {
+        return None;
+    }
+    Some(Duration::try_from(ahead).ok()?.min(MAX_REFRESH))
+}
+
+fn key_count(b: &SpiffeBundle) -> i64 {
+    (b.x509_authorities.len() + b.jwt_authorities.keys.len()) as i64
+}
+
+fn status_for(
+    ftd: &FederatedTrustDomain,
+    outcome: &Outcome,
+    now: k8s_openapi::jiff::Timestamp,
+) -> FederatedTrustDomainStatus {
+    let previous = ftd.status.clone().unwrap_or_default();
+    let generation = ftd.metadata.generation;
+    let status = if outcome.reason == REASON_FRESH {
+        "True"
+    } else {
+        "False"
+    };
+    let old = previous
+        .conditions
+        .iter()
+        .find(|c| c.type_ == CONDITION_READY);
+    let last_transition_time = match old {
+        Some(c) if c.status == status && c.reason == outcome.reason => {
+            c.last_transition_time.clone()
+        }
+        _ => Time(now),
+    };
+    let next = now
+        .checked_add(
+            k8s_openapi::jiff::SignedDuration::try_from(outcome.next)
+                .unwrap_or(k8s_openapi::jiff::SignedDuration::ZERO),
+        )
+        .unwrap_or(now);
+    FederatedTrustDomainStatus {
+        conditions: vec![Condition {
+            type_: CONDITION_READY.to_owned(),
+            status: status.to_owned(),
+            reason: outcome.reason.to_owned(),
+            message: outcome.message.clone(),
+            observed_generation: generation,
+            last_transition_time,
+        }],
+        observed_generation: generation,
+        last_refresh_time: if outcome.refreshed {
+            Some(Time(now))
+        } else {
+            previous.last_refresh_time
+        },
+        sequence_number: outcome
+            .bundle
+            .as_ref()
+            .and_then(|b| b.sequence)
+            .and_then(|s| i64::try_from(s).ok()),
+        key_count: outcome.bundle.as_ref().map(key_count),
+        next_refresh_time: Some(Time(next)),
+        last_error: if outcome.reason == REASON_FRESH {
+            None
+        } else {
+            Some(outcome.message.clone())
+        },
+    }
+}
+
+/// The roots an https_web endpoint is checked against, from `caBundle`.
+fn web_roots(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let roots = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("caBundle: {e}"))?;
+    if roots.is_empty() {
+        return Err("caBundle holds no CERTIFICATE block".to_owned());
+    }
+    Ok(roots)
+}
+
+fn decode(document: &str) -> Result<SpiffeBundle, String> {
+    SpiffeBundle::from_json(document.as_bytes())
+        .map(|d| d.bundle)
+        .map_err(|e| e.to_string())
+}
+
+/// An FTD older than `ftd` (creation time, then name) for the same trust
+/// domain, if any: it owns the trust domain.
+fn owner_of(ftd: &FederatedTrustDomain, all: &[Arc<FederatedTrustDomain>]) -> Option<String> {
+    let key = |f: &FederatedTrustDomain| (f.metadata.creation_timestamp.clone(), f.name_any());
+    all.iter()
+        .filter(|o| o.spec.trust_domain == ftd.spec.trust_domain && o.name_any() != ftd.name_any())
+        .filter(|o| o.metadata.deletion_timestamp.is_none())
+        .filter(|o| key(o) < key(ftd))
+        .map(|o| o.name_any())
+        .next()
+}
+
+async fn apply(
+    ftd: Arc<FederatedTrustDomain>,
+    ctx: Arc<Context>,
+) -> Result<Action, FederationError> {
+    let name = ftd.name_any();
+    let spec = &ftd.spec;
+    let error = |message: String, next: Duration| Outcome {
+        reason: REASON_ERROR,
+        message,
+        bundle: None,
+        refreshed: false,
+        next,
+    };
+    // Every status write comes back as an event; fetch only when due (or
+    // when the spec changed), else wait for the time in the status.
+    if let Some(wait) = not_due(&ftd, k8s_openapi::jiff::Timestamp::now()) {
+        return Ok(Action::requeue(wait));
+    }
+    let outcome = 'outcome: {
+        let td: TrustDomain = match spec.trust_domain.parse() {
+            Ok(td) => td,
+            Err(e) => break 'outcome error(format!("trustDomain: {e}"), MAX_REFRESH),
+        };
+        if td == ctx.cfg.own {
+            break 'outcome error(
+                format!("{td} is this cluster's own trust domain; it cannot be federated"),
+                MAX_REFRESH,
+            );
+        }
+        if let Some(owner) = owner_of(&ftd, &ctx.store.state()) {
+            // Checked again later in case the owner goes away.
+            break 'outcome error(
+                format!(
+                    "trust domain {td} is already federated by FederatedTrustDomain {owner}; delete one of the two"
+                ),
+                MAX_RETRY,
+            );
+        }
+        let published = published(&ctx.client, &ctx.cfg.namespace)
+            .await
+            .map_err(api_err(format!("{td} (reading the published bundles)")))?;
+        let mut held = match published.get(td.as_str()).map(|d| decode(d)) {
+            Some(Ok(b)) => Some(b),
+            Some(Err(e)) => {
+                warn!(trust_domain = %td, error = %e, "the published bundle is malformed; starting again from trustDomainBundle");
+                None
+            }
+            None => None,
+        };
+        if held.is_none()
+            && let Some(boot) = &spec.trust_domain_bundle
+        {
+            match decode(boot) {
+                Ok(b) => {
+                    publish(&ctx.client, &ctx.cfg.namespace, td.as_str(), Some(boot)).await?;
+                    info!(ftd = %name, trust_domain = %td, "bootstrap bundle published");
+                    held = Some(b);
+                }
+                Err(e) => {
+                    break 'outcome error(
+                        format!("trustDomainBundle is not a SPIFFE bundle: {e}"),
+                        MAX_REFRESH,
+                    );
+                }
+            }
+        }
+        let roots;
+        let endpoint_id: SpiffeId;
+        let profile = match spec.bundle_endpoint_profile.profile_type {
+            BundleEndpointProfileType::HttpsWeb => match &spec.bundle_endpoint_profile.ca_bundle {
+                Some(pem) => match web_roots(pem) {
+                    Ok(r) => {
+                        roots = r;
+                        Profile::Web(Some(&roots))
+                    }
+                    Err(e) => break 'outcome error(e, MAX_REFRESH),
+                },
+                None => Profile::Web(None),
+            },
+            BundleEndpointProfileType::HttpsSpiffe => {
+                let Some(id) = &spec.bundle_endpoint_profile.endpoint_spiffe_id else {
+                    break 'outcome error(
+                        "https_spiffe needs endpointSPIFFEID".to_owned(),
+                        MAX_REFRESH,
+                    );
+                };
+                endpoint_id = match id.parse() {
+                    Ok(id) => id,
+                    Err(e) => break 'outcome error(format!("endpointSPIFFEID: {e}"), MAX_REFRESH),
+                };
+                let Some(bundle) = held.as_ref() else {
+                    break 'outcome error(
+                        format!(
+                            "https_spiffe needs {td}'s bundle to authenticate the endpoint: set trustDomainBundle (for example from `spire-server bundle show -format spiffe`)"
+                        ),
+                        MAX_REFRESH,
+                    );
+                };
+                Profile::Spiffe {
+                    id: &endpoint_id,
+                    bundle,
+                }
+            }
+        };
+        let fetched = fetch::fetch(&spec.bundle_endpoint_url, profile)
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|d| {
+                if key_count(&d.bundle) == 0 {
+                    Err(format!(
+                        "{} served a bundle with no keys",
+                        spec.bundle_endpoint_url
+                    ))
+                } else {
+                    Ok(d)
+                }
+            });
+        let result = if fetched.is_ok() { "ok" } else { "error" };
+        ctx.metrics
+            .federation_fetches
+            .get_or_create(&FetchLabel {
+                trust_domain: td.to_string(),
+                result,
+            })
+            .inc();
+        match fetched {
+            Ok(decoded) => {
+                for note in &decoded.ignored {
+                    info!(trust_domain = %td, "bundle key ignored: {note}");
+                }
+                let bundle = decoded.bundle;
+                if held.as_ref() != Some(&bundle) {
+                    let document = bundle.to_json().map_err(|e| e.to_string());
+                    let document = match document {
+                        Ok(d) => d,
+                        Err(e) => break 'outcome error(e, MAX_RETRY),
+                    };
+                    let document = String::from_utf8_lossy(&document).into_owned();
+                    publish(
+                        &ctx.client,
+                        &ctx.cfg.namespace,
+                        td.as_str(),
+                        Some(&document),
+                    )
+                    .await?;
+                    let note = format!(
+                        "bundle of {td} updated: sequence {}, {} X.509 and {} JWT authorities",
+                        bundle.sequence.map_or("none".to_owned(), |s| s.to_string()),
+                        bundle.x509_authorities.len(),
+                        bundle.jwt_authorities.keys.len()
+                    );
+                    info!(ftd = %name, "{note}");
+                    emit(&ctx, &ftd, EventType::Normal, "BundleUpdated", note).await;
+                }
+                Outcome {
+                    reason: REASON_FRESH,
+                    message: format!(
+                        "fetched from {}; sequence {}",
+                        spec.bundle_endpoint_url,
+                        bundle.sequence.map_or("none".to_owned(), |s| s.to_string())
+                    ),
+                    next: refresh_after(bundle.refresh_hint, spec.refresh_interval.as_deref()),
+                    bundle: Some(bundle),
+                    refreshed: true,
+                }
+            }
+            Err(e) => {
+                // Retry at the pace the trust domain asked for, at most
+                // MAX_RETRY apart.
+                let hint = held.as_ref().and_then(|b| b.refresh_hint);
+                let next = refresh_after(hint, spec.refresh_interval.as_deref()).min(MAX_RETRY);
+                emit(&ctx, &ftd, EventType::Warning, "FetchFailed", e.clone()).await;
+                match held {
+                    Some(bundle) => {
+                        warn!(ftd = %name, trust_domain = %td, error = %e, "bundle fetch failed; the previous bundle stays in use");
+                        Outcome {
+                            reason: REASON_STALE,
+                            message: format!(
+                                "the last fetch failed, the previous bundle (sequence {}) stays in use: {e}",
+                                bundle.sequence.map_or("none".to_owned(), |s| s.to_string())
+                            ),
+                            bundle: Some(bundle),
+                            refreshed: false,
+                            next,
+                        }
+                    }
+                    None => {
+                        warn!(ftd = %name, trust_domain = %td, error = %e, "bundle fetch failed; no bundle for this trust domain yet");
+                        error(format!("no bundle yet: {e}"), next)
+                    }
+                }
+            }
+        }
+    };
+    {
+        let mut stale = ctx.stale.lock().unwrap_or_else(|p| p.into_inner());
+        if outcome.reason == REASON_STALE {
+            stale.insert(name.clone());
+        } else {
+            stale.remove(&name);
+        }
+        ctx.metrics.federation_stale.set(stale.len() as i64);
+    }
+    let status = status_for(&ftd, &outcome, k8s_openapi::jiff::Timestamp::now());
+    if ftd.status.as_ref() != Some(&status) {
+        let patch = serde_json::json!({
+            "apiVersion": "tessera.dev/v1alpha1",
+            "kind": "FederatedTrustDomain",
+            "status": status,
+        });
+        Api::<FederatedTrustDomain>::all(ctx.client.clone())
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(patch),
+            )
+            .await
+            .map_err(api_err(format!("{name} (writing its status)")))?;
+    }
+    Ok(Action::requeue(outcome.next))
+}
+
+async fn cleanup(
+    ftd: Arc<FederatedTrustDomain>,
+    ctx: Arc<Context>,
+) -> Result<Action, FederationError> {
+    let name = ftd.name_any();
+    let td = &ftd.spec.trust_domain;
+    // Only the FTD that owns the trust domain removes its bundle; a
+    // refused duplicate never published one.
+    let owns = td.parse::<TrustDomain>().is_ok_and(|t| t != ctx.cfg.own)
+        && owner_of(&ftd, &ctx.store.state()).is_none();
+    if owns {
+        publish(&ctx.client, &ctx.cfg.namespace, td, None).await?;
+        info!(ftd = %name, trust_domain = %td, "federation removed; bundle withdrawn");
+    }
+    ctx.stale
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&name);
+    Ok(Action::await_change())
+}
+
+async fn emit(
+    ctx: &Context,
+    ftd: &FederatedTrustDomain,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "FetchBundle".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &ftd.object_ref(&())).await {
+        warn!(error = %e, "cannot publish event");
+    }
+}
+
+async fn reconcile(
+    ftd: Arc<FederatedTrustDomain>,
+    ctx: Arc<Context>,
+) -> Result<Action, FederationError> {
+    let api: Api<FederatedTrustDomain> = Api::all(ctx.client.clone());
+    finalizer(&api, FINALIZER, ftd, |event| async {
+        match event {
+            Finalizer::Apply(ftd) => apply(ftd, ctx.clone()).await,
+            Finalizer::Cleanup(ftd) => cleanup(ftd, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| FederationError::Finalizer(e.to_string()))
+}
+
+fn error_policy(
+    ftd: Arc<FederatedTrustDomain>,
+    error: &FederationError,
+    _: Arc<Context>,
+) -> Action {
+    warn!(ftd = %ftd.name_any(), %error, "FederatedTrustDomain reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs the controller until `stop` resolves.
+pub async fn run(
+    client: kube::Client,
+    cfg: FederationConfig,
+    metrics: Arc<Metrics>,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let api: Api<FederatedTrustDomain> = Api::all(client.clone());
+    let controller = Controller::new(api, watcher::Config::default());
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "tessera-operator".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+        client,
+        cfg,
+        metrics,
+        store: controller.store(),
+        stale: Mutex::new(BTreeSet::new()),
+    });
+    controller
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_follows_the_hint_within_bounds() {
+        assert_eq!(
+            refresh_after(Some(60), Some("10m")),
+            Duration::from_secs(60)
+        );
+        assert_eq!(refresh_after(None, Some("10m")), Duration::from_secs(600));
+        assert_eq!(refresh_after(None, None), DEFAULT_REFRESH);
+        assert_eq!(refresh_after(Some(0), None), MIN_REFRESH);
+        assert_eq!(refresh_after(Some(u64::MAX / 2), None), MAX_REFRESH);
+        assert_eq!(refresh_after(None, Some("junk")), DEFAULT_REFRESH);
+    }
+}

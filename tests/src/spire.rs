@@ -1,0 +1,187 @@
+//! A real SPIRE server (the Go-built `spire-server` of [`crate::TestBins`])
+//! for one trust domain on loopback: sqlite datastore, keys on disk (so a
+//! restart keeps its CA), join-token node attestation, and a bundle
+//! endpoint (https_spiffe) with a short refresh hint. Its CLI talks to it
+//! over its admin socket.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::free_port;
+use crate::procs::KillOnDrop;
+
+/// The SPIFFE ID SPIRE's bundle endpoint presents (https_spiffe).
+pub fn server_id(trust_domain: &str) -> String {
+    format!("spiffe://{trust_domain}/spire/server")
+}
+
+/// A running (or stopped, see [`SpireServer::stop`]) SPIRE server.
+#[derive(Debug)]
+pub struct SpireServer {
+    bin: PathBuf,
+    dir: PathBuf,
+    /// Its trust domain.
+    pub trust_domain: String,
+    /// The admin API socket the CLI uses.
+    pub socket: PathBuf,
+    /// Port of the server API (agents connect here).
+    pub server_port: u16,
+    /// Port of the bundle endpoint.
+    pub bundle_port: u16,
+    proc: Option<KillOnDrop>,
+}
+
+impl SpireServer {
+    /// Writes the configuration into `dir` and starts the server; returns
+    /// once its health check passes.
+    pub async fn start(
+        bin: &Path,
+        dir: &Path,
+        trust_domain: &str,
+        refresh_hint: &str,
+    ) -> Result<SpireServer> {
+        std::fs::create_dir_all(dir.join("data"))?;
+        let (server_port, bundle_port) = (free_port()?, free_port()?);
+        let socket = dir.join("api.sock");
+        let config = format!(
+            r#"server {{
+    bind_address = "127.0.0.1"
+    bind_port = "{server_port}"
+    socket_path = "{socket}"
+    trust_domain = "{trust_domain}"
+    data_dir = "{data}"
+    log_level = "DEBUG"
+    ca_ttl = "24h"
+    default_x509_svid_ttl = "1h"
+    federation {{
+        bundle_endpoint {{
+            address = "127.0.0.1"
+            port = {bundle_port}
+            refresh_hint = "{refresh_hint}"
+        }}
+    }}
+}}
+
+plugins {{
+    DataStore "sql" {{
+        plugin_data {{
+            database_type = "sqlite3"
+            connection_string = "{data}/datastore.sqlite3"
+        }}
+    }}
+    KeyManager "disk" {{
+        plugin_data {{
+            keys_path = "{data}/keys.json"
+        }}
+    }}
+    NodeAttestor "join_token" {{
+        plugin_data {{}}
+    }}
+}}
+"#,
+            socket = socket.display(),
+            data = dir.join("data").display(),
+        );
+        std::fs::write(dir.join("server.conf"), config)?;
+        let mut server = SpireServer {
+            bin: bin.to_owned(),
+            dir: dir.to_owned(),
+            trust_domain: trust_domain.to_owned(),
+            socket,
+            server_port,
+            bundle_port,
+            proc: None,
+        };
+        server.resume().await?;
+        Ok(server)
+    }
+
+    /// (Re)starts the server process with the same configuration and
+    /// data; returns once it is healthy.
+    pub async fn resume(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))?;
+        let child = Command::new(&self.bin)
+            .arg("run")
+            .arg("-config")
+            .arg(self.dir.join("server.conf"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.bin.display()))?;
+        self.proc = Some(KillOnDrop(child));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(proc) = self.proc.as_mut()
+                && let Some(exit) = proc.0.try_wait()?
+            {
+                bail!(
+                    "spire-server exited ({exit}) at start; its log:\n{}",
+                    self.log()
+                );
+            }
+            if self.cli(&["healthcheck"]).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "spire-server did not become healthy within 30 s; its log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops the server (SIGKILL); [`Self::resume`] starts it again.
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// Runs `spire-server <args> -socketPath <socket>`; its stdout, or an
+    /// error with its output.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.bin)
+            .args(args)
+            .arg("-socketPath")
+            .arg(&self.socket)
+            .output()
+            .with_context(|| format!("cannot run {}", self.bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "spire-server {} failed ({}): {}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The server's own bundle, SPIFFE format.
+    pub fn bundle(&self) -> Result<String> {
+        self.cli(&["bundle", "show", "-format", "spiffe"])
+    }
+
+    /// The bundle SPIRE holds for federated trust domain `td`, SPIFFE
+    /// format, or None when it holds none.
+    pub fn federated_bundle(&self, td: &str) -> Result<Option<String>> {
+        let id = format!("spiffe://{td}");
+        match self.cli(&["bundle", "list", "-id", &id, "-format", "spiffe"]) {
+            Ok(out) => Ok(out.find('{').map(|start| out[start..].to_owned())),
+            Err(e) if e.to_string().contains("NotFound") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
