@@ -359,6 +359,28 @@ mod tests {
     }
 
     #[test]
+    fn federates_with_comes_from_the_chosen_workload_identity() {
+        let mut chosen = wid("a-web", "spiffe://{trustDomain}/web", None, false);
+        chosen.spec.federates_with = vec![
+            "c.test".into(),
+            "b.test".into(),
+            "c.test".into(),
+            "cluster.test".into(),
+        ];
+        let mut other = wid("z-web", "spiffe://{trustDomain}/other", None, false);
+        other.spec.federates_with = vec!["d.test".into()];
+        let a = run(&[other, chosen]);
+        assert_eq!(a.source.as_deref(), Some("a-web"));
+        let names: Vec<&str> = a.federates_with.iter().map(TrustDomain::as_str).collect();
+        assert_eq!(
+            names,
+            ["b.test", "c.test"],
+            "sorted, once each, never the own trust domain"
+        );
+        assert!(run(&[]).federates_with.is_empty());
+    }
+
+    #[test]
     fn default_when_nothing_selects() {
         let a = run(&[wid(
             "db",

@@ -233,15 +233,23 @@ pub async fn agent_token_file(
 
 /// Waits until the operator has published the trust bundle ConfigMap
 /// `tessera-trust-bundle` in `tessera-system` (agents need it to trust the
-/// signer).
+/// signer); returns its PEM bundle.
 pub async fn wait_for_trust_bundle(
     client: &kube::Client,
     timeout: std::time::Duration,
-) -> Result<()> {
+) -> Result<String> {
     use k8s_openapi::api::core::v1::ConfigMap;
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), crate::procs::NAMESPACE);
     let deadline = std::time::Instant::now() + timeout;
-    while maps.get_opt("tessera-trust-bundle").await?.is_none() {
+    loop {
+        if let Some(pem) = maps
+            .get_opt("tessera-trust-bundle")
+            .await?
+            .and_then(|cm| cm.data)
+            .and_then(|mut d| d.remove("bundle.pem"))
+        {
+            return Ok(pem);
+        }
         if std::time::Instant::now() > deadline {
             anyhow::bail!(
                 "the operator published no trust bundle within {timeout:?}; is it running?"
@@ -249,5 +257,4 @@ pub async fn wait_for_trust_bundle(
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    Ok(())
 }

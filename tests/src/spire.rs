@@ -185,3 +185,147 @@ plugins {{
         }
     }
 }
+
+impl SpireServer {
+    /// A one-time join token for a node named `spiffe://<td>/<node>`.
+    pub fn join_token(&self, node: &str) -> Result<String> {
+        let id = format!("spiffe://{}/{node}", self.trust_domain);
+        let out = self.cli(&["token", "generate", "-spiffeID", &id])?;
+        out.split_whitespace()
+            .skip_while(|w| *w != "Token:")
+            .nth(1)
+            .map(str::to_owned)
+            .with_context(|| format!("no token in `spire-server token generate` output: {out}"))
+    }
+
+    /// Registers `spiffe_id` for workloads of `parent` (a node's ID) matching
+    /// `selectors` (`unix:uid:0`, ...), receiving the bundles of the trust
+    /// domain IDs in `federates_with`.
+    pub fn create_entry(
+        &self,
+        parent: &str,
+        spiffe_id: &str,
+        selectors: &[&str],
+        federates_with: &[&str],
+    ) -> Result<()> {
+        let mut args = vec![
+            "entry",
+            "create",
+            "-parentID",
+            parent,
+            "-spiffeID",
+            spiffe_id,
+        ];
+        for s in selectors {
+            args.extend(["-selector", s]);
+        }
+        for td in federates_with {
+            args.extend(["-federatesWith", td]);
+        }
+        self.cli(&args).map(|_| ())
+    }
+}
+
+/// A real SPIRE agent attested to a [`SpireServer`] with a join token,
+/// serving the Workload API on its socket (unix workload attestor).
+#[derive(Debug)]
+pub struct SpireAgent {
+    /// The Workload API socket.
+    pub socket: PathBuf,
+    /// The agent's own SPIFFE ID (`spiffe://<td>/<node>`).
+    pub id: String,
+    dir: PathBuf,
+    _proc: KillOnDrop,
+}
+
+impl SpireAgent {
+    /// Starts `spire-agent` in `dir` for `server` as node `node`; returns
+    /// once its Workload API answers health checks.
+    pub async fn start(
+        bin: &Path,
+        dir: &Path,
+        server: &SpireServer,
+        node: &str,
+    ) -> Result<SpireAgent> {
+        std::fs::create_dir_all(dir.join("data"))?;
+        let bootstrap = dir.join("bootstrap.pem");
+        std::fs::write(&bootstrap, server.cli(&["bundle", "show"])?)?;
+        let socket = dir.join("agent.sock");
+        let config = format!(
+            r#"agent {{
+    data_dir = "{data}"
+    log_level = "DEBUG"
+    server_address = "127.0.0.1"
+    server_port = "{port}"
+    socket_path = "{socket}"
+    trust_bundle_path = "{bootstrap}"
+    trust_domain = "{td}"
+}}
+
+plugins {{
+    NodeAttestor "join_token" {{
+        plugin_data {{}}
+    }}
+    KeyManager "memory" {{
+        plugin_data {{}}
+    }}
+    WorkloadAttestor "unix" {{
+        plugin_data {{}}
+    }}
+}}
+"#,
+            data = dir.join("data").display(),
+            port = server.server_port,
+            socket = socket.display(),
+            bootstrap = bootstrap.display(),
+            td = server.trust_domain,
+        );
+        std::fs::write(dir.join("agent.conf"), config)?;
+        let token = server.join_token(node)?;
+        let log = std::fs::File::create(dir.join("agent.log"))?;
+        let mut child = Command::new(bin)
+            .arg("run")
+            .arg("-config")
+            .arg(dir.join("agent.conf"))
+            .arg("-joinToken")
+            .arg(token)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(exit) = child.try_wait()? {
+                bail!(
+                    "spire-agent exited ({exit}) at start; its log:\n{}",
+                    std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+                );
+            }
+            let health = Command::new(bin)
+                .args(["healthcheck", "-socketPath"])
+                .arg(&socket)
+                .output()?;
+            if health.status.success() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "spire-agent did not become healthy within 30 s; its log:\n{}",
+                    std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(SpireAgent {
+            socket,
+            id: format!("spiffe://{}/{node}", server.trust_domain),
+            dir: dir.to_owned(),
+            _proc: KillOnDrop(child),
+        })
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+}

@@ -120,12 +120,23 @@ pub async fn first_fetch(cgroup: &PodCgroup, socket: &Path) -> String {
 /// control plane at `kubeconfig`, its signer on loopback `signer_port`,
 /// issuing X.509-SVIDs valid for `svid_ttl` seconds.
 pub fn start_operator(kubeconfig: &Path, signer_port: u16, svid_ttl: u64) -> Proc {
+    start_operator_with(kubeconfig, signer_port, svid_ttl, &[])
+}
+
+/// [`start_operator`] with `extra` arguments.
+pub fn start_operator_with(
+    kubeconfig: &Path,
+    signer_port: u16,
+    svid_ttl: u64,
+    extra: &[String],
+) -> Proc {
     let bin = tessera_tests::workspace_bin("tessera-operator").unwrap();
     Proc(
         tessera_tests::procs::operator_run(&bin, kubeconfig, "cluster.test")
             .args(["--metrics-addr=127.0.0.1:0", "--lease-duration=3"])
             .arg(format!("--signer-addr=127.0.0.1:{signer_port}"))
             .arg(format!("--svid-ttl-seconds={svid_ttl}"))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -1,0 +1,412 @@
+//! End to end, as root: a workload of a SPIRE trust domain (`b.test`, real
+//! spire-server and spire-agent, join-token attestation) and a Tessera
+//! workload (`cluster.test`, the operator and `tessera-agent run`)
+//! authenticate each other with mutual TLS, each verifying the other with
+//! the federated bundle its own Workload API hands it: SPIRE federates with
+//! the operator's bundle endpoint, Tessera with SPIRE's through a
+//! FederatedTrustDomain, and the Tessera pod's WorkloadIdentity lists
+//! `b.test` in `federatesWith`. Both sides use SPIRE's Workload API client
+//! (`spire-agent api fetch x509 -write`) and OpenSSL for the TLS.
+//!
+//! A pod whose WorkloadIdentity does not federate gets no b.test bundle,
+//! and once the FederatedTrustDomain is deleted the Tessera pod's Workload
+//! API drops it: the same connection is refused.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, PostParams};
+use tessera_api::crd::federated_trust_domain::{
+    BundleEndpointProfile, BundleEndpointProfileType, FederatedTrustDomain,
+    FederatedTrustDomainSpec,
+};
+use tessera_api::signer_api::TOKEN_AUDIENCE;
+use tessera_tests::resources;
+use tessera_tests::spire::{SpireAgent, SpireServer, server_id};
+
+mod common;
+use common::PodCgroup;
+
+fn pod(name: &str, app: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "labels": {"app": app}},
+        "spec": {"nodeName": "node-a", "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}
+    }))
+    .unwrap()
+}
+
+/// Runs `spire-agent api fetch x509 -socketPath <socket> -write <dir>`
+/// (inside `cgroup` when given) until `done(dir)` holds; fails after 60 s
+/// with the last output.
+async fn fetch_until(
+    spire_agent: &Path,
+    socket: &Path,
+    cgroup: Option<&PodCgroup>,
+    dir: &Path,
+    what: &str,
+    done: impl Fn(&Path) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
+        let args = [
+            "api",
+            "fetch",
+            "x509",
+            "-socketPath",
+            socket.to_str().unwrap(),
+            "-write",
+            dir.to_str().unwrap(),
+        ];
+        let (ok, out, err) = match cgroup {
+            Some(cgroup) => cgroup.run(spire_agent, &args),
+            None => {
+                let o = Command::new(spire_agent).args(args).output().unwrap();
+                (
+                    o.status.success(),
+                    String::from_utf8_lossy(&o.stdout).into_owned(),
+                    String::from_utf8_lossy(&o.stderr).into_owned(),
+                )
+            }
+        };
+        if ok && done(dir) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within 60 s; last fetch:\n{out}\n{err}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// One mutual TLS connection: `openssl s_server` with the server's SVID,
+/// trusting `server_ca`, and `openssl s_client` with the client's SVID,
+/// trusting `client_ca`. Returns whether both sides accepted the other and
+/// the server received the client's line, and what both printed.
+fn mutual_tls(server: &Path, server_ca: &Path, client: &Path, client_ca: &Path) -> (bool, String) {
+    let port = tessera_tests::free_port().unwrap();
+    let accept = format!("127.0.0.1:{port}");
+    let mut s_server = Command::new("openssl")
+        .args(["s_server", "-accept", &accept, "-Verify", "2"])
+        .args(["-verify_return_error", "-tls1_3"])
+        .arg("-cert")
+        .arg(server.join("svid.0.pem"))
+        .arg("-key")
+        .arg(server.join("svid.0.key"))
+        .arg("-CAfile")
+        .arg(server_ca)
+        // s_server quits when its stdin ends: keep it open.
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "openssl s_server did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &accept,
+            "-verify_return_error",
+            "-tls1_3",
+        ])
+        .args(["-verify", "2"])
+        .arg("-cert")
+        .arg(client.join("svid.0.pem"))
+        .arg("-key")
+        .arg(client.join("svid.0.key"))
+        .arg("-CAfile")
+        .arg(client_ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            // Close stdin after a line: s_client exits once the handshake and
+            // the first read are done.
+            if let Some(mut stdin) = c.stdin.take() {
+                let _ = stdin.write_all(b"hello\n");
+            }
+            c.wait_with_output()
+        })
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The server prints what it receives once the handshake, its check of
+    // the client's certificate included, is done (with TLS 1.3 the client
+    // finishes before that check).
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = s_server.kill();
+    let server_out = s_server.wait_with_output().map(|o| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    let server_out = server_out.unwrap_or_default();
+    let ok = out.status.success()
+        && text.contains("Verify return code: 0 (ok)")
+        && server_out.contains("hello")
+        && !server_out.contains("verify error");
+    (ok, format!("client:\n{text}\nserver:\n{server_out}"))
+}
+
+fn spiffe_id_of(pem: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(pem)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(|c: char| c.is_whitespace() || c == ',')
+        .find_map(|w| w.strip_prefix("URI:"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spire_workload_and_a_tessera_workload_authenticate_across_trust_domains() {
+    let bins = tessera_tests::TestBins::locate().unwrap();
+    let (cp, client) = resources::control_plane_with_crds().await.unwrap();
+    resources::apply_manifest(&client, resources::TWO_NODES)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let signer_port = tessera_tests::free_port().unwrap();
+    let endpoint_port = tessera_tests::free_port().unwrap();
+    let _operator = common::start_operator_with(
+        cp.kubeconfig(),
+        signer_port,
+        3600,
+        &[
+            format!("--bundle-endpoint-addr=127.0.0.1:{endpoint_port}"),
+            "--bundle-refresh-hint-seconds=5".to_owned(),
+        ],
+    );
+    let tessera_pem = resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    // b.test: a SPIRE server and agent, federating with cluster.test.
+    let mut spire = SpireServer::start(
+        &bins.spire_server,
+        &dir.path().join("spire-server"),
+        "b.test",
+        "5s",
+    )
+    .await
+    .unwrap();
+    let pem_path = dir.path().join("cluster.test.pem");
+    std::fs::write(&pem_path, &tessera_pem).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", endpoint_port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the bundle endpoint did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    spire
+        .cli(&[
+            "federation",
+            "create",
+            "-trustDomain",
+            "cluster.test",
+            "-bundleEndpointURL",
+            &format!("https://127.0.0.1:{endpoint_port}"),
+            "-bundleEndpointProfile",
+            "https_spiffe",
+            "-endpointSpiffeID",
+            "spiffe://cluster.test/tessera/bundle-endpoint",
+            "-trustDomainBundlePath",
+            pem_path.to_str().unwrap(),
+        ])
+        .unwrap();
+    spire
+        .cli(&["federation", "refresh", "-id", "cluster.test"])
+        .unwrap();
+    let spire_agent = SpireAgent::start(
+        &bins.spire_agent,
+        &dir.path().join("spire-agent"),
+        &spire,
+        "node-x",
+    )
+    .await
+    .unwrap();
+    spire
+        .create_entry(
+            &spire_agent.id,
+            "spiffe://b.test/client",
+            &["unix:uid:0"],
+            &["spiffe://cluster.test"],
+        )
+        .unwrap();
+    let b_dir = dir.path().join("b-client");
+    fetch_until(
+        &bins.spire_agent,
+        &spire_agent.socket,
+        None,
+        &b_dir,
+        "the SPIRE workload's SVID with cluster.test's bundle",
+        |d| d.join("svid.0.pem").exists() && d.join("federated_bundle.0.0.pem").exists(),
+    )
+    .await;
+    assert_eq!(
+        spiffe_id_of(&b_dir.join("svid.0.pem")),
+        "spiffe://b.test/client"
+    );
+
+    // cluster.test federates with b.test; web pods federate with it.
+    let ftds: Api<FederatedTrustDomain> = Api::all(client.clone());
+    ftds.create(
+        &PostParams::default(),
+        &FederatedTrustDomain::new(
+            "b-test",
+            FederatedTrustDomainSpec {
+                trust_domain: "b.test".into(),
+                bundle_endpoint_url: format!("https://127.0.0.1:{}", spire.bundle_port),
+                bundle_endpoint_profile: BundleEndpointProfile {
+                    profile_type: BundleEndpointProfileType::HttpsSpiffe,
+                    endpoint_spiffe_id: Some(server_id("b.test")),
+                    ca_bundle: None,
+                },
+                trust_domain_bundle: Some(spire.bundle().unwrap()),
+                refresh_interval: None,
+            },
+        ),
+    )
+    .await
+    .unwrap();
+    resources::apply_manifest(
+        &client,
+        r#"
+apiVersion: tessera.dev/v1alpha1
+kind: WorkloadIdentity
+metadata: {name: web}
+spec:
+  spiffeIDTemplate: "spiffe://{trustDomain}/ns/{namespace}/web"
+  podSelector: {matchLabels: {app: web}}
+  federatesWith: [b.test]
+"#,
+    )
+    .await
+    .unwrap();
+    let token = resources::service_account_token(
+        &client,
+        "tessera-system",
+        "tessera-agent",
+        Some("node-a"),
+        TOKEN_AUDIENCE,
+    )
+    .await
+    .unwrap();
+    let (_agent, socket) =
+        common::spawn_agent(cp.kubeconfig(), "node-a", signer_port, &token, dir.path());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
+    let web = pods
+        .create(&PostParams::default(), &pod("web", "web"))
+        .await
+        .unwrap();
+    let other = pods
+        .create(&PostParams::default(), &pod("other", "other"))
+        .await
+        .unwrap();
+    let web_cgroup = PodCgroup::create("fed-web", web.metadata.uid.as_deref().unwrap());
+    let other_cgroup = PodCgroup::create("fed-other", other.metadata.uid.as_deref().unwrap());
+    let t_dir = dir.path().join("tessera-web");
+    fetch_until(
+        &bins.spire_agent,
+        &socket,
+        Some(&web_cgroup),
+        &t_dir,
+        "the Tessera workload's SVID with b.test's bundle",
+        |d| d.join("federated_bundle.0.0.pem").exists(),
+    )
+    .await;
+    assert_eq!(
+        spiffe_id_of(&t_dir.join("svid.0.pem")),
+        "spiffe://cluster.test/ns/shop/web"
+    );
+    let b_bundle = std::fs::read_to_string(t_dir.join("federated_bundle.0.0.pem")).unwrap();
+    let spire_pem = spire.cli(&["bundle", "show"]).unwrap();
+    assert_eq!(
+        b_bundle.trim(),
+        spire_pem.trim(),
+        "b.test's bundle, as SPIRE has it"
+    );
+
+    // A pod that does not federate gets its SVID and no b.test bundle.
+    let o_dir = dir.path().join("tessera-other");
+    fetch_until(
+        &bins.spire_agent,
+        &socket,
+        Some(&other_cgroup),
+        &o_dir,
+        "the other pod's SVID",
+        |d| d.join("svid.0.pem").exists(),
+    )
+    .await;
+    assert!(!o_dir.join("federated_bundle.0.0.pem").exists());
+
+    // Mutual TLS across the trust domains, each side verifying the other
+    // with what its own Workload API gave it.
+    let (ok, log) = mutual_tls(
+        &t_dir,
+        &t_dir.join("federated_bundle.0.0.pem"),
+        &b_dir,
+        &b_dir.join("federated_bundle.0.0.pem"),
+    );
+    assert!(ok, "{log}");
+    // And the other way round.
+    let (ok, log) = mutual_tls(
+        &b_dir,
+        &b_dir.join("federated_bundle.0.0.pem"),
+        &t_dir,
+        &t_dir.join("federated_bundle.0.0.pem"),
+    );
+    assert!(ok, "{log}");
+
+    // The federation is deleted: the Tessera pod's Workload API no longer
+    // hands out b.test's bundle, and with what it hands out (its own trust
+    // domain's bundle) the SPIRE workload is refused.
+    ftds.delete("b-test", &DeleteParams::default())
+        .await
+        .unwrap();
+    let after = dir.path().join("tessera-web-after");
+    fetch_until(
+        &bins.spire_agent,
+        &socket,
+        Some(&web_cgroup),
+        &after,
+        "b.test's bundle to leave the Tessera workload's Workload API",
+        |d| d.join("svid.0.pem").exists() && !d.join("federated_bundle.0.0.pem").exists(),
+    )
+    .await;
+    let (ok, log) = mutual_tls(
+        &after,
+        &after.join("bundle.0.pem"),
+        &b_dir,
+        &b_dir.join("federated_bundle.0.0.pem"),
+    );
+    assert!(!ok, "the SPIRE workload must be refused:\n{log}");
+    assert!(
+        log.contains("verify") || log.contains("alert"),
+        "refused for its certificate:\n{log}"
+    );
+    spire.stop();
+}
