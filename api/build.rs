@@ -7,7 +7,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("CARGO_FEATURE_GRPC").is_none() {
         return Ok(());
     }
-    let files = protox::compile(["workload.proto", "signer.proto"], ["proto"])?;
+    let files = protox::compile(
+        [
+            "workload.proto",
+            "signer.proto",
+            "spire/api/types/types.proto",
+            "spire/api/server/entry/v1/entry.proto",
+        ],
+        ["proto"],
+    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -14,6 +14,8 @@ pub mod probes;
 #[cfg(feature = "grpc")]
 pub mod signer_api;
 pub mod spiffe;
+#[cfg(feature = "grpc")]
+pub mod spire_api;
 #[cfg(feature = "svid")]
 pub mod svid;
 pub mod template;

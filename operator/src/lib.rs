@@ -12,4 +12,5 @@ pub mod identity;
 pub mod metrics;
 pub mod policy;
 pub mod signer;
+pub mod spire_entries;
 pub mod wid_status;

@@ -20,7 +20,7 @@ use tessera_api::crd::installed::{self, CrdState};
 use tessera_api::spiffe::TrustDomain;
 use tessera_operator::ca::{CaConfig, TrustDomainCa};
 use tessera_operator::signer::{self, SignerConfig, SignerService};
-use tessera_operator::{bundle_endpoint, identity};
+use tessera_operator::{bundle_endpoint, identity, spire_entries};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, RwLock};
 use tracing::{info, warn};
@@ -47,6 +47,19 @@ enum Command {
     /// Run the controllers until SIGTERM or Ctrl-C. Replicas elect a leader
     /// through a Lease; only the leader reconciles, the others stand by.
     Run(Box<RunArgs>),
+    /// Print the SPIRE registration plan (entries to create, update and
+    /// delete for the pods now running) without changing anything: the
+    /// dry run of `run --svid-source spire`.
+    SpirePlan {
+        /// Kubeconfig to use (see `check`).
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// The trust domain (the SPIRE server's).
+        #[arg(long, env = "TESSERA_TRUST_DOMAIN")]
+        trust_domain: String,
+        #[command(flatten)]
+        spire: SpireArgs,
+    },
     /// Measure signing on one thread with an in-memory root: X.509-SVIDs
     /// (CSR parsed, leaf built and signed) and JWT-SVIDs per second, as JSON.
     /// Used by `cargo xtask bench identity`.
@@ -190,6 +203,109 @@ struct RunArgs {
     /// trust domains should fetch it, in seconds.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
     bundle_refresh_hint_seconds: u64,
+    /// Where workload SVIDs come from: `builtin` (this operator's CA) or
+    /// `spire` (this operator registers workload identities in the SPIRE
+    /// server, whose agents issue them; the trust domain must be SPIRE's).
+    #[arg(long, value_enum, default_value = "builtin")]
+    svid_source: SvidSource,
+    #[command(flatten)]
+    spire: SpireArgs,
+}
+
+/// Where workload SVIDs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SvidSource {
+    /// The operator's own CA.
+    Builtin,
+    /// A SPIRE server.
+    Spire,
+}
+
+/// SPIRE registration settings.
+#[derive(Debug, Clone, clap::Args)]
+struct SpireArgs {
+    /// The SPIRE server's API socket.
+    #[arg(long, default_value = "/tmp/spire-server/private/api.sock")]
+    spire_server_socket: PathBuf,
+    /// Registration entries this operator creates get IDs starting with this;
+    /// it only ever changes or deletes entries whose ID does.
+    #[arg(long, default_value = "tessera-")]
+    spire_entry_id_prefix: String,
+    /// Parent ID of a node's entries: the SPIFFE ID of that node's SPIRE
+    /// agent, or of a node alias matching only it ({trustDomain},
+    /// {nodeName}). A Node annotated tessera.dev/spire-agent-id uses that.
+    #[arg(long, default_value = "spiffe://{trustDomain}/tessera/node/{nodeName}")]
+    spire_parent_id_template: String,
+    /// Log the registration plan instead of applying it.
+    #[arg(long)]
+    spire_dry_run: bool,
+}
+
+impl SpireArgs {
+    fn config(&self, dry_run: bool) -> spire_entries::SpireConfig {
+        spire_entries::SpireConfig {
+            socket: self.spire_server_socket.clone(),
+            id_prefix: self.spire_entry_id_prefix.clone(),
+            parent_template: self.spire_parent_id_template.clone(),
+            dry_run: dry_run || self.spire_dry_run,
+        }
+    }
+}
+
+/// `spire-plan`: one dry-run pass, printed.
+async fn spire_plan(
+    kubeconfig: Option<PathBuf>,
+    trust_domain: String,
+    spire: SpireArgs,
+) -> Result<ExitCode> {
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    use tessera_api::crd::WorkloadIdentity;
+    let trust_domain: TrustDomain = trust_domain.parse().with_context(|| {
+        format!("--trust-domain {trust_domain:?} is not a SPIFFE trust domain name")
+    })?;
+    let cfg = spire.config(true);
+    cfg.validate()?;
+    let client = client(kubeconfig).await?;
+    let lp = kube::api::ListParams::default();
+    let pods: Vec<Arc<Pod>> = kube::Api::<Pod>::all(client.clone())
+        .list(&lp)
+        .await?
+        .items
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let wids: Vec<Arc<WorkloadIdentity>> = kube::Api::<WorkloadIdentity>::all(client.clone())
+        .list(&lp)
+        .await?
+        .items
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let parents = kube::Api::<Node>::all(client)
+        .list(&lp)
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|n| {
+            let parent = n
+                .metadata
+                .annotations?
+                .remove(spire_entries::PARENT_ANNOTATION)?;
+            Some((n.metadata.name?, parent))
+        })
+        .collect();
+    let (plan, _) = spire_entries::sync_once(&cfg, &trust_domain, &pods, &wids, &parents).await?;
+    for line in plan.lines() {
+        println!("{line}");
+    }
+    println!(
+        "{} to create, {} to update, {} to delete; {} entries of other owners left alone",
+        plan.create.len(),
+        plan.update.len(),
+        plan.delete.len(),
+        plan.foreign
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// How long running reconciles get to finish when leadership ends.
@@ -221,6 +337,7 @@ struct Leading {
     signer_dns: Vec<String>,
     release_grace: Duration,
     endpoint: EndpointArgs,
+    spire: Option<spire_entries::SpireConfig>,
 }
 
 /// Where and how the bundle endpoint is served.
@@ -379,6 +496,14 @@ async fn lead(
             .await
         }));
     }
+    let registering = leading.spire.clone().map(|cfg| {
+        let (client, td) = (client.clone(), leading.trust_domain.clone());
+        tokio::spawn(async move {
+            if let Err(e) = spire_entries::run(client, cfg, td, Duration::from_secs(60)).await {
+                warn!(error = %e, "SPIRE registration stopped");
+            }
+        })
+    });
     let signing = tokio::spawn(run_signer(client.clone(), leading.clone(), ca, rotated));
     let (stop_policy, policy_stopped) = tokio::sync::oneshot::channel::<()>();
     let preview = Arc::new(tessera_operator::policy::Preview::default());
@@ -426,6 +551,9 @@ async fn lead(
     for endpoint in endpoints {
         endpoint.abort();
     }
+    if let Some(registering) = registering {
+        registering.abort();
+    }
     signing.abort();
     Ok(result?)
 }
@@ -447,7 +575,17 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         bundle_endpoint_web_cert,
         bundle_endpoint_web_key,
         bundle_refresh_hint_seconds,
+        svid_source,
+        spire,
     } = args;
+    let spire = match svid_source {
+        SvidSource::Builtin => None,
+        SvidSource::Spire => {
+            let cfg = spire.config(false);
+            cfg.validate()?;
+            Some(cfg)
+        }
+    };
     let namespace = namespace.as_str();
     let trust_domain: TrustDomain = trust_domain.parse().with_context(|| {
         format!("--trust-domain {trust_domain:?} is not a SPIFFE trust domain name")
@@ -480,6 +618,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             },
             refresh_hint: Duration::from_secs(bundle_refresh_hint_seconds),
         },
+        spire,
     });
     let metrics = Arc::new(Metrics::default());
     let (bound, _server) = metrics::serve(metrics_addr, metrics.clone())
@@ -580,5 +719,10 @@ async fn main() -> Result<ExitCode> {
         Command::Check { kubeconfig } => check(kubeconfig).await,
         Command::Run(args) => run(*args).await,
         Command::BenchSign { seconds } => bench_sign(seconds),
+        Command::SpirePlan {
+            kubeconfig,
+            trust_domain,
+            spire,
+        } => spire_plan(kubeconfig, trust_domain, spire).await,
     }
 }
