@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "signer.proto",
             "spire/api/types/types.proto",
             "spire/api/server/entry/v1/entry.proto",
+            "spire/api/agent/delegatedidentity/v1/delegatedidentity.proto",
         ],
         ["proto"],
     )?;

@@ -127,7 +127,7 @@ pub fn server_name(spiffe_id: &str) -> String {
 }
 
 /// Splits concatenated DER certificates.
-fn split_der(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, HandshakeError> {
+pub fn split_der(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, HandshakeError> {
     let mut out = Vec::new();
     while !der.is_empty() {
         let (rest, _) = x509_parser::parse_x509_certificate(der)

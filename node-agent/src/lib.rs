@@ -7,6 +7,7 @@ pub mod attestation;
 pub mod authcache;
 pub mod bench;
 pub mod dataplane;
+pub mod delegated;
 pub mod enforcer;
 pub mod follow;
 pub mod handshake;

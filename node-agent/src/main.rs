@@ -121,6 +121,24 @@ struct RunArgs {
     /// Where the auth cache is kept.
     #[arg(long, default_value = "/var/lib/tessera")]
     state_dir: std::path::PathBuf,
+    /// Where this node's pods' SVIDs come from: `builtin` (the operator's
+    /// signing service) or `spire` (the local SPIRE agent's Delegated
+    /// Identity API; the operator must run with --svid-source spire too).
+    #[arg(long, value_enum, default_value = "builtin")]
+    svid_source: SvidSource,
+    /// The SPIRE agent's admin socket (its `admin_socket_path`), whose
+    /// authorized_delegates must include this agent's SPIFFE ID.
+    #[arg(long, default_value = "/run/spire/admin/api.sock")]
+    spire_admin_socket: std::path::PathBuf,
+}
+
+/// Where workload SVIDs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SvidSource {
+    /// The operator's signing service.
+    Builtin,
+    /// The local SPIRE agent.
+    Spire,
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -144,14 +162,36 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .get(tessera_agent::trust::BUNDLE_CONFIGMAP)
         .await
         .with_context(|| format!("cannot read ConfigMap {}/tessera-trust-bundle; is the operator running, and may the agent read it?", args.namespace))?;
-    tessera_agent::trust::own_der_of(&published)?;
     let store = tessera_agent::identities::IdentityStore::default();
-    tessera_agent::trust::apply(&store, &published);
-    tokio::spawn(tessera_agent::trust::follow(
-        client.clone(),
-        args.namespace.clone(),
-        store.clone(),
-    ));
+    let spire = (args.svid_source == SvidSource::Spire).then(|| {
+        tessera_agent::delegated::DelegatedConfig {
+            node_name: args.node_name.clone(),
+            admin_socket: args.spire_admin_socket.clone(),
+        }
+    });
+    match &spire {
+        None => {
+            tessera_agent::trust::own_der_of(&published)?;
+            tessera_agent::trust::apply(&store, &published);
+            tokio::spawn(tessera_agent::trust::follow(
+                client.clone(),
+                args.namespace.clone(),
+                store.clone(),
+            ));
+        }
+        // With SPIRE the own CAs are SPIRE's: the SPIRE agent's bundle
+        // stream, for the trust domain the operator names.
+        Some(cfg) => {
+            let td = tessera_agent::trust::trust_domain_id_of(&published)?.context(
+                "ConfigMap tessera-trust-bundle names no trustDomain; is the operator up to date?",
+            )?;
+            tokio::spawn(tessera_agent::delegated::follow_bundles(
+                cfg.clone(),
+                td,
+                store.clone(),
+            ));
+        }
+    }
     // Federated trust domains' bundles, for handshakes with their workloads
     // and for the Workload API of pods that federate with them.
     tokio::spawn(tessera_agent::trust::follow_federated(
@@ -175,13 +215,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         node_name: args.node_name.clone(),
         token_file: args.token_file,
     };
-    let jwt =
-        tessera_agent::svids::JwtIssuer::new(channel.clone(), svid_cfg.clone(), store.clone());
-    let server =
-        tessera_agent::workload_api::serve(&args.socket, store.clone(), Some(jwt), async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    // JWT-SVIDs come from the signer; with SPIRE there are none yet.
+    let jwt = spire.is_none().then(|| {
+        tessera_agent::svids::JwtIssuer::new(channel.clone(), svid_cfg.clone(), store.clone())
+    });
+    let server = tessera_agent::workload_api::serve(&args.socket, store.clone(), jwt, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
     tracing::info!(socket = %args.socket.display(), node = %args.node_name, "serving the SPIFFE Workload API");
     let stats = std::sync::Arc::new(tessera_agent::enforcer::Stats::default());
     let ready: tessera_api::probes::Readiness = if args.cgroup_root.is_some() {
@@ -230,7 +271,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let svids = tessera_agent::svids::run(client, channel, svid_cfg, store);
+    let svids: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match spire {
+        None => Box::pin(tessera_agent::svids::run(client, channel, svid_cfg, store)),
+        Some(cfg) => Box::pin(tessera_agent::delegated::run(client, cfg, store)),
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let enforcer_done = async {
         match enforcer {

@@ -245,6 +245,7 @@ async fn a_spire_workload_and_a_tessera_workload_authenticate_across_trust_domai
         &dir.path().join("spire-agent"),
         &spire,
         "node-x",
+        &[],
     )
     .await
     .unwrap();

@@ -31,10 +31,6 @@ use tessera_api::spire_api::api::types::{Entry, EntryMask, Selector, Spiffeid};
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
-/// Selector type of Tessera's entries.
-pub const SELECTOR_TYPE: &str = "tessera";
-/// Prefix of the selector value before the SPIFFE ID.
-pub const SELECTOR_VALUE_PREFIX: &str = "spiffe_id:";
 /// Entries per batch request.
 pub const BATCH: usize = 50;
 /// Entries per page when listing.
@@ -116,12 +112,9 @@ impl SpireConfig {
     }
 }
 
-/// The selector that names `id`.
+/// The selector that names `id` (see [`tessera_api::spire_api::tessera_selector`]).
 pub fn selector(id: &str) -> Selector {
-    Selector {
-        r#type: SELECTOR_TYPE.to_owned(),
-        value: format!("{SELECTOR_VALUE_PREFIX}{id}"),
-    }
+    tessera_api::spire_api::tessera_selector(id)
 }
 
 /// The ID of the entry for `id` under `parent`: the prefix and 32 hex
@@ -329,16 +322,7 @@ pub fn plan(desired: &BTreeMap<String, Entry>, current: &[Entry], prefix: &str) 
 pub async fn connect(
     socket: &Path,
 ) -> Result<entry_api::entry_client::EntryClient<Channel>, SpireError> {
-    let path = socket.to_owned();
-    let channel = tonic::transport::Endpoint::from_static("http://spire-server.invalid")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                tokio::net::UnixStream::connect(path)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
+    let channel = tessera_api::spire_api::unix_channel(socket)
         .await
         .map_err(|e| SpireError::Connect {
             socket: socket.to_owned(),

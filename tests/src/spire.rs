@@ -227,11 +227,15 @@ impl SpireServer {
 }
 
 /// A real SPIRE agent attested to a [`SpireServer`] with a join token,
-/// serving the Workload API on its socket (unix workload attestor).
+/// serving the Workload API on its socket (unix workload attestor) and,
+/// when it has authorized delegates, the Delegated Identity API on its
+/// admin socket.
 #[derive(Debug)]
 pub struct SpireAgent {
     /// The Workload API socket.
     pub socket: PathBuf,
+    /// The admin socket (Delegated Identity API).
+    pub admin_socket: PathBuf,
     /// The agent's own SPIFFE ID (`spiffe://<td>/<node>`).
     pub id: String,
     dir: PathBuf,
@@ -239,21 +243,38 @@ pub struct SpireAgent {
 }
 
 impl SpireAgent {
-    /// Starts `spire-agent` in `dir` for `server` as node `node`; returns
-    /// once its Workload API answers health checks.
+    /// Starts `spire-agent` in `dir` for `server`, known by the alias
+    /// `spiffe://<td>/<node>` (the join token is made for it), with
+    /// `delegates` (SPIFFE IDs) allowed on the Delegated Identity API;
+    /// returns once its Workload API answers health checks.
     pub async fn start(
         bin: &Path,
         dir: &Path,
         server: &SpireServer,
         node: &str,
+        delegates: &[&str],
     ) -> Result<SpireAgent> {
         std::fs::create_dir_all(dir.join("data"))?;
         let bootstrap = dir.join("bootstrap.pem");
         std::fs::write(&bootstrap, server.cli(&["bundle", "show"])?)?;
-        let socket = dir.join("agent.sock");
+        // SPIRE wants the two sockets in directories apart from each other.
+        std::fs::create_dir_all(dir.join("public"))?;
+        std::fs::create_dir_all(dir.join("admin"))?;
+        let socket = dir.join("public").join("agent.sock");
+        let admin_socket = dir.join("admin").join("api.sock");
+        let admin = if delegates.is_empty() {
+            String::new()
+        } else {
+            let quoted: Vec<String> = delegates.iter().map(|d| format!("{d:?}")).collect();
+            format!(
+                "    admin_socket_path = {:?}\n    authorized_delegates = [{}]\n",
+                admin_socket.display().to_string(),
+                quoted.join(", ")
+            )
+        };
         let config = format!(
             r#"agent {{
-    data_dir = "{data}"
+{admin}    data_dir = "{data}"
     log_level = "DEBUG"
     server_address = "127.0.0.1"
     server_port = "{port}"
@@ -318,6 +339,7 @@ plugins {{
         }
         Ok(SpireAgent {
             socket,
+            admin_socket,
             id: format!("spiffe://{}/{node}", server.trust_domain),
             dir: dir.to_owned(),
             _proc: KillOnDrop(child),

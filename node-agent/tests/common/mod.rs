@@ -85,12 +85,25 @@ pub fn spawn_agent(
     token: &str,
     dir: &Path,
 ) -> (Proc, PathBuf) {
+    spawn_agent_with(kubeconfig, node, signer_port, token, dir, &[])
+}
+
+/// [`spawn_agent`] with `extra` arguments.
+pub fn spawn_agent_with(
+    kubeconfig: &Path,
+    node: &str,
+    signer_port: u16,
+    token: &str,
+    dir: &Path,
+    extra: &[String],
+) -> (Proc, PathBuf) {
     let token_file = dir.join(format!("{node}.token"));
     std::fs::write(&token_file, token).unwrap();
     let socket = dir.join(format!("{node}.sock"));
     let bin = Path::new(env!("CARGO_BIN_EXE_tessera-agent"));
     let child =
         tessera_tests::procs::agent_run(bin, kubeconfig, node, signer_port, &token_file, &socket)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

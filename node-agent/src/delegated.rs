@@ -1,0 +1,297 @@
+//! SPIRE mode: this node's pods get their SVIDs from the local SPIRE agent's
+//! Delegated Identity API instead of the operator's signing service. The
+//! operator registers one entry per identity running on this node (see the
+//! operator's `spire_entries`), parented to this node's SPIRE agent and
+//! selected by `tessera:spiffe_id:<SPIFFE ID>`; this agent, an authorized
+//! delegate of the SPIRE agent, subscribes with exactly that selector, one
+//! subscription per identity with a pod here, and never with a selector
+//! that would match more. Subscriptions end when the identity's last pod on
+//! this node goes. The own trust domain's CAs come from the same SPIRE
+//! agent (its X.509 bundles stream), not from the operator's bundle.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use tessera_api::annotations;
+use tessera_api::spire_api::api::agent::delegatedidentity::v1 as delegated;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::attestation::PodUid;
+use crate::identities::{IdentityStore, PodIdentity, X509Svid};
+
+/// Wait before subscribing again after a stream fails or ends.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// Where the SPIRE agent is.
+#[derive(Debug, Clone)]
+pub struct DelegatedConfig {
+    /// This node's name.
+    pub node_name: String,
+    /// The SPIRE agent's admin socket (Delegated Identity API).
+    pub admin_socket: PathBuf,
+}
+
+/// Why a subscription failed (logged, then retried).
+#[derive(Debug, thiserror::Error)]
+pub enum DelegatedError {
+    /// Nothing listens on the admin socket.
+    #[error(
+        "cannot reach the SPIRE agent's admin socket {socket}: {reason}; is spire-agent running with admin_socket_path set?"
+    )]
+    Connect {
+        /// The socket.
+        socket: PathBuf,
+        /// The transport error.
+        reason: String,
+    },
+    /// The SPIRE agent refused or failed the call.
+    #[error(
+        "SPIRE agent: {0}; is this agent's SPIFFE ID in the SPIRE agent's authorized_delegates, and is the identity registered for this node?"
+    )]
+    Call(#[from] tonic::Status),
+    /// An answer could not be used.
+    #[error("SPIRE agent answer: {0}")]
+    Answer(String),
+}
+
+/// A pod on this node with an identity.
+#[derive(Debug, Clone, PartialEq)]
+struct Local {
+    spiffe_id: String,
+    namespace: String,
+    name: String,
+    federates_with: Vec<String>,
+}
+
+fn svid_of(answer: delegated::SubscribeToX509sviDsResponse, id: &str) -> Result<X509Svid, String> {
+    let found = answer
+        .x509_svids
+        .into_iter()
+        .find(|s| {
+            s.x509_svid
+                .as_ref()
+                .and_then(|v| v.id.as_ref())
+                .is_some_and(|i| format!("spiffe://{}{}", i.trust_domain, i.path) == id)
+        })
+        .ok_or_else(|| {
+            format!("no SVID for {id} in the answer (is it registered for this node?)")
+        })?;
+    let svid = found.x509_svid.unwrap_or_default();
+    if svid.cert_chain.is_empty() || found.x509_svid_key.is_empty() {
+        return Err(format!("the SVID for {id} has no certificate or no key"));
+    }
+    Ok(X509Svid {
+        spiffe_id: id.to_owned(),
+        chain_der: svid.cert_chain.concat(),
+        key_der: found.x509_svid_key,
+        hint: svid.hint,
+    })
+}
+
+/// Follows one identity's SVIDs until the task is dropped, sending each.
+async fn subscribe(cfg: DelegatedConfig, id: String, tx: mpsc::Sender<(String, X509Svid)>) {
+    loop {
+        match subscribe_once(&cfg, &id, &tx).await {
+            Ok(()) => {
+                warn!(spiffe_id = %id, "the SPIRE agent ended the SVID stream; subscribing again")
+            }
+            Err(e) => {
+                warn!(spiffe_id = %id, error = %e, "SVID subscription failed; retrying in 2s")
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+async fn subscribe_once(
+    cfg: &DelegatedConfig,
+    id: &str,
+    tx: &mpsc::Sender<(String, X509Svid)>,
+) -> Result<(), DelegatedError> {
+    let channel = tessera_api::spire_api::unix_channel(&cfg.admin_socket)
+        .await
+        .map_err(|e| DelegatedError::Connect {
+            socket: cfg.admin_socket.clone(),
+            reason: e.to_string(),
+        })?;
+    let mut client = delegated::delegated_identity_client::DelegatedIdentityClient::new(channel);
+    let mut stream = client
+        .subscribe_to_x509svi_ds(delegated::SubscribeToX509sviDsRequest {
+            selectors: vec![tessera_api::spire_api::tessera_selector(id)],
+            pid: 0,
+        })
+        .await?
+        .into_inner();
+    while let Some(answer) = stream.message().await? {
+        match svid_of(answer, id) {
+            Ok(svid) => {
+                if tx.send((id.to_owned(), svid)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Err(e) => warn!(spiffe_id = %id, "{e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Follows the SPIRE agent's X.509 bundles: the own trust domain's CAs
+/// (`own_td_id`, `spiffe://<td>`) go into the store. Runs until dropped.
+pub async fn follow_bundles(cfg: DelegatedConfig, own_td_id: String, store: IdentityStore) {
+    loop {
+        let result: Result<(), DelegatedError> = async {
+            let channel = tessera_api::spire_api::unix_channel(&cfg.admin_socket)
+                .await
+                .map_err(|e| DelegatedError::Connect {
+                    socket: cfg.admin_socket.clone(),
+                    reason: e.to_string(),
+                })?;
+            let mut client =
+                delegated::delegated_identity_client::DelegatedIdentityClient::new(channel);
+            let mut stream = client
+                .subscribe_to_x509_bundles(delegated::SubscribeToX509BundlesRequest {})
+                .await?
+                .into_inner();
+            while let Some(answer) = stream.message().await? {
+                let Some(der) = answer.ca_certificates.get(&own_td_id) else {
+                    warn!(trust_domain = %own_td_id, "the SPIRE agent sent no bundle for this trust domain; is it SPIRE's trust domain?");
+                    continue;
+                };
+                let usable = crate::handshake::split_der(der)
+                    .map_err(|e| DelegatedError::Answer(e.to_string()))
+                    .and_then(|certs| {
+                        for cert in certs {
+                            webpki::anchor_from_trusted_cert(&cert)
+                                .map_err(|e| DelegatedError::Answer(format!("unusable CA: {e}")))?;
+                        }
+                        Ok(())
+                    });
+                match usable {
+                    Ok(()) => {
+                        if store.bundles().own_der != *der {
+                            info!(trust_domain = %own_td_id, "own trust bundle updated from the SPIRE agent");
+                        }
+                        let der = der.clone();
+                        let td = own_td_id.clone();
+                        store.update_bundles(|b| {
+                            b.own_der = der;
+                            b.trust_domain_id = td;
+                        });
+                    }
+                    Err(e) => warn!(error = %e, "ignoring the SPIRE agent's bundle; the previous one stays in use"),
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            warn!(error = %e, "bundle subscription failed; retrying in 2s");
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// Runs until the pod watch ends: one SVID subscription per identity with a
+/// pod on this node, and each pod's identity in `store`.
+pub async fn run(client: kube::Client, cfg: DelegatedConfig, store: IdentityStore) {
+    let pods: Api<Pod> = Api::all(client);
+    let watch_cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node_name));
+    let mut events = std::pin::pin!(watcher(pods, watch_cfg).default_backoff());
+    let (tx, mut rx) = mpsc::channel::<(String, X509Svid)>(64);
+    let mut local: HashMap<PodUid, Local> = HashMap::new();
+    let mut subscriptions: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut latest: HashMap<String, X509Svid> = HashMap::new();
+    let publish =
+        |store: &IdentityStore, uid: &PodUid, pod: &Local, svid: Option<&X509Svid>| match svid {
+            Some(svid) => store.set(
+                uid,
+                PodIdentity {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                    svids: vec![svid.clone()],
+                    federates_with: pod.federates_with.clone(),
+                },
+            ),
+            None => store.remove(uid),
+        };
+    loop {
+        tokio::select! {
+            event = events.next() => {
+                let Some(event) = event else { break };
+                let (pod, gone) = match event {
+                    Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => (pod, false),
+                    Ok(watcher::Event::Delete(pod)) => (pod, true),
+                    Ok(_) => continue,
+                    Err(e) => {
+                        warn!(error = %e, "pod watch error; retrying");
+                        continue;
+                    }
+                };
+                let Some(uid) = pod.metadata.uid.as_deref().and_then(PodUid::parse) else { continue };
+                let notes = pod.metadata.annotations.as_ref();
+                let wanted = notes
+                    .and_then(|a| a.get(annotations::SPIFFE_ID))
+                    .filter(|_| !gone && pod.metadata.deletion_timestamp.is_none())
+                    .map(|id| Local {
+                        spiffe_id: id.clone(),
+                        namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+                        name: pod.metadata.name.clone().unwrap_or_default(),
+                        federates_with: notes
+                            .and_then(|a| a.get(annotations::FEDERATES_WITH))
+                            .map(|v| annotations::parse_federates_with(v))
+                            .unwrap_or_default(),
+                    });
+                match wanted {
+                    Some(pod) => {
+                        if local.get(&uid) != Some(&pod) {
+                            let id = pod.spiffe_id.clone();
+                            if !subscriptions.contains_key(&id) {
+                                info!(spiffe_id = %id, "subscribing to the SPIRE agent for this identity");
+                                subscriptions.insert(id.clone(), tokio::spawn(subscribe(cfg.clone(), id.clone(), tx.clone())));
+                            }
+                            publish(&store, &uid, &pod, latest.get(&id));
+                            local.insert(uid, pod);
+                        }
+                    }
+                    None => {
+                        if local.remove(&uid).is_some() {
+                            store.remove(&uid);
+                        }
+                    }
+                }
+                // Identities with no pod left here: end their subscriptions.
+                subscriptions.retain(|id, task| {
+                    let used = local.values().any(|p| &p.spiffe_id == id);
+                    if !used {
+                        info!(spiffe_id = %id, "no pod of this identity left on this node; subscription ended");
+                        task.abort();
+                        latest.remove(id);
+                    }
+                    used
+                });
+            }
+            Some((id, svid)) = rx.recv() => {
+                if !subscriptions.contains_key(&id) {
+                    continue;
+                }
+                info!(spiffe_id = %id, "X.509-SVID received from the SPIRE agent");
+                for (uid, pod) in local.iter().filter(|(_, p)| p.spiffe_id == id) {
+                    publish(&store, uid, pod, Some(&svid));
+                }
+                latest.insert(id, svid);
+            }
+        }
+    }
+    for task in subscriptions.into_values() {
+        task.abort();
+    }
+}
