@@ -90,8 +90,13 @@ async fn until_ok(from: &SimPod, ip: &str) -> (String, usize) {
     panic!("{} never reached {ip}", from.name);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn authenticated_pairs_connect_and_nothing_else_does() {
+/// The tests of this file share the simulated topology's names and
+/// addresses: one at a time.
+static TOPOLOGY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A control plane with the two nodes' objects and the pods' service
+/// accounts; fails unless bpffs can be had (root).
+async fn control_plane() -> (tessera_tests::ControlPlane, kube::Client) {
     assert!(
         tessera_bpf::pinning::ensure_bpffs(Path::new("/sys/fs/bpf")).is_ok(),
         "no bpffs at /sys/fs/bpf: this test needs root"
@@ -110,45 +115,46 @@ async fn authenticated_pairs_connect_and_nothing_else_does() {
         .await
         .unwrap();
     }
-    let signer_port = tessera_tests::free_port().unwrap();
-    let _operator = common::start_operator(cp.kubeconfig(), signer_port, SVID_TTL);
-    resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
-        .await
-        .unwrap();
+    (cp, client)
+}
 
+/// The simulated nodes, and agents for node-a and node-b started with
+/// `launch`, in sync; returns the cluster and the agents' token files.
+async fn cluster_with_agents(
+    client: &kube::Client,
+    launch: &AgentLaunch,
+) -> (SimCluster, Vec<std::path::PathBuf>) {
     let mut cluster = SimCluster::create(
         client.clone(),
         &common::cgroup2_root(),
         &format!("tessera-e2e-{}", std::process::id()),
         &NODES,
     );
-    let dir = tempfile::tempdir().unwrap();
-    let launch = AgentLaunch {
-        bin: env!("CARGO_BIN_EXE_tessera-agent").into(),
-        kubeconfig: cp.kubeconfig().to_owned(),
-        signer_port,
-        dir: dir.path().to_owned(),
-        echo: true,
-    };
     let mut token_files = Vec::new();
     for node in ["node-a", "node-b"] {
-        let token_file = resources::agent_token_file(&client, node, TOKEN_AUDIENCE, dir.path())
+        let token_file = resources::agent_token_file(client, node, TOKEN_AUDIENCE, &launch.dir)
             .await
             .unwrap();
-        cluster.start_agent(&launch, node, &token_file);
+        cluster.start_agent(launch, node, &token_file);
         token_files.push(token_file);
     }
     for agent in &cluster.agents {
         agent.wait_for("data path in sync", 1).await;
     }
+    (cluster, token_files)
+}
 
-    // web (node-a) may reach db (node-b) with mutual authentication; db is
-    // otherwise closed (an Allow policy selects it).
-    let web = pod(&cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
-    let other = pod(&cluster, "other", "other", "other", "node-a", "198.18.1.11").await;
-    let mut db = pod(&cluster, "db", "db", "db", "node-b", "198.18.2.10").await;
-    policy(&cluster, "db-from-web", "db", "web").await;
-    policy(&cluster, "db-from-monitor", "db", "monitor").await;
+/// The mutual-authentication scenario's pods and policies, and its first
+/// checks: web (node-a) may reach db (node-b) with mutual authentication
+/// and does on the first try; other -> db is refused by connect(); a pod
+/// claiming web's identity on node-c (no agent, so no SVID) is refused at
+/// db's node. Returns web, other and db.
+async fn authenticated_pair(cluster: &SimCluster) -> (SimPod, SimPod, SimPod) {
+    let web = pod(cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
+    let other = pod(cluster, "other", "other", "other", "node-a", "198.18.1.11").await;
+    let db = pod(cluster, "db", "db", "db", "node-b", "198.18.2.10").await;
+    policy(cluster, "db-from-web", "db", "web").await;
+    policy(cluster, "db-from-monitor", "db", "monitor").await;
     // Converged once both agents recorded the pair (pre-authentication).
     cluster.agents[0]
         .wait_for("spiffe://cluster.test/ns/shop/sa/db", 1)
@@ -164,6 +170,52 @@ async fn authenticated_pairs_connect_and_nothing_else_does() {
     // No policy allows other -> db: refused by connect() itself (EPERM).
     let out = other.connect(&db.ip, PORT);
     assert!(out.starts_with("errno 1 "), "other -> db: {out}");
+    // A pod claiming web's identity on a node without an agent has no SVID:
+    // nobody can authenticate it, and db's node drops its connection.
+    let intruder = pod(cluster, "intruder", "web", "web", "node-c", "198.18.3.10").await;
+    let out = intruder.connect(&db.ip, PORT);
+    assert!(!ok(&out), "intruder -> db: {out}");
+    (web, other, db)
+}
+
+/// Identity confusion: db goes, and cache takes its address on node-c (no
+/// agent: nobody can authenticate it). web's authentication with db does
+/// not carry over to the new owner of the address.
+async fn no_inherited_authentication(cluster: &SimCluster, web: &SimPod, mut db: SimPod) {
+    policy(cluster, "cache-from-web", "cache", "web").await;
+    let ip = db.ip.clone();
+    cluster.delete_pod(&mut db).await;
+    let cache = pod(cluster, "cache", "cache", "cache", "node-c", &ip).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        let out = web.connect(&cache.ip, PORT);
+        assert!(
+            out.starts_with("errno 1 "),
+            "web -> cache at db's old address: {out}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_pairs_connect_and_nothing_else_does() {
+    let _one_at_a_time = TOPOLOGY.lock().await;
+    let (cp, client) = control_plane().await;
+    let signer_port = tessera_tests::free_port().unwrap();
+    let _operator = common::start_operator(cp.kubeconfig(), signer_port, SVID_TTL);
+    resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let launch = AgentLaunch {
+        bin: env!("CARGO_BIN_EXE_tessera-agent").into(),
+        kubeconfig: cp.kubeconfig().to_owned(),
+        signer_port,
+        dir: dir.path().to_owned(),
+        echo: true,
+        extra: Vec::new(),
+    };
+    let (mut cluster, token_files) = cluster_with_agents(&client, &launch).await;
+    let (web, other, db) = authenticated_pair(&cluster).await;
     // The agents' metrics tell the same story (decisions are read from the
     // kernel's counters at most a second late).
     for (agent, sample) in [
@@ -204,12 +256,6 @@ async fn authenticated_pairs_connect_and_nothing_else_does() {
     }
     let port = cluster.agents[0].metrics_port().unwrap();
     assert_eq!(tessera_tests::http_get(port, "/readyz").unwrap().0, 200);
-
-    // A pod claiming web's identity on a node without an agent has no SVID:
-    // nobody can authenticate it, and db's node drops its connection.
-    let intruder = pod(&cluster, "intruder", "web", "web", "node-c", "198.18.3.10").await;
-    let out = intruder.connect(&db.ip, PORT);
-    assert!(!ok(&out), "intruder -> db: {out}");
 
     // Enforcement while node-a's agent is down (killed: no cleanup at all).
     let handshakes_before = cluster.agents[0].count("authenticated");
@@ -343,23 +389,97 @@ async fn authenticated_pairs_connect_and_nothing_else_does() {
     let (_, attempts) = until_ok(&web, &db.ip).await;
     println!("web -> db allowed again {attempts} attempt(s) after the CA came back");
 
-    // Identity confusion: db goes, and cache takes its address on node-c
-    // (no agent: nobody can authenticate it). web's authentication with db
-    // does not carry over to the new owner of the address.
-    policy(&cluster, "cache-from-web", "cache", "web").await;
-    let ip = db.ip.clone();
-    cluster.delete_pod(&mut db).await;
-    let cache = pod(&cluster, "cache", "cache", "cache", "node-c", &ip).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for _ in 0..3 {
-        let out = web.connect(&cache.ip, PORT);
+    no_inherited_authentication(&cluster, &web, db).await;
+    drop(cluster);
+    drop(cp);
+}
+
+/// The same mutual authentication with SVIDs from SPIRE: a real
+/// spire-server for cluster.test, a spire-agent per node (join token, alias
+/// `spiffe://cluster.test/tessera/node/<node>`) whose Delegated Identity
+/// API authorizes that node's Tessera agent, the operator registering the
+/// identities (`--svid-source spire`) and the agents getting the SVIDs from
+/// their SPIRE agent; the handshakes verify them against SPIRE's bundle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_pairs_connect_with_spire_issued_svids() {
+    use tessera_tests::spire::{SpireAgent, SpireServer};
+    let _one_at_a_time = TOPOLOGY.lock().await;
+    let bins = tessera_tests::TestBins::locate().unwrap();
+    let (cp, client) = control_plane().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spire = SpireServer::start(
+        &bins.spire_server,
+        &dir.path().join("spire-server"),
+        "cluster.test",
+        "5s",
+    )
+    .await
+    .unwrap();
+    let mut spire_agents = Vec::new();
+    let mut extra = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let delegate = format!("spiffe://cluster.test/tessera/agent/{node}");
+        let agent = SpireAgent::start(
+            &bins.spire_agent,
+            &dir.path().join(format!("spire-agent-{node}")),
+            &spire,
+            &format!("tessera/node/{node}"),
+            &[delegate.as_str()],
+        )
+        .await
+        .unwrap();
+        // The Tessera agent (root here) is the SPIRE agent's delegate.
+        spire
+            .create_entry(&agent.id, &delegate, &["unix:uid:0"], &[])
+            .unwrap();
+        extra.push((
+            node.to_owned(),
+            vec![
+                "--svid-source=spire".to_owned(),
+                format!("--spire-admin-socket={}", agent.admin_socket.display()),
+            ],
+        ));
+        spire_agents.push(agent);
+    }
+    let signer_port = tessera_tests::free_port().unwrap();
+    let _operator = common::start_operator_with(
+        cp.kubeconfig(),
+        signer_port,
+        SVID_TTL,
+        &[
+            "--svid-source=spire".to_owned(),
+            format!("--spire-server-socket={}", spire.socket.display()),
+        ],
+    );
+    resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let launch = AgentLaunch {
+        bin: env!("CARGO_BIN_EXE_tessera-agent").into(),
+        kubeconfig: cp.kubeconfig().to_owned(),
+        signer_port,
+        dir: dir.path().to_owned(),
+        echo: true,
+        extra,
+    };
+    let (cluster, _) = cluster_with_agents(&client, &launch).await;
+    let (web, _other, db) = authenticated_pair(&cluster).await;
+    for agent in &cluster.agents {
         assert!(
-            out.starts_with("errno 1 "),
-            "web -> cache at db's old address: {out}"
+            agent.count("X.509-SVID received from the SPIRE agent") >= 1,
+            "{} got no SVID from SPIRE",
+            agent.node
+        );
+        assert_eq!(
+            agent.count("X.509-SVID issued"),
+            0,
+            "{} asked the operator's signer",
+            agent.node
         );
     }
-    drop(cache);
+    no_inherited_authentication(&cluster, &web, db).await;
     drop(cluster);
+    drop(spire_agents);
     drop(cp);
 }
 

@@ -174,6 +174,8 @@ pub struct AgentLaunch {
     pub dir: PathBuf,
     /// Whether agent logs are echoed to stderr.
     pub echo: bool,
+    /// More arguments for `tessera-agent run`, by node.
+    pub extra: Vec<(String, Vec<String>)>,
 }
 
 /// Simulated nodes, their cgroups and agents, and the pods' namespaces.
@@ -266,6 +268,13 @@ impl SimCluster {
         .arg(format!("--handshake-addr={}:4434", self.node_ip(node)))
         .arg("--state-dir")
         .arg(dir.join(node))
+        .args(
+            launch
+                .extra
+                .iter()
+                .filter(|(n, _)| n == node)
+                .flat_map(|(_, args)| args),
+        )
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())

@@ -132,6 +132,7 @@ pub async fn run(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
         signer_port,
         dir: dir.path().to_owned(),
         echo: false,
+        extra: Vec::new(),
     };
     for node in ["node-a", "node-b"] {
         let token = resources::agent_token_file(
