@@ -1,7 +1,11 @@
-//! Reading X509-SVIDs: the SPIFFE ID and validity of a leaf certificate,
-//! as the SPIFFE X509-SVID specification defines them (exactly one URI SAN,
-//! a SPIFFE ID). Chain verification stays with the callers, which choose the
-//! trust anchors (one trust domain's bundle, never a merge of several).
+//! Reading and verifying X509-SVIDs: the SPIFFE ID and validity of a leaf
+//! certificate, as the SPIFFE X509-SVID specification defines them (exactly
+//! one URI SAN, a SPIFFE ID), and its chain to the trust anchors the caller
+//! chooses from the SPIFFE ID (one trust domain's bundle, never a merge of
+//! several).
+
+use rustls_pki_types::{CertificateDer, SignatureVerificationAlgorithm, TrustAnchor, UnixTime};
+use webpki::{EndEntityCert, KeyUsage};
 
 use crate::spiffe::SpiffeId;
 
@@ -14,6 +18,16 @@ pub enum SvidError {
     /// No subjectAltName, or not exactly one URI in it.
     #[error("not an X509-SVID: {0}")]
     NotSvid(String),
+    /// The chain does not lead to the anchors of the SVID's trust domain.
+    #[error("the X509-SVID of {id} does not chain to {trust_domain}'s bundle: {reason}")]
+    Untrusted {
+        /// The SPIFFE ID in the certificate.
+        id: SpiffeId,
+        /// Its trust domain.
+        trust_domain: String,
+        /// What webpki said, or why there are no anchors.
+        reason: String,
+    },
     /// The URI SAN is not a SPIFFE ID.
     #[error("URI SAN {uri:?} is not a SPIFFE ID: {reason}")]
     BadId {
@@ -68,6 +82,32 @@ pub fn leaf(der: &[u8]) -> Result<Leaf, SvidError> {
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
     })
+}
+
+/// Verifies an X509-SVID: reads `end_entity` (see [`leaf`]), asks
+/// `anchors_for` for the trust anchors of its trust domain, and checks the
+/// chain through `intermediates` to them for `usage` at `now` with
+/// `algorithms`. The leaf on success.
+pub fn verify<'a>(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    anchors_for: impl FnOnce(&Leaf) -> Result<&'a [TrustAnchor<'a>], String>,
+    algorithms: &[&dyn SignatureVerificationAlgorithm],
+    now: UnixTime,
+    usage: KeyUsage,
+) -> Result<Leaf, SvidError> {
+    let read = leaf(end_entity)?;
+    let untrusted = |reason: String| SvidError::Untrusted {
+        id: read.id.clone(),
+        trust_domain: read.id.trust_domain().to_string(),
+        reason,
+    };
+    let anchors = anchors_for(&read).map_err(untrusted)?;
+    let cert =
+        EndEntityCert::try_from(end_entity).map_err(|e| SvidError::Certificate(e.to_string()))?;
+    cert.verify_for_usage(algorithms, anchors, intermediates, now, usage, None, None)
+        .map_err(|e| untrusted(e.to_string()))?;
+    Ok(read)
 }
 
 #[cfg(test)]

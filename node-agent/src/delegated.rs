@@ -94,6 +94,20 @@ fn svid_of(answer: delegated::SubscribeToX509sviDsResponse, id: &str) -> Result<
     })
 }
 
+type Client =
+    delegated::delegated_identity_client::DelegatedIdentityClient<tonic::transport::Channel>;
+
+/// A Delegated Identity API client on the SPIRE agent's admin socket.
+async fn connect(cfg: &DelegatedConfig) -> Result<Client, DelegatedError> {
+    let channel = tessera_api::spire_api::unix_channel(&cfg.admin_socket)
+        .await
+        .map_err(|e| DelegatedError::Connect {
+            socket: cfg.admin_socket.clone(),
+            reason: e.to_string(),
+        })?;
+    Ok(Client::new(channel))
+}
+
 /// Follows one identity's SVIDs until the task is dropped, sending each.
 async fn subscribe(cfg: DelegatedConfig, id: String, tx: mpsc::Sender<(String, X509Svid)>) {
     loop {
@@ -117,14 +131,8 @@ async fn subscribe_once(
     id: &str,
     tx: &mpsc::Sender<(String, X509Svid)>,
 ) -> Result<(), DelegatedError> {
-    let channel = tessera_api::spire_api::unix_channel(&cfg.admin_socket)
-        .await
-        .map_err(|e| DelegatedError::Connect {
-            socket: cfg.admin_socket.clone(),
-            reason: e.to_string(),
-        })?;
-    let mut client = delegated::delegated_identity_client::DelegatedIdentityClient::new(channel);
-    let mut stream = client
+    let mut stream = connect(cfg)
+        .await?
         .subscribe_to_x509svi_ds(delegated::SubscribeToX509sviDsRequest {
             selectors: vec![tessera_api::spire_api::tessera_selector(id)],
             pid: 0,
@@ -149,15 +157,8 @@ async fn subscribe_once(
 pub async fn follow_bundles(cfg: DelegatedConfig, own_td_id: String, store: IdentityStore) {
     loop {
         let result: Result<(), DelegatedError> = async {
-            let channel = tessera_api::spire_api::unix_channel(&cfg.admin_socket)
-                .await
-                .map_err(|e| DelegatedError::Connect {
-                    socket: cfg.admin_socket.clone(),
-                    reason: e.to_string(),
-                })?;
-            let mut client =
-                delegated::delegated_identity_client::DelegatedIdentityClient::new(channel);
-            let mut stream = client
+            let mut stream = connect(&cfg)
+                .await?
                 .subscribe_to_x509_bundles(delegated::SubscribeToX509BundlesRequest {})
                 .await?
                 .into_inner();

@@ -40,7 +40,7 @@ use tessera_api::svid::Leaf;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-use webpki::{EndEntityCert, KeyUsage};
+use webpki::KeyUsage;
 
 use crate::identities::{Bundles, X509Svid};
 
@@ -247,33 +247,28 @@ impl Anchors {
         {
             return Ok((id, not_after));
         }
+        // Only the bundle of the peer's own trust domain.
+        let anchors = |leaf: &Leaf| {
+            let domain = leaf.id.trust_domain().id().to_string();
+            self.by_domain
+                .get(&domain)
+                .filter(|a| !a.is_empty())
+                .map(Vec::as_slice)
+                .ok_or_else(|| format!("no trust bundle for {domain}"))
+        };
         let Leaf {
             id,
             not_before,
             not_after,
-        } = leaf_identity(leaf).map_err(bad)?;
-        let domain = id.trust_domain().id().to_string();
-        let anchors = self
-            .by_domain
-            .get(&domain)
-            .filter(|a| !a.is_empty())
-            .ok_or_else(|| bad(format!("no trust bundle for {domain} (peer {id})")))?;
-        let cert = EndEntityCert::try_from(leaf)
-            .map_err(|e| bad(format!("peer certificate of {id}: {e}")))?;
-        cert.verify_for_usage(
-            self.algorithms.all,
-            anchors,
+        } = tessera_api::svid::verify(
+            leaf,
             intermediates,
+            anchors,
+            self.algorithms.all,
             now,
             usage,
-            None,
-            None,
         )
-        .map_err(|e| {
-            bad(format!(
-                "the certificate of {id} does not chain to {domain}'s bundle: {e}"
-            ))
-        })?;
+        .map_err(|e| bad(e.to_string()))?;
         let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
         if verified.len() >= VERIFIED_CACHE {
             verified.clear();

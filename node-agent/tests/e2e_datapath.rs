@@ -118,6 +118,24 @@ async fn control_plane() -> (tessera_tests::ControlPlane, kube::Client) {
     (cp, client)
 }
 
+/// How this file's agents run: this build's binary, logs echoed, state
+/// and sockets in `dir`, `extra` arguments by node.
+fn launch(
+    cp: &tessera_tests::ControlPlane,
+    dir: &Path,
+    signer_port: u16,
+    extra: Vec<(String, Vec<String>)>,
+) -> AgentLaunch {
+    AgentLaunch {
+        bin: env!("CARGO_BIN_EXE_tessera-agent").into(),
+        kubeconfig: cp.kubeconfig().to_owned(),
+        signer_port,
+        dir: dir.to_owned(),
+        echo: true,
+        extra,
+    }
+}
+
 /// The simulated nodes, and agents for node-a and node-b started with
 /// `launch`, in sync; returns the cluster and the agents' token files.
 async fn cluster_with_agents(
@@ -206,14 +224,7 @@ async fn authenticated_pairs_connect_and_nothing_else_does() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let launch = AgentLaunch {
-        bin: env!("CARGO_BIN_EXE_tessera-agent").into(),
-        kubeconfig: cp.kubeconfig().to_owned(),
-        signer_port,
-        dir: dir.path().to_owned(),
-        echo: true,
-        extra: Vec::new(),
-    };
+    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
     let (mut cluster, token_files) = cluster_with_agents(&client, &launch).await;
     let (web, other, db) = authenticated_pair(&cluster).await;
     // The agents' metrics tell the same story (decisions are read from the
@@ -454,14 +465,7 @@ async fn authenticated_pairs_connect_with_spire_issued_svids() {
     resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
         .await
         .unwrap();
-    let launch = AgentLaunch {
-        bin: env!("CARGO_BIN_EXE_tessera-agent").into(),
-        kubeconfig: cp.kubeconfig().to_owned(),
-        signer_port,
-        dir: dir.path().to_owned(),
-        echo: true,
-        extra,
-    };
+    let launch = launch(&cp, dir.path(), signer_port, extra);
     let (cluster, _) = cluster_with_agents(&client, &launch).await;
     let (web, _other, db) = authenticated_pair(&cluster).await;
     for agent in &cluster.agents {

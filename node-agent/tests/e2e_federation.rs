@@ -211,8 +211,6 @@ async fn a_spire_workload_and_a_tessera_workload_authenticate_across_trust_domai
     )
     .await
     .unwrap();
-    let pem_path = dir.path().join("cluster.test.pem");
-    std::fs::write(&pem_path, &tessera_pem).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", endpoint_port)).is_err() {
         assert!(
@@ -222,23 +220,7 @@ async fn a_spire_workload_and_a_tessera_workload_authenticate_across_trust_domai
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     spire
-        .cli(&[
-            "federation",
-            "create",
-            "-trustDomain",
-            "cluster.test",
-            "-bundleEndpointURL",
-            &format!("https://127.0.0.1:{endpoint_port}"),
-            "-bundleEndpointProfile",
-            "https_spiffe",
-            "-endpointSpiffeID",
-            "spiffe://cluster.test/tessera/bundle-endpoint",
-            "-trustDomainBundlePath",
-            pem_path.to_str().unwrap(),
-        ])
-        .unwrap();
-    spire
-        .cli(&["federation", "refresh", "-id", "cluster.test"])
+        .federate_with_tessera("cluster.test", endpoint_port, &tessera_pem)
         .unwrap();
     let spire_agent = SpireAgent::start(
         &bins.spire_agent,

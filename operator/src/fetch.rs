@@ -132,31 +132,22 @@ impl ServerCertVerifier for SpiffeVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let bad = |why: String| rustls::Error::General(why);
-        let leaf = tessera_api::svid::leaf(end_entity)
-            .map_err(|e| bad(format!("the endpoint's certificate: {e}")))?;
+        let anchors = |_: &tessera_api::svid::Leaf| Ok(self.anchors.as_slice());
+        let leaf = tessera_api::svid::verify(
+            end_entity,
+            intermediates,
+            anchors,
+            self.algorithms.all,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )
+        .map_err(|e| bad(format!("the endpoint's certificate: {e}")))?;
         if leaf.id != self.id {
             return Err(bad(format!(
                 "the endpoint presented {}, not the configured endpoint SPIFFE ID {}",
                 leaf.id, self.id
             )));
         }
-        let cert = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|e| bad(format!("the endpoint's certificate: {e}")))?;
-        cert.verify_for_usage(
-            self.algorithms.all,
-            &self.anchors,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| {
-            bad(format!(
-                "the endpoint's X509-SVID ({}) does not chain to its trust domain's bundle as held: {e}",
-                self.id
-            ))
-        })?;
         Ok(ServerCertVerified::assertion())
     }
 

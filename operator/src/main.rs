@@ -266,26 +266,25 @@ async fn spire_plan(
     let cfg = spire.config(true);
     cfg.validate()?;
     let client = client(kubeconfig).await?;
-    let lp = kube::api::ListParams::default();
-    let pods: Vec<Arc<Pod>> = kube::Api::<Pod>::all(client.clone())
-        .list(&lp)
+    async fn all<K>(client: &kube::Client) -> Result<Vec<Arc<K>>>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        Ok(kube::Api::<K>::all(client.clone())
+            .list(&kube::api::ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(Arc::new)
+            .collect())
+    }
+    let pods: Vec<Arc<Pod>> = all(&client).await?;
+    let wids: Vec<Arc<WorkloadIdentity>> = all(&client).await?;
+    let parents = all::<Node>(&client)
         .await?
-        .items
         .into_iter()
-        .map(Arc::new)
-        .collect();
-    let wids: Vec<Arc<WorkloadIdentity>> = kube::Api::<WorkloadIdentity>::all(client.clone())
-        .list(&lp)
-        .await?
-        .items
-        .into_iter()
-        .map(Arc::new)
-        .collect();
-    let parents = kube::Api::<Node>::all(client)
-        .list(&lp)
-        .await?
-        .items
-        .into_iter()
+        .map(|n| Node::clone(&n))
         .filter_map(|n| {
             let parent = n
                 .metadata

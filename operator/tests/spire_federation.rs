@@ -101,8 +101,6 @@ async fn tessera_and_spire_federate_both_ways() -> Result<()> {
 
     // SPIRE federates with Tessera (https_spiffe, bootstrapped with the
     // published bundle) and fetches it.
-    let pem_path = spire_dir.join("cluster.test.pem");
-    std::fs::write(&pem_path, &tessera_pem)?;
     let endpoint_url = format!("https://127.0.0.1:{endpoint_port}");
     eventually("the operator's bundle endpoint to listen", || async {
         Ok(std::net::TcpStream::connect(("127.0.0.1", endpoint_port))
@@ -110,23 +108,7 @@ async fn tessera_and_spire_federate_both_ways() -> Result<()> {
             .then_some(()))
     })
     .await?;
-    spire.cli(&[
-        "federation",
-        "create",
-        "-trustDomain",
-        "cluster.test",
-        "-bundleEndpointURL",
-        &endpoint_url,
-        "-bundleEndpointProfile",
-        "https_spiffe",
-        "-endpointSpiffeID",
-        "spiffe://cluster.test/tessera/bundle-endpoint",
-        "-trustDomainBundlePath",
-        pem_path.to_str().unwrap(),
-        "-trustDomainBundleFormat",
-        "pem",
-    ])?;
-    spire.cli(&["federation", "refresh", "-id", "cluster.test"])?;
+    spire.federate_with_tessera("cluster.test", endpoint_port, &tessera_pem)?;
     let held = decode(
         &spire
             .federated_bundle("cluster.test")?

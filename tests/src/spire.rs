@@ -169,6 +169,41 @@ plugins {{
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Federates with a Tessera cluster of `trust_domain` whose operator
+    /// serves its bundle endpoint (https_spiffe) on loopback `port`,
+    /// bootstrapped with `bundle_pem` (the published trust bundle), and
+    /// fetches its bundle once.
+    pub fn federate_with_tessera(
+        &self,
+        trust_domain: &str,
+        port: u16,
+        bundle_pem: &str,
+    ) -> Result<()> {
+        let path = self.dir.join(format!("{trust_domain}.pem"));
+        std::fs::write(&path, bundle_pem)?;
+        let path = path.to_str().context("non-UTF-8 path")?;
+        let url = format!("https://127.0.0.1:{port}");
+        let id = format!("spiffe://{trust_domain}/tessera/bundle-endpoint");
+        self.cli(&[
+            "federation",
+            "create",
+            "-trustDomain",
+            trust_domain,
+            "-bundleEndpointURL",
+            &url,
+            "-bundleEndpointProfile",
+            "https_spiffe",
+            "-endpointSpiffeID",
+            &id,
+            "-trustDomainBundlePath",
+            path,
+            "-trustDomainBundleFormat",
+            "pem",
+        ])?;
+        self.cli(&["federation", "refresh", "-id", trust_domain])
+            .map(|_| ())
+    }
+
     /// The server's own bundle, SPIFFE format.
     pub fn bundle(&self) -> Result<String> {
         self.cli(&["bundle", "show", "-format", "spiffe"])
