@@ -8,9 +8,11 @@
 //! `b.test` in `federatesWith`. Both sides use SPIRE's Workload API client
 //! (`spire-agent api fetch x509 -write`) and OpenSSL for the TLS.
 //!
-//! A pod whose WorkloadIdentity does not federate gets no b.test bundle,
-//! and once the FederatedTrustDomain is deleted the Tessera pod's Workload
-//! API drops it: the same connection is refused.
+//! A pod whose WorkloadIdentity does not federate gets no b.test bundle; a
+//! new X.509 authority SPIRE prepares reaches the Tessera pod's Workload API
+//! within the refresh hint; and once the FederatedTrustDomain is deleted
+//! the Tessera pod's Workload API drops b.test's bundle: the same
+//! connection is refused.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use std::path::Path;
@@ -164,6 +166,14 @@ fn mutual_tls(server: &Path, server_ca: &Path, client: &Path, client_ca: &Path) 
         && server_out.contains("hello")
         && !server_out.contains("verify error");
     (ok, format!("client:\n{text}\nserver:\n{server_out}"))
+}
+
+/// The certificates of a PEM text, in any order.
+fn pem_set(text: &str) -> std::collections::BTreeSet<String> {
+    text.split("-----END CERTIFICATE-----")
+        .map(|c| c.trim().to_owned())
+        .filter(|c| !c.is_empty())
+        .collect()
 }
 
 fn spiffe_id_of(pem: &Path) -> String {
@@ -363,6 +373,33 @@ spec:
         &t_dir.join("federated_bundle.0.0.pem"),
     );
     assert!(ok, "{log}");
+
+    // SPIRE prepares a new X.509 authority: it reaches the Tessera pod's
+    // Workload API within the refresh hint (5 s; the FederatedTrustDomain
+    // fetches, the agent follows the published bundle, the stream updates).
+    spire.cli(&["localauthority", "x509", "prepare"]).unwrap();
+    let grown = spire.cli(&["bundle", "show"]).unwrap();
+    assert_eq!(grown.matches("BEGIN CERTIFICATE").count(), 2);
+    let prepared = Instant::now();
+    let rotated_dir = dir.path().join("tessera-web-rotated");
+    fetch_until(
+        &bins.spire_agent,
+        &socket,
+        Some(&web_cgroup),
+        &rotated_dir,
+        "SPIRE's new authority to reach the Tessera workload",
+        |d| {
+            std::fs::read_to_string(d.join("federated_bundle.0.0.pem"))
+                .is_ok_and(|b| pem_set(&b) == pem_set(&grown))
+        },
+    )
+    .await;
+    let took = prepared.elapsed();
+    println!("SPIRE's new authority reached the Tessera workload in {took:?}");
+    assert!(
+        took < Duration::from_secs(5 + 3),
+        "took {took:?}, more than the 5 s refresh hint"
+    );
 
     // The federation is deleted: the Tessera pod's Workload API no longer
     // hands out b.test's bundle, and with what it hands out (its own trust
