@@ -72,3 +72,10 @@ pub fn tessera_selector(id: &str) -> api::types::Selector {
         value: format!("{TESSERA_SELECTOR_VALUE_PREFIX}{id}"),
     }
 }
+
+impl api::types::Spiffeid {
+    /// The SPIFFE ID as a URI string (`spiffe://<trust domain><path>`).
+    pub fn uri(&self) -> String {
+        format!("spiffe://{}{}", self.trust_domain, self.path)
+    }
+}

@@ -77,7 +77,7 @@ fn svid_of(answer: delegated::SubscribeToX509sviDsResponse, id: &str) -> Result<
             s.x509_svid
                 .as_ref()
                 .and_then(|v| v.id.as_ref())
-                .is_some_and(|i| format!("spiffe://{}{}", i.trust_domain, i.path) == id)
+                .is_some_and(|i| i.uri() == id)
         })
         .ok_or_else(|| {
             format!("no SVID for {id} in the answer (is it registered for this node?)")
@@ -170,11 +170,9 @@ pub async fn follow_bundles(cfg: DelegatedConfig, own_td_id: String, store: Iden
                 let usable = crate::handshake::split_der(der)
                     .map_err(|e| DelegatedError::Answer(e.to_string()))
                     .and_then(|certs| {
-                        for cert in certs {
-                            webpki::anchor_from_trusted_cert(&cert)
-                                .map_err(|e| DelegatedError::Answer(format!("unusable CA: {e}")))?;
-                        }
-                        Ok(())
+                        crate::trust::anchors_der(certs.iter().map(|c| c.as_ref()))
+                            .map(|_| ())
+                            .map_err(|e| DelegatedError::Answer(e.to_string()))
                     });
                 match usable {
                     Ok(()) => {

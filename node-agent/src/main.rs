@@ -171,7 +171,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     match &spire {
         None => {
-            tessera_agent::trust::own_der_of(&published)?;
+            tessera_agent::trust::own_der_of(&published).with_context(|| {
+                format!(
+                    "ConfigMap {}/tessera-trust-bundle is unusable",
+                    args.namespace
+                )
+            })?;
             tessera_agent::trust::apply(&store, &published);
             tokio::spawn(tessera_agent::trust::follow(
                 client.clone(),

@@ -40,17 +40,13 @@ pub enum TrustError {
     #[error("{BUNDLE_KEY} of ConfigMap {BUNDLE_CONFIGMAP} is not PEM certificates: {0}")]
     Pem(String),
     /// Not one certificate.
-    #[error(
-        "{BUNDLE_KEY} of ConfigMap {BUNDLE_CONFIGMAP} holds no certificate (an operator never publishes that)"
-    )]
+    #[error("the bundle holds no CA certificate (an operator or SPIRE never publishes that)")]
     Empty,
     /// The trust domain named is not one.
     #[error("{TRUST_DOMAIN_KEY} of ConfigMap {BUNDLE_CONFIGMAP} is not a trust domain: {0}")]
     TrustDomain(String),
     /// A certificate cannot be a trust anchor.
-    #[error(
-        "certificate {index} of {BUNDLE_KEY} in ConfigMap {BUNDLE_CONFIGMAP} is unusable as a CA: {reason}"
-    )]
+    #[error("certificate {index} of the bundle is unusable as a CA: {reason}")]
     Anchor {
         /// Its position, from 0.
         index: usize,
@@ -63,18 +59,28 @@ pub enum TrustError {
 /// [`crate::identities::Bundles::own_der`]); every one must be usable as a
 /// trust anchor.
 pub fn parse_pem_bundle(pem: &str) -> Result<Vec<u8>, TrustError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TrustError::Pem(e.to_string()))?;
+    anchors_der(certs.iter().map(|c| c.as_ref()))
+}
+
+/// CA certificates (DER), each checked to be usable as a trust anchor,
+/// concatenated (the form of [`crate::identities::Bundles`]); at least one.
+/// Every source of CAs (the published bundle, federated bundles, the SPIRE
+/// agent's bundle) goes through this check.
+pub fn anchors_der<'a>(certs: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<u8>, TrustError> {
     let mut der = Vec::new();
-    let mut count = 0;
-    for (index, cert) in CertificateDer::pem_slice_iter(pem.as_bytes()).enumerate() {
-        let cert = cert.map_err(|e| TrustError::Pem(e.to_string()))?;
-        webpki::anchor_from_trusted_cert(&cert).map_err(|e| TrustError::Anchor {
-            index,
-            reason: e.to_string(),
+    for (index, cert) in certs.into_iter().enumerate() {
+        webpki::anchor_from_trusted_cert(&CertificateDer::from(cert)).map_err(|e| {
+            TrustError::Anchor {
+                index,
+                reason: e.to_string(),
+            }
         })?;
-        der.extend_from_slice(&cert);
-        count += 1;
+        der.extend_from_slice(cert);
     }
-    if count == 0 {
+    if der.is_empty() {
         return Err(TrustError::Empty);
     }
     Ok(der)
@@ -201,13 +207,7 @@ fn federated_der(document: &str) -> Result<Vec<u8>, String> {
     if bundle.x509_authorities.is_empty() {
         return Err("no X.509 authorities".to_owned());
     }
-    let mut der = Vec::new();
-    for (index, cert) in bundle.x509_authorities.iter().enumerate() {
-        webpki::anchor_from_trusted_cert(&CertificateDer::from(cert.as_slice()))
-            .map_err(|e| format!("X.509 authority {index} is unusable as a CA: {e}"))?;
-        der.extend_from_slice(cert);
-    }
-    Ok(der)
+    anchors_der(bundle.x509_authorities.iter().map(Vec::as_slice)).map_err(|e| e.to_string())
 }
 
 /// Sets the store's federated bundles from the published ConfigMap (see

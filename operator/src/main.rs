@@ -293,7 +293,8 @@ async fn spire_plan(
             Some((n.metadata.name?, parent))
         })
         .collect();
-    let (plan, _) = spire_entries::sync_once(&cfg, &trust_domain, &pods, &wids, &parents).await?;
+    let (plan, _) =
+        spire_entries::sync_once(&cfg, &trust_domain, &pods, &wids, &parents, &mut None).await?;
     for line in plan.lines() {
         println!("{line}");
     }

@@ -136,8 +136,7 @@ fn spiffeid(id: &SpiffeId) -> Spiffeid {
 }
 
 fn id_string(id: Option<&Spiffeid>) -> String {
-    id.map(|i| format!("spiffe://{}{}", i.trust_domain, i.path))
-        .unwrap_or_default()
+    id.map(Spiffeid::uri).unwrap_or_default()
 }
 
 fn ttl_secs(text: Option<&str>) -> i32 {
@@ -459,24 +458,55 @@ pub async fn apply(
     Ok(done)
 }
 
+/// The server's entries after `plan` was applied to `before` without a
+/// single failure.
+fn after(before: Vec<Entry>, plan: &Plan) -> Vec<Entry> {
+    let gone: BTreeSet<&str> = plan
+        .delete
+        .iter()
+        .map(String::as_str)
+        .chain(plan.update.iter().map(|e| e.id.as_str()))
+        .collect();
+    let mut out: Vec<Entry> = before
+        .into_iter()
+        .filter(|e| !gone.contains(e.id.as_str()))
+        .collect();
+    out.extend(plan.update.iter().cloned());
+    out.extend(plan.create.iter().cloned());
+    out
+}
+
 /// One pass: desired entries from `pods` and `wids`, the server's entries,
 /// the plan, and (unless a dry run) its application. Returns the plan and
 /// what was applied.
+///
+/// `known` holds the server's entries as of the last pass, kept up to date
+/// with what this pass applies, so a pass after a pod change does not list
+/// every entry again; `None` (at start, on every resync, after any
+/// failure) lists them.
 pub async fn sync_once(
     cfg: &SpireConfig,
     trust_domain: &TrustDomain,
     pods: &[Arc<Pod>],
     wids: &[Arc<WorkloadIdentity>],
     parents: &BTreeMap<String, String>,
+    known: &mut Option<Vec<Entry>>,
 ) -> Result<(Plan, Option<Applied>), SpireError> {
     let mut client = connect(&cfg.socket).await?;
     let want = desired(cfg, trust_domain, pods, wids, parents);
-    let current = list(&mut client).await?;
+    let current = match known.take() {
+        Some(current) => current,
+        None => list(&mut client).await?,
+    };
     let plan = plan(&want, &current, &cfg.id_prefix);
     if cfg.dry_run || plan.is_empty() {
+        *known = Some(current);
         return Ok((plan, None));
     }
     let applied = apply(&mut client, &plan).await?;
+    if applied.failed.is_empty() {
+        *known = Some(after(current, &plan));
+    }
     for (id, why) in &applied.failed {
         warn!(entry = %id, reason = %why, "SPIRE refused a registration change; retried on the next pass");
     }
@@ -493,7 +523,9 @@ pub async fn sync_once(
 
 /// Keeps the SPIRE server's entries in step with the pods, until the task
 /// is dropped: a pass after every change of pods, nodes or
-/// WorkloadIdentities (gathered for half a second) and every `resync`.
+/// WorkloadIdentities (gathered for half a second), planned against the
+/// entries known from the last pass, and every `resync` a pass against a
+/// fresh list of every entry.
 pub async fn run(
     client: kube::Client,
     cfg: SpireConfig,
@@ -535,6 +567,7 @@ pub async fn run(
             .boxed(),
     ]);
     let mut ready = [false; 3];
+    let mut known: Option<Vec<Entry>> = None;
     let mut changes = std::pin::pin!(changes);
     loop {
         tokio::select! {
@@ -543,7 +576,9 @@ pub async fn run(
                 Some(Some(i)) => ready[i] = true,
                 Some(None) => {}
             },
-            _ = tokio::time::sleep(resync) => {}
+            // Entries may change under the operator (an administrator, a
+            // server restored from backup): list them afresh.
+            _ = tokio::time::sleep(resync) => known = None,
         }
         // Gather a burst of changes into one pass.
         let gather = tokio::time::sleep(Duration::from_millis(500));
@@ -570,7 +605,16 @@ pub async fn run(
                 Some((n.metadata.name.clone()?, parent.clone()))
             })
             .collect();
-        match sync_once(&cfg, &trust_domain, &pods.state(), &wids.state(), &parents).await {
+        match sync_once(
+            &cfg,
+            &trust_domain,
+            &pods.state(),
+            &wids.state(),
+            &parents,
+            &mut known,
+        )
+        .await
+        {
             Ok((plan, None)) if cfg.dry_run && !plan.is_empty() => {
                 for line in plan.lines() {
                     info!("SPIRE dry run: would {line}");
@@ -620,6 +664,30 @@ mod tests {
         assert_eq!(plan.delete, vec![gone.id]);
         assert_eq!(plan.foreign, 1);
         assert_eq!(plan.lines().len(), 3);
+    }
+
+    #[test]
+    fn applying_a_plan_leaves_what_the_next_plan_expects() {
+        let p = "t-";
+        let keep = entry(p, "spiffe://b.test/web", "spiffe://b.test/node/a");
+        let gone = entry(p, "spiffe://b.test/old", "spiffe://b.test/node/a");
+        let mut changed = entry(p, "spiffe://b.test/db", "spiffe://b.test/node/a");
+        let new = entry(p, "spiffe://b.test/api", "spiffe://b.test/node/b");
+        let mut foreign = entry("", "spiffe://b.test/web", "spiffe://b.test/node/a");
+        foreign.id = "1234".into();
+        let before = vec![keep.clone(), gone, changed.clone(), foreign];
+        changed.x509_svid_ttl = 120;
+        let want: BTreeMap<String, Entry> = [&keep, &changed, &new]
+            .into_iter()
+            .map(|e| (e.id.clone(), (*e).clone()))
+            .collect();
+        let first = plan(&want, &before, p);
+        assert!(!first.is_empty());
+        let now = after(before, &first);
+        assert_eq!(now.len(), 4, "keep, changed, new and the foreign entry");
+        let second = plan(&want, &now, p);
+        assert!(second.is_empty(), "{second:?}");
+        assert_eq!(second.foreign, 1);
     }
 
     #[test]
