@@ -44,6 +44,8 @@ pub struct Bundles {
     pub own_jwt: JwkSet,
     /// DER CA certificates of federated trust domains, by trust domain ID.
     pub federated_der: BTreeMap<String, Vec<u8>>,
+    /// JWT authorities of federated trust domains, by trust domain ID.
+    pub federated_jwt: BTreeMap<String, JwkSet>,
 }
 
 /// What one pod may fetch.

@@ -124,7 +124,7 @@ async fn issue(
         trust_domain_id: id.trust_domain().id().to_string(),
         own_der: answer.bundle.concat(),
         own_jwt: jwk_set(&answer.jwt_bundle)?,
-        federated_der: Default::default(),
+        ..Bundles::default()
     };
     Ok((svid, bundles, answer.expires_at))
 }

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use std::collections::BTreeMap;
 
 use tessera_api::bundle::{FEDERATED_CONFIGMAP, SpiffeBundle};
+use tessera_api::jwt::JwkSet;
 use tessera_api::spiffe::TrustDomain;
 
 use crate::identities::IdentityStore;
@@ -150,22 +151,49 @@ pub async fn follow(client: kube::Client, namespace: String, store: IdentityStor
     }
 }
 
-/// The federated trust domains' CA certificates from the published
-/// ConfigMap ([`FEDERATED_CONFIGMAP`]), by trust domain ID, each DER and
-/// concatenated (the form of [`crate::identities::Bundles::federated_der`]).
+/// The federated trust domains' authorities, by trust domain ID
+/// (`spiffe://b.test`), each trust domain's kept apart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Federated {
+    /// X.509 CA certificates, DER and concatenated (the form of
+    /// [`crate::identities::Bundles::federated_der`]); a trust domain whose
+    /// bundle holds none is absent.
+    pub der: BTreeMap<String, Vec<u8>>,
+    /// JWT authorities; a trust domain whose bundle holds none is absent.
+    pub jwt: BTreeMap<String, JwkSet>,
+}
+
+impl Federated {
+    /// The trust domain IDs with any authority.
+    pub fn trust_domains(&self) -> std::collections::BTreeSet<&str> {
+        self.der
+            .keys()
+            .chain(self.jwt.keys())
+            .map(String::as_str)
+            .collect()
+    }
+
+    fn keep(&mut self, id: &str, previous: &Federated) {
+        if let Some(der) = previous.der.get(id) {
+            self.der.insert(id.to_owned(), der.clone());
+        }
+        if let Some(jwt) = previous.jwt.get(id) {
+            self.jwt.insert(id.to_owned(), jwt.clone());
+        }
+    }
+}
+
+/// The federated trust domains' authorities from the published ConfigMap
+/// ([`FEDERATED_CONFIGMAP`]).
 ///
 /// `previous` is what is in use now: an entry that cannot be used (a key
 /// that is not a trust domain name, the own trust domain, a malformed
-/// bundle, a CA webpki refuses, a bundle without X.509 authorities) is
-/// logged and keeps its previous value, if it had one. A trust domain
-/// whose key is gone is gone (the operator withdraws a bundle when its
+/// bundle, a CA webpki refuses, a bundle without any authority) is logged
+/// and keeps its previous value, if it had one. A trust domain whose key is
+/// gone is gone (the operator withdraws a bundle when its
 /// FederatedTrustDomain is deleted).
-pub fn federated_der_of(
-    cm: Option<&ConfigMap>,
-    own_td_id: &str,
-    previous: &BTreeMap<String, Vec<u8>>,
-) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
+pub fn federated_of(cm: Option<&ConfigMap>, own_td_id: &str, previous: &Federated) -> Federated {
+    let mut out = Federated::default();
     let Some(data) = cm.and_then(|cm| cm.data.as_ref()) else {
         return out;
     };
@@ -182,46 +210,66 @@ pub fn federated_der_of(
             warn!(trust_domain = %td, "ConfigMap {FEDERATED_CONFIGMAP} names this cluster's own trust domain; ignored (its CAs come from {BUNDLE_CONFIGMAP} only)");
             continue;
         }
-        match federated_der(document) {
-            Ok(der) => {
-                out.insert(id, der);
+        match federated_authorities(document) {
+            Ok((der, jwt)) => {
+                if let Some(der) = der {
+                    out.der.insert(id.clone(), der);
+                }
+                if let Some(jwt) = jwt {
+                    out.jwt.insert(id, jwt);
+                }
             }
             Err(e) => {
-                let kept = previous.get(&id).cloned();
-                warn!(trust_domain = %td, error = %e, kept = kept.is_some(), "federated bundle unusable; the previous one (if any) stays in use");
-                if let Some(der) = kept {
-                    out.insert(id, der);
-                }
+                let kept = previous.der.contains_key(&id) || previous.jwt.contains_key(&id);
+                warn!(trust_domain = %td, error = %e, kept, "federated bundle unusable; the previous one (if any) stays in use");
+                out.keep(&id, previous);
             }
         }
     }
     out
 }
 
-/// One federated bundle document's X.509 authorities, checked and DER
-/// concatenated.
-fn federated_der(document: &str) -> Result<Vec<u8>, String> {
+/// One federated bundle document's authorities: its X.509 CAs, checked and
+/// DER concatenated, and its JWT keys; each None when the bundle has none,
+/// an error when it has neither.
+fn federated_authorities(document: &str) -> Result<(Option<Vec<u8>>, Option<JwkSet>), String> {
     let bundle = SpiffeBundle::from_json(document.as_bytes())
         .map_err(|e| e.to_string())?
         .bundle;
-    if bundle.x509_authorities.is_empty() {
-        return Err("no X.509 authorities".to_owned());
+    if bundle.x509_authorities.is_empty() && bundle.jwt_authorities.keys.is_empty() {
+        return Err("no X.509 or JWT authorities".to_owned());
     }
-    anchors_der(bundle.x509_authorities.iter().map(Vec::as_slice)).map_err(|e| e.to_string())
+    let der = if bundle.x509_authorities.is_empty() {
+        None
+    } else {
+        Some(
+            anchors_der(bundle.x509_authorities.iter().map(Vec::as_slice))
+                .map_err(|e| e.to_string())?,
+        )
+    };
+    let jwt = (!bundle.jwt_authorities.keys.is_empty()).then_some(bundle.jwt_authorities);
+    Ok((der, jwt))
 }
 
 /// Sets the store's federated bundles from the published ConfigMap (see
-/// [`federated_der_of`]); `None` when it does not exist.
+/// [`federated_of`]); `None` when it does not exist.
 pub fn apply_federated(store: &IdentityStore, cm: Option<&ConfigMap>) {
     let current = store.bundles();
-    let next = federated_der_of(cm, &current.trust_domain_id, &current.federated_der);
-    if next != current.federated_der {
+    let previous = Federated {
+        der: current.federated_der.clone(),
+        jwt: current.federated_jwt.clone(),
+    };
+    let next = federated_of(cm, &current.trust_domain_id, &previous);
+    if next != previous {
         info!(
-            trust_domains = ?next.keys().collect::<Vec<_>>(),
+            trust_domains = ?next.trust_domains(),
             "federated bundles updated from ConfigMap {FEDERATED_CONFIGMAP}"
         );
     }
-    store.update_bundles(|b| b.federated_der = next);
+    store.update_bundles(|b| {
+        b.federated_der = next.der;
+        b.federated_jwt = next.jwt;
+    });
 }
 
 /// Follows ConfigMap [`FEDERATED_CONFIGMAP`] in `namespace` for as long as
@@ -299,6 +347,20 @@ mod tests {
         String::from_utf8(bundle.to_json().unwrap()).unwrap()
     }
 
+    fn jwt_doc() -> String {
+        let key = tessera_api::jwt::SigningKey::from_pkcs8(
+            rcgen::KeyPair::generate().unwrap().serialized_der(),
+        )
+        .unwrap();
+        let bundle = SpiffeBundle {
+            jwt_authorities: JwkSet {
+                keys: vec![key.public().clone()],
+            },
+            ..SpiffeBundle::default()
+        };
+        String::from_utf8(bundle.to_json().unwrap()).unwrap()
+    }
+
     #[test]
     fn federated_bundles_are_kept_apart_and_bad_ones_keep_the_previous() {
         let (b1, b2, c) = (ca_pem(), ca_pem(), ca_pem());
@@ -312,43 +374,58 @@ mod tests {
             ..ConfigMap::default()
         };
         let own = "spiffe://cluster.test";
-        let first = federated_der_of(
+        let first = federated_of(
             Some(&cm(&[
                 ("b.test", spiffe_doc(&[&b1, &b2])),
                 ("c.test", spiffe_doc(&[&c])),
                 ("cluster.test", spiffe_doc(&[&c])),
                 ("Not A Domain", spiffe_doc(&[&c])),
+                ("j.test", jwt_doc()),
             ])),
             own,
-            &BTreeMap::new(),
+            &Federated::default(),
         );
         assert_eq!(
-            first.keys().collect::<Vec<_>>(),
+            first.der.keys().collect::<Vec<_>>(),
             ["spiffe://b.test", "spiffe://c.test"],
             "the own trust domain and bad keys are ignored"
         );
         assert_eq!(
-            first["spiffe://b.test"],
+            first.der["spiffe://b.test"],
             [
                 parse_pem_bundle(&b1).unwrap(),
                 parse_pem_bundle(&b2).unwrap()
             ]
             .concat()
         );
-        assert_eq!(first["spiffe://c.test"], parse_pem_bundle(&c).unwrap());
-        // b.test turns malformed: its previous CAs stay; c.test is withdrawn.
-        let second = federated_der_of(
-            Some(&cm(&[("b.test", "{\"keys\": 1}".to_owned())])),
+        assert_eq!(first.der["spiffe://c.test"], parse_pem_bundle(&c).unwrap());
+        assert_eq!(
+            first.jwt.keys().collect::<Vec<_>>(),
+            ["spiffe://j.test"],
+            "a JWT-only bundle gives JWT authorities and no X.509 ones"
+        );
+        assert_eq!(first.jwt["spiffe://j.test"].keys.len(), 1);
+        // b.test and j.test turn malformed: their previous authorities stay;
+        // c.test is withdrawn.
+        let second = federated_of(
+            Some(&cm(&[
+                ("b.test", "{\"keys\": 1}".to_owned()),
+                ("j.test", "[]".to_owned()),
+            ])),
             own,
             &first,
         );
-        assert_eq!(second.keys().collect::<Vec<_>>(), ["spiffe://b.test"]);
-        assert_eq!(second["spiffe://b.test"], first["spiffe://b.test"]);
-        // A bundle with no X.509 authority is refused too; with nothing
+        assert_eq!(second.der.keys().collect::<Vec<_>>(), ["spiffe://b.test"]);
+        assert_eq!(second.der["spiffe://b.test"], first.der["spiffe://b.test"]);
+        assert_eq!(second.jwt, first.jwt);
+        // A bundle with no authority at all is refused too; with nothing
         // before, the trust domain has no bundle.
         let empty = String::from_utf8(SpiffeBundle::default().to_json().unwrap()).unwrap();
-        assert!(federated_der_of(Some(&cm(&[("d.test", empty)])), own, &first).is_empty());
-        assert!(federated_der_of(None, own, &first).is_empty());
+        assert_eq!(
+            federated_of(Some(&cm(&[("d.test", empty)])), own, &first),
+            Federated::default()
+        );
+        assert_eq!(federated_of(None, own, &first), Federated::default());
 
         let store = IdentityStore::default();
         store.update_bundles(|b| b.trust_domain_id = own.to_owned());
@@ -357,8 +434,13 @@ mod tests {
             store.bundles().federated_der["spiffe://b.test"],
             parse_pem_bundle(&b1).unwrap()
         );
+        assert!(store.bundles().federated_jwt.is_empty());
+        apply_federated(&store, Some(&cm(&[("j.test", jwt_doc())])));
+        assert!(store.bundles().federated_der.is_empty());
+        assert_eq!(store.bundles().federated_jwt.len(), 1);
         apply_federated(&store, None);
         assert!(store.bundles().federated_der.is_empty());
+        assert!(store.bundles().federated_jwt.is_empty());
     }
 
     #[test]

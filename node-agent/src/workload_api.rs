@@ -12,7 +12,6 @@ use std::pin::Pin;
 
 use futures::Stream;
 use tessera_api::jwt;
-use tessera_api::spiffe::TrustDomain;
 use tessera_api::workload_api::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
@@ -256,12 +255,22 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(Status::invalid_argument("svid must be specified"));
         }
         let bundles = self.store.bundles();
-        let own: Option<TrustDomain> = bundles
-            .trust_domain_id
-            .strip_prefix(tessera_api::spiffe::SCHEME_PREFIX)
-            .and_then(|td| td.parse().ok());
+        // The caller's federated trust domains count only while its identity
+        // lists them, as for the bundles it is handed.
+        let federates_with = self
+            .store
+            .current(&uid)
+            .map(|i| i.federates_with.clone())
+            .unwrap_or_default();
         let verified = jwt::verify(&req.svid, &req.audience, unix_now(), |td| {
-            (own.as_ref() == Some(td)).then_some(&bundles.own_jwt)
+            let id = td.id().to_string();
+            if id == bundles.trust_domain_id {
+                Some(&bundles.own_jwt)
+            } else if federates_with.contains(&id) {
+                bundles.federated_jwt.get(&id)
+            } else {
+                None
+            }
         })
         .map_err(|e| {
             debug!(pod_uid = %uid, error = %e, "JWT-SVID refused");

@@ -8,6 +8,9 @@
 //! `b.test` in `federatesWith`. Both sides use SPIRE's Workload API client
 //! (`spire-agent api fetch x509 -write`) and OpenSSL for the TLS.
 //!
+//! JWT-SVIDs cross the same way: each side validates the other's through
+//! its own Workload API, with the federated JWT authorities.
+//!
 //! A pod whose WorkloadIdentity does not federate gets no b.test bundle; a
 //! new X.509 authority SPIRE prepares reaches the Tessera pod's Workload API
 //! within the refresh hint; and once the FederatedTrustDomain is deleted
@@ -166,6 +169,78 @@ fn mutual_tls(server: &Path, server_ca: &Path, client: &Path, client_ca: &Path) 
         && server_out.contains("hello")
         && !server_out.contains("verify error");
     (ok, format!("client:\n{text}\nserver:\n{server_out}"))
+}
+
+/// Runs `spire-agent api <args> -socketPath <socket>`, inside `cgroup`
+/// when given: whether it succeeded, and stdout and stderr together.
+fn spire_api(
+    spire_agent: &Path,
+    socket: &Path,
+    cgroup: Option<&PodCgroup>,
+    args: &[&str],
+) -> (bool, String) {
+    let mut all = vec!["api"];
+    all.extend_from_slice(args);
+    all.extend(["-socketPath", socket.to_str().unwrap()]);
+    let (ok, out, err) = match cgroup {
+        Some(cgroup) => cgroup.run(spire_agent, &all),
+        None => {
+            let o = Command::new(spire_agent).args(&all).output().unwrap();
+            (
+                o.status.success(),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        }
+    };
+    (ok, format!("{out}{err}"))
+}
+
+/// A JWT-SVID for `audience` from a Workload API (`spire-agent api fetch
+/// jwt`), and the JWT bundles' trust domain IDs the same call printed.
+fn fetch_jwt(
+    spire_agent: &Path,
+    socket: &Path,
+    cgroup: Option<&PodCgroup>,
+    audience: &str,
+) -> (String, Vec<String>) {
+    let (ok, out) = spire_api(
+        spire_agent,
+        socket,
+        cgroup,
+        &["fetch", "jwt", "-audience", audience],
+    );
+    assert!(ok, "fetch jwt: {out}");
+    let lines: Vec<&str> = out.lines().collect();
+    let token = lines
+        .iter()
+        .position(|l| l.starts_with("token("))
+        .and_then(|i| lines.get(i + 1))
+        .map(|t| t.trim().to_owned())
+        .unwrap_or_else(|| panic!("no token in:\n{out}"));
+    let bundles = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("bundle(")?.strip_suffix("):"))
+        .map(str::to_owned)
+        .collect();
+    (token, bundles)
+}
+
+/// Validates `token` for `audience` through a Workload API (`spire-agent
+/// api validate jwt`): whether it was valid, and what was printed.
+fn validate_jwt(
+    spire_agent: &Path,
+    socket: &Path,
+    cgroup: Option<&PodCgroup>,
+    audience: &str,
+    token: &str,
+) -> (bool, String) {
+    spire_api(
+        spire_agent,
+        socket,
+        cgroup,
+        &["validate", "jwt", "-audience", audience, "-svid", token],
+    )
 }
 
 /// The certificates of a PEM text, in any order.
@@ -374,6 +449,54 @@ spec:
     );
     assert!(ok, "{log}");
 
+    // JWT-SVIDs across the trust domains, each validated with the federated
+    // JWT authorities the validating side's Workload API holds.
+    let (b_token, b_jwt_bundles) =
+        fetch_jwt(&bins.spire_agent, &spire_agent.socket, None, "tessera-web");
+    assert!(
+        b_jwt_bundles.contains(&"spiffe://cluster.test".to_owned()),
+        "SPIRE hands its workload cluster.test's JWT keys: {b_jwt_bundles:?}"
+    );
+    let (ok, out) = validate_jwt(
+        &bins.spire_agent,
+        &socket,
+        Some(&web_cgroup),
+        "tessera-web",
+        &b_token,
+    );
+    assert!(
+        ok && out.contains("SPIFFE ID : spiffe://b.test/client"),
+        "{out}"
+    );
+    let (ok, out) = validate_jwt(
+        &bins.spire_agent,
+        &socket,
+        Some(&other_cgroup),
+        "tessera-web",
+        &b_token,
+    );
+    assert!(
+        !ok && out.contains("not valid"),
+        "a pod that does not federate with b.test must refuse its JWT-SVIDs:\n{out}"
+    );
+    let (t_token, t_jwt_bundles) =
+        fetch_jwt(&bins.spire_agent, &socket, Some(&web_cgroup), "b-client");
+    assert_eq!(t_jwt_bundles.len(), 2, "{t_jwt_bundles:?}");
+    assert!(t_jwt_bundles.contains(&"spiffe://b.test".to_owned()));
+    let (_, o_jwt_bundles) = fetch_jwt(&bins.spire_agent, &socket, Some(&other_cgroup), "b-client");
+    assert_eq!(o_jwt_bundles, ["spiffe://cluster.test"]);
+    let (ok, out) = validate_jwt(
+        &bins.spire_agent,
+        &spire_agent.socket,
+        None,
+        "b-client",
+        &t_token,
+    );
+    assert!(
+        ok && out.contains("SPIFFE ID : spiffe://cluster.test/ns/shop/web"),
+        "{out}"
+    );
+
     // SPIRE prepares a new X.509 authority: it reaches the Tessera pod's
     // Workload API within the refresh hint (5 s; the FederatedTrustDomain
     // fetches, the agent follows the published bundle, the stream updates).
@@ -428,5 +551,14 @@ spec:
         log.contains("verify") || log.contains("alert"),
         "refused for its certificate:\n{log}"
     );
+    // And its JWT-SVIDs too.
+    let (ok, out) = validate_jwt(
+        &bins.spire_agent,
+        &socket,
+        Some(&web_cgroup),
+        "tessera-web",
+        &b_token,
+    );
+    assert!(!ok && out.contains("not valid"), "{out}");
     spire.stop();
 }
