@@ -24,6 +24,8 @@ use tracing::{info, warn};
 
 use crate::attestation::PodUid;
 use crate::identities::{IdentityStore, PodIdentity, X509Svid};
+use crate::svids::{JwtCache, JwtSvid};
+use tessera_api::jwt::JwkSet;
 
 /// Wait before subscribing again after a stream fails or ends.
 const RETRY: Duration = Duration::from_secs(2);
@@ -196,6 +198,102 @@ pub async fn follow_bundles(cfg: DelegatedConfig, own_td_id: String, store: Iden
             warn!(error = %e, "bundle subscription failed; retrying in 2s");
         }
         tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// Follows the SPIRE agent's JWT bundles: the own trust domain's JWT
+/// authorities (`own_td_id`) go into the store (federated trust domains
+/// come from FederatedTrustDomain objects, as in the built-in CA mode).
+/// Runs until dropped.
+pub async fn follow_jwt_bundles(cfg: DelegatedConfig, own_td_id: String, store: IdentityStore) {
+    loop {
+        let result: Result<(), DelegatedError> = async {
+            let mut stream = connect(&cfg)
+                .await?
+                .subscribe_to_jwt_bundles(delegated::SubscribeToJwtBundlesRequest {})
+                .await?
+                .into_inner();
+            while let Some(answer) = stream.message().await? {
+                let Some(doc) = answer.bundles.get(&own_td_id) else {
+                    warn!(trust_domain = %own_td_id, "the SPIRE agent sent no JWT bundle for this trust domain; is it SPIRE's trust domain?");
+                    continue;
+                };
+                match JwkSet::from_json(doc) {
+                    Ok(jwt) => {
+                        if store.bundles().own_jwt != jwt {
+                            info!(trust_domain = %own_td_id, keys = jwt.keys.len(), "own JWT authorities updated from the SPIRE agent");
+                        }
+                        store.update_bundles(|b| b.own_jwt = jwt);
+                    }
+                    Err(e) => warn!(error = %e, "ignoring the SPIRE agent's JWT bundle; the previous one stays in use"),
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            warn!(error = %e, "JWT bundle subscription failed; retrying in 2s");
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// Gets JWT-SVIDs from the SPIRE agent's Delegated Identity API for the
+/// Workload API: one FetchJWTSVIDs call per (identity, audiences), with the
+/// identity's own selector only, through a [`JwtCache`].
+#[derive(Debug, Clone)]
+pub struct SpireJwt {
+    cfg: DelegatedConfig,
+    cache: JwtCache,
+}
+
+impl SpireJwt {
+    /// JWT-SVIDs from the SPIRE agent `cfg` names.
+    pub fn new(cfg: DelegatedConfig) -> SpireJwt {
+        SpireJwt {
+            cfg,
+            cache: JwtCache::default(),
+        }
+    }
+
+    /// A JWT-SVID for `spiffe_id` (an identity of pod `uid`) for `audience`.
+    pub async fn jwt_svid(
+        &self,
+        uid: &PodUid,
+        spiffe_id: &str,
+        audience: &[String],
+    ) -> Result<JwtSvid, DelegatedError> {
+        let key = JwtCache::key(uid, spiffe_id, audience);
+        if let Some(svid) = self.cache.get(&key) {
+            return Ok(svid);
+        }
+        let answer = connect(&self.cfg)
+            .await?
+            .fetch_jwtsvi_ds(delegated::FetchJwtsviDsRequest {
+                audience: audience.to_vec(),
+                selectors: vec![tessera_api::spire_api::tessera_selector(spiffe_id)],
+                pid: 0,
+            })
+            .await?
+            .into_inner();
+        let found = answer
+            .svids
+            .into_iter()
+            .find(|s| s.id.as_ref().is_some_and(|i| i.uri() == spiffe_id))
+            .filter(|s| !s.token.is_empty())
+            .ok_or_else(|| {
+                DelegatedError::Answer(format!(
+                    "no JWT-SVID for {spiffe_id} in the answer (is it registered for this node?)"
+                ))
+            })?;
+        let svid = JwtSvid {
+            spiffe_id: spiffe_id.to_owned(),
+            token: found.token,
+            hint: found.hint,
+        };
+        self.cache.put(key, &svid, found.expires_at);
+        info!(spiffe_id = %spiffe_id, audience = ?audience, "JWT-SVID received from the SPIRE agent");
+        Ok(svid)
     }
 }
 

@@ -192,6 +192,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             )?;
             tokio::spawn(tessera_agent::delegated::follow_bundles(
                 cfg.clone(),
+                td.clone(),
+                store.clone(),
+            ));
+            tokio::spawn(tessera_agent::delegated::follow_jwt_bundles(
+                cfg.clone(),
                 td,
                 store.clone(),
             ));
@@ -220,9 +225,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         node_name: args.node_name.clone(),
         token_file: args.token_file,
     };
-    // JWT-SVIDs come from the signer; with SPIRE there are none yet.
-    let jwt = spire.is_none().then(|| {
-        tessera_agent::svids::JwtIssuer::new(channel.clone(), svid_cfg.clone(), store.clone())
+    // JWT-SVIDs come from the signer, or with SPIRE from the SPIRE agent.
+    let jwt = Some(match &spire {
+        None => tessera_agent::svids::JwtSource::Signer(tessera_agent::svids::JwtIssuer::new(
+            channel.clone(),
+            svid_cfg.clone(),
+            store.clone(),
+        )),
+        Some(cfg) => tessera_agent::svids::JwtSource::Spire(
+            tessera_agent::delegated::SpireJwt::new(cfg.clone()),
+        ),
     });
     let server = tessera_agent::workload_api::serve(&args.socket, store.clone(), jwt, async {
         let _ = tokio::signal::ctrl_c().await;

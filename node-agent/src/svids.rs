@@ -320,15 +320,61 @@ type JwtKey = (PodUid, String, Vec<String>);
 /// Most JWT-SVIDs kept in the cache; past it, expired entries go, then all.
 const JWT_CACHE_MAX: usize = 4096;
 
-/// Gets JWT-SVIDs from the signer for the Workload API and keeps each until
-/// half its lifetime has passed, so a workload asking often costs one
-/// signature per audience per half-lifetime.
+/// JWT-SVIDs already obtained, each kept until half its lifetime has
+/// passed, so a workload asking often costs one signature per audience per
+/// half-lifetime, whichever the source.
+#[derive(Clone, Default)]
+pub struct JwtCache {
+    map: Arc<Mutex<HashMap<JwtKey, (JwtSvid, Instant)>>>,
+}
+
+impl JwtCache {
+    /// The key of pod `uid`'s `spiffe_id` for `audience` (in any order).
+    pub fn key(uid: &PodUid, spiffe_id: &str, audience: &[String]) -> JwtKey {
+        let mut aud = audience.to_vec();
+        aud.sort();
+        aud.dedup();
+        (uid.clone(), spiffe_id.to_owned(), aud)
+    }
+
+    /// A cached JWT-SVID still worth handing out.
+    pub fn get(&self, key: &JwtKey) -> Option<JwtSvid> {
+        let cache = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .get(key)
+            .filter(|(_, renew_at)| *renew_at > Instant::now())
+            .map(|(svid, _)| svid.clone())
+    }
+
+    /// Keeps `svid`, which expires at `expires_at` (Unix seconds).
+    pub fn put(&self, key: JwtKey, svid: &JwtSvid, expires_at: i64) {
+        let now = Instant::now();
+        let mut cache = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= JWT_CACHE_MAX {
+            cache.retain(|_, (_, renew_at)| *renew_at > now);
+            if cache.len() >= JWT_CACHE_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (svid.clone(), renew_at(expires_at)));
+    }
+}
+
+impl std::fmt::Debug for JwtCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Tokens are bearer credentials: never print them.
+        f.debug_struct("JwtCache").finish_non_exhaustive()
+    }
+}
+
+/// Gets JWT-SVIDs from the signer for the Workload API, through a
+/// [`JwtCache`].
 #[derive(Clone)]
 pub struct JwtIssuer {
     signer: SignerClient<Channel>,
     cfg: SvidConfig,
     store: IdentityStore,
-    cache: Arc<Mutex<HashMap<JwtKey, (JwtSvid, Instant)>>>,
+    cache: JwtCache,
 }
 
 impl std::fmt::Debug for JwtIssuer {
@@ -346,7 +392,7 @@ impl JwtIssuer {
             signer: SignerClient::new(channel),
             cfg,
             store,
-            cache: Arc::default(),
+            cache: JwtCache::default(),
         }
     }
 
@@ -358,18 +404,9 @@ impl JwtIssuer {
         spiffe_id: &str,
         audience: &[String],
     ) -> Result<JwtSvid, SvidError> {
-        let mut aud = audience.to_vec();
-        aud.sort();
-        aud.dedup();
-        let key = (uid.clone(), spiffe_id.to_owned(), aud);
-        let now = Instant::now();
-        {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((svid, renew_at)) = cache.get(&key)
-                && *renew_at > now
-            {
-                return Ok(svid.clone());
-            }
+        let key = JwtCache::key(uid, spiffe_id, audience);
+        if let Some(svid) = self.cache.get(&key) {
+            return Ok(svid);
         }
         let request = authorized(
             &self.cfg,
@@ -400,14 +437,46 @@ impl JwtIssuer {
             token: answer.token,
             hint: answer.hint,
         };
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= JWT_CACHE_MAX {
-            cache.retain(|_, (_, renew_at)| *renew_at > now);
-            if cache.len() >= JWT_CACHE_MAX {
-                cache.clear();
-            }
-        }
-        cache.insert(key, (svid.clone(), renew_at(answer.expires_at)));
+        self.cache.put(key, &svid, answer.expires_at);
         Ok(svid)
+    }
+}
+
+/// Where the Workload API gets JWT-SVIDs.
+#[derive(Debug, Clone)]
+pub enum JwtSource {
+    /// The operator's signing service.
+    Signer(JwtIssuer),
+    /// The local SPIRE agent's Delegated Identity API.
+    Spire(crate::delegated::SpireJwt),
+}
+
+impl JwtSource {
+    /// A JWT-SVID for `spiffe_id`, one of pod `uid`'s identities, for
+    /// `audience`; the error is the Workload API's answer.
+    pub async fn jwt_svid(
+        &self,
+        uid: &PodUid,
+        pod: &PodIdentity,
+        spiffe_id: &str,
+        audience: &[String],
+    ) -> Result<JwtSvid, tonic::Status> {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            warn!(pod_uid = %uid, spiffe_id, error = %e, "cannot get a JWT-SVID");
+            tonic::Status::unavailable(format!("cannot get a JWT-SVID now: {e}"))
+        };
+        match self {
+            JwtSource::Signer(issuer) => issuer
+                .jwt_svid(uid, pod, spiffe_id, audience)
+                .await
+                .map_err(|e| match e {
+                    SvidError::Signer(s) if s.code() == tonic::Code::InvalidArgument => s,
+                    e => unavailable(&e),
+                }),
+            JwtSource::Spire(spire) => spire
+                .jwt_svid(uid, spiffe_id, audience)
+                .await
+                .map_err(|e| unavailable(&e)),
+        }
     }
 }

@@ -24,11 +24,11 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::attestation::{self, PodUid};
 use crate::identities::{Bundles, IdentityStore, PodIdentity};
-use crate::svids::{JwtIssuer, SvidError, unix_now};
+use crate::svids::{JwtSource, unix_now};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +47,7 @@ pub enum ServeError {
 #[derive(Debug, Clone)]
 pub struct WorkloadApi {
     store: IdentityStore,
-    jwt: Option<JwtIssuer>,
+    jwt: Option<JwtSource>,
 }
 
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -119,7 +119,7 @@ fn bundles_response(identity: &PodIdentity, bundles: &Bundles) -> X509BundlesRes
 impl WorkloadApi {
     /// A service answering from `store`, getting JWT-SVIDs through `jwt`
     /// (without one, FetchJWTSVID answers Unavailable).
-    pub fn new(store: IdentityStore, jwt: Option<JwtIssuer>) -> WorkloadApi {
+    pub fn new(store: IdentityStore, jwt: Option<JwtSource>) -> WorkloadApi {
         WorkloadApi { store, jwt }
     }
 
@@ -212,16 +212,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         })?;
         let mut svids = Vec::with_capacity(ids.len());
         for id in ids {
-            let svid = issuer
-                .jwt_svid(&uid, &identity, id, &req.audience)
-                .await
-                .map_err(|e| {
-                    warn!(pod_uid = %uid, error = %e, "cannot get a JWT-SVID");
-                    match e {
-                        SvidError::Signer(s) if s.code() == tonic::Code::InvalidArgument => s,
-                        e => Status::unavailable(format!("cannot get a JWT-SVID now: {e}")),
-                    }
-                })?;
+            let svid = issuer.jwt_svid(&uid, &identity, id, &req.audience).await?;
             svids.push(Jwtsvid {
                 spiffe_id: svid.spiffe_id,
                 svid: svid.token,
@@ -293,7 +284,7 @@ fn jwt_bundles_response(_: &PodIdentity, bundles: &Bundles) -> JwtBundlesRespons
 pub async fn serve(
     path: &Path,
     store: IdentityStore,
-    jwt: Option<JwtIssuer>,
+    jwt: Option<JwtSource>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>, ServeError> {
     use std::os::unix::fs::PermissionsExt;

@@ -5,7 +5,8 @@
 //! (`--svid-source spire`) and `tessera-agent run --svid-source spire` gets
 //! their SVIDs from the SPIRE agent and serves them on its Workload API. A
 //! process in the pod's cgroup fetches an SVID issued by SPIRE's CA, with
-//! SPIRE's bundle; once the pod is gone its entry goes too.
+//! SPIRE's bundle, and a JWT-SVID SPIRE signed (its own Workload API
+//! validates it); once the pod is gone its entry goes too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use std::process::Stdio;
@@ -18,7 +19,7 @@ use tessera_tests::resources;
 use tessera_tests::spire::{SpireAgent, SpireServer};
 
 mod common;
-use common::PodCgroup;
+use common::{PodCgroup, fetch_jwt, validate_jwt};
 
 const DELEGATE: &str = "spiffe://cluster.test/tessera/agent/node-a";
 
@@ -151,6 +152,39 @@ async fn a_pod_gets_a_spire_issued_svid_through_the_delegated_identity_api() {
         .output()
         .unwrap();
     assert!(verified.status.success(), "{verified:?}");
+
+    // JWT-SVIDs come from SPIRE too: the pod's token validates with SPIRE's
+    // own Workload API (SPIRE's JWT authorities) and with Tessera's (which
+    // follows them through the Delegated Identity API).
+    let (token, jwt_bundles) = fetch_jwt(&bins.spire_agent, &socket, Some(&cgroup), "shop-api");
+    assert_eq!(jwt_bundles, ["spiffe://cluster.test"]);
+    let (ok, out) = validate_jwt(
+        &bins.spire_agent,
+        &spire_agent.socket,
+        None,
+        "shop-api",
+        &token,
+    );
+    assert!(
+        ok && out.contains("SPIFFE ID : spiffe://cluster.test/ns/shop/sa/default"),
+        "SPIRE must accept the token as its own:\n{out}"
+    );
+    let (ok, out) = validate_jwt(
+        &bins.spire_agent,
+        &socket,
+        Some(&cgroup),
+        "shop-api",
+        &token,
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = validate_jwt(
+        &bins.spire_agent,
+        &socket,
+        Some(&cgroup),
+        "elsewhere",
+        &token,
+    );
+    assert!(!ok && out.contains("not valid"), "wrong audience:\n{out}");
 
     // The pod goes: so does its entry (and the agent's subscription).
     pods.delete("web", &DeleteParams::default()).await.unwrap();

@@ -3,7 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 pub fn cgroup2_root() -> PathBuf {
@@ -154,5 +154,77 @@ pub fn start_operator_with(
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap(),
+    )
+}
+
+/// Runs `spire-agent api <args> -socketPath <socket>`, inside `cgroup`
+/// when given: whether it succeeded, and stdout and stderr together.
+pub fn spire_api(
+    spire_agent: &Path,
+    socket: &Path,
+    cgroup: Option<&PodCgroup>,
+    args: &[&str],
+) -> (bool, String) {
+    let mut all = vec!["api"];
+    all.extend_from_slice(args);
+    all.extend(["-socketPath", socket.to_str().unwrap()]);
+    let (ok, out, err) = match cgroup {
+        Some(cgroup) => cgroup.run(spire_agent, &all),
+        None => {
+            let o = Command::new(spire_agent).args(&all).output().unwrap();
+            (
+                o.status.success(),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        }
+    };
+    (ok, format!("{out}{err}"))
+}
+
+/// A JWT-SVID for `audience` from a Workload API (`spire-agent api fetch
+/// jwt`), and the JWT bundles' trust domain IDs the same call printed.
+pub fn fetch_jwt(
+    spire_agent: &Path,
+    socket: &Path,
+    cgroup: Option<&PodCgroup>,
+    audience: &str,
+) -> (String, Vec<String>) {
+    let (ok, out) = spire_api(
+        spire_agent,
+        socket,
+        cgroup,
+        &["fetch", "jwt", "-audience", audience],
+    );
+    assert!(ok, "fetch jwt: {out}");
+    let lines: Vec<&str> = out.lines().collect();
+    let token = lines
+        .iter()
+        .position(|l| l.starts_with("token("))
+        .and_then(|i| lines.get(i + 1))
+        .map(|t| t.trim().to_owned())
+        .unwrap_or_else(|| panic!("no token in:\n{out}"));
+    let bundles = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("bundle(")?.strip_suffix("):"))
+        .map(str::to_owned)
+        .collect();
+    (token, bundles)
+}
+
+/// Validates `token` for `audience` through a Workload API (`spire-agent
+/// api validate jwt`): whether it was valid, and what was printed.
+pub fn validate_jwt(
+    spire_agent: &Path,
+    socket: &Path,
+    cgroup: Option<&PodCgroup>,
+    audience: &str,
+    token: &str,
+) -> (bool, String) {
+    spire_api(
+        spire_agent,
+        socket,
+        cgroup,
+        &["validate", "jwt", "-audience", audience, "-svid", token],
     )
 }
