@@ -121,6 +121,21 @@ struct {
 	__type(value, __u64);
 } ts_counters SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, TS_MAX_TERMINATORS);
+	__type(key, struct ts_term_key);
+	__type(value, __u32);
+} ts_terminators SEC(".maps");
+
+/* Cookies of the agent's terminator sockets. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TS_MAX_TERMINATORS);
+	__type(key, __u64);
+	__type(value, __u32);
+} ts_terminator_sk SEC(".maps");
+
 static __always_inline void count(__u32 reason)
 {
 	__u64 *n = bpf_map_lookup_elem(&ts_counters, &reason);
@@ -409,6 +424,18 @@ int ts_ingress(struct __sk_buff *skb)
 		reason = TS_REASON_ALLOW_NO_POLICY;
 	} else {
 		src = lookup_ip(&src_key, &src_known);
+		/* A peer outside the mesh whose connection start reaches one of
+		 * the agent's terminator sockets (ts_steer handed it there): the
+		 * agent authenticates it. A cookie is never reused, so a socket
+		 * that closed lets nothing through to whoever listens next. */
+		if (!src_known) {
+			__u64 cookie = bpf_get_socket_cookie(skb);
+
+			if (bpf_map_lookup_elem(&ts_terminator_sk, &cookie)) {
+				count(TS_REASON_PASS_UNMANAGED);
+				return 1;
+			}
+		}
 		reason = decide(shapes, &dst, &src, &dst, &src, bpf_ntohs(tcp.dest), IPPROTO_TCP,
 				&expires);
 	}
@@ -501,4 +528,52 @@ int ts_connect6(struct bpf_sock_addr *ctx)
 	words[2] = ctx->user_ip6[2];
 	words[3] = ctx->user_ip6[3];
 	return gate(&key, bpf_ntohs((__u16)ctx->user_port), ctx->protocol);
+}
+
+#define TS_AF_INET 2
+#define TS_AF_INET6 10
+
+/* ts_steer (sk_lookup, attached to the network namespace of each local pod
+ * with terminated ports): a TCP connection start from a peer outside the
+ * mesh (its address has no endpoint) to a terminated address and port goes
+ * to the agent's terminator socket. Everything else, mesh peers included,
+ * takes the usual lookup and then ts_ingress. */
+SEC("sk_lookup")
+int ts_steer(struct bpf_sk_lookup *ctx)
+{
+	struct ts_term_key key = {};
+	struct ts_ip_key remote;
+	struct bpf_sock *sk;
+	int known;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	if (ctx->family == TS_AF_INET) {
+		ip4_key((struct ts_ip_key *)key.addr, ctx->local_ip4);
+		ip4_key(&remote, ctx->remote_ip4);
+	} else if (ctx->family == TS_AF_INET6) {
+		__u32 *l = (__u32 *)key.addr;
+		__u32 *r = (__u32 *)remote.addr;
+
+		l[0] = ctx->local_ip6[0];
+		l[1] = ctx->local_ip6[1];
+		l[2] = ctx->local_ip6[2];
+		l[3] = ctx->local_ip6[3];
+		r[0] = ctx->remote_ip6[0];
+		r[1] = ctx->remote_ip6[1];
+		r[2] = ctx->remote_ip6[2];
+		r[3] = ctx->remote_ip6[3];
+	} else {
+		return SK_PASS;
+	}
+	key.port = ctx->local_port;
+	lookup_ip(&remote, &known);
+	if (known)
+		return SK_PASS;
+	sk = bpf_map_lookup_elem(&ts_terminators, &key);
+	if (!sk)
+		return SK_PASS;
+	bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return SK_PASS;
 }

@@ -39,6 +39,17 @@ struct ts_ip_key {
 	__u8 addr[16];
 };
 
+/* ts_terminators (SOCKHASH): a local pod's address and TCP port whose
+ * connections from peers outside the mesh (addresses without an endpoint)
+ * the agent terminates: ts_steer hands them to the agent's socket. The
+ * agent's terminator sockets are also listed by cookie in ts_terminator_sk:
+ * ts_ingress lets connection starts reaching those sockets through (the
+ * agent authenticates the peer itself). */
+struct ts_term_key {
+	__u8 addr[16];
+	__u32 port; /* host order */
+};
+
 /* ts_policy: the ingress decision of local identity `local` for traffic from
  * `remote` (TS_ID_ANY: any peer) to `port` (0: any port) over `proto`
  * (IPPROTO_TCP or IPPROTO_UDP; 0 with port 0). The programs look up, in this
@@ -181,6 +192,7 @@ enum ts_reason {
 #define TS_EVENTS_BYTES 262144 /* 256 KiB */
 #define TS_MAX_EVENT_PAIRS 16384
 #define TS_MAX_FLOWS 65536
+#define TS_MAX_TERMINATORS 4096
 /* Deepest cgroup level the connect gates search for a pod's cgroup. */
 #define TS_CGROUP_DEPTH 16
 
@@ -190,6 +202,7 @@ enum ts_reason {
 	_Static_assert(__builtin_offsetof(struct t, f) == (n), #t "." #f " offset")
 
 TS_ASSERT_SIZE(ts_endpoint, 16);
+TS_ASSERT_SIZE(ts_term_key, 20);
 TS_ASSERT_OFF(ts_endpoint, node, 4);
 TS_ASSERT_OFF(ts_endpoint, gen, 8);
 TS_ASSERT_SIZE(ts_ip_key, 16);

@@ -42,6 +42,27 @@ impl From<std::net::IpAddr> for IpKey {
     }
 }
 
+/// A local pod's address and TCP port whose connections from peers outside
+/// the mesh the agent terminates (key of `ts_terminators`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct TermKey {
+    /// The pod's address, as in [`IpKey`].
+    pub addr: [u8; 16],
+    /// The TCP port, host order.
+    pub port: u32,
+}
+
+impl TermKey {
+    /// The key of `ip`:`port`.
+    pub fn new(ip: std::net::IpAddr, port: u16) -> TermKey {
+        TermKey {
+            addr: IpKey::from(ip).addr,
+            port: u32::from(port),
+        }
+    }
+}
+
 /// One ingress rule of identity `local` (see the header).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
@@ -203,6 +224,7 @@ mod pod {
     use super::*;
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for IpKey {}
+    unsafe impl aya::Pod for TermKey {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for Selected {}
@@ -219,6 +241,7 @@ const _: () = {
     assert!(offset_of!(Endpoint, node) == 4);
     assert!(offset_of!(Endpoint, gen_) == 8);
     assert!(size_of::<IpKey>() == 16);
+    assert!(size_of::<TermKey>() == 20);
     assert!(size_of::<PolicyKey>() == 12);
     assert!(offset_of!(PolicyKey, remote) == 4);
     assert!(offset_of!(PolicyKey, port) == 8);

@@ -3,17 +3,21 @@
 //! (CAP_BPF).
 
 use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink};
-use aya::programs::{CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, TestRun, TestRunOptions};
+pub use aya::programs::sk_lookup::SkLookupLinkId;
+use aya::programs::{
+    CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkLookup, TestRun, TestRunOptions,
+};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::abi::{
     AuthEvent, AuthKey, AuthValue, Endpoint, FlowKey4, FlowKey6, IpKey, PolicyKey, PolicyValue,
-    Reason, Selected, Verdict,
+    Reason, Selected, TermKey, Verdict,
 };
 use crate::pinning::{self, PinningError};
 use crate::{maps, programs};
@@ -120,6 +124,11 @@ impl Datapath {
                 .try_into()?;
             prog.load()?;
         }
+        let prog: &mut SkLookup = ebpf
+            .program_mut(programs::STEER)
+            .ok_or(DatapathError::Missing(programs::STEER))?
+            .try_into()?;
+        prog.load()?;
         let mut dp = Datapath {
             ebpf,
             pin_dir: pin_dir.map(Path::to_owned),
@@ -215,6 +224,62 @@ impl Datapath {
         name: &'static str,
     ) -> Result<HashMap<&mut MapData, K, V>, DatapathError> {
         Ok(HashMap::try_from(self.map(name)?)?)
+    }
+
+    fn steer_program(&mut self) -> Result<&mut SkLookup, DatapathError> {
+        Ok(self
+            .ebpf
+            .program_mut(programs::STEER)
+            .ok_or(DatapathError::Missing(programs::STEER))?
+            .try_into()?)
+    }
+
+    /// Attaches the steering program (`ts_steer`) to the network namespace
+    /// `netns` (an open `/proc/<pid>/ns/net`): its connections from outside
+    /// the mesh to terminated ports go to the agent's terminator sockets.
+    /// The attachment ends with this value, with [`Datapath::unsteer`], or
+    /// when the namespace goes.
+    pub fn steer(&mut self, netns: impl AsFd) -> Result<SkLookupLinkId, DatapathError> {
+        Ok(self.steer_program()?.attach(netns)?)
+    }
+
+    /// Ends a [`Datapath::steer`] attachment.
+    pub fn unsteer(&mut self, link: SkLookupLinkId) -> Result<(), DatapathError> {
+        Ok(self.steer_program()?.detach(link)?)
+    }
+
+    /// Hands connections from outside the mesh to `key` (a local pod's
+    /// address and port) to `socket`, a listening TCP socket in that pod's
+    /// network namespace, and lets them through the ingress check.
+    pub fn set_terminator(
+        &mut self,
+        key: TermKey,
+        socket: &impl AsRawFd,
+        cookie: u64,
+    ) -> Result<(), DatapathError> {
+        // Steering first: until the exemption is in, a steered connection
+        // start is refused (fails closed), never let through to anyone else.
+        let mut sockets: SockHash<&mut MapData, TermKey> =
+            SockHash::try_from(self.map(maps::TERMINATORS)?)?;
+        sockets.insert(key, socket.as_raw_fd(), 0)?;
+        if let Err(e) = self
+            .hash::<u64, u32>(maps::TERMINATOR_SK)
+            .and_then(|mut m| Ok(m.insert(cookie, 1, 0)?))
+        {
+            let _ = self.remove_terminator(&key, cookie);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Stops terminating `key`; `cookie` is the socket's that terminated it.
+    /// The steering goes first, then the ingress exemption.
+    pub fn remove_terminator(&mut self, key: &TermKey, cookie: u64) -> Result<(), DatapathError> {
+        let mut sockets: SockHash<&mut MapData, TermKey> =
+            SockHash::try_from(self.map(maps::TERMINATORS)?)?;
+        remove_missing_ok(sockets.remove(key))?;
+        remove_missing_ok(self.hash::<u64, u32>(maps::TERMINATOR_SK)?.remove(&cookie))?;
+        Ok(())
     }
 
     /// Sets who a pod address belongs to.

@@ -22,6 +22,9 @@ pub mod programs {
     pub const CONNECT4: &str = "ts_connect4";
     /// cgroup/connect6: the IPv6 egress gate.
     pub const CONNECT6: &str = "ts_connect6";
+    /// sk_lookup: hands connections from outside the mesh to the agent's
+    /// terminator sockets (attached per pod network namespace).
+    pub const STEER: &str = "ts_steer";
 }
 
 /// Map names in [`OBJECT`].
@@ -50,6 +53,11 @@ pub mod maps {
     pub const EVENT_LAST: &str = "ts_ev_last";
     /// Per-CPU decision counters, indexed by [`crate::abi::Reason`].
     pub const COUNTERS: &str = "ts_counters";
+    /// Terminated pod address and port -> the agent's socket (not pinned:
+    /// its sockets end with the agent, and with them the steering).
+    pub const TERMINATORS: &str = "ts_terminators";
+    /// Cookies of the agent's terminator sockets (not pinned, likewise).
+    pub const TERMINATOR_SK: &str = "ts_terminator_sk";
     /// Every map, in the order the agent pins them.
     pub const ALL: &[&str] = &[
         EP_IP, EP_CGROUP, POLICY, SELECTED, AUTH, EPOCH, VERSION, VERDICTS4, VERDICTS6, EVENTS,

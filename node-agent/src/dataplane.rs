@@ -36,6 +36,11 @@ pub struct Stats {
     pub invalidated: AtomicU64,
     /// Missing authentications reported by the data path.
     pub events: AtomicU64,
+    /// Peers outside the mesh admitted by a terminator.
+    pub external_admitted: AtomicU64,
+    /// Connections a terminator refused (TLS, verification, policy, or the
+    /// workload not accepting).
+    pub external_refused: AtomicU64,
     /// The data path's decisions by reason (index: `Reason as usize`),
     /// summed over CPUs, as last read from the kernel's counters.
     pub decisions: [AtomicU64; Reason::ALL.len()],

@@ -32,6 +32,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::authcache::Generations;
+use crate::external::{self, External};
 use crate::follow::Compact;
 use crate::handshake::{self, Authenticated, Credentials, HandshakeError, Initiate};
 use crate::identities::IdentityStore;
@@ -127,6 +128,7 @@ struct Inner {
     inflight: Mutex<HashSet<Pair>>,
     failed: Mutex<HashMap<Pair, Instant>>,
     cgroups: Mutex<HashMap<String, u64>>,
+    external: External,
 }
 
 impl Inner {
@@ -171,6 +173,48 @@ impl Inner {
             .apply(&view, &table, &refs, &mut |p| self.cgroup_of(&p.uid))?;
         *lock(&self.policies) = Arc::new(specs);
         Ok(())
+    }
+
+    /// Opens and closes the terminators of peers outside the mesh for
+    /// this node's pods (see [`crate::external`]).
+    fn reconcile_external(self: &Arc<Self>) {
+        let view = self.view();
+        let policies = lock(&self.policies).clone();
+        let by_id: HashMap<&str, &IdentityPolicySpec> =
+            policies.iter().map(|p| (p.spiffe_id.as_str(), p)).collect();
+        let mut wanted = Vec::new();
+        for pod in view.local_pods().filter(|p| !p.terminating) {
+            let (Some(ip), Some(spec)) = (pod.ip, by_id.get(&*pod.spiffe_id)) else {
+                continue;
+            };
+            let ports = external::terminated_ports(spec);
+            if ports.is_empty() {
+                continue;
+            }
+            let Some(cgroup) = find_dir(&self.cfg.pod_cgroups, &pod.uid, 5) else {
+                debug!(pod = %pod.name, "no cgroup found for the pod yet; its external peers stay refused");
+                continue;
+            };
+            wanted.extend(ports.into_iter().map(|port| external::Want {
+                uid: pod.uid.clone(),
+                pod: pod.name.clone(),
+                ip,
+                port,
+                cgroup: cgroup.clone(),
+            }));
+        }
+        let weak = Arc::downgrade(self);
+        let ctx: external::Context = Arc::new(move |uid: &str| {
+            let inner = weak.upgrade()?;
+            let view = inner.view();
+            let spiffe_id = view.local_pods().find(|p| p.uid == uid)?.spiffe_id.clone();
+            let spec = lock(&inner.policies)
+                .iter()
+                .find(|p| *p.spiffe_id == *spiffe_id)
+                .cloned();
+            Some((spiffe_id, spec, inner.creds()?))
+        });
+        self.external.reconcile(&self.plane, &wanted, &ctx);
     }
 
     /// Whether `pair` holds an authentication that needs no renewal.
@@ -366,7 +410,7 @@ pub async fn run(
     stats: Arc<Stats>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), EnforceError> {
-    let (plane, _) = DataPlane::open(cfg.pin_dir.as_deref(), &cfg.cache_dir, stats)?;
+    let (plane, _) = DataPlane::open(cfg.pin_dir.as_deref(), &cfg.cache_dir, stats.clone())?;
     if let Some(cgroup) = &cfg.attach_cgroup {
         plane.with_datapath(|dp| dp.attach(cgroup))?;
         info!(cgroup = %cgroup.display(), "data path attached");
@@ -387,6 +431,7 @@ pub async fn run(
         inflight: Mutex::default(),
         failed: Mutex::default(),
         cgroups: Mutex::default(),
+        external: External::new(stats.clone()),
     });
 
     let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
@@ -489,6 +534,7 @@ pub async fn run(
     }
     inner.sync(&stores)?;
     inner.plane.restore(&inner.view())?;
+    inner.reconcile_external();
     info!("data path in sync with the cluster");
     inner
         .plane
@@ -577,6 +623,7 @@ pub async fn run(
             continue;
         }
         inner.preauthenticate();
+        inner.reconcile_external();
         if let Err(e) = inner.plane.flush() {
             warn!(error = %e, "cannot flush the auth cache");
         }

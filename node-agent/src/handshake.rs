@@ -372,6 +372,70 @@ impl ClientCertVerifier for InitiatorVerifier {
     signature_checks!();
 }
 
+/// Decides whether a peer outside the mesh, its X509-SVID verified, may
+/// reach a local workload (the reason when not).
+pub type Admit = Arc<dyn Fn(&SpiffeId) -> Result<(), String> + Send + Sync>;
+
+/// The terminator's check of a peer outside the mesh: a valid X509-SVID of
+/// a trust domain this agent holds a bundle for (the own or a federated
+/// one; each peer against its own trust domain's only), whose SPIFFE ID
+/// the workload's policy admits.
+struct ExternalVerifier(Arc<Anchors>, Admit);
+
+impl std::fmt::Debug for ExternalVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalVerifier").finish_non_exhaustive()
+    }
+}
+
+impl ClientCertVerifier for ExternalVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let (id, _) = self
+            .0
+            .verify(end_entity, intermediates, now, KeyUsage::client_auth(), 3)?;
+        // Refused by policy: the peer gets an access_denied alert.
+        (self.1)(&id).map_err(|why| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(Refused(why)),
+            )))
+        })?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    signature_checks!();
+}
+
+/// A peer refused by policy, with the reason.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// The certificate of one local workload, whatever the client asks for.
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
 /// One local workload's key and chain, ready for rustls.
 #[derive(Debug, Clone)]
 struct Local {
@@ -546,6 +610,28 @@ impl Credentials {
             by_sni: Arc::new(by_sni),
             server: Arc::new(server),
         })
+    }
+
+    /// A TLS server configuration that terminates a peer outside the mesh
+    /// for the local workload `local`: presents its X509-SVID, requires the
+    /// peer's (TLS 1.3 only) and admits it only if `admit` does.
+    pub fn terminator(
+        &self,
+        local: &str,
+        admit: Admit,
+    ) -> Result<Arc<rustls::ServerConfig>, HandshakeError> {
+        let held = self
+            .locals
+            .get(local)
+            .ok_or_else(|| HandshakeError::NoCredential(local.to_owned()))?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| HandshakeError::Material(e.to_string()))?
+            .with_client_cert_verifier(Arc::new(ExternalVerifier(self.anchors.clone(), admit)))
+            .with_cert_resolver(Arc::new(Fixed(held.key.clone())));
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
+        Ok(Arc::new(server))
     }
 
     /// Whether this agent holds an SVID for `spiffe_id`.

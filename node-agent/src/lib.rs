@@ -9,6 +9,7 @@ pub mod bench;
 pub mod dataplane;
 pub mod delegated;
 pub mod enforcer;
+pub mod external;
 pub mod follow;
 pub mod handshake;
 pub mod identities;

@@ -72,6 +72,18 @@ impl Collector for Agent {
             "Connections the data path reported as needing an authentication it did not have",
             get(&s.events),
         )?;
+        counter(
+            &mut encoder,
+            "external_admitted",
+            "Connections of peers outside the mesh whose TLS this agent terminated and admitted (externalPeers: TerminateTLS)",
+            get(&s.external_admitted),
+        )?;
+        counter(
+            &mut encoder,
+            "external_refused",
+            "Connections of peers outside the mesh a terminator refused: TLS, SVID verification, policy, or the workload not accepting",
+            get(&s.external_refused),
+        )?;
         let mut family = encoder.encode_descriptor(
             "datapath_decisions",
             "Decisions of this node's eBPF programs, by reason (deny_* were refused)",

@@ -523,6 +523,7 @@ mod tests {
                 })
                 .collect(),
             authentication: Authentication::Mutual,
+            external_peers: Default::default(),
             l7: false,
         }
     }

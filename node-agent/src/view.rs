@@ -390,6 +390,7 @@ mod tests {
                     spiffe_ids: Some(from.iter().map(|f| format!("spiffe://td/{f}")).collect()),
                     ..Default::default()
                 }],
+                external_peers: Default::default(),
                 ports: vec![],
                 authentication: if auth {
                     Authentication::Mutual

@@ -274,10 +274,21 @@ impl SpiffeWorkloadApi for WorkloadApi {
     }
 }
 
-fn jwt_bundles_response(_: &PodIdentity, bundles: &Bundles) -> JwtBundlesResponse {
-    JwtBundlesResponse {
-        bundles: [(bundles.trust_domain_id.clone(), bundles.own_jwt.to_json())].into(),
-    }
+/// The own trust domain's JWT authorities and those of the federated trust
+/// domains the workload's identity federates with.
+fn jwt_bundles_response(identity: &PodIdentity, bundles: &Bundles) -> JwtBundlesResponse {
+    let mut all: std::collections::HashMap<String, Vec<u8>> = identity
+        .federates_with
+        .iter()
+        .filter_map(|td| {
+            bundles
+                .federated_jwt
+                .get(td)
+                .map(|b| (td.clone(), b.to_json()))
+        })
+        .collect();
+    all.insert(bundles.trust_domain_id.clone(), bundles.own_jwt.to_json());
+    JwtBundlesResponse { bundles: all }
 }
 
 /// Listens on `path` (replacing a stale socket) and serves until `shutdown`.

@@ -270,6 +270,7 @@ fn random_spec(rng: &mut Rng, dst: &str) -> IdentityPolicySpec {
                 Authentication::None
             },
             l7: false,
+            external_peers: Default::default(),
         });
     }
     IdentityPolicySpec {

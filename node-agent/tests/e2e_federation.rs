@@ -192,8 +192,13 @@ fn spiffe_id_of(pem: &Path) -> String {
         .to_owned()
 }
 
+/// The tests of this file run one at a time (each runs a control plane
+/// and SPIRE; the first measures a propagation time).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spire_workload_and_a_tessera_workload_authenticate_across_trust_domains() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let bins = tessera_tests::TestBins::locate().unwrap();
     let (cp, client) = resources::control_plane_with_crds().await.unwrap();
     resources::apply_manifest(&client, resources::TWO_NODES)
@@ -488,5 +493,343 @@ spec:
         &b_token,
     );
     assert!(!ok && out.contains("not valid"), "{out}");
+    spire.stop();
+}
+
+/// The X509-SVID files `spire-agent api fetch x509 -write` wrote to `dir`
+/// for `spiffe_id`: (certificate chain, key).
+fn svid_files(dir: &Path, spiffe_id: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    (0..8)
+        .map(|i| {
+            (
+                dir.join(format!("svid.{i}.pem")),
+                dir.join(format!("svid.{i}.key")),
+            )
+        })
+        .find(|(pem, _)| pem.exists() && spiffe_id_of(pem) == spiffe_id)
+        .unwrap_or_else(|| panic!("no SVID for {spiffe_id} in {}", dir.display()))
+}
+
+/// One TLS connection from network namespace `ns` to `addr` with `openssl
+/// s_client`, presenting `cert`/`key` and verifying the server with `ca`:
+/// what the server sent once the handshake was done (empty when refused),
+/// the SPIFFE ID of the certificate the server presented, and the log.
+fn s_client_from(
+    ns: &str,
+    addr: &str,
+    (cert, key): &(std::path::PathBuf, std::path::PathBuf),
+    ca: &Path,
+    dir: &Path,
+) -> (String, String, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "openssl", "s_client", "-connect", addr])
+        .args([
+            "-tls1_3",
+            "-verify_return_error",
+            "-verify",
+            "2",
+            "-showcerts",
+            "-ign_eof",
+        ])
+        .arg("-cert")
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .arg("-CAfile")
+        .arg(ca)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let log = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    // The server's leaf: the first certificate shown.
+    let presented = stdout
+        .split_once("-----BEGIN CERTIFICATE-----")
+        .and_then(|(_, rest)| rest.split_once("-----END CERTIFICATE-----"))
+        .map(|(body, _)| {
+            let pem = dir.join("presented.pem");
+            std::fs::write(
+                &pem,
+                format!("-----BEGIN CERTIFICATE-----{body}-----END CERTIFICATE-----\n"),
+            )
+            .unwrap();
+            spiffe_id_of(&pem)
+        })
+        .unwrap_or_default();
+    // What the server sent after the handshake, before it closed (s_client
+    // then prints "closed").
+    let received = stdout
+        .rsplit_once("---\n")
+        .map(|(_, tail)| {
+            let tail = tail.trim();
+            tail.strip_suffix("closed")
+                .unwrap_or(tail)
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default();
+    (received, presented, log)
+}
+
+/// End to end, as root, with the data path: a SPIRE workload of `b.test`
+/// outside the mesh (a network namespace with no agent, no Pod, no cgroup)
+/// reaches a Tessera workload whose AuthPolicy allows
+/// `spiffe://b.test/client` with `externalPeers: TerminateTLS`. The node
+/// agent terminates the TLS with the workload's X509-SVID, verifies the
+/// peer's SPIRE-issued SVID with b.test's federated bundle, and forwards to
+/// the workload's plain TCP server. Another b.test identity and a plain
+/// TCP client are refused; once the FederatedTrustDomain is deleted, so is
+/// the allowed identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spire_workload_outside_the_mesh_reaches_a_tessera_workload_its_policy_admits() {
+    use tessera_tests::cluster::{AgentLaunch, PodSpec, SimCluster};
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    assert!(
+        tessera_bpf::pinning::ensure_bpffs(Path::new("/sys/fs/bpf")).is_ok(),
+        "no bpffs at /sys/fs/bpf: this test needs root"
+    );
+    let bins = tessera_tests::TestBins::locate().unwrap();
+    let (cp, client) = resources::control_plane_with_crds().await.unwrap();
+    resources::apply_manifest(&client, resources::TWO_NODES)
+        .await
+        .unwrap();
+    resources::apply_manifest(
+        &client,
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let signer_port = tessera_tests::free_port().unwrap();
+    let endpoint_port = tessera_tests::free_port().unwrap();
+    let _operator = common::start_operator_with(
+        cp.kubeconfig(),
+        signer_port,
+        3600,
+        &[
+            format!("--bundle-endpoint-addr=127.0.0.1:{endpoint_port}"),
+            "--bundle-refresh-hint-seconds=5".to_owned(),
+        ],
+    );
+    let tessera_pem = resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    // b.test: SPIRE, federated with cluster.test; two workload identities.
+    let mut spire = SpireServer::start(
+        &bins.spire_server,
+        &dir.path().join("spire-server"),
+        "b.test",
+        "5s",
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", endpoint_port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the bundle endpoint did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    spire
+        .federate_with_tessera("cluster.test", endpoint_port, &tessera_pem)
+        .unwrap();
+    let spire_agent = SpireAgent::start(
+        &bins.spire_agent,
+        &dir.path().join("spire-agent"),
+        &spire,
+        "node-x",
+        &[],
+    )
+    .await
+    .unwrap();
+    for id in ["spiffe://b.test/client", "spiffe://b.test/other"] {
+        spire
+            .create_entry(
+                &spire_agent.id,
+                id,
+                &["unix:uid:0"],
+                &["spiffe://cluster.test"],
+            )
+            .unwrap();
+    }
+    let b_dir = dir.path().join("b-workload");
+    fetch_until(
+        &bins.spire_agent,
+        &spire_agent.socket,
+        None,
+        &b_dir,
+        "the SPIRE workload's SVIDs with cluster.test's bundle",
+        |d| d.join("svid.1.pem").exists() && d.join("federated_bundle.0.0.pem").exists(),
+    )
+    .await;
+    let client_svid = svid_files(&b_dir, "spiffe://b.test/client");
+    let other_svid = svid_files(&b_dir, "spiffe://b.test/other");
+    let cluster_ca = b_dir.join("federated_bundle.0.0.pem");
+
+    let ftds: Api<FederatedTrustDomain> = Api::all(client.clone());
+    ftds.create(
+        &PostParams::default(),
+        &FederatedTrustDomain::new(
+            "b-test",
+            FederatedTrustDomainSpec {
+                trust_domain: "b.test".into(),
+                bundle_endpoint_url: format!("https://127.0.0.1:{}", spire.bundle_port),
+                bundle_endpoint_profile: BundleEndpointProfile {
+                    profile_type: BundleEndpointProfileType::HttpsSpiffe,
+                    endpoint_spiffe_id: Some(server_id("b.test")),
+                    ca_bundle: None,
+                },
+                trust_domain_bundle: Some(spire.bundle().unwrap()),
+                refresh_interval: None,
+            },
+        ),
+    )
+    .await
+    .unwrap();
+
+    // cluster.test: one node with an agent and the data path, one pod.
+    let launch = AgentLaunch {
+        bin: env!("CARGO_BIN_EXE_tessera-agent").into(),
+        kubeconfig: cp.kubeconfig().to_owned(),
+        signer_port,
+        dir: dir.path().to_owned(),
+        echo: true,
+        extra: Vec::new(),
+    };
+    let mut cluster = SimCluster::create(
+        client.clone(),
+        &common::cgroup2_root(),
+        &format!("tessera-ext-{}", std::process::id()),
+        &[("node-a", "198.18.0.1"), ("node-b", "198.18.0.2")],
+    );
+    let token_file = resources::agent_token_file(&client, "node-a", TOKEN_AUDIENCE, dir.path())
+        .await
+        .unwrap();
+    cluster.start_agent(&launch, "node-a", &token_file);
+    cluster.agents[0].wait_for("data path in sync", 1).await;
+    // The agent joins a cgroup below the node's, as a DaemonSet pod sits
+    // below the pods' cgroup: the ingress program then checks connection
+    // starts to its sockets too, and lets through only those to the
+    // terminator sockets it registered.
+    let agent_cgroup =
+        tessera_tests::netns::Cgroup::create(cluster.node_cgroup("node-a").join("tessera-agent"));
+    std::fs::write(
+        agent_cgroup.0.join("cgroup.procs"),
+        cluster.agents[0].proc.0.id().to_string(),
+    )
+    .unwrap();
+    let web = cluster
+        .pod(
+            PodSpec {
+                namespace: "shop",
+                name: "web",
+                labels: &[("app", "web")],
+                service_account: "web",
+                node: "node-a",
+                ip: "198.18.1.10",
+            },
+            Some(8443),
+        )
+        .await;
+    resources::apply_manifest(
+        &client,
+        r#"
+apiVersion: tessera.dev/v1alpha1
+kind: AuthPolicy
+metadata: {name: web-from-b-client, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - from: [{spiffeIDs: ["spiffe://b.test/client"]}]
+    ports: [{port: 8443}]
+    externalPeers: TerminateTLS
+"#,
+    )
+    .await
+    .unwrap();
+    cluster.agents[0]
+        .wait_for("terminating TLS of external peers", 1)
+        .await;
+    let outside = cluster.outside("198.18.9.10");
+    let target = format!("{}:8443", web.ip);
+
+    // The allowed identity: verified both ways, forwarded to the workload.
+    // (Retried: b.test's bundle reaches the agent through the operator.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (received, presented, log) = loop {
+        let got = s_client_from(&outside, &target, &client_svid, &cluster_ca, dir.path());
+        if got.0 == "web" || Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(
+        received, "web",
+        "the workload's banner through the terminator:\n{log}"
+    );
+    assert_eq!(presented, "spiffe://cluster.test/ns/shop/sa/web", "{log}");
+    assert!(log.contains("Verify return code: 0 (ok)"), "{log}");
+    cluster.agents[0]
+        .wait_for("external peer admitted", 1)
+        .await;
+    assert_eq!(
+        cluster.agents[0].metric("tessera_agent_external_admitted_total"),
+        Some(1.0)
+    );
+
+    // Another b.test identity: the policy does not name it.
+    let (received, _, log) = s_client_from(&outside, &target, &other_svid, &cluster_ca, dir.path());
+    assert_eq!(received, "", "b.test/other must be refused:\n{log}");
+    cluster.agents[0]
+        .wait_for(
+            "no TerminateTLS rule of shop/web-from-b-client admits spiffe://b.test/other",
+            1,
+        )
+        .await;
+    // Plain TCP from outside gets nothing from the workload.
+    let plain = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &outside,
+            "python3",
+            "-c",
+            tessera_tests::netns::CLIENT,
+        ])
+        .args([&web.ip, "8443", "1.5"])
+        .output()
+        .unwrap();
+    let plain = String::from_utf8_lossy(&plain.stdout).into_owned();
+    assert!(
+        !plain.contains("web"),
+        "plain TCP must not reach the workload: {plain}"
+    );
+
+    // The federation goes: b.test's bundle leaves the agent, and the same
+    // identity is refused.
+    ftds.delete("b-test", &DeleteParams::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (received, _, log) =
+            s_client_from(&outside, &target, &client_svid, &cluster_ca, dir.path());
+        if received.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still admitted 30 s after the FederatedTrustDomain was deleted:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    cluster.agents[0]
+        .wait_for("no trust bundle for spiffe://b.test", 1)
+        .await;
+    drop(web);
+    drop(cluster);
+    drop(agent_cgroup);
     spire.stop();
 }

@@ -83,6 +83,7 @@ fn random_rule(rng: &mut Rng) -> CompiledRule {
         } else {
             Authentication::None
         },
+        external_peers: Default::default(),
         l7: rng.below(4) == 0,
     }
 }

@@ -32,7 +32,9 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tessera_api::annotations;
-use tessera_api::crd::auth_policy::{Authentication, PeerSelector, PolicyAction, PortRange};
+use tessera_api::crd::auth_policy::{
+    Authentication, ExternalPeers, PeerSelector, PolicyAction, PortRange,
+};
 use tessera_api::crd::identity_policy::{CompiledPeer, CompiledRule};
 use tessera_api::crd::{
     AuthPolicy, AuthPolicyStatus, CONDITION_READY, IdentityPolicy, IdentityPolicySpec,
@@ -336,6 +338,7 @@ fn deny_everything() -> CompiledRule {
         ports: Vec::new(),
         authentication: Authentication::None,
         l7: false,
+        external_peers: ExternalPeers::Deny,
     }
 }
 
@@ -380,6 +383,10 @@ fn compile_rules(
                     PolicyAction::Deny => Authentication::None,
                 },
                 l7: action == PolicyAction::Allow && !rule.http.is_empty(),
+                external_peers: match action {
+                    PolicyAction::Allow => rule.external_peers,
+                    PolicyAction::Deny => ExternalPeers::Deny,
+                },
             })
         })();
         match compiled {
@@ -887,6 +894,9 @@ mod tests {
                     ..PeerSelector::default()
                 }],
                 authentication: Authentication::Mutual,
+                // Refused by the API server in a Deny policy; the compiler
+                // does not pass it on either.
+                external_peers: ExternalPeers::TerminateTls,
                 ..AuthRule::default()
             }],
         );
@@ -902,6 +912,7 @@ mod tests {
                     protocol: Protocol::Tcp,
                 }],
                 http: vec![HttpRule::default()],
+                external_peers: ExternalPeers::TerminateTls,
                 ..AuthRule::default()
             }],
         );
@@ -919,6 +930,8 @@ mod tests {
             Some(vec!["spiffe://td/ns/ops/sa/web".to_owned()])
         );
         assert!(web.rules[1].l7);
+        assert_eq!(web.rules[0].external_peers, ExternalPeers::Deny);
+        assert_eq!(web.rules[1].external_peers, ExternalPeers::TerminateTls);
         assert_eq!(out.outcomes["shop/web-http"].nodes, 2);
 
         let only_deny = compile_one(&[deny]);

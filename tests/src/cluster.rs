@@ -275,7 +275,10 @@ impl SimCluster {
                 .filter(|(n, _)| n == node)
                 .flat_map(|(_, args)| args),
         )
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("TESSERA_AGENT_LOG").unwrap_or_else(|_| "info".to_owned()),
+        )
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -362,6 +365,13 @@ impl SimCluster {
             cgroup,
             server,
         }
+    }
+
+    /// A network namespace on the bridge with `ip` that is no pod: a host
+    /// outside the mesh (no Pod object, no cgroup, no agent). Its name, for
+    /// `ip netns exec`.
+    pub fn outside(&self, ip: &str) -> String {
+        self.topology.as_ref().unwrap().pod(ip)
     }
 
     /// Deletes `pod`'s object, stops its server and removes its namespace.

@@ -15,6 +15,7 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use serde_json::Value;
 use tessera_api::crd::auth_policy::{
     MSG_EMPTY_PEER, MSG_HEADER_ONE_OF, MSG_HTTP_NEEDS_TCP, MSG_PATH_SLASH, MSG_PORT_RANGE,
+    MSG_TERMINATE_ALLOW_ONLY, MSG_TERMINATE_NEEDS,
 };
 use tessera_api::crd::federated_trust_domain::{
     MSG_CA_BUNDLE_WEB_ONLY, MSG_SPIFFE_NEEDS_ID, MSG_TD_IMMUTABLE, MSG_WEB_FORBIDS_ID,
@@ -360,6 +361,39 @@ fn cases() -> Vec<Case> {
             ),
             &["/properties/spec/properties/rules/items/x-kubernetes-validations/0".into()],
             &["spec.rules[0]", MSG_HTTP_NEEDS_TCP],
+        ),
+        case(
+            "ap-terminate-without-ports",
+            "authpolicies",
+            ap(
+                "p12b",
+                serde_json::json!({"selector": {}, "rules": [{"from": [{"trustDomains": ["b.test"]}], "externalPeers": "TerminateTLS"}]}),
+            ),
+            &["/properties/spec/properties/rules/items/x-kubernetes-validations/1".into()],
+            &["spec.rules[0]", MSG_TERMINATE_NEEDS],
+        ),
+        case(
+            "ap-terminate-without-authentication",
+            "authpolicies",
+            ap(
+                "p12c",
+                ap_rule(
+                    serde_json::json!({"authentication": "None", "externalPeers": "TerminateTLS"}),
+                ),
+            ),
+            &["/properties/spec/properties/rules/items/x-kubernetes-validations/1".into()],
+            &["spec.rules[0]", MSG_TERMINATE_NEEDS],
+        ),
+        case(
+            "ap-terminate-in-deny",
+            "authpolicies",
+            ap("p12d", {
+                let mut spec = ap_rule(serde_json::json!({"externalPeers": "TerminateTLS"}));
+                spec["action"] = "Deny".into();
+                spec
+            }),
+            &["/properties/spec/x-kubernetes-validations/0".into()],
+            &["spec", MSG_TERMINATE_ALLOW_ONLY],
         ),
         case(
             "ap-path-without-slash",

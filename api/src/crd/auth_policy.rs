@@ -19,6 +19,10 @@ pub const MSG_HTTP_NEEDS_TCP: &str =
 pub const MSG_PATH_SLASH: &str = "Exact and Prefix paths must start with '/'";
 /// Message of the CEL rule on header matches.
 pub const MSG_HEADER_ONE_OF: &str = "set at most one of exact and prefix";
+/// Message of the CEL rule on terminated rules.
+pub const MSG_TERMINATE_NEEDS: &str = "externalPeers TerminateTLS needs a ports list in which every entry has protocol TCP, authentication Mutual and no http rules";
+/// Message of the CEL rule that keeps termination to Allow policies.
+pub const MSG_TERMINATE_ALLOW_ONLY: &str = "externalPeers TerminateTLS is for Allow policies only";
 
 /// Protects the pods its selector picks in its namespace. With no policy
 /// selecting a workload, traffic to it is allowed; any matching Deny rule
@@ -60,6 +64,9 @@ pub const MSG_HEADER_ONE_OF: &str = "set at most one of exact and prefix";
         json_path = ".metadata.creationTimestamp"
     )
 )]
+#[x_kube(validation = kube::core::Rule::new(
+    "self.action == 'Allow' || !has(self.rules) || self.rules.all(r, !has(r.externalPeers) || r.externalPeers == 'Deny')"
+).message(MSG_TERMINATE_ALLOW_ONLY))]
 #[serde(rename_all = "camelCase")]
 pub struct AuthPolicySpec {
     /// The workloads (pods in this namespace) the policy protects; `{}` selects all.
@@ -86,9 +93,14 @@ pub enum PolicyAction {
 /// One rule: peers, ports, authentication and optional HTTP rules. Empty
 /// `from` matches any peer; empty `ports` matches any port.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[x_kube(validation = kube::core::Rule::new(
-    "!has(self.http) || size(self.http) == 0 || (has(self.ports) && size(self.ports) > 0 && self.ports.all(p, p.protocol == 'TCP'))"
-).message(MSG_HTTP_NEEDS_TCP))]
+#[x_kube(
+    validation = kube::core::Rule::new(
+        "!has(self.http) || size(self.http) == 0 || (has(self.ports) && size(self.ports) > 0 && self.ports.all(p, p.protocol == 'TCP'))"
+    ).message(MSG_HTTP_NEEDS_TCP),
+    validation = kube::core::Rule::new(
+        "!has(self.externalPeers) || self.externalPeers == 'Deny' || (has(self.ports) && size(self.ports) > 0 && self.ports.all(p, p.protocol == 'TCP') && self.authentication == 'Mutual' && (!has(self.http) || size(self.http) == 0))"
+    ).message(MSG_TERMINATE_NEEDS),
+)]
 #[serde(rename_all = "camelCase")]
 pub struct AuthRule {
     /// Peers the rule applies to.
@@ -106,6 +118,29 @@ pub struct AuthRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub http: Vec<HttpRule>,
+    /// What happens to peers outside the mesh (no Tessera agent, such as
+    /// workloads of a federated SPIRE trust domain) that this rule names.
+    #[serde(default)]
+    pub external_peers: ExternalPeers,
+}
+
+/// How a rule treats peers outside the mesh, which have no node agent to
+/// authenticate them.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExternalPeers {
+    /// Refused: the data path admits only peers whose agent authenticated
+    /// them.
+    #[default]
+    Deny,
+    /// The node agent terminates their TLS on the rule's ports: it presents
+    /// the workload's X509-SVID, requires the peer's X509-SVID (verified
+    /// against the bundle of the peer's trust domain: the own or a
+    /// federated one), admits the peer only if the workload's rules do, and
+    /// forwards the plaintext to the workload on the same port over its
+    /// loopback interface. The workload serves plain TCP there. Peers in
+    /// the mesh still connect directly.
+    #[serde(rename = "TerminateTLS")]
+    TerminateTls,
 }
 
 /// Whether a rule requires mutual authentication.

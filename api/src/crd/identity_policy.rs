@@ -12,7 +12,7 @@
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::auth_policy::{Authentication, PolicyAction, PortRange};
+use super::auth_policy::{Authentication, ExternalPeers, PolicyAction, PortRange};
 
 /// The compiled ingress policy of one SPIFFE ID. The object's name is the
 /// NumericIdentity name of that ID (`sid-` and a digest).
@@ -72,6 +72,14 @@ pub struct CompiledRule {
     /// Whether HTTP rules apply (the waypoint enforces them).
     #[serde(default)]
     pub l7: bool,
+    /// Whether the node agent terminates the TLS of peers outside the mesh
+    /// on these ports (Allow rules only).
+    #[serde(default, skip_serializing_if = "is_deny")]
+    pub external_peers: ExternalPeers,
+}
+
+fn is_deny(e: &ExternalPeers) -> bool {
+    *e == ExternalPeers::Deny
 }
 
 /// Peer identities: a peer matches when it satisfies every field that is set.

@@ -1,0 +1,586 @@
+//! Peers outside the mesh: connections from workloads without a Tessera
+//! agent (a federated SPIRE trust domain's, say) that an AuthPolicy rule
+//! with `externalPeers: TerminateTLS` names. No agent can authenticate such
+//! a peer, so this agent terminates its TLS: it presents the local
+//! workload's X509-SVID, verifies the peer's against the bundle of the
+//! peer's trust domain, checks the peer's SPIFFE ID against the workload's
+//! rules, and only then forwards the plaintext to the workload (on the same
+//! port, over the pod's loopback interface).
+//!
+//! The connections reach this agent through `ts_steer`, an sk_lookup
+//! program attached to the pod's network namespace: a connection start from
+//! an address with no endpoint entry to a terminated address and port is
+//! handed to a listening socket this agent opened in that namespace.
+//! `ts_ingress` lets connection starts to those sockets (known by cookie)
+//! through; everything else, mesh peers included, is decided as before. If
+//! this agent stops, its sockets close, the steering finds none, and such
+//! connections meet the ordinary ingress check (denied): it fails closed.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tessera_api::crd::IdentityPolicySpec;
+use tessera_api::crd::auth_policy::{ExternalPeers, PolicyAction, PortRange, Protocol};
+use tessera_api::crd::identity_policy::CompiledRule;
+use tessera_api::spiffe::SpiffeId;
+use tessera_bpf::abi::TermKey;
+use tessera_bpf::datapath::DatapathError;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::dataplane::{DataPlane, Stats, lock};
+use crate::handshake::{Admit, Credentials};
+
+/// Most ports one workload may have terminated.
+pub const MAX_TERMINATED_PORTS: usize = 256;
+/// Time a peer has to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time the workload has to accept the forwarded connection.
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a terminator could not be set up (logged; retried on the next pass).
+#[derive(Debug, thiserror::Error)]
+pub enum ExternalError {
+    /// No process of the pod was found to enter its network namespace.
+    #[error(
+        "no process found in the pod's cgroup {0} (is the pod running?); its external peers stay refused"
+    )]
+    NoProcess(PathBuf),
+    /// The pod shares the host's network namespace.
+    #[error(
+        "the pod runs in the host's network namespace; TerminateTLS is not available for hostNetwork pods"
+    )]
+    HostNetwork,
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The eBPF maps or program refused.
+    #[error("eBPF: {0}")]
+    Datapath(#[from] DatapathError),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ExternalError {
+    let what = what.into();
+    move |source| ExternalError::Io { what, source }
+}
+
+fn port_in(ranges: &[PortRange], port: u16) -> bool {
+    ranges.is_empty()
+        || ranges.iter().any(|r| {
+            r.protocol == Protocol::Tcp
+                && i32::from(port) >= r.port
+                && i32::from(port) <= r.end_port.unwrap_or(r.port)
+        })
+}
+
+fn terminates(rule: &CompiledRule) -> bool {
+    rule.action == PolicyAction::Allow && rule.external_peers == ExternalPeers::TerminateTls
+}
+
+/// The TCP ports on which a workload with these rules has peers outside the
+/// mesh terminated, at most [`MAX_TERMINATED_PORTS`] (the lowest).
+pub fn terminated_ports(spec: &IdentityPolicySpec) -> BTreeSet<u16> {
+    let mut out = BTreeSet::new();
+    for rule in spec.rules.iter().filter(|r| terminates(r)) {
+        for range in rule.ports.iter().filter(|r| r.protocol == Protocol::Tcp) {
+            let first = u16::try_from(range.port).unwrap_or(0).max(1);
+            let last = u16::try_from(range.end_port.unwrap_or(range.port)).unwrap_or(0);
+            for port in first..=last {
+                out.insert(port);
+            }
+        }
+    }
+    if out.len() > MAX_TERMINATED_PORTS {
+        warn!(spiffe_id = %spec.spiffe_id, ports = out.len(), "more terminated ports than the limit; only the lowest {MAX_TERMINATED_PORTS} are served");
+        out = out.into_iter().take(MAX_TERMINATED_PORTS).collect();
+    }
+    out
+}
+
+/// Whether the workload whose rules are `spec` admits `peer`, a peer
+/// outside the mesh whose X509-SVID was verified, on `port`: no Deny rule
+/// matches and a TerminateTLS Allow rule does. The reason when not.
+pub fn admits(spec: Option<&IdentityPolicySpec>, peer: &SpiffeId, port: u16) -> Result<(), String> {
+    let Some(spec) = spec else {
+        return Err("no AuthPolicy selects the workload any more".to_owned());
+    };
+    let matches = |r: &CompiledRule| {
+        (r.from.is_empty() || r.from.iter().any(|p| p.matches(peer))) && port_in(&r.ports, port)
+    };
+    let sources = spec.sources.join(", ");
+    if spec
+        .rules
+        .iter()
+        .any(|r| r.action == PolicyAction::Deny && matches(r))
+    {
+        return Err(format!(
+            "a Deny rule of {sources} matches {peer} on port {port}"
+        ));
+    }
+    if spec.rules.iter().any(|r| terminates(r) && matches(r)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "no TerminateTLS rule of {sources} admits {peer} on port {port}"
+        ))
+    }
+}
+
+/// A terminated port of a local pod, as the enforcer wants it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Want {
+    /// The pod's UID.
+    pub uid: String,
+    /// `namespace/name`, for logs.
+    pub pod: String,
+    /// The pod's address.
+    pub ip: IpAddr,
+    /// The port.
+    pub port: u16,
+    /// The pod's cgroup directory.
+    pub cgroup: PathBuf,
+}
+
+/// What a connection needs at the time it arrives: the pod's SPIFFE ID and
+/// its rules, and the handshake credentials.
+pub type Context =
+    Arc<dyn Fn(&str) -> Option<(Arc<str>, Option<IdentityPolicySpec>, Credentials)> + Send + Sync>;
+
+struct Running {
+    want: Want,
+    cookie: u64,
+    task: JoinHandle<()>,
+}
+
+struct Steered {
+    netns: Arc<File>,
+    link: tessera_bpf::datapath::SkLookupLinkId,
+}
+
+/// The terminators of this node's pods.
+pub struct External {
+    running: Mutex<HashMap<(String, u16), Running>>,
+    steered: Mutex<HashMap<String, Steered>>,
+    /// The last reason each wanted terminator could not be opened.
+    failing: Mutex<HashMap<(String, u16), String>>,
+    stats: Arc<Stats>,
+    own_netns: Option<u64>,
+}
+
+impl std::fmt::Debug for External {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("External").finish_non_exhaustive()
+    }
+}
+
+/// The inode of a network namespace file.
+fn netns_inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// A process of the pod (in its cgroup or one below, at most 3 levels).
+fn pod_process(cgroup: &Path) -> Option<u32> {
+    let mut level = vec![cgroup.to_owned()];
+    for _ in 0..4 {
+        let mut next = Vec::new();
+        for dir in level {
+            if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs"))
+                && let Some(pid) = procs.lines().find_map(|l| l.trim().parse::<u32>().ok())
+            {
+                return Some(pid);
+            }
+            if let Ok(read) = std::fs::read_dir(&dir) {
+                next.extend(
+                    read.flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+        level = next;
+    }
+    None
+}
+
+/// Runs `f` on a thread that has entered the network namespace `netns`:
+/// sockets it creates belong to that namespace.
+fn in_netns<T: Send>(
+    netns: &File,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                rustix::thread::move_into_link_name_space(
+                    netns.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )?;
+                f()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
+    })
+}
+
+impl External {
+    /// No terminators yet; counts in `stats`.
+    pub fn new(stats: Arc<Stats>) -> External {
+        External {
+            running: Mutex::default(),
+            steered: Mutex::default(),
+            failing: Mutex::default(),
+            stats,
+            own_netns: netns_inode(Path::new("/proc/self/ns/net")),
+        }
+    }
+
+    /// Brings the terminators in line with `wanted`: new ones are opened
+    /// (steering attached to the pod's namespace first), ones no longer
+    /// wanted stop being steered to and are closed.
+    pub fn reconcile(&self, plane: &DataPlane, wanted: &[Want], ctx: &Context) {
+        {
+            let mut running = lock(&self.running);
+            let stale: Vec<(String, u16)> = running
+                .iter()
+                .filter(|(_, r)| !wanted.contains(&r.want))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in stale {
+                if let Some(r) = running.remove(&key) {
+                    let term = TermKey::new(r.want.ip, r.want.port);
+                    if let Err(e) = plane.with_datapath(|dp| dp.remove_terminator(&term, r.cookie))
+                    {
+                        warn!(pod = %r.want.pod, port = r.want.port, error = %e, "cannot remove a terminator from the maps");
+                    }
+                    r.task.abort();
+                    info!(pod = %r.want.pod, port = r.want.port, "no longer terminating external peers");
+                }
+            }
+        }
+        lock(&self.failing)
+            .retain(|(uid, port), _| wanted.iter().any(|w| w.uid == *uid && w.port == *port));
+        for want in wanted {
+            let key = (want.uid.clone(), want.port);
+            if lock(&self.running).contains_key(&key) {
+                continue;
+            }
+            match self.open(plane, want, ctx) {
+                Ok(r) => {
+                    lock(&self.failing).remove(&key);
+                    info!(pod = %want.pod, ip = %want.ip, port = want.port, "terminating TLS of external peers");
+                    lock(&self.running).insert(key, r);
+                }
+                Err(e) => {
+                    // Said once per new reason, not on every pass.
+                    let why = e.to_string();
+                    if lock(&self.failing).insert(key, why.clone()).as_ref() != Some(&why) {
+                        warn!(pod = %want.pod, port = want.port, error = %why, "cannot terminate the TLS of external peers yet (they stay refused); retrying every second");
+                    }
+                }
+            }
+        }
+        // Namespaces with no terminator left: steering ends.
+        let in_use: BTreeSet<String> = lock(&self.running)
+            .values()
+            .map(|r| r.want.uid.clone())
+            .collect();
+        let done: Vec<(String, Steered)> = {
+            let mut steered = lock(&self.steered);
+            let gone: Vec<String> = steered
+                .keys()
+                .filter(|uid| !in_use.contains(*uid))
+                .cloned()
+                .collect();
+            gone.into_iter()
+                .filter_map(|uid| steered.remove(&uid).map(|s| (uid, s)))
+                .collect()
+        };
+        for (uid, s) in done {
+            // A namespace that is gone took the attachment with it.
+            if let Err(e) = plane.with_datapath(|dp| dp.unsteer(s.link)) {
+                debug!(pod_uid = %uid, error = %e, "steering already gone");
+            }
+        }
+    }
+
+    /// The pod's namespace, with the steering program attached.
+    fn steer(&self, plane: &DataPlane, want: &Want) -> Result<Arc<File>, ExternalError> {
+        if let Some(s) = lock(&self.steered).get(&want.uid) {
+            return Ok(s.netns.clone());
+        }
+        let pid = pod_process(&want.cgroup)
+            .ok_or_else(|| ExternalError::NoProcess(want.cgroup.clone()))?;
+        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        if netns_inode(&path).is_some_and(|i| Some(i) == self.own_netns) {
+            return Err(ExternalError::HostNetwork);
+        }
+        let netns =
+            Arc::new(File::open(&path).map_err(io(format!("cannot open {}", path.display())))?);
+        let link = plane.with_datapath(|dp| dp.steer(netns.as_fd()))?;
+        lock(&self.steered).insert(
+            want.uid.clone(),
+            Steered {
+                netns: netns.clone(),
+                link,
+            },
+        );
+        Ok(netns)
+    }
+
+    fn open(
+        &self,
+        plane: &DataPlane,
+        want: &Want,
+        ctx: &Context,
+    ) -> Result<Running, ExternalError> {
+        let netns = self.steer(plane, want)?;
+        // Any address and port: ts_steer hands connections over whatever
+        // the socket is bound to; connections made to its own port are
+        // dropped by the handler.
+        let listener = in_netns(&netns, || {
+            let l = std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .map_err(io("cannot open a socket in the pod's network namespace"))?;
+        let cookie = rustix::net::sockopt::socket_cookie(&listener)
+            .map_err(|e| io("cannot read the socket's cookie")(e.into()))?;
+        let listener = TcpListener::from_std(listener).map_err(io("cannot register the socket"))?;
+        plane.with_datapath(|dp| {
+            dp.set_terminator(TermKey::new(want.ip, want.port), &listener, cookie)
+        })?;
+        let task = tokio::spawn(serve(
+            listener,
+            want.clone(),
+            netns,
+            ctx.clone(),
+            self.stats.clone(),
+        ));
+        Ok(Running {
+            want: want.clone(),
+            cookie,
+            task,
+        })
+    }
+}
+
+impl Drop for External {
+    fn drop(&mut self) {
+        for r in lock(&self.running).values() {
+            r.task.abort();
+        }
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    want: Want,
+    netns: Arc<File>,
+    ctx: Context,
+    stats: Arc<Stats>,
+) {
+    let want = Arc::new(want);
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(pod = %want.pod, error = %e, "accepting an external connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (want, netns, ctx, stats) = (want.clone(), netns.clone(), ctx.clone(), stats.clone());
+        tokio::spawn(async move {
+            let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+            match handle(tcp, &want, &netns, &ctx).await {
+                Ok(peer) => {
+                    Stats::bump(&stats.external_admitted);
+                    debug!(pod = %want.pod, %peer, %from, "external connection closed");
+                }
+                Err(e) => {
+                    Stats::bump(&stats.external_refused);
+                    warn!(pod = %want.pod, port = want.port, %from, error = %e, "external peer refused");
+                }
+            }
+        });
+    }
+}
+
+/// Why a TLS handshake failed, in words: a policy refusal's reason as it
+/// is, anything else as rustls says it.
+fn tls_reason(e: &std::io::Error) -> String {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => {
+            format!("refused: {}", other.0)
+        }
+        Some(rustls::Error::General(why)) => format!("its X509-SVID is not accepted: {why}"),
+        _ => format!("TLS: {e}"),
+    }
+}
+
+/// Terminates one connection and forwards it; the peer's SPIFFE ID.
+async fn handle(
+    tcp: TcpStream,
+    want: &Want,
+    netns: &Arc<File>,
+    ctx: &Context,
+) -> Result<SpiffeId, String> {
+    let to = tcp.local_addr().map_err(|e| e.to_string())?;
+    if to.ip().to_canonical() != want.ip || to.port() != want.port {
+        return Err(format!(
+            "made to {to}, not to the terminated {}:{}",
+            want.ip, want.port
+        ));
+    }
+    let (local, spec, creds) =
+        ctx(&want.uid).ok_or("the pod has no identity or no SVID on this agent yet".to_owned())?;
+    let port = want.port;
+    let admit: Admit = Arc::new(move |peer: &SpiffeId| admits(spec.as_ref(), peer, port));
+    let config = creds.terminator(&local, admit).map_err(|e| e.to_string())?;
+    let mut tls = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(config).accept(tcp),
+    )
+    .await
+    .map_err(|_| "no TLS handshake within 10 s".to_owned())?
+    .map_err(|e| tls_reason(&e))?;
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| tessera_api::svid::leaf(leaf).ok())
+        .map(|l| l.id)
+        .ok_or("the peer's certificate is gone after the handshake".to_owned())?;
+    let loopback = match want.ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    };
+    let upstream_addr = SocketAddr::new(loopback, want.port);
+    let netns = netns.clone();
+    let upstream = tokio::task::spawn_blocking(move || {
+        in_netns(&netns, || {
+            let s = std::net::TcpStream::connect_timeout(&upstream_addr, UPSTREAM_TIMEOUT)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| {
+        format!("{peer} admitted, but the workload does not accept on {upstream_addr} in its network namespace ({e}); with TerminateTLS it must listen on loopback (or any address) in plain TCP")
+    })?;
+    let mut upstream = TcpStream::from_std(upstream).map_err(|e| e.to_string())?;
+    info!(pod = %want.pod, port = want.port, %peer, "external peer admitted");
+    let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+    Ok(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_api::crd::identity_policy::CompiledPeer;
+
+    fn rule(
+        action: PolicyAction,
+        from: &[&str],
+        ports: &[(i32, Option<i32>)],
+        ext: ExternalPeers,
+    ) -> CompiledRule {
+        CompiledRule {
+            action,
+            from: from
+                .iter()
+                .map(|p| CompiledPeer {
+                    spiffe_id_prefixes: vec![(*p).to_owned()],
+                    ..Default::default()
+                })
+                .collect(),
+            ports: ports
+                .iter()
+                .map(|(port, end_port)| PortRange {
+                    port: *port,
+                    end_port: *end_port,
+                    protocol: Protocol::Tcp,
+                })
+                .collect(),
+            external_peers: ext,
+            ..Default::default()
+        }
+    }
+
+    fn spec(rules: Vec<CompiledRule>) -> IdentityPolicySpec {
+        IdentityPolicySpec {
+            spiffe_id: "spiffe://cluster.test/ns/shop/web".into(),
+            default_deny: true,
+            rules,
+            sources: vec!["shop/partners".into()],
+        }
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn only_terminate_rules_of_allow_policies_open_ports() {
+        use PolicyAction::{Allow, Deny};
+        const T: ExternalPeers = ExternalPeers::TerminateTls;
+        const N: ExternalPeers = ExternalPeers::Deny;
+        let s = spec(vec![
+            rule(
+                Allow,
+                &["spiffe://b.test"],
+                &[(8443, None), (9000, Some(9002))],
+                T,
+            ),
+            rule(Allow, &["spiffe://cluster.test"], &[(80, None)], N),
+            rule(Deny, &["spiffe://b.test/bad"], &[(7000, None)], T),
+        ]);
+        assert_eq!(
+            terminated_ports(&s).into_iter().collect::<Vec<_>>(),
+            [8443, 9000, 9001, 9002]
+        );
+        let wide = spec(vec![rule(Allow, &[], &[(1000, Some(2000))], T)]);
+        assert_eq!(terminated_ports(&wide).len(), MAX_TERMINATED_PORTS);
+    }
+
+    #[test]
+    fn admission_follows_the_rules() {
+        use PolicyAction::{Allow, Deny};
+        const T: ExternalPeers = ExternalPeers::TerminateTls;
+        const N: ExternalPeers = ExternalPeers::Deny;
+        let s = spec(vec![
+            rule(Allow, &["spiffe://b.test/client"], &[(8443, None)], T),
+            rule(Allow, &["spiffe://b.test/mesh-only"], &[(8443, None)], N),
+            rule(Deny, &["spiffe://b.test/client/banned"], &[], N),
+        ]);
+        assert!(admits(Some(&s), &id("spiffe://b.test/client"), 8443).is_ok());
+        assert!(admits(Some(&s), &id("spiffe://b.test/client/x"), 8443).is_ok());
+        let other = admits(Some(&s), &id("spiffe://b.test/other"), 8443).unwrap_err();
+        assert!(
+            other.contains("no TerminateTLS rule of shop/partners"),
+            "{other}"
+        );
+        assert!(admits(Some(&s), &id("spiffe://b.test/client"), 8444).is_err());
+        assert!(
+            admits(Some(&s), &id("spiffe://b.test/mesh-only"), 8443).is_err(),
+            "a rule without TerminateTLS admits no external peer"
+        );
+        let banned = admits(Some(&s), &id("spiffe://b.test/client/banned"), 8443).unwrap_err();
+        assert!(banned.contains("Deny rule"), "{banned}");
+        assert!(admits(None, &id("spiffe://b.test/client"), 8443).is_err());
+    }
+}
