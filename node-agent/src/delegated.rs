@@ -154,51 +154,70 @@ async fn subscribe_once(
     Ok(())
 }
 
-/// Follows the SPIRE agent's X.509 bundles: the own trust domain's CAs
-/// (`own_td_id`, `spiffe://<td>`) go into the store. Runs until dropped.
-pub async fn follow_bundles(cfg: DelegatedConfig, own_td_id: String, store: IdentityStore) {
+/// Reads a stream of the SPIRE agent's for as long as the task runs,
+/// subscribing again (after [`RETRY`]) whenever it fails or ends; `open`
+/// subscribes, `each` takes every answer.
+async fn follow_stream<T, F, Fut>(
+    cfg: &DelegatedConfig,
+    what: &str,
+    open: F,
+    mut each: impl FnMut(T),
+) where
+    F: Fn(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Streaming<T>, tonic::Status>>,
+{
     loop {
         let result: Result<(), DelegatedError> = async {
-            let mut stream = connect(&cfg)
-                .await?
-                .subscribe_to_x509_bundles(delegated::SubscribeToX509BundlesRequest {})
-                .await?
-                .into_inner();
+            let mut stream = open(connect(cfg).await?).await?;
             while let Some(answer) = stream.message().await? {
-                let Some(der) = answer.ca_certificates.get(&own_td_id) else {
-                    warn!(trust_domain = %own_td_id, "the SPIRE agent sent no bundle for this trust domain; is it SPIRE's trust domain?");
-                    continue;
-                };
-                let usable = crate::handshake::split_der(der)
-                    .map_err(|e| DelegatedError::Answer(e.to_string()))
-                    .and_then(|certs| {
-                        crate::trust::anchors_der(certs.iter().map(|c| c.as_ref()))
-                            .map(|_| ())
-                            .map_err(|e| DelegatedError::Answer(e.to_string()))
-                    });
-                match usable {
-                    Ok(()) => {
-                        if store.bundles().own_der != *der {
-                            info!(trust_domain = %own_td_id, "own trust bundle updated from the SPIRE agent");
-                        }
-                        let der = der.clone();
-                        let td = own_td_id.clone();
-                        store.update_bundles(|b| {
-                            b.own_der = der;
-                            b.trust_domain_id = td;
-                        });
-                    }
-                    Err(e) => warn!(error = %e, "ignoring the SPIRE agent's bundle; the previous one stays in use"),
-                }
+                each(answer);
             }
             Ok(())
         }
         .await;
         if let Err(e) = result {
-            warn!(error = %e, "bundle subscription failed; retrying in 2s");
+            warn!(error = %e, "{what} subscription failed; retrying in 2s");
         }
         tokio::time::sleep(RETRY).await;
     }
+}
+
+/// Follows the SPIRE agent's X.509 bundles: the own trust domain's CAs
+/// (`own_td_id`, `spiffe://<td>`) go into the store. Runs until dropped.
+pub async fn follow_bundles(cfg: DelegatedConfig, own_td_id: String, store: IdentityStore) {
+    let open = |mut c: Client| async move {
+        c.subscribe_to_x509_bundles(delegated::SubscribeToX509BundlesRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+    };
+    follow_stream(&cfg, "bundle", open, |answer: delegated::SubscribeToX509BundlesResponse| {
+        let Some(der) = answer.ca_certificates.get(&own_td_id) else {
+            warn!(trust_domain = %own_td_id, "the SPIRE agent sent no bundle for this trust domain; is it SPIRE's trust domain?");
+            return;
+        };
+        let usable = crate::handshake::split_der(der)
+            .map_err(|e| e.to_string())
+            .and_then(|certs| {
+                crate::trust::anchors_der(certs.iter().map(|c| c.as_ref()))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+        match usable {
+            Ok(()) => {
+                if store.bundles().own_der != *der {
+                    info!(trust_domain = %own_td_id, "own trust bundle updated from the SPIRE agent");
+                }
+                let der = der.clone();
+                let td = own_td_id.clone();
+                store.update_bundles(|b| {
+                    b.own_der = der;
+                    b.trust_domain_id = td;
+                });
+            }
+            Err(e) => warn!(error = %e, "ignoring the SPIRE agent's bundle; the previous one stays in use"),
+        }
+    })
+    .await
 }
 
 /// Follows the SPIRE agent's JWT bundles: the own trust domain's JWT
@@ -206,36 +225,27 @@ pub async fn follow_bundles(cfg: DelegatedConfig, own_td_id: String, store: Iden
 /// come from FederatedTrustDomain objects, as in the built-in CA mode).
 /// Runs until dropped.
 pub async fn follow_jwt_bundles(cfg: DelegatedConfig, own_td_id: String, store: IdentityStore) {
-    loop {
-        let result: Result<(), DelegatedError> = async {
-            let mut stream = connect(&cfg)
-                .await?
-                .subscribe_to_jwt_bundles(delegated::SubscribeToJwtBundlesRequest {})
-                .await?
-                .into_inner();
-            while let Some(answer) = stream.message().await? {
-                let Some(doc) = answer.bundles.get(&own_td_id) else {
-                    warn!(trust_domain = %own_td_id, "the SPIRE agent sent no JWT bundle for this trust domain; is it SPIRE's trust domain?");
-                    continue;
-                };
-                match JwkSet::from_json(doc) {
-                    Ok(jwt) => {
-                        if store.bundles().own_jwt != jwt {
-                            info!(trust_domain = %own_td_id, keys = jwt.keys.len(), "own JWT authorities updated from the SPIRE agent");
-                        }
-                        store.update_bundles(|b| b.own_jwt = jwt);
-                    }
-                    Err(e) => warn!(error = %e, "ignoring the SPIRE agent's JWT bundle; the previous one stays in use"),
+    let open = |mut c: Client| async move {
+        c.subscribe_to_jwt_bundles(delegated::SubscribeToJwtBundlesRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+    };
+    follow_stream(&cfg, "JWT bundle", open, |answer: delegated::SubscribeToJwtBundlesResponse| {
+        let Some(doc) = answer.bundles.get(&own_td_id) else {
+            warn!(trust_domain = %own_td_id, "the SPIRE agent sent no JWT bundle for this trust domain; is it SPIRE's trust domain?");
+            return;
+        };
+        match JwkSet::from_json(doc) {
+            Ok(jwt) => {
+                if store.bundles().own_jwt != jwt {
+                    info!(trust_domain = %own_td_id, keys = jwt.keys.len(), "own JWT authorities updated from the SPIRE agent");
                 }
+                store.update_bundles(|b| b.own_jwt = jwt);
             }
-            Ok(())
+            Err(e) => warn!(error = %e, "ignoring the SPIRE agent's JWT bundle; the previous one stays in use"),
         }
-        .await;
-        if let Err(e) = result {
-            warn!(error = %e, "JWT bundle subscription failed; retrying in 2s");
-        }
-        tokio::time::sleep(RETRY).await;
-    }
+    })
+    .await
 }
 
 /// Gets JWT-SVIDs from the SPIRE agent's Delegated Identity API for the

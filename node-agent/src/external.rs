@@ -510,11 +510,7 @@ mod tests {
                 .collect(),
             ports: ports
                 .iter()
-                .map(|(port, end_port)| PortRange {
-                    port: *port,
-                    end_port: *end_port,
-                    protocol: Protocol::Tcp,
-                })
+                .map(|(port, end_port)| PortRange::tcp(*port, *end_port))
                 .collect(),
             external_peers: ext,
             ..Default::default()

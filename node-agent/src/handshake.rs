@@ -348,47 +348,26 @@ impl ServerCertVerifier for ResponderVerifier {
     signature_checks!();
 }
 
-/// The responder's check of the initiator: a valid SVID of a trust domain
-/// it has a bundle for. Which identities may talk is policy's business.
-#[derive(Debug)]
-struct InitiatorVerifier(Arc<Anchors>);
-
-impl ClientCertVerifier for InitiatorVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0
-            .verify(end_entity, intermediates, now, KeyUsage::client_auth(), 2)?;
-        Ok(ClientCertVerified::assertion())
-    }
-
-    signature_checks!();
-}
-
 /// Decides whether a peer outside the mesh, its X509-SVID verified, may
 /// reach a local workload (the reason when not).
 pub type Admit = Arc<dyn Fn(&SpiffeId) -> Result<(), String> + Send + Sync>;
 
-/// The terminator's check of a peer outside the mesh: a valid X509-SVID of
-/// a trust domain this agent holds a bundle for (the own or a federated
-/// one; each peer against its own trust domain's only), whose SPIFFE ID
-/// the workload's policy admits.
-struct ExternalVerifier(Arc<Anchors>, Admit);
+/// The responder's check of the initiator, and the terminator's check of a
+/// peer outside the mesh: a valid X509-SVID of a trust domain this agent
+/// holds a bundle for (the own or a federated one; each peer against its
+/// own trust domain's only). With an [`Admit`], also a SPIFFE ID it
+/// accepts; without, which identities may talk is the data path's business.
+struct ClientVerifier(Arc<Anchors>, Option<Admit>);
 
-impl std::fmt::Debug for ExternalVerifier {
+impl std::fmt::Debug for ClientVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExternalVerifier").finish_non_exhaustive()
+        f.debug_struct("ClientVerifier")
+            .field("admit", &self.1.is_some())
+            .finish_non_exhaustive()
     }
 }
 
-impl ClientCertVerifier for ExternalVerifier {
+impl ClientCertVerifier for ClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
     }
@@ -401,13 +380,15 @@ impl ClientCertVerifier for ExternalVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let (id, _) = self
             .0
-            .verify(end_entity, intermediates, now, KeyUsage::client_auth(), 3)?;
-        // Refused by policy: the peer gets an access_denied alert.
-        (self.1)(&id).map_err(|why| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-                Arc::new(Refused(why)),
-            )))
-        })?;
+            .verify(end_entity, intermediates, now, KeyUsage::client_auth(), 2)?;
+        if let Some(admit) = &self.1 {
+            // Refused by policy: the reason travels in the error.
+            admit(&id).map_err(|why| {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                    rustls::OtherError(Arc::new(Refused(why))),
+                ))
+            })?;
+        }
         Ok(ClientCertVerified::assertion())
     }
 
@@ -598,7 +579,7 @@ impl Credentials {
         let mut server = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls)?
-            .with_client_cert_verifier(Arc::new(InitiatorVerifier(anchors.clone())))
+            .with_client_cert_verifier(Arc::new(ClientVerifier(anchors.clone(), None)))
             .with_cert_resolver(Arc::new(BySni(keys)));
         server.alpn_protocols = vec![ALPN.to_vec()];
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -627,7 +608,7 @@ impl Credentials {
         let mut server = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| HandshakeError::Material(e.to_string()))?
-            .with_client_cert_verifier(Arc::new(ExternalVerifier(self.anchors.clone(), admit)))
+            .with_client_cert_verifier(Arc::new(ClientVerifier(self.anchors.clone(), Some(admit))))
             .with_cert_resolver(Arc::new(Fixed(held.key.clone())));
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         server.send_tls13_tickets = 0;

@@ -516,11 +516,7 @@ mod tests {
             from,
             ports: ports
                 .iter()
-                .map(|(port, end_port)| PortRange {
-                    port: *port,
-                    end_port: *end_port,
-                    protocol: Protocol::Tcp,
-                })
+                .map(|(port, end_port)| PortRange::tcp(*port, *end_port))
                 .collect(),
             authentication: Authentication::Mutual,
             external_peers: Default::default(),

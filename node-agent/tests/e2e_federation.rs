@@ -24,13 +24,10 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
-use tessera_api::crd::federated_trust_domain::{
-    BundleEndpointProfile, BundleEndpointProfileType, FederatedTrustDomain,
-    FederatedTrustDomainSpec,
-};
+use tessera_api::crd::federated_trust_domain::FederatedTrustDomain;
 use tessera_api::signer_api::TOKEN_AUDIENCE;
 use tessera_tests::resources;
-use tessera_tests::spire::{SpireAgent, SpireServer, server_id};
+use tessera_tests::spire::{SpireAgent, SpireServer};
 
 mod common;
 use common::{PodCgroup, fetch_jwt, validate_jwt};
@@ -192,13 +189,22 @@ fn spiffe_id_of(pem: &Path) -> String {
         .to_owned()
 }
 
-/// The tests of this file run one at a time (each runs a control plane
-/// and SPIRE; the first measures a propagation time).
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// What the tests of this file start from.
+struct Setup {
+    bins: tessera_tests::TestBins,
+    cp: tessera_tests::ControlPlane,
+    client: kube::Client,
+    dir: tempfile::TempDir,
+    signer_port: u16,
+    _operator: common::Proc,
+    spire: SpireServer,
+    spire_agent: SpireAgent,
+}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_spire_workload_and_a_tessera_workload_authenticate_across_trust_domains() {
-    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+/// A control plane with two nodes; the operator (cluster.test) serving its
+/// bundle endpoint with a 5 s refresh hint; b.test's SPIRE server federated
+/// with that endpoint; and a SPIRE agent (join token, `node-x`).
+async fn setup() -> Setup {
     let bins = tessera_tests::TestBins::locate().unwrap();
     let (cp, client) = resources::control_plane_with_crds().await.unwrap();
     resources::apply_manifest(&client, resources::TWO_NODES)
@@ -207,7 +213,7 @@ async fn a_spire_workload_and_a_tessera_workload_authenticate_across_trust_domai
     let dir = tempfile::tempdir().unwrap();
     let signer_port = tessera_tests::free_port().unwrap();
     let endpoint_port = tessera_tests::free_port().unwrap();
-    let _operator = common::start_operator_with(
+    let operator = common::start_operator_with(
         cp.kubeconfig(),
         signer_port,
         3600,
@@ -219,9 +225,7 @@ async fn a_spire_workload_and_a_tessera_workload_authenticate_across_trust_domai
     let tessera_pem = resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
         .await
         .unwrap();
-
-    // b.test: a SPIRE server and agent, federating with cluster.test.
-    let mut spire = SpireServer::start(
+    let spire = SpireServer::start(
         &bins.spire_server,
         &dir.path().join("spire-server"),
         "b.test",
@@ -249,6 +253,35 @@ async fn a_spire_workload_and_a_tessera_workload_authenticate_across_trust_domai
     )
     .await
     .unwrap();
+    Setup {
+        bins,
+        cp,
+        client,
+        dir,
+        signer_port,
+        _operator: operator,
+        spire,
+        spire_agent,
+    }
+}
+
+/// The tests of this file run one at a time (each runs a control plane
+/// and SPIRE; the first measures a propagation time).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spire_workload_and_a_tessera_workload_authenticate_across_trust_domains() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    let Setup {
+        bins,
+        cp,
+        client,
+        dir,
+        signer_port,
+        _operator,
+        mut spire,
+        spire_agent,
+    } = setup().await;
     spire
         .create_entry(
             &spire_agent.id,
@@ -276,20 +309,7 @@ async fn a_spire_workload_and_a_tessera_workload_authenticate_across_trust_domai
     let ftds: Api<FederatedTrustDomain> = Api::all(client.clone());
     ftds.create(
         &PostParams::default(),
-        &FederatedTrustDomain::new(
-            "b-test",
-            FederatedTrustDomainSpec {
-                trust_domain: "b.test".into(),
-                bundle_endpoint_url: format!("https://127.0.0.1:{}", spire.bundle_port),
-                bundle_endpoint_profile: BundleEndpointProfile {
-                    profile_type: BundleEndpointProfileType::HttpsSpiffe,
-                    endpoint_spiffe_id: Some(server_id("b.test")),
-                    ca_bundle: None,
-                },
-                trust_domain_bundle: Some(spire.bundle().unwrap()),
-                refresh_interval: None,
-            },
-        ),
+        &spire.federated_trust_domain("b-test").unwrap(),
     )
     .await
     .unwrap();
@@ -588,59 +608,19 @@ async fn a_spire_workload_outside_the_mesh_reaches_a_tessera_workload_its_policy
         tessera_bpf::pinning::ensure_bpffs(Path::new("/sys/fs/bpf")).is_ok(),
         "no bpffs at /sys/fs/bpf: this test needs root"
     );
-    let bins = tessera_tests::TestBins::locate().unwrap();
-    let (cp, client) = resources::control_plane_with_crds().await.unwrap();
-    resources::apply_manifest(&client, resources::TWO_NODES)
-        .await
-        .unwrap();
+    let Setup {
+        bins,
+        cp,
+        client,
+        dir,
+        signer_port,
+        _operator,
+        mut spire,
+        spire_agent,
+    } = setup().await;
     resources::apply_manifest(
         &client,
         "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n",
-    )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let signer_port = tessera_tests::free_port().unwrap();
-    let endpoint_port = tessera_tests::free_port().unwrap();
-    let _operator = common::start_operator_with(
-        cp.kubeconfig(),
-        signer_port,
-        3600,
-        &[
-            format!("--bundle-endpoint-addr=127.0.0.1:{endpoint_port}"),
-            "--bundle-refresh-hint-seconds=5".to_owned(),
-        ],
-    );
-    let tessera_pem = resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
-        .await
-        .unwrap();
-
-    // b.test: SPIRE, federated with cluster.test; two workload identities.
-    let mut spire = SpireServer::start(
-        &bins.spire_server,
-        &dir.path().join("spire-server"),
-        "b.test",
-        "5s",
-    )
-    .await
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", endpoint_port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the bundle endpoint did not listen"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    spire
-        .federate_with_tessera("cluster.test", endpoint_port, &tessera_pem)
-        .unwrap();
-    let spire_agent = SpireAgent::start(
-        &bins.spire_agent,
-        &dir.path().join("spire-agent"),
-        &spire,
-        "node-x",
-        &[],
     )
     .await
     .unwrap();
@@ -671,20 +651,7 @@ async fn a_spire_workload_outside_the_mesh_reaches_a_tessera_workload_its_policy
     let ftds: Api<FederatedTrustDomain> = Api::all(client.clone());
     ftds.create(
         &PostParams::default(),
-        &FederatedTrustDomain::new(
-            "b-test",
-            FederatedTrustDomainSpec {
-                trust_domain: "b.test".into(),
-                bundle_endpoint_url: format!("https://127.0.0.1:{}", spire.bundle_port),
-                bundle_endpoint_profile: BundleEndpointProfile {
-                    profile_type: BundleEndpointProfileType::HttpsSpiffe,
-                    endpoint_spiffe_id: Some(server_id("b.test")),
-                    ca_bundle: None,
-                },
-                trust_domain_bundle: Some(spire.bundle().unwrap()),
-                refresh_interval: None,
-            },
-        ),
+        &spire.federated_trust_domain("b-test").unwrap(),
     )
     .await
     .unwrap();

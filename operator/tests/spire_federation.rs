@@ -14,13 +14,10 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use tessera_api::bundle::SpiffeBundle;
-use tessera_api::crd::federated_trust_domain::{
-    BundleEndpointProfile, BundleEndpointProfileType, FederatedTrustDomain,
-    FederatedTrustDomainSpec,
-};
+use tessera_api::crd::federated_trust_domain::FederatedTrustDomain;
 use tessera_operator::federation;
 use tessera_tests::procs::{KillOnDrop, operator_run};
-use tessera_tests::spire::{SpireServer, server_id};
+use tessera_tests::spire::SpireServer;
 use tessera_tests::{TestBins, eventually, free_port};
 
 const NS: &str = "tessera-system";
@@ -131,20 +128,7 @@ async fn tessera_and_spire_federate_both_ways() -> Result<()> {
 
     // Tessera federates with SPIRE.
     let ftds: Api<FederatedTrustDomain> = Api::all(client.clone());
-    let ftd = FederatedTrustDomain::new(
-        "b-test",
-        FederatedTrustDomainSpec {
-            trust_domain: "b.test".into(),
-            bundle_endpoint_url: format!("https://127.0.0.1:{}", spire.bundle_port),
-            bundle_endpoint_profile: BundleEndpointProfile {
-                profile_type: BundleEndpointProfileType::HttpsSpiffe,
-                endpoint_spiffe_id: Some(server_id("b.test")),
-                ca_bundle: None,
-            },
-            trust_domain_bundle: Some(spire.bundle()?),
-            refresh_interval: None,
-        },
-    );
+    let ftd = spire.federated_trust_domain("b-test")?;
     ftds.create(&PostParams::default(), &ftd).await?;
     let spire_sequence = spire_bundle.sequence.map(|s| s as i64);
     eventually(

@@ -209,6 +209,33 @@ plugins {{
         self.cli(&["bundle", "show", "-format", "spiffe"])
     }
 
+    /// A FederatedTrustDomain named `name` for this server's trust domain:
+    /// its bundle endpoint with the https_spiffe profile (the server's own
+    /// SPIFFE ID), bootstrapped with its current bundle.
+    pub fn federated_trust_domain(
+        &self,
+        name: &str,
+    ) -> Result<tessera_api::crd::federated_trust_domain::FederatedTrustDomain> {
+        use tessera_api::crd::federated_trust_domain::{
+            BundleEndpointProfile, BundleEndpointProfileType, FederatedTrustDomain,
+            FederatedTrustDomainSpec,
+        };
+        Ok(FederatedTrustDomain::new(
+            name,
+            FederatedTrustDomainSpec {
+                trust_domain: self.trust_domain.clone(),
+                bundle_endpoint_url: format!("https://127.0.0.1:{}", self.bundle_port),
+                bundle_endpoint_profile: BundleEndpointProfile {
+                    profile_type: BundleEndpointProfileType::HttpsSpiffe,
+                    endpoint_spiffe_id: Some(server_id(&self.trust_domain)),
+                    ca_bundle: None,
+                },
+                trust_domain_bundle: Some(self.bundle()?),
+                refresh_interval: None,
+            },
+        ))
+    }
+
     /// The bundle SPIRE holds for federated trust domain `td`, SPIFFE
     /// format, or None when it holds none.
     pub fn federated_bundle(&self, td: &str) -> Result<Option<String>> {

@@ -207,6 +207,17 @@ pub struct PortRange {
     pub protocol: Protocol,
 }
 
+impl PortRange {
+    /// TCP `port`, or TCP `port..=end_port`.
+    pub fn tcp(port: i32, end_port: Option<i32>) -> PortRange {
+        PortRange {
+            port,
+            end_port,
+            protocol: Protocol::Tcp,
+        }
+    }
+}
+
 /// Transport protocol of a port rule.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Protocol {
