@@ -165,6 +165,8 @@ struct Running {
 
 struct Steered {
     netns: Arc<File>,
+    /// The namespace's inode: a recreated sandbox has another.
+    inode: u64,
     link: tessera_bpf::datapath::SkLookupLinkId,
 }
 
@@ -250,11 +252,22 @@ impl External {
     /// (steering attached to the pod's namespace first), ones no longer
     /// wanted stop being steered to and are closed.
     pub fn reconcile(&self, plane: &DataPlane, wanted: &[Want], ctx: &Context) {
+        // Pods whose network namespace is no longer the one steered (the
+        // sandbox was recreated): their terminators move to the new one.
+        let moved: BTreeSet<String> = lock(&self.steered)
+            .iter()
+            .filter_map(|(uid, s)| {
+                let cgroup = &wanted.iter().find(|w| &w.uid == uid)?.cgroup;
+                let pid = pod_process(cgroup)?;
+                let now = netns_inode(Path::new(&format!("/proc/{pid}/ns/net")))?;
+                (now != s.inode).then(|| uid.clone())
+            })
+            .collect();
         {
             let mut running = lock(&self.running);
             let stale: Vec<(String, u16)> = running
                 .iter()
-                .filter(|(_, r)| !wanted.contains(&r.want))
+                .filter(|(_, r)| !wanted.contains(&r.want) || moved.contains(&r.want.uid))
                 .map(|(k, _)| k.clone())
                 .collect();
             for key in stale {
@@ -268,6 +281,10 @@ impl External {
                     info!(pod = %r.want.pod, port = r.want.port, "no longer terminating external peers");
                 }
             }
+        }
+        for uid in &moved {
+            info!(pod_uid = %uid, "the pod's network namespace changed; terminating in the new one");
+            self.unsteer(plane, uid);
         }
         lock(&self.failing)
             .retain(|(uid, port), _| wanted.iter().any(|w| w.uid == *uid && w.port == *port));
@@ -308,10 +325,22 @@ impl External {
                 .collect()
         };
         for (uid, s) in done {
-            // A namespace that is gone took the attachment with it.
-            if let Err(e) = plane.with_datapath(|dp| dp.unsteer(s.link)) {
-                debug!(pod_uid = %uid, error = %e, "steering already gone");
-            }
+            Self::detach(plane, &uid, s);
+        }
+    }
+
+    /// Ends the steering of pod `uid`'s namespace, if any.
+    fn unsteer(&self, plane: &DataPlane, uid: &str) {
+        let steered = lock(&self.steered).remove(uid);
+        if let Some(s) = steered {
+            Self::detach(plane, uid, s);
+        }
+    }
+
+    fn detach(plane: &DataPlane, uid: &str, s: Steered) {
+        // A namespace that is gone took the attachment with it.
+        if let Err(e) = plane.with_datapath(|dp| dp.unsteer(s.link)) {
+            debug!(pod_uid = %uid, error = %e, "steering already gone");
         }
     }
 
@@ -328,11 +357,19 @@ impl External {
         }
         let netns =
             Arc::new(File::open(&path).map_err(io(format!("cannot open {}", path.display())))?);
+        let inode = {
+            use std::os::unix::fs::MetadataExt;
+            netns
+                .metadata()
+                .map_err(io(format!("cannot stat {}", path.display())))?
+                .ino()
+        };
         let link = plane.with_datapath(|dp| dp.steer(netns.as_fd()))?;
         lock(&self.steered).insert(
             want.uid.clone(),
             Steered {
                 netns: netns.clone(),
+                inode,
                 link,
             },
         );

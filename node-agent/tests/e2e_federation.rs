@@ -542,7 +542,10 @@ fn s_client_from(
     dir: &Path,
 ) -> (String, String, String) {
     let out = Command::new("ip")
-        .args(["netns", "exec", ns, "openssl", "s_client", "-connect", addr])
+        // At most 10 s an attempt (a connect() without an answer would
+        // take minutes).
+        .args(["netns", "exec", ns, "timeout", "10", "openssl", "s_client"])
+        .args(["-connect", addr])
         .args([
             "-tls1_3",
             "-verify_return_error",
@@ -598,8 +601,9 @@ fn s_client_from(
 /// agent terminates the TLS with the workload's X509-SVID, verifies the
 /// peer's SPIRE-issued SVID with b.test's federated bundle, and forwards to
 /// the workload's plain TCP server. Another b.test identity and a plain
-/// TCP client are refused; once the FederatedTrustDomain is deleted, so is
-/// the allowed identity.
+/// TCP client are refused; a recreated sandbox (new network namespace) is
+/// followed; once the FederatedTrustDomain is deleted, the allowed
+/// identity is refused too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spire_workload_outside_the_mesh_reaches_a_tessera_workload_its_policy_admits() {
     use tessera_tests::cluster::{AgentLaunch, PodSpec, SimCluster};
@@ -687,7 +691,7 @@ async fn a_spire_workload_outside_the_mesh_reaches_a_tessera_workload_its_policy
         cluster.agents[0].proc.0.id().to_string(),
     )
     .unwrap();
-    let web = cluster
+    let mut web = cluster
         .pod(
             PodSpec {
                 namespace: "shop",
@@ -773,6 +777,26 @@ spec:
         !plain.contains("web"),
         "plain TCP must not reach the workload: {plain}"
     );
+
+    // The pod's sandbox is recreated (a new network namespace, same Pod
+    // and address): the agent moves its terminator there.
+    cluster.recreate_sandbox(&mut web, 8443);
+    cluster.agents[0]
+        .wait_for("the pod's network namespace changed", 1)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (received, _, log) =
+            s_client_from(&outside, &target, &client_svid, &cluster_ca, dir.path());
+        if received == "web" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not admitted into the recreated sandbox within 30 s:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // The federation goes: b.test's bundle leaves the agent, and the same
     // identity is refused.

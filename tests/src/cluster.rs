@@ -374,6 +374,24 @@ impl SimCluster {
         self.topology.as_ref().unwrap().pod(ip)
     }
 
+    /// Recreates `pod`'s sandbox as a kubelet does after it died: its
+    /// server stops, its network namespace is replaced by a new one with
+    /// the same address, and a server on `port` starts in the new one
+    /// (same Pod object, same cgroup).
+    pub fn recreate_sandbox(&self, pod: &mut SimPod, port: u16) {
+        pod.server.take();
+        let topology = self.topology.as_ref().unwrap();
+        topology.remove_pod(&pod.ns);
+        pod.ns = topology.pod(&pod.ip);
+        topology.forget_neighbor(&pod.ip);
+        pod.server = Some(KillOnDrop(netns::serve(
+            &pod.cgroup,
+            &pod.ns,
+            port,
+            &pod.name,
+        )));
+    }
+
     /// Deletes `pod`'s object, stops its server and removes its namespace.
     pub async fn delete_pod(&self, pod: &mut SimPod) {
         pod.server.take();

@@ -112,8 +112,28 @@ impl Topology {
         ns
     }
 
-    /// Removes a pod's namespace (and with it its veth pair).
+    /// Makes every namespace of the topology (and the host) forget the
+    /// link-layer address of `ip`, as a gratuitous ARP from its new owner
+    /// would: the next packet asks again.
+    pub fn forget_neighbor(&self, ip: &str) {
+        let _ = Command::new("ip")
+            .args(["neigh", "flush", "to", ip])
+            .status();
+        for ns in self.namespaces.lock().unwrap().iter() {
+            let _ = Command::new("ip")
+                .args(["-n", ns, "neigh", "flush", "to", ip])
+                .status();
+        }
+    }
+
+    /// Removes a pod's namespace and its veth pair (at once, even while
+    /// something still holds the namespace open).
     pub fn remove_pod(&self, ns: &str) {
+        if let Some(n) = ns.rsplit_once('-').map(|(_, n)| n) {
+            let _ = Command::new("ip")
+                .args(["link", "del", &format!("tsh{}x{n}", self.tag)])
+                .status();
+        }
         sh("ip", &["netns", "del", ns]);
         self.namespaces.lock().unwrap().retain(|n| n != ns);
     }
