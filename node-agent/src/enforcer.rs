@@ -127,7 +127,8 @@ struct Inner {
     creds: Mutex<Option<Credentials>>,
     inflight: Mutex<HashSet<Pair>>,
     failed: Mutex<HashMap<Pair, Instant>>,
-    cgroups: Mutex<HashMap<String, u64>>,
+    /// Local pods' cgroups (directory and id), by pod UID, as found.
+    cgroups: Mutex<HashMap<String, (PathBuf, u64)>>,
     external: External,
 }
 
@@ -140,16 +141,17 @@ impl Inner {
         lock(&self.creds).clone()
     }
 
-    /// The cgroup id of a local pod: a directory under `pod_cgroups` whose
-    /// name contains its UID (kubelet's `pod<uid>` / `pod<uid_with_underscores>`).
-    fn cgroup_of(&self, uid: &str) -> Option<u64> {
-        if let Some(id) = lock(&self.cgroups).get(uid) {
-            return Some(*id);
+    /// The cgroup of a local pod, directory and id: a directory under
+    /// `pod_cgroups` whose name contains its UID (kubelet's `pod<uid>` /
+    /// `pod<uid_with_underscores>`). Looked for once, then remembered.
+    fn cgroup_of(&self, uid: &str) -> Option<(PathBuf, u64)> {
+        if let Some(found) = lock(&self.cgroups).get(uid) {
+            return Some(found.clone());
         }
         let path = find_dir(&self.cfg.pod_cgroups, uid, 5)?;
         let id = tessera_bpf::datapath::cgroup_id(&path).ok()?;
-        lock(&self.cgroups).insert(uid.to_owned(), id);
-        Some(id)
+        lock(&self.cgroups).insert(uid.to_owned(), (path.clone(), id));
+        Some((path, id))
     }
 
     /// Brings endpoints, policy and auth entries in line with the view.
@@ -169,8 +171,9 @@ impl Inner {
         });
         let specs = stores.policies.values();
         let refs: Vec<&IdentityPolicySpec> = specs.iter().collect();
-        self.plane
-            .apply(&view, &table, &refs, &mut |p| self.cgroup_of(&p.uid))?;
+        self.plane.apply(&view, &table, &refs, &mut |p| {
+            self.cgroup_of(&p.uid).map(|(_, id)| id)
+        })?;
         *lock(&self.policies) = Arc::new(specs);
         Ok(())
     }
@@ -191,7 +194,7 @@ impl Inner {
             if ports.is_empty() {
                 continue;
             }
-            let Some(cgroup) = find_dir(&self.cfg.pod_cgroups, &pod.uid, 5) else {
+            let Some((cgroup, _)) = self.cgroup_of(&pod.uid) else {
                 debug!(pod = %pod.name, "no cgroup found for the pod yet; its external peers stay refused");
                 continue;
             };

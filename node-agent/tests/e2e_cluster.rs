@@ -63,15 +63,9 @@ async fn two_nodes_jwt_and_restarts_of_operator_and_api_server() {
     let mut agents = Vec::new();
     let mut sockets = Vec::new();
     for node in ["node-a", "node-b"] {
-        let token = resources::service_account_token(
-            &client,
-            "tessera-system",
-            "tessera-agent",
-            Some(node),
-            TOKEN_AUDIENCE,
-        )
-        .await
-        .unwrap();
+        let token = resources::agent_token(&client, node, TOKEN_AUDIENCE)
+            .await
+            .unwrap();
         let (agent, socket) =
             common::spawn_agent(cp.kubeconfig(), node, signer_port, &token, dir.path());
         agents.push(agent);

@@ -327,15 +327,9 @@ spec:
     )
     .await
     .unwrap();
-    let token = resources::service_account_token(
-        &client,
-        "tessera-system",
-        "tessera-agent",
-        Some("node-a"),
-        TOKEN_AUDIENCE,
-    )
-    .await
-    .unwrap();
+    let token = resources::agent_token(&client, "node-a", TOKEN_AUDIENCE)
+        .await
+        .unwrap();
     let (_agent, socket) =
         common::spawn_agent(cp.kubeconfig(), "node-a", signer_port, &token, dir.path());
     let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");

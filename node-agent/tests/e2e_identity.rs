@@ -72,15 +72,9 @@ async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
     ));
 
     // The agent for node-a, as a real process with a node-bound token.
-    let token = resources::service_account_token(
-        &client,
-        "tessera-system",
-        "tessera-agent",
-        Some("node-a"),
-        TOKEN_AUDIENCE,
-    )
-    .await
-    .unwrap();
+    let token = resources::agent_token(&client, "node-a", TOKEN_AUDIENCE)
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (_agent, socket) =
         common::spawn_agent(cp.kubeconfig(), "node-a", addr.port(), &token, dir.path());

@@ -75,15 +75,9 @@ async fn a_pod_gets_a_spire_issued_svid_through_the_delegated_identity_api() {
     let builtin_pem = resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
         .await
         .unwrap();
-    let token = resources::service_account_token(
-        &client,
-        "tessera-system",
-        "tessera-agent",
-        Some("node-a"),
-        TOKEN_AUDIENCE,
-    )
-    .await
-    .unwrap();
+    let token = resources::agent_token(&client, "node-a", TOKEN_AUDIENCE)
+        .await
+        .unwrap();
     let (_agent, socket) = common::spawn_agent_with(
         cp.kubeconfig(),
         "node-a",

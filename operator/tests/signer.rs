@@ -132,14 +132,7 @@ fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
 
 /// The agent's token bound to `node`.
 async fn agent_token(f: &Fixture, node: &str) -> Result<String> {
-    resources::service_account_token(
-        &f.client,
-        "tessera-system",
-        "tessera-agent",
-        Some(node),
-        TOKEN_AUDIENCE,
-    )
-    .await
+    resources::agent_token(&f.client, node, TOKEN_AUDIENCE).await
 }
 
 async fn sign(

@@ -209,23 +209,27 @@ pub async fn service_account_token(
         .context("the API server issued no token")
 }
 
-/// Requests the Node-bound token a node agent for `node` gets (service
-/// account `tessera-agent` in `tessera-system`, for `audience`) and writes
-/// it to `<dir>/<node>.token`; that path.
-pub async fn agent_token_file(
-    client: &kube::Client,
-    node: &str,
-    audience: &str,
-    dir: &std::path::Path,
-) -> Result<std::path::PathBuf> {
-    let token = service_account_token(
+/// The Node-bound token a node agent for `node` gets: service account
+/// `tessera-agent` in `tessera-system`, for `audience`.
+pub async fn agent_token(client: &kube::Client, node: &str, audience: &str) -> Result<String> {
+    service_account_token(
         client,
         "tessera-system",
         "tessera-agent",
         Some(node),
         audience,
     )
-    .await?;
+    .await
+}
+
+/// [`agent_token`], written to `<dir>/<node>.token`; that path.
+pub async fn agent_token_file(
+    client: &kube::Client,
+    node: &str,
+    audience: &str,
+    dir: &std::path::Path,
+) -> Result<std::path::PathBuf> {
+    let token = agent_token(client, node, audience).await?;
     let path = dir.join(format!("{node}.token"));
     std::fs::write(&path, token).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
