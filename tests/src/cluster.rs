@@ -23,6 +23,20 @@ use crate::procs::KillOnDrop;
 /// Where agents pin their maps and links.
 pub const BPFFS: &str = "/sys/fs/bpf";
 
+/// The cgroup v2 hierarchy simulated pods' cgroups go under, when this
+/// process may use it (root); otherwise prints that `what` is skipped and why.
+pub fn pod_cgroup_root(what: &str) -> Option<&'static Path> {
+    let root = Path::new("/sys/fs/cgroup/unified");
+    if crate::is_root() && root.join("cgroup.procs").exists() {
+        return Some(root);
+    }
+    println!(
+        "skipped: {what} needs root and cgroup v2 at {}",
+        root.display()
+    );
+    None
+}
+
 /// A running `tessera-agent run` and the lines it logged.
 #[derive(Debug)]
 pub struct Agent {

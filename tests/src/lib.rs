@@ -15,6 +15,17 @@ pub mod testbin;
 pub use controlplane::{ControlPlane, free_port};
 pub use testbin::TestBins;
 
+/// True when this process runs as root (uid 0), read from /proc.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|uids| uids.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
 /// The repository root (this crate lives in `<root>/tests`).
 pub fn repo_root() -> std::path::PathBuf {
     let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -220,25 +220,13 @@ async fn identities(cp: &ControlPlane, client: &kube::Client) -> Result<()> {
     result
 }
 
-/// The cgroup v2 hierarchy pods' cgroups go under, when this process may
-/// use it (root); otherwise says that `what` is skipped and why.
-pub(crate) fn pod_cgroups(what: &str) -> Option<&'static std::path::Path> {
-    let root = std::path::Path::new("/sys/fs/cgroup/unified");
-    if crate::deps::is_root() && root.join("cgroup.procs").exists() {
-        return Some(root);
-    }
-    println!(
-        "skipped: {what} needs root and cgroup v2 at {}",
-        root.display()
-    );
-    None
-}
-
 /// Runs the node agent for node-a and has a process in ledger-0's cgroup
 /// fetch its SVID, with Tessera's client and with SPIRE's.
 async fn agent(cp: &ControlPlane, client: &kube::Client, signer_port: u16) -> Result<()> {
     use k8s_openapi::api::core::v1::Pod;
-    let Some(cgroup_root) = pod_cgroups("placing a process in a pod's cgroup") else {
+    let Some(cgroup_root) =
+        tessera_tests::cluster::pod_cgroup_root("placing a process in a pod's cgroup")
+    else {
         return Ok(());
     };
     let token_file = resources::agent_token_file(
@@ -378,7 +366,7 @@ async fn datapath(cp: &ControlPlane, client: &kube::Client, signer_port: u16) ->
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::{Patch, PatchParams, PostParams};
     use tessera_tests::netns::{self, Cgroup, Topology};
-    let Some(cgroup_root) = pod_cgroups("the data path") else {
+    let Some(cgroup_root) = tessera_tests::cluster::pod_cgroup_root("the data path") else {
         return Ok(());
     };
     resources::apply_manifest(client, SHOP).await?;

@@ -10,8 +10,9 @@ use anyhow::{Context, Result, bail};
 /// `iproute2` builds the end-to-end tests' network namespaces and
 /// `python3` runs the simulated pods' TCP clients and servers.
 /// `openssl` is the peer `cargo xtask bench identity` measures signing against;
-/// `clang-16` and `libbpf-dev` build the eBPF programs in `bpf/` (the
-/// workspace does not compile without them), `bpftool` inspects them.
+/// `clang-16` and `libbpf-dev` build the eBPF programs in `bpf/` (every
+/// crate that links them needs both to compile; xtask itself does not),
+/// `bpftool` inspects them.
 pub const PACKAGES: &[&str] = &[
     "ca-certificates",
     "openssl",
@@ -27,17 +28,6 @@ fn installed(package: &str) -> bool {
         .args(["-W", "-f=${Status}", package])
         .output()
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
-}
-
-/// True when this process runs as root (uid 0), read from /proc.
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|uids| uids.split_whitespace().nth(1))
-            == Some("0")
-    })
 }
 
 fn apt_get(args: &[&str]) -> Result<()> {
@@ -59,7 +49,7 @@ pub fn ensure() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    if !is_root() {
+    if !tessera_tests::is_root() {
         bail!(
             "missing Debian packages: {}; run `sudo apt-get install -y {}` or run this task as root",
             missing.join(" "),

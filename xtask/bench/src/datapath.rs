@@ -28,7 +28,8 @@ use tessera_tests::cluster::{AgentLaunch, PodSpec, SimCluster};
 use tessera_tests::procs::KillOnDrop;
 use tessera_tests::resources;
 
-use crate::bench::{Figure, ms, percentile};
+use crate::report::{Figure, ms, percentile};
+use crate::system::start_operator;
 
 /// New pairs whose first connection is timed.
 const FIRST_CONNECTIONS: usize = 100;
@@ -109,7 +110,8 @@ fn scale_ip(i: usize) -> String {
 
 /// Runs the three benchmarks; their figures.
 pub async fn run(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
-    let Some(cgroup_root) = crate::demo::pod_cgroups("the data-path benchmarks") else {
+    let Some(cgroup_root) = tessera_tests::cluster::pod_cgroup_root("the data-path benchmarks")
+    else {
         bail!("the data-path benchmarks need root and cgroup v2 (run as root)");
     };
     tessera_bpf::pinning::ensure_bpffs(Path::new(tessera_tests::cluster::BPFFS))?;
@@ -121,7 +123,7 @@ pub async fn run(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
     )
     .await?;
     let (_operator, signer_port, _) =
-        crate::bench_identity::start_operator(operator, &cp, &client, "auth-operator.log").await?;
+        start_operator(operator, &cp, &client, "auth-operator.log").await?;
 
     let tag = format!("tessera-bench-{}", std::process::id());
     let mut cluster = SimCluster::create(client.clone(), cgroup_root, &tag, &NODES);

@@ -22,36 +22,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
-use tessera_tests::procs::{KillOnDrop, agent_run, operator_run};
-use tessera_tests::{free_port, repo_root, resources};
+use tessera_tests::procs::{KillOnDrop, agent_run};
+use tessera_tests::resources;
 
-use crate::bench::{Figure, ms, percentile};
+use crate::report::{Figure, ms, percentile};
+use crate::system::{release_bins, run_json, start_operator};
 
 const PODS: usize = 1000;
 const PACED_PER_SEC: u64 = 100;
 const SERVICE_ACCOUNTS: usize = 10;
-
-/// Builds the release operator and agent; returns their paths.
-pub fn release_bins() -> Result<(PathBuf, PathBuf)> {
-    println!("building release tessera-operator and tessera-agent");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--release",
-            "-q",
-            "-p",
-            "tessera-operator",
-            "-p",
-            "tessera-agent",
-        ])
-        .current_dir(repo_root())
-        .status()?;
-    if !status.success() {
-        bail!("cannot build the release binaries");
-    }
-    let dir = repo_root().join("target/release");
-    Ok((dir.join("tessera-operator"), dir.join("tessera-agent")))
-}
 
 /// Sign rate of `openssl speed ecdsap256` on one core.
 fn openssl_sign_rate(seconds: u32) -> Result<f64> {
@@ -74,7 +53,7 @@ fn parse_openssl_speed(text: &str) -> Option<f64> {
 
 fn signing(operator: &Path) -> Result<Vec<Figure>> {
     println!("signing on one core (3 s per kind), then openssl speed ecdsap256");
-    let rates = crate::bench::run_json(operator, &["bench-sign", "--seconds", "3"])?;
+    let rates = run_json(operator, &["bench-sign", "--seconds", "3"])?;
     let rate = |k: &str| rates.get(k);
     let openssl = openssl_sign_rate(3)?;
     Ok(vec![
@@ -329,34 +308,6 @@ fn watch_annotations(client: kube::Client) -> mpsc::Receiver<(String, Instant)> 
         }
     });
     rx
-}
-
-/// Starts the release operator for trust domain `cluster.test` against
-/// `cp`, logging to `target/bench/<log_name>`, and waits for its trust
-/// bundle: the process, its signer port and its log's path.
-pub async fn start_operator(
-    operator: &Path,
-    cp: &tessera_tests::ControlPlane,
-    client: &kube::Client,
-    log_name: &str,
-) -> Result<(KillOnDrop, u16, PathBuf)> {
-    let signer_port = free_port()?;
-    let logs = repo_root().join("target/bench");
-    std::fs::create_dir_all(&logs)?;
-    let operator_log = logs.join(log_name);
-    println!("operator log: {}", operator_log.display());
-    let child = KillOnDrop(
-        operator_run(operator, cp.kubeconfig(), "cluster.test")
-            .arg("--metrics-addr=127.0.0.1:0")
-            .arg(format!("--signer-addr=127.0.0.1:{signer_port}"))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&operator_log)?)
-            .spawn()?,
-    );
-    resources::wait_for_trust_bundle(client, Duration::from_secs(60)).await?;
-    Ok((child, signer_port, operator_log))
 }
 
 async fn pod_to_svid(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {

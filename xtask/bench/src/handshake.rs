@@ -1,0 +1,95 @@
+//! `cargo xtask bench auth`: the agents' handshakes against Go crypto/tls on
+//! one core, the ingress program's cost per packet, and (through
+//! [`crate::datapath`]) the figures of a running system.
+
+use anyhow::{Context, Result, bail};
+
+use crate::report::Figure;
+use crate::system::{json_of, one_core, release_bins, run_json};
+
+/// The Go peer of the handshake benchmark, its source in the repo.
+const TLSBENCH_GO: &str = include_str!("../go/tlsbench/main.go");
+
+/// Builds `xtask/go/tlsbench` once per source version into the test binary
+/// cache (outside the repo); its path.
+fn tlsbench() -> Result<std::path::PathBuf> {
+    let hash = TLSBENCH_GO.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let dir = tessera_tests::testbin::cache_root()?.join(format!("tlsbench-{hash:016x}"));
+    let bin = dir.join("tlsbench");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    let src = tempfile::tempdir()?;
+    std::fs::write(src.path().join("main.go"), TLSBENCH_GO)?;
+    std::fs::write(src.path().join("go.mod"), "module tlsbench\n\ngo 1.26\n")?;
+    std::fs::create_dir_all(&dir)?;
+    let status = std::process::Command::new("go")
+        .current_dir(src.path())
+        .env("GOFLAGS", "-mod=mod -buildvcs=false")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .status()?;
+    if !status.success() {
+        bail!("go build of the crypto/tls peer failed");
+    }
+    Ok(bin)
+}
+
+/// `cargo xtask bench auth`: agent handshakes against Go crypto/tls doing
+/// the same mutual TLS 1.3 handshake (ECDSA P-256 SVIDs from the same files,
+/// P-256 key exchange, AES-128-GCM, no resumption), each with client and server pinned
+/// to one core; and the ingress program's cost per packet, measured by the
+/// kernel with BPF_PROG_TEST_RUN (one million runs per scenario; needs root).
+pub async fn run() -> Result<Vec<Figure>> {
+    let (operator, agent) = release_bins()?;
+    let peer = tlsbench()?;
+    let certs = tempfile::tempdir()?;
+    let dir = certs
+        .path()
+        .to_str()
+        .context("temporary directory is not UTF-8")?;
+    println!("handshakes on one core, 5 s each: tessera-agent, then Go crypto/tls");
+    let ours = json_of(one_core(&agent).args(["bench-handshake", "--dir", dir, "--seconds", "5"]))?;
+    let theirs = json_of(
+        one_core(&peer)
+            .args(["-dir", dir, "-seconds", "5"])
+            .args(["-client-id", "spiffe://bench.test/ns/shop/sa/web"])
+            .args(["-server-id", "spiffe://bench.test/ns/shop/sa/db"])
+            .env("GOMAXPROCS", "1"),
+    )?;
+    println!("eBPF ingress decision cost (BPF_PROG_TEST_RUN, 1,000,000 runs per scenario)");
+    let cost = run_json(&agent, &["bench-datapath", "--repeat", "1000000"])?;
+    let go = "go crypto/tls";
+    let mut figures = vec![
+        Figure::new("handshakes_per_core", ours.get("per_second")?, "1/s")
+            .with_target(">= 2x peer")
+            .with_peer(go, theirs.get("per_second")?),
+        Figure::new("handshake_p50", ours.get("p50_ms")?, "ms")
+            .with_peer(go, theirs.get("p50_ms")?),
+        Figure::new("handshake_p99", ours.get("p99_ms")?, "ms")
+            .with_peer(go, theirs.get("p99_ms")?),
+        Figure::new("ebpf_test_run_floor", cost.get("floor_ns")?, "ns"),
+        Figure::new("ebpf_decision_no_policy", cost.get("no_policy_ns")?, "ns"),
+        Figure::new(
+            "ebpf_decision_authenticated_cached",
+            cost.get("authenticated_cached_ns")?,
+            "ns",
+        )
+        .with_target("<= 100"),
+        Figure::new(
+            "ebpf_decision_authenticated_full",
+            cost.get("authenticated_ns")?,
+            "ns",
+        ),
+        Figure::new(
+            "ebpf_decision_authenticated_worst",
+            cost.get("authenticated_worst_ns")?,
+            "ns",
+        ),
+    ];
+    figures.extend(crate::datapath::run(&operator, &agent).await?);
+    Ok(figures)
+}
