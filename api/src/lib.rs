@@ -1,7 +1,6 @@
 //! Tessera's API: the CRD types, SPIFFE ID and trust domain types, and templates.
 #![forbid(unsafe_code)]
 
-pub mod annotations;
 #[cfg(feature = "bundle")]
 pub mod bundle;
 #[cfg(feature = "crd")]

@@ -14,16 +14,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::{WatchStreamExt, watcher};
-use tessera_api::annotations;
+use tessera_api::crd::PodIdentity as PodIdentityRecord;
 use tessera_api::spire_api::api::agent::delegatedidentity::v1 as delegated;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::attestation::PodUid;
 use crate::identities::{IdentityStore, PodIdentity, X509Svid};
+use crate::records::LocalPod;
 use crate::svids::{JwtCache, JwtSvid};
 use tessera_api::jwt::JwkSet;
 
@@ -60,15 +60,6 @@ pub enum DelegatedError {
     /// An answer could not be used.
     #[error("SPIRE agent answer: {0}")]
     Answer(String),
-}
-
-/// A pod on this node with an identity.
-#[derive(Debug, Clone, PartialEq)]
-struct Local {
-    spiffe_id: String,
-    namespace: String,
-    name: String,
-    federates_with: Vec<String>,
 }
 
 fn svid_of(answer: delegated::SubscribeToX509sviDsResponse, id: &str) -> Result<X509Svid, String> {
@@ -307,18 +298,19 @@ impl SpireJwt {
     }
 }
 
-/// Runs until the pod watch ends: one SVID subscription per identity with a
-/// pod on this node, and each pod's identity in `store`.
+/// Runs until the watch of this node's PodIdentity records ends: one SVID
+/// subscription per identity with a pod on this node, and each pod's
+/// identity in `store`.
 pub async fn run(client: kube::Client, cfg: DelegatedConfig, store: IdentityStore) {
-    let pods: Api<Pod> = Api::all(client);
-    let watch_cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node_name));
-    let mut events = std::pin::pin!(watcher(pods, watch_cfg).default_backoff());
+    let records: Api<PodIdentityRecord> = Api::all(client);
+    let watch_cfg = LocalPod::watch_config(&cfg.node_name);
+    let mut events = std::pin::pin!(watcher(records, watch_cfg).default_backoff());
     let (tx, mut rx) = mpsc::channel::<(String, X509Svid)>(64);
-    let mut local: HashMap<PodUid, Local> = HashMap::new();
+    let mut local: HashMap<PodUid, LocalPod> = HashMap::new();
     let mut subscriptions: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut latest: HashMap<String, X509Svid> = HashMap::new();
     let publish =
-        |store: &IdentityStore, uid: &PodUid, pod: &Local, svid: Option<&X509Svid>| match svid {
+        |store: &IdentityStore, uid: &PodUid, pod: &LocalPod, svid: Option<&X509Svid>| match svid {
             Some(svid) => store.set(
                 uid,
                 PodIdentity {
@@ -334,29 +326,18 @@ pub async fn run(client: kube::Client, cfg: DelegatedConfig, store: IdentityStor
         tokio::select! {
             event = events.next() => {
                 let Some(event) = event else { break };
-                let (pod, gone) = match event {
-                    Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => (pod, false),
-                    Ok(watcher::Event::Delete(pod)) => (pod, true),
+                let (record, gone) = match event {
+                    Ok(watcher::Event::Apply(r) | watcher::Event::InitApply(r)) => (r, false),
+                    Ok(watcher::Event::Delete(r)) => (r, true),
                     Ok(_) => continue,
                     Err(e) => {
-                        warn!(error = %e, "pod watch error; retrying");
+                        warn!(error = %e, "PodIdentity watch error; retrying");
                         continue;
                     }
                 };
-                let Some(uid) = pod.metadata.uid.as_deref().and_then(PodUid::parse) else { continue };
-                let notes = pod.metadata.annotations.as_ref();
-                let wanted = notes
-                    .and_then(|a| a.get(annotations::SPIFFE_ID))
-                    .filter(|_| !gone && pod.metadata.deletion_timestamp.is_none())
-                    .map(|id| Local {
-                        spiffe_id: id.clone(),
-                        namespace: pod.metadata.namespace.clone().unwrap_or_default(),
-                        name: pod.metadata.name.clone().unwrap_or_default(),
-                        federates_with: notes
-                            .and_then(|a| a.get(annotations::FEDERATES_WITH))
-                            .map(|v| annotations::parse_federates_with(v))
-                            .unwrap_or_default(),
-                    });
+                let Some(pod) = LocalPod::of(&record, &cfg.node_name) else { continue };
+                let uid = pod.uid.clone();
+                let wanted = (!gone).then_some(pod);
                 match wanted {
                     Some(pod) => {
                         if local.get(&uid) != Some(&pod) {

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use tessera_api::crd::{IdentityPolicy, IdentityPolicySpec, NumericIdentity};
+use tessera_api::crd::{IdentityPolicy, IdentityPolicySpec, NumericIdentity, PodIdentity};
 use tessera_bpf::abi::AuthKey;
 use tessera_bpf::datapath::DatapathError;
 use tokio::net::TcpListener;
@@ -37,7 +37,7 @@ use crate::follow::Compact;
 use crate::handshake::{self, Authenticated, Credentials, HandshakeError, Initiate};
 use crate::identities::IdentityStore;
 use crate::policy::IdentityTable;
-use crate::view::{Pair, PodView, View, pod_view};
+use crate::view::{Pair, PodPlace, PodRecord, PodView, View, pod_place, pod_record};
 
 /// Re-authenticate an entry with less than this left (or a quarter of its
 /// lifetime, when shorter).
@@ -96,14 +96,33 @@ use crate::dataplane::{DataPlane, DataPlaneError, lock};
 /// The cluster objects the enforcer follows, as much of each as it reads.
 #[derive(Clone, Default)]
 struct Stores {
-    pods: Compact<Arc<PodView>>,
+    pods: Compact<Arc<PodPlace>>,
+    /// Pods' identities, keyed `/<pod UID>` (the records' names).
+    records: Compact<PodRecord>,
     policies: Compact<IdentityPolicySpec>,
     /// SPIFFE ID, number, generation.
     identities: Compact<(Arc<str>, u32, u64)>,
 }
 
-fn pod_value(pod: &Pod) -> Option<Arc<PodView>> {
-    pod_view(pod).map(Arc::new)
+fn pod_value(pod: &Pod) -> Option<Arc<PodPlace>> {
+    pod_place(pod).map(Arc::new)
+}
+
+fn record_value(record: &PodIdentity) -> Option<PodRecord> {
+    pod_record(record)
+}
+
+impl Stores {
+    /// Every pod that has both a place and an identity record for it.
+    fn joined(&self) -> Vec<PodView> {
+        let places = self.pods.values();
+        self.records.read(|records| {
+            places
+                .iter()
+                .filter_map(|p| PodView::join(p, records.get(&format!("/{}", p.uid))?))
+                .collect()
+        })
+    }
 }
 
 fn identity_value(ni: &NumericIdentity) -> Option<(Arc<str>, u32, u64)> {
@@ -156,7 +175,7 @@ impl Inner {
 
     /// Brings endpoints, policy and auth entries in line with the view.
     fn sync(&self, stores: &Stores) -> Result<(), DatapathError> {
-        let view = Arc::new(View::new(&self.cfg.node_name, stores.pods.values()));
+        let view = Arc::new(View::new(&self.cfg.node_name, stores.joined()));
         if !view.nodes.collisions.is_empty() {
             warn!(nodes = ?view.nodes.collisions, "node names with the same data-path index: their pods get no endpoint entries (fail closed)");
         }
@@ -452,6 +471,12 @@ pub async fn run(
         notify.clone(),
         "pods",
     )));
+    tasks.push(tokio::spawn(stores.records.clone().follow(
+        Api::<PodIdentity>::all(client.clone()),
+        record_value,
+        notify.clone(),
+        "podidentities",
+    )));
     tasks.push(tokio::spawn(stores.policies.clone().follow(
         Api::<IdentityPolicy>::all(client.clone()),
         policy_value,
@@ -525,6 +550,7 @@ pub async fn run(
     let mut shutdown = std::pin::pin!(shutdown);
     let ready = async {
         stores.pods.wait_until_ready().await;
+        stores.records.wait_until_ready().await;
         stores.policies.wait_until_ready().await;
         stores.identities.wait_until_ready().await;
     };

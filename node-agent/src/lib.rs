@@ -16,6 +16,7 @@ pub mod identities;
 pub mod intern;
 pub mod metrics;
 pub mod policy;
+pub mod records;
 pub mod svids;
 pub mod trust;
 pub mod view;

@@ -1,4 +1,5 @@
-//! Keeps the SVIDs of this node's pods: watches the pods scheduled here,
+//! Keeps the SVIDs of this node's pods: watches the PodIdentity records of
+//! the pods scheduled here (see [`crate::records`]),
 //! asks the operator's signing service for an X.509-SVID (a fresh key each
 //! time, kept on this node) whenever a pod gains or changes identity, renews at
 //! half-life, and drops a pod's material when it goes away. A still-valid SVID
@@ -12,11 +13,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use rcgen::{CertificateParams, KeyPair};
-use tessera_api::annotations;
+use tessera_api::crd::PodIdentity as PodIdentityRecord;
 use tessera_api::jwt::JwkSet;
 use tessera_api::signer_api::signer_client::SignerClient;
 use tessera_api::signer_api::{SignJwtsvidRequest, SignX509svidRequest};
@@ -27,6 +27,7 @@ use tracing::{info, warn};
 
 use crate::attestation::PodUid;
 use crate::identities::{Bundles, IdentityStore, PodIdentity, X509Svid};
+use crate::records::LocalPod;
 
 /// Why an SVID could not be obtained (retried).
 #[derive(Debug, thiserror::Error)]
@@ -156,11 +157,15 @@ struct Wanted {
 
 type Issued = (PodUid, Wanted, Result<(X509Svid, Bundles, i64), SvidError>);
 
-/// Runs until the pod watch ends; fills `store` for this node's pods.
+/// Runs until the watch of this node's PodIdentity records ends; fills
+/// `store` for this node's pods.
 pub async fn run(client: kube::Client, channel: Channel, cfg: SvidConfig, store: IdentityStore) {
-    let pods: Api<Pod> = Api::all(client);
-    let watch_cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node_name));
-    let mut events = watcher(pods, watch_cfg).default_backoff().boxed();
+    let mut events = watcher(
+        Api::<PodIdentityRecord>::all(client),
+        LocalPod::watch_config(&cfg.node_name),
+    )
+    .default_backoff()
+    .boxed();
     let signer = SignerClient::new(channel);
     let mut held: HashMap<PodUid, Held> = HashMap::new();
     // Pods whose identity is known but whose SVID must be (re)issued, and when.
@@ -168,7 +173,7 @@ pub async fn run(client: kube::Client, channel: Channel, cfg: SvidConfig, store:
     // Requests in flight, and what each was for.
     let mut in_flight: HashMap<PodUid, Wanted> = HashMap::new();
     let mut running: FuturesUnordered<BoxFuture<'static, Issued>> = FuturesUnordered::new();
-    // Each pod's federated trust domains (its federates-with annotation):
+    // Each pod's federated trust domains (its record's federatesWith):
     // which federated bundles its Workload API answers carry.
     let mut federates: HashMap<PodUid, Vec<String>> = HashMap::new();
     loop {
@@ -204,56 +209,41 @@ pub async fn run(client: kube::Client, channel: Channel, cfg: SvidConfig, store:
         tokio::select! {
             event = events.next() => {
                 let Some(event) = event else { break };
-                let pod = match event {
-                    Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => pod,
-                    Ok(watcher::Event::Delete(pod)) => {
-                        if let Some(uid) = pod.metadata.uid.as_deref().and_then(PodUid::parse) {
-                            held.remove(&uid);
-                            due.remove(&uid);
-                            in_flight.remove(&uid);
-                            federates.remove(&uid);
-                            store.remove(&uid);
-                        }
-                        continue;
-                    }
+                let (record, gone) = match event {
+                    Ok(watcher::Event::Apply(r) | watcher::Event::InitApply(r)) => (r, false),
+                    Ok(watcher::Event::Delete(r)) => (r, true),
                     Ok(_) => continue,
                     Err(e) => {
-                        warn!(error = %e, "pod watch error; retrying");
+                        warn!(error = %e, "PodIdentity watch error; retrying");
                         continue;
                     }
                 };
-                let Some(uid) = pod.metadata.uid.as_deref().and_then(PodUid::parse) else { continue };
-                let id = pod.metadata.annotations.as_ref().and_then(|a| a.get(annotations::SPIFFE_ID)).cloned();
-                let wanted_federation = pod.metadata.annotations.as_ref()
-                    .and_then(|a| a.get(annotations::FEDERATES_WITH))
-                    .map(|v| annotations::parse_federates_with(v))
-                    .unwrap_or_default();
-                if federates.get(&uid) != Some(&wanted_federation) {
-                    if let Some(current) = store.current(&uid)
-                        && current.federates_with != wanted_federation
-                    {
-                        store.set(&uid, PodIdentity { federates_with: wanted_federation.clone(), ..PodIdentity::clone(&current) });
-                    }
-                    federates.insert(uid.clone(), wanted_federation);
+                let Some(local) = LocalPod::of(&record, &cfg.node_name) else { continue };
+                let uid = local.uid.clone();
+                if gone {
+                    held.remove(&uid);
+                    due.remove(&uid);
+                    in_flight.remove(&uid);
+                    federates.remove(&uid);
+                    store.remove(&uid);
+                    continue;
                 }
-                match id {
-                    Some(id) if pod.metadata.deletion_timestamp.is_none() => {
-                        let current = in_flight.get(&uid).map(|w| &w.spiffe_id).or(held.get(&uid).map(|h| &h.spiffe_id));
-                        if current != Some(&id) {
-                            let wanted = Wanted {
-                                spiffe_id: id,
-                                namespace: pod.metadata.namespace.clone().unwrap_or_default(),
-                                name: pod.metadata.name.clone().unwrap_or_default(),
-                            };
-                            due.insert(uid, (wanted, Instant::now()));
-                        }
+                if federates.get(&uid) != Some(&local.federates_with) {
+                    if let Some(current) = store.current(&uid)
+                        && current.federates_with != local.federates_with
+                    {
+                        store.set(&uid, PodIdentity { federates_with: local.federates_with.clone(), ..PodIdentity::clone(&current) });
                     }
-                    _ => {
-                        held.remove(&uid);
-                        due.remove(&uid);
-                        in_flight.remove(&uid);
-                        store.remove(&uid);
-                    }
+                    federates.insert(uid.clone(), local.federates_with.clone());
+                }
+                let current = in_flight.get(&uid).map(|w| &w.spiffe_id).or(held.get(&uid).map(|h| &h.spiffe_id));
+                if current != Some(&local.spiffe_id) {
+                    let wanted = Wanted {
+                        spiffe_id: local.spiffe_id,
+                        namespace: local.namespace,
+                        name: local.name,
+                    };
+                    due.insert(uid, (wanted, Instant::now()));
                 }
             }
             Some((uid, wanted, result)) = running.next(), if !running.is_empty() => {

@@ -3,9 +3,12 @@
 //! identity pairs this node should authenticate ahead of traffic, and the
 //! current generation of every identity on every node.
 //!
-//! Everything comes from pods: the operator annotates each with its SPIFFE
-//! ID and `<numeric id>/<generation>`; `spec.nodeName`, `status.podIP` and
-//! `status.hostIP` give where it runs and where its node's agent listens.
+//! A pod's identity (SPIFFE ID, numeric identity and generation) comes only
+//! from its PodIdentity record, which only the operator may write; the Pod
+//! object gives where it runs (`spec.nodeName`), its address
+//! (`status.podIP`), where its node's agent listens (`status.hostIP`) and
+//! whether it is going away. Nothing a pod author writes on the pod (its
+//! annotations) is read.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -13,9 +16,8 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use tessera_api::annotations;
-use tessera_api::crd::IdentityPolicySpec;
 use tessera_api::crd::auth_policy::{Authentication, PolicyAction};
+use tessera_api::crd::{IdentityPolicySpec, PodIdentity};
 use tessera_api::spiffe::SpiffeId;
 use tessera_bpf::abi::{Endpoint, IpKey};
 
@@ -46,17 +48,40 @@ pub struct PodView {
     pub created: i64,
 }
 
-/// The view of a pod that has an identity and a node; None otherwise (the
-/// data path treats such pods as unknown).
-pub fn pod_view(pod: &Pod) -> Option<PodView> {
-    let ann = pod.metadata.annotations.as_ref()?;
-    let spiffe_id = ann.get(annotations::SPIFFE_ID)?;
-    spiffe_id.parse::<SpiffeId>().ok()?;
-    let (id, generation) = annotations::parse_identity(ann.get(annotations::IDENTITY)?)?;
-    let generation = u64::try_from(generation).ok().filter(|g| *g > 0)?;
-    if id == 0 {
-        return None;
-    }
+/// What the Pod object says of a pod: where it runs and how far along it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodPlace {
+    /// The pod's UID.
+    pub uid: String,
+    /// `namespace/name`, for logs.
+    pub name: String,
+    /// The node it runs on (shared: see [`crate::intern`]).
+    pub node: Arc<str>,
+    /// Its address, once it has one.
+    pub ip: Option<IpAddr>,
+    /// Its node's address.
+    pub host_ip: Option<IpAddr>,
+    /// Being deleted.
+    pub terminating: bool,
+    /// Creation time, Unix seconds.
+    pub created: i64,
+}
+
+/// What a pod's PodIdentity record says: who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRecord {
+    /// The SPIFFE ID (shared: see [`crate::intern`]).
+    pub spiffe_id: Arc<str>,
+    /// The numeric identity.
+    pub id: u32,
+    /// Its generation.
+    pub generation: u64,
+    /// The node the record was written for.
+    pub node: Arc<str>,
+}
+
+/// The place of a scheduled pod; None for a pod with no node or UID.
+pub fn pod_place(pod: &Pod) -> Option<PodPlace> {
     let node = crate::intern::intern(pod.spec.as_ref()?.node_name.as_deref()?);
     let status = pod.status.as_ref();
     let ip = status
@@ -65,15 +90,12 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
     let host_ip = status
         .and_then(|s| s.host_ip.as_deref())
         .and_then(|ip| ip.parse().ok());
-    Some(PodView {
+    Some(PodPlace {
         uid: pod.metadata.uid.clone()?,
         name: format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()),
         node,
         ip,
         host_ip,
-        spiffe_id: crate::intern::intern(spiffe_id),
-        id,
-        generation,
         terminating: pod.metadata.deletion_timestamp.is_some(),
         created: pod
             .metadata
@@ -81,6 +103,45 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
             .as_ref()
             .map_or(0, |t| t.0.as_second()),
     })
+}
+
+/// The identity a well-formed record names; None for one the data path
+/// cannot use (malformed ID, number or generation).
+pub fn pod_record(record: &PodIdentity) -> Option<PodRecord> {
+    let spec = record.checked()?;
+    spec.spiffe_id.parse::<SpiffeId>().ok()?;
+    let generation = u64::try_from(spec.generation).ok().filter(|g| *g > 0)?;
+    if spec.id == 0 {
+        return None;
+    }
+    Some(PodRecord {
+        spiffe_id: crate::intern::intern(&spec.spiffe_id),
+        id: spec.id,
+        generation,
+        node: crate::intern::intern(&spec.node_name),
+    })
+}
+
+impl PodView {
+    /// A pod with its identity, when its record was written for the node it
+    /// runs on; None otherwise (the data path treats it as unknown).
+    pub fn join(place: &PodPlace, record: &PodRecord) -> Option<PodView> {
+        if place.node != record.node {
+            return None;
+        }
+        Some(PodView {
+            uid: place.uid.clone(),
+            name: place.name.clone(),
+            node: place.node.clone(),
+            ip: place.ip,
+            host_ip: place.host_ip,
+            spiffe_id: record.spiffe_id.clone(),
+            id: record.id,
+            generation: record.generation,
+            terminating: place.terminating,
+            created: place.created,
+        })
+    }
 }
 
 /// Whether `policy` has an Allow rule requiring mutual authentication from

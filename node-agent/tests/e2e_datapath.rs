@@ -115,7 +115,79 @@ async fn control_plane() -> (tessera_tests::ControlPlane, kube::Client) {
         .await
         .unwrap();
     }
+    // Pods labelled app=forger get no identity: the template needs a label
+    // they lack (see `forged_identity_is_refused`).
+    resources::apply_manifest(
+        &client,
+        "apiVersion: tessera.dev/v1alpha1\nkind: WorkloadIdentity\nmetadata: {name: forgers}\n\
+         spec:\n  spiffeIDTemplate: \"spiffe://{trustDomain}/tier/{podLabel:tier}\"\n  podSelector: {matchLabels: {app: forger}}\n",
+    )
+    .await
+    .unwrap();
     (cp, client)
+}
+
+/// Values Tessera once took from pod annotations: a pod author writes
+/// web's onto pods whose own identity assigns (app=other) or fails
+/// (app=forger). Neither reaches db, whose policy admits only web.
+async fn forged_identity_is_refused(cluster: &SimCluster, db: &SimPod) {
+    let web_id = "spiffe://cluster.test/ns/shop/sa/web";
+    let number = Api::<tessera_api::crd::NumericIdentity>::all(cluster.client.clone())
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|n| n.spec.spiffe_id == web_id)
+        .map(|n| format!("{}/{}", n.spec.id, n.spec.generation))
+        .unwrap();
+    let forged = serde_json::json!({"metadata": {"annotations": {
+        "tessera.dev/spiffe-id": web_id,
+        "tessera.dev/identity": number,
+        "tessera.dev/identity-source": "default"}}});
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(cluster.client.clone(), "shop");
+    let forgers = [
+        pod(
+            cluster,
+            "forger",
+            "forger",
+            "other",
+            "node-a",
+            "198.18.1.12",
+        )
+        .await,
+        pod(
+            cluster,
+            "borrower",
+            "other",
+            "other",
+            "node-a",
+            "198.18.1.13",
+        )
+        .await,
+    ];
+    for forger in &forgers {
+        pods.patch(
+            &forger.name,
+            &PatchParams::default(),
+            &Patch::Merge(&forged),
+        )
+        .await
+        .unwrap();
+    }
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        for forger in &forgers {
+            let out = forger.connect(&db.ip, PORT);
+            assert!(
+                !ok(&out),
+                "{} -> db with web's forged identity: {out}",
+                forger.name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// How this file's agents run: this build's binary, logs echoed, state
@@ -193,6 +265,7 @@ async fn authenticated_pair(cluster: &SimCluster) -> (SimPod, SimPod, SimPod) {
     let intruder = pod(cluster, "intruder", "web", "web", "node-c", "198.18.3.10").await;
     let out = intruder.connect(&db.ip, PORT);
     assert!(!ok(&out), "intruder -> db: {out}");
+    forged_identity_is_refused(cluster, &db).await;
     (web, other, db)
 }
 

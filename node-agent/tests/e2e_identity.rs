@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
@@ -118,26 +118,14 @@ async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
     );
     println!("spire-agent api fetch x509:\n{text}");
 
-    // A pod on node-b gets nothing from node-a's agent, even once annotated.
+    // A pod on node-b gets nothing from node-a's agent, even once it has an identity.
     let other = pods
         .create(&PostParams::default(), &pod("elsewhere", "node-b"))
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while pods
-        .get("elsewhere")
+    resources::wait_for_pod_identity(&client, "shop", "elsewhere")
         .await
-        .unwrap()
-        .metadata
-        .annotations
-        .is_none_or(|a| !a.contains_key(tessera_api::annotations::SPIFFE_ID))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the other pod never got an identity"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        .unwrap();
     let foreign = PodCgroup::create("e2e-elsewhere", other.metadata.uid.as_deref().unwrap());
     let output = foreign
         .spawn_client(&socket, &[])

@@ -4,11 +4,12 @@
 //! Event-driven throughout. Pods are reconciled when they change; all pods are
 //! re-evaluated when a WorkloadIdentity or a namespace's labels change (rare);
 //! pods holding a SPIFFE ID are re-evaluated when its NumericIdentity goes
-//! away. There is no periodic relist. A pod's identity reaches the agents as
-//! annotations (see [`tessera_api::annotations`]), written with server-side
-//! apply so that removing one is a matter of not applying it.
+//! away. There is no periodic relist. A pod's identity reaches the signer,
+//! the agents and SPIRE registration only as its [`PodIdentity`] record,
+//! which only the operator may write: nothing a pod author writes on the pod
+//! decides it (see [`tessera_api::crd::pod_identity`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +23,9 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
-use tessera_api::annotations;
-use tessera_api::crd::{NumericIdentity, WorkloadIdentity};
+use tessera_api::crd::{NumericIdentity, PodIdentity, PodIdentitySpec, WorkloadIdentity};
 use tessera_api::spiffe::{SpiffeId, TrustDomain};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::allocator::{Allocation, Allocator, AllocatorError};
 use crate::assign::{self, Assignment};
@@ -37,8 +37,11 @@ use crate::wid_status;
 /// rules that name it (see [`Preview`]).
 pub const PREVIEW_WAIT: Duration = Duration::from_secs(2);
 
-/// Field manager of the annotations.
+/// Field manager of everything the operator writes.
 pub const FIELD_MANAGER: &str = "tessera-operator";
+
+/// When a deleted pod's record is deleted a second time (see [`sweep_records`]).
+const SWEEP_AGAIN: Duration = Duration::from_secs(5);
 
 /// Why one pod could not be reconciled (it is retried).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -46,9 +49,11 @@ pub enum IdentityError {
     /// Allocation failed.
     #[error(transparent)]
     Allocator(#[from] AllocatorError),
-    /// Writing the pod's annotations failed.
-    #[error("cannot annotate pod {pod}: {source}; check that the operator may patch pods")]
-    Annotate {
+    /// Writing or deleting the pod's PodIdentity failed.
+    #[error(
+        "cannot write the PodIdentity of pod {pod}: {source}; check that the operator may create, patch and delete podidentities"
+    )]
+    Record {
         /// `namespace/name`.
         pod: String,
         /// The API error.
@@ -81,6 +86,8 @@ pub struct Context {
     client: kube::Client,
     namespaces: Store<Namespace>,
     wids: Store<WorkloadIdentity>,
+    /// Every pod's record, as last seen.
+    records: Store<PodIdentity>,
     recorder: Recorder,
     /// Asks the WorkloadIdentity status writer to recompute (coalesced).
     status_trigger: futures::channel::mpsc::Sender<()>,
@@ -97,59 +104,35 @@ impl std::fmt::Debug for Context {
     }
 }
 
-/// The annotations a pod should carry for `assignment` and its allocation.
-pub fn desired_annotations(
+/// The record a pod should have for `assignment` and its allocation; None
+/// when it should have no identity (its assignment failed, or it has no UID).
+pub fn desired_record(
+    pod: &Pod,
     assignment: &Assignment,
     allocation: Option<Allocation>,
-) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    match (&assignment.result, allocation) {
-        (Ok(id), Some(a)) => {
-            out.insert(annotations::SPIFFE_ID.to_owned(), id.to_string());
-            out.insert(
-                annotations::IDENTITY.to_owned(),
-                annotations::format_identity(a.id, a.generation),
-            );
-            out.insert(
-                annotations::IDENTITY_SOURCE.to_owned(),
-                assignment
-                    .source
-                    .clone()
-                    .unwrap_or_else(|| "default".to_owned()),
-            );
-            if !assignment.federates_with.is_empty() {
-                let names: Vec<&str> = assignment
-                    .federates_with
-                    .iter()
-                    .map(TrustDomain::as_str)
-                    .collect();
-                out.insert(annotations::FEDERATES_WITH.to_owned(), names.join(","));
-            }
-        }
-        (Err(e), _) => {
-            out.insert(annotations::IDENTITY_ERROR.to_owned(), e.to_string());
-        }
-        (Ok(_), None) => {}
-    }
-    out
-}
-
-/// The Tessera annotations a pod carries now.
-fn current_annotations(pod: &Pod) -> BTreeMap<String, String> {
-    pod.annotations()
-        .iter()
-        .filter(|(k, _)| {
-            [
-                annotations::SPIFFE_ID,
-                annotations::IDENTITY,
-                annotations::IDENTITY_SOURCE,
-                annotations::IDENTITY_ERROR,
-                annotations::FEDERATES_WITH,
-            ]
-            .contains(&k.as_str())
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+) -> Option<PodIdentitySpec> {
+    let (Ok(id), Some(allocation)) = (&assignment.result, allocation) else {
+        return None;
+    };
+    Some(PodIdentitySpec {
+        pod_uid: pod.metadata.uid.clone()?,
+        namespace: pod.namespace().unwrap_or_default(),
+        pod_name: pod.name_any(),
+        node_name: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default(),
+        spiffe_id: id.to_string(),
+        id: allocation.id,
+        generation: allocation.generation,
+        source: assignment.source.clone(),
+        federates_with: assignment
+            .federates_with
+            .iter()
+            .map(|td| td.as_str().to_owned())
+            .collect(),
+    })
 }
 
 fn assignment_for(ctx: &Context, pod: &Pod) -> Assignment {
@@ -162,11 +145,54 @@ fn assignment_for(ctx: &Context, pod: &Pod) -> Assignment {
     )
 }
 
+/// Writes `spec` as the pod's record (server-side apply).
+async fn apply_record(client: &kube::Client, spec: &PodIdentitySpec) -> Result<(), IdentityError> {
+    let record = serde_json::json!({
+        "apiVersion": "tessera.dev/v1alpha1",
+        "kind": "PodIdentity",
+        "metadata": {"name": spec.pod_uid},
+        "spec": spec,
+    });
+    Api::<PodIdentity>::all(client.clone())
+        .patch(
+            &spec.pod_uid,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(record),
+        )
+        .await
+        .map_err(|e| IdentityError::Record {
+            pod: format!("{}/{}", spec.namespace, spec.pod_name),
+            source: Arc::new(e),
+        })?;
+    Ok(())
+}
+
+/// Deletes the record named `uid`, if there is one.
+async fn delete_record(client: &kube::Client, uid: &str, pod: &str) -> Result<(), IdentityError> {
+    match Api::<PodIdentity>::all(client.clone())
+        .delete(uid, &Default::default())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(e) => Err(IdentityError::Record {
+            pod: pod.to_owned(),
+            source: Arc::new(e),
+        }),
+    }
+}
+
 async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, IdentityError> {
     // Whatever happens to this pod may change some WorkloadIdentity's status;
     // a full channel already holds a pending recompute.
     let _ = ctx.status_trigger.clone().try_send(());
+    let name = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+    let Some(uid) = pod.metadata.uid.clone() else {
+        return Ok(Action::await_change());
+    };
     if pod.metadata.deletion_timestamp.is_some() {
+        // A terminating pod keeps no identity (agents stop serving it too).
+        delete_record(&ctx.client, &uid, &name).await?;
         return Ok(Action::await_change());
     }
     let assignment = assignment_for(&ctx, &pod);
@@ -174,60 +200,63 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, IdentityE
         Ok(id) => Some(ctx.allocator.allocate(id).await?),
         Err(_) => None,
     };
-    let desired = desired_annotations(&assignment, allocation);
-    if desired == current_annotations(&pod) {
-        ctx.metrics
-            .reconciles
-            .get_or_create(&ResultLabel { result: "ok" })
-            .inc();
-        return Ok(Action::await_change());
-    }
-    let name = pod.name_any();
-    let namespace = pod.namespace().unwrap_or_default();
-    let current_id = pod.annotations().get(annotations::SPIFFE_ID);
-    if let (Some(preview), Ok(id)) = (&ctx.preview, &assignment.result)
-        && current_id.map(String::as_str) != Some(id.as_str())
-    {
-        let pending = PendingPod::new(
-            namespace.clone(),
-            name.clone(),
-            pod.labels().clone(),
-            id.clone(),
-            pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-        );
-        if !preview.admit(pending, PREVIEW_WAIT).await {
-            warn!(pod = %format!("{namespace}/{name}"), wait = ?PREVIEW_WAIT,
-                "the policy compiler did not write this pod's rules in time; assigning its identity anyway (check the operator's policy compiler logs)");
+    let desired = desired_record(&pod, &assignment, allocation);
+    let current = ctx
+        .records
+        .get(&ObjectRef::new(&uid))
+        .and_then(|r| r.for_pod(&uid).cloned());
+    match &desired {
+        Some(spec) if current.as_ref() == Some(spec) => {}
+        Some(spec) => {
+            if current.as_ref().map(|c| &c.spiffe_id) != Some(&spec.spiffe_id) {
+                wait_for_rules(&ctx, &pod, spec).await;
+            }
+            apply_record(&ctx.client, spec).await?;
+            info!(pod = %name, spiffe_id = %spec.spiffe_id, id = spec.id, generation = spec.generation, "identity assigned");
+            ctx.metrics.identities_assigned.inc();
+        }
+        None => {
+            // Always asked of the API server, not of the (possibly lagging)
+            // cache: a pod with no identity must have no record anywhere.
+            delete_record(&ctx.client, &uid, &name).await?;
+            if current.is_some() {
+                info!(pod = %name, "identity withdrawn");
+            }
+            if assignment.result.is_err() {
+                ctx.metrics.identity_failures.inc();
+            }
         }
     }
-    let patch = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "annotations": desired},
-    });
-    Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
-        .patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(patch),
-        )
-        .await
-        .map_err(|e| IdentityError::Annotate {
-            pod: format!("{namespace}/{name}"),
-            source: Arc::new(e),
-        })?;
-    info!(pod = %format!("{namespace}/{name}"), annotations = ?desired, "identity assigned");
     ctx.metrics
         .reconciles
         .get_or_create(&ResultLabel { result: "ok" })
         .inc();
-    if assignment.result.is_ok() {
-        ctx.metrics.identities_assigned.inc();
-    } else {
-        ctx.metrics.identity_failures.inc();
+    if desired != current || assignment.result.is_err() {
+        publish_events(&ctx, &pod, &assignment).await;
     }
-    publish_events(&ctx, &pod, &assignment).await;
     Ok(Action::await_change())
+}
+
+/// Holds a pod's new identity until the policy compiler has written the
+/// rules that name it (see [`Preview`]), when one runs in this process.
+async fn wait_for_rules(ctx: &Context, pod: &Pod, spec: &PodIdentitySpec) {
+    let Some(preview) = &ctx.preview else {
+        return;
+    };
+    let Ok(id) = spec.spiffe_id.parse() else {
+        return;
+    };
+    let pending = PendingPod::new(
+        spec.namespace.clone(),
+        spec.pod_name.clone(),
+        pod.labels().clone(),
+        id,
+        pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+    );
+    if !preview.admit(pending, PREVIEW_WAIT).await {
+        warn!(pod = %format!("{}/{}", spec.namespace, spec.pod_name), wait = ?PREVIEW_WAIT,
+            "the policy compiler did not write this pod's rules in time; assigning its identity anyway (check the operator's policy compiler logs)");
+    }
 }
 
 /// Events on the pod for conflicts and failures (best effort: logged on error).
@@ -272,27 +301,25 @@ fn error_policy(_pod: Arc<Pod>, error: &IdentityError, ctx: Arc<Context>) -> Act
     Action::requeue(Duration::from_secs(2))
 }
 
-/// The SPIFFE ID and allocation a pod's annotations name, if valid.
-fn annotated(pod: &Pod) -> Option<(SpiffeId, Allocation)> {
-    let a = pod.annotations();
-    let id = a.get(annotations::SPIFFE_ID)?.parse().ok()?;
-    let (num, generation) = annotations::parse_identity(a.get(annotations::IDENTITY)?)?;
+/// The SPIFFE ID and allocation a record names, if well formed.
+fn held(record: &PodIdentity) -> Option<(SpiffeId, Allocation)> {
+    let spec = record.checked()?;
     Some((
-        id,
+        spec.spiffe_id.parse().ok()?,
         Allocation {
-            id: num,
-            generation,
+            id: spec.id,
+            generation: spec.generation,
         },
     ))
 }
 
-/// Releases allocations of SPIFFE IDs no pod uses: when a pod is deleted or
-/// its annotations move to another SPIFFE ID, and once after every (re)list
-/// for anything that changed while nobody watched. A candidate is released
-/// only once it has stayed unused for `grace`: this watch may lag the
-/// controller that annotates new pods (a just-allocated ID would look unused),
-/// and a rolling update that replaces a Deployment's only pod keeps its
-/// numeric identity instead of getting a new one.
+/// Releases allocations of SPIFFE IDs no pod uses: when a record is deleted
+/// or moves to another SPIFFE ID, and once after every (re)list for anything
+/// that changed while nobody watched. A candidate is released only once it
+/// has stayed unused for `grace`: this watch may lag the controller that
+/// writes new records (a just-allocated ID would look unused), and a rolling
+/// update that replaces a Deployment's only pod keeps its numeric identity
+/// instead of getting a new one.
 async fn collect_garbage(
     client: kube::Client,
     allocator: Allocator,
@@ -300,55 +327,32 @@ async fn collect_garbage(
     grace: Duration,
 ) -> Result<(), IdentityError> {
     let identities: Api<NumericIdentity> = Api::all(client.clone());
-    // What each pod's annotations named when last seen.
-    let mut last: HashMap<ObjectRef<Pod>, (SpiffeId, Allocation)> = HashMap::new();
+    // What each record named when last seen, by record name (pod UID).
+    let mut last: HashMap<String, (SpiffeId, Allocation)> = HashMap::new();
     // Candidates for release, and when they may go.
     let mut pending: HashMap<(SpiffeId, Allocation), tokio::time::Instant> = HashMap::new();
-    let mut events = watcher(Api::<Pod>::all(client), watcher::Config::default())
+    let mut events = watcher(Api::<PodIdentity>::all(client), watcher::Config::default())
         .default_backoff()
         .boxed();
     loop {
         let next_due = pending.values().min().copied();
         let event = tokio::select! {
             event = events.try_next() => event.map_err(|e| IdentityError::Watch {
-                what: "pods",
+                what: "podidentities",
                 source: Arc::new(e),
             })?,
             () = sleep_until_some(next_due) => {
-                let now = tokio::time::Instant::now();
-                let due: Vec<(SpiffeId, Allocation)> = pending
-                    .iter()
-                    .filter(|(_, at)| **at <= now)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for (id, allocation) in due {
-                    pending.remove(&(id.clone(), allocation));
-                    if last.values().any(|(held, _)| *held == id) {
-                        continue;
-                    }
-                    match allocator.release(&id, allocation).await {
-                        Ok(true) => {
-                            metrics.identities_released.inc();
-                            info!(spiffe_id = %id, ?allocation, "released numeric identity no pod uses");
-                        }
-                        Ok(false) => {}
-                        Err(e) => {
-                            // Keep collecting; this one is tried again later.
-                            warn!(spiffe_id = %id, error = %e, "cannot release numeric identity; retrying");
-                            pending.insert((id, allocation), now + grace.max(Duration::from_secs(5)));
-                        }
-                    }
-                }
+                release_due(&allocator, &metrics, &last, &mut pending, grace).await;
                 continue;
             }
         };
         let Some(event) = event else { break };
         let dropped = match event {
-            watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
-                let key = ObjectRef::from_obj(&pod);
-                let now = annotated(&pod).filter(|_| pod.metadata.deletion_timestamp.is_none());
+            watcher::Event::Apply(record) | watcher::Event::InitApply(record) => {
+                let key = record.name_any();
+                let now = held(&record);
                 let before = match now.clone() {
-                    Some(held) => last.insert(key, held),
+                    Some(h) => last.insert(key, h),
                     None => last.remove(&key),
                 };
                 before
@@ -356,10 +360,7 @@ async fn collect_garbage(
                     .into_iter()
                     .collect()
             }
-            watcher::Event::Delete(pod) => last
-                .remove(&ObjectRef::from_obj(&pod))
-                .into_iter()
-                .collect(),
+            watcher::Event::Delete(record) => last.remove(&record.name_any()).into_iter().collect(),
             watcher::Event::InitDone => {
                 let all = identities
                     .list(&Default::default())
@@ -392,6 +393,109 @@ async fn collect_garbage(
         }
     }
     Ok(())
+}
+
+/// Releases the candidates whose grace is over and that no record holds.
+async fn release_due(
+    allocator: &Allocator,
+    metrics: &Metrics,
+    last: &HashMap<String, (SpiffeId, Allocation)>,
+    pending: &mut HashMap<(SpiffeId, Allocation), tokio::time::Instant>,
+    grace: Duration,
+) {
+    let now = tokio::time::Instant::now();
+    let due: Vec<(SpiffeId, Allocation)> = pending
+        .iter()
+        .filter(|(_, at)| **at <= now)
+        .map(|(k, _)| k.clone())
+        .collect();
+    for (id, allocation) in due {
+        pending.remove(&(id.clone(), allocation));
+        if last.values().any(|(held, _)| *held == id) {
+            continue;
+        }
+        match allocator.release(&id, allocation).await {
+            Ok(true) => {
+                metrics.identities_released.inc();
+                info!(spiffe_id = %id, ?allocation, "released numeric identity no pod uses");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                // Keep collecting; this one is tried again later.
+                warn!(spiffe_id = %id, error = %e, "cannot release numeric identity; retrying");
+                pending.insert((id, allocation), now + grace.max(Duration::from_secs(5)));
+            }
+        }
+    }
+}
+
+/// Deletes the records of pods that no longer exist: each pod's as it is
+/// deleted, and after every (re)list of pods every record whose pod was not
+/// listed (pods deleted while nobody watched). Terminating pods lose theirs
+/// in [`reconcile`].
+async fn sweep_records(client: kube::Client) -> Result<(), IdentityError> {
+    let records: Api<PodIdentity> = Api::all(client.clone());
+    let mut listed: Option<std::collections::HashSet<String>> = None;
+    let mut events = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = events.try_next().await.map_err(|e| IdentityError::Watch {
+        what: "pods",
+        source: Arc::new(e),
+    })? {
+        match event {
+            watcher::Event::Init => listed = Some(Default::default()),
+            watcher::Event::InitApply(pod) => {
+                if let (Some(seen), Some(uid)) = (listed.as_mut(), pod.metadata.uid) {
+                    seen.insert(uid);
+                }
+            }
+            watcher::Event::InitDone => {
+                let Some(seen) = listed.take() else { continue };
+                let all = match records.list_metadata(&Default::default()).await {
+                    Ok(all) => all,
+                    Err(e) => {
+                        warn!(error = %e, "cannot list PodIdentities to remove those of deleted pods; next relist retries");
+                        continue;
+                    }
+                };
+                for record in all.items {
+                    let uid = record.name_any();
+                    if !seen.contains(&uid) {
+                        sweep_one(
+                            &client,
+                            &uid,
+                            "pod gone while the operator was not watching",
+                        )
+                        .await;
+                    }
+                }
+            }
+            watcher::Event::Delete(pod) => {
+                if let Some(uid) = pod.metadata.uid {
+                    sweep_one(&client, &uid, "pod deleted").await;
+                    // A reconcile that was under way as the pod went may
+                    // write its record after this delete: delete again.
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(SWEEP_AGAIN).await;
+                        sweep_one(&client, &uid, "pod deleted").await;
+                    });
+                }
+            }
+            watcher::Event::Apply(_) => {}
+        }
+    }
+    Ok(())
+}
+
+async fn sweep_one(client: &kube::Client, uid: &str, why: &str) {
+    match delete_record(client, uid, uid).await {
+        Ok(()) => debug!(pod_uid = %uid, why, "identity record removed"),
+        Err(e) => {
+            warn!(error = %e, pod_uid = %uid, "cannot remove the identity record of a deleted pod; the next relist retries")
+        }
+    }
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.
@@ -483,6 +587,24 @@ pub async fn run(
         metrics.clone(),
         release_grace,
     ));
+    let sweeper = tokio::spawn(sweep_records(client.clone()));
+    // Records: cached to skip writes that change nothing; each change
+    // (including a hand edit or deletion) re-runs its pod.
+    let (records, records_writer) = reflector::store::<PodIdentity>();
+    let record_changes = reflector::reflector(
+        records_writer,
+        watcher(
+            Api::<PodIdentity>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects()
+    .filter_map(|r| async move {
+        r.map_err(|e| warn!(error = %e, "PodIdentity watch error; retrying"))
+            .ok()
+    })
+    .map(|r: PodIdentity| ObjectRef::<Pod>::new(&r.spec.pod_name).within(&r.spec.namespace));
 
     let pods: Api<Pod> = Api::all(client.clone());
     let controller = Controller::new(pods.clone(), watcher::Config::default());
@@ -518,6 +640,7 @@ pub async fn run(
         client: client.clone(),
         namespaces,
         wids,
+        records: records.clone(),
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -534,18 +657,17 @@ pub async fn run(
                 .ok()
         })
         .flat_map(move |nid: NumericIdentity| {
-            let pods: Vec<ObjectRef<Pod>> = pod_store
+            let pods: Vec<ObjectRef<Pod>> = records
                 .state()
                 .iter()
-                .filter(|p| {
-                    p.annotations().get(annotations::SPIFFE_ID) == Some(&nid.spec.spiffe_id)
-                })
-                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .filter(|r| r.spec.spiffe_id == nid.spec.spiffe_id)
+                .map(|r| ObjectRef::new(&r.spec.pod_name).within(&r.spec.namespace))
                 .collect();
             futures::stream::iter(pods)
         });
     controller
         .reconcile_on(nid_triggers)
+        .reconcile_on(record_changes)
         .reconcile_all_on(trigger_rx)
         .with_config(ControllerConfig::default().debounce(Duration::from_millis(100)))
         .graceful_shutdown_on(shutdown)
@@ -555,6 +677,7 @@ pub async fn run(
     let _ = stop_status_tx.send(());
     let _ = status_controller.await;
     gc.abort();
+    sweeper.abort();
     Ok(())
 }
 
@@ -618,31 +741,44 @@ fn status_error_policy(
 mod tests {
     use super::*;
 
+    fn pod() -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "uid": "u-1",
+                "annotations": {"tessera.dev/spiffe-id": "spiffe://td/forged"}},
+            "spec": {"nodeName": "node-a", "containers": []}
+        }))
+        .unwrap()
+    }
+
     #[test]
-    fn annotations_for_success_and_failure() {
+    fn records_for_success_and_failure() {
         let ok = Assignment {
             source: None,
-            result: Ok("spiffe://td/ns/a/sa/b".parse().unwrap()),
+            result: Ok("spiffe://td/ns/shop/sa/default".parse().unwrap()),
             conflicts: Vec::new(),
             broken_selectors: Vec::new(),
-            federates_with: Vec::new(),
+            federates_with: vec!["b.test".parse().unwrap()],
         };
-        let got = desired_annotations(
-            &ok,
-            Some(Allocation {
+        let allocation = Allocation {
+            id: 300,
+            generation: 9,
+        };
+        let got = desired_record(&pod(), &ok, Some(allocation)).unwrap();
+        assert_eq!(
+            got,
+            PodIdentitySpec {
+                pod_uid: "u-1".into(),
+                namespace: "shop".into(),
+                pod_name: "web-1".into(),
+                node_name: "node-a".into(),
+                spiffe_id: "spiffe://td/ns/shop/sa/default".into(),
                 id: 300,
                 generation: 9,
-            }),
+                source: None,
+                federates_with: vec!["b.test".into()],
+            },
+            "the pod's own annotations play no part"
         );
-        assert_eq!(
-            got.get(annotations::IDENTITY).map(String::as_str),
-            Some("300/9")
-        );
-        assert_eq!(
-            got.get(annotations::IDENTITY_SOURCE).map(String::as_str),
-            Some("default")
-        );
-        assert!(!got.contains_key(annotations::IDENTITY_ERROR));
 
         let failed = Assignment {
             source: Some("w".into()),
@@ -654,12 +790,7 @@ mod tests {
             broken_selectors: Vec::new(),
             federates_with: Vec::new(),
         };
-        let got = desired_annotations(&failed, None);
-        assert_eq!(
-            got.len(),
-            1,
-            "a failed pod keeps no stale identity: {got:?}"
-        );
-        assert!(got[annotations::IDENTITY_ERROR].contains("no label \"app\""));
+        assert_eq!(desired_record(&pod(), &failed, None), None);
+        assert_eq!(desired_record(&pod(), &ok, None), None);
     }
 }

@@ -258,8 +258,8 @@ async fn spire_plan(
     trust_domain: String,
     spire: SpireArgs,
 ) -> Result<ExitCode> {
-    use k8s_openapi::api::core::v1::{Node, Pod};
-    use tessera_api::crd::WorkloadIdentity;
+    use k8s_openapi::api::core::v1::Node;
+    use tessera_api::crd::{PodIdentity, WorkloadIdentity};
     let trust_domain: TrustDomain = trust_domain.parse().with_context(|| {
         format!("--trust-domain {trust_domain:?} is not a SPIFFE trust domain name")
     })?;
@@ -279,7 +279,7 @@ async fn spire_plan(
             .map(Arc::new)
             .collect())
     }
-    let pods: Vec<Arc<Pod>> = all(&client).await?;
+    let pods: Vec<Arc<PodIdentity>> = all(&client).await?;
     let wids: Vec<Arc<WorkloadIdentity>> = all(&client).await?;
     let parents = all::<Node>(&client)
         .await?

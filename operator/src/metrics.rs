@@ -43,7 +43,7 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Pod reconciles, by result.
     pub reconciles: Family<ResultLabel, Counter>,
-    /// Pod annotation writes (an identity assigned or changed).
+    /// PodIdentity record writes (an identity assigned or changed).
     pub identities_assigned: Counter,
     /// Pods left without identity because their template failed.
     pub identity_failures: Counter,
@@ -84,7 +84,7 @@ impl Metrics {
         );
         r.register(
             "identities_assigned",
-            "Pod identity annotations written",
+            "PodIdentity records written (an identity assigned or changed)",
             self.identities_assigned.clone(),
         );
         r.register(

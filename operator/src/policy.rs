@@ -31,13 +31,13 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use tessera_api::annotations;
+
 use tessera_api::crd::auth_policy::{
     Authentication, ExternalPeers, PeerSelector, PolicyAction, PortRange,
 };
 use tessera_api::crd::identity_policy::{CompiledPeer, CompiledRule};
 use tessera_api::crd::{
-    AuthPolicy, AuthPolicyStatus, CONDITION_READY, IdentityPolicy, IdentityPolicySpec,
+    AuthPolicy, AuthPolicyStatus, CONDITION_READY, IdentityPolicy, IdentityPolicySpec, PodIdentity,
 };
 use tessera_api::spiffe::SpiffeId;
 use tracing::{info, warn};
@@ -105,7 +105,7 @@ pub struct PodFacts<'a> {
 }
 
 /// A pod the identity controller is about to give a SPIFFE ID, known to the
-/// compiler before the pod's annotation is written.
+/// compiler before the pod's PodIdentity record is written.
 #[derive(Debug, Clone)]
 pub struct PendingPod {
     /// Namespace.
@@ -150,14 +150,14 @@ impl PendingPod {
     }
 }
 
-/// How long a pending pod is compiled in without its annotation showing up
+/// How long a pending pod is compiled in without its record showing up
 /// (the identity controller's write failed or the pod went away).
 const PENDING_FOR: Duration = Duration::from_secs(30);
 
 /// Rules before identities: the identity controller hands a pod's new SPIFFE
 /// ID to the compiler and waits until the IdentityPolicies that name it are
-/// written, and only then annotates the pod. Agents learn a pod's identity
-/// from that annotation, so by the time one can put the pod on the data path
+/// written, and only then writes the pod's PodIdentity record. Agents learn
+/// a pod's identity from that record, so by the time one can put the pod on the data path
 /// the policies that let it talk (or deny it) are already out, and the pod's
 /// first connection does not meet a policy that has not caught up yet.
 #[derive(Debug)]
@@ -203,12 +203,12 @@ impl Preview {
     }
 
     /// The round a compile starting now covers, and the pending pods it
-    /// includes: those `annotated` does not yet show with their new SPIFFE
-    /// ID (the pod store then carries them itself).
-    fn begin(&self, annotated: impl Fn(&PendingPod) -> bool) -> (u64, Vec<PendingPod>) {
+    /// includes: those `recorded` does not yet show with their new SPIFFE
+    /// ID (the stores then carry them themselves).
+    fn begin(&self, recorded: impl Fn(&PendingPod) -> bool) -> (u64, Vec<PendingPod>) {
         let round = self.requested.load(std::sync::atomic::Ordering::SeqCst);
         let mut pending = self.pending();
-        pending.retain(|_, p| !annotated(p) && p.since.elapsed() < PENDING_FOR);
+        pending.retain(|_, p| !recorded(p) && p.since.elapsed() < PENDING_FOR);
         (round, pending.values().cloned().collect())
     }
 
@@ -224,14 +224,17 @@ impl Preview {
     }
 }
 
-/// The facts of a pod that has an identity and is not being deleted.
-pub fn pod_facts(pod: &Pod) -> Option<PodFacts<'_>> {
+/// The facts of a pod that has an identity (a PodIdentity record, which
+/// only the operator writes) and is not being deleted.
+pub fn pod_facts<'p>(pod: &'p Pod, records: &Store<PodIdentity>) -> Option<PodFacts<'p>> {
     if pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
-    let spiffe_id = pod
-        .annotations()
-        .get(annotations::SPIFFE_ID)?
+    let uid = pod.metadata.uid.as_deref()?;
+    let spiffe_id = records
+        .get(&reflector::ObjectRef::new(uid))?
+        .for_pod(uid)?
+        .spiffe_id
         .parse()
         .ok()?;
     Some(PodFacts {
@@ -542,6 +545,7 @@ pub async fn run(
 ) -> Result<(), PolicyError> {
     let (policies, policy_writer) = reflector::store::<AuthPolicy>();
     let (pods, pod_writer) = reflector::store::<Pod>();
+    let (records, records_writer) = reflector::store::<PodIdentity>();
     let (namespaces, ns_writer) = reflector::store::<Namespace>();
     let (compiled, compiled_writer) = reflector::store::<IdentityPolicy>();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -572,6 +576,11 @@ pub async fn run(
         ),
         watch!(pod_writer, Api::<Pod>::all(client.clone()), "pods"),
         watch!(
+            records_writer,
+            Api::<PodIdentity>::all(client.clone()),
+            "podidentities"
+        ),
+        watch!(
             ns_writer,
             Api::<Namespace>::all(client.clone()),
             "namespaces"
@@ -586,6 +595,7 @@ pub async fn run(
     let ready = async {
         let _ = policies.wait_until_ready().await;
         let _ = pods.wait_until_ready().await;
+        let _ = records.wait_until_ready().await;
         let _ = namespaces.wait_until_ready().await;
         let _ = compiled.wait_until_ready().await;
     };
@@ -598,6 +608,13 @@ pub async fn run(
         }
     }
     info!("policy compiler started");
+    let views = Views {
+        policies,
+        pods,
+        records,
+        namespaces,
+        compiled,
+    };
     // After a failed sync, try again after `delay` even if nothing changes.
     let (mut retry, mut delay) = (false, Duration::from_secs(1));
     loop {
@@ -613,16 +630,7 @@ pub async fn run(
         // next one.
         while rx.try_recv().is_ok() {}
         let started = std::time::Instant::now();
-        let result = sync(
-            &client,
-            &policies,
-            &pods,
-            &namespaces,
-            &compiled,
-            &metrics,
-            &preview,
-        )
-        .await;
+        let result = sync(&client, &views, &metrics, &preview).await;
         let label = ResultLabel {
             result: if result.is_ok() { "ok" } else { "error" },
         };
@@ -655,27 +663,39 @@ pub async fn run(
 /// The longest rest after a compile (see [`run`]).
 const MAX_PAUSE: Duration = Duration::from_millis(100);
 
+/// What the compiler follows.
+struct Views {
+    policies: Store<AuthPolicy>,
+    pods: Store<Pod>,
+    records: Store<PodIdentity>,
+    namespaces: Store<Namespace>,
+    compiled: Store<IdentityPolicy>,
+}
+
 /// Compiles the current state and writes what differs from the cluster.
 async fn sync(
     client: &kube::Client,
-    policies: &Store<AuthPolicy>,
-    pods: &Store<Pod>,
-    namespaces: &Store<Namespace>,
-    compiled: &Store<IdentityPolicy>,
+    views: &Views,
     metrics: &Metrics,
     preview: &Preview,
 ) -> Result<(), PolicyError> {
+    let Views {
+        policies,
+        pods,
+        records,
+        namespaces,
+        compiled,
+    } = views;
     let all_pods = pods.state();
     let (round, pending) = preview.begin(|p| {
         pods.get(&reflector::ObjectRef::new(&p.name).within(&p.namespace))
-            .is_some_and(|pod| {
-                pod.annotations()
-                    .get(annotations::SPIFFE_ID)
-                    .map(String::as_str)
-                    == Some(p.spiffe_id.as_str())
-            })
+            .and_then(|pod| pod_facts(&pod, records).map(|f| f.spiffe_id))
+            .is_some_and(|id| id == p.spiffe_id)
     });
-    let mut facts: Vec<PodFacts> = all_pods.iter().filter_map(|p| pod_facts(p)).collect();
+    let mut facts: Vec<PodFacts> = all_pods
+        .iter()
+        .filter_map(|p| pod_facts(p, records))
+        .collect();
     facts.extend(pending.iter().map(PendingPod::facts));
     let ns_labels = |name: &str| {
         namespaces

@@ -5,23 +5,29 @@
 //! operator checks it with a TokenReview (audience [`TOKEN_AUDIENCE`]), requires
 //! the agent's service account, and takes the node from the token. The pod is
 //! read from the API server: its UID must match the request, it must run on
-//! that node, and its SPIFFE ID comes from the identity controller's
-//! annotation. The CSR contributes only its public key, so the agent's key
+//! that node and still be running. Its SPIFFE ID is the one its
+//! [`PodIdentity`] record (written by the identity controller alone) names,
+//! and the signer derives it again from the pod and the WorkloadIdentity
+//! objects with the controller's own function ([`assign::assign_pod`]),
+//! refusing on any mismatch; nothing written on the pod itself (annotations)
+//! plays a part. The CSR contributes only its public key, so the agent's key
 //! never leaves the node and the CA key never leaves the operator.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, PostParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use rcgen::{
     CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyUsagePurpose, SanType, SerialNumber,
 };
-use tessera_api::annotations;
-use tessera_api::crd::WorkloadIdentity;
+use tessera_api::crd::{PodIdentity, PodIdentitySpec, WorkloadIdentity};
 use tessera_api::jwt::Claims as JwtClaims;
 use tessera_api::signer_api::signer_server::{Signer, SignerServer};
 use tessera_api::signer_api::{
@@ -35,6 +41,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::assign;
 use crate::ca::{CaError, TrustDomainCa};
 
 /// The extra field in a TokenReview's user info that names the bound node.
@@ -85,6 +92,41 @@ pub struct SignerService {
     cfg: Arc<SignerConfig>,
     ca: Arc<RwLock<TrustDomainCa>>,
     reviews: Arc<std::sync::Mutex<ReviewCache>>,
+    /// What the signer derives identities from again: namespaces (their
+    /// labels) and WorkloadIdentities, followed by watches.
+    namespaces: Store<Namespace>,
+    wids: Store<WorkloadIdentity>,
+}
+
+/// How long a signing request waits for the first listing of namespaces
+/// and WorkloadIdentities after the signer started.
+const VIEW_READY_WAIT: Duration = Duration::from_secs(10);
+
+/// A store of every `K`, filled by a watch that runs as long as the runtime.
+fn followed<K>(client: &kube::Client) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    use futures::StreamExt;
+    let (store, writer) = reflector::store::<K>();
+    let stream = reflector::reflector(
+        writer,
+        watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .for_each(|event| async move {
+        if let Err(e) = event {
+            warn!(error = %e, "signer watch error; retrying");
+        }
+    });
+    tokio::spawn(stream);
+    store
 }
 
 /// Accepted tokens (by SHA-256) and the node each is bound to, so a burst
@@ -117,13 +159,16 @@ fn internal(what: &str, e: impl std::fmt::Display) -> Status {
 }
 
 impl SignerService {
-    /// A service signing with `ca` (shared with whoever rotates it).
+    /// A service signing with `ca` (shared with whoever rotates it). Starts
+    /// watches of namespaces and WorkloadIdentities on the current runtime.
     pub fn new(
         client: kube::Client,
         cfg: SignerConfig,
         ca: Arc<RwLock<TrustDomainCa>>,
     ) -> SignerService {
         SignerService {
+            namespaces: followed(&client),
+            wids: followed(&client),
             client,
             cfg: Arc::new(cfg),
             ca,
@@ -205,33 +250,18 @@ impl SignerService {
 impl SignerService {
     /// The SVID lifetimes and hint from the WorkloadIdentity that chose the
     /// pod's ID (its `ttl`, `jwtTTL` and `hint`), else the defaults. A
-    /// WorkloadIdentity that cannot be read, or a lifetime that cannot be
-    /// parsed, falls back to the defaults, logged.
-    async fn policy_for(&self, pod: &Pod) -> Policy {
+    /// lifetime that cannot be parsed falls back to the default, logged.
+    fn policy_for(&self, record: &PodIdentitySpec) -> Policy {
         let defaults = Policy {
             ttl: self.cfg.svid_ttl,
             jwt_ttl: self.cfg.jwt_svid_ttl,
             hint: String::new(),
         };
-        let source = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(annotations::IDENTITY_SOURCE))
-            .filter(|s| s.as_str() != "default");
-        let Some(source) = source else {
+        let Some(source) = record.source.as_deref() else {
             return defaults;
         };
-        let wid = match Api::<WorkloadIdentity>::all(self.client.clone())
-            .get_opt(source)
-            .await
-        {
-            Ok(Some(wid)) => wid,
-            Ok(None) => return defaults,
-            Err(e) => {
-                warn!(workload_identity = %source, error = %e, "cannot read it; using the default SVID lifetimes");
-                return defaults;
-            }
+        let Some(wid) = self.wids.get(&ObjectRef::new(source)) else {
+            return defaults;
         };
         let lifetime = |field: &str, value: Option<&str>, default: Duration| match value
             .map(tessera_api::duration::parse)
@@ -246,7 +276,7 @@ impl SignerService {
         Policy {
             ttl: lifetime("ttl", wid.spec.ttl.as_deref(), defaults.ttl),
             jwt_ttl: lifetime("jwtTTL", wid.spec.jwt_ttl.as_deref(), defaults.jwt_ttl),
-            hint: wid.spec.hint.unwrap_or_default(),
+            hint: wid.spec.hint.clone().unwrap_or_default(),
         }
     }
 }
@@ -321,14 +351,14 @@ fn sign_leaf(
 
 impl SignerService {
     /// The pod the request names, if it exists with that UID, runs on
-    /// `node`, is not terminating and has a SPIFFE ID in this trust domain.
-    async fn authorized_pod(
+    /// `node` and is running (not terminating, not finished).
+    async fn requested_pod(
         &self,
         node: &str,
         namespace: &str,
         name: &str,
         uid: &str,
-    ) -> Result<(Pod, SpiffeId), Status> {
+    ) -> Result<Pod, Status> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let pod = pods
             .get_opt(name)
@@ -353,25 +383,117 @@ impl SignerService {
         if pod.metadata.deletion_timestamp.is_some() {
             return Err(Status::failed_precondition("the pod is terminating"));
         }
-        let id: SpiffeId = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(annotations::SPIFFE_ID))
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if let Some(phase @ ("Succeeded" | "Failed")) = phase {
+            return Err(Status::failed_precondition(format!(
+                "the pod has finished (phase {phase}); finished pods get no SVIDs"
+            )));
+        }
+        Ok(pod)
+    }
+
+    /// The pod's identity: the one its PodIdentity record names, provided
+    /// the record is the operator's for this very pod on this node and the
+    /// SPIFFE ID derived again from the pod and the WorkloadIdentity objects
+    /// is the same.
+    async fn identity_of(
+        &self,
+        pod: &Pod,
+        node: &str,
+    ) -> Result<(PodIdentitySpec, SpiffeId), Status> {
+        let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+        let name = format!(
+            "{}/{}",
+            pod.metadata.namespace.as_deref().unwrap_or_default(),
+            pod.metadata.name.as_deref().unwrap_or_default()
+        );
+        let record = Api::<PodIdentity>::all(self.client.clone())
+            .get_opt(uid)
+            .await
+            .map_err(|e| internal("reading the pod's PodIdentity failed", e))?
             .ok_or_else(|| {
-                Status::failed_precondition(
-                    "the pod has no identity yet (no tessera.dev/spiffe-id annotation)",
-                )
-            })?
+                Status::failed_precondition(format!(
+                    "pod {name} has no identity (no PodIdentity {uid}): the operator has not assigned one yet, or cannot (see the pod's events)"
+                ))
+            })?;
+        let spec = record
+            .for_pod(uid)
+            .filter(|r| format!("{}/{}", r.namespace, r.pod_name) == name && r.node_name == node)
+            .cloned()
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "PodIdentity {uid} does not describe pod {name} on node {node}; the operator rewrites it"
+                ))
+            })?;
+        let id: SpiffeId = spec
+            .spiffe_id
             .parse()
-            .map_err(|e| internal("the pod's SPIFFE ID annotation is invalid", e))?;
+            .map_err(|e| internal("the PodIdentity's SPIFFE ID is invalid", e))?;
         if !id.is_member_of(&self.cfg.trust_domain) {
             return Err(Status::failed_precondition(format!(
                 "{id} is outside trust domain {}",
                 self.cfg.trust_domain
             )));
         }
-        Ok((pod, id))
+        self.check_derivation(pod, &name, &spec, &id).await?;
+        Ok((spec, id))
+    }
+
+    /// Refuses unless [`assign::assign_pod`] gives `pod` the SPIFFE ID and
+    /// source its record names.
+    async fn check_derivation(
+        &self,
+        pod: &Pod,
+        name: &str,
+        record: &PodIdentitySpec,
+        id: &SpiffeId,
+    ) -> Result<(), Status> {
+        for ready in [
+            self.namespaces.wait_until_ready().boxed(),
+            self.wids.wait_until_ready().boxed(),
+        ] {
+            if tokio::time::timeout(VIEW_READY_WAIT, ready).await.is_err() {
+                return Err(Status::unavailable(
+                    "the signer has not listed namespaces and WorkloadIdentities yet; check that the operator may list and watch them",
+                ));
+            }
+        }
+        let wids = self.wids.state();
+        let derived = assign::assign_pod(
+            &self.cfg.trust_domain,
+            pod,
+            &self.namespaces,
+            wids.iter().map(AsRef::as_ref),
+        );
+        match derived.result {
+            Ok(derived_id) if derived_id == *id && derived.source == record.source => Ok(()),
+            Ok(derived_id) => {
+                warn!(pod = %name, record = %id, derived = %derived_id, "identity mismatch: refusing to sign");
+                Err(Status::permission_denied(format!(
+                    "identity mismatch for pod {name}: its PodIdentity says {id} ({}), the WorkloadIdentity objects give {derived_id} ({}); the operator updates the record, retry",
+                    record.source.as_deref().unwrap_or("default"),
+                    derived.source.as_deref().unwrap_or("default")
+                )))
+            }
+            Err(e) => {
+                warn!(pod = %name, record = %id, error = %e, "the pod's identity cannot be derived: refusing to sign");
+                Err(Status::permission_denied(format!(
+                    "pod {name} has no identity by the WorkloadIdentity objects: {e}"
+                )))
+            }
+        }
+    }
+
+    /// The pod the request names and its identity, after every check.
+    async fn authorized_pod(
+        &self,
+        node: &str,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> Result<(PodIdentitySpec, SpiffeId), Status> {
+        let pod = self.requested_pod(node, namespace, name, uid).await?;
+        self.identity_of(&pod, node).await
     }
 }
 
@@ -387,10 +509,10 @@ impl Signer for SignerService {
     ) -> Result<Response<SignX509svidResponse>, Status> {
         let node = self.authenticate(&request).await?;
         let req = request.into_inner();
-        let (pod, id) = self
+        let (record, id) = self
             .authorized_pod(&node, &req.pod_namespace, &req.pod_name, &req.pod_uid)
             .await?;
-        let Policy { ttl, hint, .. } = self.policy_for(&pod).await;
+        let Policy { ttl, hint, .. } = self.policy_for(&record);
         let now = OffsetDateTime::now_utc();
         let ca = self.ca.read().await;
         let (leaf, not_after) = sign_x509_svid(&ca, &id, &req.csr, ttl, now)?;
@@ -429,10 +551,10 @@ impl Signer for SignerService {
                 "at most {MAX_AUDIENCES} audiences of at most {MAX_AUDIENCE_LEN} bytes each"
             )));
         }
-        let (pod, id) = self
+        let (record, id) = self
             .authorized_pod(&node, &req.pod_namespace, &req.pod_name, &req.pod_uid)
             .await?;
-        let Policy { jwt_ttl, hint, .. } = self.policy_for(&pod).await;
+        let Policy { jwt_ttl, hint, .. } = self.policy_for(&record);
         let now = OffsetDateTime::now_utc();
         let ca = self.ca.read().await;
         let (root, key) = ca

@@ -22,9 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
-use tessera_api::annotations;
-use tessera_api::crd::WorkloadIdentity;
+use tessera_api::crd::{PodIdentity, WorkloadIdentity};
 use tessera_api::spiffe::{SpiffeId, TrustDomain};
 use tessera_api::spire_api::api::server::entry::v1 as entry_api;
 use tessera_api::spire_api::api::types::{Entry, EntryMask, Selector, Spiffeid};
@@ -144,14 +142,14 @@ fn ttl_secs(text: Option<&str>) -> i32 {
         .map_or(0, |d| i32::try_from(d.as_secs()).unwrap_or(i32::MAX))
 }
 
-/// The entries the pods call for: one per (SPIFFE ID, node) with a pod of
-/// that identity on that node, by entry ID. Pods without an identity, a
-/// node or in deletion count for nothing; `parents` gives each node's
-/// parent ID.
+/// The entries the pods call for, from their PodIdentity records: one per
+/// (SPIFFE ID, node) with a pod of that identity on that node, by entry ID.
+/// Pods without a record (no identity, or terminating) or a node count for
+/// nothing; `parents` gives each node's parent ID.
 pub fn desired(
     cfg: &SpireConfig,
     trust_domain: &TrustDomain,
-    pods: &[Arc<Pod>],
+    pods: &[Arc<PodIdentity>],
     wids: &[Arc<WorkloadIdentity>],
     parents: &BTreeMap<String, String>,
 ) -> BTreeMap<String, Entry> {
@@ -160,17 +158,20 @@ pub fn desired(
         .filter_map(|w| Some((w.metadata.name.clone()?, w.as_ref())))
         .collect();
     let mut out = BTreeMap::new();
-    for pod in pods {
-        if pod.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else {
+    for record in pods {
+        // Only the operator writes records, and it deletes those of
+        // terminating pods; the pod's own annotations play no part.
+        let Some(record) = record.checked() else {
             continue;
         };
-        let notes = pod.metadata.annotations.as_ref();
-        let Some(id) = notes
-            .and_then(|a| a.get(annotations::SPIFFE_ID))
-            .and_then(|v| v.parse::<SpiffeId>().ok())
+        let node = record.node_name.as_str();
+        if node.is_empty() {
+            continue;
+        }
+        let Some(id) = record
+            .spiffe_id
+            .parse::<SpiffeId>()
+            .ok()
             .filter(|id| id.is_member_of(trust_domain))
         else {
             continue;
@@ -188,9 +189,7 @@ pub fn desired(
             );
             continue;
         };
-        let wid = notes
-            .and_then(|a| a.get(annotations::IDENTITY_SOURCE))
-            .and_then(|name| by_name.get(name.as_str()));
+        let wid = record.source.as_deref().and_then(|name| by_name.get(name));
         let mut federates_with: Vec<String> = wid
             .map(|w| w.spec.federates_with.clone())
             .unwrap_or_default();
@@ -487,7 +486,7 @@ fn after(before: Vec<Entry>, plan: &Plan) -> Vec<Entry> {
 pub async fn sync_once(
     cfg: &SpireConfig,
     trust_domain: &TrustDomain,
-    pods: &[Arc<Pod>],
+    pods: &[Arc<PodIdentity>],
     wids: &[Arc<WorkloadIdentity>],
     parents: &BTreeMap<String, String>,
     known: &mut Option<Vec<Entry>>,
@@ -537,7 +536,7 @@ pub async fn run(
     use kube::Api;
     use kube::runtime::{WatchStreamExt, reflector, watcher};
     cfg.validate()?;
-    let (pods, pods_w) = reflector::store::<Pod>();
+    let (pods, pods_w) = reflector::store::<PodIdentity>();
     let (wids, wids_w) = reflector::store::<WorkloadIdentity>();
     let (nodes, nodes_w) = reflector::store::<Node>();
     // Each stream says which store finished its first list (InitDone).
@@ -547,11 +546,14 @@ pub async fn run(
         move |e| matches!(e, Ok(watcher::Event::InitDone)).then_some(i)
     }
     let changes = futures::stream::select_all([
-        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
-            .default_backoff()
-            .reflect(pods_w)
-            .map(listed(0))
-            .boxed(),
+        watcher(
+            Api::<PodIdentity>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(pods_w)
+        .map(listed(0))
+        .boxed(),
         watcher(
             Api::<WorkloadIdentity>::all(client.clone()),
             watcher::Config::default(),

@@ -3,7 +3,7 @@
 //! and a Ready condition that says why when its template fails for a pod.
 //!
 //! Computed from the same stores and the same [`crate::assign`] function the
-//! identity controller uses, so status and annotations cannot disagree.
+//! identity controller uses, so status and PodIdentity records cannot disagree.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -20,8 +20,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use tessera_api::annotations;
-use tessera_api::crd::NumericIdentity;
+use tessera_api::crd::{NumericIdentity, PodIdentity};
 use tessera_tests::{ControlPlane, resources};
 
 mod common;
@@ -113,12 +112,7 @@ impl Seen {
     }
 }
 
-fn parse_identity(value: &str) -> Option<(u32, i64)> {
-    let (id, generation) = value.split_once('/')?;
-    Some((id.parse().ok()?, generation.parse().ok()?))
-}
-
-/// Records every NumericIdentity and pod annotation the API server shows.
+/// Records every NumericIdentity and PodIdentity the API server shows.
 fn observe(client: &kube::Client, seen: Arc<Mutex<Seen>>) -> Vec<tokio::task::JoinHandle<()>> {
     let ids = watcher(
         Api::<NumericIdentity>::all(client.clone()),
@@ -152,20 +146,17 @@ fn observe(client: &kube::Client, seen: Arc<Mutex<Seen>>) -> Vec<tokio::task::Jo
             }
         }
     });
-    let pods = watcher(Api::<Pod>::all(client.clone()), Default::default())
+    let records = watcher(Api::<PodIdentity>::all(client.clone()), Default::default())
         .default_backoff()
         .applied_objects();
     let b = tokio::spawn(async move {
-        let mut pods = std::pin::pin!(pods);
-        while let Some(event) = pods.next().await {
-            let Ok(pod) = event else { continue };
-            let a = pod.metadata.annotations.unwrap_or_default();
-            if let (Some(id), Some((n, g))) = (
-                a.get(annotations::SPIFFE_ID),
-                a.get(annotations::IDENTITY).and_then(|v| parse_identity(v)),
-            ) {
-                seen.lock().unwrap().pair(n, g, id, "a pod's annotations");
-            }
+        let mut records = std::pin::pin!(records);
+        while let Some(event) = records.next().await {
+            let Ok(record) = event else { continue };
+            let r = &record.spec;
+            seen.lock()
+                .unwrap()
+                .pair(r.id, r.generation, &r.spiffe_id, "a pod's PodIdentity");
         }
     });
     vec![a, b]
@@ -300,16 +291,12 @@ async fn churn_with_two_replicas_and_restarts_never_reuses_an_identity() -> Resu
         let mut wrong = Vec::new();
         for (name, p) in &model {
             let want = expected(p, &wids);
-            let got = Api::<Pod>::namespaced(client.clone(), p.ns)
-                .get(name)
-                .await?
-                .metadata
-                .annotations
+            let got = resources::pod_identity(&client, p.ns, name).await?;
+            let id = got
+                .as_ref()
+                .map(|r| r.spiffe_id.clone())
                 .unwrap_or_default();
-            let id = got.get(annotations::SPIFFE_ID).cloned().unwrap_or_default();
-            let numeric = got
-                .get(annotations::IDENTITY)
-                .and_then(|v| parse_identity(v));
+            let numeric = got.as_ref().map(|r| (r.id, r.generation));
             if id != want || numeric.is_none() || numeric != allocated.get(&want).copied() {
                 wrong.push(format!(
                     "{}/{name}: {id:?} {numeric:?}, want {want} {:?}",

@@ -77,21 +77,14 @@ async fn create_pod_and_wait(client: &kube::Client, name: &str) -> Result<()> {
     pods.create(&PostParams::default(), &pod).await?;
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
-        let annotations = pods
-            .get(name)
-            .await?
-            .metadata
-            .annotations
-            .unwrap_or_default();
-        if annotations
-            .get(tessera_api::annotations::SPIFFE_ID)
-            .map(String::as_str)
+        let record = tessera_tests::resources::pod_identity(client, "default", name).await?;
+        if record.as_ref().map(|r| r.spiffe_id.as_str())
             == Some("spiffe://cluster.test/ns/default/sa/default")
         {
             return Ok(());
         }
         if Instant::now() > deadline {
-            anyhow::bail!("pod {name} never got its identity; annotations {annotations:?}");
+            anyhow::bail!("pod {name} never got its identity; its record: {record:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -1,7 +1,8 @@
 //! The identity controller against a real API server: pods get their default
-//! or WorkloadIdentity-chosen SPIFFE ID and numeric identity as annotations,
-//! a template that cannot render fails closed, identities no pod uses are
-//! released, and a restarted controller catches up with what it missed.
+//! or WorkloadIdentity-chosen SPIFFE ID and numeric identity as PodIdentity
+//! records, a template that cannot render fails closed (no record),
+//! identities no pod uses are released, and a restarted controller catches
+//! up with what it missed (records of pods deleted meanwhile go too).
 #![allow(clippy::expect_used)] // test helpers outside #[test] functions
 
 use std::collections::BTreeMap;
@@ -10,10 +11,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
-use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
-use tessera_api::annotations;
-use tessera_api::crd::{NumericIdentity, WorkloadIdentity, WorkloadIdentityStatus};
+use tessera_api::crd::{
+    NumericIdentity, PodIdentity, PodIdentitySpec, WorkloadIdentity, WorkloadIdentityStatus,
+};
 use tessera_operator::identity;
 use tessera_tests::eventually;
 use tessera_tests::{ControlPlane, resources};
@@ -132,23 +133,34 @@ async fn create_wid(client: &kube::Client, name: &str, template: &str) -> Result
     Ok(())
 }
 
-/// Waits until the pod's Tessera annotations satisfy `want`, returning them.
+/// Waits until the pod's identity record (or its absence) satisfies
+/// `want`, returning it.
 async fn wait_pod(
     client: &kube::Client,
     name: &str,
     what: &str,
-    want: impl Fn(&BTreeMap<String, String>) -> bool,
-) -> Result<BTreeMap<String, String>> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    want: impl Fn(Option<&PodIdentitySpec>) -> bool,
+) -> Result<Option<PodIdentitySpec>> {
     eventually(&format!("pod {name}: {what}"), || async {
-        let a = pods.get(name).await?.annotations().clone();
-        Ok(want(&a).then_some(a))
+        let r = resources::pod_identity(client, NS, name).await?;
+        Ok(want(r.as_ref()).then_some(r))
     })
     .await
 }
 
-fn spiffe_id(a: &BTreeMap<String, String>) -> Option<&str> {
-    a.get(annotations::SPIFFE_ID).map(String::as_str)
+/// Waits until the pod has an identity; returns it.
+async fn identity_of(client: &kube::Client, name: &str) -> Result<PodIdentitySpec> {
+    wait_pod(client, name, "identity", |r| r.is_some())
+        .await?
+        .context("identity")
+}
+
+fn spiffe_id(r: Option<&PodIdentitySpec>) -> Option<&str> {
+    r.map(|r| r.spiffe_id.as_str())
+}
+
+fn pair(r: &PodIdentitySpec) -> (u32, i64) {
+    (r.id, r.generation)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,20 +177,20 @@ async fn a_replaced_pod_keeps_the_numeric_identity_until_the_grace_ends() -> Res
 
     // A rolling update of a single pod: the old one goes, the new one comes.
     create_pod(&client, "old", &[]).await?;
-    let old = wait_pod(&client, "old", "identity", |a| spiffe_id(a).is_some()).await?;
+    let old = identity_of(&client, "old").await?;
     pods.delete("old", &Default::default()).await?;
     create_pod(&client, "new", &[]).await?;
-    let new = wait_pod(&client, "new", "identity", |a| spiffe_id(a).is_some()).await?;
+    let new = identity_of(&client, "new").await?;
     assert_eq!(
-        new[annotations::IDENTITY],
-        old[annotations::IDENTITY],
+        pair(&new),
+        pair(&old),
         "the replacement got a new numeric identity"
     );
     // Past the grace the replacement still holds it.
     tokio::time::sleep(RELEASE_GRACE + Duration::from_secs(1)).await;
     assert!(held().await?, "released while a pod uses it");
-    let again = wait_pod(&client, "new", "identity", |a| spiffe_id(a).is_some()).await?;
-    assert_eq!(again[annotations::IDENTITY], old[annotations::IDENTITY]);
+    let again = identity_of(&client, "new").await?;
+    assert_eq!(pair(&again), pair(&old));
 
     // The last pod goes: kept during the grace, released after it.
     pods.delete("new", &Default::default()).await?;
@@ -202,10 +214,18 @@ async fn pods_get_identities_that_follow_workload_identities() -> Result<()> {
     let a = wait_pod(&client, "web-1", "default identity", |a| {
         spiffe_id(a) == Some("spiffe://cluster.test/ns/shop/sa/web-sa")
     })
-    .await?;
-    assert_eq!(a[annotations::IDENTITY_SOURCE], "default");
-    let default_pair =
-        annotations::parse_identity(&a[annotations::IDENTITY]).context("identity")?;
+    .await?
+    .context("identity")?;
+    assert_eq!(a.source, None);
+    assert_eq!(
+        (
+            a.namespace.as_str(),
+            a.pod_name.as_str(),
+            a.node_name.as_str()
+        ),
+        (NS, "web-1", "node-a")
+    );
+    let default_pair = pair(&a);
 
     // A WorkloadIdentity selecting the pod takes over.
     create_wid(&client, "web", "spiffe://{trustDomain}/app/{podLabel:app}").await?;
@@ -215,18 +235,15 @@ async fn pods_get_identities_that_follow_workload_identities() -> Result<()> {
         "identity from WorkloadIdentity web",
         |a| spiffe_id(a) == Some("spiffe://cluster.test/app/web"),
     )
-    .await?;
-    assert_eq!(a[annotations::IDENTITY_SOURCE], "web");
-    let web_pair = annotations::parse_identity(&a[annotations::IDENTITY]).context("identity")?;
-    assert_ne!(web_pair, default_pair);
+    .await?
+    .context("identity")?;
+    assert_eq!(a.source.as_deref(), Some("web"));
+    assert_ne!(pair(&a), default_pair);
 
     // A second pod with the same SPIFFE ID shares its numeric identity.
     create_pod(&client, "web-2", &[("app", "web")]).await?;
-    let b = wait_pod(&client, "web-2", "shared identity", |a| {
-        spiffe_id(a).is_some()
-    })
-    .await?;
-    assert_eq!(b[annotations::IDENTITY], a[annotations::IDENTITY]);
+    let b = identity_of(&client, "web-2").await?;
+    assert_eq!(pair(&b), pair(&a));
 
     wait_status(&client, "web", "two pods, one identity", |s| {
         s.pods_selected == Some(2)
@@ -254,18 +271,8 @@ async fn pods_get_identities_that_follow_workload_identities() -> Result<()> {
         "spiffe://{trustDomain}/tier/{podLabel:tier}",
     )
     .await?;
-    let a = wait_pod(&client, "web-1", "fail closed", |a| {
-        a.contains_key(annotations::IDENTITY_ERROR)
-    })
-    .await?;
-    assert!(
-        spiffe_id(&a).is_none() && !a.contains_key(annotations::IDENTITY),
-        "stale identity kept: {a:?}"
-    );
-    assert!(
-        a[annotations::IDENTITY_ERROR].contains("no label \"tier\""),
-        "{a:?}"
-    );
+    // Fail closed: no record survives from the earlier assignment.
+    wait_pod(&client, "web-1", "fail closed", |a| a.is_none()).await?;
     let events: Api<Event> = Api::namespaced(client.clone(), NS);
     eventually("IdentityFailed and IdentityConflict events", || async {
         let reasons: Vec<String> = events
@@ -304,7 +311,6 @@ async fn pods_get_identities_that_follow_workload_identities() -> Result<()> {
         .await?;
     wait_pod(&client, "web-1", "identity restored", |a| {
         spiffe_id(a) == Some("spiffe://cluster.test/app/web")
-            && !a.contains_key(annotations::IDENTITY_ERROR)
     })
     .await?;
     wait_status(&client, "web", "conflicts gone", |s| {
@@ -344,9 +350,8 @@ async fn a_restarted_controller_catches_up() -> Result<()> {
     let (_cp, client) = setup().await?;
     let op = Operator::start(client.clone());
     create_pod(&client, "old", &[("app", "old")]).await?;
-    let a = wait_pod(&client, "old", "identity", |a| spiffe_id(a).is_some()).await?;
-    let (id, generation) =
-        annotations::parse_identity(&a[annotations::IDENTITY]).context("identity")?;
+    let a = identity_of(&client, "old").await?;
+    let generation = a.generation;
     op.stop().await;
 
     // While it is down: the pod goes away and a new one arrives.
@@ -359,11 +364,10 @@ async fn a_restarted_controller_catches_up() -> Result<()> {
     // Converged: the new pod names the one live allocation of its SPIFFE ID.
     let nids: Api<NumericIdentity> = Api::all(client.clone());
     let live = eventually("the new pod to hold the live allocation", || async {
-        let a = pods.get("new").await?.annotations().clone();
+        let held = resources::pod_identity(&client, NS, "new")
+            .await?
+            .map(|r| pair(&r));
         let live = nids.list(&ListParams::default()).await?.items;
-        let held = a
-            .get(annotations::IDENTITY)
-            .and_then(|v| annotations::parse_identity(v));
         Ok(match (held, live.as_slice()) {
             (Some(pair), [only]) if pair == (only.spec.id, only.spec.generation) => {
                 Some(only.spec.clone())
@@ -374,7 +378,12 @@ async fn a_restarted_controller_catches_up() -> Result<()> {
     .await?;
     assert_eq!(live.spiffe_id, "spiffe://cluster.test/ns/shop/sa/web-sa");
     assert!(live.generation >= generation);
-    let _ = id;
+    // The deleted pod's record went too (it was deleted while nobody watched).
+    let records: Api<PodIdentity> = Api::all(client.clone());
+    eventually("the deleted pod's record to go", || async {
+        Ok(records.get_opt(&a.pod_uid).await?.is_none().then_some(()))
+    })
+    .await?;
     op.stop().await;
     Ok(())
 }

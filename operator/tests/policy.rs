@@ -158,17 +158,13 @@ async fn auth_policies_compile_into_identity_policies_that_follow_the_pods() -> 
     // revisions here: one store, comparable; nothing else writes either
     // object in between.)
     let pods = Api::<Pod>::namespaced(client.clone(), NS);
+    let records = Api::<tessera_api::crd::PodIdentity>::all(client.clone());
     let web2 = eventually("web2-0's identity", || async {
-        let p = pods.get("web2-0").await?;
-        Ok(p.metadata
-            .annotations
-            .as_ref()
-            .is_some_and(|a| {
-                a.get(tessera_api::annotations::SPIFFE_ID)
-                    .map(String::as_str)
-                    == Some(WEB2)
-            })
-            .then_some(p))
+        let uid = pods.get("web2-0").await?.metadata.uid.unwrap_or_default();
+        Ok(records
+            .get_opt(&uid)
+            .await?
+            .filter(|r| r.spec.spiffe_id == WEB2))
     })
     .await?;
     let revision = |rv: &Option<String>| -> u64 { rv.as_deref().unwrap().parse().unwrap() };

@@ -2,7 +2,7 @@
 //! node-bound token gets SVIDs for pods on its node and is refused for pods
 //! elsewhere; bad, foreign-audience, unbound and other service accounts'
 //! tokens are refused.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] functions
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers outside #[test] functions
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use rcgen::{CertificateParams, KeyPair};
 use tessera_api::signer_api::signer_client::SignerClient;
 use tessera_api::signer_api::{SignJwtsvidRequest, SignX509svidRequest, TOKEN_AUDIENCE};
 use tessera_operator::ca::{CaConfig, TrustDomainCa};
+use tessera_operator::identity;
 use tessera_operator::signer::{self, SignerConfig, SignerService};
 use tessera_tests::{ControlPlane, resources};
 use time::OffsetDateTime;
@@ -23,7 +24,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 const PODS: &str = r#"
 apiVersion: v1
 kind: Pod
-metadata: {name: p-a, namespace: shop}
+metadata: {name: p-a, namespace: shop, labels: {app: a}}
 spec:
   nodeName: node-a
   containers: [{name: c, image: registry.invalid/c:1}]
@@ -41,28 +42,40 @@ struct Fixture {
     client: kube::Client,
     channel: Channel,
     root_der: Vec<u8>,
+    /// The identity controller, writing the pods' PodIdentity records.
+    controller: tokio::task::JoinHandle<()>,
 }
 
 async fn fixture() -> Result<Fixture> {
     let (cp, client) = resources::control_plane_with_crds().await?;
     resources::apply_manifest(&client, resources::TWO_NODES).await?;
     resources::apply_manifest(&client, PODS).await?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
-    // p-a's ID came from a WorkloadIdentity with its own ttl and hint.
+    // p-a's ID comes from a WorkloadIdentity with its own ttl and hint; p-b
+    // has the default.
     let wid = serde_json::json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "WorkloadIdentity",
         "metadata": {"name": "wid-a"},
-        "spec": {"spiffeIDTemplate": "spiffe://{trustDomain}/ns/{namespace}/sa/a", "ttl": "20m", "jwtTTL": "2m", "hint": "internal"}});
+        "spec": {"spiffeIDTemplate": "spiffe://{trustDomain}/ns/{namespace}/sa/a", "ttl": "20m", "jwtTTL": "2m", "hint": "internal",
+            "podSelector": {"matchLabels": {"app": "a"}}}});
     resources::create(&client, &serde_json::from_value(wid)?, false).await?;
-    for (pod, id, source) in [
-        ("p-a", "spiffe://cluster.test/ns/shop/sa/a", "wid-a"),
-        ("p-b", "spiffe://cluster.test/ns/shop/sa/b", "default"),
-    ] {
-        let patch = serde_json::json!({"metadata": {"annotations": {
-            tessera_api::annotations::SPIFFE_ID: id,
-            tessera_api::annotations::IDENTITY_SOURCE: source,
-        }}});
-        pods.patch(pod, &PatchParams::default(), &Patch::Merge(patch))
-            .await?;
+    let controller = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let td = "cluster.test".parse().expect("trust domain");
+            let run = identity::run(
+                client,
+                td,
+                Default::default(),
+                Duration::from_secs(30),
+                None,
+                std::future::pending(),
+            );
+            if let Err(e) = run.await {
+                eprintln!("identity controller failed: {e}");
+            }
+        })
+    };
+    for pod in ["p-a", "p-b"] {
+        resources::wait_for_pod_identity(&client, "shop", pod).await?;
     }
 
     let td: tessera_api::spiffe::TrustDomain = "cluster.test".parse()?;
@@ -105,6 +118,7 @@ async fn fixture() -> Result<Fixture> {
         client,
         channel,
         root_der,
+        controller,
     })
 }
 
@@ -368,5 +382,64 @@ async fn an_expired_token_is_refused() -> Result<()> {
         .await
         .expect_err("expired token");
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status}");
+    Ok(())
+}
+
+/// What a refused signing request answered.
+async fn refusal(f: &Fixture, pod: &str, token: &str) -> tonic::Status {
+    match sign(f, pod, Some(token), None).await {
+        Ok((id, _, _)) => panic!("signed {id} for {pod}"),
+        Err(status) => status,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_operators_record_agreeing_with_the_workload_identities_is_signed() -> Result<()> {
+    let f = fixture().await?;
+    let node_a = agent_token(&f, "node-a").await?;
+    let pods: Api<Pod> = Api::namespaced(f.client.clone(), "shop");
+    // Values written on the pod itself count for nothing.
+    let forged = serde_json::json!({"metadata": {"annotations": {
+        "tessera.dev/spiffe-id": "spiffe://cluster.test/payments/ledger",
+        "tessera.dev/identity": "300/1",
+        "tessera.dev/identity-source": "default"}}});
+    pods.patch("p-a", &PatchParams::default(), &Patch::Merge(forged))
+        .await?;
+    let (id, _, _) = sign(&f, "p-a", Some(&node_a), None).await.unwrap();
+    assert_eq!(id, "spiffe://cluster.test/ns/shop/sa/a");
+
+    // With the controller stopped, a record that disagrees with what the
+    // WorkloadIdentity objects give the pod is refused...
+    f.controller.abort();
+    let uid = pod_uid(&f, "p-a").await;
+    let records: Api<tessera_api::crd::PodIdentity> = Api::all(f.client.clone());
+    let rewrite =
+        serde_json::json!({"spec": {"spiffeID": "spiffe://cluster.test/payments/ledger"}});
+    records
+        .patch(&uid, &PatchParams::default(), &Patch::Merge(rewrite))
+        .await?;
+    let status = refusal(&f, "p-a", &node_a).await;
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("identity mismatch"), "{status:?}");
+
+    // ...and so is a pod without a record.
+    records.delete(&uid, &Default::default()).await?;
+    let status = refusal(&f, "p-a", &node_a).await;
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("has no identity"), "{status:?}");
+
+    // A pod that has finished gets nothing, record or not.
+    let uid_b = pod_uid(&f, "p-b").await;
+    let node_b = agent_token(&f, "node-b").await?;
+    assert!(records.get_opt(&uid_b).await?.is_some());
+    pods.patch_status(
+        "p-b",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {"phase": "Succeeded"}})),
+    )
+    .await?;
+    let status = refusal(&f, "p-b", &node_b).await;
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("finished"), "{status:?}");
     Ok(())
 }

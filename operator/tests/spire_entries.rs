@@ -183,17 +183,18 @@ spec:
             .await?;
     }
 
-    // The identity controller (builtin mode) annotates the pods.
+    // The identity controller (builtin mode) records the pods' identities.
     let first = operator(&cp, &spire, &[]);
+    let records = Api::<tessera_api::crd::PodIdentity>::all(client.clone());
     eventually("every pod to get its identity", || async {
         let all = pods.list(&Default::default()).await?.items;
+        let recorded = records.list(&Default::default()).await?.items;
         Ok(all
             .iter()
             .all(|p| {
-                p.metadata
-                    .annotations
-                    .as_ref()
-                    .is_some_and(|a| a.contains_key(tessera_api::annotations::SPIFFE_ID))
+                recorded
+                    .iter()
+                    .any(|r| Some(&r.spec.pod_uid) == p.metadata.uid.as_ref())
             })
             .then_some(()))
     })

@@ -290,6 +290,19 @@ impl ControlPlane {
         Ok(kube::Client::try_from(config)?)
     }
 
+    /// A client acting as `user` (impersonated by the admin identity), for
+    /// tests of what an unprivileged user may do.
+    pub async fn client_as(&self, user: &str) -> Result<kube::Client> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
+        let mut config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .context("cannot load the test kubeconfig")?;
+        config.auth_info.impersonate = Some(user.to_owned());
+        config.auth_info.impersonate_groups = Some(vec!["system:authenticated".to_owned()]);
+        Ok(kube::Client::try_from(config)?)
+    }
+
     /// Path of a kubeconfig for the admin identity.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig

@@ -262,3 +262,37 @@ pub async fn wait_for_trust_bundle(
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// The identity the operator recorded for pod `namespace/name` (its
+/// PodIdentity, found by the pod's UID), if it has one.
+pub async fn pod_identity(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<tessera_api::crd::PodIdentitySpec>> {
+    use k8s_openapi::api::core::v1::Pod;
+    let Some(pod) = kube::Api::<Pod>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let uid = pod.metadata.uid.unwrap_or_default();
+    let record = kube::Api::<tessera_api::crd::PodIdentity>::all(client.clone())
+        .get_opt(&uid)
+        .await?;
+    Ok(record.and_then(|r| r.for_pod(&uid).cloned()))
+}
+
+/// Waits (20 s at most) until pod `namespace/name` has an identity record,
+/// and returns it.
+pub async fn wait_for_pod_identity(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<tessera_api::crd::PodIdentitySpec> {
+    crate::eventually(&format!("an identity for pod {namespace}/{name}"), || {
+        pod_identity(client, namespace, name)
+    })
+    .await
+}

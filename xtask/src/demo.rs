@@ -177,27 +177,15 @@ async fn identities(cp: &ControlPlane, client: &kube::Client) -> Result<()> {
             .with_context(|| format!("cannot start {}", binary.display()))?;
     let result = async {
         resources::apply_manifest(client, PODS).await?;
-        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::all(client.clone());
-        let deadline = Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let list = pods.list(&Default::default()).await?;
-            let done = list.items.iter().all(|p| {
-                p.metadata.annotations.as_ref().is_some_and(|a| {
-                    a.contains_key(tessera_api::annotations::IDENTITY)
-                        || a.contains_key(tessera_api::annotations::IDENTITY_ERROR)
-                })
-            });
-            if done {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("pods did not get identities within 30s; is tessera-operator running?");
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // Each pod's identity is a PodIdentity record only the operator may
+        // write; nothing on the pod itself decides it.
+        for (namespace, pod) in [("payments", "ledger-0"), ("default", "web-0")] {
+            resources::wait_for_pod_identity(client, namespace, pod)
+                .await
+                .context("is tessera-operator running?")?;
         }
-        let columns = "custom-columns=NAMESPACE:.metadata.namespace,POD:.metadata.name,SPIFFE-ID:.metadata.annotations.tessera\\.dev/spiffe-id,ID/GEN:.metadata.annotations.tessera\\.dev/identity,FROM:.metadata.annotations.tessera\\.dev/identity-source";
         for args in [
-            &["get", "pods", "--all-namespaces", "-o", columns][..],
+            &["get", "podidentities"][..],
             &["get", "numericidentities"],
             &["get", "configmap", "tessera-trust-bundle", "-n", "tessera-system"],
         ] {

@@ -14,6 +14,7 @@ pub mod federated_trust_domain;
 pub mod identity;
 pub mod identity_policy;
 pub mod installed;
+pub mod pod_identity;
 pub mod schema;
 pub mod workload_identity;
 
@@ -23,6 +24,7 @@ pub use federated_trust_domain::{
 };
 pub use identity::{IdentityCounter, IdentityCounterSpec, NumericIdentity, NumericIdentitySpec};
 pub use identity_policy::{IdentityPolicy, IdentityPolicySpec};
+pub use pod_identity::{PodIdentity, PodIdentitySpec};
 pub use workload_identity::{WorkloadIdentity, WorkloadIdentitySpec, WorkloadIdentityStatus};
 
 /// The API group of every Tessera resource.
@@ -145,6 +147,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         NumericIdentity::crd(),
         IdentityCounter::crd(),
         IdentityPolicy::crd(),
+        PodIdentity::crd(),
     ]
 }
 
@@ -188,7 +191,8 @@ mod tests {
             [
                 "numericidentities.tessera.dev",
                 "identitycounters.tessera.dev",
-                "identitypolicies.tessera.dev"
+                "identitypolicies.tessera.dev",
+                "podidentities.tessera.dev"
             ]
         );
         assert_eq!(user_facing().len() + internal.len(), all().len());

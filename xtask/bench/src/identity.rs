@@ -110,7 +110,7 @@ async fn latencies(
     ns: &str,
     per_sec: Option<u64>,
     served: &mpsc::Receiver<(String, Instant)>,
-    annotated: &mpsc::Receiver<(String, Instant)>,
+    recorded: &mpsc::Receiver<(String, Instant)>,
 ) -> Result<Stages> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let (created_tx, created_rx) = mpsc::channel::<(String, Instant)>();
@@ -164,7 +164,7 @@ async fn latencies(
         t.await??;
     }
     let mut marked: HashMap<String, Instant> = HashMap::new();
-    while let Ok((pod, at)) = annotated.try_recv() {
+    while let Ok((pod, at)) = recorded.try_recv() {
         marked.entry(pod).or_insert(at);
     }
     let between = |from: &HashMap<String, Instant>, to: &HashMap<String, Instant>| {
@@ -181,19 +181,19 @@ async fn latencies(
     };
     Ok(Stages {
         total: between(&created, &seen),
-        to_annotation: between(&created, &marked),
-        annotation_to_svid: between(&marked, &seen),
+        to_record: between(&created, &marked),
+        record_to_svid: between(&marked, &seen),
     })
 }
 
-/// Latencies of one phase, whole and split at the operator's annotation.
+/// Latencies of one phase, whole and split at the operator's PodIdentity record.
 struct Stages {
     /// Pod created -> SVID served.
     total: Vec<Duration>,
-    /// Pod created -> identity annotation seen by a watcher (the operator's part).
-    to_annotation: Vec<Duration>,
+    /// Pod created -> identity record seen by a watcher (the operator's part).
+    to_record: Vec<Duration>,
     /// Annotation seen -> SVID served (the agent's and the signer's part).
-    annotation_to_svid: Vec<Duration>,
+    record_to_svid: Vec<Duration>,
 }
 
 /// CPU seconds (user + system) a process has used so far, from /proc.
@@ -282,27 +282,20 @@ fn print_apiserver_delta(
     }
 }
 
-/// Watches pods in every namespace and reports when each first carries its
-/// SPIFFE ID annotation.
-fn watch_annotations(client: kube::Client) -> mpsc::Receiver<(String, Instant)> {
+/// Watches PodIdentity records and reports when each pod's first appears.
+fn watch_records(client: kube::Client) -> mpsc::Receiver<(String, Instant)> {
     use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, watcher};
     let (tx, rx) = mpsc::channel();
     tokio::spawn(async move {
-        let mut events = watcher(Api::<Pod>::all(client), watcher::Config::default())
+        let records = Api::<tessera_api::crd::PodIdentity>::all(client);
+        let mut events = watcher(records, watcher::Config::default())
             .default_backoff()
             .applied_objects()
             .boxed();
-        while let Some(Ok(pod)) = events.next().await {
-            let has_id = pod
-                .metadata
-                .annotations
-                .as_ref()
-                .is_some_and(|a| a.contains_key(tessera_api::annotations::SPIFFE_ID));
-            let (Some(ns), Some(name)) = (&pod.metadata.namespace, &pod.metadata.name) else {
-                continue;
-            };
-            if has_id && tx.send((format!("{ns}/{name}"), Instant::now())).is_err() {
+        while let Some(Ok(record)) = events.next().await {
+            let pod = format!("{}/{}", record.spec.namespace, record.spec.pod_name);
+            if tx.send((pod, Instant::now())).is_err() {
                 break;
             }
         }
@@ -383,7 +376,7 @@ async fn pod_to_svid(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
         }
     });
 
-    let annotated = watch_annotations(client.clone());
+    let recorded = watch_records(client.clone());
     let mut pids: Vec<(&str, u32)> = vec![
         ("bench", std::process::id()),
         ("operator", _operator.0.id()),
@@ -403,7 +396,7 @@ async fn pod_to_svid(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
         }
         let requests_before = apiserver_requests(&client).await;
         let (before, started) = (cpu(&pids), Instant::now());
-        let stages = latencies(&client, phase, rate, &served, &annotated).await?;
+        let stages = latencies(&client, phase, rate, &served, &recorded).await?;
         let wall = started.elapsed().as_secs_f64();
         println!("  API server requests:");
         print_apiserver_delta(&requests_before, &apiserver_requests(&client).await);
@@ -423,13 +416,13 @@ async fn pod_to_svid(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
             },
             fig(format!("pod_to_svid_{phase}_max"), &stages.total, 100.0),
             fig(
-                format!("pod_to_annotation_{phase}_p99"),
-                &stages.to_annotation,
+                format!("pod_to_record_{phase}_p99"),
+                &stages.to_record,
                 99.0,
             ),
             fig(
-                format!("annotation_to_svid_{phase}_p99"),
-                &stages.annotation_to_svid,
+                format!("record_to_svid_{phase}_p99"),
+                &stages.record_to_svid,
                 99.0,
             ),
         ]);
