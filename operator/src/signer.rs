@@ -11,7 +11,8 @@
 //! objects with the controller's own function ([`assign::assign_pod`]),
 //! refusing on any mismatch; nothing written on the pod itself (annotations)
 //! plays a part. The CSR contributes only its public key, so the agent's key
-//! never leaves the node and the CA key never leaves the operator.
+//! never leaves the node and the CA key never leaves the operator. What any
+//! caller can make it spend is bounded (see [`limits`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +44,9 @@ use tracing::{info, warn};
 
 use crate::assign;
 use crate::ca::{CaError, TrustDomainCa};
+
+pub mod limits;
+use limits::Limits;
 
 /// The extra field in a TokenReview's user info that names the bound node.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
@@ -92,6 +96,7 @@ pub struct SignerService {
     cfg: Arc<SignerConfig>,
     ca: Arc<RwLock<TrustDomainCa>>,
     reviews: Arc<std::sync::Mutex<ReviewCache>>,
+    limits: Arc<Limits>,
     /// What the signer derives identities from again: namespaces (their
     /// labels) and WorkloadIdentities, followed by watches.
     namespaces: Store<Namespace>,
@@ -173,6 +178,7 @@ impl SignerService {
             cfg: Arc::new(cfg),
             ca,
             reviews: Arc::default(),
+            limits: Arc::default(),
         }
     }
 
@@ -196,7 +202,21 @@ impl SignerService {
                 return Ok(node.clone());
             }
         }
-        let node = self.review(token).await?;
+        self.limits.check_rejected(&digest)?;
+        self.limits
+            .review_budget(request.remote_addr().map(|a| a.ip()))?;
+        let node = match self.review(token).await {
+            Ok(node) => node,
+            Err(status) => {
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) {
+                    self.limits.remember_rejected(digest);
+                }
+                return Err(status);
+            }
+        };
         let mut cache = self.reviews.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= TOKEN_REVIEW_CACHE_MAX {
             cache.retain(|_, (_, until)| *until > now);
@@ -226,6 +246,17 @@ impl SignerService {
         if status.authenticated != Some(true) {
             let why = status.error.unwrap_or_else(|| "invalid token".to_owned());
             return Err(Status::unauthenticated(format!("token rejected: {why}")));
+        }
+        // An API server that ignored the audience asked for would accept a
+        // token minted for anything else.
+        if !status
+            .audiences
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|a| a == TOKEN_AUDIENCE))
+        {
+            return Err(Status::unauthenticated(format!(
+                "token rejected: the TokenReview did not confirm the audience {TOKEN_AUDIENCE}"
+            )));
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
@@ -507,6 +538,7 @@ impl Signer for SignerService {
         &self,
         request: Request<SignX509svidRequest>,
     ) -> Result<Response<SignX509svidResponse>, Status> {
+        let _slot = self.limits.slot().await?;
         let node = self.authenticate(&request).await?;
         let req = request.into_inner();
         let (record, id) = self
@@ -537,6 +569,7 @@ impl Signer for SignerService {
         &self,
         request: Request<SignJwtsvidRequest>,
     ) -> Result<Response<SignJwtsvidResponse>, Status> {
+        let _slot = self.limits.slot().await?;
         let node = self.authenticate(&request).await?;
         let req = request.into_inner();
         if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
@@ -554,6 +587,7 @@ impl Signer for SignerService {
         let (record, id) = self
             .authorized_pod(&node, &req.pod_namespace, &req.pod_name, &req.pod_uid)
             .await?;
+        self.limits.audiences(&record.pod_uid, &req.audience)?;
         let Policy { jwt_ttl, hint, .. } = self.policy_for(&record);
         let now = OffsetDateTime::now_utc();
         let ca = self.ca.read().await;

@@ -443,3 +443,92 @@ async fn only_the_operators_record_agreeing_with_the_workload_identities_is_sign
     assert!(status.message().contains("finished"), "{status:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_tokens_costs_a_bounded_number_of_token_reviews() -> Result<()> {
+    use tessera_operator::signer::limits::{REVIEW_BURST, REVIEWS_PER_SECOND};
+    const REQUESTS: usize = 10_000;
+    let f = fixture().await?;
+    let before = resources::apiserver_request_count(&f.client, "tokenreviews").await?;
+    let started = std::time::Instant::now();
+    let mut client = SignerClient::new(f.channel.clone());
+    let mut refused_without_review = 0;
+    for i in 0..REQUESTS {
+        let request = with_token(
+            SignX509svidRequest {
+                pod_namespace: "shop".into(),
+                pod_name: "p-a".into(),
+                pod_uid: "x".into(),
+                csr: Vec::new(),
+            },
+            Some(&format!("not-a-token-{i}")),
+        );
+        let status = client.sign_x509svid(request).await.unwrap_err();
+        match status.code() {
+            tonic::Code::Unauthenticated => {}
+            tonic::Code::ResourceExhausted => refused_without_review += 1,
+            other => panic!("request {i}: {other:?} {}", status.message()),
+        }
+    }
+    let took = started.elapsed().as_secs_f64();
+    // The API server counts a request once it has answered it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reviews = resources::apiserver_request_count(&f.client, "tokenreviews").await? - before;
+    let bound = REVIEW_BURST + REVIEWS_PER_SECOND * (took + 1.0);
+    println!(
+        "{REQUESTS} bad tokens in {took:.1} s cost {reviews} TokenReviews (bound {bound:.0}); {refused_without_review} refused without one"
+    );
+    assert!(reviews >= 1.0, "the count of TokenReviews did not move");
+    assert!(
+        reviews <= bound,
+        "{reviews} TokenReviews, more than {bound}"
+    );
+
+    // The same rejected token again costs nothing either, even with budget.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = resources::apiserver_request_count(&f.client, "tokenreviews").await?;
+    for _ in 0..100 {
+        let request = with_token(
+            SignX509svidRequest {
+                pod_namespace: "shop".into(),
+                pod_name: "p-a".into(),
+                pod_uid: "x".into(),
+                csr: Vec::new(),
+            },
+            Some("not-a-token-again"),
+        );
+        let status = client.sign_x509svid(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reviews = resources::apiserver_request_count(&f.client, "tokenreviews").await? - before;
+    assert_eq!(
+        reviews, 1.0,
+        "one rejected token asked about {reviews} times"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_gets_a_bounded_number_of_distinct_jwt_audiences() -> Result<()> {
+    use tessera_operator::signer::limits::MAX_AUDIENCE_SETS;
+    let f = fixture().await?;
+    let node_a = agent_token(&f, "node-a").await?;
+    for i in 0..MAX_AUDIENCE_SETS {
+        let audience = format!("aud-{i}");
+        sign_jwt(&f, "p-a", &node_a, &[audience.as_str()])
+            .await
+            .unwrap();
+    }
+    sign_jwt(&f, "p-a", &node_a, &["aud-0"]).await.unwrap();
+    let refused = sign_jwt(&f, "p-a", &node_a, &["one-too-many"])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("reuse audiences"), "{refused:?}");
+    Ok(())
+}

@@ -296,3 +296,16 @@ pub async fn wait_for_pod_identity(
     })
     .await
 }
+
+/// How many requests for `resource` (for example `tokenreviews`) the API
+/// server has answered since it started, from its own `/metrics`.
+pub async fn apiserver_request_count(client: &kube::Client, resource: &str) -> Result<f64> {
+    let request = http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(request).await?;
+    let wanted = format!("resource=\"{resource}\"");
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{") && l.contains(&wanted))
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+        .sum())
+}
