@@ -57,13 +57,16 @@ impl Bucket {
     }
 }
 
+/// One pod's distinct audience lists, and since when they are counted.
+type AudienceWindow = (Instant, HashSet<Vec<String>>);
+
 /// The signer's limits, shared by its requests.
 #[derive(Debug)]
 pub struct Limits {
     rejected: Mutex<HashMap<[u8; 32], Instant>>,
     budgets: Mutex<HashMap<IpAddr, Bucket>>,
     in_flight: Semaphore,
-    audiences: Mutex<HashMap<String, (Instant, HashSet<Vec<String>>)>>,
+    audiences: Mutex<HashMap<String, AudienceWindow>>,
 }
 
 impl Default for Limits {
