@@ -1,8 +1,18 @@
 //! Workload attestation: which pod a calling process belongs to, from the
-//! kernel's word (the peer credentials of its Unix socket) and the cgroup the
-//! kubelet put it in, never from anything the caller says.
+//! kernel's word (the process at the other end of its Unix socket) and the
+//! cgroup the kubelet put it in, never from anything the caller says.
+//!
+//! A connection is pinned to the process that opened it: the kernel hands
+//! the agent a pidfd for that process (`SO_PEERPIDFD`), which names that
+//! process and no other, whatever happens to its PID. Each call reads the
+//! process's cgroup and then checks the pidfd's process is still alive, so
+//! the cgroup read was its own: once it has exited (and its PID may belong to
+//! a process in another pod), the connection gets nothing more. A process
+//! that changed pods is refused too.
 
 use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::OnceLock;
 
 /// A pod UID, normalized to the lower-case 8-4-4-4-12 form the API server uses.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -63,6 +73,117 @@ pub enum AttestationError {
         /// Its cgroup paths, for the log.
         cgroups: String,
     },
+    /// The kernel gave no pidfd for the connection's peer.
+    #[error(
+        "cannot pin the connection to its process (SO_PEERPIDFD: {0}); the agent needs Linux 6.5 or newer"
+    )]
+    NoPidfd(String),
+    /// The process that opened the connection has exited.
+    #[error(
+        "the process that opened this connection has exited; a connection serves only the process that opened it"
+    )]
+    Exited,
+    /// The process is in another pod than at its first call.
+    #[error("the process moved from pod {pinned} to pod {now}")]
+    Moved {
+        /// The pod of its first call.
+        pinned: PodUid,
+        /// The pod it is in now.
+        now: PodUid,
+    },
+}
+
+/// The process at the other end of a Workload API connection, pinned by a
+/// pidfd when the connection was accepted.
+#[derive(Debug)]
+pub struct Peer {
+    pidfd: Result<OwnedFd, String>,
+    pod: OnceLock<PodUid>,
+}
+
+impl Peer {
+    /// The peer of the connected Unix socket `socket`.
+    pub fn of(socket: &impl AsFd) -> Peer {
+        let pidfd = nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::PeerPidfd)
+            .map_err(|e| e.to_string());
+        Peer {
+            pidfd,
+            pod: OnceLock::new(),
+        }
+    }
+
+    /// The pod of the process that opened the connection, while it lives
+    /// and stays in the pod of its first call.
+    pub fn pod(&self) -> Result<PodUid, AttestationError> {
+        let pidfd = self
+            .pidfd
+            .as_ref()
+            .map_err(|e| AttestationError::NoPidfd(e.clone()))?;
+        let pid = live_pid(pidfd)?;
+        let contents = read_cgroup(pid)?;
+        // Still alive after the read: the cgroup read was its own, not that
+        // of a process that took its PID meanwhile.
+        if live_pid(pidfd)? != pid {
+            return Err(AttestationError::Exited);
+        }
+        let uid = pod_uid_from_cgroup(&contents).ok_or_else(|| AttestationError::NotInPod {
+            pid,
+            cgroups: contents.lines().collect::<Vec<_>>().join(" "),
+        })?;
+        let pinned = self.pod.get_or_init(|| uid.clone());
+        if *pinned != uid {
+            return Err(AttestationError::Moved {
+                pinned: pinned.clone(),
+                now: uid,
+            });
+        }
+        Ok(uid)
+    }
+}
+
+/// The PID of the process `pidfd` refers to, as this process sees it;
+/// [`AttestationError::Exited`] once it has exited.
+fn live_pid(pidfd: &OwnedFd) -> Result<i32, AttestationError> {
+    let path = format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd());
+    let info = std::fs::read_to_string(&path)
+        .map_err(|e| AttestationError::NoPidfd(format!("{path}: {e}")))?;
+    let pid = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .ok_or_else(|| AttestationError::NoPidfd(format!("{path} names no Pid")))?;
+    if pid > 0 {
+        Ok(pid)
+    } else {
+        Err(AttestationError::Exited)
+    }
+}
+
+/// Checks that this kernel pins connections to processes as [`Peer`]
+/// needs; the agent refuses to start without it.
+pub fn check_kernel() -> Result<(), AttestationError> {
+    let (a, _b) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| AttestationError::NoPidfd(format!("socketpair: {e}")))?;
+    let peer = Peer::of(&a);
+    let pidfd = peer
+        .pidfd
+        .as_ref()
+        .map_err(|e| AttestationError::NoPidfd(e.clone()))?;
+    let pid = live_pid(pidfd)?;
+    if u32::try_from(pid).ok() != Some(std::process::id()) {
+        return Err(AttestationError::NoPidfd(format!(
+            "the pidfd names PID {pid}, not this process ({}); is the agent in the host's PID namespace?",
+            std::process::id()
+        )));
+    }
+    Ok(())
+}
+
+fn read_cgroup(pid: i32) -> Result<String, AttestationError> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(|e| AttestationError::Proc {
+        pid,
+        reason: e.to_string(),
+    })
 }
 
 /// The pod UID named in a `/proc/<pid>/cgroup` file, if any. Looks in every
@@ -92,12 +213,7 @@ pub fn pod_uid_from_cgroup(contents: &str) -> Option<PodUid> {
 
 /// The pod of process `pid`, from `/proc/<pid>/cgroup`.
 pub fn pod_of_pid(pid: i32) -> Result<PodUid, AttestationError> {
-    let contents = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(|e| {
-        AttestationError::Proc {
-            pid,
-            reason: e.to_string(),
-        }
-    })?;
+    let contents = read_cgroup(pid)?;
     pod_uid_from_cgroup(&contents).ok_or_else(|| AttestationError::NotInPod {
         pid,
         cgroups: contents.lines().collect::<Vec<_>>().join(" "),
@@ -127,6 +243,20 @@ mod tests {
     #[test_case("garbage without colons" ; "garbage")]
     fn finds_no_pod(contents: &str) {
         assert_eq!(pod_uid_from_cgroup(contents), None);
+    }
+
+    #[test]
+    fn this_kernel_pins_connections_to_processes() {
+        check_kernel().unwrap();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer = Peer::of(&a);
+        match peer.pod() {
+            Err(AttestationError::NotInPod { pid, .. }) => {
+                assert_eq!(pid, std::process::id() as i32)
+            }
+            other => panic!("expected NotInPod, got {other:?}"),
+        }
+        drop(b);
     }
 
     #[test]

@@ -212,8 +212,22 @@ pub struct AuthCache {
     tree: sled::Tree,
 }
 
+/// Only the agent (its user) may read or change the cache.
+fn restrict(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+fn store_io(dir: &Path) -> impl FnOnce(std::io::Error) -> AuthCacheError + '_ {
+    move |e| AuthCacheError::Store {
+        path: dir.to_owned(),
+        source: sled::Error::Io(e),
+    }
+}
+
 impl AuthCache {
-    /// Opens (or creates) the cache in `dir` and reads every record. A
+    /// Opens (or creates) the cache in `dir` (mode 0700) and reads every
+    /// record. A
     /// store that cannot be read, or any invalid record, discards the whole
     /// cache and starts empty, saying why in [`Opened::discarded`].
     pub fn open(dir: &Path) -> Result<(AuthCache, Opened), AuthCacheError> {
@@ -238,6 +252,7 @@ impl AuthCache {
                 }
             }
         };
+        restrict(dir).map_err(store_io(dir))?;
         match found {
             Ok((db, tree, entries)) => Ok((
                 AuthCache {
@@ -269,6 +284,7 @@ impl AuthCache {
                 }
                 let db = sled::open(dir).map_err(store)?;
                 let tree = db.open_tree(TREE).map_err(store)?;
+                restrict(dir).map_err(store_io(dir))?;
                 Ok((
                     AuthCache {
                         path: dir.to_owned(),

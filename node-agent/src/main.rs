@@ -260,6 +260,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             })?;
     tracing::info!(addr = %metrics_bound, "serving /metrics, /healthz and /readyz");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    private_dir(&args.state_dir)?;
     let enforcer = match &args.cgroup_root {
         Some(cgroup) => {
             tessera_bpf::pinning::ensure_bpffs(&args.bpffs)
@@ -363,6 +364,20 @@ async fn watch_x509(client: &spiffe::WorkloadApiClient, updates: usize) -> Resul
         }
     }
     Ok(())
+}
+
+/// Creates `dir` if needed and lets only the agent's user into it.
+fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .with_context(|| {
+            format!(
+                "cannot create the state directory {} (mode 0700)",
+                dir.display()
+            )
+        })
 }
 
 async fn connect(socket: &str) -> Result<spiffe::WorkloadApiClient, String> {

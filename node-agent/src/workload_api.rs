@@ -1,9 +1,11 @@
 //! The SPIFFE Workload API server on a Unix socket.
 //!
 //! Every request must carry the `workload.spiffe.io: true` header
-//! (InvalidArgument otherwise). The caller is identified by the kernel: the
-//! socket's peer PID, then that process's pod cgroup, then the pod's identity
-//! in the [`IdentityStore`]; a caller in no known pod gets PermissionDenied.
+//! (InvalidArgument otherwise). The caller is identified by the kernel: each
+//! connection is pinned to the process that opened it (a pidfd, see
+//! [`attestation::Peer`]), each call reads that process's pod cgroup while
+//! it lives, then the pod's identity in the [`IdentityStore`]; a caller in
+//! no known pod, or whose process has exited, gets PermissionDenied.
 //! Streams send the full state first and again on every change, and end with
 //! PermissionDenied when the pod loses its identity.
 
@@ -20,9 +22,10 @@ use tessera_api::workload_api::{
     SECURITY_HEADER, ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest,
     X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse, claims_struct,
 };
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnixListenerStream;
-use tonic::transport::server::UdsConnectInfo;
+use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 
@@ -33,6 +36,9 @@ use crate::svids::{JwtSource, unix_now};
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// The kernel cannot pin connections to processes.
+    #[error("refusing to serve the Workload API: {0}")]
+    Kernel(#[from] attestation::AttestationError),
     /// Binding or preparing the socket failed.
     #[error("cannot listen on {path}: {source}; check that the directory exists and is writable")]
     Socket {
@@ -65,18 +71,70 @@ fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
     }
 }
 
+/// An accepted connection with the process that opened it.
+struct PinnedConnection {
+    stream: UnixStream,
+    peer: PeerInfo,
+}
+
+/// The connection's pinned peer, as each request sees it.
+#[derive(Debug, Clone)]
+struct PeerInfo(std::sync::Arc<attestation::Peer>);
+
+impl Connected for PinnedConnection {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for PinnedConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for PinnedConnection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
 fn caller<T>(request: &Request<T>) -> Result<PodUid, Status> {
-    let pid = request
-        .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|info| info.peer_cred)
-        .and_then(|cred| cred.pid())
-        .ok_or_else(|| {
-            Status::permission_denied(attestation::AttestationError::NoPeerPid.to_string())
-        })?;
-    attestation::pod_of_pid(pid).map_err(|e| {
+    let peer = request.extensions().get::<PeerInfo>().ok_or_else(|| {
+        Status::permission_denied(attestation::AttestationError::NoPeerPid.to_string())
+    })?;
+    peer.0.pod().map_err(|e| {
         debug!(error = %e, "caller attestation failed");
-        Status::permission_denied("caller is not a workload known to this node agent")
+        match e {
+            attestation::AttestationError::Exited | attestation::AttestationError::Moved { .. } => {
+                Status::permission_denied(e.to_string())
+            }
+            _ => Status::permission_denied("caller is not a workload known to this node agent"),
+        }
     })
 }
 
@@ -308,13 +366,21 @@ pub async fn serve(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
+    attestation::check_kernel()?;
     let listener = UnixListener::bind(path).map_err(err)?;
-    // Any local process may connect; who it is decides what it gets.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).map_err(err)?;
+    // Any local process may connect (workloads run as any user); who it is
+    // decides what it gets. Connecting needs write permission only.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(err)?;
     let service = SpiffeWorkloadApiServer::new(WorkloadApi::new(store, jwt));
+    let incoming = UnixListenerStream::new(listener).map(|accepted| {
+        accepted.map(|stream| {
+            let peer = PeerInfo(std::sync::Arc::new(attestation::Peer::of(&stream)));
+            PinnedConnection { stream, peer }
+        })
+    });
     Ok(tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown),
+            .serve_with_incoming_shutdown(incoming, shutdown),
     ))
 }

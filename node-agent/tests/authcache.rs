@@ -198,3 +198,15 @@ fn a_store_still_locked_by_its_last_holder_is_waited_for_not_discarded() {
     assert_eq!(opened.discarded, None);
     assert_eq!(opened.entries, vec![entry(1)]);
 }
+
+#[test]
+fn the_cache_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache");
+    std::fs::create_dir(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let _cache = AuthCache::open(&path).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "mode {mode:o}");
+}

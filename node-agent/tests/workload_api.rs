@@ -1,7 +1,9 @@
 //! The Workload API server with real callers: client processes placed in a
 //! pod's cgroup (cgroup v2, as root) fetch through the `spiffe` crate's
 //! client; a process in no pod is refused; a request without the security
-//! header is refused; a rotation reaches an open stream.
+//! header is refused; a rotation reaches an open stream; a connection handed
+//! to another process is refused once the process that opened it has exited,
+//! even when its PID now belongs to a process in another pod.
 //!
 //! Needs root and the cgroup v2 hierarchy at /sys/fs/cgroup/unified (or
 //! $TESSERA_CGROUP2_ROOT); fails, never skips, when they are missing.
@@ -233,4 +235,160 @@ async fn a_rotation_reaches_an_open_stream() {
         .await
         .unwrap();
     assert!(ok, "{err}");
+}
+
+/// Connects to `socket` from a process in `cgroup`, hands the connection
+/// to this test process over SCM_RIGHTS and exits; returns the connection
+/// and the PID of the process that opened it (reaped, so free for reuse).
+fn connection_from_an_exited_process(
+    socket: &std::path::Path,
+    cgroup: &std::path::Path,
+) -> (std::os::unix::net::UnixStream, i32) {
+    use std::os::fd::AsFd;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+    // The helper inherits its end under the same number.
+    rustix::io::fcntl_setfd(&theirs, rustix::io::FdFlags::empty()).unwrap();
+    let script = r#"
+import os, socket, sys
+sock_path, cgroup, channel = sys.argv[1], sys.argv[2], int(sys.argv[3])
+pid = os.fork()
+if pid == 0:
+    with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock_path)
+    socket.send_fds(socket.socket(fileno=channel), [str(os.getpid()).encode()], [s.fileno()])
+    os._exit(0)
+os.waitpid(pid, 0)
+"#;
+    let status = Command::new("python3")
+        .args(["-c", script])
+        .arg(socket)
+        .arg(cgroup)
+        .arg(theirs_fd.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    drop(theirs);
+    let mut pid = [0u8; 16];
+    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        ours.as_fd(),
+        &mut [std::io::IoSliceMut::new(&mut pid)],
+        &mut control,
+        rustix::net::RecvFlags::empty(),
+    )
+    .unwrap();
+    let fd = control
+        .drain()
+        .find_map(|m| match m {
+            rustix::net::RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+            _ => None,
+        })
+        .expect("the connection's descriptor");
+    let pid: i32 = std::str::from_utf8(&pid[..got.bytes])
+        .unwrap()
+        .parse()
+        .unwrap();
+    (std::os::unix::net::UnixStream::from(fd), pid)
+}
+
+/// Starts a process in `cgroup` with PID `pid` (through
+/// /proc/sys/kernel/ns_last_pid, retrying while other processes take it);
+/// it sleeps until the cgroup is removed.
+fn recycle_pid(pid: i32, cgroup: &std::path::Path) {
+    let script = r#"
+import os, sys, time
+target, cgroup = int(sys.argv[1]), sys.argv[2]
+for attempt in range(500):
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(target - 1))
+    pid = os.fork()
+    if pid == 0:
+        if os.getpid() == target:
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(120)
+        os._exit(0)
+    if pid == target:
+        for _ in range(500):
+            if cgroup.endswith(open(f"/proc/{pid}/cgroup").read().split("::", 1)[-1].strip()):
+                sys.exit(0)
+            time.sleep(0.01)
+        sys.exit(3)
+    os.waitpid(pid, 0)
+sys.exit(2)
+"#;
+    let status = Command::new("python3")
+        .args(["-c", script, &pid.to_string()])
+        .arg(cgroup)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "could not give PID {pid} to a process in {}",
+        cgroup.display()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_connection_dies_with_the_process_that_opened_it() {
+    use tessera_api::workload_api::X509svidRequest;
+    use tessera_api::workload_api::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    const OTHER_UID: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+    const OTHER_ID: &str = "spiffe://cluster.test/ns/payments/sa/ledger";
+
+    let material = Material::new();
+    let store = store_with_pod(&material);
+    store.set(
+        &PodUid::parse(OTHER_UID).unwrap(),
+        PodIdentity {
+            svids: vec![material.svid(OTHER_ID)],
+            ..PodIdentity::default()
+        },
+    );
+    let (_dir, socket, _stop) = start(&store).await;
+    let mine = PodCgroup::create("held", UID);
+    let theirs = PodCgroup::create("recycled", OTHER_UID);
+
+    let (held, opener) = connection_from_an_exited_process(&socket, mine.path());
+    recycle_pid(opener, theirs.path());
+    held.set_nonblocking(true).unwrap();
+    let mut held = Some(tokio::net::UnixStream::from_std(held).unwrap());
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let stream = held.take();
+            async move {
+                stream
+                    .map(hyper_util::rt::TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("the held connection is used once"))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(X509svidRequest {});
+    request
+        .metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let answer = match SpiffeWorkloadApiClient::new(channel)
+        .fetch_x509svid(request)
+        .await
+    {
+        Ok(stream) => stream.into_inner().message().await,
+        Err(status) => Err(status),
+    };
+    match answer {
+        Ok(Some(svids)) => panic!(
+            "PID {opener}, now a process of another pod, got {:?} on a connection its old owner opened",
+            svids.svids.iter().map(|s| &s.spiffe_id).collect::<Vec<_>>()
+        ),
+        Ok(None) => panic!("the stream ended without an answer"),
+        Err(status) => {
+            assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+            assert!(status.message().contains("has exited"), "{status}");
+        }
+    }
 }

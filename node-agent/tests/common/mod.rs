@@ -53,6 +53,11 @@ impl PodCgroup {
 }
 
 impl PodCgroup {
+    /// The pod cgroup's directory.
+    pub fn path(&self) -> &Path {
+        &self.leaf
+    }
+
     /// Starts `program args...` inside this cgroup.
     pub fn spawn(&self, program: &Path, args: &[&str]) -> Child {
         tessera_tests::netns::spawn_in_cgroup(&self.leaf, None, program.to_str().unwrap(), args)
