@@ -85,6 +85,16 @@ struct {
 	__type(value, __u64);
 } ts_version SEC(".maps");
 
+/* The auth cache's MAC key (four words), kept here so it outlives the agent
+ * (pinned) yet never lives in the agent's state directory. No program reads
+ * it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 4);
+	__type(key, __u32);
+	__type(value, __u64);
+} ts_cache_key SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(map_flags, BPF_F_NO_COMMON_LRU);

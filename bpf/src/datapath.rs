@@ -43,6 +43,9 @@ pub enum DatapathError {
     /// The pinned maps cannot be reused.
     #[error(transparent)]
     Pinning(#[from] PinningError),
+    /// The kernel gave no random bytes.
+    #[error("cannot read random bytes for the auth cache key: {0}")]
+    Random(std::io::Error),
     /// A cgroup or pin path cannot be used.
     #[error("{what} {path}: {source}")]
     Path {
@@ -378,6 +381,39 @@ impl Datapath {
     pub fn epoch(&mut self) -> Result<u64, DatapathError> {
         let map: Array<&mut MapData, u64> = Array::try_from(self.map(maps::EPOCH)?)?;
         Ok(map.get(&0, 0)?)
+    }
+
+    /// The auth cache's MAC key: 32 random bytes made on first use and kept
+    /// in a map (pinned with the others), so the key outlives the agent but
+    /// never lives in its state directory.
+    pub fn cache_key(&mut self) -> Result<[u8; 32], DatapathError> {
+        let mut map: Array<&mut MapData, u64> = Array::try_from(self.map(maps::CACHE_KEY)?)?;
+        let mut words = [0u64; 4];
+        for (i, word) in (0u32..).zip(words.iter_mut()) {
+            *word = map.get(&i, 0)?;
+        }
+        if words.iter().all(|w| *w == 0) {
+            let mut fresh = [0u8; 32];
+            let mut filled = 0;
+            while filled < fresh.len() {
+                filled += rustix::rand::getrandom(
+                    &mut fresh[filled..],
+                    rustix::rand::GetRandomFlags::empty(),
+                )
+                .map_err(|e| DatapathError::Random(std::io::Error::from(e)))?;
+            }
+            for ((i, word), chunk) in (0u32..).zip(words.iter_mut()).zip(fresh.chunks_exact(8)) {
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(chunk);
+                *word = u64::from_le_bytes(bytes);
+                map.set(i, *word, 0)?;
+            }
+        }
+        let mut key = [0u8; 32];
+        for (chunk, word) in key.chunks_exact_mut(8).zip(words) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        Ok(key)
     }
 
     /// Sets which rule kinds exist for `local`, and default deny.

@@ -43,6 +43,8 @@ pub mod maps {
     pub const EPOCH: &str = "ts_epoch";
     /// The version of the decision inputs (one u64; 0: verdict cache off).
     pub const VERSION: &str = "ts_version";
+    /// The agent's auth cache MAC key (four u64 words; read by no program).
+    pub const CACHE_KEY: &str = "ts_cache_key";
     /// Cached IPv4 ingress allow verdicts.
     pub const VERDICTS4: &str = "ts_verdicts4";
     /// Cached IPv6 ingress allow verdicts.
@@ -61,7 +63,7 @@ pub mod maps {
     /// Every map, in the order the agent pins them.
     pub const ALL: &[&str] = &[
         EP_IP, EP_CGROUP, POLICY, SELECTED, AUTH, EPOCH, VERSION, VERDICTS4, VERDICTS6, EVENTS,
-        EVENT_LAST, COUNTERS,
+        EVENT_LAST, COUNTERS, CACHE_KEY,
     ];
 }
 

@@ -123,6 +123,7 @@ pub fn expected(name: &str) -> Option<Layout> {
             consts::TS_MAX_AUTH,
         ),
         maps::EPOCH | maps::VERSION => l(MapType::Array, 4, 8, 1),
+        maps::CACHE_KEY => l(MapType::Array, 4, 8, 4),
         maps::VERDICTS4 => l(
             MapType::LruHash,
             size::<FlowKey4>(),

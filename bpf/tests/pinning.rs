@@ -133,9 +133,22 @@ fn enforcement_outlives_the_loader_and_a_reload_reuses_the_pinned_maps() -> Resu
     );
     assert!(fx.pin_dir().join("links/ts_connect4").exists());
 
+    let key = Datapath::open(Some(&fx.pin_dir()))?.cache_key()?;
+    assert_ne!(key, [0; 32], "a key is made on first use");
+
     // A new load (an agent restart) finds every map with its entries.
     let mut dp = Datapath::open(Some(&fx.pin_dir()))?;
     assert_eq!(dp.reused_maps().len(), tessera_bpf::maps::ALL.len());
+    assert_eq!(
+        dp.cache_key()?,
+        key,
+        "the auth cache key outlives the loader"
+    );
+    assert_ne!(
+        Datapath::open(None)?.cache_key()?,
+        key,
+        "unpinned maps get a key of their own"
+    );
     assert_eq!(dp.selected()?, vec![(SERVER.id, TS_DEFAULT_DENY as u32)]);
     assert_eq!(dp.auths()?.len(), 1, "the authentication survived");
     dp.attach(&fx.top)?; // replaces the previous links without a gap

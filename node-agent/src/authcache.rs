@@ -2,10 +2,14 @@
 //! the generations it was made for and its expiry, kept in sled so a
 //! restarted agent restores its auth map without repeating handshakes.
 //!
-//! Each record carries a checksum over its key and value. A record that
-//! fails it, a store sled cannot open, or one written by another format
-//! version means the whole cache is discarded and rebuilt empty: the agent
-//! then removes every auth map entry the cache does not vouch for and
+//! Each record carries a MAC (HMAC-SHA-256) over its key and value under a
+//! key that does not live in the cache's directory (the data path keeps it
+//! in a pinned map, see `tessera_bpf::datapath::Datapath::cache_key`), so
+//! whoever can write that directory still cannot make the agent restore an
+//! authentication it did not make. A record that fails the MAC, a store sled
+//! cannot open or read (errors and panics alike), or one written by another
+//! format version means the whole cache is discarded and rebuilt empty: the
+//! agent then removes every auth map entry the cache does not vouch for and
 //! authenticates again. It fails closed, never open. (sled itself recovers
 //! a damaged log by dropping what follows the damage; the records lost that
 //! way are simply re-authenticated, and none can come back altered.)
@@ -19,11 +23,11 @@ use std::path::{Path, PathBuf};
 use tessera_bpf::abi::{AuthKey, AuthValue};
 
 /// Format version of records; a different one discards the cache.
-const FORMAT: u8 = 2;
+const FORMAT: u8 = 3;
 /// Name of the sled tree holding the records.
 const TREE: &str = "auth-v1";
-/// Bytes of SHA-256 kept per record as its checksum.
-const CHECKSUM: usize = 16;
+/// Bytes of a record's MAC (the whole HMAC-SHA-256).
+const CHECKSUM: usize = 32;
 /// A SPIFFE ID is at most 2048 bytes; node names far less.
 const MAX_TEXT: usize = 4096;
 
@@ -104,17 +108,32 @@ fn key_bytes(key: &AuthKey) -> [u8; 12] {
     out
 }
 
-fn checksum(key: &[u8], body: &[u8]) -> [u8; CHECKSUM] {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(key);
-    ctx.update(body);
-    let mut out = [0u8; CHECKSUM];
-    out.copy_from_slice(&ctx.finish().as_ref()[..CHECKSUM]);
-    out
+/// The key records are MACed under.
+#[derive(Clone)]
+pub struct MacKey(ring::hmac::Key);
+
+impl MacKey {
+    /// A MAC key from 32 secret bytes.
+    pub fn new(secret: &[u8; 32]) -> MacKey {
+        MacKey(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret))
+    }
 }
 
-/// Encodes `entry`'s value: format, generations, expiry, three texts, checksum.
-fn encode(entry: &Entry) -> Result<Vec<u8>, AuthCacheError> {
+impl std::fmt::Debug for MacKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MacKey(..)")
+    }
+}
+
+fn mac(secret: &MacKey, key: &[u8], body: &[u8]) -> ring::hmac::Tag {
+    let mut ctx = ring::hmac::Context::with_key(&secret.0);
+    ctx.update(key);
+    ctx.update(body);
+    ctx.sign()
+}
+
+/// Encodes `entry`'s value: format, generations, expiry, three texts, MAC.
+fn encode(secret: &MacKey, entry: &Entry) -> Result<Vec<u8>, AuthCacheError> {
     let texts = [&entry.local_id, &entry.remote_id, &entry.remote_node];
     let total: usize = texts.iter().map(|t| t.len()).sum();
     if texts.iter().any(|t| t.len() > MAX_TEXT) {
@@ -131,23 +150,25 @@ fn encode(entry: &Entry) -> Result<Vec<u8>, AuthCacheError> {
         body.extend_from_slice(&(text.len() as u16).to_be_bytes());
         body.extend_from_slice(text.as_bytes());
     }
-    let sum = checksum(&key_bytes(&entry.key), &body);
-    body.extend_from_slice(&sum);
+    let sum = mac(secret, &key_bytes(&entry.key), &body);
+    body.extend_from_slice(sum.as_ref());
     Ok(body)
 }
 
 /// Decodes a record; the reason when it is not a valid one.
-fn decode(key: &[u8], value: &[u8]) -> Result<Entry, String> {
+fn decode(secret: &MacKey, key: &[u8], value: &[u8]) -> Result<Entry, String> {
     let key: [u8; 12] = key
         .try_into()
         .map_err(|_| format!("a key of {} bytes", key.len()))?;
     let split = value
         .len()
         .checked_sub(CHECKSUM)
-        .ok_or("a record shorter than its checksum")?;
+        .ok_or("a record shorter than its MAC")?;
     let (body, sum) = value.split_at(split);
-    if checksum(&key, body) != sum {
-        return Err("a record whose checksum does not match".into());
+    if ring::hmac::verify(&secret.0, &[&key[..], body].concat(), sum).is_err() {
+        return Err(
+            "a record whose MAC does not match (not written by this agent under its key)".into(),
+        );
     }
     let mut rest = body;
     let mut take = |n: usize| -> Result<&[u8], String> {
@@ -210,6 +231,7 @@ pub struct AuthCache {
     path: PathBuf,
     db: sled::Db,
     tree: sled::Tree,
+    secret: MacKey,
 }
 
 /// Only the agent (its user) may read or change the cache.
@@ -227,10 +249,10 @@ fn store_io(dir: &Path) -> impl FnOnce(std::io::Error) -> AuthCacheError + '_ {
 
 impl AuthCache {
     /// Opens (or creates) the cache in `dir` (mode 0700) and reads every
-    /// record. A
-    /// store that cannot be read, or any invalid record, discards the whole
-    /// cache and starts empty, saying why in [`Opened::discarded`].
-    pub fn open(dir: &Path) -> Result<(AuthCache, Opened), AuthCacheError> {
+    /// record, checking each one's MAC under `secret`. A store that cannot
+    /// be read, or any invalid record, discards the whole cache and starts
+    /// empty, saying why in [`Opened::discarded`].
+    pub fn open(dir: &Path, secret: &MacKey) -> Result<(AuthCache, Opened), AuthCacheError> {
         let store = |source| AuthCacheError::Store {
             path: dir.to_owned(),
             source,
@@ -248,7 +270,7 @@ impl AuthCache {
                 }
                 Err(OpenFailure::Damaged(reason)) => break Err(reason),
                 Ok((db, tree)) => {
-                    break Self::read_all(&tree).map(|entries| (db, tree, entries));
+                    break Self::read_all(&tree, secret).map(|entries| (db, tree, entries));
                 }
             }
         };
@@ -259,6 +281,7 @@ impl AuthCache {
                     path: dir.to_owned(),
                     db,
                     tree,
+                    secret: secret.clone(),
                 },
                 Opened {
                     entries,
@@ -290,6 +313,7 @@ impl AuthCache {
                         path: dir.to_owned(),
                         db,
                         tree,
+                        secret: secret.clone(),
                     },
                     Opened {
                         entries: Vec::new(),
@@ -325,13 +349,18 @@ impl AuthCache {
         }
     }
 
-    fn read_all(tree: &sled::Tree) -> Result<Vec<Entry>, String> {
-        let mut out = Vec::new();
-        for item in tree.iter() {
-            let (k, v) = item.map_err(|e| format!("sled cannot read it: {e}"))?;
-            out.push(decode(&k, &v)?);
-        }
-        Ok(out)
+    fn read_all(tree: &sled::Tree, secret: &MacKey) -> Result<Vec<Entry>, String> {
+        // A damaged store can make sled panic while reading too: contained,
+        // and the cache is discarded like any other unreadable one.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut out = Vec::new();
+            for item in tree.iter() {
+                let (k, v) = item.map_err(|e| format!("sled cannot read it: {e}"))?;
+                out.push(decode(secret, &k, &v)?);
+            }
+            Ok(out)
+        }))
+        .unwrap_or_else(|_| Err("sled failed reading it (damaged files)".into()))
     }
 
     /// Where the cache lives.
@@ -341,7 +370,7 @@ impl AuthCache {
 
     /// Records `entry`, replacing the one with its key.
     pub fn put(&self, entry: &Entry) -> Result<(), AuthCacheError> {
-        let value = encode(entry)?;
+        let value = encode(&self.secret, entry)?;
         self.tree
             .insert(key_bytes(&entry.key), value)
             .map_err(|source| self.error(source))?;
@@ -530,6 +559,10 @@ mod tests {
         }
     }
 
+    fn secret() -> MacKey {
+        MacKey::new(&[7; 32])
+    }
+
     proptest! {
         #[test]
         fn records_round_trip(local: u32, remote: u32, node: u32, lg: u64, rg: u64, na: i64,
@@ -539,28 +572,30 @@ mod tests {
                 local_gen: lg, remote_gen: rg, not_after: na, made: na / 2,
                 local_id: a, remote_id: b, remote_node: n,
             };
-            let value = encode(&e).unwrap();
-            prop_assert_eq!(decode(&key_bytes(&e.key), &value).unwrap(), e);
+            let value = encode(&secret(), &e).unwrap();
+            prop_assert_eq!(decode(&secret(), &key_bytes(&e.key), &value).unwrap(), e);
         }
 
         #[test]
         fn damaged_records_never_decode(flip in 0usize..200, bit in 0u8..8, cut in 0usize..200) {
             let e = entry(1, 2, 3);
             let key = key_bytes(&e.key);
-            let mut value = encode(&e).unwrap();
+            let mut value = encode(&secret(), &e).unwrap();
             let i = flip % value.len();
             value[i] ^= 1 << bit;
-            prop_assert!(decode(&key, &value).is_err());
-            let value = encode(&e).unwrap();
-            prop_assert!(decode(&key, &value[..cut % value.len()]).is_err());
-            // The same value under another key is not valid either.
-            prop_assert!(decode(&key_bytes(&entry(1, 2, 4).key), &value).is_err());
+            prop_assert!(decode(&secret(), &key, &value).is_err());
+            let value = encode(&secret(), &e).unwrap();
+            prop_assert!(decode(&secret(), &key, &value[..cut % value.len()]).is_err());
+            // The same value under another key is not valid either...
+            prop_assert!(decode(&secret(), &key_bytes(&entry(1, 2, 4).key), &value).is_err());
+            // ...nor under another MAC key.
+            prop_assert!(decode(&MacKey::new(&[9; 32]), &key, &value).is_err());
         }
 
         #[test]
         fn arbitrary_bytes_never_panic(k in proptest::collection::vec(any::<u8>(), 0..16),
                                        v in proptest::collection::vec(any::<u8>(), 0..128)) {
-            let _ = decode(&k, &v);
+            let _ = decode(&secret(), &k, &v);
         }
     }
 

@@ -119,7 +119,8 @@ impl DataPlane {
         if !dp.reused_maps().is_empty() {
             info!(maps = ?dp.reused_maps(), "reusing pinned maps: enforcement continued while the agent was down");
         }
-        let (cache, opened) = AuthCache::open(cache_dir)?;
+        let secret = authcache::MacKey::new(&dp.cache_key()?);
+        let (cache, opened) = AuthCache::open(cache_dir, &secret)?;
         if let Some(why) = &opened.discarded {
             warn!(path = %cache_dir.display(), reason = %why, "the auth cache was damaged and is rebuilt: pairs are authenticated again");
         }

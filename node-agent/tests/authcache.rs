@@ -4,7 +4,7 @@
 
 use std::io::{Seek, SeekFrom, Write};
 
-use tessera_agent::authcache::{AuthCache, Entry};
+use tessera_agent::authcache::{AuthCache, Entry, MacKey};
 use tessera_bpf::abi::AuthKey;
 
 fn entry(i: u32) -> Entry {
@@ -34,7 +34,7 @@ fn sorted(mut v: Vec<Entry>) -> Vec<Entry> {
 fn records_survive_a_reopen_and_removals_stick() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("auth");
-    let (cache, opened) = AuthCache::open(&path).unwrap();
+    let (cache, opened) = AuthCache::open(&path, &secret()).unwrap();
     assert_eq!(opened.entries, vec![]);
     assert_eq!(opened.discarded, None);
     let all: Vec<Entry> = (1..=50).map(entry).collect();
@@ -49,7 +49,7 @@ fn records_survive_a_reopen_and_removals_stick() {
     cache.flush().unwrap();
     drop(cache);
 
-    let (cache, opened) = AuthCache::open(&path).unwrap();
+    let (cache, opened) = AuthCache::open(&path, &secret()).unwrap();
     assert_eq!(opened.discarded, None);
     let want: Vec<Entry> = all
         .iter()
@@ -67,14 +67,20 @@ fn records_survive_a_reopen_and_removals_stick() {
     cache.clear().unwrap();
     cache.flush().unwrap();
     drop(cache);
-    assert!(AuthCache::open(&path).unwrap().1.entries.is_empty());
+    assert!(
+        AuthCache::open(&path, &secret())
+            .unwrap()
+            .1
+            .entries
+            .is_empty()
+    );
 }
 
 #[test]
 fn one_tampered_record_discards_the_whole_cache() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("auth");
-    let (cache, _) = AuthCache::open(&path).unwrap();
+    let (cache, _) = AuthCache::open(&path, &secret()).unwrap();
     for i in 1..=5 {
         cache.put(&entry(i)).unwrap();
     }
@@ -94,13 +100,17 @@ fn one_tampered_record_discards_the_whole_cache() {
         tree.insert(k, v).unwrap();
         db.flush().unwrap();
     }
-    let (cache, opened) = AuthCache::open(&path).unwrap();
+    let (cache, opened) = AuthCache::open(&path, &secret()).unwrap();
     assert!(
         opened.entries.is_empty(),
         "nothing of a damaged cache is used"
     );
     assert!(
-        opened.discarded.as_deref().unwrap().contains("checksum"),
+        opened
+            .discarded
+            .as_deref()
+            .unwrap()
+            .contains("MAC does not match"),
         "{:?}",
         opened.discarded
     );
@@ -108,7 +118,7 @@ fn one_tampered_record_discards_the_whole_cache() {
     cache.put(&entry(1)).unwrap();
     cache.flush().unwrap();
     drop(cache);
-    let (_, opened) = AuthCache::open(&path).unwrap();
+    let (_, opened) = AuthCache::open(&path, &secret()).unwrap();
     assert_eq!(opened.entries, vec![entry(1)]);
 }
 
@@ -119,7 +129,7 @@ fn damaged_files_are_discarded_or_read_back_exactly_never_half() {
     for round in 0..24u64 {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("auth");
-        let (cache, _) = AuthCache::open(&path).unwrap();
+        let (cache, _) = AuthCache::open(&path, &secret()).unwrap();
         for e in &all {
             cache.put(e).unwrap();
         }
@@ -138,7 +148,7 @@ fn damaged_files_are_discarded_or_read_back_exactly_never_half() {
             f.write_all(&[0xA5; 48][..48.min((len - at) as usize)])
                 .unwrap();
         }
-        let (_, opened) = AuthCache::open(&path).unwrap();
+        let (_, opened) = AuthCache::open(&path, &secret()).unwrap();
         match opened.discarded {
             Some(_) => {
                 assert!(opened.entries.is_empty());
@@ -164,7 +174,7 @@ fn an_unreadable_store_is_replaced() {
     let path = dir.path().join("auth");
     // Not a sled store at all: a file where the directory should be.
     std::fs::write(&path, b"garbage").unwrap();
-    let (cache, opened) = AuthCache::open(&path).unwrap_or_else(|e| panic!("{e}"));
+    let (cache, opened) = AuthCache::open(&path, &secret()).unwrap_or_else(|e| panic!("{e}"));
     assert!(opened.discarded.is_some());
     cache.put(&entry(1)).unwrap();
 }
@@ -186,14 +196,14 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn a_store_still_locked_by_its_last_holder_is_waited_for_not_discarded() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("auth");
-    let (cache, _) = AuthCache::open(&path).unwrap();
+    let (cache, _) = AuthCache::open(&path, &secret()).unwrap();
     cache.put(&entry(1)).unwrap();
     cache.flush().unwrap();
     let holder = std::thread::spawn(move || {
         std::thread::sleep(std::time::Duration::from_millis(300));
         drop(cache);
     });
-    let (_reopened, opened) = AuthCache::open(&path).unwrap();
+    let (_reopened, opened) = AuthCache::open(&path, &secret()).unwrap();
     holder.join().unwrap();
     assert_eq!(opened.discarded, None);
     assert_eq!(opened.entries, vec![entry(1)]);
@@ -206,7 +216,47 @@ fn the_cache_directory_is_private() {
     let path = dir.path().join("cache");
     std::fs::create_dir(&path).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let _cache = AuthCache::open(&path).unwrap();
+    let _cache = AuthCache::open(&path, &secret()).unwrap();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o700, "mode {mode:o}");
+}
+
+/// The agent's MAC key in these tests.
+fn secret() -> MacKey {
+    MacKey::new(&[42; 32])
+}
+
+#[test]
+fn a_record_written_without_the_agents_key_is_not_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache");
+    {
+        let (cache, _) = AuthCache::open(&path, &secret()).unwrap();
+        cache.put(&entry(1)).unwrap();
+    }
+    let (_, opened) = AuthCache::open(&path, &secret()).unwrap();
+    assert_eq!(
+        opened.entries,
+        vec![entry(1)],
+        "the agent's own record comes back"
+    );
+    // Whoever can write the directory but lacks the key adds a record of
+    // the right format for current generations, a year ahead (MACed under
+    // a key of its choosing).
+    {
+        let (forger, _) = AuthCache::open(&path, &MacKey::new(&[0; 32])).unwrap();
+        let mut forged = entry(2);
+        forged.not_after += 365 * 24 * 3600;
+        forger.put(&forged).unwrap();
+    }
+    let (_, opened) = AuthCache::open(&path, &secret()).unwrap();
+    assert!(opened.entries.is_empty(), "restored {:?}", opened.entries);
+    assert!(
+        opened
+            .discarded
+            .as_deref()
+            .is_some_and(|why| why.contains("MAC does not match")),
+        "{:?}",
+        opened.discarded
+    );
 }
