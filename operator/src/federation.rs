@@ -41,10 +41,11 @@ use rustls::pki_types::CertificateDer;
 use tessera_api::bundle::SpiffeBundle;
 use tessera_api::crd::CONDITION_READY;
 use tessera_api::crd::federated_trust_domain::{
-    BundleEndpointProfileType, FederatedTrustDomain, FederatedTrustDomainStatus,
+    BundleEndpointProfileType, FederatedTrustDomain, FederatedTrustDomainSpec,
+    FederatedTrustDomainStatus,
 };
 use tessera_api::spiffe::{SpiffeId, TrustDomain};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::fetch::{self, Profile};
 use crate::metrics::{FetchLabel, Metrics};
@@ -68,6 +69,11 @@ pub const REASON_FRESH: &str = "Fresh";
 pub const REASON_STALE: &str = "Stale";
 /// There is no bundle in use.
 pub const REASON_ERROR: &str = "Error";
+/// Ready reason: no successful refresh within the maximum age; the bundle
+/// is withdrawn and the trust domain's peers are not trusted.
+pub const REASON_EXPIRED: &str = "Expired";
+/// The longest any federated bundle is trusted without a refresh.
+pub const MAX_BUNDLE_AGE: Duration = Duration::from_secs(24 * 3600);
 const FIELD_MANAGER: &str = "tessera-operator";
 
 /// Why a reconcile failed (retried with backoff).
@@ -355,6 +361,7 @@ async fn apply(
             None => None,
         };
         if held.is_none()
+            && !withdrawn_for_age(&ftd)
             && let Some(boot) = &spec.trust_domain_bundle
         {
             match decode(boot) {
@@ -391,8 +398,16 @@ async fn apply(
                         MAX_REFRESH,
                     );
                 };
-                endpoint_id = match id.parse() {
-                    Ok(id) => id,
+                endpoint_id = match id.parse::<SpiffeId>() {
+                    Ok(id) if id.is_member_of(&td) => id,
+                    Ok(id) => {
+                        break 'outcome error(
+                            format!(
+                                "endpointSPIFFEID {id} is not in trust domain {td}: the endpoint must present an X509-SVID of the trust domain whose bundle authenticates it"
+                            ),
+                            MAX_REFRESH,
+                        );
+                    }
                     Err(e) => break 'outcome error(format!("endpointSPIFFEID: {e}"), MAX_REFRESH),
                 };
                 let Some(bundle) = held.as_ref() else {
@@ -435,7 +450,22 @@ async fn apply(
                 for note in &decoded.ignored {
                     info!(trust_domain = %td, "bundle key ignored: {note}");
                 }
-                let bundle = decoded.bundle;
+                let (bundle, expired) = without_expired(
+                    decoded.bundle,
+                    k8s_openapi::jiff::Timestamp::now().as_second(),
+                );
+                if expired > 0 {
+                    info!(trust_domain = %td, expired, "expired X.509 authorities dropped from the fetched bundle");
+                }
+                if key_count(&bundle) == 0 {
+                    break 'outcome error(
+                        format!(
+                            "{} served only expired authorities",
+                            spec.bundle_endpoint_url
+                        ),
+                        MAX_RETRY,
+                    );
+                }
                 if held.as_ref() != Some(&bundle) {
                     let document = bundle.to_json().map_err(|e| e.to_string());
                     let document = match document {
@@ -477,6 +507,24 @@ async fn apply(
                 let hint = held.as_ref().and_then(|b| b.refresh_hint);
                 let next = refresh_after(hint, spec.refresh_interval.as_deref()).min(MAX_RETRY);
                 emit(&ctx, &ftd, EventType::Warning, "FetchFailed", e.clone()).await;
+                let age = age_of_held(&ftd);
+                let max = max_age(spec, hint);
+                if held.is_some() && age > max {
+                    publish(&ctx.client, &ctx.cfg.namespace, td.as_str(), None).await?;
+                    let note = format!(
+                        "no successful refresh for {}s, more than maxBundleAge ({}s): the bundle of {td} is withdrawn and its peers are not trusted until a fetch succeeds; last error: {e}",
+                        age.as_secs(),
+                        max.as_secs()
+                    );
+                    error!(ftd = %name, trust_domain = %td, "{note}");
+                    break 'outcome Outcome {
+                        reason: REASON_EXPIRED,
+                        message: note,
+                        bundle: None,
+                        refreshed: false,
+                        next,
+                    };
+                }
                 match held {
                     Some(bundle) => {
                         warn!(ftd = %name, trust_domain = %td, error = %e, "bundle fetch failed; the previous bundle stays in use");
@@ -621,9 +669,115 @@ pub async fn run(
         .await;
 }
 
+/// The longest `spec`'s bundle is trusted without a successful refresh:
+/// its `maxBundleAge`, else three refresh intervals; never more than
+/// [`MAX_BUNDLE_AGE`].
+pub fn max_age(spec: &FederatedTrustDomainSpec, hint: Option<u64>) -> Duration {
+    spec.max_bundle_age
+        .as_deref()
+        .and_then(|a| tessera_api::duration::parse(a).ok())
+        .unwrap_or_else(|| 3 * refresh_after(hint, spec.refresh_interval.as_deref()))
+        .min(MAX_BUNDLE_AGE)
+}
+
+/// How long ago the held bundle was last known good: the last successful
+/// refresh, else (a bootstrap bundle) the object's creation.
+fn age_of_held(ftd: &FederatedTrustDomain) -> Duration {
+    let since = ftd
+        .status
+        .as_ref()
+        .and_then(|s| s.last_refresh_time.as_ref())
+        .or(ftd.metadata.creation_timestamp.as_ref())
+        .map(|t| t.0);
+    since
+        .and_then(|t| {
+            Duration::try_from(k8s_openapi::jiff::Timestamp::now().duration_since(t)).ok()
+        })
+        .unwrap_or(Duration::ZERO)
+}
+
+/// True when this generation's bundle was withdrawn for its age: the
+/// bootstrap bundle must not bring it back (an edit of the object may).
+fn withdrawn_for_age(ftd: &FederatedTrustDomain) -> bool {
+    ftd.status.as_ref().is_some_and(|s| {
+        s.observed_generation == ftd.metadata.generation
+            && s.conditions
+                .iter()
+                .any(|c| c.type_ == CONDITION_READY && c.reason == REASON_EXPIRED)
+    })
+}
+
+/// `bundle` without the X.509 authorities that expired by `now` (Unix
+/// seconds), or that cannot be read; and how many went.
+pub fn without_expired(mut bundle: SpiffeBundle, now: i64) -> (SpiffeBundle, usize) {
+    let before = bundle.x509_authorities.len();
+    bundle.x509_authorities.retain(|der| {
+        x509_parser::parse_x509_certificate(der)
+            .is_ok_and(|(_, cert)| cert.validity().not_after.timestamp() > now)
+    });
+    let dropped = before - bundle.x509_authorities.len();
+    (bundle, dropped)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn root(not_after: time::OffsetDateTime) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.not_before = not_after - time::Duration::days(30);
+        params.not_after = not_after;
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn expired_authorities_are_dropped() {
+        let now = time::OffsetDateTime::now_utc();
+        let live = root(now + time::Duration::days(1));
+        let bundle = SpiffeBundle {
+            x509_authorities: vec![
+                root(now - time::Duration::days(1)),
+                live.clone(),
+                vec![1, 2, 3],
+            ],
+            jwt_authorities: Default::default(),
+            sequence: Some(1),
+            refresh_hint: None,
+        };
+        let (kept, dropped) = without_expired(bundle, now.unix_timestamp());
+        assert_eq!(dropped, 2);
+        assert_eq!(kept.x509_authorities, vec![live]);
+    }
+
+    #[test]
+    fn the_maximum_age_defaults_to_three_refreshes_and_never_exceeds_a_day() {
+        let spec = |interval: Option<&str>, max: Option<&str>| FederatedTrustDomainSpec {
+            trust_domain: "b.test".into(),
+            bundle_endpoint_url: "https://b.test/".into(),
+            bundle_endpoint_profile: serde_json::from_value(
+                serde_json::json!({"type": "https_web"}),
+            )
+            .unwrap(),
+            trust_domain_bundle: None,
+            refresh_interval: interval.map(Into::into),
+            max_bundle_age: max.map(Into::into),
+        };
+        assert_eq!(
+            max_age(&spec(None, None), Some(60)),
+            Duration::from_secs(180)
+        );
+        assert_eq!(
+            max_age(&spec(Some("10m"), None), None),
+            Duration::from_secs(1800)
+        );
+        assert_eq!(
+            max_age(&spec(Some("10m"), Some("45s")), Some(5)),
+            Duration::from_secs(45)
+        );
+        assert_eq!(max_age(&spec(Some("24h"), None), None), MAX_BUNDLE_AGE);
+    }
 
     #[test]
     fn refresh_follows_the_hint_within_bounds() {

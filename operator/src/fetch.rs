@@ -311,9 +311,14 @@ async fn fetch_from(
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .map_err(|e| FetchError::Tls {
-            authority: target.authority.clone(),
-            reason: e.to_string(),
+        .map_err(|e| {
+            // The details (names and addresses in the endpoint's
+            // certificate) go to the log only; status gets the kind.
+            tracing::warn!(authority = %target.authority, error = %e, "TLS with a bundle endpoint failed");
+            FetchError::Tls {
+                authority: target.authority.clone(),
+                reason: tls_failure(&e),
+            }
         })?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
@@ -352,9 +357,52 @@ async fn fetch_from(
     result
 }
 
+/// What went wrong in a TLS handshake, without the names and addresses a
+/// certificate carries (status is readable more widely than the logs).
+fn tls_failure(e: &std::io::Error) -> String {
+    let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return e.kind().to_string();
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(c) => {
+            let kind = format!("{c:?}");
+            let kind = kind.split(['(', '{', ' ']).next().unwrap_or_default();
+            format!("the endpoint's certificate was refused ({kind})")
+        }
+        rustls::Error::General(why) => why.clone(),
+        other => {
+            let kind = format!("{other:?}");
+            let kind = kind.split(['(', '{', ' ']).next().unwrap_or_default();
+            format!("handshake failed ({kind})")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_failures_name_the_kind_not_the_certificate() {
+        let wrong_name =
+            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext {
+                expected: ServerName::try_from("bundle.b.test").unwrap().to_owned(),
+                presented: vec!["internal-db.corp.example".into(), "10.1.2.3".into()],
+            });
+        let text = tls_failure(&std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            wrong_name,
+        ));
+        assert_eq!(
+            text,
+            "the endpoint's certificate was refused (NotValidForNameContext)"
+        );
+        let closed = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "eof");
+        assert_eq!(tls_failure(&closed), "unexpected end of file");
+    }
 
     #[test]
     fn urls() {

@@ -287,6 +287,7 @@ fn ftd(
             bundle_endpoint_profile: profile,
             trust_domain_bundle: bootstrap,
             refresh_interval: None,
+            max_bundle_age: None,
         },
     )
 }
@@ -502,11 +503,17 @@ async fn federated_trust_domains_follow_their_endpoint() -> Result<()> {
     )?])
     .spiffe_bundle(OffsetDateTime::now_utc(), HINT);
     let d_doc = String::from_utf8(d_bundle.to_json()?)?;
-    ftds.create(
-        &pp,
-        &ftd("d", "d.test", &b_url, spiffe_profile(&b_id), Some(d_doc)),
-    )
-    .await?;
+    // (Trusted for a day without a refresh: the default, three of its 5 s
+    // refreshes, would withdraw it while the rest of this test runs.)
+    let mut d = ftd(
+        "d",
+        "d.test",
+        &b_url,
+        spiffe_profile("spiffe://d.test/bundle"),
+        Some(d_doc),
+    );
+    d.spec.max_bundle_age = Some("24h".into());
+    ftds.create(&pp, &d).await?;
     let (_, _, message, _) = wait_reason(&ftds, "d", "Stale").await?;
     assert!(message.contains("TLS"), "{message}");
     assert_eq!(
@@ -514,6 +521,49 @@ async fn federated_trust_domains_follow_their_endpoint() -> Result<()> {
         Some(d_bundle),
         "the bootstrap bundle stays"
     );
+    // The same with a maximum age: once its bundle has gone unrefreshed
+    // for longer, it is withdrawn, and the bootstrap does not bring it back.
+    let e_bundle = TrustDomainCa::in_memory(vec![tessera_operator::ca::new_root(
+        &"e.test".parse()?,
+        OffsetDateTime::now_utc(),
+        Duration::from_secs(3600),
+    )?])
+    .spiffe_bundle(OffsetDateTime::now_utc(), HINT);
+    let mut e = ftd(
+        "e",
+        "e.test",
+        &b_url,
+        spiffe_profile("spiffe://e.test/bundle"),
+        Some(String::from_utf8(e_bundle.to_json()?)?),
+    );
+    e.spec.max_bundle_age = Some("10s".into());
+    ftds.create(&pp, &e).await?;
+    wait_reason(&ftds, "e", "Stale").await?;
+    assert!(published(&client, "e.test").await?.is_some());
+    let (status, _, message, sequence) = wait_reason(&ftds, "e", "Expired").await?;
+    assert_eq!(status, "False");
+    assert_eq!(sequence, None);
+    assert!(message.contains("withdrawn"), "{message}");
+    for _ in 0..10 {
+        assert_eq!(
+            published(&client, "e.test").await?,
+            None,
+            "an expired bundle came back"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // An endpoint SPIFFE ID of another trust domain is refused.
+    ftds.create(
+        &pp,
+        &ftd("f", "f.test", &b_url, spiffe_profile(&b_id), None),
+    )
+    .await?;
+    let (_, _, message, _) = wait_reason(&ftds, "f", "Error").await?;
+    assert!(
+        message.contains("is not in trust domain f.test"),
+        "{message}"
+    );
+
     let all = federation::published(&client, "tessera-system").await?;
     assert_eq!(
         all.keys().cloned().collect::<Vec<_>>(),

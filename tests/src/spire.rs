@@ -232,6 +232,7 @@ plugins {{
                 },
                 trust_domain_bundle: Some(self.bundle()?),
                 refresh_interval: None,
+                max_bundle_age: None,
             },
         ))
     }

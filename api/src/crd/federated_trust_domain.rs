@@ -81,6 +81,12 @@ pub struct FederatedTrustDomainSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "schema::refresh_interval")]
     pub refresh_interval: Option<String>,
+    /// How long a bundle is trusted without a successful refresh (10s to
+    /// 24h; default three refresh intervals, at most 24h). Past it the
+    /// bundle is withdrawn until a fetch succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "schema::max_bundle_age")]
+    pub max_bundle_age: Option<String>,
 }
 
 /// The bundle endpoint profile (SPIFFE Federation specification, section 5).

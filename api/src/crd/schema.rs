@@ -132,6 +132,11 @@ pub fn refresh_interval(_: &mut SchemaGenerator) -> Schema {
     bounded_duration("30s", "24h", "refreshInterval")
 }
 
+/// How long a federated bundle is trusted without a refresh: 10 seconds to 24 hours.
+pub fn max_bundle_age(_: &mut SchemaGenerator) -> Schema {
+    bounded_duration("10s", "24h", "maxBundleAge")
+}
+
 /// An https URL without user info or fragment.
 pub fn bundle_endpoint_url(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
