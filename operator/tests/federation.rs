@@ -292,6 +292,16 @@ fn ftd(
     )
 }
 
+/// A bundle of a new root for trust domain `td`, valid for an hour.
+fn fresh_bundle(td: &str) -> Result<SpiffeBundle> {
+    let root = tessera_operator::ca::new_root(
+        &td.parse()?,
+        OffsetDateTime::now_utc(),
+        Duration::from_secs(3600),
+    )?;
+    Ok(TrustDomainCa::in_memory(vec![root]).spiffe_bundle(OffsetDateTime::now_utc(), HINT))
+}
+
 fn spiffe_profile(id: &str) -> BundleEndpointProfile {
     BundleEndpointProfile {
         profile_type: BundleEndpointProfileType::HttpsSpiffe,
@@ -496,12 +506,7 @@ async fn federated_trust_domains_follow_their_endpoint() -> Result<()> {
     );
     // https_spiffe against the wrong trust domain's endpoint: the
     // endpoint's SVID does not chain to d.test's bundle.
-    let d_bundle = TrustDomainCa::in_memory(vec![tessera_operator::ca::new_root(
-        &"d.test".parse()?,
-        OffsetDateTime::now_utc(),
-        Duration::from_secs(3600),
-    )?])
-    .spiffe_bundle(OffsetDateTime::now_utc(), HINT);
+    let d_bundle = fresh_bundle("d.test")?;
     let d_doc = String::from_utf8(d_bundle.to_json()?)?;
     // (Trusted for a day without a refresh: the default, three of its 5 s
     // refreshes, would withdraw it while the rest of this test runs.)
@@ -523,12 +528,7 @@ async fn federated_trust_domains_follow_their_endpoint() -> Result<()> {
     );
     // The same with a maximum age: once its bundle has gone unrefreshed
     // for longer, it is withdrawn, and the bootstrap does not bring it back.
-    let e_bundle = TrustDomainCa::in_memory(vec![tessera_operator::ca::new_root(
-        &"e.test".parse()?,
-        OffsetDateTime::now_utc(),
-        Duration::from_secs(3600),
-    )?])
-    .spiffe_bundle(OffsetDateTime::now_utc(), HINT);
+    let e_bundle = fresh_bundle("e.test")?;
     let mut e = ftd(
         "e",
         "e.test",

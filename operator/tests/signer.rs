@@ -444,6 +444,19 @@ async fn only_the_operators_record_agreeing_with_the_workload_identities_is_sign
     Ok(())
 }
 
+/// A signing request for p-a carrying `token`.
+fn bad_token_request(token: &str) -> tonic::Request<SignX509svidRequest> {
+    with_token(
+        SignX509svidRequest {
+            pod_namespace: "shop".into(),
+            pod_name: "p-a".into(),
+            pod_uid: "x".into(),
+            csr: Vec::new(),
+        },
+        Some(token),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_bad_tokens_costs_a_bounded_number_of_token_reviews() -> Result<()> {
     use tessera_operator::signer::limits::{REVIEW_BURST, REVIEWS_PER_SECOND};
@@ -454,16 +467,10 @@ async fn a_flood_of_bad_tokens_costs_a_bounded_number_of_token_reviews() -> Resu
     let mut client = SignerClient::new(f.channel.clone());
     let mut refused_without_review = 0;
     for i in 0..REQUESTS {
-        let request = with_token(
-            SignX509svidRequest {
-                pod_namespace: "shop".into(),
-                pod_name: "p-a".into(),
-                pod_uid: "x".into(),
-                csr: Vec::new(),
-            },
-            Some(&format!("not-a-token-{i}")),
-        );
-        let status = client.sign_x509svid(request).await.unwrap_err();
+        let status = client
+            .sign_x509svid(bad_token_request(&format!("not-a-token-{i}")))
+            .await
+            .unwrap_err();
         match status.code() {
             tonic::Code::Unauthenticated => {}
             tonic::Code::ResourceExhausted => refused_without_review += 1,
@@ -488,16 +495,10 @@ async fn a_flood_of_bad_tokens_costs_a_bounded_number_of_token_reviews() -> Resu
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = resources::apiserver_request_count(&f.client, "tokenreviews").await?;
     for _ in 0..100 {
-        let request = with_token(
-            SignX509svidRequest {
-                pod_namespace: "shop".into(),
-                pod_name: "p-a".into(),
-                pod_uid: "x".into(),
-                csr: Vec::new(),
-            },
-            Some("not-a-token-again"),
-        );
-        let status = client.sign_x509svid(request).await.unwrap_err();
+        let status = client
+            .sign_x509svid(bad_token_request("not-a-token-again"))
+            .await
+            .unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
