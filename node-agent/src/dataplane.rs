@@ -41,6 +41,9 @@ pub struct Stats {
     /// Connections a terminator refused (TLS, verification, policy, or the
     /// workload not accepting).
     pub external_refused: AtomicU64,
+    /// Connections to the handshake port or a terminator closed at once
+    /// because their peer, or the agent, had as many open as allowed.
+    pub connections_capped: AtomicU64,
     /// The data path's decisions by reason (index: `Reason as usize`),
     /// summed over CPUs, as last read from the kernel's counters.
     pub decisions: [AtomicU64; Reason::ALL.len()],

@@ -32,6 +32,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::authcache::Generations;
+use crate::conn_limits::{ConnLimits, HANDSHAKES_PER_PEER, HANDSHAKES_TOTAL};
 use crate::external::{self, External};
 use crate::follow::Compact;
 use crate::handshake::{self, Authenticated, Credentials, HandshakeError, Initiate};
@@ -574,6 +575,7 @@ pub async fn run(
     // Handshakes from other agents.
     {
         let inner = inner.clone();
+        let limits = ConnLimits::new(HANDSHAKES_PER_PEER, HANDSHAKES_TOTAL);
         tasks.push(tokio::spawn(async move {
             loop {
                 let (tcp, from) = match listener.accept().await {
@@ -584,8 +586,17 @@ pub async fn run(
                         continue;
                     }
                 };
+                let slot = match limits.admit(from.ip()) {
+                    Ok(slot) => slot,
+                    Err(e) => {
+                        Stats::bump(&inner.plane.stats.connections_capped);
+                        debug!(%from, reason = %e, "handshake connection closed at once");
+                        continue;
+                    }
+                };
                 let inner = inner.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     // The epoch before the credentials (see `initiate`).
                     let epoch = inner.plane.epoch();
                     let Some(creds) = inner.creds() else { return };

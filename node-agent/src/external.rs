@@ -31,6 +31,8 @@ use tessera_api::spiffe::SpiffeId;
 use tessera_bpf::abi::TermKey;
 use tessera_bpf::datapath::DatapathError;
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::conn_limits::{ConnLimits, EXTERNAL_PER_PEER, EXTERNAL_TOTAL};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -178,6 +180,8 @@ pub struct External {
     failing: Mutex<HashMap<(String, u16), String>>,
     stats: Arc<Stats>,
     own_netns: Option<u64>,
+    /// Caps shared by every terminator socket.
+    limits: Arc<ConnLimits>,
 }
 
 impl std::fmt::Debug for External {
@@ -245,6 +249,7 @@ impl External {
             failing: Mutex::default(),
             stats,
             own_netns: netns_inode(Path::new("/proc/self/ns/net")),
+            limits: ConnLimits::new(EXTERNAL_PER_PEER, EXTERNAL_TOTAL),
         }
     }
 
@@ -403,7 +408,7 @@ impl External {
             want.clone(),
             netns,
             ctx.clone(),
-            self.stats.clone(),
+            (self.stats.clone(), self.limits.clone()),
         ));
         Ok(Running {
             want: want.clone(),
@@ -426,7 +431,7 @@ async fn serve(
     want: Want,
     netns: Arc<File>,
     ctx: Context,
-    stats: Arc<Stats>,
+    (stats, limits): (Arc<Stats>, Arc<ConnLimits>),
 ) {
     let want = Arc::new(want);
     loop {
@@ -438,8 +443,17 @@ async fn serve(
                 continue;
             }
         };
+        let slot = match limits.admit(from.ip()) {
+            Ok(slot) => slot,
+            Err(e) => {
+                Stats::bump(&stats.connections_capped);
+                debug!(pod = %want.pod, %from, reason = %e, "external connection closed at once");
+                continue;
+            }
+        };
         let (want, netns, ctx, stats) = (want.clone(), netns.clone(), ctx.clone(), stats.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let from = SocketAddr::new(from.ip().to_canonical(), from.port());
             match handle(tcp, &want, &netns, &ctx).await {
                 Ok(peer) => {

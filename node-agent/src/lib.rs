@@ -6,6 +6,7 @@
 pub mod attestation;
 pub mod authcache;
 pub mod bench;
+pub mod conn_limits;
 pub mod dataplane;
 pub mod delegated;
 pub mod enforcer;

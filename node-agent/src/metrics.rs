@@ -84,6 +84,12 @@ impl Collector for Agent {
             "Connections of peers outside the mesh a terminator refused: TLS, SVID verification, policy, or the workload not accepting",
             get(&s.external_refused),
         )?;
+        counter(
+            &mut encoder,
+            "connections_capped",
+            "Connections to the handshake port or a terminator closed at once because their address, or the agent, had as many open as allowed",
+            get(&s.connections_capped),
+        )?;
         let mut family = encoder.encode_descriptor(
             "datapath_decisions",
             "Decisions of this node's eBPF programs, by reason (deny_* were refused)",

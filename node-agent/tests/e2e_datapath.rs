@@ -582,3 +582,122 @@ async fn set_bundle(maps: &Api<ConfigMap>, pem: &str) {
     .await
     .unwrap();
 }
+
+/// Open descriptors of process `pid`.
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_handshake_connections_costs_the_agent_little() {
+    use tessera_agent::conn_limits::HANDSHAKES_PER_PEER;
+    use tessera_agent::handshake::HANDSHAKE_TIMEOUT;
+    const CONNECTIONS: usize = 20_000;
+    let _one_at_a_time = TOPOLOGY.lock().await;
+    let (cp, client) = control_plane().await;
+    let signer_port = tessera_tests::free_port().unwrap();
+    let _operator = common::start_operator(cp.kubeconfig(), signer_port, 3600);
+    resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
+    let (cluster, _) = cluster_with_agents(&client, &launch).await;
+    let web = pod(&cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
+    let socket = dir.path().join("node-a.sock");
+    let agent = cluster.agent("node-a");
+    let pid = agent.proc.0.id();
+    let before = open_files(pid);
+    // Four helper processes hold the connections (each within the
+    // machine's per-process descriptor limit).
+    let hold = r#"
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held = [socket.create_connection((host, port), timeout=5) for _ in range(n)]
+print("ready", flush=True)
+sys.stdin.read()
+"#;
+    let started = Instant::now();
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                hold,
+                "198.18.0.1",
+                "4434",
+                &(CONNECTIONS / 4).to_string(),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "a holder could not open its connections"
+        );
+        holders.push(tessera_tests::procs::KillOnDrop(child));
+    }
+    println!(
+        "{CONNECTIONS} idle connections opened in {:?}",
+        started.elapsed()
+    );
+    let during = open_files(pid);
+    println!("agent descriptors: {before} before, {during} with them held");
+    assert!(
+        during <= before + HANDSHAKES_PER_PEER + 16,
+        "the agent holds {during} descriptors ({before} before)"
+    );
+    // The Workload API keeps answering at once...
+    for _ in 0..20 {
+        let asked = Instant::now();
+        let channel = common::workload_api_channel(&socket).await;
+        let answer = common::fetch_x509_once(channel).await;
+        let took = asked.elapsed();
+        assert_eq!(
+            answer.unwrap_err().code(),
+            tonic::Code::PermissionDenied,
+            "this test process is in no pod"
+        );
+        assert!(took < Duration::from_millis(100), "answered after {took:?}");
+    }
+    // ...and a pod's process still gets its SVID.
+    let client_bin = env!("CARGO_BIN_EXE_tessera-agent");
+    let out = tessera_tests::netns::spawn_in_cgroup(
+        &web.cgroup.0,
+        None,
+        client_bin,
+        &["fetch-x509", "--socket", socket.to_str().unwrap()],
+    )
+    .wait_with_output()
+    .unwrap();
+    assert!(
+        out.status.success()
+            && String::from_utf8_lossy(&out.stdout)
+                .contains("spiffe://cluster.test/ns/shop/sa/web"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Admitted ones give their slot back when the handshake times out, so
+    // at most a peer's share per timeout got in while the flood lasted.
+    let capped = agent
+        .metric("tessera_agent_connections_capped_total")
+        .unwrap_or(0.0);
+    let rounds = started.elapsed().as_secs_f64() / HANDSHAKE_TIMEOUT.as_secs_f64() + 2.0;
+    let admitted = CONNECTIONS as f64 - capped;
+    println!("{capped} connections capped, {admitted} admitted");
+    assert!(
+        admitted <= HANDSHAKES_PER_PEER as f64 * rounds,
+        "{admitted} connections were admitted"
+    );
+    drop(holders);
+}

@@ -160,18 +160,7 @@ async fn a_request_without_the_security_header_is_invalid() {
     let material = Material::new();
     let store = store_with_pod(&material);
     let (_dir, socket, _stop) = start(&store).await;
-    let channel = tonic::transport::Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
+    let channel = common::workload_api_channel(&socket).await;
     let status = SpiffeWorkloadApiClient::new(channel)
         .fetch_x509svid(X509svidRequest {})
         .await
@@ -335,8 +324,6 @@ sys.exit(2)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_connection_dies_with_the_process_that_opened_it() {
-    use tessera_api::workload_api::X509svidRequest;
-    use tessera_api::workload_api::spiffe_workload_api_client::SpiffeWorkloadApiClient;
     const OTHER_UID: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
     const OTHER_ID: &str = "spiffe://cluster.test/ns/payments/sa/ledger";
 
@@ -369,23 +356,11 @@ async fn a_held_connection_dies_with_the_process_that_opened_it() {
         }))
         .await
         .unwrap();
-    let mut request = tonic::Request::new(X509svidRequest {});
-    request
-        .metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
-    let answer = match SpiffeWorkloadApiClient::new(channel)
-        .fetch_x509svid(request)
-        .await
-    {
-        Ok(stream) => stream.into_inner().message().await,
-        Err(status) => Err(status),
-    };
-    match answer {
-        Ok(Some(svids)) => panic!(
+    match common::fetch_x509_once(channel).await {
+        Ok(svids) => panic!(
             "PID {opener}, now a process of another pod, got {:?} on a connection its old owner opened",
             svids.svids.iter().map(|s| &s.spiffe_id).collect::<Vec<_>>()
         ),
-        Ok(None) => panic!("the stream ended without an answer"),
         Err(status) => {
             assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
             assert!(status.message().contains("has exited"), "{status}");

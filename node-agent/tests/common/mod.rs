@@ -233,3 +233,40 @@ pub fn validate_jwt(
         &["validate", "jwt", "-audience", audience, "-svid", token],
     )
 }
+
+/// A gRPC channel to the Workload API at `socket`.
+pub async fn workload_api_channel(socket: &Path) -> tonic::transport::Channel {
+    let socket = socket.to_owned();
+    tonic::transport::Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+/// One FetchX509SVID call on `channel` (with the security header): the
+/// first answer, or the refusal.
+pub async fn fetch_x509_once(
+    channel: tonic::transport::Channel,
+) -> Result<tessera_api::workload_api::X509svidResponse, tonic::Status> {
+    use tessera_api::workload_api::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    let mut request = tonic::Request::new(tessera_api::workload_api::X509svidRequest {});
+    request
+        .metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let mut stream = SpiffeWorkloadApiClient::new(channel)
+        .fetch_x509svid(request)
+        .await?
+        .into_inner();
+    stream
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::unknown("the stream ended without an answer"))
+}
