@@ -313,6 +313,30 @@ spec:
         theirs,
         "other owners' entries are untouched"
     );
+
+    // A pod on node-b whose author wrote web's identity onto it gets an
+    // entry for its own identity there, never one for web's.
+    let mut forger = pod("forger", "forger", "node-b");
+    forger.metadata.annotations = Some(
+        [
+            ("tessera.dev/spiffe-id", "spiffe://cluster.test/ns/shop/web"),
+            ("tessera.dev/identity-source", "web"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+    );
+    pods.create(&pp, &forger).await?;
+    let own = "spiffe://cluster.test/ns/shop/sa/default";
+    let now = eventually("the forger's own entry on node-b", || async {
+        let now = ours(&spire);
+        Ok(find(&now, own, agent_b).is_some().then_some(now))
+    })
+    .await?;
+    assert!(
+        find(&now, "spiffe://cluster.test/ns/shop/web", agent_b).is_none(),
+        "an entry for web's identity was made on the forger's node"
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
 }
