@@ -155,6 +155,33 @@ fn encode(secret: &MacKey, entry: &Entry) -> Result<Vec<u8>, AuthCacheError> {
     Ok(body)
 }
 
+/// Decodes one record as stored (its key and value bytes) under `secret`:
+/// the entry, or why it is not a valid record. What the cache applies to
+/// every record it reads (public for the fuzz targets).
+pub fn decode_record(secret: &MacKey, key: &[u8], value: &[u8]) -> Result<Entry, String> {
+    decode(secret, key, value)
+}
+
+/// Encodes `entry` as the cache stores its value (public for the fuzz
+/// targets).
+pub fn encode_record(secret: &MacKey, entry: &Entry) -> Result<Vec<u8>, AuthCacheError> {
+    encode(secret, entry)
+}
+
+/// The stored key of `entry`.
+pub fn record_key(entry: &Entry) -> [u8; 12] {
+    key_bytes(&entry.key)
+}
+
+/// `body` with its MAC under `secret` for the stored key `key` appended: a
+/// value the decoder reads past its MAC check (for the fuzz targets, which
+/// exercise what follows it).
+pub fn seal_record(secret: &MacKey, key: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut value = body.to_vec();
+    value.extend_from_slice(mac(secret, key, body).as_ref());
+    value
+}
+
 /// Decodes a record; the reason when it is not a valid one.
 fn decode(secret: &MacKey, key: &[u8], value: &[u8]) -> Result<Entry, String> {
     let key: [u8; 12] = key
@@ -198,6 +225,12 @@ fn decode(secret: &MacKey, key: &[u8], value: &[u8]) -> Result<Entry, String> {
             .map_err(|_| "text that is not UTF-8".into())
     };
     let (local_id, remote_id, remote_node) = (text()?, text()?, text()?);
+    if !rest.is_empty() {
+        return Err(format!(
+            "a record with {} bytes after its last field",
+            rest.len()
+        ));
+    }
     let word = |i: usize| u32::from_be_bytes([key[i], key[i + 1], key[i + 2], key[i + 3]]);
     Ok(Entry {
         key: AuthKey {
@@ -590,6 +623,17 @@ mod tests {
             prop_assert!(decode(&secret(), &key_bytes(&entry(1, 2, 4).key), &value).is_err());
             // ...nor under another MAC key.
             prop_assert!(decode(&MacKey::new(&[9; 32]), &key, &value).is_err());
+        }
+
+        #[test]
+        fn trailing_bytes_are_refused(extra in proptest::collection::vec(any::<u8>(), 1..16)) {
+            let e = entry(1, 2, 3);
+            let key = key_bytes(&e.key);
+            let value = encode(&secret(), &e).unwrap();
+            let mut body = value[..value.len() - CHECKSUM].to_vec();
+            body.extend_from_slice(&extra);
+            let sealed = seal_record(&secret(), &key, &body);
+            prop_assert!(decode(&secret(), &key, &sealed).is_err());
         }
 
         #[test]

@@ -661,6 +661,26 @@ async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<(u8
     Ok((head[0], body))
 }
 
+/// One frame: its head byte and its body.
+pub type Frame<'a> = (u8, &'a [u8]);
+
+/// The first frame in `bytes` (a head byte, a length byte, that many body
+/// bytes) and what follows it; None when `bytes` holds no whole frame.
+pub fn split_frame(bytes: &[u8]) -> Option<(Frame<'_>, &[u8])> {
+    let (&head, rest) = bytes.split_first()?;
+    let (&len, rest) = rest.split_first()?;
+    let len = usize::from(len);
+    (rest.len() >= len).then(|| ((head, &rest[..len]), &rest[len..]))
+}
+
+/// The node name an initiator's hello frame carries, or why it is refused.
+pub fn hello_node(version: u8, body: Vec<u8>) -> Result<String, String> {
+    if version != HELLO_VERSION {
+        return Err(format!("unsupported handshake version {version}"));
+    }
+    String::from_utf8(body).map_err(|_| "the node name is not UTF-8".to_owned())
+}
+
 /// The peer's leaf from a finished TLS session, with its SPIFFE ID and NotAfter.
 fn peer_leaf(
     certs: Option<&[CertificateDer<'_>]>,
@@ -852,13 +872,12 @@ async fn respond_inner(
     let (version, node) = read_frame(&mut tls)
         .await
         .map_err(io("reading the node name"))?;
-    if version != HELLO_VERSION {
-        let reason = refuse(&mut tls, format!("unsupported handshake version {version}")).await;
-        return Err(HandshakeError::Protocol { peer, reason });
-    }
-    let Ok(node) = String::from_utf8(node) else {
-        let reason = refuse(&mut tls, "the node name is not UTF-8".into()).await;
-        return Err(HandshakeError::Protocol { peer, reason });
+    let node = match hello_node(version, node) {
+        Ok(node) => node,
+        Err(reason) => {
+            let reason = refuse(&mut tls, reason).await;
+            return Err(HandshakeError::Protocol { peer, reason });
+        }
     };
     let knock = Knock {
         remote: remote.as_str(),

@@ -452,7 +452,7 @@ async fn sweep_records(client: kube::Client) -> Result<(), IdentityError> {
             }
             watcher::Event::InitDone => {
                 let Some(seen) = listed.take() else { continue };
-                let all = match records.list_metadata(&Default::default()).await {
+                let all = match records.list(&Default::default()).await {
                     Ok(all) => all,
                     Err(e) => {
                         warn!(error = %e, "cannot list PodIdentities to remove those of deleted pods; next relist retries");
@@ -461,7 +461,9 @@ async fn sweep_records(client: kube::Client) -> Result<(), IdentityError> {
                 };
                 for record in all.items {
                     let uid = record.name_any();
-                    if !seen.contains(&uid) {
+                    // A pod made after the listing is not in `seen`: ask
+                    // for the record's pod before calling it gone.
+                    if !seen.contains(&uid) && !pod_exists(&client, &record).await {
                         sweep_one(
                             &client,
                             &uid,
@@ -487,6 +489,23 @@ async fn sweep_records(client: kube::Client) -> Result<(), IdentityError> {
         }
     }
     Ok(())
+}
+
+/// Whether the pod `record` was written for exists (same UID); true when
+/// that cannot be told, so nothing is deleted on a failed read.
+async fn pod_exists(client: &kube::Client, record: &PodIdentity) -> bool {
+    let spec = &record.spec;
+    match Api::<Pod>::namespaced(client.clone(), &spec.namespace)
+        .get_opt(&spec.pod_name)
+        .await
+    {
+        Ok(Some(pod)) => pod.metadata.uid.as_deref() == Some(record.name_any().as_str()),
+        Ok(None) => false,
+        Err(e) => {
+            warn!(error = %e, pod = %format!("{}/{}", spec.namespace, spec.pod_name), "cannot read the pod of a PodIdentity; keeping the record");
+            true
+        }
+    }
 }
 
 async fn sweep_one(client: &kube::Client, uid: &str, why: &str) {

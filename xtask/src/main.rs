@@ -58,7 +58,8 @@ enum Task {
     Demo,
     /// Fuzz a parser with cargo-fuzz (installed on first use) for a while.
     Fuzz {
-        /// Target in api/fuzz/fuzz_targets: spiffe_id, template, jwt or bundle.
+        /// Target: spiffe_id, template, jwt, bundle (api/fuzz); authcache_record,
+        /// handshake_frames, pem_bundle (node-agent/fuzz); csr (operator/fuzz).
         target: String,
         /// How long to run.
         #[arg(long, default_value_t = 60)]
@@ -175,7 +176,31 @@ fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The fuzz crates, each in its own directory, and their targets.
+const FUZZ_TARGETS: &[(&str, &[&str])] = &[
+    ("api", &["spiffe_id", "template", "jwt", "bundle"]),
+    (
+        "node-agent",
+        &["authcache_record", "handshake_frames", "pem_bundle"],
+    ),
+    ("operator", &["csr"]),
+];
+
 fn fuzz(target: &str, seconds: u64) -> Result<()> {
+    let Some((crate_dir, _)) = FUZZ_TARGETS.iter().find(|(_, ts)| ts.contains(&target)) else {
+        let all: Vec<&str> = FUZZ_TARGETS
+            .iter()
+            .flat_map(|(_, ts)| ts.iter().copied())
+            .collect();
+        bail!(
+            "unknown fuzz target {target:?}; available: {}",
+            all.join(", ")
+        );
+    };
+    if *crate_dir != "api" {
+        // Their crates link the eBPF programs, which need clang-16.
+        deps::ensure()?;
+    }
     let has_cargo_fuzz = Command::new("cargo")
         .args(["fuzz", "--version"])
         .output()
@@ -187,7 +212,7 @@ fn fuzz(target: &str, seconds: u64) -> Result<()> {
     // cargo-fuzz passes nightly-only sanitizer flags; the stable compiler
     // accepts them when told it is bootstrapping itself.
     let status = Command::new("cargo")
-        .current_dir(repo_root().join("api"))
+        .current_dir(repo_root().join(crate_dir))
         .env("RUSTC_BOOTSTRAP", "1")
         .args(["fuzz", "run", target, "--"])
         .arg(format!("-max_total_time={seconds}"))
@@ -195,7 +220,7 @@ fn fuzz(target: &str, seconds: u64) -> Result<()> {
         .context("cannot run cargo fuzz")?;
     if !status.success() {
         bail!(
-            "cargo fuzz run {target} failed ({status}); the crashing input is under api/fuzz/artifacts/{target}/"
+            "cargo fuzz run {target} failed ({status}); the crashing input is under {crate_dir}/fuzz/artifacts/{target}/"
         );
     }
     Ok(())
