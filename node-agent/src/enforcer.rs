@@ -98,7 +98,7 @@ use crate::dataplane::{DataPlane, DataPlaneError, lock};
 #[derive(Clone, Default)]
 struct Stores {
     pods: Compact<Arc<PodPlace>>,
-    /// Pods' identities, keyed `/<pod UID>` (the records' names).
+    /// Pods' identities, keyed by pod UID (the records' names).
     records: Compact<PodRecord>,
     policies: Compact<IdentityPolicySpec>,
     /// SPIFFE ID, number, generation.
@@ -109,10 +109,6 @@ fn pod_value(pod: &Pod) -> Option<Arc<PodPlace>> {
     pod_place(pod).map(Arc::new)
 }
 
-fn record_value(record: &PodIdentity) -> Option<PodRecord> {
-    pod_record(record)
-}
-
 impl Stores {
     /// Every pod that has both a place and an identity record for it.
     fn joined(&self) -> Vec<PodView> {
@@ -120,7 +116,7 @@ impl Stores {
         self.records.read(|records| {
             places
                 .iter()
-                .filter_map(|p| PodView::join(p, records.get(&format!("/{}", p.uid))?))
+                .filter_map(|p| PodView::join(p, records.get(p.uid.as_str())?))
                 .collect()
         })
     }
@@ -474,7 +470,7 @@ pub async fn run(
     )));
     tasks.push(tokio::spawn(stores.records.clone().follow(
         Api::<PodIdentity>::all(client.clone()),
-        record_value,
+        pod_record,
         notify.clone(),
         "podidentities",
     )));

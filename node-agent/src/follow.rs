@@ -17,7 +17,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::warn;
 
-/// Values by namespace/name, filled by [`Compact::follow`].
+/// Values by namespace/name (by name for cluster-scoped objects), filled
+/// by [`Compact::follow`].
 #[derive(Debug)]
 pub struct Compact<V> {
     items: Arc<RwLock<HashMap<String, V>>>,
@@ -46,8 +47,13 @@ impl<V> Default for Compact<V> {
     }
 }
 
+/// `namespace/name`, or the name alone for a cluster-scoped object (so a
+/// lookup by name needs no new string).
 fn key<K: Resource>(obj: &K) -> String {
-    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+    match obj.namespace() {
+        Some(ns) => format!("{ns}/{}", obj.name_any()),
+        None => obj.name_any(),
+    }
 }
 
 impl<V: Clone + Send + Sync + 'static> Compact<V> {
@@ -138,11 +144,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_are_namespace_and_name() {
+    fn keys_are_namespace_and_name_or_the_name_alone() {
         let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(
             serde_json::json!({"metadata": {"name": "web-1", "namespace": "shop"}}),
         )
         .unwrap();
         assert_eq!(key(&pod), "shop/web-1");
+        let record: tessera_api::crd::PodIdentity = serde_json::from_value(serde_json::json!({
+            "apiVersion": "tessera.dev/v1alpha1", "kind": "PodIdentity",
+            "metadata": {"name": "0f0e0d0c-0b0a-0908-0706-050403020100"},
+            "spec": {"podUID": "0f0e0d0c-0b0a-0908-0706-050403020100", "namespace": "shop",
+                "podName": "web-1", "nodeName": "node-a", "spiffeID": "spiffe://td/web",
+                "id": 300, "generation": 2}
+        }))
+        .unwrap();
+        assert_eq!(key(&record), "0f0e0d0c-0b0a-0908-0706-050403020100");
     }
 }
