@@ -4,10 +4,11 @@
 //! handshakes; tests feed it directly and compare the kernel's decisions
 //! with a model.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tessera_api::crd::IdentityPolicySpec;
 use tessera_bpf::abi::{AuthEvent, AuthKey, AuthValue, Endpoint, Reason};
@@ -77,6 +78,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The longest a restored authentication counts before the agent holds an
+/// SVID for its local identity; from then on, at most until that SVID's
+/// NotAfter (see [`DataPlane::cap_restored`]).
+pub const RESTORE_GRACE: Duration = Duration::from_secs(300);
+
 /// Why the data path could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum DataPlaneError {
@@ -98,6 +104,9 @@ pub struct DataPlane {
     /// Per entry made by this process: NotAfter of the local SVID it was
     /// authenticated with.
     used_svid: Mutex<HashMap<AuthKey, i64>>,
+    /// Restored entries whose expiry no SVID held since the restore has
+    /// capped yet.
+    uncapped: Mutex<HashSet<AuthKey>>,
     /// The global epoch as this process last read or wrote it (the map is
     /// the truth; this spares handshakes the map lock a sync pass holds).
     epoch: AtomicU64,
@@ -136,6 +145,7 @@ impl DataPlane {
                 cache,
                 entries: Mutex::new(entries),
                 used_svid: Mutex::default(),
+                uncapped: Mutex::default(),
                 epoch: AtomicU64::new(epoch),
                 dirty: AtomicU64::new(0),
                 flushed: AtomicU64::new(0),
@@ -281,6 +291,7 @@ impl DataPlane {
         if let Some(used) = svid_not_after {
             lock(&self.used_svid).insert(key, used);
         }
+        lock(&self.uncapped).remove(&key);
         lock(&self.entries).insert(key, entry);
         self.dirty.fetch_add(1, Ordering::Relaxed);
         match dp.set_auth(key, value) {
@@ -294,9 +305,14 @@ impl DataPlane {
 
     /// Restores the auth map from the cache's records (after the first full
     /// [`DataPlane::apply`]): valid records are written without handshakes,
-    /// everything else is removed. Returns how many were restored.
+    /// everything else is removed. A restored record counts for at most
+    /// [`RESTORE_GRACE`] until [`DataPlane::cap_restored`] caps it by the
+    /// SVID the agent holds for its local identity. Returns how many were
+    /// restored.
     pub fn restore(&self, view: &View) -> Result<usize, DatapathError> {
+        let grace_end = Clocks::now().unix_now + RESTORE_GRACE.as_secs() as i64;
         let cached: Vec<Entry> = lock(&self.entries).values().cloned().collect();
+        let cached: Vec<Entry> = cached.iter().map(|e| self.capped(e, grace_end)).collect();
         let cached = cached.as_slice();
         let mut dp = lock(&self.dp);
         let epoch = dp.epoch()?;
@@ -312,6 +328,8 @@ impl DataPlane {
         for key in &plan.forget {
             self.forget(key);
         }
+        let mut uncapped = lock(&self.uncapped);
+        uncapped.extend(lock(&self.entries).keys().copied());
         let restored = plan.kept + plan.write.len();
         self.stats
             .restored
@@ -324,6 +342,64 @@ impl DataPlane {
             "auth map restored from the auth cache without handshakes"
         );
         Ok(restored)
+    }
+
+    /// Lowers `entry`'s expiry to `cap` if later, in memory and in the
+    /// cache; returns the entry as it now stands.
+    fn capped(&self, entry: &Entry, cap: i64) -> Entry {
+        if entry.not_after <= cap {
+            return entry.clone();
+        }
+        let mut lowered = entry.clone();
+        lowered.not_after = cap;
+        if let Err(e) = self.cache.put(&lowered) {
+            warn!(error = %e, "cannot persist a restored authentication's lowered expiry");
+        }
+        lock(&self.entries).insert(lowered.key, lowered.clone());
+        self.dirty.fetch_add(1, Ordering::Relaxed);
+        lowered
+    }
+
+    /// Caps each restored authentication whose local identity now has an
+    /// SVID (`held` gives its NotAfter) at that NotAfter, in the cache and in
+    /// the auth map: an authentication restored from disk never outlasts
+    /// the credentials the agent holds for it. Returns how many were
+    /// lowered.
+    pub fn cap_restored(
+        &self,
+        view: &View,
+        held: impl Fn(&str) -> Option<i64>,
+    ) -> Result<usize, DatapathError> {
+        let mut lowered = Vec::new();
+        lock(&self.uncapped).retain(|key| {
+            let Some(entry) = self.entry(key) else {
+                return false;
+            };
+            let Some(not_after) = held(&entry.local_id) else {
+                return true;
+            };
+            if entry.not_after > not_after {
+                lowered.push(self.capped(&entry, not_after));
+            }
+            false
+        });
+        if lowered.is_empty() {
+            return Ok(0);
+        }
+        let mut dp = lock(&self.dp);
+        let epoch = dp.epoch()?;
+        let clocks = Clocks::now();
+        for entry in &lowered {
+            match authcache::map_value(entry, view, clocks, epoch) {
+                Some(value) => dp.set_auth(entry.key, value)?,
+                None => dp.remove_auth(&entry.key)?,
+            }
+        }
+        info!(
+            lowered = lowered.len(),
+            "restored authentications capped by the SVIDs now held"
+        );
+        Ok(lowered.len())
     }
 
     /// Revokes every authentication at once: the epoch moves on (every

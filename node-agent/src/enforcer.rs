@@ -236,6 +236,18 @@ impl Inner {
         self.external.reconcile(&self.plane, &wanted, &ctx);
     }
 
+    /// Caps restored authentications by the SVIDs held now (see
+    /// [`DataPlane::cap_restored`]).
+    fn cap_restored(&self) {
+        let Some(creds) = self.creds() else { return };
+        if let Err(e) = self
+            .plane
+            .cap_restored(&self.view(), |id| creds.not_after(id))
+        {
+            warn!(error = %e, "cannot cap restored authentications by the SVIDs held; they count until the restore grace ends");
+        }
+    }
+
     /// Whether `pair` holds an authentication that needs no renewal.
     fn settled(&self, view: &View, pair: &Pair, creds: &Credentials) -> bool {
         let Some(key) = auth_key(view, pair) else {
@@ -530,6 +542,7 @@ pub async fn run(
                     }
                 }
                 if rebuilt {
+                    inner.cap_restored();
                     // A new pod's SVID (or new bundles): authenticate its
                     // pairs now, not after the next pass over the cluster.
                     inner.preauthenticate();
@@ -560,6 +573,7 @@ pub async fn run(
     }
     inner.sync(&stores)?;
     inner.plane.restore(&inner.view())?;
+    inner.cap_restored();
     inner.reconcile_external();
     info!("data path in sync with the cluster");
     inner

@@ -11,7 +11,9 @@
 //! stops new connections within 1 s; a pod that takes over a deleted pod's
 //! address with another identity inherits nothing; enforcement goes on
 //! while an agent is down, which after a restart repeats no handshake; and
-//! short-lived SVIDs rotate without a single failed connection.
+//! short-lived SVIDs rotate without a single failed connection. Also: what
+//! floods of idle connections cost the agent, and that restored
+//! authentications are only ever the agent's own, capped by its SVIDs.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
+use tessera_agent::authcache::Entry;
 use tessera_agent::trust::{BUNDLE_CONFIGMAP, BUNDLE_KEY};
 use tessera_api::signer_api::TOKEN_AUDIENCE;
 use tessera_tests::cluster::{AgentLaunch, PodSpec, SimCluster, SimPod};
@@ -590,28 +593,17 @@ fn open_files(pid: u32) -> usize {
         .count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_idle_handshake_connections_costs_the_agent_little() {
-    use tessera_agent::conn_limits::HANDSHAKES_PER_PEER;
-    use tessera_agent::handshake::HANDSHAKE_TIMEOUT;
-    const CONNECTIONS: usize = 20_000;
-    let _one_at_a_time = TOPOLOGY.lock().await;
-    let (cp, client) = control_plane().await;
-    let signer_port = tessera_tests::free_port().unwrap();
-    let _operator = common::start_operator(cp.kubeconfig(), signer_port, 3600);
-    resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
-    let (cluster, _) = cluster_with_agents(&client, &launch).await;
-    let web = pod(&cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
-    let socket = dir.path().join("node-a.sock");
-    let agent = cluster.agent("node-a");
-    let pid = agent.proc.0.id();
-    let before = open_files(pid);
-    // Four helper processes hold the connections (each within the
-    // machine's per-process descriptor limit).
+/// Idle connections a flood holds: this many, by four helper processes
+/// (each within the machine's per-process descriptor limit).
+const FLOOD: usize = 20_000;
+
+/// Opens [`FLOOD`] idle connections to `host:port`, from network namespace
+/// `netns` (this one if `None`), and holds them until dropped.
+fn hold_connections(
+    netns: Option<&str>,
+    host: &str,
+    port: u16,
+) -> Vec<tessera_tests::procs::KillOnDrop> {
     let hold = r#"
 import socket, sys
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -619,17 +611,20 @@ held = [socket.create_connection((host, port), timeout=5) for _ in range(n)]
 print("ready", flush=True)
 sys.stdin.read()
 "#;
-    let started = Instant::now();
+    let share = (FLOOD / 4).to_string();
+    let port = port.to_string();
     let mut holders = Vec::new();
     for _ in 0..4 {
-        let mut child = std::process::Command::new("python3")
-            .args([
-                "-c",
-                hold,
-                "198.18.0.1",
-                "4434",
-                &(CONNECTIONS / 4).to_string(),
-            ])
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns, "python3"]);
+                c
+            }
+            None => std::process::Command::new("python3"),
+        };
+        let mut child = command
+            .args(["-c", hold, host, &port, &share])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -647,20 +642,15 @@ sys.stdin.read()
         );
         holders.push(tessera_tests::procs::KillOnDrop(child));
     }
-    println!(
-        "{CONNECTIONS} idle connections opened in {:?}",
-        started.elapsed()
-    );
-    let during = open_files(pid);
-    println!("agent descriptors: {before} before, {during} with them held");
-    assert!(
-        during <= before + HANDSHAKES_PER_PEER + 16,
-        "the agent holds {during} descriptors ({before} before)"
-    );
-    // The Workload API keeps answering at once...
+    holders
+}
+
+/// While a flood is held: the Workload API answers within 100 ms, and a
+/// process of pod `web` still gets its SVID.
+async fn workload_api_still_answers(socket: &Path, web: &SimPod) {
     for _ in 0..20 {
         let asked = Instant::now();
-        let channel = common::workload_api_channel(&socket).await;
+        let channel = common::workload_api_channel(socket).await;
         let answer = common::fetch_x509_once(channel).await;
         let took = asked.elapsed();
         assert_eq!(
@@ -670,7 +660,6 @@ sys.stdin.read()
         );
         assert!(took < Duration::from_millis(100), "answered after {took:?}");
     }
-    // ...and a pod's process still gets its SVID.
     let client_bin = env!("CARGO_BIN_EXE_tessera-agent");
     let out = tessera_tests::netns::spawn_in_cgroup(
         &web.cgroup.0,
@@ -687,17 +676,252 @@ sys.stdin.read()
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Admitted ones give their slot back when the handshake times out, so
-    // at most a peer's share per timeout got in while the flood lasted.
-    let capped = agent
-        .metric("tessera_agent_connections_capped_total")
-        .unwrap_or(0.0);
-    let rounds = started.elapsed().as_secs_f64() / HANDSHAKE_TIMEOUT.as_secs_f64() + 2.0;
-    let admitted = CONNECTIONS as f64 - capped;
-    println!("{capped} connections capped, {admitted} admitted");
+}
+
+/// Floods of idle connections, first to the agent's handshake port, then
+/// to a port whose external peers the agent terminates TLS for: each time
+/// the agent's descriptors stay within one peer's share, the Workload API
+/// answers at once, and the connections admitted are at most a peer's
+/// share per handshake timeout (admitted ones give their slot back when
+/// it expires).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_idle_connections_cost_the_agent_little() {
+    use tessera_agent::conn_limits::{EXTERNAL_PER_PEER, HANDSHAKES_PER_PEER};
+    let _one_at_a_time = TOPOLOGY.lock().await;
+    let (cp, client) = control_plane().await;
+    let signer_port = tessera_tests::free_port().unwrap();
+    let _operator = common::start_operator(cp.kubeconfig(), signer_port, 3600);
+    resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
+    let (cluster, _) = cluster_with_agents(&client, &launch).await;
+    let web = pod(&cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
+    let socket = dir.path().join("node-a.sock");
+    let agent = cluster.agent("node-a");
+    let pid = agent.proc.0.id();
+    let capped = || {
+        agent
+            .metric("tessera_agent_connections_capped_total")
+            .unwrap_or(0.0)
+    };
+
+    // The handshake port, from the host.
+    let before = open_files(pid);
+    let started = Instant::now();
+    let holders = hold_connections(None, "198.18.0.1", 4434);
+    println!("{FLOOD} idle connections opened in {:?}", started.elapsed());
+    let during = open_files(pid);
+    println!("handshake port: agent descriptors {before} before, {during} with them held");
+    assert!(
+        during <= before + HANDSHAKES_PER_PEER + 16,
+        "the agent holds {during} descriptors ({before} before)"
+    );
+    workload_api_still_answers(&socket, &web).await;
+    let rounds = started.elapsed().as_secs_f64()
+        / tessera_agent::handshake::HANDSHAKE_TIMEOUT.as_secs_f64()
+        + 2.0;
+    let admitted = FLOOD as f64 - capped();
+    println!("handshake port: {admitted} connections admitted");
     assert!(
         admitted <= HANDSHAKES_PER_PEER as f64 * rounds,
         "{admitted} connections were admitted"
     );
     drop(holders);
+
+    // A terminated port, from outside the mesh.
+    resources::apply_manifest(
+        &client,
+        &format!(
+            "apiVersion: tessera.dev/v1alpha1\nkind: AuthPolicy\nmetadata: {{name: web-external, namespace: shop}}\n\
+             spec:\n  selector: {{matchLabels: {{app: web}}}}\n  rules:\n  - from: [{{spiffeIDs: [\"spiffe://b.test/client\"]}}]\n    ports: [{{port: {PORT}}}]\n    externalPeers: TerminateTLS\n"
+        ),
+    )
+    .await
+    .unwrap();
+    agent.wait_for("terminating TLS of external peers", 1).await;
+    let outside = cluster.outside("198.18.9.10");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = open_files(pid);
+    let capped_before = capped();
+    let started = Instant::now();
+    let holders = hold_connections(Some(&outside), &web.ip, PORT);
+    println!("{FLOOD} idle connections opened in {:?}", started.elapsed());
+    let during = open_files(pid);
+    println!("terminated port: agent descriptors {before} before, {during} with them held");
+    assert!(
+        during <= before + EXTERNAL_PER_PEER + 16,
+        "the agent holds {during} descriptors ({before} before)"
+    );
+    workload_api_still_answers(&socket, &web).await;
+    let rounds = started.elapsed().as_secs_f64()
+        / tessera_agent::external::HANDSHAKE_TIMEOUT.as_secs_f64()
+        + 2.0;
+    let admitted = FLOOD as f64 - (capped() - capped_before);
+    println!("terminated port: {admitted} connections admitted");
+    assert!(
+        admitted <= EXTERNAL_PER_PEER as f64 * rounds,
+        "{admitted} connections were admitted"
+    );
+    drop(holders);
+}
+
+/// What the test reads from node-b's pinned maps while its agent is down:
+/// the auth cache's MAC key and the endpoints of `db` and `intruder`.
+fn pinned_state(cluster: &SimCluster, db: &SimPod, intruder: &SimPod) -> ([u8; 32], Entry) {
+    let dir = tessera_bpf::pinning::version_dir(&cluster.pin_root("node-b"));
+    let mut dp = tessera_bpf::datapath::Datapath::open(Some(&dir)).unwrap();
+    let local = dp.endpoint_ip(db.ip.parse().unwrap()).unwrap().unwrap();
+    let remote = dp
+        .endpoint_ip(intruder.ip.parse().unwrap())
+        .unwrap()
+        .unwrap();
+    let now = tessera_agent::svids::unix_now();
+    // db accepting web's identity from node-c, where no agent could have
+    // authenticated it: current generations, a year ahead.
+    let forged = Entry {
+        key: tessera_bpf::abi::AuthKey {
+            local: local.id,
+            remote: remote.id,
+            remote_node: remote.node,
+            pad: 0,
+        },
+        local_gen: local.gen_,
+        remote_gen: remote.gen_,
+        not_after: now + 365 * 24 * 3600,
+        made: now,
+        local_id: "spiffe://cluster.test/ns/shop/sa/db".into(),
+        remote_id: "spiffe://cluster.test/ns/shop/sa/web".into(),
+        remote_node: "node-c".into(),
+    };
+    (dp.cache_key().unwrap(), forged)
+}
+
+/// How long the auth entry under `key` in node-b's pinned map has left,
+/// if it is there.
+fn auth_left(cluster: &SimCluster, key: &tessera_bpf::abi::AuthKey) -> Option<Duration> {
+    let dir = tessera_bpf::pinning::version_dir(&cluster.pin_root("node-b"));
+    let mut dp = tessera_bpf::datapath::Datapath::open(Some(&dir)).unwrap();
+    let now = tessera_bpf::monotonic_ns();
+    dp.auths()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| Duration::from_nanos(v.expires_ns.saturating_sub(now)))
+}
+
+/// Stops node-b's agent (the last one).
+fn stop_node_b(cluster: &mut SimCluster) {
+    let stopped = cluster.agents.pop().unwrap();
+    assert_eq!(stopped.node, "node-b");
+    drop(stopped);
+}
+
+/// Starts node-b's agent again and waits until its data path is in sync.
+async fn start_node_b(cluster: &mut SimCluster, launch: &AgentLaunch, token_file: &Path) {
+    cluster.start_agent(launch, "node-b", token_file);
+    cluster
+        .agent("node-b")
+        .wait_for("data path in sync", 1)
+        .await;
+}
+
+/// The auth cache as an attacker who can write the agent's state
+/// directory would use it, against a real agent restarted on it: db
+/// (node-b) admits web's identity only with an authentication, and a pod
+/// claiming web's identity on node-c (no agent) has none. A record for it
+/// with current generations and a year to run, MACed under any key but the
+/// agent's, is not restored; a cache sled cannot read is discarded and the
+/// agent starts with none restored; and a record sealed with the agent's
+/// own key (taken from its pinned map: root's power, beyond the state
+/// directory) counts no longer than the SVID the agent holds for db.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_authentications_are_the_agents_own_and_end_with_its_svids() {
+    use tessera_agent::authcache::{AuthCache, MacKey};
+    let _one_at_a_time = TOPOLOGY.lock().await;
+    let (cp, client) = control_plane().await;
+    let signer_port = tessera_tests::free_port().unwrap();
+    let _operator = common::start_operator(cp.kubeconfig(), signer_port, SVID_TTL);
+    resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
+    let (mut cluster, token_files) = cluster_with_agents(&client, &launch).await;
+    let web = pod(&cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
+    let db = pod(&cluster, "db", "db", "db", "node-b", "198.18.2.10").await;
+    let intruder = pod(&cluster, "intruder", "web", "web", "node-c", "198.18.3.10").await;
+    policy(&cluster, "db-from-web", "db", "web").await;
+    until_ok(&web, &db.ip).await;
+    let refused = |why: &str| {
+        for _ in 0..3 {
+            let out = intruder.connect(&db.ip, PORT);
+            assert!(!ok(&out), "intruder -> db {why}: {out}");
+        }
+    };
+    // db's policy is in node-b's maps once the intruder is refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ok(&intruder.connect(&db.ip, PORT)) {
+        assert!(Instant::now() < deadline, "db's policy never applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    refused("before any tampering");
+
+    let cache_dir = launch.dir.join("node-b").join("authcache");
+
+    // 1. Forged under a key of the attacker's choosing.
+    stop_node_b(&mut cluster);
+    let (agents_key, forged) = pinned_state(&cluster, &db, &intruder);
+    {
+        let (forger, _) = AuthCache::open(&cache_dir, &MacKey::new(&[7; 32])).unwrap();
+        forger.put(&forged).unwrap();
+        forger.flush().unwrap();
+    }
+    start_node_b(&mut cluster, &launch, &token_files[1]).await;
+    refused("after a forged record");
+    assert_eq!(auth_left(&cluster, &forged.key), None);
+    let agent = cluster.agent("node-b");
+    assert_eq!(agent.count("restored=0"), 1, "nothing is restored");
+    agent.wait_for("MAC does not match", 1).await;
+    until_ok(&web, &db.ip).await;
+
+    // 2. A cache sled cannot open: discarded, none restored, the agent runs.
+    stop_node_b(&mut cluster);
+    std::fs::remove_dir_all(&cache_dir).unwrap();
+    std::fs::write(&cache_dir, b"not a sled store").unwrap();
+    start_node_b(&mut cluster, &launch, &token_files[1]).await;
+    let agent = cluster.agent("node-b");
+    assert_eq!(agent.count("restored=0"), 1, "nothing is restored");
+    agent
+        .wait_for("the auth cache was damaged and is rebuilt", 1)
+        .await;
+    until_ok(&web, &db.ip).await;
+
+    // 3. Sealed with the agent's own key: restored, but capped by the SVID
+    // the agent holds for db (SVID_TTL), not a year.
+    stop_node_b(&mut cluster);
+    {
+        let (cache, _) = AuthCache::open(&cache_dir, &MacKey::new(&agents_key)).unwrap();
+        cache.put(&forged).unwrap();
+        cache.flush().unwrap();
+    }
+    start_node_b(&mut cluster, &launch, &token_files[1]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = auth_left(&cluster, &forged.key).expect("restored");
+        if left <= Duration::from_secs(SVID_TTL) {
+            println!("the restored entry has {left:?} left");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a restored entry still has {left:?} left 10 s after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster
+        .agent("node-b")
+        .wait_for("restored authentications capped by the SVIDs now held", 1)
+        .await;
 }
