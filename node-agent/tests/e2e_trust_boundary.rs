@@ -106,14 +106,30 @@ fn forged(victim_number: &str) -> BTreeMap<String, String> {
     .collect()
 }
 
-/// What one Workload API call from `cgroup` answered: the SVID's text, or the
-/// error.
+/// What SPIRE's own Workload API client (`spire-agent api fetch x509`),
+/// run in `cgroup`, answered: its output with the SVID, or the error.
 fn fetch(cgroup: &PodCgroup, socket: &std::path::Path) -> Result<String, String> {
-    let out = cgroup.spawn_client(socket, &[]).wait_with_output().unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let spire_agent = tessera_tests::TestBins::locate().unwrap().spire_agent;
+    let out = cgroup
+        .spawn(
+            &spire_agent,
+            &[
+                "api",
+                "fetch",
+                "x509",
+                "-timeout",
+                "1s",
+                "-socketPath",
+                socket.to_str().unwrap(),
+            ],
+        )
+        .wait_with_output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() && text.contains("SPIFFE ID:") {
+        Ok(text)
     } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
     }
 }
 
@@ -208,8 +224,9 @@ async fn a_pod_author_cannot_give_a_pod_another_workloads_identity() {
     let mut honest_served = 0;
     while Instant::now() < until {
         for (name, cg) in [("forged", &forged_cg), ("broken", &broken_cg)] {
-            if let Ok(svid) = fetch(cg, &socket) {
-                panic!("pod dev/{name}, whose template fails, got an SVID:\n{svid}");
+            match fetch(cg, &socket) {
+                Ok(svid) => panic!("pod dev/{name}, whose template fails, got an SVID:\n{svid}"),
+                Err(e) => assert!(e.contains("PermissionDenied"), "dev/{name}: {e}"),
             }
         }
         match fetch(&honest_cg, &socket) {
