@@ -5,7 +5,10 @@
  * ts_ingress (cgroup_skb/ingress, attached to the pods' cgroup): checks every
  * TCP connection start (SYN without ACK) that reaches a local pod against
  * that pod's policy and, where the policy requires it, against the
- * authentication the agents recorded for the pair. Everything else passes.
+ * authentication the agents recorded for the pair. IPv6 extension headers
+ * are walked (at most TS_IPV6_MAX_EXT) to the TCP header; a packet to a pod
+ * a policy selects whose TCP header cannot be reached that way is dropped.
+ * Everything else passes.
  *
  * ts_connect4 / ts_connect6 (cgroup/connect4|6): the egress gate. A pod's
  * TCP connect() to a pod the destination's policy does not admit, or whose
@@ -156,7 +159,7 @@ static __always_inline void count(__u32 reason)
 
 static __always_inline int is_deny(__u32 reason)
 {
-	return reason >= TS_REASON_DENY_POLICY && reason <= TS_REASON_DENY_MALFORMED;
+	return reason >= TS_REASON_DENY_POLICY && reason <= TS_REASON_DENY_UNPARSED;
 }
 
 /* The ts_policy entry for one key shape, if any. */
@@ -332,6 +335,60 @@ static __always_inline int read_packet(struct __sk_buff *skb, __u32 off, void *t
 	return bpf_skb_load_bytes(skb, off, to, len);
 }
 
+static __always_inline int ip6_is_ext(__u8 next)
+{
+	return next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS ||
+	       next == IPPROTO_FRAGMENT || next == IPPROTO_AH;
+}
+
+/* Walks the IPv6 extension headers from offset *off, where a header of type
+ * *next begins, to the transport header: 0 with *next and *off naming it;
+ * TS_L4_UNREACHABLE when it cannot be reached (more than TS_IPV6_MAX_EXT
+ * extension headers, or a fragment other than the first); -1 when the
+ * packet ends inside a header. */
+#define TS_L4_UNREACHABLE 1
+static __always_inline int ip6_transport(struct __sk_buff *skb, __u8 *next, __u32 *off)
+{
+	__u8 hdr[4];
+	int i;
+
+	for (i = 0; i < TS_IPV6_MAX_EXT; i++) {
+		if (!ip6_is_ext(*next))
+			return 0;
+		if (read_packet(skb, *off, hdr, sizeof(hdr)))
+			return -1;
+		if (*next == IPPROTO_FRAGMENT) {
+			/* Fragment offset (13 bits, in 8-octet units): only the
+			 * first fragment carries the transport header. */
+			if ((((__u16)hdr[2] << 8) | hdr[3]) & 0xfff8)
+				return TS_L4_UNREACHABLE;
+			*off += 8;
+		} else if (*next == IPPROTO_AH) {
+			*off += ((__u32)hdr[1] + 2) * 4;
+		} else {
+			*off += ((__u32)hdr[1] + 1) * 8;
+		}
+		*next = hdr[0];
+	}
+	return ip6_is_ext(*next) ? TS_L4_UNREACHABLE : 0;
+}
+
+/* A packet whose transport header cannot be reached: dropped when it goes
+ * to a pod a policy selects (counted as TS_REASON_DENY_UNPARSED), passed
+ * otherwise. */
+static __always_inline int unparsed(const struct ts_ip_key *dst_key)
+{
+	int known;
+	struct ts_endpoint dst = lookup_ip(dst_key, &known);
+
+	if (known && shapes_of(dst.id)) {
+		count(TS_REASON_DENY_UNPARSED);
+		return 0;
+	}
+	count(TS_REASON_PASS_NOT_CHECKED);
+	return 1;
+}
+
 /* The version of the decision inputs (0: the verdict cache is off). */
 static __always_inline __u64 inputs_version(void)
 {
@@ -371,7 +428,13 @@ int ts_ingress(struct __sk_buff *skb)
 
 		if (read_packet(skb, 0, &ip, sizeof(ip)))
 			goto malformed;
-		if (ip.protocol != IPPROTO_TCP || (ip.frag_off & bpf_htons(0x1fff))) {
+		/* The kernel reassembles fragments before this hook; a later
+		 * fragment seen here anyway carries no TCP header to check. */
+		if (ip.frag_off & bpf_htons(0x1fff)) {
+			ip4_key(&dst_key, ip.daddr);
+			return unparsed(&dst_key);
+		}
+		if (ip.protocol != IPPROTO_TCP) {
 			count(TS_REASON_PASS_NOT_CHECKED);
 			return 1;
 		}
@@ -382,15 +445,24 @@ int ts_ingress(struct __sk_buff *skb)
 		f4.dst = ip.daddr;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
+		__u8 next;
+		int walked;
 
 		if (read_packet(skb, 0, &ip6, sizeof(ip6)))
 			goto malformed;
-		/* Extension headers are not followed: only plain TCP is checked. */
-		if (ip6.nexthdr != IPPROTO_TCP) {
+		next = ip6.nexthdr;
+		l4_off = sizeof(ip6);
+		walked = ip6_transport(skb, &next, &l4_off);
+		if (walked < 0)
+			goto malformed;
+		if (walked == TS_L4_UNREACHABLE) {
+			__builtin_memcpy(dst_key.addr, &ip6.daddr, 16);
+			return unparsed(&dst_key);
+		}
+		if (next != IPPROTO_TCP) {
 			count(TS_REASON_PASS_NOT_CHECKED);
 			return 1;
 		}
-		l4_off = sizeof(ip6);
 		__builtin_memcpy(f6.src, &ip6.saddr, 16);
 		__builtin_memcpy(f6.dst, &ip6.daddr, 16);
 		v6 = 1;

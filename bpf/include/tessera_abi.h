@@ -16,7 +16,7 @@
 
 #include <linux/types.h>
 
-#define TESSERA_ABI_VERSION 3
+#define TESSERA_ABI_VERSION 4
 
 /* Numeric identities below 256 are reserved (allocated ones start at 256). */
 /* Any identity, in policy keys. */
@@ -181,8 +181,12 @@ enum ts_reason {
 	TS_REASON_DENY_AUTH_EXPIRED = 9,
 	TS_REASON_DENY_AUTH_EPOCH = 10, /* revoked by an epoch bump */
 	TS_REASON_DENY_MALFORMED = 11,
-	TS_REASON_EVENTS_LOST = 12,     /* ring buffer full */
-	TS_REASON_COUNT = 13,
+	/* to a pod a policy selects, a packet whose TCP header the program
+	 * cannot reach: behind more than TS_IPV6_MAX_EXT IPv6 extension
+	 * headers, or in a fragment other than the first */
+	TS_REASON_DENY_UNPARSED = 12,
+	TS_REASON_EVENTS_LOST = 13,     /* ring buffer full */
+	TS_REASON_COUNT = 14,
 };
 
 #define TS_MAX_ENDPOINTS 65536
@@ -193,6 +197,10 @@ enum ts_reason {
 #define TS_MAX_EVENT_PAIRS 16384
 #define TS_MAX_FLOWS 65536
 #define TS_MAX_TERMINATORS 4096
+/* Most IPv6 extension headers ts_ingress walks to reach the transport
+ * header (a packet needs a handful at most; RFC 8200 asks each header to
+ * appear once, the destination options header twice). */
+#define TS_IPV6_MAX_EXT 8
 /* Deepest cgroup level the connect gates search for a pod's cgroup. */
 #define TS_CGROUP_DEPTH 16
 

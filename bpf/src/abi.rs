@@ -302,6 +302,9 @@ pub enum Reason {
     DenyAuthEpoch = consts::TS_REASON_DENY_AUTH_EPOCH as u32,
     /// The packet could not be parsed.
     DenyMalformed = consts::TS_REASON_DENY_MALFORMED as u32,
+    /// To a pod a policy selects, a packet whose TCP header is out of reach
+    /// (too many IPv6 extension headers, or a fragment other than the first).
+    DenyUnparsed = consts::TS_REASON_DENY_UNPARSED as u32,
     /// An event was lost (ring buffer full).
     EventsLost = consts::TS_REASON_EVENTS_LOST as u32,
 }
@@ -321,6 +324,7 @@ impl Reason {
         Reason::DenyAuthExpired,
         Reason::DenyAuthEpoch,
         Reason::DenyMalformed,
+        Reason::DenyUnparsed,
         Reason::EventsLost,
     ];
 
@@ -339,6 +343,7 @@ impl Reason {
             Reason::DenyAuthExpired => "deny_auth_expired",
             Reason::DenyAuthEpoch => "deny_auth_epoch",
             Reason::DenyMalformed => "deny_malformed",
+            Reason::DenyUnparsed => "deny_unparsed",
             Reason::EventsLost => "events_lost",
         }
     }

@@ -29,17 +29,86 @@ pub fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, port: u16, flags: u8) -> Vec<
 
 /// Ethernet + IPv6 + TCP SYN from `src` to `dst`:`port`.
 pub fn ipv6_syn(src: [u8; 16], dst: [u8; 16], port: u16) -> Vec<u8> {
+    ipv6_with(src, dst, &[], TCP, port, SYN)
+}
+
+/// An IPv6 extension header, as [`ipv6_with`] chains them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ext {
+    /// Hop-by-hop options, `len` 8-octet units beyond the first (padding).
+    HopByHop(u8),
+    /// A routing header (type 0 shape, no addresses left), `len` units.
+    Routing(u8),
+    /// Destination options, `len` 8-octet units beyond the first.
+    DestOpts(u8),
+    /// A fragment header: offset in 8-octet units and the more-fragments flag.
+    Fragment { offset: u16, more: bool },
+}
+
+impl Ext {
+    fn number(self) -> u8 {
+        match self {
+            Ext::HopByHop(_) => 0,
+            Ext::Routing(_) => 43,
+            Ext::DestOpts(_) => 60,
+            Ext::Fragment { .. } => 44,
+        }
+    }
+
+    /// The header's bytes, its next-header field set to `next`.
+    fn bytes(self, next: u8) -> Vec<u8> {
+        match self {
+            Ext::HopByHop(len) | Ext::Routing(len) | Ext::DestOpts(len) => {
+                // PadN options fill the header (the routing header's type
+                // and segments-left bytes stay 0).
+                let mut h = vec![0u8; 8 * (usize::from(len) + 1)];
+                h[0] = next;
+                h[1] = len;
+                if !matches!(self, Ext::Routing(_)) {
+                    h[2] = 1;
+                    h[3] = (h.len() - 4) as u8;
+                }
+                h
+            }
+            Ext::Fragment { offset, more } => {
+                let mut h = vec![0u8; 8];
+                h[0] = next;
+                let field = (offset << 3) | u16::from(more);
+                h[2..4].copy_from_slice(&field.to_be_bytes());
+                h[4..8].copy_from_slice(&0x7e55_e7a5u32.to_be_bytes());
+                h
+            }
+        }
+    }
+}
+
+/// Ethernet + IPv6 + the extension headers `exts`, in order, + `proto`'s
+/// 20-byte TCP-shaped header from `src` to `dst`:`port` with `flags`.
+pub fn ipv6_with(
+    src: [u8; 16],
+    dst: [u8; 16],
+    exts: &[Ext],
+    proto: u8,
+    port: u16,
+    flags: u8,
+) -> Vec<u8> {
+    let mut chain = Vec::new();
+    for (i, ext) in exts.iter().enumerate() {
+        let next = exts.get(i + 1).map_or(proto, |e| e.number());
+        chain.extend_from_slice(&ext.bytes(next));
+    }
     let mut p = vec![0u8; 14];
     p[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
     let mut ip = [0u8; 40];
     ip[0] = 0x60;
-    ip[4..6].copy_from_slice(&20u16.to_be_bytes());
-    ip[6] = TCP;
+    ip[4..6].copy_from_slice(&((chain.len() + 20) as u16).to_be_bytes());
+    ip[6] = exts.first().map_or(proto, |e| e.number());
     ip[7] = 64;
     ip[8..24].copy_from_slice(&src);
     ip[24..40].copy_from_slice(&dst);
     p.extend_from_slice(&ip);
-    p.extend_from_slice(&tcp(port, SYN));
+    p.extend_from_slice(&chain);
+    p.extend_from_slice(&tcp(port, flags));
     p
 }
 
@@ -74,5 +143,28 @@ mod tests {
         let p6 = ipv6_syn([1; 16], [2; 16], 443);
         assert_eq!(p6.len(), 14 + 40 + 20);
         assert_eq!(u16::from_be_bytes([p6[56], p6[57]]), 443);
+        let chained = ipv6_with(
+            [1; 16],
+            [2; 16],
+            &[
+                Ext::HopByHop(0),
+                Ext::DestOpts(1),
+                Ext::Fragment {
+                    offset: 0,
+                    more: false,
+                },
+            ],
+            TCP,
+            443,
+            SYN,
+        );
+        // 8 + 16 + 8 bytes of extension headers, each naming the next.
+        assert_eq!(chained.len(), 14 + 40 + 32 + 20);
+        assert_eq!(
+            (chained[20], chained[54], chained[62], chained[78]),
+            (0, 60, 44, TCP)
+        );
+        assert_eq!(u16::from_be_bytes([chained[18], chained[19]]), 52);
+        assert_eq!(u16::from_be_bytes([chained[88], chained[89]]), 443);
     }
 }

@@ -619,3 +619,97 @@ fn denials_are_never_cached_and_ipv6_verdicts_are() -> Result<()> {
     assert_eq!(h.dp.cached_verdicts6()?, before);
     Ok(())
 }
+
+/// IPv6 connection starts behind extension headers: the program walks
+/// hop-by-hop, routing, destination options and fragment headers to the
+/// TCP header and decides as for a plain SYN.
+#[test]
+fn ipv6_extension_headers_hide_no_connection_start() -> Result<()> {
+    use tessera_bpf::packets::{Ext, ipv6_with};
+    let mut h = Harness::new()?;
+    h.dp.set_endpoint_ip(
+        IpAddr::from(A6),
+        Endpoint {
+            id: 300,
+            node: 1,
+            gen_: 5,
+        },
+    )?;
+    h.select(300, TS_DEFAULT_DENY)?;
+    let syn = |exts: &[Ext]| ipv6_with(B6, A6, exts, TCP, 8080, SYN);
+    let atomic = Ext::Fragment {
+        offset: 0,
+        more: false,
+    };
+    for (exts, what) in [
+        (vec![Ext::DestOpts(0)], "destination options"),
+        (vec![Ext::HopByHop(0)], "hop-by-hop"),
+        (vec![Ext::Routing(1)], "routing"),
+        (vec![atomic], "an atomic fragment"),
+        (
+            vec![Ext::HopByHop(1), Ext::Routing(0), Ext::DestOpts(2), atomic],
+            "four headers",
+        ),
+    ] {
+        h.expect(&syn(&exts), false, Reason::DenyDefault, what)?;
+    }
+    // The first fragment of a SYN carries its TCP header: checked.
+    let first = Ext::Fragment {
+        offset: 0,
+        more: true,
+    };
+    h.expect(
+        &syn(&[first]),
+        false,
+        Reason::DenyDefault,
+        "a first fragment",
+    )?;
+    // Out of reach: a later fragment, or more extension headers than the
+    // bound. Dropped on the way to a pod a policy selects...
+    let later = Ext::Fragment {
+        offset: 2,
+        more: false,
+    };
+    let too_many = vec![Ext::DestOpts(0); TS_IPV6_MAX_EXT as usize + 1];
+    let at_bound = vec![Ext::DestOpts(0); TS_IPV6_MAX_EXT as usize];
+    h.expect(
+        &syn(&[later]),
+        false,
+        Reason::DenyUnparsed,
+        "a later fragment",
+    )?;
+    h.expect(
+        &syn(&too_many),
+        false,
+        Reason::DenyUnparsed,
+        "past the bound",
+    )?;
+    h.expect(&syn(&at_bound), false, Reason::DenyDefault, "at the bound")?;
+    let mut later4 = packet(B, A, TCP, 8080, SYN);
+    later4[14 + 6] = 0x00;
+    later4[14 + 7] = 0x03; // fragment offset 3 (24 octets)
+    h.select(300, TS_DEFAULT_DENY)?;
+    h.expect(
+        &later4,
+        false,
+        Reason::DenyUnparsed,
+        "a later IPv4 fragment",
+    )?;
+    // ...and not checked to one no policy selects.
+    h.select(300, 0)?;
+    h.dp.remove_selected(300)?;
+    h.expect(&syn(&too_many), true, Reason::PassNotChecked, "unprotected")?;
+    h.expect(&later4, true, Reason::PassNotChecked, "unprotected v4")?;
+    // A non-SYN behind headers, and ICMPv6, pass unchecked (no connection
+    // starts with them).
+    h.select(300, TS_DEFAULT_DENY)?;
+    let ack = ipv6_with(B6, A6, &[Ext::DestOpts(0)], TCP, 8080, ACK);
+    h.expect(&ack, true, Reason::PassNotChecked, "ack")?;
+    let icmp = ipv6_with(B6, A6, &[Ext::DestOpts(0)], 58, 0, 0);
+    h.expect(&icmp, true, Reason::PassNotChecked, "icmpv6")?;
+    // A header cut short: malformed.
+    let mut cut = syn(&[Ext::DestOpts(4)]);
+    cut.truncate(14 + 40 + 2);
+    h.expect(&cut, false, Reason::DenyMalformed, "cut short")?;
+    Ok(())
+}

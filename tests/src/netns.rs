@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// A TCP server: `python3 -c SERVER <port> <banner>` prints `listening`,
-/// then answers every connection with the banner.
+/// A TCP server on both families: `python3 -c SERVER <port> <banner>`
+/// prints `listening`, then answers every connection with the banner.
 pub const SERVER: &str = r#"
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", int(sys.argv[1])))
 s.listen(64)
 print("listening", flush=True)
 while True:
@@ -25,11 +26,13 @@ while True:
     c.close()
 "#;
 
-/// One connection attempt: `python3 -c CLIENT <ip> <port> <timeout>` prints
+/// One connection attempt (IPv4 or IPv6, as `ip` is written):
+/// `python3 -c CLIENT <ip> <port> <timeout>` prints
 /// `ok <secs> <banner>`, `errno <n> <secs>` or `timeout <secs>`.
 pub const CLIENT: &str = r#"
 import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
 s.settimeout(float(sys.argv[3]))
 t = time.monotonic()
 try:
@@ -55,6 +58,10 @@ pub fn sh(cmd: &str, args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The IPv6 /64 of the test topology (a unique local prefix: no route
+/// leads anywhere else).
+pub const IPV6_PREFIX: &str = "fd18:7e55";
 
 /// A test network: a bridge in the host namespace holding the simulated
 /// nodes' addresses, and one network namespace per pod joined to it by a
@@ -87,6 +94,13 @@ impl Topology {
 
     /// A pod network namespace with `ip`; its name.
     pub fn pod(&self, ip: &str) -> String {
+        self.pod_with(&[ip])
+    }
+
+    /// A pod network namespace with every address of `ips` (IPv4 ones in
+    /// 198.18.0.0/15, IPv6 ones in one /64 shared by the topology, such as
+    /// [`IPV6_PREFIX`]`::10`); its name.
+    pub fn pod_with(&self, ips: &[&str]) -> String {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ns = format!("ts{}-{n}", self.tag);
         let (host, inner) = (
@@ -106,7 +120,15 @@ impl Topology {
             all.extend_from_slice(args);
             sh("ip", &all);
         };
-        exec(&["addr", "add", &format!("{ip}/15"), "dev", &inner]);
+        for ip in ips {
+            if ip.contains(':') {
+                // No duplicate address detection: usable at once.
+                let cidr = format!("{ip}/64");
+                exec(&["-6", "addr", "add", &cidr, "dev", &inner, "nodad"]);
+            } else {
+                exec(&["addr", "add", &format!("{ip}/15"), "dev", &inner]);
+            }
+        }
         exec(&["link", "set", &inner, "up"]);
         exec(&["link", "set", "lo", "up"]);
         ns

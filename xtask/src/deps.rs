@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 /// comes with the machine (Debian's golang is too old for Kubernetes 1.36);
 /// `testbin` checks its version.
 /// `iproute2` builds the end-to-end tests' network namespaces and
-/// `python3` runs the simulated pods' TCP clients and servers.
+/// `python3` runs the simulated pods' TCP clients and servers, and
+/// `python3-scapy` crafts the packets an attacker would send.
 /// `openssl` is the peer `cargo xtask bench identity` measures signing against;
 /// `clang-16` and `libbpf-dev` build the eBPF programs in `bpf/` (every
 /// crate that links them needs both to compile; xtask itself does not),
@@ -21,6 +22,7 @@ pub const PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "python3",
+    "python3-scapy",
 ];
 
 fn installed(package: &str) -> bool {
