@@ -198,6 +198,12 @@ pub fn translate(
         let mut entries = BTreeMap::new();
         let mut count = 0usize;
         for rule in &policy.rules {
+            // HTTP rules wait for the waypoint: until it enforces them, an
+            // Allow rule with HTTP rules allows nothing (never the whole
+            // port). A Deny rule with HTTP rules denies its whole ports.
+            if rule.action == PolicyAction::Allow && rule.l7 {
+                continue;
+            }
             let remotes: BTreeSet<u32> = if rule.from.is_empty() {
                 BTreeSet::from([TS_ID_ANY as u32])
             } else {
@@ -232,11 +238,11 @@ pub fn translate(
                 },
                 PolicyAction::Allow => PolicyValue {
                     verdict: TS_VERDICT_ALLOW as u8,
-                    flags: (if rule.authentication == Authentication::Mutual {
+                    flags: if rule.authentication == Authentication::Mutual {
                         TS_RULE_AUTH as u8
                     } else {
                         0
-                    }) | (if rule.l7 { TS_RULE_L7 as u8 } else { 0 }),
+                    },
                     pad: [0; 2],
                 },
             };
@@ -575,6 +581,36 @@ mod tests {
             Decision::Allow(0),
             "no policy"
         );
+    }
+
+    #[test]
+    fn http_rules_allow_nothing_and_deny_their_ports_until_a_waypoint_enforces_them() {
+        let l7 = |action| CompiledRule {
+            l7: action == PolicyAction::Allow,
+            ..rule(action, vec![ids(&[WEB])], &[(8080, None)])
+        };
+        let allow = IdentityPolicySpec {
+            spiffe_id: DB.into(),
+            default_deny: true,
+            rules: vec![l7(PolicyAction::Allow)],
+            sources: vec![],
+        };
+        let (rules, errors) = translate(&[&allow], &table());
+        assert!(errors.is_empty());
+        assert_eq!(
+            decide(&rules, 400, 300, 8080, TCP),
+            Decision::Deny,
+            "an Allow with HTTP rules is not an allow of the whole port"
+        );
+        let deny = IdentityPolicySpec {
+            spiffe_id: DB.into(),
+            default_deny: false,
+            rules: vec![l7(PolicyAction::Deny)],
+            sources: vec![],
+        };
+        let (rules, _) = translate(&[&deny], &table());
+        assert_eq!(decide(&rules, 400, 300, 8080, TCP), Decision::Deny);
+        assert_eq!(decide(&rules, 400, 300, 8081, TCP), Decision::Allow(0));
     }
 
     #[test]

@@ -925,3 +925,79 @@ async fn restored_authentications_are_the_agents_own_and_end_with_its_svids() {
         .wait_for("restored authentications capped by the SVIDs now held", 1)
         .await;
 }
+
+/// No rule is accepted and then ignored: an Allow rule with HTTP rules, and
+/// no other rule, lets no plain TCP connection through to its port before
+/// a waypoint enforces it (it once compiled to an allow of the whole port),
+/// and the policy's status says the rule waits for the waypoint; the same
+/// rule without HTTP rules allows the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_rule_allows_nothing_before_the_waypoint() {
+    use tessera_api::crd::{AuthPolicy, CONDITION_HTTP_RULES};
+    let _one_at_a_time = TOPOLOGY.lock().await;
+    let (cp, client) = control_plane().await;
+    let signer_port = tessera_tests::free_port().unwrap();
+    let _operator = common::start_operator(cp.kubeconfig(), signer_port, 3600);
+    resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
+    let (cluster, _) = cluster_with_agents(&client, &launch).await;
+    let web = pod(&cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
+    let db = pod(&cluster, "db", "db", "db", "node-b", "198.18.2.10").await;
+    resources::apply_manifest(
+        &client,
+        &format!(
+            "apiVersion: tessera.dev/v1alpha1\nkind: AuthPolicy\nmetadata: {{name: db-http, namespace: shop}}\n\
+             spec:\n  selector: {{matchLabels: {{app: db}}}}\n  rules:\n  - from: [{{podSelector: {{matchLabels: {{app: web}}}}}}]\n    ports: [{{port: {PORT}}}]\n\
+             \x20   http: [{{methods: [GET], paths: [{{type: Prefix, value: /public}}]}}]\n"
+        ),
+    )
+    .await
+    .unwrap();
+    // The status first: once it names the waiting rule, the policy is
+    // compiled and in the agents' maps within a moment.
+    let policies: Api<AuthPolicy> = Api::namespaced(client.clone(), "shop");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let condition = loop {
+        let found = policies.get("db-http").await.unwrap().status.and_then(|s| {
+            s.conditions
+                .into_iter()
+                .find(|c| c.type_ == CONDITION_HTTP_RULES)
+        });
+        if let Some(c) = found {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {CONDITION_HTTP_RULES} condition"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("False", "WaitingForWaypoint"),
+        "{}",
+        condition.message
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for _ in 0..5 {
+        let out = web.connect(&db.ip, PORT);
+        assert!(
+            out.starts_with("errno 1 "),
+            "plain TCP to a port whose only rule is an HTTP rule: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The same rule without HTTP rules allows it.
+    let plain = serde_json::json!({"spec": {"rules": [{
+        "from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+        "ports": [{"port": PORT}],
+    }]}});
+    policies
+        .patch("db-http", &PatchParams::default(), &Patch::Merge(&plain))
+        .await
+        .unwrap();
+    until_ok(&web, &db.ip).await;
+}

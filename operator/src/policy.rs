@@ -33,11 +33,12 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 
 use tessera_api::crd::auth_policy::{
-    Authentication, ExternalPeers, PeerSelector, PolicyAction, PortRange,
+    Authentication, ExternalPeers, PeerSelector, PolicyAction, PortRange, Protocol,
 };
 use tessera_api::crd::identity_policy::{CompiledPeer, CompiledRule};
 use tessera_api::crd::{
-    AuthPolicy, AuthPolicyStatus, CONDITION_READY, IdentityPolicy, IdentityPolicySpec, PodIdentity,
+    AuthPolicy, AuthPolicyStatus, CONDITION_HTTP_RULES, CONDITION_READY, IdentityPolicy,
+    IdentityPolicySpec, PodIdentity,
 };
 use tessera_api::spiffe::SpiffeId;
 use tracing::{info, warn};
@@ -75,6 +76,14 @@ pub enum CompileError {
         rule: usize,
         /// How many ports it covers.
         ports: u32,
+    },
+    /// A rule names a UDP port (stored before the API server refused them).
+    #[error(
+        "spec.rules[{rule}].ports name UDP, which the data path does not enforce; use protocol TCP or remove the port"
+    )]
+    Udp {
+        /// Index of the rule.
+        rule: usize,
     },
 }
 
@@ -258,6 +267,12 @@ pub struct PolicyOutcome {
     pub widened: usize,
     /// What could not be compiled (enforced fail-closed).
     pub errors: Vec<CompileError>,
+    /// Allow rules with HTTP rules (they allow nothing until a waypoint
+    /// enforces them).
+    pub http_allows: usize,
+    /// Deny rules with HTTP rules (they deny their whole ports until a
+    /// waypoint enforces them).
+    pub http_denies: usize,
 }
 
 /// The result of compiling every policy.
@@ -356,6 +371,9 @@ fn compile_rules(
     let mut rules = Vec::new();
     for (index, rule) in policy.spec.rules.iter().enumerate() {
         let compiled = (|| {
+            if rule.ports.iter().any(|p| p.protocol == Protocol::Udp) {
+                return Err(CompileError::Udp { rule: index });
+            }
             let width: u32 = rule.ports.iter().map(port_count).sum();
             if width > MAX_PORTS_PER_RULE {
                 return Err(CompileError::TooManyPorts {
@@ -393,7 +411,15 @@ fn compile_rules(
             })
         })();
         match compiled {
-            Ok(r) => rules.push(r),
+            Ok(r) => {
+                if !rule.http.is_empty() {
+                    match action {
+                        PolicyAction::Allow => outcome.http_allows += 1,
+                        PolicyAction::Deny => outcome.http_denies += 1,
+                    }
+                }
+                rules.push(r)
+            }
             Err(e) => {
                 outcome.errors.push(e);
                 if action == PolicyAction::Deny {
@@ -506,20 +532,34 @@ pub fn status(
         ("True", "Compiled", message)
     };
     let generation = policy.metadata.generation;
-    let old = previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == CONDITION_READY));
-    let last_transition_time = match old {
-        Some(c) if c.status == state => c.last_transition_time.clone(),
-        _ => now,
-    };
-    AuthPolicyStatus {
-        conditions: vec![Condition {
-            type_: CONDITION_READY.to_owned(),
-            status: state.to_owned(),
+    let condition = |type_: &str, status: &str, reason: &str, message: String| {
+        let old = previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == type_));
+        Condition {
+            type_: type_.to_owned(),
+            status: status.to_owned(),
             reason: reason.to_owned(),
             message,
             observed_generation: generation,
-            last_transition_time,
-        }],
+            last_transition_time: match old {
+                Some(c) if c.status == status => c.last_transition_time.clone(),
+                _ => now.clone(),
+            },
+        }
+    };
+    let mut conditions = vec![condition(CONDITION_READY, state, reason, message)];
+    if outcome.http_allows + outcome.http_denies > 0 {
+        conditions.push(condition(
+            CONDITION_HTTP_RULES,
+            "False",
+            "WaitingForWaypoint",
+            format!(
+                "no waypoint proxy enforces HTTP rules yet: the {} Allow rule(s) with http allow nothing and the {} Deny rule(s) with http deny their whole ports until one does",
+                outcome.http_allows, outcome.http_denies
+            ),
+        ));
+    }
+    AuthPolicyStatus {
+        conditions,
         observed_generation: generation,
         endpoints: Some(outcome.endpoints),
         nodes: Some(outcome.nodes),
@@ -1079,6 +1119,88 @@ mod tests {
                 .contains("unknown selector operator"),
             "{}",
             st.conditions[0].message
+        );
+    }
+
+    #[test]
+    fn udp_rules_fail_closed() {
+        let udp = AuthRule {
+            ports: vec![PortRange {
+                port: 53,
+                end_port: None,
+                protocol: Protocol::Udp,
+            }],
+            ..AuthRule::default()
+        };
+        let allow = compile_one(&[policy(
+            "shop",
+            "a",
+            PolicyAction::Allow,
+            "db",
+            vec![udp.clone()],
+        )]);
+        assert!(
+            allow.identities["spiffe://td/ns/shop/sa/db"]
+                .rules
+                .is_empty()
+        );
+        assert_eq!(
+            allow.outcomes["shop/a"].errors,
+            vec![CompileError::Udp { rule: 0 }]
+        );
+        let deny = compile_one(&[policy("shop", "d", PolicyAction::Deny, "db", vec![udp])]);
+        assert_eq!(
+            deny.identities["spiffe://td/ns/shop/sa/db"].rules,
+            vec![deny_everything()]
+        );
+    }
+
+    #[test]
+    fn http_rules_wait_for_the_waypoint_and_status_says_so() {
+        let http = AuthRule {
+            ports: vec![PortRange::tcp(8080, None)],
+            http: vec![HttpRule::default()],
+            ..AuthRule::default()
+        };
+        let t0 = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let p = policy("shop", "h", PolicyAction::Allow, "db", vec![http.clone()]);
+        let out = compile_one(std::slice::from_ref(&p));
+        let rules = &out.identities["spiffe://td/ns/shop/sa/db"].rules;
+        assert!(rules[0].l7, "compiled for the waypoint, marked as HTTP");
+        let st = status(&p, &out.outcomes["shop/h"], None, t0.clone());
+        assert_eq!(st.conditions[0].status, "True", "compiled");
+        let http_cond = &st.conditions[1];
+        assert_eq!(
+            (
+                http_cond.type_.as_str(),
+                http_cond.status.as_str(),
+                http_cond.reason.as_str()
+            ),
+            (CONDITION_HTTP_RULES, "False", "WaitingForWaypoint")
+        );
+        assert!(
+            http_cond
+                .message
+                .contains("1 Allow rule(s) with http allow nothing"),
+            "{}",
+            http_cond.message
+        );
+        let d = policy("shop", "hd", PolicyAction::Deny, "db", vec![http]);
+        let out = compile_one(std::slice::from_ref(&d));
+        let st = status(&d, &out.outcomes["shop/hd"], None, t0.clone());
+        assert!(
+            st.conditions[1]
+                .message
+                .contains("1 Deny rule(s) with http deny their whole ports")
+        );
+        // Without HTTP rules there is no such condition.
+        let plain = policy("shop", "p", PolicyAction::Allow, "db", vec![]);
+        let out = compile_one(std::slice::from_ref(&plain));
+        assert_eq!(
+            status(&plain, &out.outcomes["shop/p"], None, t0)
+                .conditions
+                .len(),
+            1
         );
     }
 

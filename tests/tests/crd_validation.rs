@@ -15,7 +15,7 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use serde_json::Value;
 use tessera_api::crd::auth_policy::{
     MSG_EMPTY_PEER, MSG_HEADER_ONE_OF, MSG_HTTP_NEEDS_TCP, MSG_PATH_SLASH, MSG_PORT_RANGE,
-    MSG_TERMINATE_ALLOW_ONLY, MSG_TERMINATE_NEEDS,
+    MSG_TERMINATE_ALLOW_ONLY, MSG_TERMINATE_NEEDS, MSG_UDP_NOT_ENFORCED,
 };
 use tessera_api::crd::federated_trust_domain::{
     MSG_CA_BUNDLE_WEB_ONLY, MSG_SPIFFE_NEEDS_ID, MSG_TD_IMMUTABLE, MSG_WEB_FORBIDS_ID,
@@ -290,7 +290,11 @@ fn cases() -> Vec<Case> {
                 "p6",
                 ap_rule(serde_json::json!({"ports": [{"port": 53, "protocol": "SCTP"}]})),
             ),
-            &[p(AP_PORT, "/properties/protocol/enum")],
+            // (TCP alone passes the rule that refuses UDP, too.)
+            &[
+                p(AP_PORT, "/properties/protocol/enum"),
+                p(AP_PORT, "/x-kubernetes-validations/1"),
+            ],
             &[
                 "spec.rules[0].ports[0].protocol",
                 "Unsupported value: \"SCTP\"",
@@ -359,8 +363,21 @@ fn cases() -> Vec<Case> {
                     serde_json::json!({"ports": [{"port": 53, "protocol": "UDP"}], "http": [{"methods": ["GET"]}]}),
                 ),
             ),
-            &["/properties/spec/properties/rules/items/x-kubernetes-validations/0".into()],
-            &["spec.rules[0]", MSG_HTTP_NEEDS_TCP],
+            &[
+                "/properties/spec/properties/rules/items/x-kubernetes-validations/0".into(),
+                p(AP_PORT, "/x-kubernetes-validations/1"),
+            ],
+            &["spec.rules[0]", MSG_HTTP_NEEDS_TCP, MSG_UDP_NOT_ENFORCED],
+        ),
+        case(
+            "ap-udp",
+            "authpolicies",
+            ap(
+                "p12e",
+                ap_rule(serde_json::json!({"ports": [{"port": 53, "protocol": "UDP"}]})),
+            ),
+            &[p(AP_PORT, "/x-kubernetes-validations/1")],
+            &["spec.rules[0].ports[0]", MSG_UDP_NOT_ENFORCED],
         ),
         case(
             "ap-terminate-without-ports",

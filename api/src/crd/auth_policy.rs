@@ -21,6 +21,8 @@ pub const MSG_PATH_SLASH: &str = "Exact and Prefix paths must start with '/'";
 pub const MSG_HEADER_ONE_OF: &str = "set at most one of exact and prefix";
 /// Message of the CEL rule on terminated rules.
 pub const MSG_TERMINATE_NEEDS: &str = "externalPeers TerminateTLS needs a ports list in which every entry has protocol TCP, authentication Mutual and no http rules";
+/// Message of the CEL rule that refuses UDP ports.
+pub const MSG_UDP_NOT_ENFORCED: &str = "UDP rules are not enforced yet (the data path checks TCP only) and are refused rather than ignored; use protocol TCP or remove the port";
 /// Message of the CEL rule that keeps termination to Allow policies.
 pub const MSG_TERMINATE_ALLOW_ONLY: &str = "externalPeers TerminateTLS is for Allow policies only";
 
@@ -114,7 +116,10 @@ pub struct AuthRule {
     /// Whether both workloads must be mutually authenticated first.
     #[serde(default)]
     pub authentication: Authentication,
-    /// HTTP rules, enforced by the waypoint proxy.
+    /// HTTP rules, for the waypoint proxy. Until a waypoint enforces them,
+    /// an Allow rule with HTTP rules allows nothing and a Deny rule with
+    /// HTTP rules denies its whole ports; the policy's `HTTPRulesEnforced`
+    /// condition says so.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub http: Vec<HttpRule>,
@@ -192,7 +197,10 @@ pub struct PeerSelector {
 
 /// A destination port or inclusive port range.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[x_kube(validation = kube::core::Rule::new("!has(self.endPort) || self.endPort >= self.port").message(MSG_PORT_RANGE))]
+#[x_kube(
+    validation = kube::core::Rule::new("!has(self.endPort) || self.endPort >= self.port").message(MSG_PORT_RANGE),
+    validation = kube::core::Rule::new("!has(self.protocol) || self.protocol == 'TCP'").message(MSG_UDP_NOT_ENFORCED),
+)]
 #[serde(rename_all = "camelCase")]
 pub struct PortRange {
     /// The port, or the first port of the range.
@@ -202,7 +210,8 @@ pub struct PortRange {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub end_port: Option<i32>,
-    /// Transport protocol.
+    /// Transport protocol. Only TCP is enforced today; the API server
+    /// refuses UDP.
     #[serde(default)]
     pub protocol: Protocol,
 }

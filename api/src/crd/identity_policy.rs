@@ -69,7 +69,9 @@ pub struct CompiledRule {
     /// Whether mutual authentication is required (Allow rules only).
     #[serde(default)]
     pub authentication: Authentication,
-    /// Whether HTTP rules apply (the waypoint enforces them).
+    /// Whether HTTP rules apply (the waypoint enforces them; until it does,
+    /// node agents enforce an Allow rule with HTTP rules as allowing
+    /// nothing).
     #[serde(default)]
     pub l7: bool,
     /// Whether the node agent terminates the TLS of peers outside the mesh

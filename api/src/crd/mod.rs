@@ -33,6 +33,9 @@ pub const GROUP: &str = "tessera.dev";
 pub const VERSION: &str = "v1alpha1";
 /// Condition type that says whether a resource is in effect.
 pub const CONDITION_READY: &str = "Ready";
+/// Condition type on AuthPolicies with HTTP rules: whether those rules are
+/// enforced as written (False until a waypoint proxy enforces them).
+pub const CONDITION_HTTP_RULES: &str = "HTTPRulesEnforced";
 
 /// Why the CRD manifests could not be produced.
 #[derive(Debug, thiserror::Error)]
