@@ -203,9 +203,12 @@ impl Inner {
             policies.iter().map(|p| (p.spiffe_id.as_str(), p)).collect();
         let mut wanted = Vec::new();
         for pod in view.local_pods().filter(|p| !p.terminating) {
-            let (Some(ip), Some(spec)) = (pod.ip, by_id.get(&*pod.spiffe_id)) else {
+            let Some(spec) = by_id.get(&*pod.spiffe_id) else {
                 continue;
             };
+            if pod.ips.is_empty() {
+                continue;
+            }
             let ports = external::terminated_ports(spec);
             if ports.is_empty() {
                 continue;
@@ -214,13 +217,15 @@ impl Inner {
                 debug!(pod = %pod.name, "no cgroup found for the pod yet; its external peers stay refused");
                 continue;
             };
-            wanted.extend(ports.into_iter().map(|port| external::Want {
-                uid: pod.uid.clone(),
-                pod: pod.name.clone(),
-                ip,
-                port,
-                cgroup: cgroup.clone(),
-            }));
+            for ip in &pod.ips {
+                wanted.extend(ports.iter().map(|port| external::Want {
+                    uid: pod.uid.clone(),
+                    pod: pod.name.clone(),
+                    ip: *ip,
+                    port: *port,
+                    cgroup: cgroup.clone(),
+                }));
+            }
         }
         let weak = Arc::downgrade(self);
         let ctx: external::Context = Arc::new(move |uid: &str| {

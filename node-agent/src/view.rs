@@ -5,10 +5,17 @@
 //!
 //! A pod's identity (SPIFFE ID, numeric identity and generation) comes only
 //! from its PodIdentity record, which only the operator may write; the Pod
-//! object gives where it runs (`spec.nodeName`), its address
-//! (`status.podIP`), where its node's agent listens (`status.hostIP`) and
-//! whether it is going away. Nothing a pod author writes on the pod (its
-//! annotations) is read.
+//! object gives where it runs (`spec.nodeName`), its addresses
+//! (`status.podIPs`, both families), where its node's agent listens
+//! (`status.hostIP`) and whether it is going away. Nothing a pod author
+//! writes on the pod (its annotations) is read.
+//!
+//! A pod on the host network has the node's addresses, which every host
+//! process and masqueraded flow on that node shares: they are never mapped
+//! to its identity. Traffic from a node's own address is therefore that of
+//! an unknown peer (it matches only rules for any peer and never
+//! authenticates), and the agent's handshake port, on that address, is
+//! never governed by a pod's policy. Such pods still get their SVIDs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -32,8 +39,9 @@ pub struct PodView {
     pub name: String,
     /// The node it runs on (shared: see [`crate::intern`]).
     pub node: Arc<str>,
-    /// Its address, once it has one.
-    pub ip: Option<IpAddr>,
+    /// Its addresses (none before it has one, and none for a pod on the
+    /// host network).
+    pub ips: Box<[IpAddr]>,
     /// Its node's address, where that node's agent listens.
     pub host_ip: Option<IpAddr>,
     /// Its SPIFFE ID (shared: see [`crate::intern`]).
@@ -57,8 +65,9 @@ pub struct PodPlace {
     pub name: String,
     /// The node it runs on (shared: see [`crate::intern`]).
     pub node: Arc<str>,
-    /// Its address, once it has one.
-    pub ip: Option<IpAddr>,
+    /// Its addresses, both families (none before it has one, and none for
+    /// a pod on the host network: those are its node's).
+    pub ips: Box<[IpAddr]>,
     /// Its node's address.
     pub host_ip: Option<IpAddr>,
     /// Being deleted.
@@ -84,9 +93,12 @@ pub struct PodRecord {
 pub fn pod_place(pod: &Pod) -> Option<PodPlace> {
     let node = crate::intern::intern(pod.spec.as_ref()?.node_name.as_deref()?);
     let status = pod.status.as_ref();
-    let ip = status
-        .and_then(|s| s.pod_ip.as_deref())
-        .and_then(|ip| ip.parse().ok());
+    let host_network = pod.spec.as_ref()?.host_network == Some(true);
+    let ips = if host_network {
+        Box::default()
+    } else {
+        status.map(pod_ips).unwrap_or_default()
+    };
     let host_ip = status
         .and_then(|s| s.host_ip.as_deref())
         .and_then(|ip| ip.parse().ok());
@@ -94,7 +106,7 @@ pub fn pod_place(pod: &Pod) -> Option<PodPlace> {
         uid: pod.metadata.uid.clone()?,
         name: format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()),
         node,
-        ip,
+        ips,
         host_ip,
         terminating: pod.metadata.deletion_timestamp.is_some(),
         created: pod
@@ -103,6 +115,20 @@ pub fn pod_place(pod: &Pod) -> Option<PodPlace> {
             .as_ref()
             .map_or(0, |t| t.0.as_second()),
     })
+}
+
+/// Every address of a pod's status: `podIPs` (one per family), or `podIP`
+/// where a status has no list; unparsable entries are left out.
+fn pod_ips(status: &k8s_openapi::api::core::v1::PodStatus) -> Box<[IpAddr]> {
+    let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
+    let mut ips: Vec<IpAddr> = listed
+        .chain(status.pod_ip.as_deref())
+        .filter_map(|ip| ip.parse().ok())
+        .map(canonical)
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips.into_boxed_slice()
 }
 
 /// The identity a well-formed record names; None for one the data path
@@ -133,7 +159,7 @@ impl PodView {
             uid: place.uid.clone(),
             name: place.name.clone(),
             node: place.node.clone(),
-            ip: place.ip,
+            ips: place.ips.clone(),
             host_ip: place.host_ip,
             spiffe_id: record.spiffe_id.clone(),
             id: record.id,
@@ -279,7 +305,8 @@ impl View {
         })
     }
 
-    /// The `ts_ep_ip` entries: every pod address. When two pods claim one
+    /// The `ts_ep_ip` entries: every address of every pod (pods on the host
+    /// network have none). When two pods claim one
     /// address (a deleted pod's IP reused), the live, newest one wins.
     pub fn ip_endpoints(&self) -> BTreeMap<[u8; 16], Endpoint> {
         let mut winner: BTreeMap<[u8; 16], &PodView> = BTreeMap::new();
@@ -287,10 +314,11 @@ impl View {
             (!p.terminating, p.created, p.uid.as_str())
         }
         for pod in self.pods.iter().map(Arc::as_ref) {
-            let Some(ip) = pod.ip else { continue };
-            let key = IpKey::from(ip).addr;
-            if winner.get(&key).is_none_or(|w| rank(w) < rank(pod)) {
-                winner.insert(key, pod);
+            for ip in &pod.ips {
+                let key = IpKey::from(*ip).addr;
+                if winner.get(&key).is_none_or(|w| rank(w) < rank(pod)) {
+                    winner.insert(key, pod);
+                }
             }
         }
         winner
@@ -423,7 +451,7 @@ mod tests {
             uid: uid.into(),
             name: format!("shop/{uid}"),
             node: node.into(),
-            ip: Some(ip.parse().unwrap()),
+            ips: Box::new([ip.parse().unwrap()]),
             host_ip: Some(
                 if node == "a" {
                     "198.18.0.1"
@@ -462,6 +490,68 @@ mod tests {
             }],
             sources: vec![],
         }
+    }
+
+    fn pod_object(spec: serde_json::Value, status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "shop", "uid": "u1"},
+            "spec": spec,
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn every_address_of_a_dual_stack_pod_is_mapped() {
+        let pod = pod_object(
+            serde_json::json!({"nodeName": "a", "containers": []}),
+            serde_json::json!({"podIP": "198.18.1.10",
+                "podIPs": [{"ip": "198.18.1.10"}, {"ip": "fd18:7e55::10"}]}),
+        );
+        let place = pod_place(&pod).unwrap();
+        let ips: Vec<String> = place.ips.iter().map(ToString::to_string).collect();
+        assert_eq!(ips, ["198.18.1.10", "fd18:7e55::10"]);
+        let record = PodRecord {
+            spiffe_id: "spiffe://td/web".into(),
+            id: 300,
+            generation: 1,
+            node: "a".into(),
+        };
+        let view = View::new("a", [PodView::join(&place, &record).unwrap()]);
+        let mapped = view.ip_endpoints();
+        assert_eq!(mapped.len(), 2);
+        for ip in ["198.18.1.10", "fd18:7e55::10"] {
+            let key = IpKey::from(ip.parse::<IpAddr>().unwrap()).addr;
+            assert_eq!(mapped[&key].id, 300, "{ip}");
+        }
+        // An older status with podIP only still counts.
+        let old = pod_object(
+            serde_json::json!({"nodeName": "a", "containers": []}),
+            serde_json::json!({"podIP": "198.18.1.11"}),
+        );
+        assert_eq!(pod_place(&old).unwrap().ips.len(), 1);
+    }
+
+    #[test]
+    fn a_host_network_pod_never_maps_its_nodes_address() {
+        let pod = pod_object(
+            serde_json::json!({"nodeName": "a", "hostNetwork": true, "containers": []}),
+            serde_json::json!({"podIP": "198.18.0.1", "podIPs": [{"ip": "198.18.0.1"}],
+                "hostIP": "198.18.0.1"}),
+        );
+        let place = pod_place(&pod).unwrap();
+        assert!(place.ips.is_empty());
+        assert_eq!(place.host_ip, Some("198.18.0.1".parse().unwrap()));
+        let record = PodRecord {
+            spiffe_id: "spiffe://td/agent-like".into(),
+            id: 301,
+            generation: 1,
+            node: "a".into(),
+        };
+        let view = View::new("a", [PodView::join(&place, &record).unwrap()]);
+        assert!(view.ip_endpoints().is_empty());
+        // It still tells where its node's agent listens.
+        assert_eq!(view.host_of("a"), Some("198.18.0.1".parse().unwrap()));
     }
 
     #[test]

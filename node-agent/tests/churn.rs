@@ -146,7 +146,7 @@ impl Model {
                 uid: uid.clone(),
                 name: uid.clone(),
                 node: p.node.as_str().into(),
-                ip: Some(IpAddr::V4(Ipv4Addr::from(ip_of(p.ip)))),
+                ips: Box::new([IpAddr::V4(Ipv4Addr::from(ip_of(p.ip)))]),
                 host_ip: Some(IpAddr::V4(Ipv4Addr::new(198, 18, 0, node_ip))),
                 spiffe_id: p.spiffe.as_str().into(),
                 id,

@@ -57,6 +57,7 @@ async fn pod(
                 service_account: sa,
                 node,
                 ip,
+                ..Default::default()
             },
             Some(PORT),
         )
@@ -1000,4 +1001,155 @@ async fn an_http_rule_allows_nothing_before_the_waypoint() {
         .await
         .unwrap();
     until_ok(&web, &db.ip).await;
+}
+
+/// A dual-stack pod in `shop` on `node` with a TCP server on [`PORT`].
+async fn dual_stack_pod(
+    cluster: &SimCluster,
+    name: &str,
+    node: &str,
+    ip: &str,
+    ip6: &str,
+) -> SimPod {
+    cluster
+        .pod(
+            PodSpec {
+                namespace: "shop",
+                name,
+                labels: &[("app", name)],
+                service_account: name,
+                node,
+                ip,
+                ip6: Some(ip6),
+                ..Default::default()
+            },
+            Some(PORT),
+        )
+        .await
+}
+
+/// Every address of a dual-stack pod is checked: a pod its policy does
+/// not admit reaches it on neither family (its IPv6 address was once
+/// unmapped, so unmanaged and open), the admitted one on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_pod_is_protected_on_both_families() {
+    use tessera_tests::netns::IPV6_PREFIX;
+    let _one_at_a_time = TOPOLOGY.lock().await;
+    let (cp, client) = control_plane().await;
+    let signer_port = tessera_tests::free_port().unwrap();
+    let _operator = common::start_operator(cp.kubeconfig(), signer_port, 3600);
+    resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
+    let (cluster, _) = cluster_with_agents(&client, &launch).await;
+    let v6 = |host: &str| format!("{IPV6_PREFIX}::{host}");
+    let web = dual_stack_pod(&cluster, "web", "node-a", "198.18.1.10", &v6("1:10")).await;
+    let other = dual_stack_pod(&cluster, "other", "node-a", "198.18.1.11", &v6("1:11")).await;
+    let db = dual_stack_pod(&cluster, "db", "node-b", "198.18.2.10", &v6("2:10")).await;
+    policy(&cluster, "db-from-web", "db", "web").await;
+    let db6 = db.ip6.clone().unwrap();
+    // Allowed on both families (each retried while pre-authentication
+    // finishes).
+    let (out, _) = until_ok(&web, &db.ip).await;
+    assert!(out.ends_with(" db"), "{out}");
+    let (out, _) = until_ok(&web, &db6).await;
+    assert!(out.ends_with(" db"), "web -> db over IPv6: {out}");
+    // Refused on both.
+    for ip in [&db.ip, &db6] {
+        for _ in 0..3 {
+            let out = other.connect(ip, PORT);
+            assert!(!ok(&out), "other -> db at {ip}: {out}");
+        }
+    }
+    // The ingress check alone (the connecting process in no pod's cgroup,
+    // so no egress gate: a host outside the mesh) refuses it on both too.
+    let outside = cluster.outside(&v6("9:9"));
+    for ip in [&db6] {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &outside, "python3", "-c"])
+            .args([tessera_tests::netns::CLIENT, ip, &PORT.to_string(), "1.5"])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(!ok(&out), "outside -> db at {ip}: {out}");
+    }
+}
+
+/// Pods on the host network share their node's address with every host
+/// process: the address is never mapped to their identity. db admits each
+/// of two such pods' identities in turn; a plain host process on their
+/// node (its connections come from the node's address) is refused at db
+/// every time (it once passed as the newer pod's identity), while
+/// handshakes with that node's agent still authenticate its other pods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_address_never_carries_a_host_network_pods_identity() {
+    let _one_at_a_time = TOPOLOGY.lock().await;
+    let (cp, client) = control_plane().await;
+    let signer_port = tessera_tests::free_port().unwrap();
+    let _operator = common::start_operator(cp.kubeconfig(), signer_port, 3600);
+    resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
+    let (cluster, _) = cluster_with_agents(&client, &launch).await;
+    let mut host_pods = Vec::new();
+    for name in ["other", "cache"] {
+        host_pods.push(
+            cluster
+                .pod(
+                    PodSpec {
+                        namespace: "shop",
+                        name,
+                        labels: &[("app", name)],
+                        service_account: name,
+                        node: "node-a",
+                        ip: "198.18.0.1",
+                        host_network: true,
+                        ..Default::default()
+                    },
+                    None,
+                )
+                .await,
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await; // distinct creation times
+    }
+    let web = pod(&cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
+    let db = pod(&cluster, "db", "db", "db", "node-b", "198.18.2.10").await;
+    let host_shell = || {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                tessera_tests::netns::CLIENT,
+                &db.ip,
+                &PORT.to_string(),
+                "1.5",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    for admitted in ["other", "cache"] {
+        let name = format!("db-from-{admitted}");
+        policy(&cluster, &name, "db", admitted).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for _ in 0..3 {
+            let out = host_shell();
+            assert!(
+                !ok(&out),
+                "a host process on node-a reached db, which admits only {admitted}: {out}"
+            );
+        }
+        Api::<tessera_api::crd::AuthPolicy>::namespaced(client.clone(), "shop")
+            .delete(&name, &Default::default())
+            .await
+            .unwrap();
+    }
+    // Handshakes with node-a's agent still work.
+    policy(&cluster, "db-from-web", "db", "web").await;
+    let (out, _) = until_ok(&web, &db.ip).await;
+    assert!(out.ends_with(" db"), "{out}");
+    drop(host_pods);
 }

@@ -694,6 +694,7 @@ async fn a_spire_workload_outside_the_mesh_reaches_a_tessera_workload_its_policy
                 service_account: "web",
                 node: "node-a",
                 ip: "198.18.1.10",
+                ..Default::default()
             },
             Some(8443),
         )

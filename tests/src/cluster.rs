@@ -136,7 +136,9 @@ pub struct SimPod {
     pub namespace: String,
     /// Its address.
     pub ip: String,
-    /// Its network namespace.
+    /// Its IPv6 address, if dual-stack.
+    pub ip6: Option<String>,
+    /// Its network namespace (empty on the host network).
     pub ns: String,
     /// Its cgroup (below its node's).
     pub cgroup: Cgroup,
@@ -159,7 +161,7 @@ impl SimPod {
 }
 
 /// What a new pod looks like.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct PodSpec<'a> {
     /// Namespace.
     pub namespace: &'a str,
@@ -171,8 +173,13 @@ pub struct PodSpec<'a> {
     pub service_account: &'a str,
     /// Node name.
     pub node: &'a str,
-    /// Pod IP.
+    /// Pod IP (its node's address for a pod on the host network).
     pub ip: &'a str,
+    /// Its IPv6 address, for a dual-stack pod.
+    pub ip6: Option<&'a str>,
+    /// On the host network: no network namespace of its own, `ip` is its
+    /// node's.
+    pub host_network: bool,
 }
 
 /// How agents are started: the same for every node.
@@ -336,6 +343,7 @@ impl SimCluster {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": labels},
             "spec": {"nodeName": spec.node, "serviceAccountName": spec.service_account,
+                     "hostNetwork": spec.host_network,
                      "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}
         }))
         .unwrap();
@@ -354,7 +362,9 @@ impl SimCluster {
             spec.name,
             &PatchParams::default(),
             &Patch::Merge(serde_json::json!({"status": {
-                "phase": "Running", "podIP": spec.ip, "podIPs": [{"ip": spec.ip}],
+                "phase": "Running", "podIP": spec.ip,
+                "podIPs": std::iter::once(spec.ip).chain(spec.ip6)
+                    .map(|ip| serde_json::json!({"ip": ip})).collect::<Vec<_>>(),
                 "hostIP": self.node_ip(spec.node)
             }})),
         )
@@ -367,7 +377,12 @@ impl SimCluster {
     /// a TCP server on `port` answering its name when `port` is given.
     pub async fn pod(&self, spec: PodSpec<'_>, port: Option<u16>) -> SimPod {
         let uid = self.create_pod(spec).await;
-        let ns = self.topology.as_ref().unwrap().pod(spec.ip);
+        let ns = if spec.host_network {
+            String::new()
+        } else {
+            let ips: Vec<&str> = std::iter::once(spec.ip).chain(spec.ip6).collect();
+            self.topology.as_ref().unwrap().pod_with(&ips)
+        };
         let cgroup = Cgroup::create(self.node_cgroup(spec.node).join(format!("pod{uid}")));
         self.set_running(spec).await;
         let server = port.map(|p| KillOnDrop(netns::serve(&cgroup, &ns, p, spec.name)));
@@ -375,6 +390,7 @@ impl SimCluster {
             name: spec.name.to_owned(),
             namespace: spec.namespace.to_owned(),
             ip: spec.ip.to_owned(),
+            ip6: spec.ip6.map(str::to_owned),
             ns,
             cgroup,
             server,
@@ -413,7 +429,9 @@ impl SimCluster {
         pods.delete(&pod.name, &Default::default())
             .await
             .unwrap_or_else(|e| panic!("cannot delete pod {}: {e}", pod.name));
-        self.topology.as_ref().unwrap().remove_pod(&pod.ns);
+        if !pod.ns.is_empty() {
+            self.topology.as_ref().unwrap().remove_pod(&pod.ns);
+        }
     }
 }
 

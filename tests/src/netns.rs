@@ -183,9 +183,10 @@ impl Cgroup {
         Cgroup(path)
     }
 
-    /// Starts `program args...` in this cgroup and in network namespace `ns`.
+    /// Starts `program args...` in this cgroup and in network namespace `ns`
+    /// (the host's when `ns` is empty).
     pub fn spawn_in(&self, ns: &str, program: &str, args: &[&str]) -> Child {
-        spawn_in_cgroup(&self.0, Some(ns), program, args)
+        spawn_in_cgroup(&self.0, Some(ns).filter(|n| !n.is_empty()), program, args)
     }
 }
 

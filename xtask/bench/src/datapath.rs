@@ -169,6 +169,7 @@ async fn first_connections(cluster: &SimCluster) -> Result<Vec<Figure>> {
                 service_account: "db",
                 node: "node-b",
                 ip: "198.18.2.10",
+                ..Default::default()
             },
             Some(PORT),
         )
@@ -206,6 +207,7 @@ async fn first_connections(cluster: &SimCluster) -> Result<Vec<Figure>> {
                     service_account: &name,
                     node: "node-a",
                     ip: &client_ip,
+                    ..Default::default()
                 },
                 None,
             )
@@ -321,6 +323,7 @@ async fn scale_pods(
                     service_account: "default",
                     node,
                     ip: &ip,
+                    ..Default::default()
                 })
                 .await;
         }
