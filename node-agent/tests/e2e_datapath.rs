@@ -1065,10 +1065,11 @@ async fn a_dual_stack_pod_is_protected_on_both_families() {
     }
     // The ingress check alone (the connecting process in no pod's cgroup,
     // so no egress gate: a host outside the mesh) refuses it on both too.
-    let outside = cluster.outside(&v6("9:9"));
-    for ip in [&db6] {
+    let outside4 = cluster.outside("198.18.9.9");
+    let outside6 = cluster.outside(&v6("9:9"));
+    for (outside, ip) in [(&outside4, &db.ip), (&outside6, &db6)] {
         let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &outside, "python3", "-c"])
+            .args(["netns", "exec", outside, "python3", "-c"])
             .args([tessera_tests::netns::CLIENT, ip, &PORT.to_string(), "1.5"])
             .output()
             .unwrap();
