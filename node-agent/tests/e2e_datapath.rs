@@ -1154,3 +1154,45 @@ async fn the_node_address_never_carries_a_host_network_pods_identity() {
     assert!(out.ends_with(" db"), "{out}");
     drop(host_pods);
 }
+
+/// An agent outage does not let a reused address inherit an identity:
+/// node-b's agent is killed (its pinned maps stay, frozen: they still map
+/// x's address to x), x (admitted at db on node-b) is deleted on node-a,
+/// and y, with x's address and an identity db does not admit, is created
+/// there. y's node still enforces for y: y -> db is refused, while web
+/// (admitted, authenticated before the outage) still gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_address_inherits_nothing_while_the_peers_agent_is_down() {
+    let _one_at_a_time = TOPOLOGY.lock().await;
+    let (cp, client) = control_plane().await;
+    let signer_port = tessera_tests::free_port().unwrap();
+    let _operator = common::start_operator(cp.kubeconfig(), signer_port, 3600);
+    resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
+    let (mut cluster, _) = cluster_with_agents(&client, &launch).await;
+    let web = pod(&cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
+    let mut x = pod(&cluster, "x", "cache", "cache", "node-a", "198.18.1.20").await;
+    let db = pod(&cluster, "db", "db", "db", "node-b", "198.18.2.10").await;
+    policy(&cluster, "db-from-web", "db", "web").await;
+    policy(&cluster, "db-from-cache", "db", "cache").await;
+    until_ok(&web, &db.ip).await;
+    until_ok(&x, &db.ip).await;
+
+    let killed = cluster.agents.pop().unwrap();
+    assert_eq!(killed.node, "node-b");
+    drop(killed);
+    cluster.delete_pod(&mut x).await;
+    let y = pod(&cluster, "y", "other", "other", "node-a", "198.18.1.20").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for _ in 0..3 {
+        let out = y.connect(&db.ip, PORT);
+        assert!(!ok(&out), "y, at x's address, reached db: {out}");
+    }
+    assert!(
+        ok(&web.connect(&db.ip, PORT)),
+        "web -> db during the outage"
+    );
+}
