@@ -10,6 +10,14 @@
  * a policy selects whose TCP header cannot be reached that way is dropped.
  * Everything else passes.
  *
+ * ts_from_pod (tc ingress on the host side of each local pod's veth, where
+ * everything a pod sends enters the node, raw and packet sockets included):
+ * a pod sends only from its own addresses (IPv4, IPv6 other than link-local
+ * and unspecified ones for neighbour discovery, the sender of its ARP
+ * packets, the target of its neighbour advertisements), only ARP, IPv4 and
+ * IPv6, and its TCP connection starts get the egress gate's decision even
+ * when no connect() made them.
+ *
  * ts_connect4 / ts_connect6 (cgroup/connect4|6): the egress gate. A pod's
  * TCP connect() to a pod the destination's policy does not admit, or whose
  * required authentication is missing or stale, fails at once with EPERM
@@ -28,6 +36,7 @@
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
+#include <linux/pkt_cls.h>
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
@@ -149,6 +158,22 @@ struct {
 	__type(value, __u32);
 } ts_terminator_sk SEC(".maps");
 
+/* The host-side interfaces of this node's pods (see ts_from_pod). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TS_MAX_VETHS);
+	__type(key, __u32);
+	__type(value, __u32);
+} ts_veths SEC(".maps");
+
+/* The addresses each of them may send from. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TS_MAX_VETH_IPS);
+	__type(key, struct ts_veth_key);
+	__type(value, __u32);
+} ts_veth_ips SEC(".maps");
+
 static __always_inline void count(__u32 reason)
 {
 	__u64 *n = bpf_map_lookup_elem(&ts_counters, &reason);
@@ -159,7 +184,7 @@ static __always_inline void count(__u32 reason)
 
 static __always_inline int is_deny(__u32 reason)
 {
-	return reason >= TS_REASON_DENY_POLICY && reason <= TS_REASON_DENY_UNPARSED;
+	return reason >= TS_REASON_DENY_POLICY && reason <= TS_REASON_DENY_SPOOFED;
 }
 
 /* The ts_policy entry for one key shape, if any. */
@@ -658,4 +683,141 @@ int ts_steer(struct bpf_sk_lookup *ctx)
 	bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
 	return SK_PASS;
+}
+
+#define TS_ND_NEIGHBOR_ADVERT 136
+
+/* Whether interface `ifindex` may send from `addr` (a ts_ip_key). */
+static __always_inline int owns(__u32 ifindex, const struct ts_ip_key *addr)
+{
+	struct ts_veth_key key = { .ifindex = ifindex };
+
+	__builtin_memcpy(key.addr, addr->addr, 16);
+	return bpf_map_lookup_elem(&ts_veth_ips, &key) != 0;
+}
+
+static __always_inline int spoofed(void)
+{
+	count(TS_REASON_DENY_SPOOFED);
+	return TC_ACT_SHOT;
+}
+
+/* The egress gate's decision for a TCP connection start from the pod at
+ * `src_key` (an address it owns) to `dst_key`:`port`. */
+static __always_inline int gate_packet(const struct ts_ip_key *src_key,
+				       const struct ts_ip_key *dst_key, __u16 port)
+{
+	struct ts_endpoint src, dst;
+	int src_known, dst_known;
+	__u64 expires;
+	__u32 reason;
+
+	src = lookup_ip(src_key, &src_known);
+	dst = lookup_ip(dst_key, &dst_known);
+	if (!src_known || !dst_known)
+		return TC_ACT_OK;
+	reason = decide(shapes_of(dst.id), &dst, &src, &src, &dst, port, IPPROTO_TCP, &expires);
+	if (!is_deny(reason))
+		return TC_ACT_OK;
+	count(reason);
+	return TC_ACT_SHOT;
+}
+
+static __always_inline int from_pod_arp(struct __sk_buff *skb, __u32 ifindex)
+{
+	struct ts_ip_key sender;
+	__u8 spa[4];
+	__u32 zero = 0;
+
+	/* Ethernet/IPv4 ARP: the sender protocol address at 14 + 14. */
+	if (read_packet(skb, ETH_HLEN + 14, spa, sizeof(spa)))
+		return spoofed();
+	if (!__builtin_memcmp(spa, &zero, 4))
+		return TC_ACT_OK; /* a probe claims nothing */
+	ip4_key(&sender, *(__u32 *)spa);
+	return owns(ifindex, &sender) ? TC_ACT_OK : spoofed();
+}
+
+static __always_inline int from_pod_ip4(struct __sk_buff *skb, __u32 ifindex)
+{
+	struct ts_ip_key src_key, dst_key;
+	struct tcphdr tcp;
+	struct iphdr ip;
+
+	if (read_packet(skb, ETH_HLEN, &ip, sizeof(ip)))
+		return spoofed();
+	ip4_key(&src_key, ip.saddr);
+	if (!owns(ifindex, &src_key))
+		return spoofed();
+	if (ip.protocol != IPPROTO_TCP || (ip.frag_off & bpf_htons(0x1fff)))
+		return TC_ACT_OK;
+	if (read_packet(skb, ETH_HLEN + ip.ihl * 4, &tcp, sizeof(tcp)))
+		return TC_ACT_OK;
+	if (!tcp.syn || tcp.ack)
+		return TC_ACT_OK;
+	ip4_key(&dst_key, ip.daddr);
+	return gate_packet(&src_key, &dst_key, bpf_ntohs(tcp.dest));
+}
+
+static __always_inline int from_pod_ip6(struct __sk_buff *skb, __u32 ifindex)
+{
+	struct ts_ip_key src_key, dst_key;
+	struct ipv6hdr ip6;
+	struct tcphdr tcp;
+	__u32 off = ETH_HLEN + sizeof(ip6);
+	__u8 next;
+	int walked;
+
+	if (read_packet(skb, ETH_HLEN, &ip6, sizeof(ip6)))
+		return spoofed();
+	__builtin_memcpy(src_key.addr, &ip6.saddr, 16);
+	__builtin_memcpy(dst_key.addr, &ip6.daddr, 16);
+	next = ip6.nexthdr;
+	if (next == IPPROTO_ICMPV6) {
+		struct {
+			__u8 type, code;
+			__u16 sum;
+			__u32 flags;
+			__u8 target[16];
+		} nd;
+		struct ts_ip_key target;
+
+		/* A neighbour advertisement claims its target address. */
+		if (!read_packet(skb, off, &nd, sizeof(nd)) &&
+		    nd.type == TS_ND_NEIGHBOR_ADVERT) {
+			__builtin_memcpy(target.addr, nd.target, 16);
+			if (!owns(ifindex, &target))
+				return spoofed();
+		}
+	}
+	/* Link-local (fe80::/10) and unspecified sources are for neighbour
+	 * discovery on the pod's own link. */
+	if (!((src_key.addr[0] == 0xfe && (src_key.addr[1] & 0xc0) == 0x80) ||
+	      (((__u64 *)src_key.addr)[0] == 0 && ((__u64 *)src_key.addr)[1] == 0)) &&
+	    !owns(ifindex, &src_key))
+		return spoofed();
+	walked = ip6_transport(skb, &next, &off);
+	if (walked || next != IPPROTO_TCP)
+		return TC_ACT_OK;
+	if (read_packet(skb, off, &tcp, sizeof(tcp)) || !tcp.syn || tcp.ack)
+		return TC_ACT_OK;
+	return gate_packet(&src_key, &dst_key, bpf_ntohs(tcp.dest));
+}
+
+/* ts_from_pod (tc ingress on the host side of a local pod's veth): see the
+ * file's header. */
+SEC("classifier")
+int ts_from_pod(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+
+	if (!bpf_map_lookup_elem(&ts_veths, &ifindex))
+		return TC_ACT_OK;
+	if (skb->protocol == bpf_htons(ETH_P_ARP))
+		return from_pod_arp(skb, ifindex);
+	if (skb->protocol == bpf_htons(ETH_P_IP))
+		return from_pod_ip4(skb, ifindex);
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return from_pod_ip6(skb, ifindex);
+	return spoofed();
 }

@@ -16,7 +16,7 @@
 
 #include <linux/types.h>
 
-#define TESSERA_ABI_VERSION 4
+#define TESSERA_ABI_VERSION 5
 
 /* Numeric identities below 256 are reserved (allocated ones start at 256). */
 /* Any identity, in policy keys. */
@@ -48,6 +48,15 @@ struct ts_ip_key {
 struct ts_term_key {
 	__u8 addr[16];
 	__u32 port; /* host order */
+};
+
+/* ts_veths (hash, ifindex -> __u32, 0): the host-side interfaces (veth
+ * peers) of this node's pods, where ts_from_pod checks what each pod sends.
+ * ts_veth_ips (hash, ts_veth_key -> __u32, 0): the addresses each of them
+ * may send from. */
+struct ts_veth_key {
+	__u32 ifindex;
+	__u8 addr[16]; /* as ts_ip_key */
 };
 
 /* ts_policy: the ingress decision of local identity `local` for traffic from
@@ -185,8 +194,11 @@ enum ts_reason {
 	 * cannot reach: behind more than TS_IPV6_MAX_EXT IPv6 extension
 	 * headers, or in a fragment other than the first */
 	TS_REASON_DENY_UNPARSED = 12,
-	TS_REASON_EVENTS_LOST = 13,     /* ring buffer full */
-	TS_REASON_COUNT = 14,
+	/* from a pod, a packet with a source address (or an ARP or NDP claim)
+	 * that is not the pod's own, or of a kind a pod has no reason to send */
+	TS_REASON_DENY_SPOOFED = 13,
+	TS_REASON_EVENTS_LOST = 14,     /* ring buffer full */
+	TS_REASON_COUNT = 15,
 };
 
 #define TS_MAX_ENDPOINTS 65536
@@ -197,6 +209,8 @@ enum ts_reason {
 #define TS_MAX_EVENT_PAIRS 16384
 #define TS_MAX_FLOWS 65536
 #define TS_MAX_TERMINATORS 4096
+#define TS_MAX_VETHS 4096
+#define TS_MAX_VETH_IPS 16384
 /* Most IPv6 extension headers ts_ingress walks to reach the transport
  * header (a packet needs a handful at most; RFC 8200 asks each header to
  * appear once, the destination options header twice). */
@@ -211,6 +225,8 @@ enum ts_reason {
 
 TS_ASSERT_SIZE(ts_endpoint, 16);
 TS_ASSERT_SIZE(ts_term_key, 20);
+TS_ASSERT_SIZE(ts_veth_key, 20);
+TS_ASSERT_OFF(ts_veth_key, addr, 4);
 TS_ASSERT_OFF(ts_endpoint, node, 4);
 TS_ASSERT_OFF(ts_endpoint, gen, 8);
 TS_ASSERT_SIZE(ts_ip_key, 16);

@@ -63,6 +63,27 @@ impl TermKey {
     }
 }
 
+/// An address a local pod's host-side interface may send from (key of
+/// `ts_veth_ips`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct VethKey {
+    /// The interface index (host side of the pod's veth).
+    pub ifindex: u32,
+    /// The address, as in [`IpKey`].
+    pub addr: [u8; 16],
+}
+
+impl VethKey {
+    /// The key of `ip` on interface `ifindex`.
+    pub fn new(ifindex: u32, ip: std::net::IpAddr) -> VethKey {
+        VethKey {
+            ifindex,
+            addr: IpKey::from(ip).addr,
+        }
+    }
+}
+
 /// One ingress rule of identity `local` (see the header).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
@@ -225,6 +246,7 @@ mod pod {
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for IpKey {}
     unsafe impl aya::Pod for TermKey {}
+    unsafe impl aya::Pod for VethKey {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for Selected {}
@@ -242,6 +264,8 @@ const _: () = {
     assert!(offset_of!(Endpoint, gen_) == 8);
     assert!(size_of::<IpKey>() == 16);
     assert!(size_of::<TermKey>() == 20);
+    assert!(size_of::<VethKey>() == 20);
+    assert!(offset_of!(VethKey, addr) == 4);
     assert!(size_of::<PolicyKey>() == 12);
     assert!(offset_of!(PolicyKey, remote) == 4);
     assert!(offset_of!(PolicyKey, port) == 8);
@@ -305,6 +329,9 @@ pub enum Reason {
     /// To a pod a policy selects, a packet whose TCP header is out of reach
     /// (too many IPv6 extension headers, or a fragment other than the first).
     DenyUnparsed = consts::TS_REASON_DENY_UNPARSED as u32,
+    /// From a pod, a packet from (or an ARP or NDP claim of) an address that
+    /// is not its own, or of a kind a pod has no reason to send.
+    DenySpoofed = consts::TS_REASON_DENY_SPOOFED as u32,
     /// An event was lost (ring buffer full).
     EventsLost = consts::TS_REASON_EVENTS_LOST as u32,
 }
@@ -325,6 +352,7 @@ impl Reason {
         Reason::DenyAuthEpoch,
         Reason::DenyMalformed,
         Reason::DenyUnparsed,
+        Reason::DenySpoofed,
         Reason::EventsLost,
     ];
 
@@ -344,6 +372,7 @@ impl Reason {
             Reason::DenyAuthEpoch => "deny_auth_epoch",
             Reason::DenyMalformed => "deny_malformed",
             Reason::DenyUnparsed => "deny_unparsed",
+            Reason::DenySpoofed => "deny_spoofed",
             Reason::EventsLost => "events_lost",
         }
     }

@@ -72,7 +72,11 @@ pub struct Datapath {
     reused: Vec<&'static str>,
     cache: bool,
     last_version: u64,
+    /// `ts_from_pod` links by interface, when they are not pinned.
+    veth_links: std::collections::HashMap<u32, FdLink>,
 }
+
+mod veths;
 
 /// Whether the verdict cache is used on this architecture (see [`Datapath`]).
 pub const VERDICT_CACHE_SUPPORTED: bool = cfg!(target_arch = "x86_64");
@@ -132,12 +136,18 @@ impl Datapath {
             .ok_or(DatapathError::Missing(programs::STEER))?
             .try_into()?;
         prog.load()?;
+        let prog: &mut aya::programs::tc::SchedClassifier = ebpf
+            .program_mut(programs::FROM_POD)
+            .ok_or(DatapathError::Missing(programs::FROM_POD))?
+            .try_into()?;
+        prog.load()?;
         let mut dp = Datapath {
             ebpf,
             pin_dir: pin_dir.map(Path::to_owned),
             reused,
             cache: VERDICT_CACHE_SUPPORTED,
             last_version: 0,
+            veth_links: std::collections::HashMap::new(),
         };
         // Whatever a previous agent cached was decided on maps this one has
         // not checked yet.
@@ -535,6 +545,24 @@ impl Datapath {
             ..TestRunOptions::default()
         })?;
         Ok((result.return_value, result.duration))
+    }
+}
+
+impl Datapath {
+    /// Runs `ts_from_pod` once on `packet` (Ethernet header first) with
+    /// BPF_PROG_TEST_RUN, as received on the loopback interface (index 1):
+    /// its return value (0 pass, 2 drop).
+    pub fn test_from_pod(&self, packet: &[u8]) -> Result<u32, DatapathError> {
+        let prog: &aya::programs::tc::SchedClassifier = self
+            .ebpf
+            .program(programs::FROM_POD)
+            .ok_or(DatapathError::Missing(programs::FROM_POD))?
+            .try_into()?;
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(packet),
+            ..TestRunOptions::default()
+        })?;
+        Ok(result.return_value)
     }
 }
 

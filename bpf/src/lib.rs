@@ -25,6 +25,9 @@ pub mod programs {
     /// sk_lookup: hands connections from outside the mesh to the agent's
     /// terminator sockets (attached per pod network namespace).
     pub const STEER: &str = "ts_steer";
+    /// tc ingress on the host side of each local pod's veth: anti-spoofing
+    /// and the egress gate for connection starts no connect() made.
+    pub const FROM_POD: &str = "ts_from_pod";
 }
 
 /// Map names in [`OBJECT`].
@@ -60,10 +63,14 @@ pub mod maps {
     pub const TERMINATORS: &str = "ts_terminators";
     /// Cookies of the agent's terminator sockets (not pinned, likewise).
     pub const TERMINATOR_SK: &str = "ts_terminator_sk";
+    /// Host-side interfaces of local pods (ifindex -> 0).
+    pub const VETHS: &str = "ts_veths";
+    /// Addresses each of them may send from.
+    pub const VETH_IPS: &str = "ts_veth_ips";
     /// Every map, in the order the agent pins them.
     pub const ALL: &[&str] = &[
         EP_IP, EP_CGROUP, POLICY, SELECTED, AUTH, EPOCH, VERSION, VERDICTS4, VERDICTS6, EVENTS,
-        EVENT_LAST, COUNTERS, CACHE_KEY,
+        EVENT_LAST, COUNTERS, CACHE_KEY, VETHS, VETH_IPS,
     ];
 }
 

@@ -112,6 +112,37 @@ pub fn ipv6_with(
     p
 }
 
+/// An Ethernet ARP reply (IPv4) whose sender protocol address is `spa`.
+pub fn arp(spa: [u8; 4]) -> Vec<u8> {
+    let mut p = vec![0xffu8; 6];
+    p.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+    p.extend_from_slice(&0x0806u16.to_be_bytes());
+    p.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]); // Ethernet, IPv4, reply
+    p.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+    p.extend_from_slice(&spa);
+    p.extend_from_slice(&[0xff; 6]);
+    p.extend_from_slice(&spa);
+    p
+}
+
+/// Ethernet + IPv6 + an ICMPv6 neighbour advertisement from `src` that
+/// claims `target`.
+pub fn neighbor_advert(src: [u8; 16], target: [u8; 16]) -> Vec<u8> {
+    let mut p = vec![0u8; 14];
+    p[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    let mut ip = [0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&24u16.to_be_bytes());
+    ip[6] = 58;
+    ip[7] = 255;
+    ip[8..24].copy_from_slice(&src);
+    ip[24..40].copy_from_slice(&[0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    p.extend_from_slice(&ip);
+    p.extend_from_slice(&[136, 0, 0, 0, 0x20, 0, 0, 0]); // type, code, sum, override
+    p.extend_from_slice(&target);
+    p
+}
+
 /// An Ethernet frame that carries no IP (an ARP-typed header and padding):
 /// the program's shortest path.
 pub fn not_ip() -> Vec<u8> {

@@ -11,7 +11,7 @@ use aya::maps::{MapInfo, MapType};
 
 use crate::abi::{
     AuthKey, AuthValue, Endpoint, FlowKey4, FlowKey6, IpKey, PolicyKey, PolicyValue, Selected,
-    Verdict, consts,
+    Verdict, VethKey, consts,
 };
 use crate::maps;
 
@@ -144,6 +144,8 @@ pub fn expected(name: &str) -> Option<Layout> {
             consts::TS_MAX_EVENT_PAIRS,
         ),
         maps::COUNTERS => l(MapType::PerCpuArray, 4, 8, consts::TS_REASON_COUNT),
+        maps::VETHS => l(MapType::Hash, 4, 4, consts::TS_MAX_VETHS),
+        maps::VETH_IPS => l(MapType::Hash, size::<VethKey>(), 4, consts::TS_MAX_VETH_IPS),
         _ => None,
     }
 }

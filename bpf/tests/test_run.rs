@@ -713,3 +713,91 @@ fn ipv6_extension_headers_hide_no_connection_start() -> Result<()> {
     h.expect(&cut, false, Reason::DenyMalformed, "cut short")?;
     Ok(())
 }
+
+/// ts_from_pod (tc, where a pod's traffic enters the node), run on frames
+/// as if received on interface 1: an interface the agent did not register
+/// passes everything; a registered one passes only its own addresses
+/// (IPv4, IPv6, the sender of ARP, the target of neighbour advertisements;
+/// link-local and unspecified IPv6 sources for neighbour discovery), only
+/// ARP and IP, and its TCP connection starts get the egress gate's
+/// decision.
+#[test]
+fn a_pod_sends_only_from_its_own_addresses() -> Result<()> {
+    use tessera_bpf::packets::{arp, ipv6_with, neighbor_advert};
+    const PASS: u32 = 0;
+    const DROP: u32 = 2;
+    let mut h = Harness::new()?;
+    let from_pod = |h: &mut Harness, packet: &[u8], want: u32, what: &str| -> Result<()> {
+        let before = h.dp.counter(Reason::DenySpoofed)?;
+        let got = h.dp.test_from_pod(packet)?;
+        let after = h.dp.counter(Reason::DenySpoofed)?;
+        assert_eq!(got, want, "{what}");
+        let counted = if want == DROP { 1 } else { 0 };
+        assert_eq!(after - before, counted, "{what}: deny_spoofed");
+        Ok(())
+    };
+    // Not registered: not checked.
+    from_pod(&mut h, &packet(B, A, TCP, 8080, ACK), PASS, "unregistered")?;
+    // Interface 1 belongs to the pod at B (and B6).
+    h.dp.set_veth(1, &[IpAddr::from(B), IpAddr::from(B6)])?;
+    from_pod(&mut h, &packet(B, A, TCP, 8080, ACK), PASS, "own IPv4")?;
+    from_pod(
+        &mut h,
+        &packet(STRANGER, A, TCP, 8080, ACK),
+        DROP,
+        "foreign IPv4",
+    )?;
+    from_pod(
+        &mut h,
+        &packet(A, A, UDP, 53, 0),
+        DROP,
+        "a neighbour's IPv4",
+    )?;
+    from_pod(&mut h, &arp(B), PASS, "ARP for its own address")?;
+    from_pod(&mut h, &arp([0; 4]), PASS, "ARP probe")?;
+    from_pod(&mut h, &arp(A), DROP, "ARP claiming a neighbour's address")?;
+    let v6 = |src: [u8; 16]| ipv6_with(src, A6, &[], TCP, 8080, ACK);
+    from_pod(&mut h, &v6(B6), PASS, "own IPv6")?;
+    from_pod(&mut h, &v6(A6), DROP, "a neighbour's IPv6")?;
+    let mut link_local = [0u8; 16];
+    link_local[0] = 0xfe;
+    link_local[1] = 0x80;
+    link_local[15] = 7;
+    from_pod(&mut h, &v6(link_local), PASS, "link-local")?;
+    from_pod(&mut h, &v6([0; 16]), PASS, "unspecified (DAD)")?;
+    from_pod(
+        &mut h,
+        &neighbor_advert(link_local, B6),
+        PASS,
+        "NA for its own",
+    )?;
+    from_pod(
+        &mut h,
+        &neighbor_advert(link_local, A6),
+        DROP,
+        "NA claiming a neighbour's",
+    )?;
+    let mut vlan = packet(B, A, TCP, 8080, ACK);
+    vlan[12..14].copy_from_slice(&0x8100u16.to_be_bytes()); // 802.1Q
+    from_pod(&mut h, &vlan, DROP, "neither ARP nor IP")?;
+    // Its connection start to a pod whose policy does not admit it: the
+    // egress gate's decision, counted under its reason.
+    h.select(300, TS_DEFAULT_DENY)?;
+    let before = h.dp.counter(Reason::DenyDefault)?;
+    assert_eq!(h.dp.test_from_pod(&packet(B, A, TCP, 8080, SYN))?, DROP);
+    assert_eq!(h.dp.counter(Reason::DenyDefault)? - before, 1);
+    // Admitted: passes.
+    h.rule(300, 400, 8080, TS_VERDICT_ALLOW, 0)?;
+    h.select(300, TS_DEFAULT_DENY | TS_SHAPE_EXACT)?;
+    assert_eq!(h.dp.test_from_pod(&packet(B, A, TCP, 8080, SYN))?, PASS);
+    // Removed: everything passes again.
+    h.dp.remove_veth(1)?;
+    assert!(h.dp.veths()?.is_empty() && h.dp.veth_ips()?.is_empty());
+    from_pod(
+        &mut h,
+        &packet(STRANGER, A, TCP, 8080, ACK),
+        PASS,
+        "removed",
+    )?;
+    Ok(())
+}

@@ -38,6 +38,7 @@ use crate::follow::Compact;
 use crate::handshake::{self, Authenticated, Credentials, HandshakeError, Initiate};
 use crate::identities::IdentityStore;
 use crate::policy::IdentityTable;
+use crate::veths::{self, Veths};
 use crate::view::{Pair, PodPlace, PodRecord, PodView, View, pod_place, pod_record};
 
 /// Re-authenticate an entry with less than this left (or a quarter of its
@@ -146,6 +147,7 @@ struct Inner {
     /// Local pods' cgroups (directory and id), by pod UID, as found.
     cgroups: Mutex<HashMap<String, (PathBuf, u64)>>,
     external: External,
+    veths: Veths,
 }
 
 impl Inner {
@@ -192,6 +194,25 @@ impl Inner {
         })?;
         *lock(&self.policies) = Arc::new(specs);
         Ok(())
+    }
+
+    /// Checks what each local pod sends where it enters the node (see
+    /// [`crate::veths`]).
+    fn reconcile_veths(&self) {
+        let view = self.view();
+        let wanted: Vec<veths::Want> = view
+            .local_pods()
+            .filter(|p| !p.terminating && !p.ips.is_empty())
+            .filter_map(|p| {
+                Some(veths::Want {
+                    uid: p.uid.clone(),
+                    pod: p.name.clone(),
+                    cgroup: self.cgroup_of(&p.uid)?.0,
+                    ips: p.ips.clone(),
+                })
+            })
+            .collect();
+        self.veths.reconcile(&self.plane, &wanted);
     }
 
     /// Opens and closes the terminators of peers outside the mesh for
@@ -468,6 +489,7 @@ pub async fn run(
         failed: Mutex::default(),
         cgroups: Mutex::default(),
         external: External::new(stats.clone()),
+        veths: Veths::default(),
     });
 
     let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
@@ -580,6 +602,7 @@ pub async fn run(
     inner.plane.restore(&inner.view())?;
     inner.cap_restored();
     inner.reconcile_external();
+    inner.reconcile_veths();
     info!("data path in sync with the cluster");
     inner
         .plane
@@ -679,6 +702,7 @@ pub async fn run(
         }
         inner.preauthenticate();
         inner.reconcile_external();
+        inner.reconcile_veths();
         if let Err(e) = inner.plane.flush() {
             warn!(error = %e, "cannot flush the auth cache");
         }

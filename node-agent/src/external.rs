@@ -20,7 +20,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 
 use crate::dataplane::{DataPlane, Stats, lock};
 use crate::handshake::{Admit, Credentials};
+use crate::netns::NetnsError;
 
 /// Most ports one workload may have terminated.
 pub const MAX_TERMINATED_PORTS: usize = 256;
@@ -179,7 +180,6 @@ pub struct External {
     /// The last reason each wanted terminator could not be opened.
     failing: Mutex<HashMap<(String, u16), String>>,
     stats: Arc<Stats>,
-    own_netns: Option<u64>,
     /// Caps shared by every terminator socket.
     limits: Arc<ConnLimits>,
 }
@@ -190,56 +190,6 @@ impl std::fmt::Debug for External {
     }
 }
 
-/// The inode of a network namespace file.
-fn netns_inode(path: &Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| m.ino())
-}
-
-/// A process of the pod (in its cgroup or one below, at most 3 levels).
-fn pod_process(cgroup: &Path) -> Option<u32> {
-    let mut level = vec![cgroup.to_owned()];
-    for _ in 0..4 {
-        let mut next = Vec::new();
-        for dir in level {
-            if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs"))
-                && let Some(pid) = procs.lines().find_map(|l| l.trim().parse::<u32>().ok())
-            {
-                return Some(pid);
-            }
-            if let Ok(read) = std::fs::read_dir(&dir) {
-                next.extend(
-                    read.flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
-        }
-        level = next;
-    }
-    None
-}
-
-/// Runs `f` on a thread that has entered the network namespace `netns`:
-/// sockets it creates belong to that namespace.
-fn in_netns<T: Send>(
-    netns: &File,
-    f: impl FnOnce() -> std::io::Result<T> + Send,
-) -> std::io::Result<T> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                rustix::thread::move_into_link_name_space(
-                    netns.as_fd(),
-                    Some(rustix::thread::LinkNameSpaceType::Network),
-                )?;
-                f()
-            })
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
-    })
-}
-
 impl External {
     /// No terminators yet; counts in `stats`.
     pub fn new(stats: Arc<Stats>) -> External {
@@ -248,7 +198,6 @@ impl External {
             steered: Mutex::default(),
             failing: Mutex::default(),
             stats,
-            own_netns: netns_inode(Path::new("/proc/self/ns/net")),
             limits: ConnLimits::new(EXTERNAL_PER_PEER, EXTERNAL_TOTAL),
         }
     }
@@ -263,8 +212,7 @@ impl External {
             .iter()
             .filter_map(|(uid, s)| {
                 let cgroup = &wanted.iter().find(|w| &w.uid == uid)?.cgroup;
-                let pid = pod_process(cgroup)?;
-                let now = netns_inode(Path::new(&format!("/proc/{pid}/ns/net")))?;
+                let now = crate::netns::pod_inode(cgroup)?;
                 (now != s.inode).then(|| uid.clone())
             })
             .collect();
@@ -354,21 +302,16 @@ impl External {
         if let Some(s) = lock(&self.steered).get(&want.uid) {
             return Ok(s.netns.clone());
         }
-        let pid = pod_process(&want.cgroup)
-            .ok_or_else(|| ExternalError::NoProcess(want.cgroup.clone()))?;
-        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
-        if netns_inode(&path).is_some_and(|i| Some(i) == self.own_netns) {
-            return Err(ExternalError::HostNetwork);
-        }
-        let netns =
-            Arc::new(File::open(&path).map_err(io(format!("cannot open {}", path.display())))?);
-        let inode = {
-            use std::os::unix::fs::MetadataExt;
-            netns
-                .metadata()
-                .map_err(io(format!("cannot stat {}", path.display())))?
-                .ino()
-        };
+        let crate::netns::PodNetns { file, inode } =
+            crate::netns::open_pod(&want.cgroup).map_err(|e| match e {
+                NetnsError::NoProcess(cgroup) => ExternalError::NoProcess(cgroup),
+                NetnsError::HostNetwork => ExternalError::HostNetwork,
+                NetnsError::Open { path, source } => ExternalError::Io {
+                    what: format!("cannot open {}", path.display()),
+                    source,
+                },
+            })?;
+        let netns = Arc::new(file);
         let link = plane.with_datapath(|dp| dp.steer(netns.as_fd()))?;
         lock(&self.steered).insert(
             want.uid.clone(),
@@ -391,7 +334,7 @@ impl External {
         // Any address and port: ts_steer hands connections over whatever
         // the socket is bound to; connections made to its own port are
         // dropped by the handler.
-        let listener = in_netns(&netns, || {
+        let listener = crate::netns::run_in(&netns, || {
             let l = std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0))?;
             l.set_nonblocking(true)?;
             Ok(l)
@@ -522,7 +465,7 @@ async fn handle(
     let upstream_addr = SocketAddr::new(loopback, want.port);
     let netns = netns.clone();
     let upstream = tokio::task::spawn_blocking(move || {
-        in_netns(&netns, || {
+        crate::netns::run_in(&netns, || {
             let s = std::net::TcpStream::connect_timeout(&upstream_addr, UPSTREAM_TIMEOUT)?;
             s.set_nonblocking(true)?;
             Ok(s)

@@ -1159,7 +1159,8 @@ async fn the_node_address_never_carries_a_host_network_pods_identity() {
 /// node-b's agent is killed (its pinned maps stay, frozen: they still map
 /// x's address to x), x (admitted at db on node-b) is deleted on node-a,
 /// and y, with x's address and an identity db does not admit, is created
-/// there. y's node still enforces for y: y -> db is refused, while web
+/// there. y's node still enforces for y: y -> db is refused, by connect()
+/// and as a connection start crafted on a packet socket, while web
 /// (admitted, authenticated before the outage) still gets through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_address_inherits_nothing_while_the_peers_agent_is_down() {
@@ -1191,8 +1192,84 @@ async fn a_reused_address_inherits_nothing_while_the_peers_agent_is_down() {
         let out = y.connect(&db.ip, PORT);
         assert!(!ok(&out), "y, at x's address, reached db: {out}");
     }
+    // Nor with a connection start crafted on a packet socket (no connect()
+    // for the gate to see): node-a's check where y's traffic enters it
+    // decides it as the gate would.
+    let (_, db_mac) = tessera_tests::scapy::link(&db.ns);
+    let sniffer = tessera_tests::scapy::Sniffer::start(&y.ns, 41010, 3.0);
+    tessera_tests::scapy::send_syn(&y.ns, &db_mac, &y.ip, &db.ip, 41010, PORT);
+    assert!(
+        !sniffer.answered(),
+        "db answered y's crafted SYN from x's address"
+    );
     assert!(
         ok(&web.connect(&db.ip, PORT)),
         "web -> db during the outage"
     );
+}
+
+/// What a pod with CAP_NET_RAW tries first, crafted with scapy at the link
+/// layer (no socket the egress gate sees): db admits only web, and other,
+/// web's neighbour on node-a, (1) sends db a SYN with web's source address
+/// (db's answer would go to web), then (2) takes web's address with
+/// gratuitous ARP and sends it again (the answer would come to it). Both
+/// are dropped where other's traffic enters node-a, and counted; web's own
+/// crafted SYN still gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_sends_only_from_its_own_addresses() {
+    use tessera_tests::scapy::{self, Sniffer};
+    let _one_at_a_time = TOPOLOGY.lock().await;
+    let (cp, client) = control_plane().await;
+    let signer_port = tessera_tests::free_port().unwrap();
+    let _operator = common::start_operator(cp.kubeconfig(), signer_port, 3600);
+    resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
+    let (cluster, _) = cluster_with_agents(&client, &launch).await;
+    let web = pod(&cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
+    let other = pod(&cluster, "other", "other", "other", "node-a", "198.18.1.11").await;
+    let db = pod(&cluster, "db", "db", "db", "node-b", "198.18.2.10").await;
+    policy(&cluster, "db-from-web", "db", "web").await;
+    until_ok(&web, &db.ip).await;
+    let (_, db_mac) = scapy::link(&db.ns);
+    let spoofed_before = cluster.agents[0]
+        .metric(r#"tessera_agent_datapath_decisions_total{reason="deny_spoofed"}"#)
+        .unwrap_or(0.0);
+
+    // web's own crafted SYN is answered: the path works.
+    let sniffer = Sniffer::start(&web.ns, 41001, 3.0);
+    scapy::send_syn(&web.ns, &db_mac, &web.ip, &db.ip, 41001, PORT);
+    assert!(sniffer.answered(), "web's own SYN was not answered");
+
+    // (1) other, with web's source address; web would get the answer.
+    let sniffer = Sniffer::start(&web.ns, 41002, 3.0);
+    scapy::send_syn(&other.ns, &db_mac, &web.ip, &db.ip, 41002, PORT);
+    assert!(!sniffer.answered(), "db answered a SYN other sent as web");
+
+    // (2) other takes web's address, then sends as web.
+    scapy::claim_arp(&other.ns, &web.ip);
+    let sniffer = Sniffer::start(&other.ns, 41003, 3.0);
+    scapy::send_syn(&other.ns, &db_mac, &web.ip, &db.ip, 41003, PORT);
+    assert!(
+        !sniffer.answered(),
+        "other took web's address by ARP and db answered it"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let spoofed = cluster.agents[0]
+            .metric(r#"tessera_agent_datapath_decisions_total{reason="deny_spoofed"}"#)
+            .unwrap_or(0.0);
+        if spoofed >= spoofed_before + 3.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "deny_spoofed went {spoofed_before} -> {spoofed}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // web still works.
+    assert!(ok(&web.connect(&db.ip, PORT)));
 }

@@ -42,33 +42,11 @@ got = sniff(iface=iface, timeout=2, count=1, lfilter=synack,
 print("synack" if got else "none")
 "#;
 
-/// The name and MAC address of the one Ethernet link in namespace `ns`.
-fn link(ns: &str) -> (String, String) {
-    let out = Command::new("ip")
-        .args(["-n", ns, "-o", "link", "show"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let line = text
-        .lines()
-        .find(|l| l.contains("link/ether"))
-        .unwrap_or_else(|| panic!("no Ethernet link in {ns}: {text}"));
-    let name = line.split(':').nth(1).unwrap().trim();
-    let name = name.split('@').next().unwrap().to_owned();
-    let mac = line
-        .split("link/ether ")
-        .nth(1)
-        .and_then(|t| t.split_whitespace().next())
-        .unwrap()
-        .to_owned();
-    (name, mac)
-}
-
 /// What came back for a SYN with `kind` from `from` (namespace, address)
 /// to the pod at `to` (namespace, address).
 fn send(from: (&str, &str), to: (&str, &str), kind: &str) -> String {
-    let (iface, _) = link(from.0);
-    let (_, mac) = link(to.0);
+    let (iface, _) = tessera_tests::scapy::link(from.0);
+    let (_, mac) = tessera_tests::scapy::link(to.0);
     // Debian's interpreter, where python3-scapy installs the module.
     let out = Command::new("ip")
         .args(["netns", "exec", from.0, "/usr/bin/python3", "-c", SEND])

@@ -9,6 +9,7 @@ pub mod netns;
 pub mod pki;
 pub mod procs;
 pub mod resources;
+pub mod scapy;
 pub mod spire;
 pub mod testbin;
 
