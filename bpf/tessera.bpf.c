@@ -158,6 +158,14 @@ struct {
 	__type(value, __u32);
 } ts_terminator_sk SEC(".maps");
 
+/* What each local pod's TCP connection was admitted as (see ts_revoke). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct ts_conn);
+} ts_conns SEC(".maps");
+
 /* The host-side interfaces of this node's pods (see ts_from_pod). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -184,7 +192,7 @@ static __always_inline void count(__u32 reason)
 
 static __always_inline int is_deny(__u32 reason)
 {
-	return reason >= TS_REASON_DENY_POLICY && reason <= TS_REASON_DENY_SPOOFED;
+	return reason >= TS_REASON_DENY_POLICY && reason <= TS_REASON_DENY_ENDPOINT_CHANGED;
 }
 
 /* The ts_policy entry for one key shape, if any. */
@@ -240,9 +248,11 @@ static __always_inline __u32 policy(__u32 shapes, __u32 local, __u32 remote, __u
 }
 
 /* Whether the agents authenticated `local` with `remote` (on remote->node)
- * for the endpoints' current generations: a TS_REASON_*. */
+ * for the endpoints' current generations, and not expired at `now`
+ * (CLOCK_MONOTONIC ns): a TS_REASON_*. */
 static __always_inline __u32 authenticated(const struct ts_endpoint *local,
-					   const struct ts_endpoint *remote, __u64 *expires)
+					   const struct ts_endpoint *remote, __u64 now,
+					   __u64 *expires)
 {
 	struct ts_auth_key key = {
 		.local = local->id,
@@ -264,7 +274,7 @@ static __always_inline __u32 authenticated(const struct ts_endpoint *local,
 		return TS_REASON_DENY_AUTH_EPOCH;
 	if (a->local_gen != local->gen || a->remote_gen != remote->gen)
 		return TS_REASON_DENY_AUTH_STALE;
-	if (a->expires_ns <= bpf_ktime_get_coarse_ns())
+	if (a->expires_ns <= now)
 		return TS_REASON_DENY_AUTH_EXPIRED;
 	*expires = a->expires_ns;
 	return TS_REASON_ALLOW_AUTHENTICATED;
@@ -319,7 +329,7 @@ static __always_inline __u32 decide(__u32 shapes, const struct ts_endpoint *dst,
 	*expires = TS_EXPIRES_NEVER;
 	if (is_deny(reason) || !(flags & TS_RULE_AUTH))
 		return reason;
-	reason = authenticated(me, peer, expires);
+	reason = authenticated(me, peer, bpf_ktime_get_coarse_ns(), expires);
 	if (reason != TS_REASON_ALLOW_AUTHENTICATED)
 		report(me, peer, port, proto, reason);
 	return reason;
@@ -565,19 +575,22 @@ malformed:
 }
 
 /* The pod the calling process belongs to: its cgroup's entry, or the entry
- * of the nearest ancestor (containers' cgroups sit below their pod's). */
-static __always_inline struct ts_endpoint *current_pod(void)
+ * of the nearest ancestor (containers' cgroups sit below their pod's);
+ * *found gets the cgroup whose entry it is. */
+static __always_inline struct ts_endpoint *current_pod(__u64 *found)
 {
 	__u64 cgroup = bpf_get_current_cgroup_id();
 	struct ts_endpoint *ep = bpf_map_lookup_elem(&ts_ep_cgroup, &cgroup);
 	int level;
 
+	*found = cgroup;
 	if (ep)
 		return ep;
 	for (level = TS_CGROUP_DEPTH; level > 0; level--) {
 		cgroup = bpf_get_current_ancestor_cgroup_id(level);
 		if (!cgroup)
 			continue;
+		*found = cgroup;
 		ep = bpf_map_lookup_elem(&ts_ep_cgroup, &cgroup);
 		if (ep)
 			return ep;
@@ -585,10 +598,43 @@ static __always_inline struct ts_endpoint *current_pod(void)
 	return 0;
 }
 
-/* The egress gate for a connect() to `dst_key`:`port`. */
-static __always_inline int gate(const struct ts_ip_key *dst_key, __u16 port, __u32 proto)
+/* The global epoch now. */
+static __always_inline __u64 current_epoch(void)
 {
-	struct ts_endpoint *me = current_pod();
+	__u32 zero = 0;
+	__u64 *epoch = bpf_map_lookup_elem(&ts_epoch, &zero);
+
+	return epoch ? *epoch : 0;
+}
+
+/* Records what socket `sk` was admitted as (see ts_conns); `reason` is the
+ * decision that admitted it. */
+static __always_inline void stamp(void *sk, const struct ts_endpoint *local,
+				  const struct ts_endpoint *remote, __u64 cgroup, __u16 port,
+				  __u8 flags, __u32 reason)
+{
+	struct ts_conn *c = bpf_sk_storage_get(&ts_conns, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+
+	if (!c)
+		return;
+	c->local = *local;
+	c->remote = *remote;
+	c->cgroup = cgroup;
+	c->port = port;
+	c->epoch = 0;
+	if (reason == TS_REASON_ALLOW_AUTHENTICATED) {
+		flags |= TS_CONN_AUTH;
+		c->epoch = current_epoch();
+	}
+	c->flags = flags;
+}
+
+/* The egress gate for a connect() of socket `sk` to `dst_key`:`port`. */
+static __always_inline int gate(struct bpf_sock *sk, const struct ts_ip_key *dst_key, __u16 port,
+				__u32 proto)
+{
+	__u64 cgroup = 0;
+	struct ts_endpoint *me = current_pod(&cgroup);
 	struct ts_endpoint src, dst;
 	__u64 expires;
 	int dst_known;
@@ -612,7 +658,11 @@ static __always_inline int gate(const struct ts_ip_key *dst_key, __u16 port, __u
 	}
 	reason = decide(shapes_of(dst.id), &dst, &src, &src, &dst, port, IPPROTO_TCP, &expires);
 	count(reason);
-	return is_deny(reason) ? 0 : 1;
+	if (is_deny(reason))
+		return 0;
+	if (sk)
+		stamp(sk, &src, &dst, cgroup, port, TS_CONN_OUTBOUND, reason);
+	return 1;
 }
 
 SEC("cgroup/connect4")
@@ -621,7 +671,7 @@ int ts_connect4(struct bpf_sock_addr *ctx)
 	struct ts_ip_key key;
 
 	ip4_key(&key, ctx->user_ip4);
-	return gate(&key, bpf_ntohs((__u16)ctx->user_port), ctx->protocol);
+	return gate(ctx->sk, &key, bpf_ntohs((__u16)ctx->user_port), ctx->protocol);
 }
 
 SEC("cgroup/connect6")
@@ -634,7 +684,7 @@ int ts_connect6(struct bpf_sock_addr *ctx)
 	words[1] = ctx->user_ip6[1];
 	words[2] = ctx->user_ip6[2];
 	words[3] = ctx->user_ip6[3];
-	return gate(&key, bpf_ntohs((__u16)ctx->user_port), ctx->protocol);
+	return gate(ctx->sk, &key, bpf_ntohs((__u16)ctx->user_port), ctx->protocol);
 }
 
 #define TS_AF_INET 2
@@ -683,6 +733,197 @@ int ts_steer(struct bpf_sk_lookup *ctx)
 	bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
 	return SK_PASS;
+}
+
+/* ts_established (sockops, on the pods' cgroup): when a local pod accepts a
+ * TCP connection, records what it was admitted as (ts_conns) for
+ * ts_revoke. The egress gate records outbound ones at connect(). */
+SEC("sockops")
+int ts_established(struct bpf_sock_ops *ops)
+{
+	struct ts_ip_key local_key, remote_key;
+	struct ts_endpoint local, remote;
+	__u16 port = (__u16)ops->local_port;
+	struct bpf_sock *sk;
+	__u64 expires;
+	__u32 reason;
+	__u8 flags = 0;
+	int known;
+
+	if (ops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+	if (ops->family == TS_AF_INET) {
+		ip4_key(&local_key, ops->local_ip4);
+		ip4_key(&remote_key, ops->remote_ip4);
+	} else if (ops->family == TS_AF_INET6) {
+		__u32 *l = (__u32 *)local_key.addr;
+		__u32 *r = (__u32 *)remote_key.addr;
+
+		l[0] = ops->local_ip6[0];
+		l[1] = ops->local_ip6[1];
+		l[2] = ops->local_ip6[2];
+		l[3] = ops->local_ip6[3];
+		r[0] = ops->remote_ip6[0];
+		r[1] = ops->remote_ip6[1];
+		r[2] = ops->remote_ip6[2];
+		r[3] = ops->remote_ip6[3];
+	} else {
+		return 1;
+	}
+	local = lookup_ip(&local_key, &known);
+	if (!known)
+		return 1;
+	remote = lookup_ip(&remote_key, &known);
+	/* The authentication the connection start rested on, if it still
+	 * holds; if it no longer does, ts_revoke resets the connection. */
+	reason = policy(shapes_of(local.id), local.id, remote.id, port, IPPROTO_TCP, &flags);
+	if (!is_deny(reason) && (flags & TS_RULE_AUTH))
+		reason = authenticated(&local, &remote, bpf_ktime_get_coarse_ns(), &expires);
+	/* Read and checked right where it is used: the verifier tracks the
+	 * check on this load only. */
+	sk = ops->sk;
+	if (sk)
+		stamp(sk, &local, &remote, 0, port, 0, reason);
+	return 1;
+}
+
+/* Kernel types ts_revoke reads: only the fields it uses, relocated against
+ * the running kernel's BTF (CO-RE) when the agent loads the object. */
+struct seq_file;
+struct bpf_iter_meta {
+	struct seq_file *seq;
+} __attribute__((preserve_access_index));
+
+struct sock_common {
+	__be32 skc_daddr;
+	__be32 skc_rcv_saddr;
+	__be16 skc_dport;
+	__u16 skc_num;
+	unsigned short skc_family;
+	struct in6_addr skc_v6_daddr;
+	struct in6_addr skc_v6_rcv_saddr;
+} __attribute__((preserve_access_index));
+
+struct bpf_iter__tcp {
+	struct bpf_iter_meta *meta;
+	struct sock_common *sk_common;
+} __attribute__((preserve_access_index));
+
+#define TS_STR(x) #x
+#define TS_XSTR(x) TS_STR(x)
+
+/* bpf_sock_destroy(sk): aborts the socket (ECONNABORTED to its owner, a
+ * reset to its peer). A kfunc call (src_reg BPF_PSEUDO_KFUNC_CALL) whose
+ * immediate the agent replaces with the kfunc's BTF id at load time. */
+static __always_inline void sock_destroy(struct sock_common *sk)
+{
+	register struct sock_common *r1 asm("r1") = sk;
+
+	asm volatile(".byte 0x85, 0x20, 0x00, 0x00\n\t.long " TS_XSTR(TS_KFUNC_SOCK_DESTROY)
+		     : "+r"(r1)
+		     :
+		     : "r0", "r2", "r3", "r4", "r5", "memory");
+}
+
+static __always_inline int same_endpoint(const struct ts_endpoint *a, const struct ts_endpoint *b)
+{
+	return a->id == b->id && a->node == b->node && a->gen == b->gen;
+}
+
+/* The decision for connection `c` (between `local_key` and `remote_key`)
+ * made again on the maps as they are now: a TS_REASON_*. The connection
+ * stands only while both endpoints are those it began with, the policy
+ * still admits it and, where the policy asks for it, the pair is
+ * authenticated in the epoch it was admitted in. */
+static __always_inline __u32 recheck(struct ts_conn *c, const struct ts_ip_key *local_key,
+				     const struct ts_ip_key *remote_key)
+{
+	struct ts_endpoint local, remote, *ep;
+	const struct ts_endpoint *dst, *src;
+	__u64 expires, epoch;
+	__u32 reason;
+	__u8 flags;
+	int known;
+
+	if (c->cgroup) {
+		ep = bpf_map_lookup_elem(&ts_ep_cgroup, &c->cgroup);
+		if (!ep)
+			return TS_REASON_DENY_ENDPOINT_CHANGED;
+		local = *ep;
+	} else {
+		local = lookup_ip(local_key, &known);
+		if (!known)
+			return TS_REASON_DENY_ENDPOINT_CHANGED;
+	}
+	if (!same_endpoint(&local, &c->local))
+		return TS_REASON_DENY_ENDPOINT_CHANGED;
+	remote = lookup_ip(remote_key, &known);
+	if (c->remote.id == TS_ID_UNKNOWN)
+		remote = c->remote;
+	else if (!known || !same_endpoint(&remote, &c->remote))
+		return TS_REASON_DENY_ENDPOINT_CHANGED;
+	dst = (c->flags & TS_CONN_OUTBOUND) ? &remote : &local;
+	src = (c->flags & TS_CONN_OUTBOUND) ? &local : &remote;
+	reason = policy(shapes_of(dst->id), dst->id, src->id, c->port, IPPROTO_TCP, &flags);
+	if (is_deny(reason) || !(flags & TS_RULE_AUTH))
+		return reason;
+	/* The coarse clock is not for tracing programs; the precise one is
+	 * at most a tick ahead of it. */
+	reason = authenticated(&local, &remote, bpf_ktime_get_ns(), &expires);
+	if (is_deny(reason))
+		return reason;
+	epoch = current_epoch();
+	if ((c->flags & TS_CONN_AUTH) && c->epoch != epoch)
+		return TS_REASON_DENY_AUTH_EPOCH;
+	/* Admitted without one, now resting on this one. */
+	c->flags |= TS_CONN_AUTH;
+	c->epoch = epoch;
+	return reason;
+}
+
+/* ts_revoke (iter/tcp, run by the agent in each local pod's network
+ * namespace and its own after the maps change): every TCP socket the data
+ * path admitted (it has a ts_conns entry) whose decision no longer allows
+ * is reset, and a struct ts_revoked for it goes to the reader. */
+SEC("iter/tcp")
+int ts_revoke(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct ts_ip_key local_key, remote_key;
+	struct ts_revoked rec = {};
+	struct ts_conn *c;
+	void *tp;
+	__u32 reason;
+
+	if (!skc)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0;
+	c = bpf_sk_storage_get(&ts_conns, tp, 0, 0);
+	if (!c)
+		return 0;
+	if (skc->skc_family == TS_AF_INET) {
+		ip4_key(&local_key, skc->skc_rcv_saddr);
+		ip4_key(&remote_key, skc->skc_daddr);
+	} else {
+		bpf_probe_read_kernel(local_key.addr, 16, &skc->skc_v6_rcv_saddr);
+		bpf_probe_read_kernel(remote_key.addr, 16, &skc->skc_v6_daddr);
+	}
+	reason = recheck(c, &local_key, &remote_key);
+	if (!is_deny(reason))
+		return 0;
+	__builtin_memcpy(rec.local_addr, local_key.addr, 16);
+	__builtin_memcpy(rec.remote_addr, remote_key.addr, 16);
+	rec.local_id = c->local.id;
+	rec.remote_id = c->remote.id;
+	rec.local_port = skc->skc_num;
+	rec.remote_port = bpf_ntohs(skc->skc_dport);
+	rec.reason = reason;
+	sock_destroy(skc);
+	count(TS_REASON_REVOKED);
+	bpf_seq_write(ctx->meta->seq, &rec, sizeof(rec));
+	return 0;
 }
 
 #define TS_ND_NEIGHBOR_ADVERT 136

@@ -16,7 +16,7 @@
 
 #include <linux/types.h>
 
-#define TESSERA_ABI_VERSION 5
+#define TESSERA_ABI_VERSION 6
 
 /* Numeric identities below 256 are reserved (allocated ones start at 256). */
 /* Any identity, in policy keys. */
@@ -172,6 +172,41 @@ struct ts_verdict {
 	__u32 pad;        /* always 0 */
 };
 
+/* ts_conns (socket storage): what a local pod's TCP connection was admitted
+ * as, written when it is admitted (by the egress gate at connect(), for an
+ * outbound one; when an inbound one is established, for the other), so that
+ * ts_revoke can decide it again once the maps change: the connection stands
+ * only while both endpoints are still the ones it began with and the
+ * decision, made again with today's policy and authentications, allows. */
+#define TS_CONN_OUTBOUND 1 /* the local pod connected (else it accepted) */
+#define TS_CONN_AUTH 2     /* it rests on an authentication of epoch `epoch` */
+
+struct ts_conn {
+	struct ts_endpoint local;  /* the local pod */
+	struct ts_endpoint remote; /* the peer (id TS_ID_UNKNOWN: no endpoint) */
+	__u64 cgroup; /* outbound: the pod cgroup the gate found (0: by address) */
+	__u64 epoch;  /* with TS_CONN_AUTH: the epoch of the authentication */
+	__u16 port;   /* the destination port */
+	__u8 flags;   /* TS_CONN_* */
+	__u8 pad[5];  /* always 0 */
+};
+
+/* The call ts_revoke makes to the kfunc bpf_sock_destroy carries this
+ * immediate in place of the kfunc's BTF id, which only the running kernel
+ * knows: the agent writes the id there before loading the object. */
+#define TS_KFUNC_SOCK_DESTROY 2119553879
+
+/* What ts_revoke writes to its reader for each connection it resets. */
+struct ts_revoked {
+	__u8 local_addr[16];  /* as ts_ip_key */
+	__u8 remote_addr[16]; /* as ts_ip_key */
+	__u32 local_id;
+	__u32 remote_id;
+	__u16 local_port;  /* host order */
+	__u16 remote_port; /* host order */
+	__u32 reason;      /* the TS_REASON_DENY_* the decision gave */
+};
+
 /* ts_version (array of one __u64): the version of the decision inputs. 0
  * turns the verdict cache off (nothing is read from or written to it). */
 
@@ -197,8 +232,15 @@ enum ts_reason {
 	/* from a pod, a packet with a source address (or an ARP or NDP claim)
 	 * that is not the pod's own, or of a kind a pod has no reason to send */
 	TS_REASON_DENY_SPOOFED = 13,
-	TS_REASON_EVENTS_LOST = 14,     /* ring buffer full */
-	TS_REASON_COUNT = 15,
+	/* an established connection whose endpoint changed since it began:
+	 * the peer's address gone or given to another pod, or either side's
+	 * identity or generation changed (ts_revoke only) */
+	TS_REASON_DENY_ENDPOINT_CHANGED = 14,
+	/* established connections ts_revoke reset (counted once each, beside
+	 * nothing else: the reason is in its record) */
+	TS_REASON_REVOKED = 15,
+	TS_REASON_EVENTS_LOST = 16,     /* ring buffer full */
+	TS_REASON_COUNT = 17,
 };
 
 #define TS_MAX_ENDPOINTS 65536
@@ -257,6 +299,19 @@ TS_ASSERT_SIZE(ts_flow6_key, 36);
 TS_ASSERT_OFF(ts_flow6_key, dst, 16);
 TS_ASSERT_OFF(ts_flow6_key, port, 32);
 TS_ASSERT_OFF(ts_flow6_key, proto, 34);
+TS_ASSERT_SIZE(ts_conn, 56);
+TS_ASSERT_OFF(ts_conn, remote, 16);
+TS_ASSERT_OFF(ts_conn, cgroup, 32);
+TS_ASSERT_OFF(ts_conn, epoch, 40);
+TS_ASSERT_OFF(ts_conn, port, 48);
+TS_ASSERT_OFF(ts_conn, flags, 50);
+TS_ASSERT_SIZE(ts_revoked, 48);
+TS_ASSERT_OFF(ts_revoked, remote_addr, 16);
+TS_ASSERT_OFF(ts_revoked, local_id, 32);
+TS_ASSERT_OFF(ts_revoked, remote_id, 36);
+TS_ASSERT_OFF(ts_revoked, local_port, 40);
+TS_ASSERT_OFF(ts_revoked, remote_port, 42);
+TS_ASSERT_OFF(ts_revoked, reason, 44);
 TS_ASSERT_SIZE(ts_verdict, 24);
 TS_ASSERT_OFF(ts_verdict, expires_ns, 8);
 TS_ASSERT_OFF(ts_verdict, reason, 16);

@@ -236,6 +236,77 @@ pub struct Verdict {
     pub pad: u32,
 }
 
+/// What a local pod's TCP connection was admitted as (the `ts_conns`
+/// socket storage; written and read only by the programs).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Conn {
+    /// The local pod.
+    pub local: Endpoint,
+    /// The peer (`TS_ID_UNKNOWN`: no endpoint).
+    pub remote: Endpoint,
+    /// Outbound: the pod cgroup the egress gate found (0: by address).
+    pub cgroup: u64,
+    /// With `TS_CONN_AUTH`: the epoch of the authentication it rests on.
+    pub epoch: u64,
+    /// The destination port.
+    pub port: u16,
+    /// `TS_CONN_*`.
+    pub flags: u8,
+    /// Always 0.
+    pub pad: [u8; 5],
+}
+
+/// A connection `ts_revoke` reset, as it reports it to its reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revoked {
+    /// The local pod's end.
+    pub local: std::net::SocketAddr,
+    /// The peer's end.
+    pub remote: std::net::SocketAddr,
+    /// The local pod's numeric identity when the connection began.
+    pub local_id: u32,
+    /// The peer's numeric identity then.
+    pub remote_id: u32,
+    /// Why it no longer stands (a deny reason); None for a code this build
+    /// does not know.
+    pub reason: Option<Reason>,
+}
+
+/// Bytes of one `struct ts_revoked`.
+pub const REVOKED_LEN: usize = 48;
+
+impl Revoked {
+    /// Reads one record; None when too short.
+    pub fn parse(bytes: &[u8]) -> Option<Revoked> {
+        let addr = |o: usize| -> Option<std::net::IpAddr> {
+            let octets: [u8; 16] = bytes.get(o..o + 16)?.try_into().ok()?;
+            let v6 = std::net::Ipv6Addr::from(octets);
+            Some(match v6.to_ipv4_mapped() {
+                Some(v4) => v4.into(),
+                None => v6.into(),
+            })
+        };
+        let u32_at = |o: usize| Some(u32::from_ne_bytes(bytes.get(o..o + 4)?.try_into().ok()?));
+        let u16_at = |o: usize| Some(u16::from_ne_bytes(bytes.get(o..o + 2)?.try_into().ok()?));
+        Some(Revoked {
+            local: std::net::SocketAddr::new(addr(0)?, u16_at(40)?),
+            remote: std::net::SocketAddr::new(addr(16)?, u16_at(42)?),
+            local_id: u32_at(32)?,
+            remote_id: u32_at(36)?,
+            reason: Reason::from_index(u32_at(44)?),
+        })
+    }
+
+    /// Every record in `bytes` (what one run of the iterator wrote).
+    pub fn parse_all(bytes: &[u8]) -> Vec<Revoked> {
+        bytes
+            .chunks_exact(REVOKED_LEN)
+            .filter_map(Revoked::parse)
+            .collect()
+    }
+}
+
 // SAFETY (all impls below): each type is #[repr(C)], holds only integers
 // and byte arrays, has no implicit padding (sizes asserted below equal the
 // sum of the fields), and any bit pattern is a valid value: aya may copy it
@@ -293,6 +364,12 @@ const _: () = {
     assert!(offset_of!(FlowKey6, dst) == 16);
     assert!(offset_of!(FlowKey6, port) == 32);
     assert!(offset_of!(FlowKey6, proto) == 34);
+    assert!(size_of::<Conn>() == 56);
+    assert!(offset_of!(Conn, remote) == 16);
+    assert!(offset_of!(Conn, cgroup) == 32);
+    assert!(offset_of!(Conn, epoch) == 40);
+    assert!(offset_of!(Conn, port) == 48);
+    assert!(offset_of!(Conn, flags) == 50);
     assert!(size_of::<Verdict>() == 24);
     assert!(offset_of!(Verdict, expires_ns) == 8);
     assert!(offset_of!(Verdict, reason) == 16);
@@ -332,6 +409,13 @@ pub enum Reason {
     /// From a pod, a packet from (or an ARP or NDP claim of) an address that
     /// is not its own, or of a kind a pod has no reason to send.
     DenySpoofed = consts::TS_REASON_DENY_SPOOFED as u32,
+    /// An established connection whose endpoint changed since it began
+    /// (its peer's address gone or reassigned, an identity or generation
+    /// changed); only `ts_revoke` gives it.
+    DenyEndpointChanged = consts::TS_REASON_DENY_ENDPOINT_CHANGED as u32,
+    /// Established connections `ts_revoke` reset (the reason of each is in
+    /// its record, not counted again).
+    Revoked = consts::TS_REASON_REVOKED as u32,
     /// An event was lost (ring buffer full).
     EventsLost = consts::TS_REASON_EVENTS_LOST as u32,
 }
@@ -353,6 +437,8 @@ impl Reason {
         Reason::DenyMalformed,
         Reason::DenyUnparsed,
         Reason::DenySpoofed,
+        Reason::DenyEndpointChanged,
+        Reason::Revoked,
         Reason::EventsLost,
     ];
 
@@ -373,6 +459,8 @@ impl Reason {
             Reason::DenyMalformed => "deny_malformed",
             Reason::DenyUnparsed => "deny_unparsed",
             Reason::DenySpoofed => "deny_spoofed",
+            Reason::DenyEndpointChanged => "deny_endpoint_changed",
+            Reason::Revoked => "revoked",
             Reason::EventsLost => "events_lost",
         }
     }

@@ -11,14 +11,16 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink};
 pub use aya::programs::sk_lookup::SkLookupLinkId;
 use aya::programs::{
-    CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkLookup, TestRun, TestRunOptions,
+    CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Iter, SkLookup, SockOps, TestRun,
+    TestRunOptions,
 };
 use aya::{Ebpf, EbpfLoader};
 
 use crate::abi::{
     AuthEvent, AuthKey, AuthValue, Endpoint, FlowKey4, FlowKey6, IpKey, PolicyKey, PolicyValue,
-    Reason, Selected, TermKey, Verdict,
+    Reason, Revoked, Selected, TermKey, Verdict,
 };
+use crate::kfuncs::{self, KfuncError};
 use crate::pinning::{self, PinningError};
 use crate::{maps, programs};
 
@@ -43,6 +45,12 @@ pub enum DatapathError {
     /// The pinned maps cannot be reused.
     #[error(transparent)]
     Pinning(#[from] PinningError),
+    /// The object's kfunc calls could not be resolved.
+    #[error(transparent)]
+    Kfunc(#[from] KfuncError),
+    /// Running the revocation iterator failed.
+    #[error("cannot run ts_revoke: {0}")]
+    Revoke(std::io::Error),
     /// The kernel gave no random bytes.
     #[error("cannot read random bytes for the auth cache key: {0}")]
     Random(std::io::Error),
@@ -74,6 +82,8 @@ pub struct Datapath {
     last_version: u64,
     /// `ts_from_pod` links by interface, when they are not pinned.
     veth_links: std::collections::HashMap<u32, FdLink>,
+    /// Whether `ts_revoke` is loaded (the kernel has bpf_sock_destroy).
+    revoke: bool,
 }
 
 mod veths;
@@ -118,7 +128,9 @@ impl Datapath {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(crate::OBJECT)?;
+        let btf = aya::Btf::from_sys_fs().ok();
+        let (object, resolved) = kfuncs::resolve(crate::OBJECT, btf.as_ref())?;
+        let mut ebpf = loader.load(object.bytes())?;
         let prog: &mut CgroupSkb = ebpf
             .program_mut(programs::INGRESS)
             .ok_or(DatapathError::Missing(programs::INGRESS))?
@@ -141,6 +153,22 @@ impl Datapath {
             .ok_or(DatapathError::Missing(programs::FROM_POD))?
             .try_into()?;
         prog.load()?;
+        let prog: &mut SockOps = ebpf
+            .program_mut(programs::ESTABLISHED)
+            .ok_or(DatapathError::Missing(programs::ESTABLISHED))?
+            .try_into()?;
+        prog.load()?;
+        let revoke = match (&btf, resolved.missing.is_empty()) {
+            (Some(btf), true) => {
+                let prog: &mut Iter = ebpf
+                    .program_mut(programs::REVOKE)
+                    .ok_or(DatapathError::Missing(programs::REVOKE))?
+                    .try_into()?;
+                prog.load("tcp", btf)?;
+                true
+            }
+            _ => false,
+        };
         let mut dp = Datapath {
             ebpf,
             pin_dir: pin_dir.map(Path::to_owned),
@@ -148,6 +176,7 @@ impl Datapath {
             cache: VERDICT_CACHE_SUPPORTED,
             last_version: 0,
             veth_links: std::collections::HashMap::new(),
+            revoke,
         };
         // Whatever a previous agent cached was decided on maps this one has
         // not checked yet.
@@ -197,6 +226,20 @@ impl Datapath {
                 fd_links.push((name, FdLink::try_from(prog.take_link(id)?)?));
             }
         }
+        {
+            let prog: &mut SockOps = self
+                .ebpf
+                .program_mut(programs::ESTABLISHED)
+                .ok_or(DatapathError::Missing(programs::ESTABLISHED))?
+                .try_into()?;
+            let id = prog.attach(&fd, CgroupAttachMode::Single)?;
+            if links_dir.is_some() {
+                fd_links.push((
+                    programs::ESTABLISHED,
+                    FdLink::try_from(prog.take_link(id)?)?,
+                ));
+            }
+        }
         let Some(dir) = links_dir else {
             return Ok(());
         };
@@ -216,6 +259,34 @@ impl Datapath {
                 .map_err(path_err("cannot replace pinned link", &path))?;
         }
         Ok(())
+    }
+
+    /// Whether this kernel lets the agent reset established connections
+    /// (`ts_revoke` needs the kfunc bpf_sock_destroy, Linux 6.5 or later).
+    pub fn can_revoke(&self) -> bool {
+        self.revoke
+    }
+
+    /// Runs `ts_revoke` over the TCP sockets of the calling thread's network
+    /// namespace (the namespace is the one current when the run begins):
+    /// every connection the data path admitted and no longer allows is reset.
+    /// Returns what was reset; nothing when [`Datapath::can_revoke`] is false.
+    pub fn revoke_here(&mut self) -> Result<Vec<Revoked>, DatapathError> {
+        use std::io::Read;
+
+        if !self.revoke {
+            return Ok(Vec::new());
+        }
+        let prog: &mut Iter = self
+            .ebpf
+            .program_mut(programs::REVOKE)
+            .ok_or(DatapathError::Missing(programs::REVOKE))?
+            .try_into()?;
+        let id = prog.attach()?;
+        let mut run = prog.take_link(id)?.into_file()?;
+        let mut out = Vec::new();
+        run.read_to_end(&mut out).map_err(DatapathError::Revoke)?;
+        Ok(Revoked::parse_all(&out))
     }
 
     /// Detaches pinned links and removes the pins under the pin directory

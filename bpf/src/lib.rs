@@ -8,6 +8,7 @@
 pub mod abi;
 pub mod cost;
 pub mod datapath;
+pub mod kfuncs;
 pub mod packets;
 pub mod pinning;
 
@@ -28,6 +29,12 @@ pub mod programs {
     /// tc ingress on the host side of each local pod's veth: anti-spoofing
     /// and the egress gate for connection starts no connect() made.
     pub const FROM_POD: &str = "ts_from_pod";
+    /// sockops on the pods' cgroup: records what each accepted connection
+    /// was admitted as.
+    pub const ESTABLISHED: &str = "ts_established";
+    /// iter/tcp: resets the admitted connections the maps no longer allow
+    /// (run by the agent in each network namespace it sweeps).
+    pub const REVOKE: &str = "ts_revoke";
 }
 
 /// Map names in [`OBJECT`].
@@ -67,10 +74,13 @@ pub mod maps {
     pub const VETHS: &str = "ts_veths";
     /// Addresses each of them may send from.
     pub const VETH_IPS: &str = "ts_veth_ips";
+    /// What each admitted TCP connection was admitted as (socket storage;
+    /// pinned, so a restarted agent still revokes connections made before).
+    pub const CONNS: &str = "ts_conns";
     /// Every map, in the order the agent pins them.
     pub const ALL: &[&str] = &[
         EP_IP, EP_CGROUP, POLICY, SELECTED, AUTH, EPOCH, VERSION, VERDICTS4, VERDICTS6, EVENTS,
-        EVENT_LAST, COUNTERS, CACHE_KEY, VETHS, VETH_IPS,
+        EVENT_LAST, COUNTERS, CACHE_KEY, VETHS, VETH_IPS, CONNS,
     ];
 }
 

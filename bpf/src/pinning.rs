@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use aya::maps::{MapInfo, MapType};
 
 use crate::abi::{
-    AuthKey, AuthValue, Endpoint, FlowKey4, FlowKey6, IpKey, PolicyKey, PolicyValue, Selected,
-    Verdict, VethKey, consts,
+    AuthKey, AuthValue, Conn, Endpoint, FlowKey4, FlowKey6, IpKey, PolicyKey, PolicyValue,
+    Selected, Verdict, VethKey, consts,
 };
 use crate::maps;
 
@@ -146,6 +146,7 @@ pub fn expected(name: &str) -> Option<Layout> {
         maps::COUNTERS => l(MapType::PerCpuArray, 4, 8, consts::TS_REASON_COUNT),
         maps::VETHS => l(MapType::Hash, 4, 4, consts::TS_MAX_VETHS),
         maps::VETH_IPS => l(MapType::Hash, size::<VethKey>(), 4, consts::TS_MAX_VETH_IPS),
+        maps::CONNS => l(MapType::SkStorage, 4, size::<Conn>(), 0),
         _ => None,
     }
 }

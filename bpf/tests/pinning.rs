@@ -6,72 +6,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
-use std::path::PathBuf;
-use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use tessera_bpf::abi::consts::TS_DEFAULT_DENY;
 use tessera_bpf::abi::{AuthKey, AuthValue, Endpoint};
 use tessera_bpf::datapath::{Datapath, DatapathError, cgroup_id};
-use tessera_bpf::pinning::{self, PinningError};
+use tessera_bpf::pinning::PinningError;
 
-fn cgroup2_root() -> PathBuf {
-    std::env::var_os("TESSERA_CGROUP2_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup/unified"))
-}
-
-/// A private bpffs mount and a cgroup tree `<top>/pod/ctr`, both removed on drop.
-struct Fixture {
-    bpffs: tempfile::TempDir,
-    top: PathBuf,
-}
-
-impl Fixture {
-    fn new(tag: &str) -> Result<Fixture> {
-        let root = cgroup2_root();
-        if !root.join("cgroup.procs").exists() {
-            bail!(
-                "no cgroup v2 hierarchy at {}; mount one or set TESSERA_CGROUP2_ROOT (this test needs root)",
-                root.display()
-            );
-        }
-        let bpffs = tempfile::tempdir()?;
-        pinning::ensure_bpffs(bpffs.path()).context("mounting bpffs (needs root)")?;
-        let top = root.join(format!("tessera-bpf-{}-{tag}", std::process::id()));
-        std::fs::create_dir_all(top.join("pod/ctr"))?;
-        Ok(Fixture { bpffs, top })
-    }
-
-    fn pin_dir(&self) -> PathBuf {
-        pinning::version_dir(&self.bpffs.path().join("tessera"))
-    }
-
-    /// Tries a TCP connect to `port` on 127.0.0.1 from a process in the
-    /// container cgroup: Ok(()) or the shell's error text.
-    fn connect_from_pod(&self, port: u16) -> Result<(), String> {
-        let script = format!(
-            "echo $$ > {}/cgroup.procs && exec 3<>/dev/tcp/127.0.0.1/{port}",
-            self.top.join("pod/ctr").display()
-        );
-        let out = Command::new("bash").args(["-c", &script]).output().unwrap();
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = Datapath::remove_pins(&self.pin_dir());
-        let _ = Command::new("umount").arg(self.bpffs.path()).status();
-        for dir in ["pod/ctr", "pod", ""] {
-            let _ = std::fs::remove_dir(self.top.join(dir));
-        }
-    }
-}
+mod common;
+use common::Fixture;
 
 const POD: Endpoint = Endpoint {
     id: 300,
@@ -156,9 +99,10 @@ fn enforcement_outlives_the_loader_and_a_reload_reuses_the_pinned_maps() -> Resu
     dp.remove_selected(SERVER.id)?;
     let open = fx.connect_from_pod(port);
     assert!(open.is_ok(), "no policy: connect() should pass: {open:?}");
-    // Still one gate per hook: the old links went when the new ones were pinned.
+    // Still one program per hook (ingress, connect4, connect6, sockops): the
+    // old links went when the new ones were pinned.
     let links = std::fs::read_dir(fx.pin_dir().join("links"))?.count();
-    assert_eq!(links, 3);
+    assert_eq!(links, 4);
     Ok(())
 }
 
