@@ -485,6 +485,28 @@ mod tests {
     }
 
     #[test]
+    fn revoked_records_are_read_and_short_ones_skipped() {
+        let mut rec = [0u8; REVOKED_LEN];
+        rec[..16].copy_from_slice(&IpKey::from(std::net::IpAddr::from([198, 18, 1, 10])).addr);
+        rec[16..32].copy_from_slice(&"fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        rec[32..36].copy_from_slice(&256u32.to_ne_bytes());
+        rec[36..40].copy_from_slice(&257u32.to_ne_bytes());
+        rec[40..42].copy_from_slice(&41096u16.to_ne_bytes());
+        rec[42..44].copy_from_slice(&5432u16.to_ne_bytes());
+        rec[44..48].copy_from_slice(&(Reason::DenyEndpointChanged as u32).to_ne_bytes());
+        let mut bytes = rec.to_vec();
+        bytes.extend_from_slice(&rec[..20]);
+        let all = Revoked::parse_all(&bytes);
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].local, "198.18.1.10:41096".parse().unwrap());
+        assert_eq!(all[0].remote, "[fd00::2]:5432".parse().unwrap());
+        assert_eq!((all[0].local_id, all[0].remote_id), (256, 257));
+        assert_eq!(all[0].reason, Some(Reason::DenyEndpointChanged));
+        rec[44..48].copy_from_slice(&999u32.to_ne_bytes());
+        assert_eq!(Revoked::parse(&rec).unwrap().reason, None);
+    }
+
+    #[test]
     fn ipv4_is_mapped() {
         let k = IpKey::from(std::net::IpAddr::from([198, 18, 0, 7]));
         assert_eq!(

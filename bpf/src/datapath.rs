@@ -84,6 +84,8 @@ pub struct Datapath {
     veth_links: std::collections::HashMap<u32, FdLink>,
     /// Whether `ts_revoke` is loaded (the kernel has bpf_sock_destroy).
     revoke: bool,
+    /// Changes this value made to the decision inputs.
+    changes: u64,
 }
 
 mod veths;
@@ -177,6 +179,7 @@ impl Datapath {
             last_version: 0,
             veth_links: std::collections::HashMap::new(),
             revoke,
+            changes: 0,
         };
         // Whatever a previous agent cached was decided on maps this one has
         // not checked yet.
@@ -259,6 +262,13 @@ impl Datapath {
                 .map_err(path_err("cannot replace pinned link", &path))?;
         }
         Ok(())
+    }
+
+    /// How many changes this value made to the maps a decision reads (every
+    /// one counts, whether or not the verdict cache is on): a caller that
+    /// noted it can tell whether anything changed since.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// Whether this kernel lets the agent reset established connections
@@ -546,6 +556,7 @@ impl Datapath {
         let mut map: Array<&mut MapData, u64> = Array::try_from(self.map(maps::VERSION)?)?;
         map.set(0, version, 0)?;
         self.last_version = version;
+        self.changes += 1;
         Ok(())
     }
 

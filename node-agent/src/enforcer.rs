@@ -148,6 +148,7 @@ struct Inner {
     cgroups: Mutex<HashMap<String, (PathBuf, u64)>>,
     external: External,
     veths: Veths,
+    revocation: crate::revocation::Revocation,
 }
 
 impl Inner {
@@ -213,6 +214,22 @@ impl Inner {
             })
             .collect();
         self.veths.reconcile(&self.plane, &wanted);
+    }
+
+    /// Resets the established connections of this node's pods that the maps
+    /// no longer allow (see [`crate::revocation`]).
+    fn revoke_connections(&self) {
+        let view = self.view();
+        let pods: Vec<crate::revocation::Pod> = view
+            .local_pods()
+            .filter_map(|p| {
+                Some(crate::revocation::Pod {
+                    name: p.name.clone(),
+                    cgroup: self.cgroup_of(&p.uid)?.0,
+                })
+            })
+            .collect();
+        self.revocation.reconcile(&self.plane, &pods);
     }
 
     /// Opens and closes the terminators of peers outside the mesh for
@@ -490,6 +507,7 @@ pub async fn run(
         cgroups: Mutex::default(),
         external: External::new(stats.clone()),
         veths: Veths::default(),
+        revocation: Default::default(),
     });
 
     let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
@@ -564,7 +582,10 @@ pub async fn run(
                 }
                 if removed {
                     match inner.plane.revoke_all() {
-                        Ok(epoch) => warn!(epoch, "a CA left the trust bundles: every authentication is revoked and pairs are authenticated again"),
+                        Ok(epoch) => {
+                            warn!(epoch, "a CA left the trust bundles: every authentication is revoked and pairs are authenticated again");
+                            inner.revoke_connections();
+                        }
                         Err(e) => warn!(error = %e, "cannot revoke authentications after a CA left the trust bundles"),
                     }
                 }
@@ -603,6 +624,7 @@ pub async fn run(
     inner.cap_restored();
     inner.reconcile_external();
     inner.reconcile_veths();
+    inner.revoke_connections();
     info!("data path in sync with the cluster");
     inner
         .plane
@@ -703,6 +725,7 @@ pub async fn run(
         inner.preauthenticate();
         inner.reconcile_external();
         inner.reconcile_veths();
+        inner.revoke_connections();
         if let Err(e) = inner.plane.flush() {
             warn!(error = %e, "cannot flush the auth cache");
         }

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod netns;
 pub mod policy;
 pub mod records;
+pub mod revocation;
 pub mod svids;
 pub mod trust;
 pub mod veths;

@@ -8,7 +8,9 @@
 //! Shows: an allowed, authenticated pair connects on the first try; a pair
 //! no policy allows fails at connect(); a peer without an SVID (its node has
 //! no agent) is refused at the destination; removing the allowing policy
-//! stops new connections within 1 s; a pod that takes over a deleted pod's
+//! stops new connections within 1 s, and established connections end
+//! within 1 s of losing their allow, their peer or their CA while others
+//! carry on; a pod that takes over a deleted pod's
 //! address with another identity inherits nothing; enforcement goes on
 //! while an agent is down, which after a restart repeats no handshake; and
 //! short-lived SVIDs rotate without a single failed connection. Also: what
@@ -1272,4 +1274,94 @@ async fn a_pod_sends_only_from_its_own_addresses() {
     }
     // web still works.
     assert!(ok(&web.connect(&db.ip, PORT)));
+}
+
+/// Waits for `held` to end within 1 s of `since`; panics with `what` if it
+/// does not.
+fn ends_within_a_second(held: &mut tessera_tests::netns::Held, since: Instant, what: &str) {
+    let limit = Duration::from_secs(1).saturating_sub(since.elapsed());
+    match held.ended_within(limit) {
+        Some((how, _)) => println!("{what}: ended ({how}) {:?} after", since.elapsed()),
+        None => panic!("{what}: the connection still stands 1 s after"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn established_connections_end_with_what_admitted_them() {
+    let _one_at_a_time = TOPOLOGY.lock().await;
+    let (cp, client) = control_plane().await;
+    let signer_port = tessera_tests::free_port().unwrap();
+    let _operator = common::start_operator(cp.kubeconfig(), signer_port, SVID_TTL);
+    resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
+    let (cluster, _token_files) = cluster_with_agents(&client, &launch).await;
+    let web = pod(&cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
+    let db = pod(&cluster, "db", "db", "db", "node-b", "198.18.2.10").await;
+    let mut cache = pod(&cluster, "cache", "cache", "cache", "node-b", "198.18.2.11").await;
+    let free = pod(&cluster, "free", "free", "other", "node-b", "198.18.2.12").await;
+    policy(&cluster, "db-from-web", "db", "web").await;
+    policy(&cluster, "db-from-monitor", "db", "monitor").await;
+    policy(&cluster, "cache-from-web", "cache", "web").await;
+    until_ok(&web, &db.ip).await;
+    until_ok(&web, &cache.ip).await;
+    let mut to_db = web.hold(&db.ip, PORT);
+    let mut to_cache = web.hold(&cache.ip, PORT);
+    let mut to_free = web.hold(&free.ip, PORT);
+    for held in [&mut to_db, &mut to_cache, &mut to_free] {
+        assert!(held.connected(), "web could not connect: {}", held.first);
+        assert!(held.alive());
+    }
+
+    // The policy that allowed web -> db goes (another still selects db).
+    let policies: Api<tessera_api::crd::AuthPolicy> = Api::namespaced(client.clone(), "shop");
+    let change = Instant::now();
+    policies
+        .delete("db-from-web", &Default::default())
+        .await
+        .unwrap();
+    ends_within_a_second(&mut to_db, change, "web -> db after its policy went");
+    assert!(to_cache.alive(), "web -> cache ended with db's policy");
+    assert!(to_free.alive(), "web -> free ended with db's policy");
+
+    // cache's node dies without a word (no FIN, no reset reaches web), the
+    // pod is deleted and its address goes to a pod of another identity.
+    cluster.cut_off(&cache);
+    let change = Instant::now();
+    cluster.delete_pod(&mut cache).await;
+    ends_within_a_second(
+        &mut to_cache,
+        change,
+        "web -> cache after cache was deleted",
+    );
+    let newcomer = pod(
+        &cluster,
+        "newcomer",
+        "other",
+        "other",
+        "node-b",
+        "198.18.2.11",
+    )
+    .await;
+    assert!(to_free.alive(), "web -> free ended with cache");
+    drop(newcomer);
+
+    // A connection resting on an authentication whose CA leaves the bundle.
+    policy(&cluster, "db-from-web", "db", "web").await;
+    until_ok(&web, &db.ip).await;
+    let mut to_db = web.hold(&db.ip, PORT);
+    assert!(to_db.connected(), "web -> db again: {}", to_db.first);
+    let bundles: Api<ConfigMap> = Api::namespaced(client.clone(), tessera_tests::procs::NAMESPACE);
+    let change = Instant::now();
+    set_bundle(&bundles, &foreign_ca_pem()).await;
+    ends_within_a_second(&mut to_db, change, "web -> db after its CA left the bundle");
+    assert!(
+        to_free.alive(),
+        "web -> free (no authentication) ended with the CA"
+    );
+    // web's node reset web's end (and logged which); whichever node resets
+    // first, its reset ends the other end too (the held client saw it).
+    cluster.agents[0].wait_for("connection reset", 1).await;
 }

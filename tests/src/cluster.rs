@@ -158,6 +158,12 @@ impl SimPod {
             Duration::from_millis(1500),
         )
     }
+
+    /// A connection from this pod to `ip`:`port`, held open.
+    pub fn hold(&self, ip: &str, port: u16) -> netns::Held {
+        let ns = Some(self.ns.as_str()).filter(|n| !n.is_empty());
+        netns::Held::open(&self.cgroup.0, ns, ip, port)
+    }
 }
 
 /// What a new pod looks like.
@@ -420,6 +426,12 @@ impl SimCluster {
             port,
             &pod.name,
         )));
+    }
+
+    /// Cuts `pod` off the network without a word, as a node that died:
+    /// its peers hear nothing from it any more (see [`netns::Topology::cut_off`]).
+    pub fn cut_off(&self, pod: &SimPod) {
+        self.topology.as_ref().unwrap().cut_off(&pod.ns);
     }
 
     /// Deletes `pod`'s object, stops its server and removes its namespace.

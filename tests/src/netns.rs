@@ -11,20 +11,144 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// A TCP server on both families: `python3 -c SERVER <port> <banner>`
-/// prints `listening`, then answers every connection with the banner.
+/// prints `listening`, then answers every connection with the banner and
+/// echoes what the client sends until the client ends it.
 pub const SERVER: &str = r#"
-import socket, sys
+import socket, sys, threading
 s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
 s.bind(("::", int(sys.argv[1])))
 s.listen(64)
 print("listening", flush=True)
+def echo(c):
+    try:
+        while True:
+            data = c.recv(100)
+            if not data:
+                break
+            c.sendall(data)
+    except OSError:
+        pass
+    c.close()
 while True:
     c, _ = s.accept()
-    c.sendall(sys.argv[2].encode())
-    c.close()
+    try:
+        c.sendall(sys.argv[2].encode())
+    except OSError:
+        c.close()
+        continue
+    threading.Thread(target=echo, args=(c,), daemon=True).start()
 "#;
+
+/// A connection held open: `python3 -c HOLD <ip> <port>` connects, prints
+/// `connected <banner>`, sends each line of its stdin and prints
+/// `echo <line>` for each answer, and `eof` or `error <errno>` when the
+/// connection ends.
+pub const HOLD: &str = r#"
+import socket, sys, threading
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
+s.settimeout(5)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    banner = s.recv(64).decode()
+except OSError as e:
+    print("error", e.errno, flush=True)
+    sys.exit(0)
+s.settimeout(None)
+print("connected", banner, flush=True)
+def watch():
+    try:
+        while True:
+            data = s.recv(100)
+            if not data:
+                print("eof", flush=True)
+                return
+            print("echo", data.decode().strip(), flush=True)
+    except OSError as e:
+        print("error", e.errno, flush=True)
+threading.Thread(target=watch, daemon=True).start()
+for line in sys.stdin:
+    try:
+        s.sendall(line.encode())
+    except OSError as e:
+        print("error", e.errno, flush=True)
+"#;
+
+/// A connection a pod holds open (see [`HOLD`]).
+#[derive(Debug)]
+pub struct Held {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// What the client said once connected (`connected <banner>`), or why
+    /// it could not connect.
+    pub first: String,
+}
+
+impl Held {
+    /// Opens a connection to `ip`:`port` from a process in `cgroup` and
+    /// network namespace `ns`.
+    pub fn open(cgroup: &Path, ns: Option<&str>, ip: &str, port: u16) -> Held {
+        let mut child =
+            spawn_in_cgroup(cgroup, ns, "python3", &["-c", HOLD, ip, &port.to_string()]);
+        let stdin = child.stdin.take().unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(out).map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = lines
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| "nothing".to_owned());
+        Held {
+            child,
+            stdin,
+            lines,
+            first,
+        }
+    }
+
+    /// Whether the connection was made.
+    pub fn connected(&self) -> bool {
+        self.first.starts_with("connected")
+    }
+
+    /// Whether the connection still carries data both ways (within 2 s).
+    pub fn alive(&mut self) -> bool {
+        use std::io::Write;
+        if writeln!(self.stdin, "ping").is_err() {
+            return false;
+        }
+        matches!(self.lines.recv_timeout(Duration::from_secs(2)), Ok(l) if l == "echo ping")
+    }
+
+    /// Waits up to `limit` for the connection to end: how it ended
+    /// (`eof`, `error <errno>`) and when, or None if it did not.
+    pub fn ended_within(&mut self, limit: Duration) -> Option<(String, Duration)> {
+        let start = std::time::Instant::now();
+        while let Some(left) = limit.checked_sub(start.elapsed()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l == "eof" || l.starts_with("error") => return Some((l, start.elapsed())),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// One connection attempt (IPv4 or IPv6, as `ip` is written):
 /// `python3 -c CLIENT <ip> <port> <timeout>` prints
@@ -145,6 +269,18 @@ impl Topology {
             let _ = Command::new("ip")
                 .args(["-n", ns, "neigh", "flush", "to", ip])
                 .status();
+        }
+    }
+
+    /// Cuts a pod's namespace off the bridge (its veth's host side down), as
+    /// a node that died is: nothing it sends, a FIN or a reset included,
+    /// reaches anyone any more.
+    pub fn cut_off(&self, ns: &str) {
+        if let Some(n) = ns.rsplit_once('-').map(|(_, n)| n) {
+            sh(
+                "ip",
+                &["link", "set", &format!("tsh{}x{n}", self.tag), "down"],
+            );
         }
     }
 
