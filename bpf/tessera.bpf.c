@@ -150,6 +150,15 @@ struct {
 	__type(value, __u32);
 } ts_terminators SEC(".maps");
 
+/* The addresses and ports of ts_terminators, as plain keys: a connection
+ * from outside the mesh to one of them is the agent's, not the pod's. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TS_MAX_TERMINATORS);
+	__type(key, struct ts_term_key);
+	__type(value, __u32);
+} ts_terminated SEC(".maps");
+
 /* Cookies of the agent's terminator sockets. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -735,6 +744,16 @@ int ts_steer(struct bpf_sk_lookup *ctx)
 	return SK_PASS;
 }
 
+/* Whether the agent terminates connections from outside the mesh to
+ * `addr`:`port` (see ts_steer). */
+static __always_inline int terminated(const struct ts_ip_key *addr, __u16 port)
+{
+	struct ts_term_key key = { .port = port };
+
+	__builtin_memcpy(key.addr, addr->addr, 16);
+	return bpf_map_lookup_elem(&ts_terminated, &key) != 0;
+}
+
 /* ts_established (sockops, on the pods' cgroup): when a local pod accepts a
  * TCP connection, records what it was admitted as (ts_conns) for
  * ts_revoke. The egress gate records outbound ones at connect(). */
@@ -774,6 +793,10 @@ int ts_established(struct bpf_sock_ops *ops)
 	if (!known)
 		return 1;
 	remote = lookup_ip(&remote_key, &known);
+	if (!known && terminated(&local_key, port))
+		/* ts_steer handed it to the agent's terminator, which
+		 * authenticated the peer itself and answers for it. */
+		return 1;
 	/* The authentication the connection start rested on, if it still
 	 * holds; if it no longer does, ts_revoke resets the connection. */
 	reason = policy(shapes_of(local.id), local.id, remote.id, port, IPPROTO_TCP, &flags);

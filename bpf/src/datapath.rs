@@ -356,10 +356,15 @@ impl Datapath {
         let mut sockets: SockHash<&mut MapData, TermKey> =
             SockHash::try_from(self.map(maps::TERMINATORS)?)?;
         sockets.insert(key, socket.as_raw_fd(), 0)?;
-        if let Err(e) = self
+        let exempt = self
             .hash::<u64, u32>(maps::TERMINATOR_SK)
             .and_then(|mut m| Ok(m.insert(cookie, 1, 0)?))
-        {
+            .and_then(|()| {
+                Ok(self
+                    .hash::<TermKey, u32>(maps::TERMINATED)?
+                    .insert(key, 1, 0)?)
+            });
+        if let Err(e) = exempt {
             let _ = self.remove_terminator(&key, cookie);
             return Err(e);
         }
@@ -372,6 +377,7 @@ impl Datapath {
         let mut sockets: SockHash<&mut MapData, TermKey> =
             SockHash::try_from(self.map(maps::TERMINATORS)?)?;
         remove_missing_ok(sockets.remove(key))?;
+        remove_missing_ok(self.hash::<TermKey, u32>(maps::TERMINATED)?.remove(key))?;
         remove_missing_ok(self.hash::<u64, u32>(maps::TERMINATOR_SK)?.remove(&cookie))?;
         Ok(())
     }

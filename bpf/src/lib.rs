@@ -68,6 +68,9 @@ pub mod maps {
     /// Terminated pod address and port -> the agent's socket (not pinned:
     /// its sockets end with the agent, and with them the steering).
     pub const TERMINATORS: &str = "ts_terminators";
+    /// The keys of [`TERMINATORS`] (not pinned, likewise): connections from
+    /// outside the mesh to them are the agent's, which no sweep resets.
+    pub const TERMINATED: &str = "ts_terminated";
     /// Cookies of the agent's terminator sockets (not pinned, likewise).
     pub const TERMINATOR_SK: &str = "ts_terminator_sk";
     /// Host-side interfaces of local pods (ifindex -> 0).

@@ -247,3 +247,50 @@ fn an_accepted_connection_ends_with_the_allow() -> Result<()> {
     ended(&mut pod, &mut client)?;
     Ok(())
 }
+
+#[test]
+fn a_connection_the_agent_terminates_is_left_to_the_agent() -> Result<()> {
+    let fx = Fixture::new("revoke-term")?;
+    let mut dp = Datapath::load()?;
+    // The pod serves on 127.0.0.2; clients connect from 127.0.0.1, which
+    // is no endpoint: a peer outside the mesh.
+    dp.set_endpoint_ip([127, 0, 0, 2].into(), SERVER)?;
+    dp.attach(&fx.top)?;
+    let port = TcpListener::bind("127.0.0.2:0")?.local_addr()?.port();
+    let at = SocketAddr::new([127, 0, 0, 2].into(), port);
+    let (key, value) = allow(consts::TS_ID_ANY as u32, port, false);
+    dp.set_selected(SERVER.id, TS_DEFAULT_DENY as u32 | TS_SHAPE_PORT as u32)?;
+    dp.set_rule(key, value)?;
+    let hold = |fx: &Fixture| -> Result<(PodConn, TcpStream)> {
+        let mut pod = PodConn::listen(fx, at)?;
+        let client = TcpStream::connect(at)?;
+        client.set_read_timeout(Some(Duration::from_secs(2)))?;
+        pod.expect("connected")?;
+        Ok((pod, client))
+    };
+
+    // The agent terminates that address and port (its socket is the one
+    // ts_steer hands such connections to; the pod's process stands in for
+    // it here, being in the cgroup the sockops program sees).
+    let terminator = TcpListener::bind("127.0.0.3:0")?;
+    let term_key = tessera_bpf::abi::TermKey::new(at.ip(), port);
+    dp.set_terminator(term_key, &terminator, 77)?;
+    let (pod, mut client) = hold(&fx)?;
+    dp.remove_rule(&key)?;
+    ensure!(
+        dp.revoke_here()?.is_empty(),
+        "the agent answers for connections it terminated"
+    );
+    ensure!(alive(&mut client));
+    drop(pod);
+
+    // Once it no longer terminates there, a connection the rule admitted
+    // is the data path's again, and ends with the rule.
+    dp.remove_terminator(&term_key, 77)?;
+    dp.set_rule(key, value)?;
+    let (mut pod, mut client) = hold(&fx)?;
+    dp.remove_rule(&key)?;
+    ensure!(dp.revoke_here()?.len() == 1);
+    ended(&mut pod, &mut client)?;
+    Ok(())
+}

@@ -42,6 +42,10 @@ pub struct Stats {
     /// Connections a terminator refused (TLS, verification, policy, or the
     /// workload not accepting).
     pub external_refused: AtomicU64,
+    /// Admitted connections of peers outside the mesh that a terminator
+    /// ended because the peer was no longer admitted (rule, policy or
+    /// bundle changed).
+    pub external_revoked: AtomicU64,
     /// Connections to the handshake port or a terminator closed at once
     /// because their peer, or the agent, had as many open as allowed.
     pub connections_capped: AtomicU64,

@@ -15,6 +15,13 @@
 //! through; everything else, mesh peers included, is decided as before. If
 //! this agent stops, its sockets close, the steering finds none, and such
 //! connections meet the ordinary ingress check (denied): it fails closed.
+//!
+//! The data path's revocation sweep leaves these connections alone (their
+//! peer has no endpoint; `ts_terminated` says whose they are). Instead each
+//! forwarded connection is checked again on every pass of the agent and
+//! closed once its rule no longer admits the peer, the peer's chain no
+//! longer verifies against the bundles held now, or the port is no longer
+//! terminated.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -24,6 +31,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rustls::pki_types::CertificateDer;
 use tessera_api::crd::IdentityPolicySpec;
 use tessera_api::crd::auth_policy::{ExternalPeers, PolicyAction, PortRange, Protocol};
 use tessera_api::crd::identity_policy::CompiledRule;
@@ -31,6 +39,7 @@ use tessera_api::spiffe::SpiffeId;
 use tessera_bpf::abi::TermKey;
 use tessera_bpf::datapath::DatapathError;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 use crate::conn_limits::{ConnLimits, EXTERNAL_PER_PEER, EXTERNAL_TOTAL};
 use tokio::task::JoinHandle;
@@ -164,6 +173,10 @@ struct Running {
     want: Want,
     cookie: u64,
     task: JoinHandle<()>,
+    /// Told on every pass of the agent: the connections this terminator
+    /// forwards check again that they are still admitted, and end when it
+    /// is dropped.
+    pass: watch::Sender<()>,
 }
 
 struct Steered {
@@ -261,6 +274,9 @@ impl External {
                 }
             }
         }
+        for r in lock(&self.running).values() {
+            r.pass.send_replace(());
+        }
         // Namespaces with no terminator left: steering ends.
         let in_use: BTreeSet<String> = lock(&self.running)
             .values()
@@ -346,17 +362,22 @@ impl External {
         plane.with_datapath(|dp| {
             dp.set_terminator(TermKey::new(want.ip, want.port), &listener, cookie)
         })?;
+        let (pass, passes) = watch::channel(());
         let task = tokio::spawn(serve(
             listener,
-            want.clone(),
-            netns,
-            ctx.clone(),
+            Terminated {
+                want: Arc::new(want.clone()),
+                netns,
+                ctx: ctx.clone(),
+                passes,
+            },
             (self.stats.clone(), self.limits.clone()),
         ));
         Ok(Running {
             want: want.clone(),
             cookie,
             task,
+            pass,
         })
     }
 }
@@ -369,19 +390,25 @@ impl Drop for External {
     }
 }
 
-async fn serve(
-    listener: TcpListener,
-    want: Want,
+/// What the connections of one terminator share.
+#[derive(Clone)]
+struct Terminated {
+    want: Arc<Want>,
     netns: Arc<File>,
     ctx: Context,
+    passes: watch::Receiver<()>,
+}
+
+async fn serve(
+    listener: TcpListener,
+    t: Terminated,
     (stats, limits): (Arc<Stats>, Arc<ConnLimits>),
 ) {
-    let want = Arc::new(want);
     loop {
         let (tcp, from) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                warn!(pod = %want.pod, error = %e, "accepting an external connection failed");
+                warn!(pod = %t.want.pod, error = %e, "accepting an external connection failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -390,25 +417,50 @@ async fn serve(
             Ok(slot) => slot,
             Err(e) => {
                 Stats::bump(&stats.connections_capped);
-                debug!(pod = %want.pod, %from, reason = %e, "external connection closed at once");
+                debug!(pod = %t.want.pod, %from, reason = %e, "external connection closed at once");
                 continue;
             }
         };
-        let (want, netns, ctx, stats) = (want.clone(), netns.clone(), ctx.clone(), stats.clone());
+        let (t, stats) = (t.clone(), stats.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-            match handle(tcp, &want, &netns, &ctx).await {
-                Ok(peer) => {
+            match handle(tcp, &t).await {
+                Ok((peer, None)) => {
                     Stats::bump(&stats.external_admitted);
-                    debug!(pod = %want.pod, %peer, %from, "external connection closed");
+                    debug!(pod = %t.want.pod, %peer, %from, "external connection closed");
+                }
+                Ok((peer, Some(why))) => {
+                    Stats::bump(&stats.external_admitted);
+                    Stats::bump(&stats.external_revoked);
+                    info!(pod = %t.want.pod, port = t.want.port, %peer, %from, reason = %why, "external connection ended: no longer admitted");
                 }
                 Err(e) => {
                     Stats::bump(&stats.external_refused);
-                    warn!(pod = %want.pod, port = want.port, %from, error = %e, "external peer refused");
+                    warn!(pod = %t.want.pod, port = t.want.port, %from, error = %e, "external peer refused");
                 }
             }
         });
+    }
+}
+
+/// Waits until a forwarded connection of `peer_chain` is no longer
+/// admitted (checked again on every pass of the agent); why.
+async fn revoked(t: &mut Terminated, peer_chain: &[CertificateDer<'static>]) -> String {
+    loop {
+        if t.passes.changed().await.is_err() {
+            return "the pod no longer terminates this port".to_owned();
+        }
+        let Some((_, spec, creds)) = (t.ctx)(&t.want.uid) else {
+            return "the pod or its SVID is gone from this node".to_owned();
+        };
+        let peer = match creds.verify_client_chain(peer_chain) {
+            Ok(peer) => peer,
+            Err(e) => return format!("its X509-SVID no longer verifies: {e}"),
+        };
+        if let Err(why) = admits(spec.as_ref(), &peer, t.want.port) {
+            return why;
+        }
     }
 }
 
@@ -424,13 +476,14 @@ fn tls_reason(e: &std::io::Error) -> String {
     }
 }
 
-/// Terminates one connection and forwards it; the peer's SPIFFE ID.
-async fn handle(
-    tcp: TcpStream,
-    want: &Want,
-    netns: &Arc<File>,
-    ctx: &Context,
-) -> Result<SpiffeId, String> {
+/// A connection handed on to the workload, and why it ended if the agent
+/// ended it.
+type Outcome = (SpiffeId, Option<String>);
+
+/// Terminates one connection and forwards it until either end closes or
+/// the peer is no longer admitted.
+async fn handle(tcp: TcpStream, t: &Terminated) -> Result<Outcome, String> {
+    let want = &t.want;
     let to = tcp.local_addr().map_err(|e| e.to_string())?;
     if to.ip().to_canonical() != want.ip || to.port() != want.port {
         return Err(format!(
@@ -438,8 +491,8 @@ async fn handle(
             want.ip, want.port
         ));
     }
-    let (local, spec, creds) =
-        ctx(&want.uid).ok_or("the pod has no identity or no SVID on this agent yet".to_owned())?;
+    let (local, spec, creds) = (t.ctx)(&want.uid)
+        .ok_or("the pod has no identity or no SVID on this agent yet".to_owned())?;
     let port = want.port;
     let admit: Admit = Arc::new(move |peer: &SpiffeId| admits(spec.as_ref(), peer, port));
     let config = creds.terminator(&local, admit).map_err(|e| e.to_string())?;
@@ -450,20 +503,36 @@ async fn handle(
     .await
     .map_err(|_| "no TLS handshake within 10 s".to_owned())?
     .map_err(|e| tls_reason(&e))?;
-    let peer = tls
+    let chain: Vec<CertificateDer<'static>> = tls
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|c| c.first())
+        .map(<[_]>::to_vec)
+        .unwrap_or_default();
+    let peer = chain
+        .first()
         .and_then(|leaf| tessera_api::svid::leaf(leaf).ok())
         .map(|l| l.id)
         .ok_or("the peer's certificate is gone after the handshake".to_owned())?;
-    let loopback = match want.ip {
+    let mut upstream = connect_upstream(t, &peer).await?;
+    info!(pod = %want.pod, port = want.port, %peer, "external peer admitted");
+    let mut t = t.clone();
+    // Passes before this one were about connections before it.
+    t.passes.mark_unchanged();
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream) => Ok((peer, None)),
+        why = revoked(&mut t, &chain) => Ok((peer, Some(why))),
+    }
+}
+
+/// A plain TCP connection to the workload's port over its loopback.
+async fn connect_upstream(t: &Terminated, peer: &SpiffeId) -> Result<TcpStream, String> {
+    let loopback = match t.want.ip {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
     };
-    let upstream_addr = SocketAddr::new(loopback, want.port);
-    let netns = netns.clone();
+    let upstream_addr = SocketAddr::new(loopback, t.want.port);
+    let netns = t.netns.clone();
     let upstream = tokio::task::spawn_blocking(move || {
         crate::netns::run_in(&netns, || {
             let s = std::net::TcpStream::connect_timeout(&upstream_addr, UPSTREAM_TIMEOUT)?;
@@ -476,10 +545,7 @@ async fn handle(
     .map_err(|e| {
         format!("{peer} admitted, but the workload does not accept on {upstream_addr} in its network namespace ({e}); with TerminateTLS it must listen on loopback (or any address) in plain TCP")
     })?;
-    let mut upstream = TcpStream::from_std(upstream).map_err(|e| e.to_string())?;
-    info!(pod = %want.pod, port = want.port, %peer, "external peer admitted");
-    let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
-    Ok(peer)
+    TcpStream::from_std(upstream).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -615,6 +615,28 @@ impl Credentials {
         Ok(Arc::new(server))
     }
 
+    /// Whether a client's certificate chain that a terminator accepted
+    /// still verifies against the bundles held now: the peer's SPIFFE ID,
+    /// or why not.
+    pub fn verify_client_chain(
+        &self,
+        chain: &[CertificateDer<'static>],
+    ) -> Result<SpiffeId, String> {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or_else(|| "the peer presented no certificate".to_owned())?;
+        self.anchors
+            .verify(
+                leaf,
+                intermediates,
+                UnixTime::now(),
+                KeyUsage::client_auth(),
+                2,
+            )
+            .map(|(id, _)| id)
+            .map_err(|e| e.to_string())
+    }
+
     /// Whether this agent holds an SVID for `spiffe_id`.
     pub fn holds(&self, spiffe_id: &str) -> bool {
         self.locals.contains_key(spiffe_id)

@@ -86,6 +86,12 @@ impl Collector for Agent {
         )?;
         counter(
             &mut encoder,
+            "external_revoked",
+            "Admitted connections of peers outside the mesh this agent ended because the peer was no longer admitted: its rule, its policy or its trust bundle changed",
+            get(&s.external_revoked),
+        )?;
+        counter(
+            &mut encoder,
             "connections_capped",
             "Connections to the handshake port or a terminator closed at once because their address, or the agent, had as many open as allowed",
             get(&s.connections_capped),

@@ -793,11 +793,70 @@ spec:
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
-    // The federation goes: b.test's bundle leaves the agent, and the same
-    // identity is refused.
+    // An admitted connection is held open while the rule that admitted it
+    // changes: it ends, within 1 s.
+    let policy = |peer: &str| {
+        format!(
+            r#"
+apiVersion: tessera.dev/v1alpha1
+kind: AuthPolicy
+metadata: {{name: web-from-b-client, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: web}}}}
+  rules:
+  - from: [{{spiffeIDs: ["{peer}"]}}]
+    ports: [{{port: 8443}}]
+    externalPeers: TerminateTLS
+"#
+        )
+    };
+    let hold = || {
+        tessera_tests::netns::Held::open_tls(
+            (&common::cgroup2_root(), Some(&outside)),
+            (&web.ip, 8443),
+            [&client_svid.0, &client_svid.1, &cluster_ca],
+        )
+    };
+    let mut held = hold();
+    assert!(held.connected() && held.alive(), "{}", held.first);
+    resources::server_side_apply(&client, &policy("spiffe://b.test/other"))
+        .await
+        .unwrap();
+    let (how, after) = held
+        .ended_within(Duration::from_secs(5))
+        .expect("the connection outlived the rule that admitted it");
+    println!("external connection ended {after:?} after its rule changed ({how})");
+    assert!(after < Duration::from_secs(1), "{after:?}");
+    cluster.agents[0]
+        .wait_for("external connection ended: no longer admitted", 1)
+        .await;
+    resources::server_side_apply(&client, &policy("spiffe://b.test/client"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut held = loop {
+        let held = hold();
+        if held.connected() || Instant::now() > deadline {
+            break held;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(held.alive(), "admitted again: {}", held.first);
+
+    // The federation goes: b.test's bundle leaves the agent, the held
+    // connection ends, and the same identity is refused.
     ftds.delete("b-test", &DeleteParams::default())
         .await
         .unwrap();
+    let (how, after) = held
+        .ended_within(Duration::from_secs(30))
+        .expect("the connection outlived its peer's trust bundle");
+    println!(
+        "external connection ended {after:?} after the FederatedTrustDomain was deleted ({how})"
+    );
+    cluster.agents[0]
+        .wait_for("its X509-SVID no longer verifies", 1)
+        .await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (received, _, log) =

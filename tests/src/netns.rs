@@ -41,7 +41,9 @@ while True:
     threading.Thread(target=echo, args=(c,), daemon=True).start()
 "#;
 
-/// A connection held open: `python3 -c HOLD <ip> <port>` connects, prints
+/// A connection held open: `python3 -c HOLD <ip> <port> [<cert> <key>
+/// <ca>]` connects (over TLS 1.3 with that client certificate, verifying
+/// the server against `ca`, when they are given), prints
 /// `connected <banner>`, sends each line of its stdin and prints
 /// `echo <line>` for each answer, and `eof` or `error <errno>` when the
 /// connection ends.
@@ -49,6 +51,14 @@ pub const HOLD: &str = r#"
 import socket, sys, threading
 family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
 s = socket.socket(family, socket.SOCK_STREAM)
+if len(sys.argv) > 5:
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.load_verify_locations(sys.argv[5])
+    ctx.load_cert_chain(sys.argv[3], sys.argv[4])
+    s = ctx.wrap_socket(s)
 s.settimeout(5)
 try:
     s.connect((sys.argv[1], int(sys.argv[2])))
@@ -91,8 +101,23 @@ impl Held {
     /// Opens a connection to `ip`:`port` from a process in `cgroup` and
     /// network namespace `ns`.
     pub fn open(cgroup: &Path, ns: Option<&str>, ip: &str, port: u16) -> Held {
-        let mut child =
-            spawn_in_cgroup(cgroup, ns, "python3", &["-c", HOLD, ip, &port.to_string()]);
+        Self::spawn(cgroup, ns, &[ip, &port.to_string()])
+    }
+
+    /// Opens a TLS connection to `ip`:`port` from a process in `cgroup` and
+    /// network namespace `ns`, presenting `cert` (with `key`) and verifying
+    /// the server against `ca` (PEM files).
+    pub fn open_tls(
+        (cgroup, ns): (&Path, Option<&str>),
+        (ip, port): (&str, u16),
+        [cert, key, ca]: [&Path; 3],
+    ) -> Held {
+        let [cert, key, ca] = [cert, key, ca].map(|p| p.to_string_lossy().into_owned());
+        Self::spawn(cgroup, ns, &[ip, &port.to_string(), &cert, &key, &ca])
+    }
+
+    fn spawn(cgroup: &Path, ns: Option<&str>, args: &[&str]) -> Held {
+        let mut child = spawn_in_cgroup(cgroup, ns, "python3", &[&["-c", HOLD], args].concat());
         let stdin = child.stdin.take().unwrap();
         let out = std::io::BufReader::new(child.stdout.take().unwrap());
         let (tx, lines) = std::sync::mpsc::channel();

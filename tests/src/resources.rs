@@ -159,6 +159,23 @@ pub async fn apply_manifest(client: &kube::Client, yaml: &str) -> Result<Vec<Dyn
     Ok(created)
 }
 
+/// Server-side applies every object of a manifest, in order: creates the
+/// missing ones and updates the others (as `kubectl apply --server-side`).
+pub async fn server_side_apply(client: &kube::Client, yaml: &str) -> Result<()> {
+    for obj in parse_manifest(yaml)? {
+        let name = obj.metadata.name.clone().unwrap_or_default();
+        let (api, _) = dynamic_api(client, &obj).await?;
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .with_context(|| format!("applying {name}"))?;
+    }
+    Ok(())
+}
+
 /// The message of an API error (what kubectl prints after "Error from server").
 pub fn api_message(err: &kube::Error) -> String {
     match err {
