@@ -65,6 +65,16 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Run the data path's randomized churn test (as root) for any number of
+    /// events, optionally replaying a seed; optimized build.
+    Churn {
+        /// How many events.
+        #[arg(long, default_value_t = 10_000)]
+        events: u64,
+        /// The seed of a run to replay (printed by every run).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Run one benchmark family and write target/bench/<name>.json.
     Bench {
         /// Which benchmark: controlplane, identity, auth or auth-cluster.
@@ -111,6 +121,7 @@ fn main() -> Result<()> {
             runtime()?.block_on(demo::run())
         }
         Task::Fuzz { target, seconds } => fuzz(&target, seconds),
+        Task::Churn { events, seed } => churn(events, seed),
         Task::Bench { name } => {
             prepare()?;
             cargo(
@@ -221,6 +232,36 @@ fn fuzz(target: &str, seconds: u64) -> Result<()> {
     if !status.success() {
         bail!(
             "cargo fuzz run {target} failed ({status}); the crashing input is under {crate_dir}/fuzz/artifacts/{target}/"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `node-agent/tests/churn` for `events` events, in release mode (the
+/// model and the decisions it checks are the run time).
+fn churn(events: u64, seed: Option<u64>) -> Result<()> {
+    deps::ensure()?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(repo_root())
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "tessera-agent",
+            "--test",
+            "churn",
+        ])
+        .args(["--", "--nocapture"])
+        .env("TESSERA_CHURN_EVENTS", events.to_string());
+    if let Some(seed) = seed {
+        cmd.env("TESSERA_CHURN_SEED", seed.to_string());
+    }
+    println!("+ cargo test --release -p tessera-agent --test churn ({events} events)");
+    let status = cmd.status().context("cannot run cargo test")?;
+    if !status.success() {
+        bail!(
+            "the churn run failed ({status}); its seed and the first wrong decision are printed above"
         );
     }
     Ok(())
