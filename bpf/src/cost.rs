@@ -10,7 +10,7 @@ use crate::abi::consts::{
 };
 use crate::abi::{AuthKey, AuthValue, Endpoint, PolicyKey, PolicyValue};
 use crate::datapath::{Datapath, DatapathError};
-use crate::packets::{self, SYN, TCP};
+use crate::packets::{self, ACK, SYN, TCP};
 
 /// Why the measurement failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,30 @@ pub struct DecisionCost {
     /// `authenticated_ns` where the cache is off
     /// ([`crate::datapath::VERDICT_CACHE_SUPPORTED`]).
     pub authenticated_cached_ns: f64,
+    /// A packet of an established flow to the same protected pod (ACK, no
+    /// SYN): the program parses down to the TCP flags and lets it pass. The
+    /// path of nearly every packet.
+    pub non_syn_ns: f64,
+    /// The longest path there is: `authenticated_worst_ns` over IPv6 with a
+    /// hop-by-hop and a destination options header to walk first.
+    pub authenticated_worst_v6_ns: f64,
+}
+
+impl DecisionCost {
+    /// The figures as one JSON object (what `tessera-agent bench-datapath`
+    /// prints).
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"floor_ns\": {}, \"no_policy_ns\": {}, \"authenticated_ns\": {}, \"authenticated_worst_ns\": {}, \"authenticated_worst_v6_ns\": {}, \"authenticated_cached_ns\": {}, \"non_syn_ns\": {}}}",
+            self.floor_ns,
+            self.no_policy_ns,
+            self.authenticated_ns,
+            self.authenticated_worst_ns,
+            self.authenticated_worst_v6_ns,
+            self.authenticated_cached_ns,
+            self.non_syn_ns
+        )
+    }
 }
 
 /// Loads the program, fills the maps for every scenario and runs each
@@ -74,6 +98,9 @@ pub fn measure(repeat: u32) -> Result<DecisionCost, CostError> {
     dp.set_endpoint_ip(IpAddr::from(b), ep(400, 2, 7))?;
     dp.set_endpoint_ip(IpAddr::from(c), ep(600, 1, 9))?;
     dp.set_endpoint_ip(IpAddr::from(d), ep(700, 1, 11))?;
+    let (b6, d6) = (v6(b), v6(d));
+    dp.set_endpoint_ip(IpAddr::from(b6), ep(400, 2, 7))?;
+    dp.set_endpoint_ip(IpAddr::from(d6), ep(700, 1, 11))?;
     let allow_auth = PolicyValue {
         verdict: TS_VERDICT_ALLOW as u8,
         flags: TS_RULE_AUTH as u8,
@@ -136,6 +163,27 @@ pub fn measure(repeat: u32) -> Result<DecisionCost, CostError> {
             "authenticated-worst",
             &packets::ipv4(b, d, TCP, 8080, SYN),
         )?,
+        authenticated_worst_v6_ns: run(
+            &dp,
+            "authenticated-worst-ipv6",
+            &packets::ipv6_with(
+                b6,
+                d6,
+                &[packets::Ext::HopByHop(0), packets::Ext::DestOpts(0)],
+                TCP,
+                8080,
+                SYN,
+            ),
+        )?,
         authenticated_cached_ns: cached,
+        non_syn_ns: run(&dp, "non-syn", &packets::ipv4(b, a, TCP, 8080, ACK))?,
     })
+}
+
+/// An IPv6 address for the IPv4 one of a scenario: 2001:db8::a.b.c.d.
+fn v6(v4: [u8; 4]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+    a[12..].copy_from_slice(&v4);
+    a
 }

@@ -503,14 +503,7 @@ fn main() -> ExitCode {
         }),
         Command::BenchDatapath { repeat } => match tessera_bpf::cost::measure(repeat) {
             Ok(cost) => {
-                println!(
-                    "{{\"floor_ns\": {}, \"no_policy_ns\": {}, \"authenticated_ns\": {}, \"authenticated_worst_ns\": {}, \"authenticated_cached_ns\": {}}}",
-                    cost.floor_ns,
-                    cost.no_policy_ns,
-                    cost.authenticated_ns,
-                    cost.authenticated_worst_ns,
-                    cost.authenticated_cached_ns
-                );
+                println!("{}", cost.to_json());
                 ExitCode::SUCCESS
             }
             Err(e) => {

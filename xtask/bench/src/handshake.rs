@@ -72,6 +72,7 @@ pub async fn run() -> Result<Vec<Figure>> {
         Figure::new("handshake_p99", ours.get("p99_ms")?, "ms")
             .with_peer(go, theirs.get("p99_ms")?),
         Figure::new("ebpf_test_run_floor", cost.get("floor_ns")?, "ns"),
+        Figure::new("ebpf_non_syn", cost.get("non_syn_ns")?, "ns").with_target("<= 50"),
         Figure::new("ebpf_decision_no_policy", cost.get("no_policy_ns")?, "ns"),
         Figure::new(
             "ebpf_decision_authenticated_cached",
@@ -83,12 +84,20 @@ pub async fn run() -> Result<Vec<Figure>> {
             "ebpf_decision_authenticated_full",
             cost.get("authenticated_ns")?,
             "ns",
-        ),
+        )
+        .with_target("<= 200"),
         Figure::new(
             "ebpf_decision_authenticated_worst",
             cost.get("authenticated_worst_ns")?,
             "ns",
-        ),
+        )
+        .with_target("<= 200"),
+        Figure::new(
+            "ebpf_decision_authenticated_worst_ipv6",
+            cost.get("authenticated_worst_v6_ns")?,
+            "ns",
+        )
+        .with_target("<= 200"),
     ];
     figures.extend(crate::datapath::run(&operator, &agent).await?);
     Ok(figures)

@@ -86,12 +86,83 @@ pub fn evaluate(target: &str, figure: &Figure) -> Option<bool> {
 struct Report<'a> {
     benchmark: &'a str,
     machine: String,
+    build: Build,
     figures: &'a [Figure],
+}
+
+/// What the figures were measured on and with.
+#[derive(Serialize)]
+struct Build {
+    /// `git rev-parse HEAD`, with `-dirty` when the tree has changes.
+    commit: String,
+    /// The CPU model (/proc/cpuinfo).
+    cpu: String,
+    /// The running kernel's release.
+    kernel: String,
+    /// `rustc --version` and `clang-16 --version` (first lines).
+    toolchain: String,
+    /// The build profile of the measured binaries (the agent and operator
+    /// are built with `--release`; this driver's own is beside it).
+    profile: String,
 }
 
 fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("{cores} cores, loopback")
+}
+
+/// The first line a command prints, or `unknown (why)`.
+fn first_line(program: &str, args: &[&str]) -> String {
+    match std::process::Command::new(program)
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+    {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned(),
+        Ok(out) => format!("unknown ({program} exited with {})", out.status),
+        Err(e) => format!("unknown (cannot run {program}: {e})"),
+    }
+}
+
+fn build() -> Build {
+    let dirty = !first_line("git", &["status", "--porcelain"]).is_empty();
+    let commit = first_line("git", &["rev-parse", "HEAD"]);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".to_owned(), |k| k.trim().to_owned());
+    let driver = if cfg!(debug_assertions) {
+        "dev"
+    } else {
+        "release"
+    };
+    Build {
+        commit: if dirty {
+            format!("{commit}-dirty")
+        } else {
+            commit
+        },
+        cpu,
+        kernel,
+        toolchain: format!(
+            "{}; {}",
+            first_line("rustc", &["--version"]),
+            first_line("clang-16", &["--version"])
+        ),
+        profile: format!("measured binaries: release; benchmark driver: {driver}"),
+    }
 }
 
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -111,11 +182,13 @@ pub fn report(name: &str, figures: &[Figure]) -> Result<()> {
     let dir = repo_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("{name}.json"));
-    let json = serde_json::to_string_pretty(&Report {
+    let report = Report {
         benchmark: name,
         machine: machine(),
+        build: build(),
         figures,
-    })?;
+    };
+    let json = serde_json::to_string_pretty(&report)?;
     std::fs::write(&path, json + "\n")?;
     println!(
         "\n{:<34} {:>12} {:<6} {:<18} {:>10} {:>8} {:<14} met",
@@ -135,7 +208,11 @@ pub fn report(name: &str, figures: &[Figure]) -> Result<()> {
             f.met.map_or("-", |m| if m { "yes" } else { "NO" }),
         );
     }
-    println!("\nwrote {}", path.display());
+    println!(
+        "\nwrote {} ({})",
+        path.display(),
+        serde_json::to_string(&report.build)?
+    );
     Ok(())
 }
 
