@@ -382,6 +382,34 @@ impl SimCluster {
     /// cgroup and network namespace, then its address in the status; with
     /// a TCP server on `port` answering its name when `port` is given.
     pub async fn pod(&self, spec: PodSpec<'_>, port: Option<u16>) -> SimPod {
+        let (ns, cgroup) = self.sandbox(spec).await;
+        self.set_running(spec).await;
+        self.placed(spec, ns, cgroup, port)
+    }
+
+    /// As [`SimCluster::pod`], with `program args...` started in the pod's
+    /// sandbox before the pod is Running, as a container whose process is
+    /// up when the kubelet reports it: the process, and the instant the
+    /// status that says Running was written (the line `go` is written to
+    /// its stdin at that instant).
+    pub async fn pod_running(
+        &self,
+        spec: PodSpec<'_>,
+        (program, args): (&str, &[&str]),
+    ) -> (SimPod, KillOnDrop, std::time::Instant) {
+        use std::io::Write;
+        let (ns, cgroup) = self.sandbox(spec).await;
+        let mut process = KillOnDrop(cgroup.spawn_in(&ns, program, args));
+        self.set_running(spec).await;
+        let running = std::time::Instant::now();
+        if let Some(stdin) = process.0.stdin.as_mut() {
+            let _ = stdin.write_all(b"go\n").and_then(|()| stdin.flush());
+        }
+        (self.placed(spec, ns, cgroup, None), process, running)
+    }
+
+    /// The pod object, then its network namespace and cgroup.
+    async fn sandbox(&self, spec: PodSpec<'_>) -> (String, Cgroup) {
         let uid = self.create_pod(spec).await;
         let ns = if spec.host_network {
             String::new()
@@ -390,7 +418,10 @@ impl SimCluster {
             self.topology.as_ref().unwrap().pod_with(&ips)
         };
         let cgroup = Cgroup::create(self.node_cgroup(spec.node).join(format!("pod{uid}")));
-        self.set_running(spec).await;
+        (ns, cgroup)
+    }
+
+    fn placed(&self, spec: PodSpec<'_>, ns: String, cgroup: Cgroup, port: Option<u16>) -> SimPod {
         let server = port.map(|p| KillOnDrop(netns::serve(&cgroup, &ns, p, spec.name)));
         SimPod {
             name: spec.name.to_owned(),
