@@ -754,11 +754,58 @@ static __always_inline int terminated(const struct ts_ip_key *addr, __u16 port)
 	return bpf_map_lookup_elem(&ts_terminated, &key) != 0;
 }
 
+/* The SYN retransmission timeout of a connection the egress gate admitted
+ * to a pod, in jiffies: one (4 ms at HZ=250, 1 ms at HZ=1000) instead of
+ * the kernel's 1 s, so that a connection start dropped while the
+ * destination's agent catches up (a pod that has just started) is tried
+ * again within milliseconds rather than after a second. */
+#define TS_SYN_RTO_JIFFIES 1
+/* The SYN retransmissions such a connection gets: with that timeout the
+ * kernel gives up after about 33 s (HZ=250) rather than 127 s. */
+#define TS_SYN_COUNT 12
+
+/* Whether the egress gate admitted this connection to a pod (it recorded
+ * it in ts_conns). */
+static __always_inline int gate_admitted(struct bpf_sock_ops *ops)
+{
+	struct bpf_sock *sk = ops->sk;
+	struct ts_conn *c;
+
+	if (!sk)
+		return 0;
+	c = bpf_sk_storage_get(&ts_conns, sk, 0, 0);
+	return c && (c->flags & TS_CONN_OUTBOUND);
+}
+
+static __always_inline int accepted(struct bpf_sock_ops *ops);
+
 /* ts_established (sockops, on the pods' cgroup): when a local pod accepts a
  * TCP connection, records what it was admitted as (ts_conns) for
- * ts_revoke. The egress gate records outbound ones at connect(). */
+ * ts_revoke (the egress gate records outbound ones at connect()); and
+ * gives connections the gate admitted to pods a SYN retransmission timeout
+ * of milliseconds. */
 SEC("sockops")
 int ts_established(struct bpf_sock_ops *ops)
+{
+	int count = TS_SYN_COUNT;
+
+	switch (ops->op) {
+	case BPF_SOCK_OPS_TIMEOUT_INIT:
+		ops->reply = gate_admitted(ops) ? TS_SYN_RTO_JIFFIES : -1;
+		return 1;
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		if (gate_admitted(ops))
+			bpf_setsockopt(ops, IPPROTO_TCP, TCP_SYNCNT, &count, sizeof(count));
+		return 1;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		return accepted(ops);
+	default:
+		return 1;
+	}
+}
+
+/* Records what an accepted connection was admitted as. */
+static __always_inline int accepted(struct bpf_sock_ops *ops)
 {
 	struct ts_ip_key local_key, remote_key;
 	struct ts_endpoint local, remote;
@@ -769,8 +816,6 @@ int ts_established(struct bpf_sock_ops *ops)
 	__u8 flags = 0;
 	int known;
 
-	if (ops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
-		return 1;
 	if (ops->family == TS_AF_INET) {
 		ip4_key(&local_key, ops->local_ip4);
 		ip4_key(&remote_key, ops->remote_ip4);
