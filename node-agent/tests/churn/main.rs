@@ -102,15 +102,14 @@ impl Run {
     /// None when the roll cannot happen now (no pods, no room).
     fn event(&mut self, event: usize) -> Option<&'static str> {
         if event % 5000 == 999 {
-            // An authentication that expires in a second, and time for it
-            // (and those of the last events) to expire, surely, with their
-            // pods still there.
-            if let Some(auth) = self.record(event, Some(1)) {
+            // An authentication that expires in two seconds, and time for
+            // it to expire, surely, with its pods still there.
+            if let Some(auth) = self.record(event, Some(2)) {
                 // A policy under which it matters.
                 let spec = model::mutual_from_anyone(&auth.remote);
                 self.model.specs.insert(auth.remote, spec);
             }
-            std::thread::sleep(std::time::Duration::from_millis(2300));
+            std::thread::sleep(std::time::Duration::from_millis(3300));
             return Some("time passes");
         }
         let roll = self.rng.below(100);
@@ -212,7 +211,9 @@ impl Run {
     }
 
     /// A handshake between a live local pod and a live pod anywhere is
-    /// recorded; a quarter expire within 1 to 3 s, and a few begin before
+    /// recorded; a quarter expire within 2 to 4 s (at least 2: the agent
+    /// counts whole seconds, and a NotAfter 1 s ahead may be due by the
+    /// time it records it), and a few begin before
     /// a mass revocation and must not be recorded after it.
     fn handshake(&mut self, event: usize) -> Option<&'static str> {
         if self.rng.chance(1) {
@@ -228,7 +229,7 @@ impl Run {
             return Some("handshake across a revocation");
         }
         let short = self.rng.chance(25);
-        let expires_in = short.then(|| 1 + self.rng.below(3) as i64);
+        let expires_in = short.then(|| 2 + self.rng.below(3) as i64);
         self.record(event, expires_in)?;
         Some(if short {
             "short-lived handshake"
