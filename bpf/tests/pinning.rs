@@ -9,23 +9,12 @@ use std::net::{IpAddr, Ipv4Addr, TcpListener};
 
 use anyhow::Result;
 use tessera_bpf::abi::consts::TS_DEFAULT_DENY;
-use tessera_bpf::abi::{AuthKey, AuthValue, Endpoint};
+use tessera_bpf::abi::{AuthKey, AuthValue};
 use tessera_bpf::datapath::{Datapath, DatapathError, cgroup_id};
 use tessera_bpf::pinning::PinningError;
 
 mod common;
-use common::Fixture;
-
-const POD: Endpoint = Endpoint {
-    id: 300,
-    node: 1,
-    gen_: 4,
-};
-const SERVER: Endpoint = Endpoint {
-    id: 400,
-    node: 1,
-    gen_: 9,
-};
+use common::{Fixture, POD, SERVER};
 
 fn denied(result: Result<(), String>) -> bool {
     matches!(result, Err(e) if e.contains("Operation not permitted"))

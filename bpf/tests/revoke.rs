@@ -12,48 +12,18 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use tessera_bpf::abi::consts::{TS_DEFAULT_DENY, TS_SHAPE_EXACT, TS_SHAPE_PORT, TS_VERDICT_ALLOW};
-use tessera_bpf::abi::{
-    AuthKey, AuthValue, Endpoint, PolicyKey, PolicyValue, Reason, Revoked, consts,
-};
+use tessera_bpf::abi::consts::{TS_DEFAULT_DENY, TS_SHAPE_EXACT, TS_SHAPE_PORT};
+use tessera_bpf::abi::{AuthKey, AuthValue, Endpoint, Reason, Revoked, consts};
 use tessera_bpf::datapath::{Datapath, cgroup_id};
 
 mod common;
-use common::{Fixture, PodConn};
+use common::{Fixture, POD, PodConn, SERVER, allow};
 
-const POD: Endpoint = Endpoint {
-    id: 300,
-    node: 1,
-    gen_: 4,
-};
-const SERVER: Endpoint = Endpoint {
-    id: 400,
-    node: 1,
-    gen_: 9,
-};
 const OTHER: Endpoint = Endpoint {
     id: 500,
     node: 1,
     gen_: 2,
 };
-const TCP: u8 = 6;
-
-fn allow(from: u32, port: u16, auth: bool) -> (PolicyKey, PolicyValue) {
-    (
-        PolicyKey {
-            local: SERVER.id,
-            remote: from,
-            port,
-            proto: TCP,
-            pad: 0,
-        },
-        PolicyValue {
-            verdict: TS_VERDICT_ALLOW as u8,
-            flags: if auth { consts::TS_RULE_AUTH as u8 } else { 0 },
-            pad: [0; 2],
-        },
-    )
-}
 
 fn auth_key() -> AuthKey {
     AuthKey {

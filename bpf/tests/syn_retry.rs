@@ -10,23 +10,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use tessera_bpf::abi::consts::{TS_DEFAULT_DENY, TS_SHAPE_EXACT, TS_VERDICT_ALLOW};
-use tessera_bpf::abi::{Endpoint, PolicyKey, PolicyValue};
+use tessera_bpf::abi::consts::{TS_DEFAULT_DENY, TS_SHAPE_EXACT};
 use tessera_bpf::datapath::{Datapath, cgroup_id};
 
 mod common;
-use common::{Fixture, PodConn};
-
-const POD: Endpoint = Endpoint {
-    id: 300,
-    node: 1,
-    gen_: 4,
-};
-const SERVER: Endpoint = Endpoint {
-    id: 400,
-    node: 1,
-    gen_: 9,
-};
+use common::{Fixture, POD, PodConn, SERVER, allow};
 
 /// Connects from the pod's cgroup and prints the seconds connect() took.
 const TIMED_CONNECT: &str = r#"
@@ -38,23 +26,6 @@ t = time.monotonic()
 s.connect((sys.argv[2], int(sys.argv[3])))
 print("%.6f" % (time.monotonic() - t), flush=True)
 "#;
-
-fn allow(from: u32, port: u16) -> (PolicyKey, PolicyValue) {
-    (
-        PolicyKey {
-            local: SERVER.id,
-            remote: from,
-            port,
-            proto: 6,
-            pad: 0,
-        },
-        PolicyValue {
-            verdict: TS_VERDICT_ALLOW as u8,
-            flags: 0,
-            pad: [0; 2],
-        },
-    )
-}
 
 #[test]
 fn a_dropped_connection_start_is_tried_again_within_milliseconds() -> Result<()> {
@@ -71,7 +42,7 @@ fn a_dropped_connection_start_is_tried_again_within_milliseconds() -> Result<()>
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let at = SocketAddr::new([127, 0, 0, 1].into(), port);
     dp.set_selected(SERVER.id, TS_DEFAULT_DENY as u32 | TS_SHAPE_EXACT as u32)?;
-    let (key, value) = allow(POD.id, port);
+    let (key, value) = allow(POD.id, port, false);
     dp.set_rule(key, value)?;
     let _server = PodConn::listen(&fx, at)?;
     let client = Command::new("/usr/bin/python3")
@@ -83,7 +54,7 @@ fn a_dropped_connection_start_is_tried_again_within_milliseconds() -> Result<()>
         .context("running /usr/bin/python3")?;
     std::thread::sleep(Duration::from_millis(300));
     // The destination catches up.
-    let (key, value) = allow(SERVER.id, port);
+    let (key, value) = allow(SERVER.id, port, false);
     dp.set_rule(key, value)?;
     let out = client.wait_with_output()?;
     let took: f64 = String::from_utf8_lossy(&out.stdout)

@@ -6,8 +6,42 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use tessera_bpf::abi::consts::{TS_RULE_AUTH, TS_VERDICT_ALLOW};
+use tessera_bpf::abi::{Endpoint, PolicyKey, PolicyValue};
 use tessera_bpf::datapath::Datapath;
 use tessera_bpf::pinning;
+
+/// The pod the tests' processes belong to (mapped by its cgroup).
+pub const POD: Endpoint = Endpoint {
+    id: 300,
+    node: 1,
+    gen_: 4,
+};
+/// The pod serving on 127.0.0.1 in the tests.
+pub const SERVER: Endpoint = Endpoint {
+    id: 400,
+    node: 1,
+    gen_: 9,
+};
+
+/// A rule of SERVER's allowing TCP from numeric identity `from` to `port`,
+/// authenticated when `auth`.
+pub fn allow(from: u32, port: u16, auth: bool) -> (PolicyKey, PolicyValue) {
+    (
+        PolicyKey {
+            local: SERVER.id,
+            remote: from,
+            port,
+            proto: 6,
+            pad: 0,
+        },
+        PolicyValue {
+            verdict: TS_VERDICT_ALLOW as u8,
+            flags: if auth { TS_RULE_AUTH as u8 } else { 0 },
+            pad: [0; 2],
+        },
+    )
+}
 
 pub fn cgroup2_root() -> PathBuf {
     std::env::var_os("TESSERA_CGROUP2_ROOT")

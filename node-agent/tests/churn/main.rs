@@ -315,35 +315,35 @@ impl Run {
             egress = sample(&mut self.rng, egress, 20);
             egress.sort_by(|a, b| a.0.cmp(&b.0));
         }
-        let at = |what: &str, src: &model::MPod, dst: &model::MPod, port: u16| {
-            format!(
-                "{what} after event {event} ({kind}), seed {}: {src:?} -> {dst:?}:{port}",
-                self.seed
-            )
+        let mut tally = Tally {
+            ingress: ingress.len(),
+            egress: egress.len(),
+            ..Tally::default()
         };
-        let mut tally = Tally::default();
+        type Case<'a> = (&'a model::MPod, &'a model::MPod, Family, u16);
+        let mut judge = |at: &str,
+                         (src, dst, family, port): Case,
+                         verdict: (Tri, bool),
+                         got: bool| {
+            let under_policy = m.specs.contains_key(&dst.spiffe);
+            tally.count(verdict, got, family, under_policy);
+            let (want, _) = verdict;
+            let wrong = match (want, got) {
+                (Tri::No, true) => "WRONG ALLOW",
+                (Tri::Yes, false) => "wrong deny",
+                _ => return,
+            };
+            panic!(
+                "{wrong} at {at} after event {event} ({kind}), seed {}: {src:?} -> {dst:?}:{port}",
+                self.seed
+            );
+        };
         for (src_addr, src, dst_addr, dst, port) in ingress {
             let got = self
                 .kernel
                 .ingress_allows(model::ip(src_addr), model::ip(dst_addr), port);
-            let (want, expired) = m.ingress(src, dst, port, now);
-            tally.count(
-                (want, expired),
-                got,
-                dst_addr.0,
-                m.specs.contains_key(&dst.spiffe),
-            );
-            assert!(
-                want != Tri::No || !got,
-                "{}",
-                at("WRONG ALLOW at ingress", src, dst, port)
-            );
-            assert!(
-                want != Tri::Yes || got,
-                "{}",
-                at("wrong deny at ingress", src, dst, port)
-            );
-            tally.ingress += 1;
+            let want = m.ingress(src, dst, port, now);
+            judge("ingress", (src, dst, dst_addr.0, port), want, got);
         }
         let calls: Vec<_> = egress
             .iter()
@@ -351,24 +351,8 @@ impl Run {
             .collect();
         let verdicts = self.kernel.connects(&calls);
         for ((_, src, dst_addr, dst, port), got) in egress.into_iter().zip(verdicts) {
-            let (want, expired) = m.egress(src, dst, port, now);
-            tally.count(
-                (want, expired),
-                got,
-                dst_addr.0,
-                m.specs.contains_key(&dst.spiffe),
-            );
-            assert!(
-                want != Tri::No || !got,
-                "{}",
-                at("WRONG ALLOW at the connect gate", src, dst, port)
-            );
-            assert!(
-                want != Tri::Yes || got,
-                "{}",
-                at("wrong deny at the connect gate", src, dst, port)
-            );
-            tally.egress += 1;
+            let want = m.egress(src, dst, port, now);
+            judge("the connect gate", (src, dst, dst_addr.0, port), want, got);
         }
         self.tally.add(&tally);
     }

@@ -275,27 +275,29 @@ impl Model {
         t
     }
 
-    /// A connection start from `src` to `dst`:`port` as seen at `dst`'s
-    /// node (`dst` local): the authentication it needs is recorded as
-    /// (dst, src, src's node). The verdict, and whether it is a refusal
-    /// because that authentication expired.
+    /// An authentication as this node records it: its local pod `local`,
+    /// with `remote` on its node.
+    fn auth_of(&self, local: &MPod, remote: &MPod) -> AuthOf {
+        (
+            self.incarnation(&local.spiffe),
+            self.incarnation(&remote.spiffe),
+            remote.node.clone(),
+        )
+    }
+
+    /// A connection start from `src` to local pod `dst`:`port` at the
+    /// ingress check (it needs `dst`'s authentication with `src`). The
+    /// verdict, and whether it is a refusal because that authentication
+    /// expired.
     pub fn ingress(&self, src: &MPod, dst: &MPod, port: u16, now: f64) -> (Tri, bool) {
-        let key = (
-            self.incarnation(&dst.spiffe),
-            self.incarnation(&src.spiffe),
-            src.node.clone(),
-        );
+        let key = self.auth_of(dst, src);
         self.decide(src, dst, port, || self.auth(&key, now))
     }
 
-    /// A connect() of local pod `src` to `dst`:`port`, at the egress gate:
-    /// the authentication it needs is recorded as (src, dst, dst's node).
+    /// A connect() of local pod `src` to `dst`:`port` at the egress gate
+    /// (it needs `src`'s authentication with `dst`).
     pub fn egress(&self, src: &MPod, dst: &MPod, port: u16, now: f64) -> (Tri, bool) {
-        let key = (
-            self.incarnation(&src.spiffe),
-            self.incarnation(&dst.spiffe),
-            dst.node.clone(),
-        );
+        let key = self.auth_of(src, dst);
         self.decide(src, dst, port, || self.auth(&key, now))
     }
 
