@@ -19,10 +19,14 @@
  * when no connect() made them.
  *
  * ts_connect4 / ts_connect6 (cgroup/connect4|6): the egress gate. A pod's
- * TCP connect() to a pod the destination's policy does not admit, or whose
- * required authentication is missing or stale, fails at once with EPERM
- * instead of timing out; a missing authentication is reported to the agent
- * through ts_events so it can authenticate the pair.
+ * TCP connect() to a pod the destination's policy does not admit fails at
+ * once with EPERM instead of timing out. One the policy admits once the
+ * pair is authenticated, while that authentication is missing, stale,
+ * expired or of an older epoch, is reported to the agent through ts_events
+ * and held: connect() goes ahead, its SYNs are dropped (ts_from_pod, the
+ * destination's ts_ingress) and retried every few milliseconds (ts_established)
+ * until the agents have authenticated the pair, so a new pod's first
+ * connection waits for its handshake instead of failing.
  *
  * An authentication allows only while both endpoints carry the generations
  * it was made for, before it expires, and while the global epoch is the one
@@ -82,6 +86,13 @@ struct {
 	__type(key, struct ts_auth_key);
 	__type(value, struct ts_auth_value);
 } ts_auth SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TS_MAX_AUTH_FAILED);
+	__type(key, struct ts_auth_key);
+	__type(value, struct ts_auth_failure);
+} ts_auth_failed SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -201,7 +212,14 @@ static __always_inline void count(__u32 reason)
 
 static __always_inline int is_deny(__u32 reason)
 {
-	return reason >= TS_REASON_DENY_POLICY && reason <= TS_REASON_DENY_ENDPOINT_CHANGED;
+	return reason >= TS_REASON_DENY_POLICY && reason <= TS_REASON_DENY_AUTH_FAILED;
+}
+
+/* Whether a denial is only for want of an authentication a handshake can
+ * give (missing, for other generations, expired, of an older epoch). */
+static __always_inline int auth_pending(__u32 reason)
+{
+	return reason >= TS_REASON_DENY_AUTH_MISSING && reason <= TS_REASON_DENY_AUTH_EPOCH;
 }
 
 /* The ts_policy entry for one key shape, if any. */
@@ -287,6 +305,23 @@ static __always_inline __u32 authenticated(const struct ts_endpoint *local,
 		return TS_REASON_DENY_AUTH_EXPIRED;
 	*expires = a->expires_ns;
 	return TS_REASON_ALLOW_AUTHENTICATED;
+}
+
+/* Whether the agent's last handshake of `local` with `remote` failed, for
+ * these generations, less than its retry interval before `now`. */
+static __always_inline int handshake_failed(const struct ts_endpoint *local,
+					    const struct ts_endpoint *remote, __u64 now)
+{
+	struct ts_auth_key key = {
+		.local = local->id,
+		.remote = remote->id,
+		.remote_node = remote->node,
+		.pad = 0,
+	};
+	struct ts_auth_failure *f = bpf_map_lookup_elem(&ts_auth_failed, &key);
+
+	return f && f->local_gen == local->gen && f->remote_gen == remote->gen &&
+	       now < f->until_ns;
 }
 
 /* Tells the agent (rate-limited) that `local`'s node needs an authentication
@@ -653,19 +688,34 @@ static __always_inline int gate(struct bpf_sock *sk, const struct ts_ip_key *dst
 		count(TS_REASON_PASS_NOT_CHECKED);
 		return 1;
 	}
-	if (!me) {
-		/* Not a pod this agent manages (a host process): not gated here;
-		 * the destination's ingress check still applies. */
-		count(TS_REASON_PASS_UNMANAGED);
-		return 1;
-	}
-	src = *me;
 	dst = lookup_ip(dst_key, &dst_known);
 	if (!dst_known) {
 		count(TS_REASON_PASS_UNMANAGED);
 		return 1;
 	}
+	if (!me) {
+		/* In the pods' cgroups, not a pod the agent knows yet (one that
+		 * has just started, before its status reached the agent; or the
+		 * agent itself): not decided here. Its connection starts wait
+		 * for the destination's ingress check (see TS_CONN_HELD). */
+		struct ts_endpoint unknown = { .id = TS_ID_UNKNOWN };
+
+		count(TS_REASON_HOLD_POD_PENDING);
+		if (sk)
+			stamp(sk, &unknown, &dst, 0, port, TS_CONN_OUTBOUND | TS_CONN_HELD, 0);
+		return 1;
+	}
+	src = *me;
 	reason = decide(shapes_of(dst.id), &dst, &src, &src, &dst, port, IPPROTO_TCP, &expires);
+	if (auth_pending(reason) && handshake_failed(&src, &dst, bpf_ktime_get_coarse_ns()))
+		reason = TS_REASON_DENY_AUTH_FAILED;
+	if (auth_pending(reason) && sk) {
+		/* decide() asked the agent for the handshake: the connection
+		 * waits for it rather than failing (see TS_CONN_HELD). */
+		count(TS_REASON_HOLD_AUTH_PENDING);
+		stamp(sk, &src, &dst, cgroup, port, TS_CONN_OUTBOUND | TS_CONN_HELD, reason);
+		return 1;
+	}
 	count(reason);
 	if (is_deny(reason))
 		return 0;
@@ -764,9 +814,14 @@ static __always_inline int terminated(const struct ts_ip_key *addr, __u16 port)
  * kernel gives up after about 33 s (HZ=250) rather than 127 s. */
 #define TS_SYN_COUNT 12
 
-/* Whether the egress gate admitted this connection to a pod (it recorded
- * it in ts_conns). */
-static __always_inline int gate_admitted(struct bpf_sock_ops *ops)
+/* How long an established connection the egress gate held waits for its
+ * own authentication (the destination's came first) before ts_revoke
+ * treats its absence as a revocation. */
+#define TS_HELD_GRACE_NS 2000000000ULL
+
+/* What the egress gate recorded of this connection to a pod, if it
+ * admitted it. */
+static __always_inline struct ts_conn *gate_admitted(struct bpf_sock_ops *ops)
 {
 	struct bpf_sock *sk = ops->sk;
 	struct ts_conn *c;
@@ -774,20 +829,21 @@ static __always_inline int gate_admitted(struct bpf_sock_ops *ops)
 	if (!sk)
 		return 0;
 	c = bpf_sk_storage_get(&ts_conns, sk, 0, 0);
-	return c && (c->flags & TS_CONN_OUTBOUND);
+	return (c && (c->flags & TS_CONN_OUTBOUND)) ? c : 0;
 }
 
 static __always_inline int accepted(struct bpf_sock_ops *ops);
 
 /* ts_established (sockops, on the pods' cgroup): when a local pod accepts a
  * TCP connection, records what it was admitted as (ts_conns) for
- * ts_revoke (the egress gate records outbound ones at connect()); and
- * gives connections the gate admitted to pods a SYN retransmission timeout
- * of milliseconds. */
+ * ts_revoke (the egress gate records outbound ones at connect()); gives
+ * connections the gate admitted to pods a SYN retransmission timeout of
+ * milliseconds; and starts the grace of a held one that got through. */
 SEC("sockops")
 int ts_established(struct bpf_sock_ops *ops)
 {
 	int count = TS_SYN_COUNT;
+	struct ts_conn *c;
 
 	switch (ops->op) {
 	case BPF_SOCK_OPS_TIMEOUT_INIT:
@@ -796,6 +852,13 @@ int ts_established(struct bpf_sock_ops *ops)
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		if (gate_admitted(ops))
 			bpf_setsockopt(ops, IPPROTO_TCP, TCP_SYNCNT, &count, sizeof(count));
+		return 1;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		/* A held connection got through: the destination has its
+		 * authentication, this node's follows within the grace. */
+		c = gate_admitted(ops);
+		if (c && (c->flags & TS_CONN_HELD))
+			c->epoch = bpf_ktime_get_ns() + TS_HELD_GRACE_NS;
 		return 1;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		return accepted(ops);
@@ -908,7 +971,7 @@ static __always_inline __u32 recheck(struct ts_conn *c, const struct ts_ip_key *
 {
 	struct ts_endpoint local, remote, *ep;
 	const struct ts_endpoint *dst, *src;
-	__u64 expires, epoch;
+	__u64 expires, epoch, now;
 	__u32 reason;
 	__u8 flags;
 	int known;
@@ -920,8 +983,15 @@ static __always_inline __u32 recheck(struct ts_conn *c, const struct ts_ip_key *
 		local = *ep;
 	} else {
 		local = lookup_ip(local_key, &known);
+		if (!known && (c->flags & TS_CONN_HELD) && c->local.id == TS_ID_UNKNOWN)
+			/* Made before its pod was known, and still not known by
+			 * its address: not the data path's to judge. */
+			return TS_REASON_PASS_UNMANAGED;
 		if (!known)
 			return TS_REASON_DENY_ENDPOINT_CHANGED;
+		/* Its pod is known now: the connection is that pod's. */
+		if ((c->flags & TS_CONN_HELD) && c->local.id == TS_ID_UNKNOWN)
+			c->local = local;
 	}
 	if (!same_endpoint(&local, &c->local))
 		return TS_REASON_DENY_ENDPOINT_CHANGED;
@@ -937,14 +1007,19 @@ static __always_inline __u32 recheck(struct ts_conn *c, const struct ts_ip_key *
 		return reason;
 	/* The coarse clock is not for tracing programs; the precise one is
 	 * at most a tick ahead of it. */
-	reason = authenticated(&local, &remote, bpf_ktime_get_ns(), &expires);
+	now = bpf_ktime_get_ns();
+	reason = authenticated(&local, &remote, now, &expires);
+	/* A held connection waits no more once the handshake failed. */
+	if ((c->flags & TS_CONN_HELD) && auth_pending(reason) &&
+	    handshake_failed(&local, &remote, now))
+		return TS_REASON_DENY_AUTH_FAILED;
 	if (is_deny(reason))
 		return reason;
 	epoch = current_epoch();
 	if ((c->flags & TS_CONN_AUTH) && c->epoch != epoch)
 		return TS_REASON_DENY_AUTH_EPOCH;
-	/* Admitted without one, now resting on this one. */
-	c->flags |= TS_CONN_AUTH;
+	/* Admitted without one (or held for it), now resting on this one. */
+	c->flags = (c->flags & ~TS_CONN_HELD) | TS_CONN_AUTH;
 	c->epoch = epoch;
 	return reason;
 }
@@ -980,6 +1055,11 @@ int ts_revoke(struct bpf_iter__tcp *ctx)
 	}
 	reason = recheck(c, &local_key, &remote_key);
 	if (!is_deny(reason))
+		return 0;
+	/* Held for its authentication: still connecting (its connection
+	 * starts are checked packet by packet), or within its grace. */
+	if ((c->flags & TS_CONN_HELD) && auth_pending(reason) &&
+	    (!c->epoch || bpf_ktime_get_ns() < c->epoch))
 		return 0;
 	__builtin_memcpy(rec.local_addr, local_key.addr, 16);
 	__builtin_memcpy(rec.remote_addr, remote_key.addr, 16);

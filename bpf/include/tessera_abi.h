@@ -16,7 +16,7 @@
 
 #include <linux/types.h>
 
-#define TESSERA_ABI_VERSION 6
+#define TESSERA_ABI_VERSION 7
 
 /* Numeric identities below 256 are reserved (allocated ones start at 256). */
 /* Any identity, in policy keys. */
@@ -121,6 +121,19 @@ struct ts_auth_value {
 	__u64 epoch;
 };
 
+/* ts_auth_failed (hash, struct ts_auth_key -> this): the agent's last
+ * handshake for the pair failed (the peer refused it, or its agent could
+ * not be reached). Until `until_ns` (CLOCK_MONOTONIC) the egress gate
+ * refuses connections that need the authentication (EPERM,
+ * TS_REASON_DENY_AUTH_FAILED) instead of holding them, and ts_revoke ends
+ * the ones it holds. It counts only for the generations it was made for.
+ * Not pinned: a restarted agent tries again. */
+struct ts_auth_failure {
+	__u64 local_gen;
+	__u64 remote_gen;
+	__u64 until_ns;
+};
+
 /* ts_events (ring buffer): a connection needed an authentication that was
  * missing or no longer valid. At most one per ts_auth_key per
  * TS_EVENT_INTERVAL_NS. */
@@ -180,12 +193,23 @@ struct ts_verdict {
  * decision, made again with today's policy and authentications, allows. */
 #define TS_CONN_OUTBOUND 1 /* the local pod connected (else it accepted) */
 #define TS_CONN_AUTH 2     /* it rests on an authentication of epoch `epoch` */
+/* Admitted by the egress gate to wait: while the authentication it needs is
+ * pending (missing, stale, expired or of an older epoch), or while the
+ * agent does not know the connecting pod yet (`local` has id
+ * TS_ID_UNKNOWN; it takes the endpoint of its address once that is
+ * known). Its connection starts are dropped (ts_from_pod, the
+ * destination's ingress check) until the agents are ready. ts_revoke
+ * leaves it alone for want of its authentication while it is connecting
+ * and, once established, until `epoch` (CLOCK_MONOTONIC ns), when that
+ * authentication must have arrived. */
+#define TS_CONN_HELD 4
 
 struct ts_conn {
 	struct ts_endpoint local;  /* the local pod */
 	struct ts_endpoint remote; /* the peer (id TS_ID_UNKNOWN: no endpoint) */
 	__u64 cgroup; /* outbound: the pod cgroup the gate found (0: by address) */
-	__u64 epoch;  /* with TS_CONN_AUTH: the epoch of the authentication */
+	__u64 epoch;  /* TS_CONN_AUTH: the authentication's epoch; TS_CONN_HELD:
+		       * the end of its grace once established (0: connecting) */
 	__u16 port;   /* the destination port */
 	__u8 flags;   /* TS_CONN_* */
 	__u8 pad[5];  /* always 0 */
@@ -236,17 +260,30 @@ enum ts_reason {
 	 * the peer's address gone or given to another pod, or either side's
 	 * identity or generation changed (ts_revoke only) */
 	TS_REASON_DENY_ENDPOINT_CHANGED = 14,
+	/* the authentication is missing and the agent's last handshake for
+	 * the pair failed (see ts_auth_failed; egress gate and ts_revoke) */
+	TS_REASON_DENY_AUTH_FAILED = 15,
 	/* established connections ts_revoke reset (counted once each, beside
 	 * nothing else: the reason is in its record) */
-	TS_REASON_REVOKED = 15,
-	TS_REASON_EVENTS_LOST = 16,     /* ring buffer full */
-	TS_REASON_COUNT = 17,
+	TS_REASON_REVOKED = 16,
+	TS_REASON_EVENTS_LOST = 17,     /* ring buffer full */
+	/* connect() admitted by the egress gate while the authentication the
+	 * destination's policy requires is pending: the connection start
+	 * waits for it (TS_CONN_HELD) instead of failing */
+	TS_REASON_HOLD_AUTH_PENDING = 18,
+	/* connect() to a pod from a process in the pods' cgroups the agent
+	 * has not mapped yet (a pod that has just started): admitted and
+	 * held (TS_CONN_HELD); the destination's ingress check decides its
+	 * connection starts, which are retried every few milliseconds */
+	TS_REASON_HOLD_POD_PENDING = 19,
+	TS_REASON_COUNT = 20,
 };
 
 #define TS_MAX_ENDPOINTS 65536
 #define TS_MAX_POLICY 262144
 #define TS_MAX_SELECTED 65536
 #define TS_MAX_AUTH 262144
+#define TS_MAX_AUTH_FAILED 16384
 #define TS_EVENTS_BYTES 262144 /* 256 KiB */
 #define TS_MAX_EVENT_PAIRS 16384
 #define TS_MAX_FLOWS 65536
@@ -285,6 +322,9 @@ TS_ASSERT_SIZE(ts_auth_value, 32);
 TS_ASSERT_OFF(ts_auth_value, remote_gen, 8);
 TS_ASSERT_OFF(ts_auth_value, expires_ns, 16);
 TS_ASSERT_OFF(ts_auth_value, epoch, 24);
+TS_ASSERT_SIZE(ts_auth_failure, 24);
+TS_ASSERT_OFF(ts_auth_failure, remote_gen, 8);
+TS_ASSERT_OFF(ts_auth_failure, until_ns, 16);
 TS_ASSERT_SIZE(ts_auth_event, 32);
 TS_ASSERT_OFF(ts_auth_event, port, 12);
 TS_ASSERT_OFF(ts_auth_event, proto, 14);

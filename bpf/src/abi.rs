@@ -149,6 +149,20 @@ pub struct AuthValue {
     pub epoch: u64,
 }
 
+/// `ts_auth_failed` value: the agent's last handshake for the pair failed;
+/// until `until_ns` (CLOCK_MONOTONIC) the egress gate refuses connections
+/// that need it instead of holding them. Counts only for these generations.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AuthFailure {
+    /// Generation of the local identity the handshake was for.
+    pub local_gen: u64,
+    /// Generation of the peer identity the handshake was for.
+    pub remote_gen: u64,
+    /// Until when connections are refused, CLOCK_MONOTONIC nanoseconds.
+    pub until_ns: u64,
+}
+
 /// A missing or invalid authentication a connection needed.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -323,6 +337,7 @@ mod pod {
     unsafe impl aya::Pod for Selected {}
     unsafe impl aya::Pod for AuthKey {}
     unsafe impl aya::Pod for AuthValue {}
+    unsafe impl aya::Pod for AuthFailure {}
     unsafe impl aya::Pod for FlowKey4 {}
     unsafe impl aya::Pod for FlowKey6 {}
     unsafe impl aya::Pod for Verdict {}
@@ -350,6 +365,9 @@ const _: () = {
     assert!(offset_of!(AuthValue, remote_gen) == 8);
     assert!(offset_of!(AuthValue, expires_ns) == 16);
     assert!(offset_of!(AuthValue, epoch) == 24);
+    assert!(size_of::<AuthFailure>() == 24);
+    assert!(offset_of!(AuthFailure, remote_gen) == 8);
+    assert!(offset_of!(AuthFailure, until_ns) == 16);
     assert!(size_of::<AuthEvent>() == 32);
     assert!(offset_of!(AuthEvent, port) == 12);
     assert!(offset_of!(AuthEvent, proto) == 14);
@@ -413,11 +431,22 @@ pub enum Reason {
     /// (its peer's address gone or reassigned, an identity or generation
     /// changed); only `ts_revoke` gives it.
     DenyEndpointChanged = consts::TS_REASON_DENY_ENDPOINT_CHANGED as u32,
+    /// Authentication required, none recorded, and the agent's last
+    /// handshake for the pair failed a moment ago: refused rather than held.
+    DenyAuthFailed = consts::TS_REASON_DENY_AUTH_FAILED as u32,
     /// Established connections `ts_revoke` reset (the reason of each is in
     /// its record, not counted again).
     Revoked = consts::TS_REASON_REVOKED as u32,
     /// An event was lost (ring buffer full).
     EventsLost = consts::TS_REASON_EVENTS_LOST as u32,
+    /// A connect() the egress gate admitted while the authentication it
+    /// needs was pending: its connection start waits for the handshake
+    /// instead of failing.
+    HoldAuthPending = consts::TS_REASON_HOLD_AUTH_PENDING as u32,
+    /// A connect() to a pod from a process in the pods' cgroups the agent
+    /// has not mapped yet (a pod that has just started): it waits, the
+    /// destination's ingress check deciding its connection starts.
+    HoldPodPending = consts::TS_REASON_HOLD_POD_PENDING as u32,
 }
 
 impl Reason {
@@ -438,8 +467,11 @@ impl Reason {
         Reason::DenyUnparsed,
         Reason::DenySpoofed,
         Reason::DenyEndpointChanged,
+        Reason::DenyAuthFailed,
         Reason::Revoked,
         Reason::EventsLost,
+        Reason::HoldAuthPending,
+        Reason::HoldPodPending,
     ];
 
     /// A short label for metrics and logs.
@@ -460,8 +492,11 @@ impl Reason {
             Reason::DenyUnparsed => "deny_unparsed",
             Reason::DenySpoofed => "deny_spoofed",
             Reason::DenyEndpointChanged => "deny_endpoint_changed",
+            Reason::DenyAuthFailed => "deny_auth_failed",
             Reason::Revoked => "revoked",
             Reason::EventsLost => "events_lost",
+            Reason::HoldAuthPending => "hold_auth_pending",
+            Reason::HoldPodPending => "hold_pod_pending",
         }
     }
 

@@ -17,8 +17,8 @@ use aya::programs::{
 use aya::{Ebpf, EbpfLoader};
 
 use crate::abi::{
-    AuthEvent, AuthKey, AuthValue, Endpoint, FlowKey4, FlowKey6, IpKey, PolicyKey, PolicyValue,
-    Reason, Revoked, Selected, TermKey, Verdict,
+    AuthEvent, AuthFailure, AuthKey, AuthValue, Endpoint, FlowKey4, FlowKey6, IpKey, PolicyKey,
+    PolicyValue, Reason, Revoked, Selected, TermKey, Verdict,
 };
 use crate::kfuncs::{self, KfuncError};
 use crate::pinning::{self, PinningError};
@@ -538,6 +538,27 @@ impl Datapath {
     /// Records an authentication.
     pub fn set_auth(&mut self, key: AuthKey, value: AuthValue) -> Result<(), DatapathError> {
         self.hash(maps::AUTH)?.insert(key, value, 0)?;
+        self.new_version()
+    }
+
+    /// Records that the agent's handshake for the pair failed: until
+    /// `value.until_ns` the egress gate refuses its connections, and the
+    /// next sweep ends those it holds.
+    pub fn set_auth_failed(
+        &mut self,
+        key: AuthKey,
+        value: AuthFailure,
+    ) -> Result<(), DatapathError> {
+        self.hash(maps::AUTH_FAILED)?.insert(key, value, 0)?;
+        self.new_version()
+    }
+
+    /// Forgets a failed handshake (the pair authenticated since).
+    pub fn remove_auth_failed(&mut self, key: &AuthKey) -> Result<(), DatapathError> {
+        remove_missing_ok(
+            self.hash::<AuthKey, AuthFailure>(maps::AUTH_FAILED)?
+                .remove(key),
+        )?;
         self.new_version()
     }
 

@@ -49,6 +49,9 @@ pub mod maps {
     pub const SELECTED: &str = "ts_selected";
     /// Authentications between identities.
     pub const AUTH: &str = "ts_auth";
+    /// Pairs whose last handshake failed a moment ago (not pinned: a
+    /// restarted agent tries them again).
+    pub const AUTH_FAILED: &str = "ts_auth_failed";
     /// The global epoch (one u64).
     pub const EPOCH: &str = "ts_epoch";
     /// The version of the decision inputs (one u64; 0: verdict cache off).

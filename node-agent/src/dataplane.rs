@@ -11,14 +11,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tessera_api::crd::IdentityPolicySpec;
-use tessera_bpf::abi::{AuthEvent, AuthKey, AuthValue, Endpoint, Reason};
+use tessera_bpf::abi::{AuthEvent, AuthFailure, AuthKey, AuthValue, Endpoint, Reason};
 use tessera_bpf::datapath::{Datapath, DatapathError};
 use tracing::{debug, info, warn};
 
 use crate::authcache::{self, AuthCache, AuthCacheError, Clocks, Entry, Opened};
 use crate::handshake::Authenticated;
 use crate::policy::{self, IdentityTable};
-use crate::view::{PodView, View};
+use crate::view::{Pair, PodView, View};
 
 /// Counters of what the data path and the handshakes did.
 #[derive(Debug, Default)]
@@ -298,12 +298,43 @@ impl DataPlane {
         lock(&self.uncapped).remove(&key);
         lock(&self.entries).insert(key, entry);
         self.dirty.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = dp.remove_auth_failed(&key) {
+            warn!(error = %e, "cannot clear a pair's failed handshake");
+        }
         match dp.set_auth(key, value) {
             Ok(()) => true,
             Err(e) => {
                 warn!(error = %e, "cannot write an auth entry");
                 false
             }
+        }
+    }
+
+    /// Records that a handshake for `pair` failed: for `retry_after` the
+    /// egress gate refuses the pair's connections (EPERM) instead of holding
+    /// them, and the next sweep ends those it holds. Nothing is recorded
+    /// when `view` does not have both workloads.
+    pub fn record_failure(&self, view: &View, pair: &Pair, retry_after: Duration) {
+        let (Some((local, local_gen)), Some((remote, remote_gen)), Some(node)) = (
+            view.identity_on(&pair.local, &view.local_node),
+            view.identity_on(&pair.remote, &pair.remote_node),
+            view.nodes.get(&pair.remote_node),
+        ) else {
+            return;
+        };
+        let key = AuthKey {
+            local,
+            remote,
+            remote_node: node,
+            pad: 0,
+        };
+        let value = AuthFailure {
+            local_gen,
+            remote_gen,
+            until_ns: tessera_bpf::monotonic_ns().saturating_add(retry_after.as_nanos() as u64),
+        };
+        if let Err(e) = lock(&self.dp).set_auth_failed(key, value) {
+            warn!(error = %e, "cannot record a failed handshake in the data path");
         }
     }
 

@@ -380,8 +380,11 @@ impl Inner {
             Err(e) => {
                 Stats::bump(&self.plane.stats.initiated_failed);
                 lock(&self.failed).insert(pair.clone(), Instant::now());
+                // Connections waiting for this handshake fail now, and new
+                // ones are refused until it is tried again.
+                self.plane.record_failure(&view, pair, RETRY_AFTER);
                 warn!(local = %pair.local, remote = %pair.remote, node = %pair.remote_node,
-                      error = %e, "handshake failed; the pair stays denied and is retried");
+                      error = %e, "handshake failed; the pair's connections are refused until it is retried");
             }
         }
     }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tessera_agent::dataplane::DataPlane;
 use tessera_agent::view::PodView;
 use tessera_api::crd::IdentityPolicySpec;
+use tessera_bpf::abi::Reason;
 use tessera_bpf::packets;
 
 use crate::model::Model;
@@ -162,9 +163,15 @@ impl Kernel {
     /// The egress gate's verdicts on real connect() calls, each made by
     /// this process from the cgroup of local pod `uid` (in a namespace with
     /// no routes: an admitted connect() fails with ENETUNREACH and sends
-    /// nothing, a refused one with EPERM).
-    pub fn connects(&self, checks: &[(String, IpAddr, u16)]) -> Vec<bool> {
+    /// nothing, a refused one with EPERM; a held one is admitted, and
+    /// counted under its reason).
+    pub fn connects(&self, checks: &[(String, IpAddr, u16)]) -> Vec<Gate> {
         let (cgroups, home) = (&self.cgroups, &self.home);
+        let held = || {
+            self.plane()
+                .with_datapath(|dp| dp.counter(Reason::HoldAuthPending))
+                .unwrap()
+        };
         tessera_agent::netns::run_in(&self.netns, || {
             let mut out = Vec::with_capacity(checks.len());
             let mut current: Option<&str> = None;
@@ -173,17 +180,30 @@ impl Kernel {
                     join(&cgroups[uid].0);
                     current = Some(uid);
                 }
+                let before = held();
                 let got = std::net::TcpStream::connect_timeout(
                     &SocketAddr::new(*ip, *port),
                     Duration::from_millis(200),
                 );
-                out.push(!matches!(&got, Err(e) if e.raw_os_error() == Some(1)));
+                out.push(Gate {
+                    admitted: !matches!(&got, Err(e) if e.raw_os_error() == Some(1)),
+                    held: held() > before,
+                });
             }
             join(home);
             Ok(out)
         })
         .unwrap()
     }
+}
+
+/// What the egress gate did with one connect().
+#[derive(Debug, Clone, Copy)]
+pub struct Gate {
+    /// connect() went ahead (no EPERM).
+    pub admitted: bool,
+    /// It went ahead to wait for its authentication.
+    pub held: bool,
 }
 
 impl Drop for Kernel {

@@ -352,7 +352,23 @@ impl Run {
         let verdicts = self.kernel.connects(&calls);
         for ((_, src, dst_addr, dst, port), got) in egress.into_iter().zip(verdicts) {
             let want = m.egress(src, dst, port, now);
-            judge("the connect gate", (src, dst, dst_addr.0, port), want, got);
+            let case = (src, dst, dst_addr.0, port);
+            let allowed = got.admitted && !got.held;
+            judge("the connect gate", case, want, allowed);
+            // Not allowed (yet): held while the policy waits for an
+            // authentication, refused otherwise.
+            let holds = m.needs_auth(src, dst, port);
+            if want.0 != Tri::Yes && !allowed && got.held != holds {
+                panic!(
+                    "the connect gate {} after event {event} ({kind}), seed {}: {src:?} -> {dst:?}:{port}",
+                    if holds {
+                        "refused a connection it should hold"
+                    } else {
+                        "held a connection the policy refuses"
+                    },
+                    self.seed
+                );
+            }
         }
         self.tally.add(&tally);
     }

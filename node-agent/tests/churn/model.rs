@@ -301,6 +301,14 @@ impl Model {
         self.decide(src, dst, port, || self.auth(&key, now))
     }
 
+    /// Whether the destination's policy admits `src` -> `dst`:`port` once
+    /// the pair is authenticated, and not before: the egress gate holds
+    /// such a connection while the authentication is pending.
+    pub fn needs_auth(&self, src: &MPod, dst: &MPod, port: u16) -> bool {
+        self.decide(src, dst, port, || (Tri::No, false)).0 == Tri::No
+            && self.decide(src, dst, port, || (Tri::Yes, false)).0 == Tri::Yes
+    }
+
     /// The destination's policy for `src` -> `dst`:`port`; `auth` says
     /// whether the pair is authenticated, where a rule asks for it.
     fn decide(
