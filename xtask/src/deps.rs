@@ -13,7 +13,8 @@ use anyhow::{Context, Result, bail};
 /// `openssl` is the peer `cargo xtask bench identity` measures signing against;
 /// `clang-16` and `libbpf-dev` build the eBPF programs in `bpf/` (every
 /// crate that links them needs both to compile; xtask itself does not),
-/// `bpftool` inspects them.
+/// `bpftool` inspects them; `skopeo` reads the OCI archives
+/// `cargo xtask images` writes, as a registry client would.
 pub const PACKAGES: &[&str] = &[
     "ca-certificates",
     "openssl",
@@ -23,6 +24,7 @@ pub const PACKAGES: &[&str] = &[
     "iproute2",
     "python3",
     "python3-scapy",
+    "skopeo",
 ];
 
 fn installed(package: &str) -> bool {

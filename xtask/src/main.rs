@@ -12,6 +12,7 @@
 
 mod demo;
 mod deps;
+mod images;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -75,6 +76,19 @@ enum Task {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Build OCI image archives of the operator, agent and waypoint under
+    /// target/images/ (no registry or container engine needed).
+    Images {
+        /// Cargo profile of the binaries.
+        #[arg(long, default_value = "release")]
+        profile: String,
+        /// Where to write the `<binary>.oci.tar` archives.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Repository prefix of the image names.
+        #[arg(long, default_value = "localhost/tessera")]
+        registry: String,
+    },
     /// Run one benchmark family and write target/bench/<name>.json.
     Bench {
         /// Which benchmark: controlplane, identity, auth or auth-cluster.
@@ -122,6 +136,21 @@ fn main() -> Result<()> {
         }
         Task::Fuzz { target, seconds } => fuzz(&target, seconds),
         Task::Churn { events, seed } => churn(events, seed),
+        Task::Images {
+            profile,
+            out,
+            registry,
+        } => {
+            // The agent and operator link the eBPF programs (clang-16).
+            deps::ensure()?;
+            let out = out.unwrap_or_else(|| repo_root().join("target/images"));
+            let opts = images::Options {
+                profile,
+                out,
+                registry,
+            };
+            images::build(&repo_root(), &opts).map(|_| ())
+        }
         Task::Bench { name } => {
             prepare()?;
             cargo(
