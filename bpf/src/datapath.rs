@@ -688,6 +688,13 @@ pub fn cgroup_id(path: &Path) -> Result<u64, DatapathError> {
 fn remove_missing_ok(result: Result<(), aya::maps::MapError>) -> Result<(), DatapathError> {
     match result {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        // aya reports a hash map removal of a missing key as the syscall's
+        // ENOENT.
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()) =>
+        {
+            Ok(())
+        }
         other => Ok(other?),
     }
 }

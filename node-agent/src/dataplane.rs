@@ -111,6 +111,9 @@ pub struct DataPlane {
     /// Restored entries whose expiry no SVID held since the restore has
     /// capped yet.
     uncapped: Mutex<HashSet<AuthKey>>,
+    /// Pairs with a failed handshake in `ts_auth_failed`, and until when
+    /// it counts (removed when the pair authenticates, or once past).
+    failed: Mutex<HashMap<AuthKey, std::time::Instant>>,
     /// The global epoch as this process last read or wrote it (the map is
     /// the truth; this spares handshakes the map lock a sync pass holds).
     epoch: AtomicU64,
@@ -150,6 +153,7 @@ impl DataPlane {
                 entries: Mutex::new(entries),
                 used_svid: Mutex::default(),
                 uncapped: Mutex::default(),
+                failed: Mutex::default(),
                 epoch: AtomicU64::new(epoch),
                 dirty: AtomicU64::new(0),
                 flushed: AtomicU64::new(0),
@@ -298,7 +302,9 @@ impl DataPlane {
         lock(&self.uncapped).remove(&key);
         lock(&self.entries).insert(key, entry);
         self.dirty.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = dp.remove_auth_failed(&key) {
+        if lock(&self.failed).remove(&key).is_some()
+            && let Err(e) = dp.remove_auth_failed(&key)
+        {
             warn!(error = %e, "cannot clear a pair's failed handshake");
         }
         match dp.set_auth(key, value) {
@@ -333,8 +339,32 @@ impl DataPlane {
             remote_gen,
             until_ns: tessera_bpf::monotonic_ns().saturating_add(retry_after.as_nanos() as u64),
         };
-        if let Err(e) = lock(&self.dp).set_auth_failed(key, value) {
-            warn!(error = %e, "cannot record a failed handshake in the data path");
+        match lock(&self.dp).set_auth_failed(key, value) {
+            Ok(()) => {
+                lock(&self.failed).insert(key, std::time::Instant::now() + retry_after);
+            }
+            Err(e) => warn!(error = %e, "cannot record a failed handshake in the data path"),
+        }
+    }
+
+    /// Removes the failed handshakes that no longer count from
+    /// `ts_auth_failed`.
+    pub fn prune_failures(&self) {
+        let now = std::time::Instant::now();
+        let past: Vec<AuthKey> = lock(&self.failed)
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(key, _)| *key)
+            .collect();
+        if past.is_empty() {
+            return;
+        }
+        let mut dp = lock(&self.dp);
+        for key in past {
+            lock(&self.failed).remove(&key);
+            if let Err(e) = dp.remove_auth_failed(&key) {
+                warn!(error = %e, "cannot remove a failed handshake that no longer counts");
+            }
         }
     }
 

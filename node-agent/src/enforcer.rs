@@ -46,10 +46,17 @@ use crate::view::{Pair, PodPlace, PodRecord, PodView, View, pod_place, pod_recor
 pub const REAUTH_MARGIN: Duration = Duration::from_secs(30);
 /// After a failed handshake, wait this long before trying the pair again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// After a pair's first failed handshake (often a peer whose view of the
+/// cluster lags), try again this soon; its connections keep waiting.
+pub const FIRST_RETRY_AFTER: Duration = Duration::from_millis(100);
 /// How often the ring buffer of missing authentications is read.
 pub const EVENT_POLL: Duration = Duration::from_millis(2);
 /// How often everything is checked even without changes (expiry, retries).
 pub const SWEEP: Duration = Duration::from_secs(1);
+/// A change this soon after the previous pass is part of a burst: the pass
+/// waits [`SETTLE`] for the rest of it.
+const SETTLE_AFTER: Duration = Duration::from_millis(20);
+const SETTLE: Duration = Duration::from_millis(5);
 
 /// Why the data path could not start or keep up.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +75,11 @@ pub enum EnforceError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The housekeeping thread could not be started.
+    #[error(
+        "cannot start the data path's housekeeping thread: {0}; check the agent's thread and memory limits"
+    )]
+    Thread(std::io::Error),
 }
 
 /// Where and how the data path runs.
@@ -143,7 +155,9 @@ struct Inner {
     policies: Mutex<Arc<Vec<IdentityPolicySpec>>>,
     creds: Mutex<Option<Credentials>>,
     inflight: Mutex<HashSet<Pair>>,
-    failed: Mutex<HashMap<Pair, Instant>>,
+    /// Pairs whose last handshakes failed: when the last one did, and how
+    /// many in a row.
+    failed: Mutex<HashMap<Pair, (Instant, u32)>>,
     /// Local pods' cgroups (directory and id), by pod UID, as found.
     cgroups: Mutex<HashMap<String, (PathBuf, u64)>>,
     external: External,
@@ -195,6 +209,22 @@ impl Inner {
         })?;
         *lock(&self.policies) = Arc::new(specs);
         Ok(())
+    }
+
+    /// What follows each pass: terminators for peers outside the mesh,
+    /// the checks of what pods send, the sweep of established connections,
+    /// the auth cache on disk and the counters.
+    fn housekeeping(self: &Arc<Self>) {
+        self.reconcile_external();
+        self.reconcile_veths();
+        self.revoke_connections();
+        self.plane.prune_failures();
+        if let Err(e) = self.plane.flush() {
+            warn!(error = %e, "cannot flush the auth cache");
+        }
+        if let Err(e) = self.plane.read_decisions() {
+            warn!(error = %e, "cannot read the data path's counters");
+        }
     }
 
     /// Checks what each local pod sends where it enters the node (see
@@ -327,8 +357,13 @@ impl Inner {
     }
 
     fn spawn_handshake(self: &Arc<Self>, pair: Pair) {
-        if let Some(at) = lock(&self.failed).get(&pair)
-            && at.elapsed() < RETRY_AFTER
+        if let Some((at, times)) = lock(&self.failed).get(&pair)
+            && at.elapsed()
+                < if *times > 1 {
+                    RETRY_AFTER
+                } else {
+                    FIRST_RETRY_AFTER
+                }
         {
             return;
         }
@@ -379,12 +414,22 @@ impl Inner {
             }
             Err(e) => {
                 Stats::bump(&self.plane.stats.initiated_failed);
-                lock(&self.failed).insert(pair.clone(), Instant::now());
-                // Connections waiting for this handshake fail now, and new
-                // ones are refused until it is tried again.
-                self.plane.record_failure(&view, pair, RETRY_AFTER);
-                warn!(local = %pair.local, remote = %pair.remote, node = %pair.remote_node,
-                      error = %e, "handshake failed; the pair's connections are refused until it is retried");
+                let times = {
+                    let mut failed = lock(&self.failed);
+                    let times = failed.get(pair).map_or(0, |(_, n)| *n) + 1;
+                    failed.insert(pair.clone(), (Instant::now(), times));
+                    times
+                };
+                if times > 1 {
+                    // Failed again: connections waiting for it fail now, and
+                    // new ones are refused until it is tried again.
+                    self.plane.record_failure(&view, pair, RETRY_AFTER);
+                    warn!(local = %pair.local, remote = %pair.remote, node = %pair.remote_node, times,
+                          error = %e, "handshake failed again; the pair's connections are refused until it is retried");
+                } else {
+                    info!(local = %pair.local, remote = %pair.remote, node = %pair.remote_node,
+                          error = %e, "handshake failed; retrying shortly while the pair's connections wait");
+                }
             }
         }
     }
@@ -710,31 +755,55 @@ pub async fn run(
         }));
     }
 
+    // What follows a pass and may take long (a thread per pod namespace,
+    // rtnetlink, disk): its own task, so that the next change reaches the
+    // maps without waiting for it.
+    // One long-lived thread (not the blocking pool's changing ones: with
+    // glibc each new thread may get a malloc arena of its own).
+    let housekeeping = Arc::new(tokio::sync::Notify::new());
+    {
+        let inner = Arc::downgrade(&inner);
+        let wake = housekeeping.clone();
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("housekeeping".into())
+            .spawn(move || {
+                let _in_runtime = runtime.enter();
+                loop {
+                    runtime.block_on(wake.notified());
+                    match inner.upgrade() {
+                        Some(inner) => inner.housekeeping(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(EnforceError::Thread)?;
+    }
     let mut sweep = tokio::time::interval(SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_pass = Instant::now();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             got = changed.recv() => if got.is_none() { break },
             _ = sweep.tick() => {}
         }
-        // Let a burst of changes settle into one pass.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // A change after a quiet spell goes to the maps at once (a new
+        // pod's first connection waits for it); one in a burst lets the
+        // rest of the burst settle into the same pass.
+        if last_pass.elapsed() < SETTLE_AFTER {
+            tokio::time::sleep(SETTLE).await;
+        }
         while changed.try_recv().is_ok() {}
-        if let Err(e) = inner.sync(&stores) {
+        last_pass = Instant::now();
+        // A pass is synchronous work (map writes): the other tasks (the
+        // handshakes above all) move to other workers meanwhile.
+        if let Err(e) = tokio::task::block_in_place(|| inner.sync(&stores)) {
             warn!(error = %e, "data path sync failed; retrying");
             continue;
         }
         inner.preauthenticate();
-        inner.reconcile_external();
-        inner.reconcile_veths();
-        inner.revoke_connections();
-        if let Err(e) = inner.plane.flush() {
-            warn!(error = %e, "cannot flush the auth cache");
-        }
-        if let Err(e) = inner.plane.read_decisions() {
-            warn!(error = %e, "cannot read the data path's counters");
-        }
+        housekeeping.notify_one();
     }
     tasks.iter().for_each(|t| t.abort());
     if let Err(e) = inner.plane.flush() {

@@ -94,6 +94,39 @@ pub fn open_pod(cgroup: &Path) -> Result<PodNetns, NetnsError> {
     Ok(PodNetns { file, inode })
 }
 
+/// Runs `f(i)` in each network namespace `namespaces[i]` in turn, on one
+/// thread that enters them one after the other (a thread per namespace
+/// would cost a thread, and with glibc often a malloc arena, each time):
+/// each call's result, or the error entering its namespace.
+pub fn run_in_each<T: Send>(
+    namespaces: &[&File],
+    f: impl Fn(usize) -> std::io::Result<T> + Sync,
+) -> Vec<std::io::Result<T>> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                namespaces
+                    .iter()
+                    .enumerate()
+                    .map(|(i, netns)| {
+                        rustix::thread::move_into_link_name_space(
+                            netns.as_fd(),
+                            Some(rustix::thread::LinkNameSpaceType::Network),
+                        )?;
+                        f(i)
+                    })
+                    .collect()
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                namespaces
+                    .iter()
+                    .map(|_| Err(std::io::Error::other("the namespace thread panicked")))
+                    .collect()
+            })
+    })
+}
+
 /// Runs `f` on a thread that has entered the network namespace `netns`:
 /// sockets it creates belong to that namespace.
 pub fn run_in<T: Send>(

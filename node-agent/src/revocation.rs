@@ -82,13 +82,24 @@ impl Revocation {
             Ok(reset) => all.extend(reset),
             Err(e) => warn!(error = %e, "cannot sweep the host network namespace's connections"),
         }
+        let mut opened = Vec::new();
         for pod in pods {
-            match sweep_pod(plane, pod) {
+            match netns::open_pod(&pod.cgroup) {
+                Ok(ns) => opened.push((pod, ns)),
+                Err(NetnsError::HostNetwork) => {}
+                Err(e) => skipped(pod, &RevocationError::Netns(e)),
+            }
+        }
+        let files: Vec<&std::fs::File> = opened.iter().map(|(_, ns)| &ns.file).collect();
+        let swept = netns::run_in_each(&files, |_| {
+            plane
+                .with_datapath(|dp| dp.revoke_here())
+                .map_err(std::io::Error::other)
+        });
+        for ((pod, _), result) in opened.iter().zip(swept) {
+            match result {
                 Ok(reset) => all.extend(reset),
-                Err(RevocationError::Netns(NetnsError::HostNetwork)) => {}
-                Err(e) => {
-                    debug!(pod = %pod.name, error = %e, "cannot sweep the pod's connections (retried on the next change)")
-                }
+                Err(e) => skipped(pod, &RevocationError::Thread(e)),
             }
         }
         for r in &all {
@@ -105,13 +116,6 @@ impl Revocation {
     }
 }
 
-fn sweep_pod(plane: &DataPlane, pod: &Pod) -> Result<Vec<Revoked>, RevocationError> {
-    let ns = netns::open_pod(&pod.cgroup)?;
-    let reset = netns::run_in(&ns.file, || {
-        plane
-            .with_datapath(|dp| dp.revoke_here())
-            .map_err(std::io::Error::other)
-    })
-    .map_err(RevocationError::Thread)?;
-    Ok(reset)
+fn skipped(pod: &Pod, e: &RevocationError) {
+    debug!(pod = %pod.name, error = %e, "cannot sweep the pod's connections (retried on the next change)");
 }

@@ -391,15 +391,32 @@ impl SimCluster {
     /// sandbox before the pod is Running, as a container whose process is
     /// up when the kubelet reports it: the process, and the instant the
     /// status that says Running was written (the line `go` is written to
-    /// its stdin at that instant).
+    /// its stdin at that instant). The process first prints a line when it
+    /// is ready (its runtime loaded), which this waits for: the status says
+    /// Running no earlier. `startup` passes between the sandbox and that
+    /// status, as a kubelet takes to start the pod's containers (zero:
+    /// Running as soon as the sandbox and the process are there).
     pub async fn pod_running(
         &self,
         spec: PodSpec<'_>,
         (program, args): (&str, &[&str]),
+        startup: std::time::Duration,
     ) -> (SimPod, KillOnDrop, std::time::Instant) {
-        use std::io::Write;
+        use std::io::{Read, Write};
         let (ns, cgroup) = self.sandbox(spec).await;
         let mut process = KillOnDrop(cgroup.spawn_in(&ns, program, args));
+        if let Some(mut out) = process.0.stdout.take() {
+            // Byte by byte: nothing past the line is taken from the pipe.
+            let out = tokio::task::spawn_blocking(move || {
+                let mut byte = [0u8; 1];
+                while out.read(&mut byte).is_ok_and(|n| n == 1) && byte[0] != b'\n' {}
+                out
+            })
+            .await
+            .ok();
+            process.0.stdout = out;
+        }
+        tokio::time::sleep(startup).await;
         self.set_running(spec).await;
         let running = std::time::Instant::now();
         if let Some(stdin) = process.0.stdin.as_mut() {

@@ -82,7 +82,12 @@ pub fn build(repo: &Path, opts: &Options) -> Result<Vec<Built>> {
     for spec in &SPECS {
         let binary = repo.join("target").join(dir).join(spec.binary);
         let image = write_image(spec, &binary, opts, &revision)?;
-        println!("{} {} -> {}", image.name, image.digest, image.archive.display());
+        println!(
+            "{} {} -> {}",
+            image.name,
+            image.digest,
+            image.archive.display()
+        );
         built.push(image);
     }
     Ok(built)
@@ -241,7 +246,12 @@ fn tar(files: &BTreeMap<String, Vec<u8>>, mode: u32) -> Vec<u8> {
         out.extend(header(dir, 0o755, 0, b'5'));
     }
     for (path, bytes) in files {
-        out.extend(header(path.trim_start_matches('/'), mode, bytes.len(), b'0'));
+        out.extend(header(
+            path.trim_start_matches('/'),
+            mode,
+            bytes.len(),
+            b'0',
+        ));
         out.extend(bytes);
         out.resize(out.len().div_ceil(512) * 512, 0);
     }

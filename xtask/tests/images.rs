@@ -43,7 +43,9 @@ fn json(path: &Path) -> Result<serde_json::Value> {
 }
 
 fn blob(layout: &Path, digest: &str) -> PathBuf {
-    layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))
+    layout
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"))
 }
 
 /// Unpacks `archive`'s image layer into a directory and runs the entrypoint
@@ -53,19 +55,39 @@ fn run_from_layer(archive: &Path, work: &Path) -> Result<String> {
     let rootfs = work.join("rootfs");
     std::fs::create_dir_all(&layout)?;
     std::fs::create_dir_all(&rootfs)?;
-    run(Command::new("tar").arg("-xf").arg(archive).arg("-C").arg(&layout))?;
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(archive)
+        .arg("-C")
+        .arg(&layout))?;
     let index = json(&layout.join("index.json"))?;
-    let manifest = index["manifests"][0]["digest"].as_str().context("no manifest")?;
+    let manifest = index["manifests"][0]["digest"]
+        .as_str()
+        .context("no manifest")?;
     let manifest = json(&blob(&layout, manifest))?;
-    let config = json(&blob(&layout, manifest["config"]["digest"].as_str().context("no config")?))?;
-    let layer = manifest["layers"][0]["digest"].as_str().context("no layer")?;
-    run(Command::new("tar").arg("-xf").arg(blob(&layout, layer)).arg("-C").arg(&rootfs))?;
+    let config = json(&blob(
+        &layout,
+        manifest["config"]["digest"].as_str().context("no config")?,
+    ))?;
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .context("no layer")?;
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(blob(&layout, layer))
+        .arg("-C")
+        .arg(&rootfs))?;
     ensure!(
         !rootfs.join("bin/sh").exists() && !rootfs.join("usr/bin").exists(),
         "the image holds more than the binary and its libraries"
     );
-    let entrypoint = config["config"]["Entrypoint"][0].as_str().context("no entrypoint")?;
-    run(Command::new("chroot").arg(&rootfs).arg(entrypoint).arg("--version"))
+    let entrypoint = config["config"]["Entrypoint"][0]
+        .as_str()
+        .context("no entrypoint")?;
+    run(Command::new("chroot")
+        .arg(&rootfs)
+        .arg(entrypoint)
+        .arg("--version"))
 }
 
 #[test]
@@ -84,13 +106,15 @@ fn images_are_reproducible_readable_and_self_contained() -> Result<()> {
         let reference = format!("oci-archive:{}", archive.display());
         let inspected: serde_json::Value =
             serde_json::from_str(&run(Command::new("skopeo").args(["inspect", &reference]))?)?;
-        println!("{name}: {} ({} layer)", inspected["Digest"], inspected["Layers"].as_array().map_or(0, Vec::len));
+        println!(
+            "{name}: {} ({} layer)",
+            inspected["Digest"],
+            inspected["Layers"].as_array().map_or(0, Vec::len)
+        );
         ensure!(inspected["Architecture"] == "amd64" && inspected["Os"] == "linux");
-        let config: serde_json::Value = serde_json::from_str(&run(Command::new("skopeo").args([
-            "inspect",
-            "--config",
-            &reference,
-        ]))?)?;
+        let config: serde_json::Value = serde_json::from_str(&run(
+            Command::new("skopeo").args(["inspect", "--config", &reference])
+        )?)?;
         let user = config["config"]["User"].as_str().unwrap_or("");
         ensure!(
             user == "65532:65532" || name == "tessera-agent",

@@ -342,7 +342,10 @@ impl Run {
             let got = self
                 .kernel
                 .ingress_allows(model::ip(src_addr), model::ip(dst_addr), port);
-            let (a, b) = (m.ingress(src, dst, port, before), m.ingress(src, dst, port, unix_now()));
+            let (a, b) = (
+                m.ingress(src, dst, port, before),
+                m.ingress(src, dst, port, unix_now()),
+            );
             judge("ingress", (src, dst, dst_addr.0, port), steady(a, b), got);
         }
         let calls: Vec<_> = egress
@@ -353,7 +356,10 @@ impl Run {
         let verdicts = self.kernel.connects(&calls);
         let after = unix_now();
         for ((_, src, dst_addr, dst, port), got) in egress.into_iter().zip(verdicts) {
-            let (a, b) = (m.egress(src, dst, port, before), m.egress(src, dst, port, after));
+            let (a, b) = (
+                m.egress(src, dst, port, before),
+                m.egress(src, dst, port, after),
+            );
             let want = steady(a, b);
             let case = (src, dst, dst_addr.0, port);
             let allowed = got.admitted && !got.held;
