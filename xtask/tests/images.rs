@@ -120,6 +120,9 @@ fn images_are_reproducible_readable_and_self_contained() -> Result<()> {
             user == "65532:65532" || name == "tessera-agent",
             "{name} runs as {user:?}, not as a non-root user"
         );
+        // A copy reads every blob, layers included, and checks its digest.
+        let copy = dir.path().join(format!("{name}.copy"));
+        run(Command::new("skopeo").args(["copy", &reference, &format!("dir:{}", copy.display())]))?;
         let version = run_from_layer(&archive, &dir.path().join(name))?;
         ensure!(
             version.contains(name) && version.contains(env!("CARGO_PKG_VERSION")),
