@@ -50,6 +50,9 @@ pub struct Options {
     pub out: PathBuf,
     /// Repository prefix of the image names (`<prefix>/<binary>:<version>`).
     pub registry: String,
+    /// Package the binaries already in the profile's target directory
+    /// instead of building them first.
+    pub no_build: bool,
 }
 
 /// An archive written, and the digest of its image manifest.
@@ -63,13 +66,16 @@ pub struct Built {
     pub digest: String,
 }
 
-/// Builds the binaries with `opts.profile` and writes one archive per image.
+/// Builds the binaries with `opts.profile` (unless `opts.no_build`) and
+/// writes one archive per image.
 pub fn build(repo: &Path, opts: &Options) -> Result<Vec<Built>> {
-    let mut args = vec!["build", "--profile", opts.profile.as_str()];
-    for spec in &SPECS {
-        args.extend(["--bin", spec.binary]);
+    if !opts.no_build {
+        let mut args = vec!["build", "--profile", opts.profile.as_str()];
+        for spec in &SPECS {
+            args.extend(["--bin", spec.binary]);
+        }
+        crate::cargo(&args, &[])?;
     }
-    crate::cargo(&args, &[])?;
     let dir = if opts.profile == "dev" {
         "debug"
     } else {

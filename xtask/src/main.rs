@@ -88,6 +88,9 @@ enum Task {
         /// Repository prefix of the image names.
         #[arg(long, default_value = "localhost/tessera")]
         registry: String,
+        /// Package the binaries already built for the profile.
+        #[arg(long)]
+        no_build: bool,
     },
     /// Run one benchmark family and write target/bench/<name>.json.
     Bench {
@@ -140,6 +143,7 @@ fn main() -> Result<()> {
             profile,
             out,
             registry,
+            no_build,
         } => {
             // The agent and operator link the eBPF programs (clang-16).
             deps::ensure()?;
@@ -148,6 +152,7 @@ fn main() -> Result<()> {
                 profile,
                 out,
                 registry,
+                no_build,
             };
             images::build(&repo_root(), &opts).map(|_| ())
         }

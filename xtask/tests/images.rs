@@ -1,8 +1,8 @@
 //! `cargo xtask images` writes OCI archives that a registry client reads,
 //! with the same digests every time for the same binaries, and whose layer
-//! alone runs the binary (no shell, no libraries from the host). Uses the
-//! debug binaries the test run already built (the packaging is the same
-//! for release ones). Needs root (chroot) and skopeo (`cargo xtask deps`);
+//! alone runs the binary (no shell, no libraries from the host). Packages
+//! the debug binaries `cargo xtask test` built before the tests (the
+//! packaging is the same for release ones). Needs root (chroot) and skopeo (`cargo xtask deps`);
 //! fails, never skips, without them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -15,7 +15,7 @@ const BINARIES: [&str; 3] = ["tessera-operator", "tessera-agent", "tessera-waypo
 
 fn images(out: &Path) -> Result<()> {
     let status = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["images", "--profile", "dev", "--out"])
+        .args(["images", "--profile", "dev", "--no-build", "--out"])
         .arg(out)
         .status()
         .context("running xtask images")?;
