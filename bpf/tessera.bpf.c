@@ -274,12 +274,9 @@ static __always_inline __u32 policy(__u32 shapes, __u32 local, __u32 remote, __u
 	return TS_REASON_ALLOW_POLICY;
 }
 
-/* Whether the agents authenticated `local` with `remote` (on remote->node)
- * for the endpoints' current generations, and not expired at `now`
- * (CLOCK_MONOTONIC ns): a TS_REASON_*. */
-static __always_inline __u32 authenticated(const struct ts_endpoint *local,
-					   const struct ts_endpoint *remote, __u64 now,
-					   __u64 *expires)
+/* The ts_auth / ts_auth_failed / ts_ev_last key of `local` with `remote`. */
+static __always_inline struct ts_auth_key auth_key_of(const struct ts_endpoint *local,
+						      const struct ts_endpoint *remote)
 {
 	struct ts_auth_key key = {
 		.local = local->id,
@@ -287,6 +284,18 @@ static __always_inline __u32 authenticated(const struct ts_endpoint *local,
 		.remote_node = remote->node,
 		.pad = 0,
 	};
+
+	return key;
+}
+
+/* Whether the agents authenticated `local` with `remote` (on remote->node)
+ * for the endpoints' current generations, and not expired at `now`
+ * (CLOCK_MONOTONIC ns): a TS_REASON_*. */
+static __always_inline __u32 authenticated(const struct ts_endpoint *local,
+					   const struct ts_endpoint *remote, __u64 now,
+					   __u64 *expires)
+{
+	struct ts_auth_key key = auth_key_of(local, remote);
 	struct ts_auth_value *a;
 	__u32 zero = 0;
 	__u64 *epoch;
@@ -312,12 +321,7 @@ static __always_inline __u32 authenticated(const struct ts_endpoint *local,
 static __always_inline int handshake_failed(const struct ts_endpoint *local,
 					    const struct ts_endpoint *remote, __u64 now)
 {
-	struct ts_auth_key key = {
-		.local = local->id,
-		.remote = remote->id,
-		.remote_node = remote->node,
-		.pad = 0,
-	};
+	struct ts_auth_key key = auth_key_of(local, remote);
 	struct ts_auth_failure *f = bpf_map_lookup_elem(&ts_auth_failed, &key);
 
 	return f && f->local_gen == local->gen && f->remote_gen == remote->gen &&
@@ -330,12 +334,7 @@ static __always_inline void report(const struct ts_endpoint *local,
 				   const struct ts_endpoint *remote, __u16 port, __u8 proto,
 				   __u32 reason)
 {
-	struct ts_auth_key key = {
-		.local = local->id,
-		.remote = remote->id,
-		.remote_node = remote->node,
-		.pad = 0,
-	};
+	struct ts_auth_key key = auth_key_of(local, remote);
 	struct ts_auth_event ev = {
 		.local = local->id,
 		.remote = remote->id,
@@ -982,15 +981,16 @@ static __always_inline __u32 recheck(struct ts_conn *c, const struct ts_ip_key *
 			return TS_REASON_DENY_ENDPOINT_CHANGED;
 		local = *ep;
 	} else {
+		int unknown_pod = (c->flags & TS_CONN_HELD) && c->local.id == TS_ID_UNKNOWN;
+
 		local = lookup_ip(local_key, &known);
-		if (!known && (c->flags & TS_CONN_HELD) && c->local.id == TS_ID_UNKNOWN)
+		if (!known)
 			/* Made before its pod was known, and still not known by
 			 * its address: not the data path's to judge. */
-			return TS_REASON_PASS_UNMANAGED;
-		if (!known)
-			return TS_REASON_DENY_ENDPOINT_CHANGED;
+			return unknown_pod ? TS_REASON_PASS_UNMANAGED
+					   : TS_REASON_DENY_ENDPOINT_CHANGED;
 		/* Its pod is known now: the connection is that pod's. */
-		if ((c->flags & TS_CONN_HELD) && c->local.id == TS_ID_UNKNOWN)
+		if (unknown_pod)
 			c->local = local;
 	}
 	if (!same_endpoint(&local, &c->local))

@@ -259,18 +259,10 @@ impl DataPlane {
         svid_not_after: Option<i64>,
         started_in: u64,
     ) -> bool {
-        let (Some((local, local_gen)), Some((remote, remote_gen)), Some(node)) = (
-            view.identity_on(&auth.local, &view.local_node),
-            view.identity_on(&auth.remote, &auth.remote_node),
-            view.nodes.get(&auth.remote_node),
-        ) else {
+        let Some((key, local_gen, remote_gen)) =
+            view.pair_key(&auth.local, &auth.remote, &auth.remote_node)
+        else {
             return false;
-        };
-        let key = AuthKey {
-            local,
-            remote,
-            remote_node: node,
-            pad: 0,
         };
         let entry = Entry {
             key,
@@ -321,18 +313,10 @@ impl DataPlane {
     /// them, and the next sweep ends those it holds. Nothing is recorded
     /// when `view` does not have both workloads.
     pub fn record_failure(&self, view: &View, pair: &Pair, retry_after: Duration) {
-        let (Some((local, local_gen)), Some((remote, remote_gen)), Some(node)) = (
-            view.identity_on(&pair.local, &view.local_node),
-            view.identity_on(&pair.remote, &pair.remote_node),
-            view.nodes.get(&pair.remote_node),
-        ) else {
+        let Some((key, local_gen, remote_gen)) =
+            view.pair_key(&pair.local, &pair.remote, &pair.remote_node)
+        else {
             return;
-        };
-        let key = AuthKey {
-            local,
-            remote,
-            remote_node: node,
-            pad: 0,
         };
         let value = AuthFailure {
             local_gen,

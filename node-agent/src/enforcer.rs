@@ -477,14 +477,8 @@ impl Inner {
 
 /// The auth map key of `pair` in `view`.
 fn auth_key(view: &View, pair: &Pair) -> Option<AuthKey> {
-    let (local, _) = view.identity_on(&pair.local, &view.local_node)?;
-    let (remote, _) = view.identity_on(&pair.remote, &pair.remote_node)?;
-    Some(AuthKey {
-        local,
-        remote,
-        remote_node: view.nodes.get(&pair.remote_node)?,
-        pad: 0,
-    })
+    view.pair_key(&pair.local, &pair.remote, &pair.remote_node)
+        .map(|(key, _, _)| key)
 }
 
 /// A directory below `root` (at most `depth` levels) whose name contains

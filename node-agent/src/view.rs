@@ -26,7 +26,7 @@ use kube::ResourceExt;
 use tessera_api::crd::auth_policy::{Authentication, PolicyAction};
 use tessera_api::crd::{IdentityPolicySpec, PodIdentity};
 use tessera_api::spiffe::SpiffeId;
-use tessera_bpf::abi::{Endpoint, IpKey};
+use tessera_bpf::abi::{AuthKey, Endpoint, IpKey};
 
 use crate::authcache::Generations;
 
@@ -343,6 +343,26 @@ impl View {
     }
 
     /// The (id, generation) of `spiffe_id` as held by a pod on `node`.
+    /// The auth map key of local workload `local` with `remote` on node
+    /// `remote_node`, and the generations of both now; None when this
+    /// view does not have them there.
+    pub fn pair_key(
+        &self,
+        local: &str,
+        remote: &str,
+        remote_node: &str,
+    ) -> Option<(AuthKey, u64, u64)> {
+        let (local, local_gen) = self.identity_on(local, &self.local_node)?;
+        let (remote, remote_gen) = self.identity_on(remote, remote_node)?;
+        let key = AuthKey {
+            local,
+            remote,
+            remote_node: self.nodes.get(remote_node)?,
+            pad: 0,
+        };
+        Some((key, local_gen, remote_gen))
+    }
+
     pub fn identity_on(&self, spiffe_id: &str, node: &str) -> Option<(u32, u64)> {
         self.pods
             .iter()
