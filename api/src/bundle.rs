@@ -21,7 +21,7 @@ use crate::jwt::{JwkSet, PublicKey};
 /// publishes the bundles of federated trust domains for the node agents:
 /// one key per trust domain (its name), holding that trust domain's bundle
 /// document. Bundles of different trust domains are never merged.
-pub const FEDERATED_CONFIGMAP: &str = "tessera-federated-bundles";
+pub use crate::names::FEDERATED_CONFIGMAP;
 
 /// Largest bundle document read, in bytes.
 pub const MAX_BUNDLE_LEN: usize = 1024 * 1024;

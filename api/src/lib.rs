@@ -6,8 +6,13 @@ pub mod bundle;
 #[cfg(feature = "crd")]
 pub mod crd;
 pub mod duration;
+#[cfg(feature = "crd")]
+pub mod generated;
+#[cfg(feature = "crd")]
+pub mod install;
 #[cfg(feature = "jwt")]
 pub mod jwt;
+pub mod names;
 #[cfg(feature = "probes")]
 pub mod probes;
 #[cfg(feature = "grpc")]

@@ -5,5 +5,4 @@
 
 include!(concat!(env!("OUT_DIR"), "/tessera.signer.v1.rs"));
 
-/// The token audience the signer accepts.
-pub const TOKEN_AUDIENCE: &str = "tessera-signer";
+pub use crate::names::TOKEN_AUDIENCE;

@@ -23,7 +23,7 @@ use tessera_api::spiffe::TrustDomain;
 use crate::identities::IdentityStore;
 
 /// The ConfigMap the operator publishes the bundle in (in its namespace).
-pub const BUNDLE_CONFIGMAP: &str = "tessera-trust-bundle";
+pub const BUNDLE_CONFIGMAP: &str = tessera_api::names::BUNDLE_CONFIGMAP;
 /// The key of that ConfigMap holding the CA certificates, PEM.
 pub const BUNDLE_KEY: &str = "bundle.pem";
 /// The key of that ConfigMap naming the trust domain (`cluster.test`).

@@ -65,8 +65,8 @@ impl CaConfig {
         CaConfig {
             trust_domain,
             namespace: namespace.to_owned(),
-            secret_name: "tessera-ca".to_owned(),
-            bundle_name: "tessera-trust-bundle".to_owned(),
+            secret_name: tessera_api::names::CA_SECRET.to_owned(),
+            bundle_name: tessera_api::names::BUNDLE_CONFIGMAP.to_owned(),
             root_ttl: Duration::from_secs(365 * 24 * 3600),
         }
     }

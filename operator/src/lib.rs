@@ -9,6 +9,7 @@ pub mod ca;
 pub mod federation;
 pub mod fetch;
 pub mod identity;
+pub mod leader_endpoints;
 pub mod metrics;
 pub mod policy;
 pub mod signer;

@@ -17,10 +17,11 @@ use kube_lease_manager::LeaseManagerBuilder;
 use tessera_operator::metrics::{self, Metrics};
 
 use tessera_api::crd::installed::{self, CrdState};
+use tessera_api::names;
 use tessera_api::spiffe::TrustDomain;
 use tessera_operator::ca::{CaConfig, TrustDomainCa};
 use tessera_operator::signer::{self, SignerConfig, SignerService};
-use tessera_operator::{bundle_endpoint, identity, spire_entries};
+use tessera_operator::{bundle_endpoint, identity, leader_endpoints, spire_entries};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, RwLock};
 use tracing::{info, warn};
@@ -208,6 +209,13 @@ struct RunArgs {
     /// server, whose agents issue them; the trust domain must be SPIRE's).
     #[arg(long, value_enum, default_value = "builtin")]
     svid_source: SvidSource,
+    /// This replica's pod (from the downward API). With --pod-ip, the
+    /// leader points the signer's and bundle endpoint's Services at itself.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// This replica's pod address (from the downward API).
+    #[arg(long, env = "POD_IP", requires = "pod_name")]
+    pod_ip: Option<std::net::IpAddr>,
     #[command(flatten)]
     spire: SpireArgs,
 }
@@ -338,6 +346,47 @@ struct Leading {
     release_grace: Duration,
     endpoint: EndpointArgs,
     spire: Option<spire_entries::SpireConfig>,
+    /// This replica, when it runs as a pod whose Services it backs.
+    replica: Option<leader_endpoints::Replica>,
+}
+
+impl Leading {
+    /// The Services the leader backs: the signer's, and the bundle
+    /// endpoint's when it is served.
+    fn services(&self) -> Vec<leader_endpoints::LeaderService> {
+        let signer = leader_endpoints::LeaderService {
+            name: names::SIGNER_SERVICE,
+            port: self.signer_addr.port(),
+        };
+        let endpoint = self
+            .endpoint
+            .spiffe_addr
+            .map(|addr| leader_endpoints::LeaderService {
+                name: names::BUNDLE_ENDPOINT_SERVICE,
+                port: addr.port(),
+            });
+        std::iter::once(signer).chain(endpoint).collect()
+    }
+}
+
+/// Points the leader's Services at this replica, retrying until it holds.
+async fn publish_leader_endpoints(client: kube::Client, leading: Arc<Leading>) {
+    let Some(replica) = leading.replica.clone() else {
+        return;
+    };
+    let services = leading.services();
+    loop {
+        match leader_endpoints::publish(&client, &leading.ca.namespace, &services, &replica).await {
+            Ok(()) => {
+                info!(ip = %replica.pod_ip, "the signer and bundle endpoint Services point at this replica");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot point the Services at the leader; retrying in 5s");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
 }
 
 /// Where and how the bundle endpoint is served.
@@ -505,6 +554,7 @@ async fn lead(
         })
     });
     let signing = tokio::spawn(run_signer(client.clone(), leading.clone(), ca, rotated));
+    let pointing = tokio::spawn(publish_leader_endpoints(client.clone(), leading.clone()));
     let (stop_policy, policy_stopped) = tokio::sync::oneshot::channel::<()>();
     let preview = Arc::new(tessera_operator::policy::Preview::default());
     let policies = tokio::spawn(tessera_operator::policy::run(
@@ -555,6 +605,7 @@ async fn lead(
         registering.abort();
     }
     signing.abort();
+    pointing.abort();
     Ok(result?)
 }
 
@@ -576,6 +627,8 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         bundle_endpoint_web_key,
         bundle_refresh_hint_seconds,
         svid_source,
+        pod_name,
+        pod_ip,
         spire,
     } = args;
     let spire = match svid_source {
@@ -602,8 +655,8 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         },
         signer_addr,
         signer_dns: vec![
-            "tessera-signer".to_owned(),
-            format!("tessera-signer.{namespace}.svc"),
+            names::SIGNER_SERVICE.to_owned(),
+            format!("{}.{namespace}.svc", names::SIGNER_SERVICE),
         ],
         release_grace: Duration::from_secs(identity_release_grace_seconds),
         endpoint: EndpointArgs {
@@ -619,6 +672,9 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             refresh_hint: Duration::from_secs(bundle_refresh_hint_seconds),
         },
         spire,
+        replica: pod_name
+            .zip(pod_ip)
+            .map(|(pod_name, pod_ip)| leader_endpoints::Replica { pod_name, pod_ip }),
     });
     let metrics = Arc::new(Metrics::default());
     let (bound, _server) = metrics::serve(metrics_addr, metrics.clone())
@@ -626,7 +682,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         .with_context(|| format!("cannot listen on --metrics-addr {metrics_addr}"))?;
     info!(%bound, "serving /metrics, /healthz and /readyz");
 
-    let manager = LeaseManagerBuilder::new(client.clone(), "tessera-operator")
+    let manager = LeaseManagerBuilder::new(client.clone(), names::OPERATOR)
         .with_namespace(namespace)
         .with_duration(lease_duration.max(2))
         .with_grace((lease_duration / 3).max(1))

@@ -363,12 +363,17 @@ impl SimCluster {
     /// Reports the pod of `spec` running with its address (what the kubelet
     /// does once the pod's sandbox, cgroup and network are set up).
     async fn set_running(&self, spec: PodSpec<'_>) {
+        self.set_status(spec, "Running").await;
+    }
+
+    /// Reports the pod of `spec` in `phase` with its address.
+    async fn set_status(&self, spec: PodSpec<'_>, phase: &str) {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), spec.namespace);
         pods.patch_status(
             spec.name,
             &PatchParams::default(),
             &Patch::Merge(serde_json::json!({"status": {
-                "phase": "Running", "podIP": spec.ip,
+                "phase": phase, "podIP": spec.ip,
                 "podIPs": std::iter::once(spec.ip).chain(spec.ip6)
                     .map(|ip| serde_json::json!({"ip": ip})).collect::<Vec<_>>(),
                 "hostIP": self.node_ip(spec.node)
@@ -394,8 +399,11 @@ impl SimCluster {
     /// its stdin at that instant). The process first prints a line when it
     /// is ready (its runtime loaded), which this waits for: the status says
     /// Running no earlier. `startup` passes between the sandbox and that
-    /// status, as a kubelet takes to start the pod's containers (zero:
-    /// Running as soon as the sandbox and the process are there).
+    /// status, as a kubelet takes to start the pod's containers; meanwhile
+    /// the status says Pending with the sandbox's address, as a kubelet
+    /// reports it while the containers are created (zero: one status,
+    /// Running with the address, as soon as the sandbox and the process are
+    /// there).
     pub async fn pod_running(
         &self,
         spec: PodSpec<'_>,
@@ -416,7 +424,10 @@ impl SimCluster {
             .ok();
             process.0.stdout = out;
         }
-        tokio::time::sleep(startup).await;
+        if !startup.is_zero() {
+            self.set_status(spec, "Pending").await;
+            tokio::time::sleep(startup).await;
+        }
         self.set_running(spec).await;
         let running = std::time::Instant::now();
         if let Some(stdin) = process.0.stdin.as_mut() {

@@ -303,6 +303,26 @@ impl ControlPlane {
         Ok(kube::Client::try_from(config)?)
     }
 
+    /// Writes a kubeconfig that authenticates with bearer `token` (a
+    /// service account's, say) to `<dir>/kubeconfig-<name>`; its path.
+    pub fn kubeconfig_with_token(&self, name: &str, token: &str) -> Result<PathBuf> {
+        let admin = std::fs::read_to_string(&self.kubeconfig)?;
+        let users_at = admin
+            .find("users:\n")
+            .context("the admin kubeconfig has no users")?;
+        let contexts_at = admin
+            .find("contexts:\n")
+            .context("the admin kubeconfig has no contexts")?;
+        let text = format!(
+            "{}users:\n- name: admin\n  user:\n    token: {token}\n{}",
+            &admin[..users_at],
+            &admin[contexts_at..]
+        );
+        let path = self.dir.path().join(format!("kubeconfig-{name}"));
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
     /// Path of a kubeconfig for the admin identity.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig

@@ -33,14 +33,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Regenerate crds/*.yaml from the Rust types (or, with --check, fail on drift).
-    Crds {
-        /// Compare instead of writing; exit non-zero when crds/ differs from the types.
+    /// Regenerate crds/ and deploy/ from the Rust code (or, with --check,
+    /// fail on drift).
+    Generate {
+        /// Compare instead of writing; exit non-zero when a file differs
+        /// from what the code generates.
         #[arg(long)]
         check: bool,
-        /// The directory to write or check (default: the repository's crds/).
+        /// The directory holding crds/ and deploy/ (default: the repository).
         #[arg(long)]
-        dir: Option<PathBuf>,
+        root: Option<PathBuf>,
     },
     /// Install the Debian packages and check the Go toolchain the tests need.
     Deps,
@@ -126,7 +128,7 @@ mod tests {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.task {
-        Task::Crds { check, dir } => crds(check, &dir.unwrap_or_else(crds_dir)),
+        Task::Generate { check, root } => generate(check, &root.unwrap_or_else(repo_root)),
         Task::Deps => deps::ensure(),
         Task::Testbin => testbin().map(|_| ()),
         Task::Test {
@@ -172,17 +174,23 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn crds_dir() -> PathBuf {
-    repo_root().join("crds")
-}
-
-fn crds(check: bool, dir: &Path) -> Result<()> {
-    if check {
-        tessera_api::crd::check_dir(dir)?;
-        println!("{} matches the Rust types", dir.display());
-    } else {
-        for path in tessera_api::crd::write_dir(dir)? {
-            println!("wrote {}", path.display());
+/// Writes (or, with `check`, compares) the generated directories below
+/// `root`: `crds/` from the CRD types, `deploy/` from `api/src/install`.
+fn generate(check: bool, root: &Path) -> Result<()> {
+    let settings = tessera_api::install::Settings::default();
+    let generated = [
+        ("crds", tessera_api::crd::files()?),
+        ("deploy", tessera_api::install::files(&settings)?),
+    ];
+    for (dir, files) in generated {
+        let dir = root.join(dir);
+        if check {
+            files.check(&dir)?;
+            println!("{} matches {}", dir.display(), files.source_code);
+        } else {
+            for path in files.write(&dir)? {
+                println!("wrote {}", path.display());
+            }
         }
     }
     Ok(())
@@ -303,7 +311,7 @@ fn churn(events: u64, seed: Option<u64>) -> Result<()> {
 
 fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
     prepare()?;
-    crds(true, &crds_dir())?;
+    generate(true, &repo_root())?;
     if !no_lint {
         cargo(&["fmt", "--all", "--", "--check"], &[])?;
     }

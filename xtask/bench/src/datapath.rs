@@ -8,7 +8,11 @@
 //!   process connects once, with no retry, the instant the status says
 //!   Running. Reported: how many such connections were refused (the
 //!   application saw an error), and the added latency of the others (that
-//!   connect minus a plain connect of the same pair right after).
+//!   connect minus a plain connect of the same pair right after). Two
+//!   series: Running in the status that first gives the pod's address
+//!   (the target's case: nothing could be prepared before), and Running
+//!   500 ms after a Pending status with the address, as a kubelet reports
+//!   a pod while its containers are created.
 //! - Policy change to maps: with 1,000 pods in the cluster, the time from
 //!   creating (or deleting) an AuthPolicy until the destination node's
 //!   kernel decides accordingly, observed by running the pinned ingress
@@ -208,7 +212,8 @@ async fn first_connections(cluster: &SimCluster) -> Result<Vec<Figure>> {
     .await?;
     let mut figures = Vec::new();
     // Running as soon as the sandbox is there (the target's case), then
-    // as a kubelet that takes 500 ms to start the containers reports it.
+    // as a kubelet that takes 500 ms to start the containers reports it
+    // (Pending with the address, then Running).
     for (startup, prefix, suffix) in [
         (Duration::ZERO, "client", ""),
         (STARTUP, "late", "_after_500ms_startup"),
