@@ -129,7 +129,7 @@ impl Stores {
         self.records.read(|records| {
             places
                 .iter()
-                .filter_map(|p| PodView::join(p, records.get(p.uid.as_str())?))
+                .filter_map(|p| PodView::join(p, records.get(&*p.uid)?))
                 .collect()
         })
     }
@@ -194,7 +194,7 @@ impl Inner {
             warn!(nodes = ?view.nodes.collisions, "node names with the same data-path index: their pods get no endpoint entries (fail closed)");
         }
         *lock(&self.view) = view.clone();
-        let live: HashSet<&str> = view.local_pods().map(|p| p.uid.as_str()).collect();
+        let live: HashSet<&str> = view.local_pods().map(|p| &*p.uid).collect();
         lock(&self.cgroups).retain(|uid, _| live.contains(uid.as_str()));
         let mut table = IdentityTable::default();
         stores.identities.read(|ids| {
@@ -285,10 +285,10 @@ impl Inner {
                 debug!(pod = %pod.name, "no cgroup found for the pod yet; its external peers stay refused");
                 continue;
             };
-            for ip in &pod.ips {
+            for ip in pod.ips.iter() {
                 wanted.extend(ports.iter().map(|port| external::Want {
-                    uid: pod.uid.clone(),
-                    pod: pod.name.clone(),
+                    uid: pod.uid.to_string(),
+                    pod: pod.name.to_string(),
                     ip: *ip,
                     port: *port,
                     cgroup: cgroup.clone(),
@@ -299,7 +299,11 @@ impl Inner {
         let ctx: external::Context = Arc::new(move |uid: &str| {
             let inner = weak.upgrade()?;
             let view = inner.view();
-            let spiffe_id = view.local_pods().find(|p| p.uid == uid)?.spiffe_id.clone();
+            let spiffe_id = view
+                .local_pods()
+                .find(|p| &*p.uid == uid)?
+                .spiffe_id
+                .clone();
             let spec = lock(&inner.policies)
                 .iter()
                 .find(|p| *p.spiffe_id == *spiffe_id)

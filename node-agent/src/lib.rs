@@ -3,6 +3,7 @@
 //! agent-to-agent handshakes, the auth cache, the policy writer and metrics.
 #![forbid(unsafe_code)]
 
+pub mod arenas;
 pub mod attestation;
 pub mod authcache;
 pub mod bench;

@@ -477,6 +477,8 @@ fn block_on(task: impl std::future::Future<Output = Result<(), String>>) -> Exit
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run(args) => {
+            // Before anything allocates much: on success this does not return.
+            let unbounded = tessera_agent::arenas::limit();
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
@@ -485,6 +487,9 @@ fn main() -> ExitCode {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
+            if let Some(e) = unbounded {
+                tracing::warn!(error = %e, "cannot start again with fewer allocator arenas; memory use may be higher (set GLIBC_TUNABLES=glibc.malloc.arena_max=2)");
+            }
             block_on(async {
                 run(*args)
                     .await

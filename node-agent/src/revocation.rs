@@ -35,7 +35,7 @@ pub enum RevocationError {
 #[derive(Debug, Clone)]
 pub struct Pod {
     /// `namespace/name`, for logs.
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     /// Its cgroup (to reach its network namespace).
     pub cgroup: PathBuf,
 }

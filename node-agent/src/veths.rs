@@ -49,28 +49,28 @@ pub enum VethError {
 #[derive(Debug, Clone)]
 pub struct Want {
     /// The pod's UID.
-    pub uid: String,
+    pub uid: std::sync::Arc<str>,
     /// `namespace/name`, for logs.
-    pub pod: String,
+    pub pod: std::sync::Arc<str>,
     /// Its cgroup (to reach its network namespace).
     pub cgroup: PathBuf,
     /// Its addresses.
-    pub ips: Box<[IpAddr]>,
+    pub ips: std::sync::Arc<[IpAddr]>,
 }
 
 #[derive(Debug)]
 struct Checked {
     ifindex: u32,
-    ips: Box<[IpAddr]>,
+    ips: std::sync::Arc<[IpAddr]>,
     inode: u64,
 }
 
 /// The veths checked for this node's pods.
 #[derive(Debug, Default)]
 pub struct Veths {
-    checked: Mutex<HashMap<String, Checked>>,
+    checked: Mutex<HashMap<std::sync::Arc<str>, Checked>>,
     /// The last reason each wanted pod's veth could not be checked.
-    failing: Mutex<HashMap<String, String>>,
+    failing: Mutex<HashMap<std::sync::Arc<str>, String>>,
     /// Whether what a previous agent left in the maps was swept.
     swept: Mutex<bool>,
 }
@@ -115,12 +115,12 @@ impl Veths {
                 }
             }
         }
-        let keep: HashSet<&str> = wanted.iter().map(|w| w.uid.as_str()).collect();
-        let gone: Vec<(String, Checked)> = {
+        let keep: HashSet<&str> = wanted.iter().map(|w| &*w.uid).collect();
+        let gone: Vec<(std::sync::Arc<str>, Checked)> = {
             let mut checked = lock(&self.checked);
-            let uids: Vec<String> = checked
+            let uids: Vec<std::sync::Arc<str>> = checked
                 .keys()
-                .filter(|u| !keep.contains(u.as_str()))
+                .filter(|u| !keep.contains(&***u))
                 .cloned()
                 .collect();
             uids.into_iter()

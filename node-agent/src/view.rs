@@ -33,15 +33,15 @@ use crate::authcache::Generations;
 /// What the data path needs to know about one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodView {
-    /// The pod's UID.
-    pub uid: String,
-    /// `namespace/name`, for logs.
-    pub name: String,
+    /// The pod's UID (shared with its [`PodPlace`]).
+    pub uid: Arc<str>,
+    /// `namespace/name`, for logs (shared with its [`PodPlace`]).
+    pub name: Arc<str>,
     /// The node it runs on (shared: see [`crate::intern`]).
     pub node: Arc<str>,
     /// Its addresses (none before it has one, and none for a pod on the
-    /// host network).
-    pub ips: Box<[IpAddr]>,
+    /// host network; shared with its [`PodPlace`]).
+    pub ips: Arc<[IpAddr]>,
     /// Its node's address, where that node's agent listens.
     pub host_ip: Option<IpAddr>,
     /// Its SPIFFE ID (shared: see [`crate::intern`]).
@@ -60,14 +60,14 @@ pub struct PodView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodPlace {
     /// The pod's UID.
-    pub uid: String,
+    pub uid: Arc<str>,
     /// `namespace/name`, for logs.
-    pub name: String,
+    pub name: Arc<str>,
     /// The node it runs on (shared: see [`crate::intern`]).
     pub node: Arc<str>,
     /// Its addresses, both families (none before it has one, and none for
     /// a pod on the host network: those are its node's).
-    pub ips: Box<[IpAddr]>,
+    pub ips: Arc<[IpAddr]>,
     /// Its node's address.
     pub host_ip: Option<IpAddr>,
     /// Being deleted.
@@ -94,17 +94,17 @@ pub fn pod_place(pod: &Pod) -> Option<PodPlace> {
     let node = crate::intern::intern(pod.spec.as_ref()?.node_name.as_deref()?);
     let status = pod.status.as_ref();
     let host_network = pod.spec.as_ref()?.host_network == Some(true);
-    let ips = if host_network {
-        Box::default()
+    let ips: Arc<[IpAddr]> = if host_network {
+        Arc::new([])
     } else {
-        status.map(pod_ips).unwrap_or_default()
+        status.map(pod_ips).unwrap_or_else(|| Arc::new([]))
     };
     let host_ip = status
         .and_then(|s| s.host_ip.as_deref())
         .and_then(|ip| ip.parse().ok());
     Some(PodPlace {
-        uid: pod.metadata.uid.clone()?,
-        name: format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()),
+        uid: pod.metadata.uid.as_deref()?.into(),
+        name: format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()).into(),
         node,
         ips,
         host_ip,
@@ -119,7 +119,7 @@ pub fn pod_place(pod: &Pod) -> Option<PodPlace> {
 
 /// Every address of a pod's status: `podIPs` (one per family), or `podIP`
 /// where a status has no list; unparsable entries are left out.
-fn pod_ips(status: &k8s_openapi::api::core::v1::PodStatus) -> Box<[IpAddr]> {
+fn pod_ips(status: &k8s_openapi::api::core::v1::PodStatus) -> Arc<[IpAddr]> {
     let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
     let mut ips: Vec<IpAddr> = listed
         .chain(status.pod_ip.as_deref())
@@ -128,7 +128,7 @@ fn pod_ips(status: &k8s_openapi::api::core::v1::PodStatus) -> Box<[IpAddr]> {
         .collect();
     ips.sort();
     ips.dedup();
-    ips.into_boxed_slice()
+    ips.into()
 }
 
 /// The identity a well-formed record names; None for one the data path
@@ -311,10 +311,10 @@ impl View {
     pub fn ip_endpoints(&self) -> BTreeMap<[u8; 16], Endpoint> {
         let mut winner: BTreeMap<[u8; 16], &PodView> = BTreeMap::new();
         fn rank(p: &PodView) -> (bool, i64, &str) {
-            (!p.terminating, p.created, p.uid.as_str())
+            (!p.terminating, p.created, &*p.uid)
         }
         for pod in self.pods.iter().map(Arc::as_ref) {
-            for ip in &pod.ips {
+            for ip in pod.ips.iter() {
                 let key = IpKey::from(*ip).addr;
                 if winner.get(&key).is_none_or(|w| rank(w) < rank(pod)) {
                     winner.insert(key, pod);
@@ -469,9 +469,9 @@ mod tests {
     fn pod(uid: &str, node: &str, ip: &str, id: &str, num: u32, generation: u64) -> PodView {
         PodView {
             uid: uid.into(),
-            name: format!("shop/{uid}"),
+            name: format!("shop/{uid}").into(),
             node: node.into(),
-            ips: Box::new([ip.parse().unwrap()]),
+            ips: std::sync::Arc::new([ip.parse().unwrap()]),
             host_ip: Some(
                 if node == "a" {
                     "198.18.0.1"

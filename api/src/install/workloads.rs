@@ -147,6 +147,9 @@ pub fn agent_daemonset(settings: &Settings) -> Value {
     ]);
     let env = json!([
         {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        // Two allocator arenas (the agent sets this itself when it is
+        // missing, by starting again; see tessera_agent::arenas).
+        {"name": "GLIBC_TUNABLES", "value": "glibc.malloc.arena_max=2"},
     ]);
     let container = json!({
         "name": "agent",

@@ -119,7 +119,7 @@ impl Kernel {
         let cgroups = &self.cgroups;
         self.plane()
             .apply(&model.view(), &model.table(), &specs, &mut |p: &PodView| {
-                cgroups.get(&p.uid).map(|c| c.1)
+                cgroups.get(&*p.uid).map(|c| c.1)
             })
             .unwrap();
         let gone: Vec<String> = self

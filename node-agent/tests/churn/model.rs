@@ -252,8 +252,8 @@ impl Model {
             let (id, generation) = self.ids[&p.spiffe];
             let node_ip = NODES.iter().position(|n| *n == p.node).unwrap_or(0) as u8 + 1;
             PodView {
-                uid: uid.clone(),
-                name: uid.clone(),
+                uid: uid.as_str().into(),
+                name: uid.as_str().into(),
                 node: p.node.as_str().into(),
                 ips: p.addrs().map(ip).collect(),
                 host_ip: Some(IpAddr::V4(Ipv4Addr::new(198, 18, 0, node_ip))),

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
+use tessera_bpf::abi::Reason;
 use tessera_bpf::datapath::Datapath;
 use tessera_bpf::packets::{self, SYN, TCP};
 use tessera_tests::cluster::{AgentLaunch, PodSpec, SimCluster};
@@ -223,6 +224,7 @@ async fn first_connections(cluster: &SimCluster) -> Result<Vec<Figure>> {
             startup.as_millis()
         );
         let mut firsts = Firsts::default();
+        let before = counters(cluster)?;
         for i in 0..FIRST_CONNECTIONS {
             let name = format!("{prefix}-{i}");
             let ip = format!(
@@ -238,9 +240,39 @@ async fn first_connections(cluster: &SimCluster) -> Result<Vec<Figure>> {
             println!("{name}: {}", line.trim().replace('\n', "; "));
             firsts.add(&name, &line)?;
         }
+        print_counter_changes(&before, &counters(cluster)?);
         figures.extend(firsts.figures(suffix, startup.is_zero()));
     }
     Ok(figures)
+}
+
+/// Every decision counter of both nodes' data paths: (node, reason, count).
+fn counters(cluster: &SimCluster) -> Result<Vec<(&'static str, Reason, u64)>> {
+    let mut all = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let mut dp = live(cluster, node)?;
+        for reason in Reason::ALL {
+            all.push((node, reason, dp.counter(reason)?));
+        }
+    }
+    Ok(all)
+}
+
+/// What the data paths decided during a series, by node and reason.
+fn print_counter_changes(
+    before: &[(&'static str, Reason, u64)],
+    after: &[(&'static str, Reason, u64)],
+) {
+    let changes: Vec<String> = before
+        .iter()
+        .zip(after)
+        .filter(|(b, a)| a.2 > b.2)
+        .map(|(b, a)| format!("{} {} +{}", a.0, a.1.label(), a.2 - b.2))
+        .collect();
+    println!(
+        "data-path decisions during the series: {}",
+        changes.join(", ")
+    );
 }
 
 /// One new client pod `name` at `client_ip`, of a new identity, created
