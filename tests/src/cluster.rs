@@ -399,11 +399,11 @@ impl SimCluster {
     /// its stdin at that instant). The process first prints a line when it
     /// is ready (its runtime loaded), which this waits for: the status says
     /// Running no earlier. `startup` passes between the sandbox and that
-    /// status, as a kubelet takes to start the pod's containers; meanwhile
-    /// the status says Pending with the sandbox's address, as a kubelet
-    /// reports it while the containers are created (zero: one status,
-    /// Running with the address, as soon as the sandbox and the process are
-    /// there).
+    /// status; meanwhile the status says Pending with the sandbox's
+    /// address, as a kubelet reports a pod whose init containers run first
+    /// (zero: one status, Running with the address, as soon as the sandbox
+    /// and the process are there: a kubelet's usual first status with an
+    /// address).
     pub async fn pod_running(
         &self,
         spec: PodSpec<'_>,

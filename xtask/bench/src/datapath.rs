@@ -10,9 +10,10 @@
 //!   application saw an error), and the added latency of the others (that
 //!   connect minus a plain connect of the same pair right after). Two
 //!   series: Running in the status that first gives the pod's address
-//!   (the target's case: nothing could be prepared before), and Running
-//!   500 ms after a Pending status with the address, as a kubelet reports
-//!   a pod while its containers are created.
+//!   (the target's case, and a kubelet's usual one: it reports the
+//!   sandbox's address in the first status after the containers started),
+//!   and Running 500 ms after a Pending status with the address, as a
+//!   kubelet reports a pod whose init containers run first.
 //! - Policy change to maps: with 1,000 pods in the cluster, the time from
 //!   creating (or deleting) an AuthPolicy until the destination node's
 //!   kernel decides accordingly, observed by running the pinned ingress
@@ -213,8 +214,7 @@ async fn first_connections(cluster: &SimCluster) -> Result<Vec<Figure>> {
     .await?;
     let mut figures = Vec::new();
     // Running as soon as the sandbox is there (the target's case), then
-    // as a kubelet that takes 500 ms to start the containers reports it
-    // (Pending with the address, then Running).
+    // Pending with the address 500 ms before Running (init containers).
     for (startup, prefix, suffix) in [
         (Duration::ZERO, "client", ""),
         (STARTUP, "late", "_after_500ms_startup"),
