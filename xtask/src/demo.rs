@@ -102,7 +102,19 @@ pub async fn run() -> Result<()> {
     let dir = cp.dir().to_path_buf();
     cp.stop();
     println!("stopped; {} removed: {}", dir.display(), !dir.exists());
+    print_install();
     Ok(())
+}
+
+/// How to install Tessera on a real cluster, from this checkout.
+fn print_install() {
+    println!(
+        "\nTo install Tessera on a cluster (see the README's install section and deploy/RBAC.md):\n\
+         \x20 cargo xtask images        # target/images/*.oci.tar: import them on the nodes or push them\n\
+         \x20 kubectl apply --server-side -f deploy/namespace.yaml\n\
+         \x20 kubectl apply --server-side -k deploy/\n\
+         An OLM bundle for OperatorHub is not there yet."
+    );
 }
 
 /// Pods for the identity step: one picked by the `payments` sample
