@@ -38,11 +38,35 @@ pub struct ControlPlane {
     ports: (u16, u16),
 }
 
-/// A loopback TCP port free right now.
+/// A loopback TCP port free right now, that no other call in this process
+/// returned, and below the kernel's ephemeral range: the ports the kernel
+/// hands to `bind(0)` and outgoing connections come from that range, so a
+/// port given here is not taken by another test's listener or client
+/// before its process binds it (seen in CI: an operator's signer port
+/// taken by another test's socket).
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .context("cannot bind a loopback port to find a free one")?;
-    Ok(listener.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral.max(10_001));
+    let span = high - low;
+    // Processes start at different places, so concurrent test binaries
+    // rarely try the same ports.
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = low + (start + offset) % span;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port between {low} and {high}")
 }
 
 /// The last `lines` lines of a log file, for error messages.
