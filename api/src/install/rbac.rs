@@ -47,12 +47,8 @@ const fn cluster(
     why: &'static str,
 ) -> Grant {
     Grant {
-        group,
-        resources,
-        verbs,
-        names: &[],
         namespaced: false,
-        why,
+        ..local(group, resources, verbs, &[], why)
     }
 }
 

@@ -19,11 +19,10 @@ pub const STATE_DIR: &str = "/var/lib/tessera";
 /// namespaces, host paths, capabilities), which only the `privileged` Pod
 /// Security level admits; the operator's pods would pass `restricted`.
 pub fn namespace() -> Value {
-    let mut labels = labels(&[("pod-security.kubernetes.io/enforce", "privileged")]);
-    labels.insert(
-        "pod-security.kubernetes.io/warn".to_owned(),
-        "privileged".to_owned(),
-    );
+    let labels = labels(&[
+        ("pod-security.kubernetes.io/enforce", "privileged"),
+        ("pod-security.kubernetes.io/warn", "privileged"),
+    ]);
     json!({"apiVersion": "v1", "kind": "Namespace",
            "metadata": {"name": NAMESPACE, "labels": labels}})
 }
@@ -37,6 +36,31 @@ fn probe(path: &str, port: u16, period: u32) -> Value {
     json!({"httpGet": {"path": path, "port": port}, "periodSeconds": period, "failureThreshold": 3})
 }
 
+/// A container of `image` running `args`, with its probes on the
+/// `/healthz` and `/readyz` of `metrics_port`, and the requests and limits
+/// both binaries share.
+fn container(
+    name: &str,
+    image: String,
+    args: Vec<String>,
+    env: Value,
+    ports: Value,
+    metrics_port: u16,
+) -> Value {
+    json!({
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": args,
+        "env": env,
+        "ports": ports,
+        "livenessProbe": probe("/healthz", metrics_port, 10),
+        "readinessProbe": probe("/readyz", metrics_port, 5),
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"},
+                      "limits": {"memory": "256Mi"}},
+    })
+}
+
 /// The operator: its Deployment (two replicas, one leads), the Services of
 /// the signer and the bundle endpoint (whose endpoints the leader writes:
 /// they reach the leader only) and a PodDisruptionBudget.
@@ -48,34 +72,32 @@ pub fn operator(settings: &Settings) -> Vec<Value> {
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "TESSERA_TRUST_DOMAIN", "value": settings.trust_domain},
     ]);
-    let container = json!({
-        "name": "operator",
-        "image": settings.image(OPERATOR),
-        "imagePullPolicy": "IfNotPresent",
-        "args": ["run",
-                 format!("--metrics-addr=0.0.0.0:{OPERATOR_METRICS_PORT}"),
-                 format!("--signer-addr=0.0.0.0:{SIGNER_PORT}"),
-                 format!("--bundle-endpoint-addr=0.0.0.0:{BUNDLE_ENDPOINT_PORT}"),
-                 format!("--agent-service-account={AGENT}")],
-        "env": env,
-        "ports": [
+    let mut container = container(
+        "operator",
+        settings.image(OPERATOR),
+        vec![
+            "run".to_owned(),
+            format!("--metrics-addr=0.0.0.0:{OPERATOR_METRICS_PORT}"),
+            format!("--signer-addr=0.0.0.0:{SIGNER_PORT}"),
+            format!("--bundle-endpoint-addr=0.0.0.0:{BUNDLE_ENDPOINT_PORT}"),
+            format!("--agent-service-account={AGENT}"),
+        ],
+        env,
+        json!([
             {"name": "metrics", "containerPort": OPERATOR_METRICS_PORT},
             {"name": "signer", "containerPort": SIGNER_PORT},
             {"name": "bundle", "containerPort": BUNDLE_ENDPOINT_PORT},
-        ],
-        "livenessProbe": probe("/healthz", OPERATOR_METRICS_PORT, 10),
-        "readinessProbe": probe("/readyz", OPERATOR_METRICS_PORT, 5),
-        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"},
-                      "limits": {"memory": "256Mi"}},
-        "securityContext": {
-            "allowPrivilegeEscalation": false,
-            "readOnlyRootFilesystem": true,
-            "runAsNonRoot": true,
-            "runAsUser": 65532,
-            "runAsGroup": 65532,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        ]),
+        OPERATOR_METRICS_PORT,
+    );
+    container["securityContext"] = json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "runAsNonRoot": true,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
     });
     let deployment = json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -151,46 +173,44 @@ pub fn agent_daemonset(settings: &Settings) -> Value {
         // missing, by starting again; see tessera_agent::arenas).
         {"name": "GLIBC_TUNABLES", "value": "glibc.malloc.arena_max=2"},
     ]);
-    let container = json!({
-        "name": "agent",
-        "image": settings.image(AGENT),
-        "imagePullPolicy": "IfNotPresent",
-        "args": ["run",
-                 format!("--namespace={NAMESPACE}"),
-                 format!("--signer=https://{SIGNER_SERVICE}.{NAMESPACE}.svc:{SIGNER_PORT}"),
-                 format!("--signer-name={SIGNER_SERVICE}.{NAMESPACE}.svc"),
-                 format!("--token-file={AGENT_TOKEN_DIR}/token"),
-                 format!("--socket={SOCKET_DIR}/agent.sock"),
-                 format!("--cgroup-root={}", settings.cgroup_root),
-                 format!("--handshake-addr=0.0.0.0:{HANDSHAKE_PORT}"),
-                 format!("--metrics-addr=0.0.0.0:{AGENT_METRICS_PORT}"),
-                 format!("--state-dir={STATE_DIR}")],
-        "env": env,
-        "ports": [
+    let mut container = container(
+        "agent",
+        settings.image(AGENT),
+        vec![
+            "run".to_owned(),
+            format!("--namespace={NAMESPACE}"),
+            format!("--signer=https://{SIGNER_SERVICE}.{NAMESPACE}.svc:{SIGNER_PORT}"),
+            format!("--signer-name={SIGNER_SERVICE}.{NAMESPACE}.svc"),
+            format!("--token-file={AGENT_TOKEN_DIR}/token"),
+            format!("--socket={SOCKET_DIR}/agent.sock"),
+            format!("--cgroup-root={}", settings.cgroup_root),
+            format!("--handshake-addr=0.0.0.0:{HANDSHAKE_PORT}"),
+            format!("--metrics-addr=0.0.0.0:{AGENT_METRICS_PORT}"),
+            format!("--state-dir={STATE_DIR}"),
+        ],
+        env,
+        json!([
             {"name": "handshake", "containerPort": HANDSHAKE_PORT},
             {"name": "metrics", "containerPort": AGENT_METRICS_PORT},
-        ],
-        "livenessProbe": probe("/healthz", AGENT_METRICS_PORT, 10),
-        "readinessProbe": probe("/readyz", AGENT_METRICS_PORT, 5),
-        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"},
-                      "limits": {"memory": "256Mi"}},
-        "volumeMounts": mounts,
-        "securityContext": {
-            "privileged": false,
-            "allowPrivilegeEscalation": false,
-            "readOnlyRootFilesystem": true,
-            "runAsUser": 0,
-            "capabilities": {
-                "drop": ["ALL"],
-                // BPF, PERFMON: load programs and maps; NET_ADMIN: attach to
-                // cgroups and tc, rtnetlink; SYS_ADMIN: setns into pod
-                // network namespaces, mount bpffs; SYS_PTRACE: open other
-                // processes' /proc/<pid>/ns; SYS_RESOURCE: the memlock limit
-                // on kernels that still charge maps to it.
-                "add": ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"],
-            },
-            "seccompProfile": {"type": "RuntimeDefault"},
+        ]),
+        AGENT_METRICS_PORT,
+    );
+    container["volumeMounts"] = mounts;
+    container["securityContext"] = json!({
+        "privileged": false,
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "runAsUser": 0,
+        "capabilities": {
+            "drop": ["ALL"],
+            // BPF, PERFMON: load programs and maps; NET_ADMIN: attach to
+            // cgroups and tc, rtnetlink; SYS_ADMIN: setns into pod
+            // network namespaces, mount bpffs; SYS_PTRACE: open other
+            // processes' /proc/<pid>/ns; SYS_RESOURCE: the memlock limit
+            // on kernels that still charge maps to it.
+            "add": ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"],
         },
+        "seccompProfile": {"type": "RuntimeDefault"},
     });
     json!({
         "apiVersion": "apps/v1", "kind": "DaemonSet",
