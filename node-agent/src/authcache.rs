@@ -268,6 +268,18 @@ pub struct AuthCache {
 }
 
 /// Only the agent (its user) may read or change the cache.
+/// The store's page cache: sled's default is 1 GiB. The agent reads the
+/// store only when it starts and keeps its entries in memory, so a small
+/// cache costs nothing but bounds the agent's memory.
+const CACHE_BYTES: u64 = 2 << 20;
+
+fn open_db(dir: &Path) -> sled::Result<sled::Db> {
+    sled::Config::new()
+        .path(dir)
+        .cache_capacity(CACHE_BYTES)
+        .open()
+}
+
 fn restrict(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
@@ -338,7 +350,7 @@ impl AuthCache {
                         });
                     }
                 }
-                let db = sled::open(dir).map_err(store)?;
+                let db = open_db(dir).map_err(store)?;
                 let tree = db.open_tree(TREE).map_err(store)?;
                 restrict(dir).map_err(store_io(dir))?;
                 Ok((
@@ -361,7 +373,7 @@ impl AuthCache {
         // sled reports most damage as errors; some damaged files make it
         // panic instead. Either way the store is unusable and is rebuilt.
         let opened = std::panic::catch_unwind(|| {
-            let db = sled::open(dir)?;
+            let db = open_db(dir)?;
             let tree = db.open_tree(TREE)?;
             Ok::<_, sled::Error>((db, tree))
         });

@@ -146,6 +146,7 @@ pub async fn handshakes(
         local_node: "node-a",
         remote_node: "node-b",
         source: None,
+        vouch: &[],
     };
     // Warm up, then measure.
     for _ in 0..20 {

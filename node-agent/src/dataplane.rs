@@ -49,6 +49,11 @@ pub struct Stats {
     /// Connections to the handshake port or a terminator closed at once
     /// because their peer, or the agent, had as many open as allowed.
     pub connections_capped: AtomicU64,
+    /// Local pods whose sandbox addresses this agent found (and vouches
+    /// for) before their status gave them.
+    pub vouched_local: AtomicU64,
+    /// Pods other agents vouched for (kept: the peer spoke for its node).
+    pub vouched_remote: AtomicU64,
     /// The data path's decisions by reason (index: `Reason as usize`),
     /// summed over CPUs, as last read from the kernel's counters.
     pub decisions: [AtomicU64; Reason::ALL.len()],

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Api;
 use tessera_api::crd::{IdentityPolicy, IdentityPolicySpec, NumericIdentity, PodIdentity};
 use tessera_bpf::abi::AuthKey;
@@ -38,6 +38,7 @@ use crate::follow::Compact;
 use crate::handshake::{self, Authenticated, Credentials, HandshakeError, Initiate};
 use crate::identities::IdentityStore;
 use crate::policy::IdentityTable;
+use crate::sandbox::{self, Cidr, Claim, Claims};
 use crate::veths::{self, Veths};
 use crate::view::{Pair, PodPlace, PodRecord, PodView, View, pod_place, pod_record};
 
@@ -116,6 +117,8 @@ struct Stores {
     policies: Compact<IdentityPolicySpec>,
     /// SPIFFE ID, number, generation.
     identities: Compact<(Arc<str>, u32, u64)>,
+    /// Nodes' pod address ranges, by node name.
+    nodes: Compact<Arc<[Cidr]>>,
 }
 
 fn pod_value(pod: &Pod) -> Option<Arc<PodPlace>> {
@@ -132,6 +135,13 @@ impl Stores {
                 .filter_map(|p| PodView::join(p, records.get(&*p.uid)?))
                 .collect()
         })
+    }
+
+    /// The pod ranges of `node`, when its Node object has any.
+    fn ranges(&self, node: &str) -> Option<Arc<[Cidr]>> {
+        self.nodes
+            .read(|nodes| nodes.get(node).cloned())
+            .filter(|r| !r.is_empty())
     }
 }
 
@@ -163,7 +173,16 @@ struct Inner {
     external: External,
     veths: Veths,
     revocation: crate::revocation::Revocation,
+    /// Addresses vouched for pods whose status has none yet.
+    claims: Claims,
+    /// What each pair's last handshake vouched for.
+    announced: Mutex<HashMap<Pair, Vec<Vouch>>>,
+    /// Asks for a pass.
+    wake_pass: tokio::sync::mpsc::Sender<()>,
 }
+
+/// A pod's UID and the addresses vouched for it.
+type Vouch = (Arc<str>, Arc<[std::net::IpAddr]>);
 
 impl Inner {
     fn view(&self) -> Arc<View> {
@@ -189,7 +208,10 @@ impl Inner {
 
     /// Brings endpoints, policy and auth entries in line with the view.
     fn sync(&self, stores: &Stores) -> Result<(), DatapathError> {
-        let view = Arc::new(View::new(&self.cfg.node_name, stores.joined()));
+        let mut pods = stores.joined();
+        self.claims.prune(&pods);
+        self.claims.apply(&mut pods, &|node| stores.ranges(node));
+        let view = Arc::new(View::new(&self.cfg.node_name, pods));
         if !view.nodes.collisions.is_empty() {
             warn!(nodes = ?view.nodes.collisions, "node names with the same data-path index: their pods get no endpoint entries (fail closed)");
         }
@@ -344,7 +366,33 @@ impl Inner {
         // Renew ahead of expiry: REAUTH_MARGIN, or a quarter of the entry's
         // lifetime when that is shorter (short-lived SVIDs).
         let margin = (REAUTH_MARGIN.as_secs() as i64).min((entry.not_after - entry.made) / 4);
-        current && left > margin && !rotated
+        current && left > margin && !rotated && self.vouched_for(pair)
+    }
+
+    /// What a handshake of `pair` vouches for: the addresses of the local
+    /// workload's pods here whose status gives none yet.
+    fn vouch(&self, pair: &Pair) -> Vec<Vouch> {
+        self.claims.of(&self.cfg.node_name, &pair.local)
+    }
+
+    /// Whether the pair's peer has heard of every address to vouch for.
+    fn vouched_for(&self, pair: &Pair) -> bool {
+        let vouch = self.vouch(pair);
+        vouch.is_empty() || lock(&self.announced).get(pair) == Some(&vouch)
+    }
+
+    /// The local pods whose sandboxes may hold addresses their status does
+    /// not give yet.
+    fn pending_sandboxes(&self) -> Vec<sandbox::Pending> {
+        self.view()
+            .local_pods()
+            .filter(|p| (p.ips.is_empty() || p.vouched) && !p.terminating && !p.host_network)
+            .map(|p| sandbox::Pending {
+                uid: p.uid.clone(),
+                name: p.name.clone(),
+                spiffe_id: p.spiffe_id.clone(),
+            })
+            .collect()
     }
 
     /// Starts handshakes for the pairs that need one.
@@ -353,11 +401,61 @@ impl Inner {
         let view = self.view();
         let policies = lock(&self.policies).clone();
         let refs: Vec<&IdentityPolicySpec> = policies.iter().collect();
-        for pair in view.wanted_pairs(&refs) {
+        let wanted = view.wanted_pairs(&refs);
+        lock(&self.announced).retain(|pair, _| wanted.contains(pair));
+        for pair in wanted {
             if creds.holds(&pair.local) && !self.settled(&view, &pair, &creds) {
                 self.spawn_handshake(pair);
             }
         }
+    }
+
+    /// Keeps the addresses a peer agent vouched for (it speaks for
+    /// `knock.remote_node`, already checked) and asks for a pass.
+    fn keep_vouched(&self, knock: &handshake::Knock<'_>) {
+        let node = crate::intern::intern(knock.remote_node);
+        let spiffe_id = crate::intern::intern(knock.remote);
+        let mut changed = false;
+        for v in knock.vouched {
+            let claim = Claim {
+                node: node.clone(),
+                spiffe_id: spiffe_id.clone(),
+                ips: v.ips.clone().into(),
+                at: Instant::now(),
+            };
+            if self.claims.insert(&v.uid, claim) {
+                Stats::bump(&self.plane.stats.vouched_remote);
+                debug!(pod_uid = %v.uid, ips = ?v.ips, node = %knock.remote_node, "addresses vouched for by the pod's node");
+                changed = true;
+            }
+        }
+        if changed {
+            let _ = self.wake_pass.try_send(());
+        }
+    }
+
+    /// Looks into the sandboxes of local pods whose status gives no
+    /// address yet, until it does; asks for a pass when one changed.
+    fn discover_sandboxes(&self, poller: &mut sandbox::Poller, stores: &Stores) -> usize {
+        let pending = self.pending_sandboxes();
+        let due = poller.due(&pending);
+        let Some(ranges) = stores.ranges(&self.cfg.node_name) else {
+            return 0;
+        };
+        if due.is_empty() {
+            return pending.len();
+        }
+        let node = crate::intern::intern(&self.cfg.node_name);
+        let changed = self
+            .claims
+            .discover(&node, &due, &ranges, &|uid| Some(self.cgroup_of(uid)?.0));
+        if !changed.is_empty() {
+            for _ in &changed {
+                Stats::bump(&self.plane.stats.vouched_local);
+            }
+            let _ = self.wake_pass.try_send(());
+        }
+        pending.len()
     }
 
     fn spawn_handshake(self: &Arc<Self>, pair: Pair) {
@@ -401,17 +499,20 @@ impl Inner {
         };
         let addr = SocketAddr::new(host, self.cfg.peer_port);
         let started = Instant::now();
+        let vouch = self.vouch(pair);
         let ask = Initiate {
             local: &pair.local,
             remote: &pair.remote,
             local_node: &self.cfg.node_name,
             remote_node: &pair.remote_node,
             source: Some(self.cfg.listen.ip()).filter(|ip| !ip.is_unspecified()),
+            vouch: &vouch,
         };
         match handshake::initiate(&creds, addr, &ask).await {
             Ok(auth) => {
                 Stats::bump(&self.plane.stats.initiated_ok);
                 lock(&self.failed).remove(pair);
+                lock(&self.announced).insert(pair.clone(), vouch);
                 let recorded = self.record(&auth, epoch);
                 info!(local = %pair.local, remote = %pair.remote, node = %pair.remote_node,
                       took_us = started.elapsed().as_micros() as u64, recorded, "authenticated");
@@ -542,6 +643,7 @@ pub async fn run(
             source,
         })?;
     info!(addr = %cfg.listen, "accepting handshakes");
+    let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
     let inner = Arc::new(Inner {
         cfg,
         plane,
@@ -554,9 +656,11 @@ pub async fn run(
         external: External::new(stats.clone()),
         veths: Veths::default(),
         revocation: Default::default(),
+        claims: Claims::default(),
+        announced: Mutex::default(),
+        wake_pass: tx.clone(),
     });
 
-    let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
     let stores = Stores::default();
     let mut tasks = Vec::new();
     let notify = {
@@ -586,8 +690,16 @@ pub async fn run(
     tasks.push(tokio::spawn(stores.identities.clone().follow(
         Api::<NumericIdentity>::all(client.clone()),
         identity_value,
-        notify,
+        notify.clone(),
         "numericidentities",
+    )));
+    // Not waited for: without the nodes' ranges no address is vouched
+    // for, and pods' statuses give them as before.
+    tasks.push(tokio::spawn(stores.nodes.clone().follow(
+        Api::<Node>::all(client.clone()),
+        sandbox::node_ranges,
+        notify,
+        "nodes",
     )));
 
     // Credentials follow this node's SVIDs and the bundles.
@@ -709,6 +821,7 @@ pub async fn run(
                     let view = inner.view();
                     let admit = |knock: &handshake::Knock<'_>| {
                         if view.is_host_of(knock.remote_node, knock.from.ip()) {
+                            inner.keep_vouched(knock);
                             Ok(())
                         } else {
                             Err(format!(
@@ -777,6 +890,7 @@ pub async fn run(
             })
             .map_err(EnforceError::Thread)?;
     }
+    let sandboxes = spawn_sandbox_discovery(&inner, &stores)?;
     let mut sweep = tokio::time::interval(SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_pass = Instant::now();
@@ -802,6 +916,7 @@ pub async fn run(
         }
         inner.preauthenticate();
         housekeeping.notify_one();
+        sandboxes.notify_one();
     }
     tasks.iter().for_each(|t| t.abort());
     if let Err(e) = inner.plane.flush() {
@@ -809,6 +924,38 @@ pub async fn run(
     }
     info!(stats = %inner.plane.stats.summary(), "data path controller stopped; pinned enforcement stays");
     Ok(())
+}
+
+/// The thread that looks into new local pods' sandboxes for their
+/// addresses (see [`crate::sandbox`]): every few milliseconds while some
+/// pod's status gives none, otherwise after each pass. Its wake-up.
+fn spawn_sandbox_discovery(
+    inner: &Arc<Inner>,
+    stores: &Stores,
+) -> Result<Arc<tokio::sync::Notify>, EnforceError> {
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let inner = Arc::downgrade(inner);
+    let (stores, woken) = (stores.clone(), wake.clone());
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::Builder::new()
+        .name("sandboxes".into())
+        .spawn(move || {
+            let _in_runtime = runtime.enter();
+            let mut poller = sandbox::Poller::default();
+            let mut pending = 0;
+            loop {
+                if pending == 0 {
+                    runtime.block_on(woken.notified());
+                } else {
+                    let nap = sandbox::poll_interval(Duration::ZERO);
+                    let _ = runtime.block_on(tokio::time::timeout(nap, woken.notified()));
+                }
+                let Some(inner) = inner.upgrade() else { break };
+                pending = inner.discover_sandboxes(&mut poller, &stores);
+            }
+        })
+        .map_err(EnforceError::Thread)?;
+    Ok(wake)
 }
 
 fn warn_handshake(e: &HandshakeError, from: SocketAddr) {

@@ -13,17 +13,20 @@
 //!   trust domain (own or federated, never mixed) and the initiator checks
 //!   that the responder's SPIFFE ID is the one it named.
 //!
-//! Inside the tunnel the initiator says which node it speaks for, the
-//! responder admits or refuses it (the agent checks the node against the
-//! connection's source address), and both sides return an
-//! [`Authenticated`] result to record: one handshake, both directions.
-//! Expiry is the earlier of the two certificates' NotAfter.
+//! Inside the tunnel the initiator says which node it speaks for and, for
+//! its workload's pods whose status has no address yet, the addresses it
+//! vouches for ([`Vouched`], see [`crate::sandbox`]); the responder admits
+//! or refuses it (the agent checks the node against the connection's
+//! source address), and both sides return an [`Authenticated`] result to
+//! record: one handshake, both directions. Expiry is the earlier of the
+//! two certificates' NotAfter.
 //!
 //! [`Credentials`] holds the rustls configurations; they are built once per
 //! SVID rotation, never per handshake. Session resumption is off: every
 //! handshake checks both certificates afresh.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,8 +53,19 @@ pub const ALPN: &[u8] = b"tessera-auth/1";
 /// The longest a handshake may take, TCP connect included.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Version byte of the message the initiator sends inside the tunnel.
+/// Version byte of the message the initiator sends inside the tunnel: the
+/// node name alone.
 const HELLO_VERSION: u8 = 1;
+/// The hello with addresses vouched for: a count of [`VOUCH_FRAME`]s to
+/// follow, then the node name. (Sent only with something to vouch for, so
+/// an agent that knows only version 1 is asked in version 1 otherwise.)
+const HELLO_VOUCHING: u8 = 2;
+/// Head byte of a frame vouching for one pod's addresses.
+const VOUCH_FRAME: u8 = 4;
+/// The most pods one hello may vouch for.
+pub const MAX_VOUCHED: usize = 16;
+/// The longest pod UID accepted.
+const MAX_UID: usize = 64;
 
 /// Why a handshake or building the credentials failed.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +127,86 @@ pub struct Authenticated {
     /// When the authentication ends: the earlier NotAfter of the two
     /// certificates, Unix seconds.
     pub not_after: i64,
+}
+
+/// Addresses an initiator vouches for: those of one of its workload's
+/// pods, on its node, whose status gives none yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vouched {
+    /// The pod's UID.
+    pub uid: String,
+    /// Its addresses (at most [`crate::sandbox::MAX_ADDRESSES`]).
+    pub ips: Vec<IpAddr>,
+}
+
+impl Vouched {
+    /// The frame body: the UID's length and bytes, then each address as a
+    /// family byte (4 or 6) and its octets.
+    pub fn encode(uid: &str, ips: &[IpAddr]) -> Vec<u8> {
+        let uid = &uid.as_bytes()[..uid.len().min(MAX_UID)];
+        let mut out = Vec::with_capacity(1 + uid.len() + 17 * ips.len());
+        out.push(uid.len() as u8);
+        out.extend_from_slice(uid);
+        for ip in ips.iter().take(crate::sandbox::MAX_ADDRESSES) {
+            match ip {
+                IpAddr::V4(v4) => {
+                    out.push(4);
+                    out.extend_from_slice(&v4.octets());
+                }
+                IpAddr::V6(v6) => {
+                    out.push(6);
+                    out.extend_from_slice(&v6.octets());
+                }
+            }
+        }
+        out
+    }
+
+    /// Reads a frame body made by [`Vouched::encode`], or says why not.
+    pub fn decode(body: &[u8]) -> Result<Vouched, String> {
+        let (&len, rest) = body.split_first().ok_or("an empty vouching frame")?;
+        let len = usize::from(len);
+        if len == 0 || len > MAX_UID || rest.len() < len {
+            return Err("a vouching frame with a bad UID length".into());
+        }
+        let uid = std::str::from_utf8(&rest[..len])
+            .ok()
+            .filter(|u| u.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+            .ok_or("a pod UID that is not letters, digits and dashes")?;
+        let mut rest = &rest[len..];
+        let mut ips = Vec::new();
+        while let Some((&family, tail)) = rest.split_first() {
+            let (ip, tail) = match family {
+                4 if tail.len() >= 4 => {
+                    let (a, t) = tail.split_at(4);
+                    (
+                        IpAddr::from(<[u8; 4]>::try_from(a).map_err(|_| "short")?),
+                        t,
+                    )
+                }
+                6 if tail.len() >= 16 => {
+                    let (a, t) = tail.split_at(16);
+                    (
+                        IpAddr::from(<[u8; 16]>::try_from(a).map_err(|_| "short")?),
+                        t,
+                    )
+                }
+                _ => return Err("a vouched address of unknown family or cut short".into()),
+            };
+            if ips.len() == crate::sandbox::MAX_ADDRESSES {
+                return Err("too many vouched addresses for one pod".into());
+            }
+            ips.push(ip);
+            rest = tail;
+        }
+        if ips.is_empty() {
+            return Err("a vouching frame without addresses".into());
+        }
+        Ok(Vouched {
+            uid: uid.to_owned(),
+            ips,
+        })
+    }
 }
 
 /// The SNI name that asks a responder for `spiffe_id`'s SVID: the first 20
@@ -695,12 +789,23 @@ pub fn split_frame(bytes: &[u8]) -> Option<(Frame<'_>, &[u8])> {
     (rest.len() >= len).then(|| ((head, &rest[..len]), &rest[len..]))
 }
 
-/// The node name an initiator's hello frame carries, or why it is refused.
-pub fn hello_node(version: u8, body: Vec<u8>) -> Result<String, String> {
-    if version != HELLO_VERSION {
-        return Err(format!("unsupported handshake version {version}"));
+/// An initiator's hello frame: the node it speaks for and how many
+/// vouching frames follow, or why it is refused.
+pub fn read_hello(version: u8, body: &[u8]) -> Result<(String, usize), String> {
+    let (count, node) = match version {
+        HELLO_VERSION => (0, body),
+        HELLO_VOUCHING => {
+            let (&count, node) = body.split_first().ok_or("an empty hello")?;
+            (usize::from(count), node)
+        }
+        _ => return Err(format!("unsupported handshake version {version}")),
+    };
+    if count > MAX_VOUCHED {
+        return Err(format!("vouches for {count} pods, more than {MAX_VOUCHED}"));
     }
-    String::from_utf8(body).map_err(|_| "the node name is not UTF-8".to_owned())
+    let node =
+        String::from_utf8(node.to_vec()).map_err(|_| "the node name is not UTF-8".to_owned())?;
+    Ok((node, count))
 }
 
 /// The peer's leaf from a finished TLS session, with its SPIFFE ID and NotAfter.
@@ -736,6 +841,9 @@ pub struct Initiate<'a> {
     /// The local address to connect from (this node's address, which the
     /// responder checks); None lets the kernel choose.
     pub source: Option<std::net::IpAddr>,
+    /// Addresses of the local workload's pods to vouch for: (pod UID,
+    /// addresses); at most [`MAX_VOUCHED`] are sent.
+    pub vouch: &'a [(Arc<str>, Arc<[IpAddr]>)],
 }
 
 /// Authenticates `ask.local` to `ask.remote` over a new connection to the
@@ -795,7 +903,7 @@ async fn initiate_inner(
             reason: format!("presented {remote}, expected {}", ask.remote),
         });
     }
-    write_frame(&mut tls, HELLO_VERSION, ask.local_node.as_bytes())
+    send_hello(&mut tls, ask)
         .await
         .map_err(io("sending the node name"))?;
     let (status, body) = read_frame(&mut tls)
@@ -818,6 +926,45 @@ async fn initiate_inner(
     })
 }
 
+/// The hello: the node name, and the addresses vouched for if any.
+async fn send_hello<S: AsyncWrite + Unpin>(tls: &mut S, ask: &Initiate<'_>) -> std::io::Result<()> {
+    let vouch = &ask.vouch[..ask.vouch.len().min(MAX_VOUCHED)];
+    if vouch.is_empty() {
+        return write_frame(tls, HELLO_VERSION, ask.local_node.as_bytes()).await;
+    }
+    let mut hello = Vec::with_capacity(1 + ask.local_node.len());
+    hello.push(vouch.len() as u8);
+    hello.extend_from_slice(ask.local_node.as_bytes());
+    write_frame(tls, HELLO_VOUCHING, &hello).await?;
+    for (uid, ips) in vouch {
+        write_frame(tls, VOUCH_FRAME, &Vouched::encode(uid, ips)).await?;
+    }
+    Ok(())
+}
+
+/// The hello and the vouching frames that follow it.
+async fn read_hello_frames<S: AsyncRead + Unpin>(
+    tls: &mut S,
+) -> std::io::Result<Result<(String, Vec<Vouched>), String>> {
+    let (version, body) = read_frame(tls).await?;
+    let (node, count) = match read_hello(version, &body) {
+        Ok(hello) => hello,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    let mut vouched = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (head, body) = read_frame(tls).await?;
+        if head != VOUCH_FRAME {
+            return Ok(Err(format!("expected a vouching frame, got frame {head}")));
+        }
+        match Vouched::decode(&body) {
+            Ok(v) => vouched.push(v),
+            Err(reason) => return Ok(Err(reason)),
+        }
+    }
+    Ok(Ok((node, vouched)))
+}
+
 /// What the responder knows about an initiator before admitting it.
 #[derive(Debug, Clone)]
 pub struct Knock<'a> {
@@ -829,6 +976,9 @@ pub struct Knock<'a> {
     pub remote_node: &'a str,
     /// Where the connection came from.
     pub from: std::net::SocketAddr,
+    /// The addresses it vouches for (see [`crate::sandbox`]): for the
+    /// responder to keep if it admits the node.
+    pub vouched: &'a [Vouched],
 }
 
 /// How long a responder waits for its own view of the cluster to know the
@@ -838,7 +988,8 @@ pub const RECORD_WAIT: Duration = Duration::from_secs(2);
 
 /// Answers one initiator on an accepted connection. `admit` decides whether
 /// the initiator may speak for the node it names (the agent checks the
-/// node's address); `record` stores the result and says whether it could
+/// node's address) and, when it may, keeps the addresses it vouches for;
+/// `record` stores the result and says whether it could
 /// (it cannot while this agent does not know the initiator's workload yet:
 /// it is retried for up to [`RECORD_WAIT`]). Only a recorded result is
 /// answered with success, so both sides hold it before any traffic flows;
@@ -891,11 +1042,11 @@ async fn respond_inner(
             reason: "no SNI naming a local identity".into(),
         })?;
     let not_after = creds.locals.get(&local).map_or(i64::MIN, |l| l.not_after);
-    let (version, node) = read_frame(&mut tls)
+    let (node, vouched) = match read_hello_frames(&mut tls)
         .await
-        .map_err(io("reading the node name"))?;
-    let node = match hello_node(version, node) {
-        Ok(node) => node,
+        .map_err(io("reading the node name"))?
+    {
+        Ok(hello) => hello,
         Err(reason) => {
             let reason = refuse(&mut tls, reason).await;
             return Err(HandshakeError::Protocol { peer, reason });
@@ -906,6 +1057,7 @@ async fn respond_inner(
         local: &local,
         remote_node: &node,
         from,
+        vouched: &vouched,
     };
     if let Err(reason) = admit(&knock) {
         let reason = refuse(&mut tls, reason).await;

@@ -21,6 +21,7 @@ pub mod netns;
 pub mod policy;
 pub mod records;
 pub mod revocation;
+pub mod sandbox;
 pub mod svids;
 pub mod trust;
 pub mod veths;

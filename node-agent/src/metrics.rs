@@ -96,6 +96,18 @@ impl Collector for Agent {
             "Connections to the handshake port or a terminator closed at once because their address, or the agent, had as many open as allowed",
             get(&s.connections_capped),
         )?;
+        counter(
+            &mut encoder,
+            "vouched_local",
+            "This node's pods whose sandbox addresses the agent mapped and vouched for before their status gave them",
+            get(&s.vouched_local),
+        )?;
+        counter(
+            &mut encoder,
+            "vouched_remote",
+            "Pods whose addresses another node's agent vouched for in a handshake before their status gave them",
+            get(&s.vouched_remote),
+        )?;
         let mut family = encoder.encode_descriptor(
             "datapath_decisions",
             "Decisions of this node's eBPF programs, by reason (deny_* were refused)",

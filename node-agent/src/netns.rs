@@ -1,5 +1,8 @@
 //! Pods' network namespaces as the agent reaches them: through a process of
-//! the pod (its cgroup's), and on a thread that entered the namespace.
+//! the pod (its cgroup's), and on a thread that entered the namespace; and
+//! what rtnetlink says inside one (see [`rtnetlink`]).
+
+pub mod rtnetlink;
 
 use std::fs::File;
 use std::os::fd::AsFd;

@@ -7,8 +7,6 @@
 //! connect() made them (raw and packet sockets). Pods on the host network
 //! have no veth of their own and are left out.
 
-mod rtnetlink;
-
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -19,19 +17,15 @@ use tracing::{debug, info, warn};
 
 use crate::dataplane::{DataPlane, lock};
 use crate::netns::NetnsError;
-
-pub use rtnetlink::{Link, parse as parse_links};
+use crate::netns::rtnetlink::{self, Link, RtnetlinkError};
 
 /// Why a pod's veth could not be found or checked (logged; retried on the
 /// next pass).
 #[derive(Debug, thiserror::Error)]
 pub enum VethError {
-    /// A netlink call failed.
-    #[error("{0}: {1}")]
-    Netlink(&'static str, std::io::Error),
-    /// The kernel's answer could not be read.
-    #[error("malformed rtnetlink answer ({0})")]
-    Malformed(&'static str),
+    /// Listing interfaces failed.
+    #[error(transparent)]
+    Rtnetlink(#[from] RtnetlinkError),
     /// No veth of the pod's namespace has its peer in the agent's.
     #[error(
         "the pod's network namespace has no veth whose peer is in the agent's namespace; the CNI must connect pods by veth pairs to the host (is the agent on the host network?)"
@@ -78,7 +72,7 @@ pub struct Veths {
 /// The host-side interface of the veth whose other end is in `netns`.
 pub fn host_side(netns: &std::fs::File) -> Result<Link, VethError> {
     let inside = crate::netns::run_in(netns, || Ok(rtnetlink::links()))
-        .map_err(|e| VethError::Netlink("cannot enter the pod's network namespace", e))??;
+        .map_err(|e| RtnetlinkError::Io("cannot enter the pod's network namespace", e))??;
     let here = rtnetlink::links()?;
     inside
         .iter()

@@ -54,6 +54,11 @@ pub struct PodView {
     pub terminating: bool,
     /// Creation time, Unix seconds (newer pods win an address conflict).
     pub created: i64,
+    /// On the host network (its addresses are its node's).
+    pub host_network: bool,
+    /// Its addresses are not from its status yet but vouched for by its
+    /// node's agent (see [`crate::sandbox`]).
+    pub vouched: bool,
 }
 
 /// What the Pod object says of a pod: where it runs and how far along it is.
@@ -74,6 +79,8 @@ pub struct PodPlace {
     pub terminating: bool,
     /// Creation time, Unix seconds.
     pub created: i64,
+    /// On the host network.
+    pub host_network: bool,
 }
 
 /// What a pod's PodIdentity record says: who it is.
@@ -114,6 +121,7 @@ pub fn pod_place(pod: &Pod) -> Option<PodPlace> {
             .creation_timestamp
             .as_ref()
             .map_or(0, |t| t.0.as_second()),
+        host_network,
     })
 }
 
@@ -166,6 +174,8 @@ impl PodView {
             generation: record.generation,
             terminating: place.terminating,
             created: place.created,
+            host_network: place.host_network,
+            vouched: false,
         })
     }
 }
@@ -486,6 +496,8 @@ mod tests {
             generation,
             terminating: false,
             created: 100,
+            host_network: false,
+            vouched: false,
         }
     }
 

@@ -233,7 +233,8 @@ async fn cluster_with_agents(
         &common::cgroup2_root(),
         &format!("tessera-e2e-{}", std::process::id()),
         &NODES,
-    );
+    )
+    .await;
     let mut token_files = Vec::new();
     for node in ["node-a", "node-b"] {
         let token_file = resources::agent_token_file(client, node, TOKEN_AUDIENCE, &launch.dir)
@@ -1381,4 +1382,136 @@ async fn established_connections_end_with_what_admitted_them() {
     // web's node reset web's end (and logged which); whichever node resets
     // first, its reset ends the other end too (the held client saw it).
     cluster.agents[0].wait_for("connection reset", 1).await;
+}
+
+/// The endpoint `node`'s pinned maps hold for `ip`, if any.
+fn mapped(cluster: &SimCluster, node: &str, ip: &str) -> Option<tessera_bpf::abi::Endpoint> {
+    let dir = tessera_bpf::pinning::version_dir(&cluster.pin_root(node));
+    let mut dp = tessera_bpf::datapath::Datapath::open(Some(&dir)).unwrap();
+    dp.endpoint_ip(ip.parse().unwrap()).unwrap()
+}
+
+/// `node`'s data-path counter for `reason`.
+fn decided(cluster: &SimCluster, node: &str, reason: tessera_bpf::abi::Reason) -> u64 {
+    let dir = tessera_bpf::pinning::version_dir(&cluster.pin_root(node));
+    let mut dp = tessera_bpf::datapath::Datapath::open(Some(&dir)).unwrap();
+    dp.counter(reason).unwrap()
+}
+
+/// Waits up to 10 s for `node` to map `ip`; the endpoint.
+async fn until_mapped(cluster: &SimCluster, node: &str, ip: &str) -> tessera_bpf::abi::Endpoint {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(ep) = mapped(cluster, node, ip) {
+            return ep;
+        }
+        assert!(Instant::now() < deadline, "{node} never mapped {ip}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A new pod's address reaches both nodes' maps from its sandbox before the
+/// kubelet writes it into the status (node-a's agent reads it there and
+/// vouches for it in its handshake with db's node), so the pod's first
+/// connection start is admitted as sent: nothing dropped at db's node for
+/// an unknown source. And what a pod author could do with it gets nothing:
+/// a pod that adds its neighbour's address, and one of another node's
+/// range, to its sandbox is vouched for with neither; its neighbour keeps
+/// its address and its access.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_pods_address_reaches_its_peers_before_its_status() {
+    use tessera_bpf::abi::Reason;
+    let _one_at_a_time = TOPOLOGY.lock().await;
+    let (cp, client) = control_plane().await;
+    let signer_port = tessera_tests::free_port().unwrap();
+    let _operator = common::start_operator(cp.kubeconfig(), signer_port, 3600);
+    resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
+    let (cluster, _) = cluster_with_agents(&client, &launch).await;
+    let other = pod(&cluster, "other", "other", "other", "node-a", "198.18.1.11").await;
+    let db = pod(&cluster, "db", "db", "db", "node-b", "198.18.2.10").await;
+    for from in ["web", "other", "cache"] {
+        policy(&cluster, &format!("db-from-{from}"), "db", from).await;
+    }
+    until_ok(&other, &db.ip).await;
+    let others = mapped(&cluster, "node-b", &other.ip).expect("other mapped");
+
+    // web: its sandbox has its address, its status none yet.
+    let web_spec = PodSpec {
+        namespace: "shop",
+        name: "web",
+        labels: &[("app", "web")],
+        service_account: "web",
+        node: "node-a",
+        ip: "198.18.1.10",
+        ..Default::default()
+    };
+    let web = cluster.pod_before_status(web_spec, Some(PORT)).await;
+    let at_b = until_mapped(&cluster, "node-b", &web.ip).await;
+    assert_eq!(
+        Some(at_b),
+        mapped(&cluster, "node-a", &web.ip),
+        "both nodes map web's address to the same identity and generation"
+    );
+    let dropped = decided(&cluster, "node-b", Reason::DenyDefault);
+    let held = decided(&cluster, "node-a", Reason::HoldPodPending);
+    let out = web.connect(&db.ip, PORT);
+    assert!(ok(&out), "web -> db before web's status: {out}");
+    assert_eq!(
+        decided(&cluster, "node-b", Reason::DenyDefault),
+        dropped,
+        "db's node dropped a connection start of web's"
+    );
+    assert_eq!(decided(&cluster, "node-a", Reason::HoldPodPending), held);
+    cluster.set_running(web_spec).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        mapped(&cluster, "node-b", &web.ip),
+        Some(at_b),
+        "the status changes nothing"
+    );
+
+    // mallory (identity cache): its own address, plus other's and one of
+    // node-b's range added to its sandbox before its status.
+    let mallory = cluster
+        .pod_before_status(
+            PodSpec {
+                namespace: "shop",
+                name: "mallory",
+                labels: &[("app", "cache")],
+                service_account: "cache",
+                node: "node-a",
+                ip: "198.18.1.30",
+                ..Default::default()
+            },
+            Some(PORT),
+        )
+        .await;
+    for ip in ["198.18.1.11/32", "198.18.2.77/32"] {
+        tessera_tests::netns::sh("ip", &["-n", &mallory.ns, "addr", "add", ip, "dev", "lo"]);
+    }
+    let malloryd = until_mapped(&cluster, "node-b", &mallory.ip).await;
+    assert_ne!(malloryd.id, others.id);
+    // Its agent looks again every few milliseconds while its status has
+    // no address: long enough for the added addresses to be seen.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for node in ["node-a", "node-b"] {
+        assert_eq!(
+            mapped(&cluster, node, &other.ip),
+            Some(others),
+            "{node}: other's address stays other's"
+        );
+        assert_eq!(
+            mapped(&cluster, node, "198.18.2.77"),
+            None,
+            "{node}: not mallory's node's range"
+        );
+    }
+    assert!(
+        ok(&other.connect(&db.ip, PORT)),
+        "other -> db after mallory"
+    );
 }

@@ -668,7 +668,8 @@ async fn a_spire_workload_outside_the_mesh_reaches_a_tessera_workload_its_policy
         &common::cgroup2_root(),
         &format!("tessera-ext-{}", std::process::id()),
         &[("node-a", "198.18.0.1"), ("node-b", "198.18.0.2")],
-    );
+    )
+    .await;
     let token_file = resources::agent_token_file(&client, "node-a", TOKEN_AUDIENCE, dir.path())
         .await
         .unwrap();

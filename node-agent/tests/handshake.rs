@@ -87,6 +87,7 @@ fn ask<'a>(local: &'a str, remote: &'a str) -> Initiate<'a> {
         local_node: "node-a",
         remote_node: "node-b",
         source: Some([127, 0, 0, 1].into()),
+        vouch: &[],
     }
 }
 
@@ -473,4 +474,51 @@ fn a_ca_leaving_the_bundles_is_noticed() {
     let mut broken = old.clone();
     broken.own_der.truncate(10);
     assert!(handshake::authorities_removed(&old, &broken));
+}
+
+/// The addresses an initiator vouches for reach the responder's `admit`
+/// as sent (both families, several pods); without any, the hello is the
+/// first version's, which every responder reads.
+#[tokio::test]
+async fn vouched_addresses_reach_the_responder_intact() {
+    use std::net::IpAddr;
+    use std::sync::Arc;
+    let td = domain("a.test");
+    let (web, db) = (td.svid("/ns/shop/sa/web"), td.svid("/ns/shop/sa/db"));
+    let client = Credentials::build([&web], &td.bundles()).unwrap();
+    let server = Credentials::build([&db], &td.bundles()).unwrap();
+    let ips =
+        |list: &[&str]| -> Arc<[IpAddr]> { list.iter().map(|i| i.parse().unwrap()).collect() };
+    let vouch: Vec<(Arc<str>, Arc<[IpAddr]>)> = vec![
+        (
+            "0b9a6f4e-1111-4c1e-9d7e-2f00aa000001".into(),
+            ips(&["198.18.1.10", "fd18:7e55::1:10"]),
+        ),
+        (
+            "0b9a6f4e-1111-4c1e-9d7e-2f00aa000002".into(),
+            ips(&["198.18.1.11"]),
+        ),
+    ];
+    for sent in [vouch.clone(), Vec::new()] {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (addr, task) = responder(server.clone(), move |knock| {
+            let got: Vec<(String, Vec<IpAddr>)> = knock
+                .vouched
+                .iter()
+                .map(|v| (v.uid.clone(), v.ips.clone()))
+                .collect();
+            let _ = tx.send(got);
+            Ok(())
+        })
+        .await;
+        let mut asked = ask(&web.spiffe_id, &db.spiffe_id);
+        asked.vouch = &sent;
+        handshake::initiate(&client, addr, &asked).await.unwrap();
+        task.await.unwrap().unwrap();
+        let expected: Vec<(String, Vec<IpAddr>)> = sent
+            .iter()
+            .map(|(u, i)| (u.to_string(), i.to_vec()))
+            .collect();
+        assert_eq!(rx.await.unwrap(), expected);
+    }
 }

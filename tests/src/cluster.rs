@@ -219,14 +219,19 @@ pub struct SimCluster {
 }
 
 impl SimCluster {
-    /// Creates the bridge holding `nodes` (name, address) and a cgroup per
-    /// node under `<cgroup_root>/<tag>`. Pins go under `/sys/fs/bpf/<tag>-<node>`.
-    pub fn create(
+    /// Creates the bridge holding `nodes` (name, address), a cgroup per
+    /// node under `<cgroup_root>/<tag>`, and each node's Node object with its
+    /// pod ranges ([`SimCluster::pod_ranges`]). Pins go under
+    /// `/sys/fs/bpf/<tag>-<node>`.
+    pub async fn create(
         client: kube::Client,
         cgroup_root: &Path,
         tag: &str,
         nodes: &[(&str, &str)],
     ) -> SimCluster {
+        for (name, ip) in nodes {
+            publish_node(&client, name, &Self::pod_ranges(ip)).await;
+        }
         assert!(
             cgroup_root.join("cgroup.procs").exists(),
             "no cgroup v2 hierarchy at {} (this needs root)",
@@ -250,6 +255,16 @@ impl SimCluster {
             top: Some(top),
             topology: Some(topology),
         }
+    }
+
+    /// The pod ranges of the node at `node_ip` (198.18.0.N): 198.18.N.0/24
+    /// and [`netns::IPV6_PREFIX`]`::N:0/112`, as the tests number pods.
+    pub fn pod_ranges(node_ip: &str) -> [String; 2] {
+        let n = node_ip.rsplit('.').next().unwrap_or("0");
+        [
+            format!("198.18.{n}.0/24"),
+            format!("{}::{n}:0/112", netns::IPV6_PREFIX),
+        ]
     }
 
     fn index(&self, node: &str) -> usize {
@@ -362,7 +377,7 @@ impl SimCluster {
 
     /// Reports the pod of `spec` running with its address (what the kubelet
     /// does once the pod's sandbox, cgroup and network are set up).
-    async fn set_running(&self, spec: PodSpec<'_>) {
+    pub async fn set_running(&self, spec: PodSpec<'_>) {
         self.set_status(spec, "Running").await;
     }
 
@@ -389,6 +404,14 @@ impl SimCluster {
     pub async fn pod(&self, spec: PodSpec<'_>, port: Option<u16>) -> SimPod {
         let (ns, cgroup) = self.sandbox(spec).await;
         self.set_running(spec).await;
+        self.placed(spec, ns, cgroup, port)
+    }
+
+    /// As [`SimCluster::pod`] but before the kubelet writes any status: the
+    /// sandbox has its address and the server runs, the Pod object gives
+    /// no address yet ([`SimCluster::set_running`] gives it).
+    pub async fn pod_before_status(&self, spec: PodSpec<'_>, port: Option<u16>) -> SimPod {
+        let (ns, cgroup) = self.sandbox(spec).await;
         self.placed(spec, ns, cgroup, port)
     }
 
@@ -504,6 +527,25 @@ impl SimCluster {
             self.topology.as_ref().unwrap().remove_pod(&pod.ns);
         }
     }
+}
+
+/// Creates or updates the Node object `name` with pod ranges `ranges` (as
+/// a node's IPAM would set them; they cannot change once set).
+async fn publish_node(client: &kube::Client, name: &str, ranges: &[String]) {
+    use k8s_openapi::api::core::v1::Node;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node = serde_json::json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+        "spec": {"podCIDR": ranges[0], "podCIDRs": ranges},
+    });
+    nodes
+        .patch(
+            name,
+            &PatchParams::apply(crate::resources::FIELD_MANAGER).force(),
+            &Patch::Apply(node),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot publish node {name}: {e}"));
 }
 
 impl std::fmt::Debug for SimCluster {

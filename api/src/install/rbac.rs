@@ -221,6 +221,12 @@ pub fn agent() -> Account {
                 "map pods' addresses to their identities in the data path",
             ),
             cluster(
+                "",
+                &["nodes"],
+                READ,
+                "nodes' pod address ranges (spec.podCIDRs): an address an agent vouches for before the pod's status has it must be in that agent's node's range",
+            ),
+            cluster(
                 TESSERA,
                 &["podidentities", "identitypolicies", "numericidentities"],
                 READ,

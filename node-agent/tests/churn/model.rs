@@ -262,6 +262,8 @@ impl Model {
                 generation,
                 terminating: p.terminating,
                 created: p.created as i64,
+                host_network: false,
+                vouched: false,
             }
         });
         View::new(LOCAL, pods)

@@ -140,7 +140,7 @@ pub async fn run(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
         start_operator(operator, &cp, &client, "auth-operator.log").await?;
 
     let tag = format!("tessera-bench-{}", std::process::id());
-    let mut cluster = SimCluster::create(client.clone(), cgroup_root, &tag, &NODES);
+    let mut cluster = SimCluster::create(client.clone(), cgroup_root, &tag, &NODES).await;
     let dir = tempfile::tempdir()?;
     let launch = AgentLaunch {
         bin: agent.to_owned(),
