@@ -86,6 +86,10 @@ pub struct Datapath {
     revoke: bool,
     /// Changes this value made to the decision inputs.
     changes: u64,
+    /// Those of them that may take away what an established connection
+    /// rests on: a removal, a replaced value, a new epoch, a failed
+    /// handshake (see [`Datapath::narrowings`]).
+    narrowings: u64,
 }
 
 mod veths;
@@ -180,6 +184,7 @@ impl Datapath {
             veth_links: std::collections::HashMap::new(),
             revoke,
             changes: 0,
+            narrowings: 0,
         };
         // Whatever a previous agent cached was decided on maps this one has
         // not checked yet.
@@ -269,6 +274,31 @@ impl Datapath {
     /// noted it can tell whether anything changed since.
     pub fn changes(&self) -> u64 {
         self.changes
+    }
+
+    /// How many of [`Datapath::changes`] may have taken away what an
+    /// established connection rests on (a removal, a value replaced by
+    /// another, a new epoch, a failed handshake); the others only added
+    /// entries, which ends no connection.
+    pub fn narrowings(&self) -> u64 {
+        self.narrowings
+    }
+
+    /// Inserts `value` under `key` in hash map `name`, counting a
+    /// narrowing when it replaces another value.
+    fn replace<K: aya::Pod, V: aya::Pod + PartialEq>(
+        &mut self,
+        name: &'static str,
+        key: K,
+        value: V,
+    ) -> Result<(), DatapathError> {
+        let mut map = self.hash::<K, V>(name)?;
+        let old = get_missing_none(map.get(&key, 0))?;
+        map.insert(key, value, 0)?;
+        if old.is_some_and(|old| old != value) {
+            self.narrowings += 1;
+        }
+        self.new_version()
     }
 
     /// Whether this kernel lets the agent reset established connections
@@ -384,8 +414,7 @@ impl Datapath {
 
     /// Sets who a pod address belongs to.
     pub fn set_endpoint_ip(&mut self, ip: IpAddr, ep: Endpoint) -> Result<(), DatapathError> {
-        self.hash(maps::EP_IP)?.insert(IpKey::from(ip), ep, 0)?;
-        self.new_version()
+        self.replace(maps::EP_IP, IpKey::from(ip), ep)
     }
 
     /// Forgets a pod address.
@@ -394,6 +423,7 @@ impl Datapath {
             self.hash::<IpKey, Endpoint>(maps::EP_IP)?
                 .remove(&IpKey::from(ip)),
         )?;
+        self.narrowings += 1;
         self.new_version()
     }
 
@@ -420,13 +450,13 @@ impl Datapath {
 
     /// Sets who a pod cgroup (by cgroup id) belongs to.
     pub fn set_endpoint_cgroup(&mut self, cgroup: u64, ep: Endpoint) -> Result<(), DatapathError> {
-        self.hash(maps::EP_CGROUP)?.insert(cgroup, ep, 0)?;
-        self.new_version()
+        self.replace(maps::EP_CGROUP, cgroup, ep)
     }
 
     /// Forgets a pod cgroup.
     pub fn remove_endpoint_cgroup(&mut self, cgroup: u64) -> Result<(), DatapathError> {
         remove_missing_ok(self.hash::<u64, Endpoint>(maps::EP_CGROUP)?.remove(&cgroup))?;
+        self.narrowings += 1;
         self.new_version()
     }
 
@@ -449,6 +479,7 @@ impl Datapath {
     /// Removes an identity's policy flags (it then has no policy).
     pub fn remove_selected(&mut self, local: u32) -> Result<(), DatapathError> {
         remove_missing_ok(self.hash::<u32, Selected>(maps::SELECTED)?.remove(&local))?;
+        self.narrowings += 1;
         self.new_version()
     }
 
@@ -471,6 +502,7 @@ impl Datapath {
     /// Removes an authentication.
     pub fn remove_auth(&mut self, key: &AuthKey) -> Result<(), DatapathError> {
         remove_missing_ok(self.hash::<AuthKey, AuthValue>(maps::AUTH)?.remove(key))?;
+        self.narrowings += 1;
         self.new_version()
     }
 
@@ -515,15 +547,12 @@ impl Datapath {
 
     /// Sets which rule kinds exist for `local`, and default deny.
     pub fn set_selected(&mut self, local: u32, flags: u32) -> Result<(), DatapathError> {
-        self.hash(maps::SELECTED)?
-            .insert(local, Selected { flags }, 0)?;
-        self.new_version()
+        self.replace(maps::SELECTED, local, Selected { flags })
     }
 
     /// Sets one ingress rule.
     pub fn set_rule(&mut self, key: PolicyKey, value: PolicyValue) -> Result<(), DatapathError> {
-        self.hash(maps::POLICY)?.insert(key, value, 0)?;
-        self.new_version()
+        self.replace(maps::POLICY, key, value)
     }
 
     /// Removes one ingress rule.
@@ -532,13 +561,13 @@ impl Datapath {
             self.hash::<PolicyKey, PolicyValue>(maps::POLICY)?
                 .remove(key),
         )?;
+        self.narrowings += 1;
         self.new_version()
     }
 
     /// Records an authentication.
     pub fn set_auth(&mut self, key: AuthKey, value: AuthValue) -> Result<(), DatapathError> {
-        self.hash(maps::AUTH)?.insert(key, value, 0)?;
-        self.new_version()
+        self.replace(maps::AUTH, key, value)
     }
 
     /// Records that the agent's handshake for the pair failed: until
@@ -550,6 +579,7 @@ impl Datapath {
         value: AuthFailure,
     ) -> Result<(), DatapathError> {
         self.hash(maps::AUTH_FAILED)?.insert(key, value, 0)?;
+        self.narrowings += 1;
         self.new_version()
     }
 
@@ -566,6 +596,7 @@ impl Datapath {
     pub fn set_epoch(&mut self, epoch: u64) -> Result<(), DatapathError> {
         let mut map: Array<&mut MapData, u64> = Array::try_from(self.map(maps::EPOCH)?)?;
         map.set(0, epoch, 0)?;
+        self.narrowings += 1;
         self.new_version()
     }
 

@@ -125,8 +125,26 @@ pub struct DataPlane {
     /// Changes since the last flush of the cache.
     dirty: AtomicU64,
     flushed: AtomicU64,
+    /// What the last pass wrote to the endpoint and policy maps (None: read
+    /// the maps on the next pass).
+    written: Mutex<Option<Written>>,
     /// Counters.
     pub stats: Arc<Stats>,
+}
+
+/// How long a pass trusts what the passes before it wrote instead of
+/// reading the endpoint and policy maps back (a read is a system call or
+/// two per entry: milliseconds at thousands of pods).
+pub const REREAD_MAPS: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The endpoint and policy maps as this process last wrote them.
+#[derive(Debug)]
+struct Written {
+    ips: BTreeMap<[u8; 16], Endpoint>,
+    cgroups: BTreeMap<u64, Endpoint>,
+    rules: policy::Rules,
+    /// When the maps were last read.
+    read_at: std::time::Instant,
 }
 
 impl DataPlane {
@@ -162,6 +180,7 @@ impl DataPlane {
                 epoch: AtomicU64::new(epoch),
                 dirty: AtomicU64::new(0),
                 flushed: AtomicU64::new(0),
+                written: Mutex::default(),
                 stats,
             },
             opened,
@@ -191,8 +210,32 @@ impl DataPlane {
             warn!(error = %e, "policy enforced fail-closed");
         }
         let mut dp = lock(&self.dp);
-        write_endpoints(&mut dp, &ips, &cgroups)?;
-        policy::write(&mut dp, &rules)?;
+        // Taken: a pass that fails part-way leaves None, and the next one
+        // reads the maps.
+        let last = lock(&self.written)
+            .take()
+            .filter(|w| w.read_at.elapsed() < REREAD_MAPS);
+        let last = match last {
+            Some(w) => w,
+            None => Written {
+                ips: dp
+                    .endpoint_ips()?
+                    .into_iter()
+                    .map(|(k, v)| (k.addr, v))
+                    .collect(),
+                cgroups: dp.endpoint_cgroups()?.into_iter().collect(),
+                rules: policy::read(&mut dp)?,
+                read_at: std::time::Instant::now(),
+            },
+        };
+        write_endpoints(&mut dp, (&last.ips, &last.cgroups), (&ips, &cgroups))?;
+        policy::write_from(&mut dp, &last.rules, &rules)?;
+        *lock(&self.written) = Some(Written {
+            ips,
+            cgroups,
+            rules,
+            read_at: last.read_at,
+        });
         let epoch = dp.epoch()?;
         let clocks = Clocks::now();
         for (key, value) in dp.auths()? {
@@ -503,17 +546,19 @@ impl DataPlane {
     }
 }
 
-/// Writes the endpoint maps: changed and new entries first, then removals.
+/// Endpoint entries by address and by cgroup.
+type Endpoints<'a> = (
+    &'a BTreeMap<[u8; 16], Endpoint>,
+    &'a BTreeMap<u64, Endpoint>,
+);
+
+/// Writes the endpoint maps from `current` to `wanted`: changed and new
+/// entries first, then removals.
 fn write_endpoints(
     dp: &mut Datapath,
-    ips: &BTreeMap<[u8; 16], Endpoint>,
-    cgroups: &BTreeMap<u64, Endpoint>,
+    (current, current_cgroups): Endpoints<'_>,
+    (ips, cgroups): Endpoints<'_>,
 ) -> Result<(), DatapathError> {
-    let current: BTreeMap<[u8; 16], Endpoint> = dp
-        .endpoint_ips()?
-        .into_iter()
-        .map(|(k, v)| (k.addr, v))
-        .collect();
     for (addr, ep) in ips {
         if current.get(addr) != Some(ep) {
             dp.set_endpoint_ip(std::net::Ipv6Addr::from(*addr).into(), *ep)?;
@@ -522,7 +567,7 @@ fn write_endpoints(
     for addr in current.keys().filter(|a| !ips.contains_key(*a)) {
         dp.remove_endpoint_ip(std::net::Ipv6Addr::from(*addr).into())?;
     }
-    let current: BTreeMap<u64, Endpoint> = dp.endpoint_cgroups()?.into_iter().collect();
+    let current = current_cgroups;
     for (cgroup, ep) in cgroups {
         if current.get(cgroup) != Some(ep) {
             dp.set_endpoint_cgroup(*cgroup, *ep)?;

@@ -37,8 +37,9 @@ use crate::external::{self, External};
 use crate::follow::Compact;
 use crate::handshake::{self, Authenticated, Credentials, HandshakeError, Initiate};
 use crate::identities::IdentityStore;
+use crate::nodes::{Cidr, NodeFacts};
 use crate::policy::IdentityTable;
-use crate::sandbox::{self, Cidr, Claim, Claims};
+use crate::sandbox::{self, Claim, Claims};
 use crate::veths::{self, Veths};
 use crate::view::{Pair, PodPlace, PodRecord, PodView, View, pod_place, pod_record};
 
@@ -117,8 +118,8 @@ struct Stores {
     policies: Compact<IdentityPolicySpec>,
     /// SPIFFE ID, number, generation.
     identities: Compact<(Arc<str>, u32, u64)>,
-    /// Nodes' pod address ranges, by node name.
-    nodes: Compact<Arc<[Cidr]>>,
+    /// Nodes' pod address ranges and addresses, by node name.
+    nodes: Compact<NodeFacts>,
 }
 
 fn pod_value(pod: &Pod) -> Option<Arc<PodPlace>> {
@@ -140,8 +141,19 @@ impl Stores {
     /// The pod ranges of `node`, when its Node object has any.
     fn ranges(&self, node: &str) -> Option<Arc<[Cidr]>> {
         self.nodes
-            .read(|nodes| nodes.get(node).cloned())
+            .read(|nodes| nodes.get(node).map(|f| f.ranges.clone()))
             .filter(|r| !r.is_empty())
+    }
+
+    /// Every node's addresses, as its Node object gives them.
+    fn node_addresses(&self) -> HashMap<String, Arc<[std::net::IpAddr]>> {
+        self.nodes.read(|nodes| {
+            nodes
+                .iter()
+                .filter(|(_, f)| !f.addresses.is_empty())
+                .map(|(n, f)| (n.clone(), f.addresses.clone()))
+                .collect()
+        })
     }
 }
 
@@ -211,7 +223,9 @@ impl Inner {
         let mut pods = stores.joined();
         self.claims.prune(&pods);
         self.claims.apply(&mut pods, &|node| stores.ranges(node));
-        let view = Arc::new(View::new(&self.cfg.node_name, pods));
+        let mut view = View::new(&self.cfg.node_name, pods);
+        view.node_addresses = stores.node_addresses();
+        let view = Arc::new(view);
         if !view.nodes.collisions.is_empty() {
             warn!(nodes = ?view.nodes.collisions, "node names with the same data-path index: their pods get no endpoint entries (fail closed)");
         }
@@ -476,6 +490,12 @@ impl Inner {
         tokio::spawn(async move {
             me.initiate(&pair).await;
             lock(&me.inflight).remove(&pair);
+            // A pod's sandbox address found while the handshake ran (its
+            // pass found this one in flight): vouched for at once, not at
+            // the next pass.
+            if !me.vouched_for(&pair) && !lock(&me.failed).contains_key(&pair) {
+                me.spawn_handshake(pair);
+            }
         });
     }
 
@@ -512,10 +532,10 @@ impl Inner {
             Ok(auth) => {
                 Stats::bump(&self.plane.stats.initiated_ok);
                 lock(&self.failed).remove(pair);
-                lock(&self.announced).insert(pair.clone(), vouch);
+                lock(&self.announced).insert(pair.clone(), vouch.clone());
                 let recorded = self.record(&auth, epoch);
                 info!(local = %pair.local, remote = %pair.remote, node = %pair.remote_node,
-                      took_us = started.elapsed().as_micros() as u64, recorded, "authenticated");
+                      took_us = started.elapsed().as_micros() as u64, recorded, vouched = vouch.len(), "authenticated");
             }
             Err(e) => {
                 Stats::bump(&self.plane.stats.initiated_failed);
@@ -697,7 +717,7 @@ pub async fn run(
     // for, and pods' statuses give them as before.
     tasks.push(tokio::spawn(stores.nodes.clone().follow(
         Api::<Node>::all(client.clone()),
-        sandbox::node_ranges,
+        crate::nodes::node_facts,
         notify,
         "nodes",
     )));

@@ -56,7 +56,7 @@ fn key<K: Resource>(obj: &K) -> String {
     }
 }
 
-impl<V: Clone + Send + Sync + 'static> Compact<V> {
+impl<V: Clone + PartialEq + Send + Sync + 'static> Compact<V> {
     /// Runs `f` over the values held.
     pub fn read<T>(&self, f: impl FnOnce(&HashMap<String, V>) -> T) -> T {
         match self.items.read() {
@@ -76,6 +76,21 @@ impl<V: Clone + Send + Sync + 'static> Compact<V> {
         let _ = ready.wait_for(|r| *r).await;
     }
 
+    /// Holds `value` under `key` (None: holds nothing); whether that
+    /// changed what is held.
+    fn put(&self, key: String, value: Option<V>) -> bool {
+        let mut changed = false;
+        self.write(|items| match value {
+            Some(v) if items.get(&key) != Some(&v) => {
+                items.insert(key, v);
+                changed = true;
+            }
+            Some(_) => {}
+            None => changed = items.remove(&key).is_some(),
+        });
+        changed
+    }
+
     fn write(&self, f: impl FnOnce(&mut HashMap<String, V>)) {
         match self.items.write() {
             Ok(mut items) => f(&mut items),
@@ -85,7 +100,9 @@ impl<V: Clone + Send + Sync + 'static> Compact<V> {
 
     /// Follows `api` until the watch ends (it retries with backoff on its
     /// own): keeps `extract(obj)` for every object that yields a value and
-    /// calls `changed` after every change. `what` names the resource in logs.
+    /// calls `changed` after every change of what is kept (an update that
+    /// changes nothing extracted, such as a pod's phase or conditions,
+    /// calls nothing). `what` names the resource in logs.
     pub async fn follow<K>(
         self,
         api: Api<K>,
@@ -115,22 +132,15 @@ impl<V: Clone + Send + Sync + 'static> Compact<V> {
                 }
                 Ok(watcher::Event::Apply(obj)) => {
                     let k = key(&obj);
-                    match extract(&obj) {
-                        Some(v) => self.write(|items| {
-                            items.insert(k, v);
-                        }),
-                        None => self.write(|items| {
-                            items.remove(&k);
-                        }),
+                    let value = extract(&obj);
+                    if self.put(k, value) {
+                        changed();
                     }
-                    changed();
                 }
                 Ok(watcher::Event::Delete(obj)) => {
-                    let k = key(&obj);
-                    self.write(|items| {
-                        items.remove(&k);
-                    });
-                    changed();
+                    if self.put(key(&obj), None) {
+                        changed();
+                    }
                 }
                 Err(e) => warn!(error = %e, what, "watch error; retrying"),
             }
@@ -142,6 +152,17 @@ impl<V: Clone + Send + Sync + 'static> Compact<V> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+
+    #[test]
+    fn only_a_change_of_what_is_kept_counts_as_a_change() {
+        let held: Compact<u32> = Compact::default();
+        assert!(held.put("a".into(), Some(1)), "new");
+        assert!(!held.put("a".into(), Some(1)), "the same value again");
+        assert!(held.put("a".into(), Some(2)), "another value");
+        assert!(held.put("a".into(), None), "no value any more");
+        assert!(!held.put("a".into(), None), "already gone");
+        assert_eq!(held.values(), Vec::<u32>::new());
+    }
 
     #[test]
     fn keys_are_namespace_and_name_or_the_name_alone() {

@@ -18,6 +18,7 @@ pub mod identities;
 pub mod intern;
 pub mod metrics;
 pub mod netns;
+pub mod nodes;
 pub mod policy;
 pub mod records;
 pub mod revocation;

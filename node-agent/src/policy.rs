@@ -410,7 +410,18 @@ pub fn read(dp: &mut Datapath) -> Result<Rules, DatapathError> {
 /// Moves the data path's policy maps from what they hold to `desired`, in
 /// the order [`plan`] gives.
 pub fn write(dp: &mut Datapath, desired: &Rules) -> Result<usize, DatapathError> {
-    let ops = plan(&read(dp)?, desired);
+    let current = read(dp)?;
+    write_from(dp, &current, desired)
+}
+
+/// As [`write`], given what the maps hold (`current`, as last read or
+/// written) instead of reading them.
+pub fn write_from(
+    dp: &mut Datapath,
+    current: &Rules,
+    desired: &Rules,
+) -> Result<usize, DatapathError> {
+    let ops = plan(current, desired);
     for op in &ops {
         match *op {
             Op::SetRule(k, v) => dp.set_rule(k, v)?,

@@ -6,6 +6,13 @@
 //! at both ends. Connections still allowed are untouched. The sweep runs
 //! again on the next pass, for connections that were being established while
 //! the maps changed.
+//!
+//! A sweep enters every local pod's namespace, so it runs at once only
+//! after a change that may take something away (see
+//! [`tessera_bpf::datapath::Datapath::narrowings`]); after changes that
+//! only added entries (a new pod, a new authentication), which end no
+//! connection, at most once per [`ADDED_ONLY_SWEEP`] (it still settles
+//! connections that waited for an authentication).
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -40,20 +47,43 @@ pub struct Pod {
     pub cgroup: PathBuf,
 }
 
+/// After changes that only added entries, the least time between sweeps.
+pub const ADDED_ONLY_SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What the last sweep saw.
+#[derive(Debug, Clone, Copy)]
+struct Swept {
+    /// The data path's change and narrowing counts then.
+    changes: u64,
+    narrowings: u64,
+    /// When.
+    at: std::time::Instant,
+    /// Whether the follow-up sweep after a narrowing is still due.
+    follow_up: bool,
+}
+
 /// When the connections were last swept.
 #[derive(Debug, Default)]
 pub struct Revocation {
-    /// The data path's change count at the last sweep, and whether the
-    /// follow-up sweep after it is still due.
-    swept: Mutex<Option<(u64, bool)>>,
+    swept: Mutex<Option<Swept>>,
     warned: Mutex<bool>,
+}
+
+/// Whether to sweep now, given the last sweep and the counts now.
+fn due(last: Option<Swept>, changes: u64, narrowings: u64) -> bool {
+    let Some(last) = last else { return true };
+    if narrowings != last.narrowings || last.follow_up {
+        return true;
+    }
+    changes != last.changes && last.at.elapsed() >= ADDED_ONLY_SWEEP
 }
 
 impl Revocation {
     /// Sweeps when the maps changed since the last sweep (or once more on
     /// the pass after one). Returns the connections reset.
     pub fn reconcile(&self, plane: &DataPlane, pods: &[Pod]) -> Vec<Revoked> {
-        let (changes, can) = plane.with_datapath(|dp| (dp.changes(), dp.can_revoke()));
+        let (changes, narrowings, can) =
+            plane.with_datapath(|dp| (dp.changes(), dp.narrowings(), dp.can_revoke()));
         if !can {
             let mut warned = lock(&self.warned);
             if !*warned {
@@ -66,11 +96,20 @@ impl Revocation {
         }
         {
             let mut swept = lock(&self.swept);
-            match *swept {
-                Some((at, false)) if at == changes => return Vec::new(),
-                Some((at, true)) if at == changes => *swept = Some((changes, false)),
-                _ => *swept = Some((changes, true)),
+            let last = *swept;
+            if !due(last, changes, narrowings) {
+                return Vec::new();
             }
+            // A narrowing gets a follow-up sweep on the next pass (for
+            // connections being established meanwhile); the follow-up
+            // itself, or a sweep after additions, does not.
+            let narrowed = last.is_none_or(|l| l.narrowings != narrowings);
+            *swept = Some(Swept {
+                changes,
+                narrowings,
+                at: std::time::Instant::now(),
+                follow_up: narrowed,
+            });
         }
         self.sweep(plane, pods)
     }
@@ -118,4 +157,37 @@ impl Revocation {
 
 fn skipped(pod: &Pod, e: &RevocationError) {
     debug!(pod = %pod.name, error = %e, "cannot sweep the pod's connections (retried on the next change)");
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn swept(changes: u64, narrowings: u64, ago: Duration, follow_up: bool) -> Option<Swept> {
+        Some(Swept {
+            changes,
+            narrowings,
+            at: Instant::now() - ago,
+            follow_up,
+        })
+    }
+
+    #[test]
+    fn narrowings_sweep_at_once_additions_at_most_once_a_second() {
+        assert!(due(None, 0, 0), "the first pass sweeps");
+        let now = Duration::ZERO;
+        assert!(due(swept(5, 2, now, false), 6, 3), "a narrowing: at once");
+        assert!(due(swept(5, 2, now, true), 5, 2), "its follow-up");
+        assert!(!due(swept(5, 2, now, false), 5, 2), "nothing changed");
+        assert!(
+            !due(swept(5, 2, now, false), 9, 2),
+            "additions just after a sweep"
+        );
+        assert!(
+            due(swept(5, 2, ADDED_ONLY_SWEEP, false), 9, 2),
+            "additions a second later"
+        );
+    }
 }

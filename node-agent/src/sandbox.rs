@@ -29,7 +29,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,6 +36,7 @@ use crate::netns::NetnsError;
 use crate::netns::rtnetlink::{self, RtnetlinkError};
 use tracing::debug;
 
+use crate::nodes::Cidr;
 use crate::view::PodView;
 
 /// How long a claim for a pod this agent does not know yet is kept (the
@@ -56,60 +56,6 @@ pub enum SandboxError {
     /// Its addresses could not be listed.
     #[error(transparent)]
     Rtnetlink(#[from] RtnetlinkError),
-    /// A range of a Node object is not a CIDR.
-    #[error("{0:?} is not a CIDR (address/prefix length)")]
-    Cidr(String),
-}
-
-/// An address range, such as a node's pod CIDR.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    net: IpAddr,
-    prefix: u8,
-}
-
-impl FromStr for Cidr {
-    type Err = SandboxError;
-
-    fn from_str(text: &str) -> Result<Cidr, SandboxError> {
-        let bad = || SandboxError::Cidr(text.to_owned());
-        let (net, prefix) = text.split_once('/').ok_or_else(bad)?;
-        let net: IpAddr = net.parse().map_err(|_| bad())?;
-        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-        let bits = if net.is_ipv4() { 32 } else { 128 };
-        if prefix > bits {
-            return Err(bad());
-        }
-        Ok(Cidr { net, prefix })
-    }
-}
-
-impl Cidr {
-    /// Whether `ip` is in the range (same family only).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let (a, b, bits) = match (self.net, ip) {
-            (IpAddr::V4(n), IpAddr::V4(i)) => (
-                u128::from(u32::from(n)) << 96,
-                u128::from(u32::from(i)) << 96,
-                32,
-            ),
-            (IpAddr::V6(n), IpAddr::V6(i)) => (u128::from(n), u128::from(i), 128),
-            _ => return false,
-        };
-        debug_assert!(self.prefix <= bits);
-        let mask = u128::MAX
-            .checked_shl(128 - u32::from(self.prefix))
-            .unwrap_or(0);
-        a & mask == b & mask
-    }
-}
-
-/// A node's pod ranges from its Node object (the ranges that are CIDRs).
-pub fn node_ranges(node: &k8s_openapi::api::core::v1::Node) -> Option<Arc<[Cidr]>> {
-    let spec = node.spec.as_ref()?;
-    let texts = spec.pod_cidrs.iter().flatten().chain(spec.pod_cidr.iter());
-    let ranges: Vec<Cidr> = texts.filter_map(|t| t.parse().ok()).collect();
-    Some(ranges.into())
 }
 
 /// Addresses vouched for one pod.
@@ -352,27 +298,6 @@ mod tests {
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
-    }
-
-    #[test]
-    fn ranges_hold_what_they_should_and_nothing_else() {
-        assert!(cidr("198.18.1.0/24").contains(ip("198.18.1.200")));
-        assert!(!cidr("198.18.1.0/24").contains(ip("198.18.2.1")));
-        assert!(!cidr("198.18.1.0/24").contains(ip("::ffff:198.18.1.1")));
-        assert!(cidr("0.0.0.0/0").contains(ip("1.2.3.4")));
-        assert!(cidr("fd00::1:0/112").contains(ip("fd00::1:10")));
-        assert!(!cidr("fd00::1:0/112").contains(ip("fd00::2:10")));
-        assert!(cidr("fd00::1/128").contains(ip("fd00::1")));
-        for bad in [
-            "198.18.1.0",
-            "198.18.1.0/33",
-            "fd00::/129",
-            "x/8",
-            "1.2.3.4/-1",
-            "",
-        ] {
-            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
-        }
     }
 
     fn pod(uid: &str, node: &str, id: &str, ips: &[&str]) -> PodView {

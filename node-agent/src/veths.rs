@@ -59,14 +59,22 @@ struct Checked {
     inode: u64,
 }
 
+/// How often every checked pod's namespace is looked at again (a
+/// recreated sandbox has a new veth); between such passes only new and
+/// changed pods are, and pods that failed for less than this long.
+pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The veths checked for this node's pods.
 #[derive(Debug, Default)]
 pub struct Veths {
     checked: Mutex<HashMap<std::sync::Arc<str>, Checked>>,
-    /// The last reason each wanted pod's veth could not be checked.
-    failing: Mutex<HashMap<std::sync::Arc<str>, String>>,
+    /// The last reason each wanted pod's veth could not be checked, and
+    /// since when it fails.
+    failing: Mutex<HashMap<std::sync::Arc<str>, (String, std::time::Instant)>>,
     /// Whether what a previous agent left in the maps was swept.
     swept: Mutex<bool>,
+    /// When every wanted pod was last looked at.
+    last_full: Mutex<Option<std::time::Instant>>,
 }
 
 /// The host-side interface of the veth whose other end is in `netns`.
@@ -96,14 +104,30 @@ impl Veths {
     /// written and the program attached; pods gone stop being checked.
     pub fn reconcile(&self, plane: &DataPlane, wanted: &[Want]) {
         self.sweep_leftovers(plane, wanted);
-        for want in wanted {
+        let full = {
+            let mut last = lock(&self.last_full);
+            let full = last.is_none_or(|at| at.elapsed() >= RECHECK);
+            if full {
+                *last = Some(std::time::Instant::now());
+            }
+            full
+        };
+        for want in wanted.iter().filter(|w| full || self.worth_a_look(w)) {
             match self.check(plane, want) {
                 Ok(()) => {
                     lock(&self.failing).remove(&want.uid);
                 }
                 Err(e) => {
                     let why = e.to_string();
-                    if lock(&self.failing).insert(want.uid.clone(), why.clone()) != Some(why) {
+                    let mut failing = lock(&self.failing);
+                    let since = failing
+                        .get(&want.uid)
+                        .map_or_else(std::time::Instant::now, |(_, at)| *at);
+                    if failing
+                        .insert(want.uid.clone(), (why.clone(), since))
+                        .map(|(w, _)| w)
+                        != Some(why)
+                    {
                         warn!(pod = %want.pod, error = %e, "cannot check what the pod sends; its traffic is checked by the egress gate and at its destinations only");
                     }
                 }
@@ -126,6 +150,17 @@ impl Veths {
                 warn!(pod_uid = %uid, error = %e, "cannot stop checking a gone pod's veth");
             }
         }
+    }
+
+    /// Between full passes: whether `want` is new, changed, or failing for
+    /// less than [`RECHECK`] (a pod whose process is about to start).
+    fn worth_a_look(&self, want: &Want) -> bool {
+        if let Some((_, since)) = lock(&self.failing).get(&want.uid) {
+            return since.elapsed() < RECHECK;
+        }
+        lock(&self.checked)
+            .get(&want.uid)
+            .is_none_or(|c| c.ips != want.ips)
     }
 
     /// Once, at the first pass: interfaces a previous agent checked whose

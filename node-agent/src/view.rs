@@ -277,6 +277,9 @@ pub struct View {
     pub pods: Vec<Arc<PodView>>,
     /// Node indexes of every node with such pods (and this one).
     pub nodes: NodeIndex,
+    /// Nodes' addresses from their Node objects, by name (where their
+    /// agents listen even before one of their pods has a status).
+    pub node_addresses: HashMap<String, Arc<[IpAddr]>>,
 }
 
 impl View {
@@ -296,6 +299,7 @@ impl View {
             local_node: local_node.to_owned(),
             pods,
             nodes,
+            node_addresses: HashMap::new(),
         }
     }
 
@@ -389,20 +393,27 @@ impl View {
             .map(|p| &*p.spiffe_id)
     }
 
-    /// Where `node`'s agent listens (its pods' host address).
+    /// Where `node`'s agent listens (its pods' host address, or else the
+    /// first address of its Node object).
     pub fn host_of(&self, node: &str) -> Option<IpAddr> {
         self.pods
             .iter()
             .filter(|p| *p.node == *node)
             .find_map(|p| p.host_ip)
+            .or_else(|| self.node_addresses.get(node)?.first().copied())
     }
 
-    /// Whether `ip` is an address of `node` (its pods' host address).
+    /// Whether `ip` is an address of `node` (its pods' host address, or an
+    /// address of its Node object).
     pub fn is_host_of(&self, node: &str, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         self.pods
             .iter()
             .any(|p| *p.node == *node && p.host_ip.map(canonical) == Some(ip))
+            || self
+                .node_addresses
+                .get(node)
+                .is_some_and(|a| a.iter().any(|n| canonical(*n) == ip))
     }
 
     /// The pairs this node should authenticate ahead of traffic: a local
@@ -697,5 +708,19 @@ mod tests {
         assert_eq!(view.remote(2, node_hash("a")), None);
         assert!(view.is_host_of("b", "::ffff:198.18.0.2".parse().unwrap()));
         assert!(!view.is_host_of("b", "198.18.0.1".parse().unwrap()));
+    }
+
+    /// A node none of whose pods has a status yet is known by its Node
+    /// object's addresses: its agent can be dialled and admitted.
+    #[test]
+    fn a_node_without_pod_statuses_is_known_by_its_node_object() {
+        let mut view = View::new("a", vec![pod("1", "a", "198.18.1.1", "web", 1, 5)]);
+        assert_eq!(view.host_of("c"), None);
+        assert!(!view.is_host_of("c", "198.18.0.3".parse().unwrap()));
+        view.node_addresses
+            .insert("c".into(), vec!["198.18.0.3".parse().unwrap()].into());
+        assert_eq!(view.host_of("c"), Some("198.18.0.3".parse().unwrap()));
+        assert!(view.is_host_of("c", "198.18.0.3".parse().unwrap()));
+        assert!(!view.is_host_of("a", "198.18.0.3".parse().unwrap()));
     }
 }

@@ -1412,7 +1412,9 @@ async fn until_mapped(cluster: &SimCluster, node: &str, ip: &str) -> tessera_bpf
 
 /// A new pod's address reaches both nodes' maps from its sandbox before the
 /// kubelet writes it into the status (node-a's agent reads it there and
-/// vouches for it in its handshake with db's node), so the pod's first
+/// vouches for it in its handshake with db's node, which knows node-a's
+/// agent from its Node object: no pod of node-a has a status yet), so the
+/// pod's first
 /// connection start is admitted as sent: nothing dropped at db's node for
 /// an unknown source. And what a pod author could do with it gets nothing:
 /// a pod that adds its neighbour's address, and one of another node's
@@ -1431,15 +1433,13 @@ async fn a_new_pods_address_reaches_its_peers_before_its_status() {
     let dir = tempfile::tempdir().unwrap();
     let launch = launch(&cp, dir.path(), signer_port, Vec::new());
     let (cluster, _) = cluster_with_agents(&client, &launch).await;
-    let other = pod(&cluster, "other", "other", "other", "node-a", "198.18.1.11").await;
     let db = pod(&cluster, "db", "db", "db", "node-b", "198.18.2.10").await;
     for from in ["web", "other", "cache"] {
         policy(&cluster, &format!("db-from-{from}"), "db", from).await;
     }
-    until_ok(&other, &db.ip).await;
-    let others = mapped(&cluster, "node-b", &other.ip).expect("other mapped");
 
-    // web: its sandbox has its address, its status none yet.
+    // web, node-a's first pod (db's node knows node-a's agent by its Node
+    // object): its sandbox has its address, its status none yet.
     let web_spec = PodSpec {
         namespace: "shop",
         name: "web",
@@ -1473,6 +1473,10 @@ async fn a_new_pods_address_reaches_its_peers_before_its_status() {
         Some(at_b),
         "the status changes nothing"
     );
+
+    let other = pod(&cluster, "other", "other", "other", "node-a", "198.18.1.11").await;
+    until_ok(&other, &db.ip).await;
+    let others = mapped(&cluster, "node-b", &other.ip).expect("other mapped");
 
     // mallory (identity cache): its own address, plus other's and one of
     // node-b's range added to its sandbox before its status.

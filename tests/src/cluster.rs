@@ -221,7 +221,7 @@ pub struct SimCluster {
 impl SimCluster {
     /// Creates the bridge holding `nodes` (name, address), a cgroup per
     /// node under `<cgroup_root>/<tag>`, and each node's Node object with its
-    /// pod ranges ([`SimCluster::pod_ranges`]). Pins go under
+    /// pod ranges ([`SimCluster::pod_ranges`]) and address. Pins go under
     /// `/sys/fs/bpf/<tag>-<node>`.
     pub async fn create(
         client: kube::Client,
@@ -230,7 +230,7 @@ impl SimCluster {
         nodes: &[(&str, &str)],
     ) -> SimCluster {
         for (name, ip) in nodes {
-            publish_node(&client, name, &Self::pod_ranges(ip)).await;
+            publish_node(&client, name, ip, &Self::pod_ranges(ip)).await;
         }
         assert!(
             cgroup_root.join("cgroup.procs").exists(),
@@ -530,8 +530,9 @@ impl SimCluster {
 }
 
 /// Creates or updates the Node object `name` with pod ranges `ranges` (as
-/// a node's IPAM would set them; they cannot change once set).
-async fn publish_node(client: &kube::Client, name: &str, ranges: &[String]) {
+/// a node's IPAM would set them; they cannot change once set) and its
+/// address `ip` in its status (as its kubelet reports it).
+async fn publish_node(client: &kube::Client, name: &str, ip: &str, ranges: &[String]) {
     use k8s_openapi::api::core::v1::Node;
     let nodes: Api<Node> = Api::all(client.clone());
     let node = serde_json::json!({
@@ -546,6 +547,18 @@ async fn publish_node(client: &kube::Client, name: &str, ranges: &[String]) {
         )
         .await
         .unwrap_or_else(|e| panic!("cannot publish node {name}: {e}"));
+    let status = serde_json::json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+    });
+    nodes
+        .patch_status(
+            name,
+            &PatchParams::apply(crate::resources::FIELD_MANAGER).force(),
+            &Patch::Apply(status),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot publish node {name}'s address: {e}"));
 }
 
 impl std::fmt::Debug for SimCluster {
