@@ -67,6 +67,9 @@ impl Files {
         let mut written = Vec::new();
         for (name, text) in &self.files {
             let path = dir.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+            }
             std::fs::write(&path, text).map_err(io_err(&path))?;
             written.push(path);
         }
@@ -74,7 +77,7 @@ impl Files {
     }
 
     /// Checks that `dir` holds exactly these files, byte for byte, and no
-    /// other YAML file.
+    /// other YAML file (in `dir` or in a directory of these files).
     pub fn check(&self, dir: &Path) -> Result<(), GeneratedError> {
         let mut expected = BTreeSet::new();
         for (name, want) in &self.files {
@@ -97,14 +100,26 @@ impl Files {
             }
             expected.insert(name.as_str());
         }
-        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
-            let entry = entry.map_err(io_err(dir))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".yaml") && !expected.contains(name.as_str()) {
-                return Err(GeneratedError::Stale {
-                    path: entry.path().display().to_string(),
-                    source_code: self.source_code,
-                });
+        let subdirs: BTreeSet<&str> = expected
+            .iter()
+            .map(|n| n.rsplit_once('/').map_or("", |(d, _)| d))
+            .collect();
+        for sub in subdirs {
+            let here = dir.join(sub);
+            for entry in std::fs::read_dir(&here).map_err(io_err(&here))? {
+                let entry = entry.map_err(io_err(&here))?;
+                let file = entry.file_name().to_string_lossy().into_owned();
+                let name = if sub.is_empty() {
+                    file
+                } else {
+                    format!("{sub}/{file}")
+                };
+                if name.ends_with(".yaml") && !expected.contains(name.as_str()) {
+                    return Err(GeneratedError::Stale {
+                        path: entry.path().display().to_string(),
+                        source_code: self.source_code,
+                    });
+                }
             }
         }
         Ok(())

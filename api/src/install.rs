@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 
+pub mod olm;
 pub mod rbac;
 pub mod workloads;
 

@@ -181,6 +181,7 @@ fn generate(check: bool, root: &Path) -> Result<()> {
     let generated = [
         ("crds", tessera_api::crd::files()?),
         ("deploy", tessera_api::install::files(&settings)?),
+        ("olm/bundle", tessera_api::install::olm::files(&settings)?),
     ];
     for (dir, files) in generated {
         let dir = root.join(dir);

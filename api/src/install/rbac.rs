@@ -248,7 +248,7 @@ pub fn accounts() -> [Account; 2] {
     [operator(), agent()]
 }
 
-fn rule(g: &Grant) -> Value {
+pub(super) fn rule(g: &Grant) -> Value {
     let mut rule = json!({
         "apiGroups": [g.group],
         "resources": g.resources,
