@@ -2,6 +2,7 @@
 //! runs, each testable on its own against a real API server.
 #![forbid(unsafe_code)]
 
+pub mod agent_daemonset;
 pub mod allocator;
 pub mod assign;
 pub mod bundle_endpoint;

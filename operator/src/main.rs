@@ -216,6 +216,19 @@ struct RunArgs {
     /// This replica's pod address (from the downward API).
     #[arg(long, env = "POD_IP", requires = "pod_name")]
     pod_ip: Option<std::net::IpAddr>,
+    /// Run the node agents: the leader keeps the agent DaemonSet, with this
+    /// image, applied in --namespace and reports on it whether Pod Security
+    /// admits its pods (OLM installs, which give the image as
+    /// RELATED_IMAGE_AGENT). Off when unset: `deploy/` ships the DaemonSet.
+    #[arg(long, env = "RELATED_IMAGE_AGENT")]
+    agent_image: Option<String>,
+    /// The nodes' pod cgroup root, for the agents the operator runs.
+    #[arg(long, default_value = "/sys/fs/cgroup/kubepods.slice")]
+    agent_cgroup_root: String,
+    /// How often the leader applies the agent DaemonSet again and checks
+    /// its Pod Security condition, in seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    agent_recheck_seconds: u64,
     #[command(flatten)]
     spire: SpireArgs,
 }
@@ -348,6 +361,8 @@ struct Leading {
     spire: Option<spire_entries::SpireConfig>,
     /// This replica, when it runs as a pod whose Services it backs.
     replica: Option<leader_endpoints::Replica>,
+    /// The node agents, when the operator runs them.
+    agents: Option<tessera_operator::agent_daemonset::AgentConfig>,
 }
 
 impl Leading {
@@ -555,6 +570,10 @@ async fn lead(
     });
     let signing = tokio::spawn(run_signer(client.clone(), leading.clone(), ca, rotated));
     let pointing = tokio::spawn(publish_leader_endpoints(client.clone(), leading.clone()));
+    let running_agents = leading
+        .agents
+        .clone()
+        .map(|cfg| tokio::spawn(tessera_operator::agent_daemonset::run(client.clone(), cfg)));
     let (stop_policy, policy_stopped) = tokio::sync::oneshot::channel::<()>();
     let preview = Arc::new(tessera_operator::policy::Preview::default());
     let policies = tokio::spawn(tessera_operator::policy::run(
@@ -606,6 +625,9 @@ async fn lead(
     }
     signing.abort();
     pointing.abort();
+    if let Some(running_agents) = running_agents {
+        running_agents.abort();
+    }
     Ok(result?)
 }
 
@@ -629,6 +651,9 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         svid_source,
         pod_name,
         pod_ip,
+        agent_image,
+        agent_cgroup_root,
+        agent_recheck_seconds,
         spire,
     } = args;
     let spire = match svid_source {
@@ -675,6 +700,13 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         replica: pod_name
             .zip(pod_ip)
             .map(|(pod_name, pod_ip)| leader_endpoints::Replica { pod_name, pod_ip }),
+        agents: agent_image.map(|image| tessera_operator::agent_daemonset::AgentConfig {
+            image,
+            namespace: namespace.to_owned(),
+            cgroup_root: agent_cgroup_root,
+            trust_domain: trust_domain.to_string(),
+            recheck: Duration::from_secs(agent_recheck_seconds),
+        }),
     });
     let metrics = Arc::new(Metrics::default());
     let (bound, _server) = metrics::serve(metrics_addr, metrics.clone())

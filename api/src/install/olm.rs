@@ -322,7 +322,12 @@ fn install(settings: &Settings) -> Value {
             "rules": account.grants.iter().filter(|g| g.namespaced == namespaced).map(rbac::rule).collect::<Vec<_>>(),
         })
     };
-    let accounts = rbac::accounts();
+    let mut accounts = rbac::accounts();
+    for account in &mut accounts {
+        if account.name == OPERATOR {
+            account.grants.extend(rbac::operator_runs_agents());
+        }
+    }
     let mut deployment = workloads::operator(settings)
         .into_iter()
         .next()

@@ -243,6 +243,42 @@ pub fn agent() -> Account {
     }
 }
 
+/// What the operator needs more where it runs the node agents itself (OLM
+/// installs, `--agent-image`): the agent DaemonSet and what it reports on
+/// it. `deploy/` ships the DaemonSet instead and grants none of this.
+pub fn operator_runs_agents() -> Vec<Grant> {
+    vec![
+        local(
+            "apps",
+            &["daemonsets"],
+            &["create"],
+            &[],
+            "create the agent DaemonSet on first start (Kubernetes cannot limit create by name)",
+        ),
+        local(
+            "apps",
+            &["daemonsets"],
+            &["get", "patch"],
+            &[AGENT],
+            "keep the agent DaemonSet as the operator's image and settings say (server-side apply)",
+        ),
+        local(
+            "apps",
+            &["daemonsets/status"],
+            &["patch"],
+            &[AGENT],
+            "the PodSecurityAdmitted condition on the agent DaemonSet",
+        ),
+        local(
+            "",
+            &["events"],
+            &["list"],
+            &[],
+            "read the DaemonSet controller's FailedCreate events (Pod Security refusals)",
+        ),
+    ]
+}
+
 /// Every account.
 pub fn accounts() -> [Account; 2] {
     [operator(), agent()]
@@ -304,7 +340,12 @@ pub fn markdown() -> String {
          delete pods, or write RBAC, bind, escalate or impersonate; \
          `operator/tests/deploy.rs` checks this with `kubectl auth can-i`.\n",
     );
-    for account in accounts() {
+    let olm = Account {
+        name: OPERATOR,
+        binary: "tessera-operator, OLM installs only: it runs the agents",
+        grants: operator_runs_agents(),
+    };
+    for account in accounts().into_iter().chain([olm]) {
         out.push_str(&format!(
             "\n## `{}` ({})\n\n| API group | resources | verbs | scope | why |\n|---|---|---|---|---|\n",
             account.name, account.binary

@@ -28,7 +28,11 @@ pub fn namespace() -> Value {
 }
 
 fn meta(name: &str, component: &str) -> Value {
-    json!({"name": name, "namespace": NAMESPACE,
+    meta_in(NAMESPACE, name, component)
+}
+
+fn meta_in(namespace: &str, name: &str, component: &str) -> Value {
+    json!({"name": name, "namespace": namespace,
            "labels": labels(&[("app.kubernetes.io/name", name), ("app.kubernetes.io/component", component)])})
 }
 
@@ -151,6 +155,12 @@ fn leader_service(name: &str, port: u16, target: u16) -> Value {
 /// through /proc), with the host paths it needs and only the capabilities
 /// it uses instead of a privileged container.
 pub fn agent_daemonset(settings: &Settings) -> Value {
+    agent_daemonset_in(settings, NAMESPACE)
+}
+
+/// [`agent_daemonset`] for an installation in `namespace` (an OLM install
+/// namespace other than the suggested one).
+pub fn agent_daemonset_in(settings: &Settings, namespace: &str) -> Value {
     let host = |name: &str, path: &str, kind: &str| json!({"name": name, "hostPath": {"path": path, "type": kind}});
     let volumes = json!([
         host("bpffs", "/sys/fs/bpf", "DirectoryOrCreate"),
@@ -178,9 +188,9 @@ pub fn agent_daemonset(settings: &Settings) -> Value {
         settings.image(AGENT),
         vec![
             "run".to_owned(),
-            format!("--namespace={NAMESPACE}"),
-            format!("--signer=https://{SIGNER_SERVICE}.{NAMESPACE}.svc:{SIGNER_PORT}"),
-            format!("--signer-name={SIGNER_SERVICE}.{NAMESPACE}.svc"),
+            format!("--namespace={namespace}"),
+            format!("--signer=https://{SIGNER_SERVICE}.{namespace}.svc:{SIGNER_PORT}"),
+            format!("--signer-name={SIGNER_SERVICE}.{namespace}.svc"),
             format!("--token-file={AGENT_TOKEN_DIR}/token"),
             format!("--socket={SOCKET_DIR}/agent.sock"),
             format!("--cgroup-root={}", settings.cgroup_root),
@@ -214,7 +224,7 @@ pub fn agent_daemonset(settings: &Settings) -> Value {
     });
     json!({
         "apiVersion": "apps/v1", "kind": "DaemonSet",
-        "metadata": meta(AGENT, "agent"),
+        "metadata": meta_in(namespace, AGENT, "agent"),
         "spec": {
             "selector": {"matchLabels": {"app.kubernetes.io/name": AGENT}},
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
