@@ -488,34 +488,37 @@ impl Inner {
         }
         let me = self.clone();
         tokio::spawn(async move {
-            me.initiate(&pair).await;
+            let vouched = me.initiate(&pair).await;
             lock(&me.inflight).remove(&pair);
             // A pod's sandbox address found while the handshake ran (its
             // pass found this one in flight): vouched for at once, not at
-            // the next pass.
-            if !me.vouched_for(&pair) && !lock(&me.failed).contains_key(&pair) {
+            // the next pass. Only after a handshake that succeeded, so a
+            // pair that cannot be tried yet is not tried in a loop.
+            let now = me.vouch(&pair);
+            if vouched.is_some_and(|sent| !now.is_empty() && sent != now) {
                 me.spawn_handshake(pair);
             }
         });
     }
 
-    async fn initiate(&self, pair: &Pair) {
+    /// One handshake for `pair`; what it vouched for when it succeeded.
+    async fn initiate(&self, pair: &Pair) -> Option<Vec<Vouch>> {
         // The epoch before the credentials: a revocation swaps the
         // credentials first, so a handshake on the old ones always sees an
         // older epoch than the one it would record in, and is not recorded.
         let epoch = self.plane.epoch();
-        let Some(creds) = self.creds() else { return };
+        let creds = self.creds()?;
         if !creds.holds(&pair.local) {
             // The pod's SVID is not issued yet (its traffic may already be
             // reported): not a failure to back off from; the new credentials
             // start the handshake.
             debug!(local = %pair.local, "no SVID for the local identity yet; authenticating once it is issued");
-            return;
+            return None;
         }
         let view = self.view();
         let Some(host) = view.host_of(&pair.remote_node) else {
             debug!(node = %pair.remote_node, "no address known for the node's agent yet");
-            return;
+            return None;
         };
         let addr = SocketAddr::new(host, self.cfg.peer_port);
         let started = Instant::now();
@@ -536,6 +539,7 @@ impl Inner {
                 let recorded = self.record(&auth, epoch);
                 info!(local = %pair.local, remote = %pair.remote, node = %pair.remote_node,
                       took_us = started.elapsed().as_micros() as u64, recorded, vouched = vouch.len(), "authenticated");
+                Some(vouch)
             }
             Err(e) => {
                 Stats::bump(&self.plane.stats.initiated_failed);
@@ -555,6 +559,7 @@ impl Inner {
                     info!(local = %pair.local, remote = %pair.remote, node = %pair.remote_node,
                           error = %e, "handshake failed; retrying shortly while the pair's connections wait");
                 }
+                None
             }
         }
     }
