@@ -32,10 +32,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::netns::NetnsError;
-use crate::netns::rtnetlink::{self, RtnetlinkError};
 use tracing::debug;
 
+use crate::netns::NetnsError;
+use crate::netns::rtnetlink::{self, RtnetlinkError};
 use crate::nodes::Cidr;
 use crate::view::PodView;
 
