@@ -789,9 +789,14 @@ async fn floods_of_idle_connections_cost_the_agent_little() {
 
 /// What the test reads from node-b's pinned maps while its agent is down:
 /// the auth cache's MAC key and the endpoints of `db` and `intruder`.
+/// `node`'s agent's pinned data path, opened in this process (its live maps).
+fn pinned(cluster: &SimCluster, node: &str) -> tessera_bpf::datapath::Datapath {
+    let dir = tessera_bpf::pinning::version_dir(&cluster.pin_root(node));
+    tessera_bpf::datapath::Datapath::open(Some(&dir)).unwrap()
+}
+
 fn pinned_state(cluster: &SimCluster, db: &SimPod, intruder: &SimPod) -> ([u8; 32], Entry) {
-    let dir = tessera_bpf::pinning::version_dir(&cluster.pin_root("node-b"));
-    let mut dp = tessera_bpf::datapath::Datapath::open(Some(&dir)).unwrap();
+    let mut dp = pinned(cluster, "node-b");
     let local = dp.endpoint_ip(db.ip.parse().unwrap()).unwrap().unwrap();
     let remote = dp
         .endpoint_ip(intruder.ip.parse().unwrap())
@@ -821,8 +826,7 @@ fn pinned_state(cluster: &SimCluster, db: &SimPod, intruder: &SimPod) -> ([u8; 3
 /// How long the auth entry under `key` in node-b's pinned map has left,
 /// if it is there.
 fn auth_left(cluster: &SimCluster, key: &tessera_bpf::abi::AuthKey) -> Option<Duration> {
-    let dir = tessera_bpf::pinning::version_dir(&cluster.pin_root("node-b"));
-    let mut dp = tessera_bpf::datapath::Datapath::open(Some(&dir)).unwrap();
+    let mut dp = pinned(cluster, "node-b");
     let now = tessera_bpf::monotonic_ns();
     dp.auths()
         .unwrap()
@@ -1386,15 +1390,13 @@ async fn established_connections_end_with_what_admitted_them() {
 
 /// The endpoint `node`'s pinned maps hold for `ip`, if any.
 fn mapped(cluster: &SimCluster, node: &str, ip: &str) -> Option<tessera_bpf::abi::Endpoint> {
-    let dir = tessera_bpf::pinning::version_dir(&cluster.pin_root(node));
-    let mut dp = tessera_bpf::datapath::Datapath::open(Some(&dir)).unwrap();
+    let mut dp = pinned(cluster, node);
     dp.endpoint_ip(ip.parse().unwrap()).unwrap()
 }
 
 /// `node`'s data-path counter for `reason`.
 fn decided(cluster: &SimCluster, node: &str, reason: tessera_bpf::abi::Reason) -> u64 {
-    let dir = tessera_bpf::pinning::version_dir(&cluster.pin_root(node));
-    let mut dp = tessera_bpf::datapath::Datapath::open(Some(&dir)).unwrap();
+    let mut dp = pinned(cluster, node);
     dp.counter(reason).unwrap()
 }
 

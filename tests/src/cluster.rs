@@ -535,16 +535,13 @@ impl SimCluster {
 async fn publish_node(client: &kube::Client, name: &str, ip: &str, ranges: &[String]) {
     use k8s_openapi::api::core::v1::Node;
     let nodes: Api<Node> = Api::all(client.clone());
+    let params = PatchParams::apply(crate::resources::FIELD_MANAGER).force();
     let node = serde_json::json!({
         "apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
         "spec": {"podCIDR": ranges[0], "podCIDRs": ranges},
     });
     nodes
-        .patch(
-            name,
-            &PatchParams::apply(crate::resources::FIELD_MANAGER).force(),
-            &Patch::Apply(node),
-        )
+        .patch(name, &params, &Patch::Apply(node))
         .await
         .unwrap_or_else(|e| panic!("cannot publish node {name}: {e}"));
     let status = serde_json::json!({
@@ -552,11 +549,7 @@ async fn publish_node(client: &kube::Client, name: &str, ip: &str, ranges: &[Str
         "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
     });
     nodes
-        .patch_status(
-            name,
-            &PatchParams::apply(crate::resources::FIELD_MANAGER).force(),
-            &Patch::Apply(status),
-        )
+        .patch_status(name, &params, &Patch::Apply(status))
         .await
         .unwrap_or_else(|e| panic!("cannot publish node {name}'s address: {e}"));
 }
