@@ -13,14 +13,16 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use tessera_api::names::{
-    AGENT, BUNDLE_CONFIGMAP, BUNDLE_ENDPOINT_SERVICE, CA_SECRET, NAMESPACE, OPERATOR,
-    SIGNER_SERVICE,
+    AGENT, BUNDLE_ENDPOINT_SERVICE, CA_SECRET, NAMESPACE, OPERATOR, SIGNER_SERVICE,
 };
 use tessera_tests::procs::operator_run;
+use tessera_tests::rbac;
+
+mod common;
 use tessera_tests::{ControlPlane, eventually, free_port, repo_root, resources};
 
 fn deploy_dir() -> PathBuf {
@@ -31,27 +33,8 @@ fn kubectl(cp: &ControlPlane, args: &[&str]) -> Result<String> {
     cp.kubectl_output(args)
 }
 
-/// Whether `user` may `verb` `resource` (`kubectl auth can-i`; `kind/name`
-/// for one object, `kind#sub` for a subresource), in `namespace` when
-/// given.
-fn can(cp: &ControlPlane, user: &str, verb: &str, resource: &str, namespace: Option<&str>) -> bool {
-    let (resource, subresource) = match resource.split_once('#') {
-        Some((r, sub)) => (r, Some(format!("--subresource={sub}"))),
-        None => (resource, None),
-    };
-    let mut args = vec!["auth", "can-i", verb, resource, "--as", user];
-    args.extend(subresource.as_deref());
-    match namespace {
-        Some(ns) => args.extend(["-n", ns]),
-        None => args.push("--all-namespaces"),
-    }
-    // can-i exits 1 for "no": read the answer, not the status.
-    let out = cp.kubectl().args(&args).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim() == "yes"
-}
-
 fn service_account(name: &str) -> String {
-    format!("system:serviceaccount:{NAMESPACE}:{name}")
+    rbac::service_account(NAMESPACE, name)
 }
 
 /// The namespace, then the kustomization: dry run, then for real.
@@ -93,90 +76,20 @@ fn install(cp: &ControlPlane) -> Result<()> {
 async fn deploy_applies_and_each_account_may_do_only_what_its_binary_needs() -> Result<()> {
     let cp = ControlPlane::start().await?;
     install(&cp)?;
-    let operator = service_account(OPERATOR);
-    let agent = service_account(AGENT);
-    let ns = Some(NAMESPACE);
-    // What the binaries do (listed here, not derived from the roles).
-    let operator_needs: &[(&str, &str, Option<&str>)] = &[
-        ("watch", "pods", None),
-        ("list", "namespaces", None),
-        ("create", "tokenreviews.authentication.k8s.io", None),
-        ("patch", "podidentities.tessera.dev", None),
-        ("delete", "podidentities.tessera.dev", None),
-        ("patch", "identitypolicies.tessera.dev", None),
-        ("create", "numericidentities.tessera.dev", None),
-        ("update", "identitycounters.tessera.dev", None),
-        ("patch", "workloadidentities.tessera.dev#status", None),
-        ("patch", "authpolicies.tessera.dev#status", None),
-        ("patch", "federatedtrustdomains.tessera.dev", None),
-        ("create", "events.events.k8s.io", None),
-        ("create", "secrets", ns),
-        ("update", &format!("secrets/{CA_SECRET}"), ns),
-        ("watch", &format!("secrets/{CA_SECRET}"), ns),
-        ("patch", &format!("configmaps/{BUNDLE_CONFIGMAP}"), ns),
-        (
-            "update",
-            &format!("leases.coordination.k8s.io/{OPERATOR}"),
-            ns,
-        ),
-        (
-            "patch",
-            &format!("endpointslices.discovery.k8s.io/{SIGNER_SERVICE}"),
-            ns,
-        ),
-    ];
-    let agent_needs: &[(&str, &str, Option<&str>)] = &[
-        ("watch", "pods", None),
-        ("watch", "podidentities.tessera.dev", None),
-        ("list", "identitypolicies.tessera.dev", None),
-        ("watch", "numericidentities.tessera.dev", None),
-        ("watch", &format!("configmaps/{BUNDLE_CONFIGMAP}"), ns),
-    ];
-    for (user, needs) in [(&operator, operator_needs), (&agent, agent_needs)] {
-        for (verb, resource, namespace) in needs {
-            assert!(
-                can(&cp, user, verb, resource, *namespace),
-                "{user} may not {verb} {resource}, which its binary needs"
-            );
-        }
-    }
-    // What neither may do.
-    let forbidden: &[(&str, &str, Option<&str>)] = &[
-        ("get", "secrets", Some("default")),
-        ("list", "secrets", None),
-        ("get", "secrets/some-other-secret", ns),
-        ("list", "secrets", ns),
-        ("create", "pods", None),
-        ("delete", "pods", None),
-        ("patch", "pods", None),
-        ("bind", "clusterroles", None),
-        ("escalate", "clusterroles", None),
-        ("impersonate", "users", None),
-        ("impersonate", "serviceaccounts", None),
-        ("create", "clusterrolebindings", None),
-        ("update", "roles", ns),
-        ("create", "rolebindings", ns),
-        ("create", "serviceaccounts/token", ns),
-        ("update", "configmaps/kube-root-ca.crt", ns),
-    ];
-    for user in [&operator, &agent] {
-        for (verb, resource, namespace) in forbidden {
-            assert!(
-                !can(&cp, user, verb, resource, *namespace),
-                "{user} may {verb} {resource} ({namespace:?})"
-            );
-        }
-    }
-    for (verb, resource) in [
-        ("create", "podidentities.tessera.dev"),
-        ("patch", "identitypolicies.tessera.dev"),
-        ("create", "tokenreviews.authentication.k8s.io"),
-    ] {
-        assert!(
-            !can(&cp, &agent, verb, resource, None),
-            "agent may {verb} {resource}"
-        );
-    }
+    let mut forbidden = common::grants::forbidden_to_both();
+    rbac::assert_grants(
+        &cp,
+        &service_account(OPERATOR),
+        &common::grants::operator_needs(),
+        &forbidden,
+    );
+    forbidden.extend(common::grants::forbidden_to_agent());
+    rbac::assert_grants(
+        &cp,
+        &service_account(AGENT),
+        &common::grants::agent_needs(),
+        &forbidden,
+    );
     Ok(())
 }
 
@@ -240,29 +153,15 @@ async fn leader_address(client: &kube::Client, service: &str) -> Result<Option<S
         .and_then(|e| e.addresses.into_iter().next()))
 }
 
-async fn operator_token(client: &kube::Client) -> Result<String> {
-    // A token for the API server itself (its default audience).
-    let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), NAMESPACE);
-    let request = k8s_openapi::api::authentication::v1::TokenRequest {
-        spec: Some(k8s_openapi::api::authentication::v1::TokenRequestSpec {
-            expiration_seconds: Some(3600),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    sa.create_token_request(OPERATOR, &Default::default(), &request)
-        .await?
-        .status
-        .and_then(|s| s.token)
-        .context("no token issued")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_run_with_their_roles_alone_and_the_services_follow_the_leader() -> Result<()> {
     let cp = ControlPlane::start().await?;
     install(&cp)?;
     let client = cp.client().await?;
-    let kubeconfig = cp.kubeconfig_with_token(OPERATOR, &operator_token(&client).await?)?;
+    let kubeconfig = cp.kubeconfig_with_token(
+        OPERATOR,
+        &rbac::api_token(&client, NAMESPACE, OPERATOR).await?,
+    )?;
     let a = Replica::start(&cp, &kubeconfig, "operator-a", "10.0.0.1")?;
     let b = Replica::start(&cp, &kubeconfig, "operator-b", "10.0.0.2")?;
     resources::wait_for_trust_bundle(&client, Duration::from_secs(30)).await?;
@@ -345,7 +244,10 @@ async fn delete_k_keeps_only_the_namespace_and_the_ca_secret() -> Result<()> {
     install(&cp)?;
     let client = cp.client().await?;
     // The CA Secret, as the operator makes it.
-    let kubeconfig = cp.kubeconfig_with_token(OPERATOR, &operator_token(&client).await?)?;
+    let kubeconfig = cp.kubeconfig_with_token(
+        OPERATOR,
+        &rbac::api_token(&client, NAMESPACE, OPERATOR).await?,
+    )?;
     let operator = Replica::start(&cp, &kubeconfig, "operator-a", "10.0.0.1")?;
     resources::wait_for_trust_bundle(&client, Duration::from_secs(30)).await?;
     drop(operator);

@@ -6,8 +6,10 @@
 pub mod cluster;
 pub mod controlplane;
 pub mod netns;
+pub mod olm;
 pub mod pki;
 pub mod procs;
+pub mod rbac;
 pub mod resources;
 pub mod scapy;
 pub mod spire;

@@ -1,9 +1,12 @@
-//! The Go-built binaries the tests run for real: `kube-apiserver`, `kubectl` and
-//! `etcd`, built from the Go module proxy through wrapper modules and cached by
-//! version outside the repository.
+//! The Go-built binaries the tests run for real: `kube-apiserver`, `kubectl`,
+//! `etcd`, SPIRE's agent and server, and OLM's tools (`opm` and
+//! `bundle-check`, a small program of ours around operator-framework/api's
+//! bundle validators), built from the Go module proxy through wrapper modules
+//! and cached by version outside the repository.
 //!
-//! Cache layout: `<cache>/kubernetes-v<K>/{kube-apiserver,kubectl}` and
-//! `<cache>/etcd-v<E>/etcd`, where `<cache>` is `$TESSERA_TESTBIN_DIR`, else
+//! Cache layout: `<cache>/kubernetes-v<K>/{kube-apiserver,kubectl}`,
+//! `<cache>/etcd-v<E>/etcd`, `<cache>/spire-v<S>/{spire-agent,spire-server}`
+//! and `<cache>/olm-v<R>-api-v<A>/{opm,bundle-check}`, where `<cache>` is `$TESSERA_TESTBIN_DIR`, else
 //! `$XDG_CACHE_HOME/tessera/testbin`, else `$HOME/.cache/tessera/testbin`.
 //! A directory exists only once its build finished (it is renamed into place).
 
@@ -19,6 +22,12 @@ pub const KUBERNETES_VERSION: &str = "1.36.3";
 pub const SPIRE_VERSION: &str = "1.15.3";
 /// etcd release, the one Kubernetes 1.36.3 requires in its go.mod.
 pub const ETCD_VERSION: &str = "3.6.8";
+/// operator-registry release whose `opm` renders and validates a catalog made
+/// from the bundle.
+pub const OPERATOR_REGISTRY_VERSION: &str = "1.73.0";
+/// operator-framework/api release whose validators `bundle-check` runs (the
+/// one operator-registry 1.73.0 requires).
+pub const OPERATOR_API_VERSION: &str = "0.45.0";
 /// Bumped whenever the build recipe changes, so cached builds of an older
 /// recipe are rebuilt; written to a `recipe` file in each cache directory.
 pub const RECIPE: &str = "2: version stamped with -X ldflags";
@@ -39,6 +48,11 @@ pub struct TestBins {
     pub spire_agent: PathBuf,
     /// `spire-server`, a real SPIRE server (Entry API, federation).
     pub spire_server: PathBuf,
+    /// `opm`, operator-registry's catalog tool.
+    pub opm: PathBuf,
+    /// `bundle-check <bundle-dir> <k8s-version>`: the results of
+    /// operator-framework/api's bundle validators as JSON.
+    pub bundle_check: PathBuf,
 }
 
 /// The cache root (see the module docs).
@@ -66,6 +80,12 @@ fn spire_dir(root: &Path) -> PathBuf {
     root.join(format!("spire-v{SPIRE_VERSION}"))
 }
 
+fn olm_dir(root: &Path) -> PathBuf {
+    root.join(format!(
+        "olm-v{OPERATOR_REGISTRY_VERSION}-api-v{OPERATOR_API_VERSION}"
+    ))
+}
+
 impl TestBins {
     fn at(root: &Path) -> TestBins {
         TestBins {
@@ -74,6 +94,8 @@ impl TestBins {
             etcd: etcd_dir(root).join("etcd"),
             spire_agent: spire_dir(root).join("spire-agent"),
             spire_server: spire_dir(root).join("spire-server"),
+            opm: olm_dir(root).join("opm"),
+            bundle_check: olm_dir(root).join("bundle-check"),
         }
     }
 
@@ -86,6 +108,8 @@ impl TestBins {
             &bins.etcd,
             &bins.spire_agent,
             &bins.spire_server,
+            &bins.opm,
+            &bins.bundle_check,
         ] {
             if !path.is_file() {
                 bail!(
@@ -119,6 +143,9 @@ impl TestBins {
         }
         if !is_current(&spire_dir(&root), &[&want.spire_agent, &want.spire_server]) {
             build_spire(&root)?;
+        }
+        if !is_current(&olm_dir(&root), &[&want.opm, &want.bundle_check]) {
+            build_olm(&root)?;
         }
         TestBins::locate()
     }
@@ -179,14 +206,31 @@ pub fn staging_replaces(kubernetes_go_mod: &str, version: &str) -> Vec<String> {
     lines
 }
 
-/// Builds into a scratch directory beside `dest`, then renames it into place.
-fn build_into(
-    dest: &Path,
-    go_mod: &str,
-    ldflags: &str,
-    packages: &[&str],
-    renames: &[(&str, &str)],
-) -> Result<()> {
+/// What one cache directory is built from: a wrapper module's `go.mod`, any
+/// source files of its own (path in the module, text), build tags and
+/// ldflags, the packages to build, and renames of what `go build` names
+/// the binaries.
+#[derive(Default)]
+struct Recipe<'a> {
+    go_mod: String,
+    files: &'a [(&'a str, &'a str)],
+    tags: &'a str,
+    ldflags: String,
+    packages: &'a [&'a str],
+    renames: &'a [(&'a str, &'a str)],
+}
+
+/// Builds `recipe` into a scratch directory beside `dest`, then renames it
+/// into place.
+fn build_into(dest: &Path, recipe: &Recipe) -> Result<()> {
+    let Recipe {
+        go_mod,
+        files,
+        tags,
+        ldflags,
+        packages,
+        renames,
+    } = recipe;
     let root = dest.parent().context("cache directory has no parent")?;
     let scratch = tempfile::Builder::new()
         .prefix(".build-")
@@ -196,6 +240,13 @@ fn build_into(
     fs::create_dir_all(&module)?;
     fs::create_dir_all(&out)?;
     fs::write(module.join("go.mod"), go_mod)?;
+    for (path, text) in *files {
+        let path = module.join(path);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        fs::write(path, text)?;
+    }
     eprintln!(
         "building {} (first time only; cached in {})",
         packages.join(" "),
@@ -205,12 +256,13 @@ fn build_into(
     cmd.current_dir(&module)
         .env("GOFLAGS", "-mod=mod -buildvcs=false")
         .arg("build")
+        .arg(format!("-tags={tags}"))
         .arg(format!("-ldflags=-s -w {ldflags}"))
         .arg("-o")
         .arg(format!("{}/", out.display()))
-        .args(packages);
+        .args(*packages);
     run(&mut cmd, &format!("go build {}", packages.join(" ")))?;
-    for (from, to) in renames {
+    for (from, to) in *renames {
         fs::rename(out.join(from), out.join(to))
             .with_context(|| format!("go build produced no {from}"))?;
     }
@@ -258,13 +310,15 @@ fn build_kubernetes(root: &Path) -> Result<()> {
         .join(" ");
     build_into(
         &kubernetes_dir(root),
-        &go_mod,
-        &ldflags,
-        &[
-            "k8s.io/kubernetes/cmd/kube-apiserver",
-            "k8s.io/kubernetes/cmd/kubectl",
-        ],
-        &[],
+        &Recipe {
+            go_mod,
+            ldflags,
+            packages: &[
+                "k8s.io/kubernetes/cmd/kube-apiserver",
+                "k8s.io/kubernetes/cmd/kubectl",
+            ],
+            ..Recipe::default()
+        },
     )
 }
 
@@ -275,10 +329,12 @@ fn build_etcd(root: &Path) -> Result<()> {
     // The main package is the module root, so go names the binary "server".
     build_into(
         &etcd_dir(root),
-        &go_mod,
-        "",
-        &["go.etcd.io/etcd/server/v3"],
-        &[("server", "etcd")],
+        &Recipe {
+            go_mod,
+            packages: &["go.etcd.io/etcd/server/v3"],
+            renames: &[("server", "etcd")],
+            ..Recipe::default()
+        },
     )
 }
 
@@ -298,13 +354,42 @@ fn build_spire(root: &Path) -> Result<()> {
     );
     build_into(
         &spire_dir(root),
-        &go_mod,
-        "",
-        &[
-            "github.com/spiffe/spire/cmd/spire-agent",
-            "github.com/spiffe/spire/cmd/spire-server",
-        ],
-        &[],
+        &Recipe {
+            go_mod,
+            packages: &[
+                "github.com/spiffe/spire/cmd/spire-agent",
+                "github.com/spiffe/spire/cmd/spire-server",
+            ],
+            ..Recipe::default()
+        },
+    )
+}
+
+fn build_olm(root: &Path) -> Result<()> {
+    // operator-registry's own build uses these tags: sqlite's JSON functions,
+    // and image signatures checked in Go (no gpgme C library).
+    let go_mod = format!(
+        "module tessera.dev/testbin/olm\n\ngo 1.26.3\n\nrequire (\n\tgithub.com/operator-framework/api v{OPERATOR_API_VERSION}\n\tgithub.com/operator-framework/operator-registry v{OPERATOR_REGISTRY_VERSION}\n)\n"
+    );
+    let ldflags = format!(
+        "-X github.com/operator-framework/operator-registry/cmd/opm/version.opmVersion=v{OPERATOR_REGISTRY_VERSION}"
+    );
+    build_into(
+        &olm_dir(root),
+        &Recipe {
+            go_mod,
+            files: &[(
+                "cmd/bundle-check/main.go",
+                include_str!("testbin/bundle_check.go"),
+            )],
+            tags: "json1,containers_image_openpgp",
+            ldflags,
+            packages: &[
+                "./cmd/bundle-check",
+                "github.com/operator-framework/operator-registry/cmd/opm",
+            ],
+            renames: &[],
+        },
     )
 }
 

@@ -199,13 +199,18 @@ fn generate(check: bool, root: &Path) -> Result<()> {
 
 fn testbin() -> Result<TestBins> {
     let bins = TestBins::ensure_built()?;
-    println!(
-        "test binaries ready:\n  {}\n  {}\n  {}\n  {}",
-        bins.kube_apiserver.display(),
-        bins.kubectl.display(),
-        bins.etcd.display(),
-        bins.spire_agent.display()
-    );
+    println!("test binaries ready:");
+    for bin in [
+        &bins.kube_apiserver,
+        &bins.kubectl,
+        &bins.etcd,
+        &bins.spire_agent,
+        &bins.spire_server,
+        &bins.opm,
+        &bins.bundle_check,
+    ] {
+        println!("  {}", bin.display());
+    }
     Ok(bins)
 }
 

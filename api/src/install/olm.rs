@@ -17,8 +17,12 @@ use super::{InstallError, NAMESPACE, OPERATOR, Settings, rbac, workloads, yaml_s
 
 /// The package's name in a catalog.
 pub const PACKAGE: &str = "tessera";
-/// The channel the bundle is published in.
-pub const CHANNEL: &str = "alpha";
+/// The channel the bundle is published in: `candidate` for releases before
+/// 1.0, by OLM's channel naming convention (`candidate`, `fast`, `stable`,
+/// each with an optional version suffix).
+pub const CHANNEL: &str = "candidate-v0";
+/// The CSV's `maturity`: the API is still `v1alpha1`.
+pub const MATURITY: &str = "alpha";
 /// The oldest Kubernetes the bundle installs on: CRD validation rules
 /// with messages and field paths, bound service account tokens with node
 /// claims, and the kernels of its nodes' distributions.
@@ -167,7 +171,7 @@ fn csv(settings: &Settings) -> Result<Value, InstallError> {
             "description": DESCRIPTION,
             "version": settings.version,
             "minKubeVersion": MIN_KUBE_VERSION,
-            "maturity": CHANNEL,
+            "maturity": MATURITY,
             "keywords": ["spiffe", "mtls", "identity", "ebpf", "zero trust"],
             "maintainers": [{"name": "Tessera", "email": "security@tessera.dev"}],
             "provider": {"name": "Tessera"},

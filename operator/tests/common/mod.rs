@@ -81,3 +81,5 @@ impl Drop for RunningOperator {
         let _ = self.child.wait();
     }
 }
+
+pub mod grants;
