@@ -1,6 +1,10 @@
 //! `cargo xtask images`: OCI images of the operator, the agent and the
-//! waypoint, written as OCI image layouts and archived (`oci-archive`)
-//! without a registry or a container engine.
+//! waypoint, and the OLM bundle image, written as OCI image layouts and
+//! archived (`oci-archive`) without a registry or a container engine.
+//!
+//! The bundle image holds `olm/bundle/manifests/` and `metadata/` at its
+//! root, labelled with the bundle's annotations, as `bundle.Dockerfile`
+//! would build it.
 //!
 //! Each image has one uncompressed layer holding the binary at
 //! `/usr/local/bin/<name>` and the shared libraries it links (as `ldd`
@@ -96,8 +100,19 @@ pub fn build(repo: &Path, opts: &Options) -> Result<Vec<Built>> {
         );
         built.push(image);
     }
+    let bundle = write_bundle_image(&repo.join("olm/bundle"), opts, &revision)?;
+    println!(
+        "{} {} -> {}",
+        bundle.name,
+        bundle.digest,
+        bundle.archive.display()
+    );
+    built.push(bundle);
     Ok(built)
 }
+
+/// The name of the bundle image and of its archive.
+pub const BUNDLE_IMAGE: &str = "tessera-bundle";
 
 fn git_revision(repo: &Path) -> String {
     Command::new("git")
@@ -124,23 +139,75 @@ fn write_image(spec: &Spec, binary: &Path, opts: &Options, revision: &str) -> Re
     }
     let layer = tar(&files, 0o755);
     let config = json!({
+        "Entrypoint": [entrypoint],
+        "User": spec.user,
+        "Env": ["PATH=/usr/local/bin"],
+        "Labels": labels(spec.binary, revision),
+    });
+    write_layout(&name, spec.binary, &layer, config, opts)
+}
+
+/// The bundle image of the bundle in `dir` (generated, `cargo xtask
+/// generate`): its files at the root, its annotations as labels.
+fn write_bundle_image(dir: &Path, opts: &Options, revision: &str) -> Result<Built> {
+    let version = env!("CARGO_PKG_VERSION");
+    let name = format!("{}/{BUNDLE_IMAGE}:{version}", opts.registry);
+    let mut files = BTreeMap::new();
+    for sub in ["manifests", "metadata"] {
+        let from = dir.join(sub);
+        for entry in std::fs::read_dir(&from)
+            .with_context(|| format!("cannot list {} (run cargo xtask generate)", from.display()))?
+        {
+            let path = entry?.path();
+            let file = path
+                .file_name()
+                .and_then(|f| f.to_str())
+                .context("bad file name")?;
+            files.insert(format!("/{sub}/{file}"), read(&path)?);
+        }
+    }
+    let annotations = dir.join("metadata/annotations.yaml");
+    let annotations: serde_yaml::Value = serde_yaml::from_slice(&read(&annotations)?)
+        .with_context(|| format!("{} is not YAML", annotations.display()))?;
+    let mut labels = labels(BUNDLE_IMAGE, revision);
+    for (key, value) in annotations["annotations"]
+        .as_mapping()
+        .into_iter()
+        .flatten()
+    {
+        if let (Some(key), Some(value)) = (key.as_str(), value.as_str()) {
+            labels[key] = json!(value);
+        }
+    }
+    let layer = tar(&files, 0o644);
+    let config = json!({ "Labels": labels });
+    write_layout(&name, BUNDLE_IMAGE, &layer, config, opts)
+}
+
+/// Writes `<out>/<file>.oci.tar`: an OCI layout of one image named `name`
+/// with the single `layer` and the runtime `config`.
+fn write_layout(
+    name: &str,
+    file: &str,
+    layer: &[u8],
+    config: serde_json::Value,
+    opts: &Options,
+) -> Result<Built> {
+    let version = env!("CARGO_PKG_VERSION");
+    let labels = config["Labels"].clone();
+    let config = json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {
-            "Entrypoint": [entrypoint],
-            "User": spec.user,
-            "Env": ["PATH=/usr/local/bin"],
-            "Labels": labels(spec, revision),
-        },
-        "rootfs": { "type": "layers", "diff_ids": [sha256(&layer)] },
+        "config": config,
+        "rootfs": { "type": "layers", "diff_ids": [sha256(layer)] },
     });
     let config = serde_json::to_vec(&config)?;
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": descriptor("application/vnd.oci.image.config.v1+json", &config),
-        "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", &layer)],
-        "annotations": labels(spec, revision),
+        "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", layer)],
+        "annotations": labels,
     });
     let manifest = serde_json::to_vec(&manifest)?;
     let mut entry = descriptor("application/vnd.oci.image.manifest.v1+json", &manifest);
@@ -159,23 +226,23 @@ fn write_image(spec: &Spec, binary: &Path, opts: &Options, revision: &str) -> Re
         br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
     );
     layout.insert("index.json".to_owned(), index);
-    for blob in [&layer, &config, &manifest] {
+    for blob in [layer, &config, &manifest] {
         let hex = hex_sha256(blob);
-        layout.insert(format!("blobs/sha256/{hex}"), blob.clone());
+        layout.insert(format!("blobs/sha256/{hex}"), blob.to_vec());
     }
-    let archive = opts.out.join(format!("{}.oci.tar", spec.binary));
+    let archive = opts.out.join(format!("{file}.oci.tar"));
     std::fs::write(&archive, tar(&layout, 0o644))
         .with_context(|| format!("cannot write {}", archive.display()))?;
     Ok(Built {
         archive,
-        name,
+        name: name.to_owned(),
         digest: sha256(&manifest),
     })
 }
 
-fn labels(spec: &Spec, revision: &str) -> serde_json::Value {
+fn labels(title: &str, revision: &str) -> serde_json::Value {
     json!({
-        "org.opencontainers.image.title": spec.binary,
+        "org.opencontainers.image.title": title,
         "org.opencontainers.image.version": env!("CARGO_PKG_VERSION"),
         "org.opencontainers.image.revision": revision,
         "org.opencontainers.image.licenses": "Apache-2.0",

@@ -131,3 +131,77 @@ fn images_are_reproducible_readable_and_self_contained() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn the_bundle_image_holds_the_bundle_labelled_with_its_annotations() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+    images(&first)?;
+    images(&second)?;
+    let archive = first.join("tessera-bundle.oci.tar");
+    ensure!(
+        std::fs::read(&archive)? == std::fs::read(second.join("tessera-bundle.oci.tar"))?,
+        "two builds of the same bundle differ"
+    );
+    let reference = format!("oci-archive:{}", archive.display());
+    let config: serde_json::Value = serde_json::from_str(&run(
+        Command::new("skopeo").args(["inspect", "--config", &reference])
+    )?)?;
+    let labels = &config["config"]["Labels"];
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../olm/bundle");
+    let annotations: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(
+        root.join("metadata/annotations.yaml"),
+    )?)?;
+    let annotations = annotations["annotations"]
+        .as_mapping()
+        .context("no annotations")?;
+    ensure!(!annotations.is_empty());
+    for (key, value) in annotations {
+        let key = key.as_str().context("annotation key")?;
+        ensure!(
+            labels[key].as_str() == value.as_str(),
+            "label {key} is {:?}, the annotation {value:?}",
+            labels[key]
+        );
+    }
+    // The layer holds the bundle's files, byte for byte, and nothing else.
+    let unpacked = dir.path().join("unpacked");
+    run(Command::new("skopeo").args(["copy", &reference, &format!("dir:{}", unpacked.display())]))?;
+    let manifest = json(&unpacked.join("manifest.json"))?;
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .context("no layer")?;
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir_all(&rootfs)?;
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(unpacked.join(layer.trim_start_matches("sha256:")))
+        .arg("-C")
+        .arg(&rootfs))?;
+    let mut found = 0;
+    for sub in ["manifests", "metadata"] {
+        for entry in std::fs::read_dir(root.join(sub))? {
+            let path = entry?.path();
+            let copy = rootfs.join(sub).join(path.file_name().unwrap());
+            ensure!(
+                std::fs::read(&path)? == std::fs::read(&copy)?,
+                "{} differs in the image",
+                copy.display()
+            );
+            found += 1;
+        }
+    }
+    let in_image = ["manifests", "metadata"]
+        .iter()
+        .map(|sub| std::fs::read_dir(rootfs.join(sub)).map(Iterator::count))
+        .sum::<std::io::Result<usize>>()?;
+    ensure!(
+        in_image == found,
+        "the image holds {in_image} files, the bundle {found}"
+    );
+    ensure!(
+        std::fs::read_dir(&rootfs)?.count() == 2,
+        "more than the bundle at the image root"
+    );
+    Ok(())
+}
