@@ -156,6 +156,34 @@ pub fn version_dir(root: &Path) -> PathBuf {
     root.join(format!("v{}", crate::abi::ABI_VERSION))
 }
 
+/// Removes what agents of other map ABI versions pinned under `root`
+/// (`<root>/v<N>` for every N but this build's): their links detach, so
+/// their programs, which would keep enforcing from maps nobody updates,
+/// stop. Call it once this build's programs are attached and in sync.
+/// Returns the directories removed.
+pub fn remove_other_versions(root: &Path) -> Result<Vec<PathBuf>, std::io::Error> {
+    let own = version_dir(root);
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let is_version = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix('v'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if is_version && path != own {
+            std::fs::remove_dir_all(&path)?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
 /// Checks every map already pinned in `dir` against this build; returns the
 /// names of those that will be reused.
 pub fn check_pinned(dir: &Path) -> Result<Vec<&'static str>, PinningError> {
@@ -232,6 +260,27 @@ pub fn ensure_bpffs(mount_point: &Path) -> Result<(), PinningError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn other_versions_are_removed_and_this_one_and_strangers_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let own = version_dir(root.path());
+        for dir in [
+            own.join("links"),
+            root.path().join("v1/links"),
+            root.path().join("vmine"),
+        ] {
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+        let removed = remove_other_versions(root.path()).unwrap();
+        assert_eq!(removed, [root.path().join("v1")]);
+        assert!(own.join("links").is_dir() && root.path().join("vmine").is_dir());
+        assert!(
+            remove_other_versions(&root.path().join("absent"))
+                .unwrap()
+                .is_empty()
+        );
+    }
 
     #[test]
     fn every_map_has_an_expected_layout_and_the_dir_names_the_version() {

@@ -657,6 +657,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), EnforceError> {
     let (plane, _) = DataPlane::open(cfg.pin_dir.as_deref(), &cfg.cache_dir, stats.clone())?;
+    let cfg_pin_root = cfg
+        .pin_dir
+        .as_deref()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf);
     if let Some(cgroup) = &cfg.attach_cgroup {
         plane.with_datapath(|dp| dp.attach(cgroup))?;
         info!(cgroup = %cgroup.display(), "data path attached");
@@ -814,6 +819,7 @@ pub async fn run(
         .stats
         .in_sync
         .store(true, std::sync::atomic::Ordering::Relaxed);
+    remove_other_versions(cfg_pin_root.as_deref());
 
     // Handshakes from other agents.
     {
@@ -985,4 +991,24 @@ fn spawn_sandbox_discovery(
 
 fn warn_handshake(e: &HandshakeError, from: SocketAddr) {
     warn!(%from, error = %e, "refused a handshake");
+}
+
+/// Once this agent's programs enforce from maps in sync, what agents of
+/// other map ABI versions left pinned beside `pin_root` goes (an upgrade
+/// across ABI versions; their programs would keep enforcing from maps
+/// nobody updates).
+fn remove_other_versions(pin_root: Option<&Path>) {
+    let Some(root) = pin_root else { return };
+    match tessera_bpf::pinning::remove_other_versions(root) {
+        Ok(removed) => {
+            for dir in removed {
+                info!(dir = %dir.display(), "removed the pins of another data-path ABI version");
+            }
+        }
+        Err(e) => warn!(
+            root = %root.display(),
+            error = %e,
+            "cannot remove the pins of other data-path ABI versions; their programs keep enforcing from stale maps: remove the other v<N> directories there by hand"
+        ),
+    }
 }
