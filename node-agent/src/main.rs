@@ -577,4 +577,14 @@ mod tests {
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
     }
+
+    #[test]
+    fn every_flag_of_run_is_in_the_configuration_reference() {
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").expect("a run command");
+        tessera_tests::docs::assert_documented(
+            "configuration.md",
+            &tessera_tests::docs::long_flags(run),
+        );
+    }
 }

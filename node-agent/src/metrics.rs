@@ -142,3 +142,24 @@ pub fn registry(stats: Arc<Stats>, store: IdentityStore) -> Registry {
     registry.register_collector(Box::new(Agent { stats, store }));
     registry
 }
+
+#[cfg(test)]
+mod docs_tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_in_the_configuration_reference() {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(
+            &mut text,
+            &registry(
+                std::sync::Arc::new(crate::dataplane::Stats::default()),
+                crate::identities::IdentityStore::default(),
+            ),
+        )
+        .unwrap();
+        let names = tessera_tests::docs::metric_names(&text);
+        assert!(names.len() > 5, "{text}");
+        tessera_tests::docs::assert_documented("configuration.md", &names);
+    }
+}

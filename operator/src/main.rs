@@ -814,3 +814,19 @@ async fn main() -> Result<ExitCode> {
         } => spire_plan(kubeconfig, trust_domain, spire).await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_of_run_is_in_the_configuration_reference() {
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").expect("a run command");
+        tessera_tests::docs::assert_documented(
+            "configuration.md",
+            &tessera_tests::docs::long_flags(run),
+        );
+    }
+}

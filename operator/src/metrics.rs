@@ -151,3 +151,21 @@ pub async fn serve(
     let ready = move || metrics.ready.load(Ordering::Relaxed);
     tessera_api::probes::serve(addr, registry, Arc::new(ready)).await
 }
+
+#[cfg(test)]
+mod docs_tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_in_the_configuration_reference() {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(
+            &mut text,
+            &std::sync::Arc::new(Metrics::default()).registry(),
+        )
+        .unwrap();
+        let names = tessera_tests::docs::metric_names(&text);
+        assert!(names.len() > 5, "{text}");
+        tessera_tests::docs::assert_documented("configuration.md", &names);
+    }
+}

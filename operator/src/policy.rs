@@ -5,7 +5,7 @@
 //! matchers are passed on for the agents to match against their numeric
 //! identities.
 //!
-//! Semantics (also in the README): with no policy selecting a workload,
+//! Semantics (also in docs/policy.md): with no policy selecting a workload,
 //! traffic is allowed; any matching Deny denies; otherwise any matching Allow
 //! allows; otherwise, once any Allow policy selects the workload, deny.
 //!

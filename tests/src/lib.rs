@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod controlplane;
+pub mod docs;
 pub mod netns;
 pub mod olm;
 pub mod pki;

@@ -106,14 +106,19 @@ pub async fn run() -> Result<()> {
     Ok(())
 }
 
-/// How to install Tessera on a real cluster, from this checkout.
+/// How to install Tessera on a real cluster, from this checkout: both ways
+/// (docs/install.md has the steps).
 fn print_install() {
     println!(
-        "\nTo install Tessera on a cluster (see the README's install section and deploy/RBAC.md):\n\
-         \x20 cargo xtask images        # target/images/*.oci.tar: import them on the nodes or push them\n\
+        "\nTo install Tessera on a cluster (docs/install.md has every step):\n\
+         \x20 cargo xtask images   # target/images/*.oci.tar: import them on the nodes or push them to a registry\n\
+         With the manifests (deploy/, least-privilege RBAC in deploy/RBAC.md):\n\
          \x20 kubectl apply --server-side -f deploy/namespace.yaml\n\
          \x20 kubectl apply --server-side -k deploy/\n\
-         An OLM bundle for OperatorHub is not there yet."
+         With OLM: push tessera-bundle.oci.tar with the images, add it to a catalog with opm\n\
+         (package tessera, channel {}), then a CatalogSource, an OperatorGroup in tessera-system\n\
+         (Pod Security privileged) and a Subscription; the operator runs the agents itself.",
+        tessera_api::install::olm::CHANNEL
     );
 }
 

@@ -1,6 +1,6 @@
 //! The model the churn test holds the kernel to: pods, their addresses and
 //! identities, policies, and authentications, in terms of SPIFFE IDs and
-//! identity incarnations only, with the policy semantics the README states.
+//! identity incarnations only, with the policy semantics docs/policy.md states.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
