@@ -582,9 +582,10 @@ mod tests {
     fn every_flag_of_run_is_in_the_configuration_reference() {
         let cli = Cli::command();
         let run = cli.find_subcommand("run").expect("a run command");
-        tessera_tests::docs::assert_documented(
+        tessera_tests::docs::check_documented(
             "configuration.md",
             &tessera_tests::docs::long_flags(run),
-        );
+        )
+        .unwrap();
     }
 }

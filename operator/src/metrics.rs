@@ -166,6 +166,6 @@ mod docs_tests {
         .unwrap();
         let names = tessera_tests::docs::metric_names(&text);
         assert!(names.len() > 5, "{text}");
-        tessera_tests::docs::assert_documented("configuration.md", &names);
+        tessera_tests::docs::check_documented("configuration.md", &names).unwrap();
     }
 }

@@ -1,19 +1,22 @@
 //! Checks that keep `docs/` true to the code.
 
-/// Panics naming every one of `names` that `docs/<file>` does not mention
+use anyhow::{Context, Result, ensure};
+
+/// Fails naming every one of `names` that `docs/<file>` does not mention
 /// in backticks (`` `name` ``).
-pub fn assert_documented(file: &str, names: &[String]) {
+pub fn check_documented(file: &str, names: &[String]) -> Result<()> {
     let path = crate::repo_root().join("docs").join(file);
     let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let missing: Vec<&String> = names
         .iter()
         .filter(|n| !text.contains(&format!("`{n}`")))
         .collect();
-    assert!(
+    ensure!(
         missing.is_empty(),
         "docs/{file} does not mention {missing:?}; add them (what they do, their default)"
     );
+    Ok(())
 }
 
 /// The metric names (`# HELP <name> ...` lines) of a Prometheus text

@@ -1,20 +1,31 @@
-//! The Go-built binaries the tests run for real: `kube-apiserver`, `kubectl`,
-//! `etcd`, SPIRE's agent and server, and OLM's tools (`opm` and
-//! `bundle-check`, a small program of ours around operator-framework/api's
-//! bundle validators), built from the Go module proxy through wrapper modules
-//! and cached by version outside the repository.
+//! The Go-built binaries the tests run for real, built from the Go module
+//! proxy through wrapper modules and cached by version outside the
+//! repository: the control plane (`kube-apiserver`, `kubectl`, `etcd`),
+//! SPIRE's server and agent, OLM's tools (`opm`, and `bundle-check` around
+//! operator-framework/api's validators), and what a real node runs
+//! (`kubelet`, `kube-proxy`, `kube-scheduler`, `kube-controller-manager`,
+//! containerd and runc, `crictl`, and `workload`, the static program of the
+//! test images).
 //!
-//! Cache layout: `<cache>/kubernetes-v<K>/{kube-apiserver,kubectl}`,
-//! `<cache>/etcd-v<E>/etcd`, `<cache>/spire-v<S>/{spire-agent,spire-server}`
-//! and `<cache>/olm-v<R>-api-v<A>/{opm,bundle-check}`, where `<cache>` is `$TESSERA_TESTBIN_DIR`, else
+//! Each source has a directory `<cache>/<name>-v<version>/` holding its
+//! binaries, where `<cache>` is `$TESSERA_TESTBIN_DIR`, else
 //! `$XDG_CACHE_HOME/tessera/testbin`, else `$HOME/.cache/tessera/testbin`.
-//! A directory exists only once its build finished (it is renamed into place).
+//! A directory exists only once its build finished (it is renamed into
+//! place).
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+
+mod kubernetes;
+mod node;
+mod olm;
+mod spire;
+
+pub use kubernetes::staging_replaces;
 
 /// Kubernetes release the tests run; matches the `v1_36` feature of k8s-openapi.
 pub const KUBERNETES_VERSION: &str = "1.36.3";
@@ -28,10 +39,19 @@ pub const OPERATOR_REGISTRY_VERSION: &str = "1.73.0";
 /// operator-framework/api release whose validators `bundle-check` runs (the
 /// one operator-registry 1.73.0 requires).
 pub const OPERATOR_API_VERSION: &str = "0.45.0";
+/// containerd release of the real node.
+pub const CONTAINERD_VERSION: &str = "2.4.2";
+/// runc release of the real node.
+pub const RUNC_VERSION: &str = "1.5.3";
+/// cri-tools release (`crictl`).
+pub const CRI_TOOLS_VERSION: &str = "1.37.0";
+/// go-spiffe release the `workload` program's Workload API client uses (the
+/// one SPIRE 1.15.3 requires).
+pub const GO_SPIFFE_VERSION: &str = "2.8.1";
 /// Bumped whenever the build recipe changes, so cached builds of an older
 /// recipe are rebuilt; written to a `recipe` file in each cache directory.
 pub const RECIPE: &str = "2: version stamped with -X ldflags";
-/// Oldest Go toolchain that builds both (Kubernetes 1.36 says `go 1.26.0`).
+/// Oldest Go toolchain that builds them all (Kubernetes 1.36 says `go 1.26.0`).
 pub const MIN_GO_MINOR: u32 = 26;
 
 /// Paths of the built binaries.
@@ -53,6 +73,99 @@ pub struct TestBins {
     /// `bundle-check <bundle-dir> <k8s-version>`: the results of
     /// operator-framework/api's bundle validators as JSON.
     pub bundle_check: PathBuf,
+    /// What a real node runs.
+    pub node: NodeBins,
+}
+
+/// The binaries of a real node.
+#[derive(Debug, Clone)]
+pub struct NodeBins {
+    /// `kubelet`.
+    pub kubelet: PathBuf,
+    /// `kube-proxy`.
+    pub kube_proxy: PathBuf,
+    /// `kube-scheduler`.
+    pub kube_scheduler: PathBuf,
+    /// `kube-controller-manager`.
+    pub kube_controller_manager: PathBuf,
+    /// `containerd`.
+    pub containerd: PathBuf,
+    /// `containerd-shim-runc-v2`, which containerd finds on its PATH.
+    pub containerd_shim: PathBuf,
+    /// `ctr`, to import image archives.
+    pub ctr: PathBuf,
+    /// `runc`.
+    pub runc: PathBuf,
+    /// `crictl`.
+    pub crictl: PathBuf,
+    /// `workload`, static: the test images' program.
+    pub workload: PathBuf,
+}
+
+/// One cache directory: its name, its binaries and how to build them.
+struct Source {
+    dir: String,
+    bins: &'static [&'static str],
+    build: fn(&Path) -> Result<()>,
+}
+
+/// Every source, in build order.
+fn sources() -> Vec<Source> {
+    vec![
+        Source {
+            dir: format!("kubernetes-v{KUBERNETES_VERSION}"),
+            bins: &["kube-apiserver", "kubectl"],
+            build: kubernetes::build_control_plane,
+        },
+        Source {
+            dir: format!("etcd-v{ETCD_VERSION}"),
+            bins: &["etcd"],
+            build: kubernetes::build_etcd,
+        },
+        Source {
+            dir: format!("spire-v{SPIRE_VERSION}"),
+            bins: &["spire-agent", "spire-server"],
+            build: spire::build_spire,
+        },
+        Source {
+            dir: format!("olm-v{OPERATOR_REGISTRY_VERSION}-api-v{OPERATOR_API_VERSION}"),
+            bins: &["opm", "bundle-check"],
+            build: olm::build_olm,
+        },
+        Source {
+            dir: format!("kubernetes-node-v{KUBERNETES_VERSION}"),
+            bins: &[
+                "kubelet",
+                "kube-proxy",
+                "kube-scheduler",
+                "kube-controller-manager",
+            ],
+            build: kubernetes::build_node,
+        },
+        Source {
+            dir: format!("containerd-v{CONTAINERD_VERSION}-runc-v{RUNC_VERSION}"),
+            bins: &["containerd", "containerd-shim-runc-v2", "ctr", "runc"],
+            build: node::build_runtime,
+        },
+        Source {
+            dir: format!("cri-tools-v{CRI_TOOLS_VERSION}"),
+            bins: &["crictl"],
+            build: node::build_crictl,
+        },
+        Source {
+            // Named by its source, so an edit rebuilds it.
+            dir: format!(
+                "workload-{}",
+                &hex(&Sha256::digest(include_str!("testbin/workload.go")))[..16]
+            ),
+            bins: &["workload"],
+            build: node::build_workload,
+        },
+    ]
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The cache root (see the module docs).
@@ -68,57 +181,78 @@ pub fn cache_root() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache/tessera/testbin"))
 }
 
-fn kubernetes_dir(root: &Path) -> PathBuf {
-    root.join(format!("kubernetes-v{KUBERNETES_VERSION}"))
-}
-
-fn etcd_dir(root: &Path) -> PathBuf {
-    root.join(format!("etcd-v{ETCD_VERSION}"))
-}
-
-fn spire_dir(root: &Path) -> PathBuf {
-    root.join(format!("spire-v{SPIRE_VERSION}"))
-}
-
-fn olm_dir(root: &Path) -> PathBuf {
-    root.join(format!(
-        "olm-v{OPERATOR_REGISTRY_VERSION}-api-v{OPERATOR_API_VERSION}"
-    ))
-}
-
 impl TestBins {
     fn at(root: &Path) -> TestBins {
+        let sources = sources();
+        let bin = |name: &str| {
+            let source = sources.iter().find(|s| s.bins.contains(&name));
+            root.join(source.map_or("", |s| s.dir.as_str())).join(name)
+        };
         TestBins {
-            kube_apiserver: kubernetes_dir(root).join("kube-apiserver"),
-            kubectl: kubernetes_dir(root).join("kubectl"),
-            etcd: etcd_dir(root).join("etcd"),
-            spire_agent: spire_dir(root).join("spire-agent"),
-            spire_server: spire_dir(root).join("spire-server"),
-            opm: olm_dir(root).join("opm"),
-            bundle_check: olm_dir(root).join("bundle-check"),
+            kube_apiserver: bin("kube-apiserver"),
+            kubectl: bin("kubectl"),
+            etcd: bin("etcd"),
+            spire_agent: bin("spire-agent"),
+            spire_server: bin("spire-server"),
+            opm: bin("opm"),
+            bundle_check: bin("bundle-check"),
+            node: NodeBins {
+                kubelet: bin("kubelet"),
+                kube_proxy: bin("kube-proxy"),
+                kube_scheduler: bin("kube-scheduler"),
+                kube_controller_manager: bin("kube-controller-manager"),
+                containerd: bin("containerd"),
+                containerd_shim: bin("containerd-shim-runc-v2"),
+                ctr: bin("ctr"),
+                runc: bin("runc"),
+                crictl: bin("crictl"),
+                workload: bin("workload"),
+            },
         }
+    }
+
+    /// Every binary, for listing.
+    pub fn paths(&self) -> Vec<&Path> {
+        let n = &self.node;
+        [
+            &self.kube_apiserver,
+            &self.kubectl,
+            &self.etcd,
+            &self.spire_agent,
+            &self.spire_server,
+            &self.opm,
+            &self.bundle_check,
+            &n.kubelet,
+            &n.kube_proxy,
+            &n.kube_scheduler,
+            &n.kube_controller_manager,
+            &n.containerd,
+            &n.containerd_shim,
+            &n.ctr,
+            &n.runc,
+            &n.crictl,
+            &n.workload,
+        ]
+        .into_iter()
+        .map(PathBuf::as_path)
+        .collect()
     }
 
     /// Finds the cached binaries; fails with what to run when any is missing.
     pub fn locate() -> Result<TestBins> {
-        let bins = TestBins::at(&cache_root()?);
-        for path in [
-            &bins.kube_apiserver,
-            &bins.kubectl,
-            &bins.etcd,
-            &bins.spire_agent,
-            &bins.spire_server,
-            &bins.opm,
-            &bins.bundle_check,
-        ] {
-            if !path.is_file() {
-                bail!(
-                    "{} is missing: run `cargo xtask testbin` (or `cargo xtask test`, which builds it) to build the test control plane from the Go module proxy",
-                    path.display()
-                );
+        let root = cache_root()?;
+        for source in sources() {
+            for bin in source.bins {
+                let path = root.join(&source.dir).join(bin);
+                if !path.is_file() {
+                    bail!(
+                        "{} is missing: run `cargo xtask testbin` (or `cargo xtask test`, which builds it) to build the test binaries from the Go module proxy",
+                        path.display()
+                    );
+                }
             }
         }
-        Ok(bins)
+        Ok(TestBins::at(&root))
     }
 
     /// Builds whatever is missing from the cache, then returns the paths.
@@ -131,21 +265,11 @@ impl TestBins {
         lock.lock()
             .with_context(|| format!("cannot lock {}", root.join(".lock").display()))?;
         check_go()?;
-        let want = TestBins::at(&root);
-        if !is_current(
-            &kubernetes_dir(&root),
-            &[&want.kube_apiserver, &want.kubectl],
-        ) {
-            build_kubernetes(&root)?;
-        }
-        if !is_current(&etcd_dir(&root), &[&want.etcd]) {
-            build_etcd(&root)?;
-        }
-        if !is_current(&spire_dir(&root), &[&want.spire_agent, &want.spire_server]) {
-            build_spire(&root)?;
-        }
-        if !is_current(&olm_dir(&root), &[&want.opm, &want.bundle_check]) {
-            build_olm(&root)?;
+        for source in sources() {
+            let dir = root.join(&source.dir);
+            if !is_current(&dir, source.bins) {
+                (source.build)(&dir)?;
+            }
         }
         TestBins::locate()
     }
@@ -153,9 +277,9 @@ impl TestBins {
 
 /// True when `dir` holds a finished build of the current recipe with every
 /// binary in `bins` (a binary added to a recipe later rebuilds the directory).
-fn is_current(dir: &Path, bins: &[&Path]) -> bool {
+fn is_current(dir: &Path, bins: &[&str]) -> bool {
     fs::read_to_string(dir.join("recipe")).is_ok_and(|r| r == RECIPE)
-        && bins.iter().all(|b| b.is_file())
+        && bins.iter().all(|b| dir.join(b).is_file())
 }
 
 /// Fails unless `go` is on PATH and new enough.
@@ -188,28 +312,10 @@ fn run(cmd: &mut Command, what: &str) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-/// The `replace` lines that point every `k8s.io/<staging> v0.0.0` requirement of
-/// the kubernetes module at its published `v0.<minor>.<patch>` release.
-pub fn staging_replaces(kubernetes_go_mod: &str, version: &str) -> Vec<String> {
-    let staging_version = format!("v0.{}", version.split_once('.').map_or(version, |(_, r)| r));
-    let mut lines: Vec<String> = kubernetes_go_mod
-        .lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            let (module, ver) = (words.next()?, words.next()?);
-            (module.starts_with("k8s.io/") && ver == "v0.0.0")
-                .then(|| format!("replace {module} => {module} {staging_version}"))
-        })
-        .collect();
-    lines.sort();
-    lines.dedup();
-    lines
-}
-
 /// What one cache directory is built from: a wrapper module's `go.mod`, any
 /// source files of its own (path in the module, text), build tags and
 /// ldflags, the packages to build, and renames of what `go build` names
-/// the binaries.
+/// the binaries, and environment variables for `go build`.
 #[derive(Default)]
 struct Recipe<'a> {
     go_mod: String,
@@ -218,6 +324,7 @@ struct Recipe<'a> {
     ldflags: String,
     packages: &'a [&'a str],
     renames: &'a [(&'a str, &'a str)],
+    env: &'a [(&'a str, &'a str)],
 }
 
 /// Builds `recipe` into a scratch directory beside `dest`, then renames it
@@ -230,6 +337,7 @@ fn build_into(dest: &Path, recipe: &Recipe) -> Result<()> {
         ldflags,
         packages,
         renames,
+        env,
     } = recipe;
     let root = dest.parent().context("cache directory has no parent")?;
     let scratch = tempfile::Builder::new()
@@ -255,6 +363,7 @@ fn build_into(dest: &Path, recipe: &Recipe) -> Result<()> {
     let mut cmd = Command::new("go");
     cmd.current_dir(&module)
         .env("GOFLAGS", "-mod=mod -buildvcs=false")
+        .envs(env.iter().copied())
         .arg("build")
         .arg(format!("-tags={tags}"))
         .arg(format!("-ldflags=-s -w {ldflags}"))
@@ -272,140 +381,4 @@ fn build_into(dest: &Path, recipe: &Recipe) -> Result<()> {
     }
     fs::rename(&out, dest)?;
     Ok(())
-}
-
-fn build_kubernetes(root: &Path) -> Result<()> {
-    let json = run(
-        Command::new("go")
-            .args(["mod", "download", "-json"])
-            .arg(format!("k8s.io/kubernetes@v{KUBERNETES_VERSION}")),
-        "go mod download k8s.io/kubernetes",
-    )?;
-    let info: serde_json::Value = serde_json::from_slice(&json)?;
-    let go_mod_path = info["GoMod"]
-        .as_str()
-        .context("go mod download printed no GoMod path")?;
-    let upstream = fs::read_to_string(go_mod_path)?;
-    let replaces = staging_replaces(&upstream, KUBERNETES_VERSION);
-    if replaces.len() < 20 {
-        bail!(
-            "found only {} staging modules in k8s.io/kubernetes's go.mod; the wrapper recipe needs updating",
-            replaces.len()
-        );
-    }
-    let go_mod = format!(
-        "module tessera.dev/testbin/kubernetes\n\ngo 1.26.0\n\nrequire k8s.io/kubernetes v{KUBERNETES_VERSION}\n\n{}\n",
-        replaces.join("\n")
-    );
-    // What Kubernetes' own build stamps, so both binaries report the release.
-    let minor = KUBERNETES_VERSION.split('.').nth(1).unwrap_or_default();
-    let ldflags = ["k8s.io/component-base/version", "k8s.io/client-go/pkg/version"]
-        .iter()
-        .map(|pkg| {
-            format!(
-                "-X {pkg}.gitVersion=v{KUBERNETES_VERSION} -X {pkg}.gitMajor=1 -X {pkg}.gitMinor={minor} -X {pkg}.gitTreeState=clean"
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" ");
-    build_into(
-        &kubernetes_dir(root),
-        &Recipe {
-            go_mod,
-            ldflags,
-            packages: &[
-                "k8s.io/kubernetes/cmd/kube-apiserver",
-                "k8s.io/kubernetes/cmd/kubectl",
-            ],
-            ..Recipe::default()
-        },
-    )
-}
-
-fn build_etcd(root: &Path) -> Result<()> {
-    let go_mod = format!(
-        "module tessera.dev/testbin/etcd\n\ngo 1.26.0\n\nrequire go.etcd.io/etcd/server/v3 v{ETCD_VERSION}\n"
-    );
-    // The main package is the module root, so go names the binary "server".
-    build_into(
-        &etcd_dir(root),
-        &Recipe {
-            go_mod,
-            packages: &["go.etcd.io/etcd/server/v3"],
-            renames: &[("server", "etcd")],
-            ..Recipe::default()
-        },
-    )
-}
-
-/// See [`build_spire`].
-const EJBCA_REPLACE: &str = "replace github.com/Keyfactor/ejbca-go-client-sdk => github.com/Keyfactor/ejbca-go-client-sdk v1.0.2";
-
-fn build_spire(root: &Path) -> Result<()> {
-    // SPIRE's go.mod has no replace directives, so requiring it is enough,
-    // but for one module: the module proxy here does not serve the EJBCA
-    // client SDK version SPIRE 1.15 requires (v1.1.0), only v1.0.2, the one
-    // SPIRE 1.13 built its EJBCA plugin against; the plugin's code is the
-    // same in both releases. The tests never load that plugin.
-    // The server's sqlite datastore needs cgo (go's default when a C
-    // compiler is installed; build_into does not turn it off).
-    let go_mod = format!(
-        "module tessera.dev/testbin/spire\n\ngo 1.26.0\n\nrequire github.com/spiffe/spire v{SPIRE_VERSION}\n\n{EJBCA_REPLACE}\n"
-    );
-    build_into(
-        &spire_dir(root),
-        &Recipe {
-            go_mod,
-            packages: &[
-                "github.com/spiffe/spire/cmd/spire-agent",
-                "github.com/spiffe/spire/cmd/spire-server",
-            ],
-            ..Recipe::default()
-        },
-    )
-}
-
-fn build_olm(root: &Path) -> Result<()> {
-    // operator-registry's own build uses these tags: sqlite's JSON functions,
-    // and image signatures checked in Go (no gpgme C library).
-    let go_mod = format!(
-        "module tessera.dev/testbin/olm\n\ngo 1.26.3\n\nrequire (\n\tgithub.com/operator-framework/api v{OPERATOR_API_VERSION}\n\tgithub.com/operator-framework/operator-registry v{OPERATOR_REGISTRY_VERSION}\n)\n"
-    );
-    let ldflags = format!(
-        "-X github.com/operator-framework/operator-registry/cmd/opm/version.opmVersion=v{OPERATOR_REGISTRY_VERSION}"
-    );
-    build_into(
-        &olm_dir(root),
-        &Recipe {
-            go_mod,
-            files: &[(
-                "cmd/bundle-check/main.go",
-                include_str!("testbin/bundle_check.go"),
-            )],
-            tags: "json1,containers_image_openpgp",
-            ldflags,
-            packages: &[
-                "./cmd/bundle-check",
-                "github.com/operator-framework/operator-registry/cmd/opm",
-            ],
-            renames: &[],
-        },
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn replaces_only_unversioned_staging_modules() {
-        let go_mod = "require (\n\tk8s.io/api v0.0.0\n\tk8s.io/utils v0.0.0-20250101000000-abcdef\n\tgithub.com/x/y v1.0.0\n\tk8s.io/client-go v0.0.0 // indirect\n)\nreplace k8s.io/api => ./staging/src/k8s.io/api\n";
-        assert_eq!(
-            staging_replaces(go_mod, "1.36.3"),
-            [
-                "replace k8s.io/api => k8s.io/api v0.36.3",
-                "replace k8s.io/client-go => k8s.io/client-go v0.36.3"
-            ]
-        );
-    }
 }

@@ -15,6 +15,9 @@ use anyhow::{Context, Result, bail};
 /// crate that links them needs both to compile; xtask itself does not),
 /// `bpftool` inspects them; `skopeo` reads the OCI archives
 /// `cargo xtask images` writes, as a registry client would.
+/// For the real node: `libseccomp-dev` to build runc with seccomp,
+/// `containernetworking-plugins` (bridge, host-local, loopback: the pods'
+/// network), `iptables` and `conntrack` for kube-proxy and the plugins.
 pub const PACKAGES: &[&str] = &[
     "ca-certificates",
     "openssl",
@@ -25,6 +28,10 @@ pub const PACKAGES: &[&str] = &[
     "python3",
     "python3-scapy",
     "skopeo",
+    "libseccomp-dev",
+    "containernetworking-plugins",
+    "iptables",
+    "conntrack",
 ];
 
 fn installed(package: &str) -> bool {

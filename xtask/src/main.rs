@@ -200,15 +200,7 @@ fn generate(check: bool, root: &Path) -> Result<()> {
 fn testbin() -> Result<TestBins> {
     let bins = TestBins::ensure_built()?;
     println!("test binaries ready:");
-    for bin in [
-        &bins.kube_apiserver,
-        &bins.kubectl,
-        &bins.etcd,
-        &bins.spire_agent,
-        &bins.spire_server,
-        &bins.opm,
-        &bins.bundle_check,
-    ] {
+    for bin in bins.paths() {
         println!("  {}", bin.display());
     }
     Ok(bins)

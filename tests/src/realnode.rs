@@ -1,0 +1,496 @@
+//! A real Kubernetes node on this machine for the tests: containerd v2 with
+//! runc and its CRI plugin, the CNI plugins from Debian (bridge and
+//! host-local, pods in [`POD_SUBNET`] on bridge [`BRIDGE`]), and a kubelet
+//! registered with a test [`ControlPlane`]. Images come from OCI archives
+//! imported with `ctr`; nothing is pulled (the sandbox image is built here
+//! from the static `workload` program, see [`TestImages`]).
+//!
+//! This machine's facts the node is configured for: cgroup v1 controllers
+//! with cgroup v2 mounted at `/sys/fs/cgroup/unified` (the kubelet runs
+//! with `failCgroupV1: false` and the cgroupfs driver; runc also places
+//! every container in the v2 hierarchy, where the agent attaches), no
+//! systemd as PID 1, no swap, and no CAP_SYS_RESOURCE in the bounding set
+//! (containerd keeps OOM scores at or above its own:
+//! `restrict_oom_score_adj`).
+//!
+//! The kubelet changes the host when it starts: a few kernel tunables
+//! ([`SYSCTLS`]; read before and written back when the node is dropped) and
+//! iptables chains `KUBE-FIREWALL` (drops packets to 127.0.0.0/8 from other
+//! sources) and `KUBE-KUBELET-CANARY`, removed on drop. On drop the node
+//! also removes its pods, stops containerd's shims, unmounts what the
+//! kubelet mounted, removes the `kubepods` cgroups and deletes the bridge.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::procs::KillOnDrop;
+use crate::{ControlPlane, TestBins, free_port};
+
+/// The node's name.
+pub const NODE_NAME: &str = "real-node";
+/// The CNI bridge on the host.
+pub const BRIDGE: &str = "tsr-cni0";
+/// The pods' addresses (inside the tests' 198.18.0.0/15, apart from the
+/// simulated nodes' 198.18.N.0/24).
+pub const POD_SUBNET: &str = "198.19.128.0/24";
+/// The bridge's own address in [`POD_SUBNET`]: the pods' gateway.
+pub const GATEWAY: &str = "198.19.128.1";
+/// Where, under the temporary directory, the last node's logs are kept.
+pub const LOGS: &str = "tessera-real-node-logs";
+/// The kernel tunables the kubelet sets at start (its defaults for a node),
+/// restored when the node is dropped.
+pub const SYSCTLS: [&str; 6] = [
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+];
+
+/// The images the node tests run: the pod sandbox (`pause`) and the
+/// workloads, both holding only the static `workload` program.
+#[derive(Debug, Clone)]
+pub struct TestImages {
+    /// The sandbox image's name.
+    pub pause: String,
+    /// The workload image's name (entrypoint `/workload`).
+    pub workload: String,
+}
+
+/// A running node. Dropping it stops everything it started.
+#[derive(Debug)]
+pub struct RealNode {
+    dir: PathBuf,
+    bins: TestBins,
+    sysctls: BTreeMap<&'static str, String>,
+    images: TestImages,
+    kubelet: Option<KillOnDrop>,
+    containerd: Option<KillOnDrop>,
+}
+
+impl RealNode {
+    /// Starts containerd and the kubelet under `cp`'s directory and waits
+    /// until the Node is Ready. Needs root.
+    pub async fn start(cp: &ControlPlane) -> Result<RealNode> {
+        if !crate::is_root() {
+            bail!("a real node needs root (containerd, runc, CNI, the kubelet)");
+        }
+        let bins = TestBins::locate()?;
+        let dir = cp.dir().join("node");
+        std::fs::create_dir_all(&dir)?;
+        let sysctls = SYSCTLS
+            .iter()
+            .map(|s| Ok((*s, std::fs::read_to_string(Path::new("/proc/sys").join(s))?)))
+            .collect::<Result<_>>()?;
+        let images = build_images(&bins, &dir)?;
+        let mut node = RealNode {
+            dir,
+            bins,
+            sysctls,
+            images,
+            kubelet: None,
+            containerd: None,
+        };
+        make_bridge()?;
+        node.start_containerd()?;
+        node.import_images()?;
+        node.start_kubelet(cp)?;
+        node.wait_ready(cp).await?;
+        Ok(node)
+    }
+
+    /// The images built for the tests.
+    pub fn images(&self) -> &TestImages {
+        &self.images
+    }
+
+    /// The node's directory (configs and logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
+    fn start_containerd(&mut self) -> Result<()> {
+        let cni = self.dir.join("cni");
+        std::fs::create_dir_all(&cni)?;
+        std::fs::write(cni.join("10-tessera-test.conflist"), cni_config())?;
+        let config = self.dir.join("containerd.toml");
+        std::fs::write(
+            &config,
+            containerd_config(&self.dir, &self.bins, &self.images),
+        )?;
+        let runtime_dir = self.bins.node.containerd.parent().context("no bin dir")?;
+        let path = format!(
+            "{}:{}",
+            runtime_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let child = Command::new(&self.bins.node.containerd)
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("containerd.log"))?)
+            .spawn()
+            .context("cannot start containerd")?;
+        self.containerd = Some(KillOnDrop(child));
+        for _ in 0..200 {
+            if self.ctr(&["version"]).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "containerd did not start; see {}",
+            self.dir.join("containerd.log").display()
+        )
+    }
+
+    /// Runs `ctr` against this node's containerd in namespace `k8s.io`.
+    pub fn ctr(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.bins.node.ctr)
+            .arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!("ctr {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Imports an OCI image archive into the node's image store.
+    pub fn import(&self, archive: &Path) -> Result<()> {
+        let archive = archive.to_str().context("archive path")?;
+        self.ctr(&["images", "import", "--local", archive])
+            .map(|_| ())
+    }
+
+    fn import_images(&self) -> Result<()> {
+        for name in ["pause", "workload"] {
+            self.import(&self.dir.join(format!("{name}.oci.tar")))?;
+        }
+        Ok(())
+    }
+
+    fn start_kubelet(&mut self, cp: &ControlPlane) -> Result<()> {
+        let config = self.dir.join("kubelet.yaml");
+        std::fs::write(
+            &config,
+            kubelet_config(&self.socket(), free_port()?, free_port()?),
+        )?;
+        let child = Command::new(&self.bins.node.kubelet)
+            .arg(format!("--config={}", config.display()))
+            .arg(format!("--kubeconfig={}", cp.kubeconfig().display()))
+            .arg(format!("--root-dir={}", self.dir.join("kubelet").display()))
+            .arg(format!(
+                "--cert-dir={}",
+                self.dir.join("kubelet-pki").display()
+            ))
+            .arg(format!("--hostname-override={NODE_NAME}"))
+            .arg(format!("--node-ip={GATEWAY}"))
+            .arg("--v=2")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("kubelet.log"))?)
+            .spawn()
+            .context("cannot start the kubelet")?;
+        self.kubelet = Some(KillOnDrop(child));
+        Ok(())
+    }
+
+    async fn wait_ready(&self, cp: &ControlPlane) -> Result<()> {
+        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(cp.client().await?);
+        for _ in 0..600 {
+            let ready = nodes.get_opt(NODE_NAME).await?.is_some_and(|n| {
+                n.status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+            if ready {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "node {NODE_NAME} did not become Ready in 60 s; see {}",
+            self.dir.join("kubelet.log").display()
+        )
+    }
+
+    /// Stops every pod, then the kubelet, containerd and its shims; removes
+    /// the bridge and restores the kernel tunables.
+    fn stop(&mut self) {
+        drop(self.kubelet.take());
+        self.keep_logs();
+        let _ = Command::new(&self.bins.node.crictl)
+            .arg(format!(
+                "--runtime-endpoint=unix://{}",
+                self.socket().display()
+            ))
+            .args(["rmp", "--all", "--force"])
+            .output();
+        drop(self.containerd.take());
+        // The shims outlive containerd; each names our socket.
+        let _ = Command::new("pkill")
+            .args([
+                "-9",
+                "-f",
+                &format!("containerd-shim-runc-v2.*{}", self.socket().display()),
+            ])
+            .status();
+        let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
+        unmount_below(&self.dir);
+        remove_pod_cgroups();
+        remove_kube_chains();
+        for (name, value) in &self.sysctls {
+            let _ = std::fs::write(Path::new("/proc/sys").join(name), value);
+        }
+    }
+}
+
+impl RealNode {
+    /// Copies the kubelet's and containerd's logs to [`LOGS`] (the node's
+    /// own directory goes with the control plane's).
+    fn keep_logs(&self) {
+        let logs = std::env::temp_dir().join(LOGS);
+        let _ = std::fs::create_dir_all(&logs);
+        for name in ["kubelet.log", "containerd.log"] {
+            let _ = std::fs::copy(self.dir.join(name), logs.join(name));
+        }
+    }
+}
+
+impl Drop for RealNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Unmounts (lazily) every mount at or below `dir`, deepest first: the
+/// kubelet bind-mounts its root directory onto itself, and volumes below.
+fn unmount_below(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|p| Path::new(p).starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        let _ = Command::new("umount").args(["-l", point]).status();
+    }
+}
+
+/// Removes the kubelet's `kubepods` cgroups, empty once its pods are gone,
+/// from every hierarchy (deepest first: a cgroup goes only when empty).
+fn remove_pod_cgroups() {
+    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    for hierarchy in hierarchies.flatten() {
+        let mut dirs = Vec::new();
+        collect_dirs(&hierarchy.path().join("kubepods"), &mut dirs);
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for dir in dirs {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    out.push(dir.to_path_buf());
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            collect_dirs(&entry.path(), out);
+        }
+    }
+}
+
+/// Removes the iptables chains the kubelet made (`KUBE-*`: its firewall
+/// for 127.0.0.0/8 and its canaries), in both families and every table,
+/// with the jumps to them.
+fn remove_kube_chains() {
+    for tool in ["iptables", "ip6tables"] {
+        for table in ["filter", "nat", "mangle"] {
+            let Ok(out) = Command::new(tool).args(["-t", table, "-S"]).output() else {
+                continue;
+            };
+            let rules = String::from_utf8_lossy(&out.stdout).into_owned();
+            for rule in rules
+                .lines()
+                .filter(|r| r.starts_with("-A ") && r.contains(" -j KUBE-"))
+            {
+                let mut args = vec!["-t", table, "-D"];
+                args.extend(rule.split_whitespace().skip(1).map(|w| w.trim_matches('"')));
+                // Comments hold spaces; a rule with one is deleted by its
+                // chain flush below when the chain is a KUBE- one.
+                let _ = Command::new(tool).args(&args).output();
+            }
+            for chain in rules.lines().filter_map(|r| r.strip_prefix("-N KUBE-")) {
+                let chain = format!("KUBE-{chain}");
+                let _ = Command::new(tool)
+                    .args(["-t", table, "-F", &chain])
+                    .output();
+                let _ = Command::new(tool)
+                    .args(["-t", table, "-X", &chain])
+                    .output();
+            }
+        }
+    }
+}
+
+/// Creates [`BRIDGE`] with [`GATEWAY`] before the first pod's CNI call
+/// would, so the kubelet's `--node-ip` exists from its start.
+fn make_bridge() -> Result<()> {
+    let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
+    for args in [
+        vec!["link", "add", BRIDGE, "type", "bridge"],
+        vec!["addr", "add", &format!("{GATEWAY}/24"), "dev", BRIDGE],
+        vec!["link", "set", BRIDGE, "up"],
+    ] {
+        let out = Command::new("ip")
+            .args(&args)
+            .output()
+            .context("cannot run ip (iproute2)")?;
+        if !out.status.success() {
+            bail!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `pause.oci.tar` and `workload.oci.tar` into `dir`: one layer with
+/// the static `workload` program at `/workload`, as user 65532.
+fn build_images(bins: &TestBins, dir: &Path) -> Result<TestImages> {
+    let program = std::fs::read(&bins.node.workload)?;
+    let tag = &crate::oci::sha256(&program)[7..23];
+    let mut files = BTreeMap::new();
+    files.insert("/workload".to_owned(), program);
+    let layer = crate::oci::tar(&files, 0o755);
+    let images = TestImages {
+        pause: format!("localhost/tessera-test/pause:{tag}"),
+        workload: format!("localhost/tessera-test/workload:{tag}"),
+    };
+    for (file, name, cmd) in [
+        ("pause", &images.pause, vec!["/workload", "pause"]),
+        ("workload", &images.workload, vec!["/workload"]),
+    ] {
+        let config = serde_json::json!({ "Entrypoint": cmd, "User": "65532:65532" });
+        crate::oci::write_archive(&dir.join(format!("{file}.oci.tar")), name, &layer, config)?;
+    }
+    Ok(images)
+}
+
+fn cni_config() -> String {
+    format!(
+        r#"{{
+  "cniVersion": "1.0.0",
+  "name": "tessera-test",
+  "plugins": [
+    {{
+      "type": "bridge",
+      "bridge": "{BRIDGE}",
+      "isGateway": true,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {{
+        "type": "host-local",
+        "ranges": [[{{"subnet": "{POD_SUBNET}", "gateway": "{GATEWAY}"}}]],
+        "routes": [{{"dst": "0.0.0.0/0"}}]
+      }}
+    }},
+    {{"type": "portmap", "capabilities": {{"portMappings": true}}}}
+  ]
+}}
+"#
+    )
+}
+
+fn containerd_config(dir: &Path, bins: &TestBins, images: &TestImages) -> String {
+    format!(
+        r#"version = 3
+root = "{root}"
+state = "{state}"
+
+[grpc]
+  address = "{socket}"
+
+[plugins]
+  [plugins.'io.containerd.cri.v1.images']
+    snapshotter = 'overlayfs'
+    [plugins.'io.containerd.cri.v1.images'.pinned_images]
+      sandbox = '{pause}'
+
+  [plugins.'io.containerd.cri.v1.runtime']
+    # This machine's bounding set lacks CAP_SYS_RESOURCE, so no process
+    # may lower its OOM score below containerd's own.
+    restrict_oom_score_adj = true
+    [plugins.'io.containerd.cri.v1.runtime'.containerd]
+      default_runtime_name = 'runc'
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+        runtime_type = 'io.containerd.runc.v2'
+        [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+          BinaryName = '{runc}'
+          SystemdCgroup = false
+    [plugins.'io.containerd.cri.v1.runtime'.cni]
+      bin_dirs = ['/usr/lib/cni']
+      conf_dir = '{cni}'
+
+  [plugins.'io.containerd.grpc.v1.cri']
+    disable_tcp_service = true
+    stream_server_address = '127.0.0.1'
+    stream_server_port = '0'
+"#,
+        root = dir.join("containerd-root").display(),
+        state = dir.join("containerd-state").display(),
+        socket = dir.join("containerd.sock").display(),
+        pause = images.pause,
+        runc = bins.node.runc.display(),
+        cni = dir.join("cni").display(),
+    )
+}
+
+fn kubelet_config(socket: &Path, port: u16, healthz: u16) -> String {
+    format!(
+        r#"apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+containerRuntimeEndpoint: unix://{socket}
+cgroupDriver: cgroupfs
+failCgroupV1: false
+failSwapOn: false
+address: 127.0.0.1
+port: {port}
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: {healthz}
+authentication:
+  anonymous: {{enabled: false}}
+  webhook: {{enabled: false}}
+authorization:
+  mode: AlwaysAllow
+registerNode: true
+serializeImagePulls: false
+evictionHard: {{}}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+resolvConf: /etc/resolv.conf
+"#,
+        socket = socket.display()
+    )
+}
