@@ -216,9 +216,10 @@ pub fn agent_daemonset_in(settings: &Settings, namespace: &str) -> Value {
             // BPF, PERFMON: load programs and maps; NET_ADMIN: attach to
             // cgroups and tc, rtnetlink; SYS_ADMIN: setns into pod
             // network namespaces, mount bpffs; SYS_PTRACE: open other
-            // processes' /proc/<pid>/ns; SYS_RESOURCE: the memlock limit
-            // on kernels that still charge maps to it.
-            "add": ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"],
+            // processes' /proc/<pid>/ns. No SYS_RESOURCE: the agent needs
+            // Linux 6.5 or later (SO_PEERPIDFD), whose BPF maps are charged
+            // to the memory cgroup, not to the memlock limit.
+            "add": ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"],
         },
         "seccompProfile": {"type": "RuntimeDefault"},
     });
