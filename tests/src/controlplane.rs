@@ -1,6 +1,7 @@
 //! A real Kubernetes control plane on loopback: etcd and kube-apiserver started
 //! as child processes on free random ports, with fresh certificates, in a
-//! temporary directory. Dropping a [`ControlPlane`] (including during a panic's
+//! temporary directory. For a real node's pods the API server can listen on
+//! another address of the test topology instead ([`ControlPlane::start_at`]). Dropping a [`ControlPlane`] (including during a panic's
 //! unwinding) kills both processes and deletes the directory.
 
 use std::fmt::Write as _;
@@ -23,7 +24,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const START_ATTEMPTS: usize = 3;
 /// Service IPs are only allocated, never routed; they come from the range
 /// reserved for network testing, like every address the tests use.
-const SERVICE_CIDR: &str = "198.18.255.0/24";
+pub const SERVICE_CIDR: &str = "198.18.255.0/24";
+/// The `kubernetes` Service's address: the first of [`SERVICE_CIDR`].
+pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 1);
 
 /// A running etcd + kube-apiserver pair. See the module docs.
 #[derive(Debug)]
@@ -36,6 +39,7 @@ pub struct ControlPlane {
     bins: TestBins,
     pki: Option<Pki>,
     ports: (u16, u16),
+    address: Ipv4Addr,
 }
 
 /// A loopback TCP port free right now, that no other call in this process
@@ -94,12 +98,20 @@ enum StartError {
 }
 
 impl ControlPlane {
-    /// Starts etcd and kube-apiserver and waits until the API server is ready.
+    /// Starts etcd and kube-apiserver on loopback and waits until the API
+    /// server is ready.
     pub async fn start() -> Result<ControlPlane> {
+        Self::start_at(Ipv4Addr::LOCALHOST).await
+    }
+
+    /// As [`ControlPlane::start`], with the API server listening on and
+    /// advertising `address` (a host address pods can reach; the
+    /// `kubernetes` Service then points at it). etcd stays on loopback.
+    pub async fn start_at(address: Ipv4Addr) -> Result<ControlPlane> {
         let bins = TestBins::locate()?;
         let mut last = None;
         for _ in 0..START_ATTEMPTS {
-            match Self::start_once(bins.clone()).await {
+            match Self::start_once(bins.clone(), address).await {
                 Ok(cp) => return Ok(cp),
                 Err(StartError::PortInUse(e)) => last = Some(e),
                 Err(StartError::Other(e)) => return Err(e),
@@ -108,13 +120,17 @@ impl ControlPlane {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("control plane did not start")))
     }
 
-    async fn start_once(bins: TestBins) -> std::result::Result<ControlPlane, StartError> {
+    async fn start_once(
+        bins: TestBins,
+        address: Ipv4Addr,
+    ) -> std::result::Result<ControlPlane, StartError> {
         let other = StartError::Other;
         let dir = tempfile::Builder::new()
             .prefix("tessera-cp-")
             .tempdir()
             .map_err(|e| other(e.into()))?;
-        let pki = Pki::create(dir.path()).map_err(other)?;
+        let serving_ips = [address.into(), KUBERNETES_SERVICE_IP.into()];
+        let pki = Pki::create(dir.path(), &serving_ips).map_err(other)?;
         let mut cp = ControlPlane {
             kubeconfig: dir.path().join("kubeconfig"),
             dir,
@@ -124,12 +140,13 @@ impl ControlPlane {
             bins,
             pki: None,
             ports: (0, 0),
+            address,
         };
         let (client_port, peer_port) = (free_port().map_err(other)?, free_port().map_err(other)?);
         cp.start_etcd(client_port, peer_port)?;
         let secure_port = free_port().map_err(other)?;
-        cp.start_apiserver(&pki, client_port, secure_port)?;
-        cp.server = format!("https://127.0.0.1:{secure_port}");
+        cp.start_apiserver(&pki, client_port, secure_port, address)?;
+        cp.server = format!("https://{address}:{secure_port}");
         cp.write_kubeconfig(&pki).map_err(other)?;
         cp.pki = Some(pki);
         cp.ports = (client_port, secure_port);
@@ -185,14 +202,22 @@ impl ControlPlane {
         pki: &Pki,
         etcd_port: u16,
         secure_port: u16,
+        address: Ipv4Addr,
     ) -> std::result::Result<(), StartError> {
         let log = self.dir.path().join("kube-apiserver.log");
+        // On loopback nothing outside this host could use the `kubernetes`
+        // Service's endpoints (and loopback may not be advertised).
+        let reconciler = if address.is_loopback() {
+            "none"
+        } else {
+            "lease"
+        };
         let child = spawn_logged(
             Command::new(&self.bins.kube_apiserver)
                 .arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
                 .arg(format!("--secure-port={secure_port}"))
-                .arg("--bind-address=127.0.0.1")
-                .arg("--advertise-address=127.0.0.1")
+                .arg(format!("--bind-address={address}"))
+                .arg(format!("--advertise-address={address}"))
                 .arg(format!("--cert-dir={}", self.dir.path().display()))
                 .arg(format!("--tls-cert-file={}", pki.serving_cert.display()))
                 .arg(format!(
@@ -211,7 +236,7 @@ impl ControlPlane {
                 .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
                 .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
                 .arg("--authorization-mode=RBAC")
-                .arg("--endpoint-reconciler-type=none")
+                .arg(format!("--endpoint-reconciler-type={reconciler}"))
                 .arg("--allow-privileged=true")
                 .arg("--profiling=false")
                 .arg("--v=1"),
@@ -357,6 +382,11 @@ impl ControlPlane {
         &self.server
     }
 
+    /// The certificates and keys (the CA, the service-account key).
+    pub fn pki(&self) -> Option<&Pki> {
+        self.pki.as_ref()
+    }
+
     /// The temporary directory holding certificates, data and logs.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -440,7 +470,7 @@ impl ControlPlane {
         let unwrap = |e: StartError| match e {
             StartError::PortInUse(e) | StartError::Other(e) => e,
         };
-        self.start_apiserver(&pki, etcd_port, secure_port)
+        self.start_apiserver(&pki, etcd_port, secure_port, self.address)
             .map_err(unwrap)?;
         self.wait_apiserver_ready().await.map_err(unwrap)
     }

@@ -39,8 +39,9 @@ pub const SA_KEY_FILE: &str = "sa.key";
 pub const ADMIN_USER: &str = "tessera-test-admin";
 
 impl Pki {
-    /// Creates every file under `dir`.
-    pub fn create(dir: &Path) -> Result<Pki> {
+    /// Creates every file under `dir`; the serving certificate names
+    /// loopback and `serving_ips`.
+    pub fn create(dir: &Path, serving_ips: &[IpAddr]) -> Result<Pki> {
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params
             .distinguished_name
@@ -57,6 +58,9 @@ impl Pki {
         serving
             .subject_alt_names
             .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        serving
+            .subject_alt_names
+            .extend(serving_ips.iter().map(|ip| SanType::IpAddress(*ip)));
         serving
             .distinguished_name
             .push(DnType::CommonName, "kube-apiserver");

@@ -1,7 +1,10 @@
 //! A real Kubernetes node on this machine for the tests: containerd v2 with
 //! runc and its CRI plugin, the CNI plugins from Debian (bridge and
-//! host-local, pods in [`POD_SUBNET`] on bridge [`BRIDGE`]), and a kubelet
-//! registered with a test [`ControlPlane`]. Images come from OCI archives
+//! host-local, pods in [`POD_SUBNET`] on bridge [`BRIDGE`]), a kubelet and
+//! kube-proxy registered with a test [`ControlPlane`] whose API server
+//! listens on the bridge's address ([`control_plane`]), and the
+//! controllers a cluster runs beside them (kube-scheduler,
+//! kube-controller-manager). Images come from OCI archives
 //! imported with `ctr`; nothing is pulled (the sandbox image is built here
 //! from the static `workload` program, see [`TestImages`]).
 //!
@@ -71,11 +74,25 @@ pub struct RealNode {
     images: TestImages,
     kubelet: Option<KillOnDrop>,
     containerd: Option<KillOnDrop>,
+    /// kube-proxy, kube-scheduler, kube-controller-manager.
+    others: Vec<KillOnDrop>,
+}
+
+/// Creates the bridge, then a control plane whose API server listens on
+/// [`GATEWAY`], where the node's pods reach it (through the `kubernetes`
+/// Service too). Start the node with [`RealNode::start`] next.
+pub async fn control_plane() -> Result<ControlPlane> {
+    if !crate::is_root() {
+        bail!("a real node needs root (containerd, runc, CNI, the kubelet)");
+    }
+    make_bridge()?;
+    ControlPlane::start_at(GATEWAY.parse()?).await
 }
 
 impl RealNode {
-    /// Starts containerd and the kubelet under `cp`'s directory and waits
-    /// until the Node is Ready. Needs root.
+    /// Starts containerd, the kubelet, kube-proxy and the controllers under
+    /// `cp`'s directory (`cp` from [`control_plane`]) and waits until the
+    /// Node is Ready. Needs root.
     pub async fn start(cp: &ControlPlane) -> Result<RealNode> {
         if !crate::is_root() {
             bail!("a real node needs root (containerd, runc, CNI, the kubelet)");
@@ -95,11 +112,12 @@ impl RealNode {
             images,
             kubelet: None,
             containerd: None,
+            others: Vec::new(),
         };
-        make_bridge()?;
         node.start_containerd()?;
         node.import_images()?;
         node.start_kubelet(cp)?;
+        node.start_controllers(cp)?;
         node.wait_ready(cp).await?;
         Ok(node)
     }
@@ -121,7 +139,10 @@ impl RealNode {
     fn start_containerd(&mut self) -> Result<()> {
         let cni = self.dir.join("cni");
         std::fs::create_dir_all(&cni)?;
-        std::fs::write(cni.join("10-tessera-test.conflist"), cni_config())?;
+        std::fs::write(
+            cni.join("10-tessera-test.conflist"),
+            cni_config(&self.dir.join("cni-ipam")),
+        )?;
         let config = self.dir.join("containerd.toml");
         std::fs::write(
             &config,
@@ -207,6 +228,62 @@ impl RealNode {
         Ok(())
     }
 
+    /// kube-proxy (iptables), kube-scheduler and kube-controller-manager,
+    /// each with the admin kubeconfig, serving only on loopback.
+    fn start_controllers(&mut self, cp: &ControlPlane) -> Result<()> {
+        let pki = cp.pki().context("the control plane has no PKI")?;
+        let kubeconfig = format!("--kubeconfig={}", cp.kubeconfig().display());
+        let proxy_config = self.dir.join("kube-proxy.yaml");
+        std::fs::write(
+            &proxy_config,
+            kube_proxy_config(cp.kubeconfig(), free_port()?, free_port()?),
+        )?;
+        let n = &self.bins.node;
+        let commands = [
+            ("kube-proxy", {
+                let mut c = Command::new(&n.kube_proxy);
+                c.arg(format!("--config={}", proxy_config.display()));
+                c
+            }),
+            ("kube-scheduler", {
+                let mut c = Command::new(&n.kube_scheduler);
+                c.args([
+                    kubeconfig.as_str(),
+                    "--leader-elect=false",
+                    "--bind-address=127.0.0.1",
+                ])
+                .arg(format!("--secure-port={}", free_port()?));
+                c
+            }),
+            ("kube-controller-manager", {
+                let mut c = Command::new(&n.kube_controller_manager);
+                c.args([
+                    kubeconfig.as_str(),
+                    "--leader-elect=false",
+                    "--bind-address=127.0.0.1",
+                ])
+                .arg(format!("--secure-port={}", free_port()?))
+                .arg(format!(
+                    "--service-account-private-key-file={}",
+                    pki.sa_key.display()
+                ))
+                .arg(format!("--root-ca-file={}", pki.ca_cert.display()))
+                .arg("--use-service-account-credentials=false");
+                c
+            }),
+        ];
+        for (name, mut command) in commands {
+            let child = command
+                .arg("--v=1")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(self.dir.join(format!("{name}.log")))?)
+                .spawn()
+                .with_context(|| format!("cannot start {name}"))?;
+            self.others.push(KillOnDrop(child));
+        }
+        Ok(())
+    }
+
     async fn wait_ready(&self, cp: &ControlPlane) -> Result<()> {
         let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(cp.client().await?);
         for _ in 0..600 {
@@ -231,6 +308,7 @@ impl RealNode {
     /// Stops every pod, then the kubelet, containerd and its shims; removes
     /// the bridge and restores the kernel tunables.
     fn stop(&mut self) {
+        self.others.clear();
         drop(self.kubelet.take());
         self.keep_logs();
         let _ = Command::new(&self.bins.node.crictl)
@@ -265,7 +343,13 @@ impl RealNode {
     fn keep_logs(&self) {
         let logs = std::env::temp_dir().join(LOGS);
         let _ = std::fs::create_dir_all(&logs);
-        for name in ["kubelet.log", "containerd.log"] {
+        for name in [
+            "kubelet.log",
+            "containerd.log",
+            "kube-proxy.log",
+            "kube-scheduler.log",
+            "kube-controller-manager.log",
+        ] {
             let _ = std::fs::copy(self.dir.join(name), logs.join(name));
         }
     }
@@ -336,10 +420,8 @@ fn remove_kube_chains() {
                 .lines()
                 .filter(|r| r.starts_with("-A ") && r.contains(" -j KUBE-"))
             {
-                let mut args = vec!["-t", table, "-D"];
-                args.extend(rule.split_whitespace().skip(1).map(|w| w.trim_matches('"')));
-                // Comments hold spaces; a rule with one is deleted by its
-                // chain flush below when the chain is a KUBE- one.
+                let mut args = vec!["-t".to_owned(), table.to_owned(), "-D".to_owned()];
+                args.extend(words(rule).into_iter().skip(1));
                 let _ = Command::new(tool).args(&args).output();
             }
             for chain in rules.lines().filter_map(|r| r.strip_prefix("-N KUBE-")) {
@@ -353,6 +435,28 @@ fn remove_kube_chains() {
             }
         }
     }
+}
+
+/// The words of an `iptables -S` line, double-quoted ones (comments) whole.
+fn words(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !word.is_empty() {
+                    out.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        out.push(word);
+    }
+    out
 }
 
 /// Creates [`BRIDGE`] with [`GATEWAY`] before the first pod's CNI call
@@ -397,7 +501,9 @@ fn build_images(bins: &TestBins, dir: &Path) -> Result<TestImages> {
     Ok(images)
 }
 
-fn cni_config() -> String {
+/// The pods' network; host-local keeps its allocations in `ipam_dir`.
+fn cni_config(ipam_dir: &Path) -> String {
+    let ipam_dir = ipam_dir.display();
     format!(
         r#"{{
   "cniVersion": "1.0.0",
@@ -411,6 +517,7 @@ fn cni_config() -> String {
       "hairpinMode": true,
       "ipam": {{
         "type": "host-local",
+        "dataDir": "{ipam_dir}",
         "ranges": [[{{"subnet": "{POD_SUBNET}", "gateway": "{GATEWAY}"}}]],
         "routes": [{{"dst": "0.0.0.0/0"}}]
       }}
@@ -463,6 +570,31 @@ state = "{state}"
         pause = images.pause,
         runc = bins.node.runc.display(),
         cni = dir.join("cni").display(),
+    )
+}
+
+fn kube_proxy_config(kubeconfig: &Path, healthz: u16, metrics: u16) -> String {
+    // conntrack zeros and no localhost node ports: kube-proxy leaves the
+    // host's conntrack limits and route_localnet alone.
+    format!(
+        r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection:
+  kubeconfig: {kubeconfig}
+mode: iptables
+hostnameOverride: {NODE_NAME}
+clusterCIDR: {POD_SUBNET}
+healthzBindAddress: 127.0.0.1:{healthz}
+metricsBindAddress: 127.0.0.1:{metrics}
+iptables:
+  localhostNodePorts: false
+conntrack:
+  maxPerCore: 0
+  min: 0
+  tcpEstablishedTimeout: 0s
+  tcpCloseWaitTimeout: 0s
+"#,
+        kubeconfig = kubeconfig.display()
     )
 }
 

@@ -1,58 +1,136 @@
-//! A real node (containerd, runc, CNI, kubelet; `tessera_tests::realnode`)
-//! registered with the test API server runs a pod from a locally imported
-//! image, and the pod answers TCP on its CNI address. As root.
+//! A real node (containerd, runc, CNI, kubelet, kube-proxy, the scheduler
+//! and the controller manager; `tessera_tests::realnode`) registered with the
+//! test API server: a pod from a locally imported image answers TCP at its
+//! CNI address, and a Deployment's pod behind a Service answers another
+//! pod through the Service's address. As root.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Read;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::Api;
-use tessera_tests::realnode::RealNode;
-use tessera_tests::{ControlPlane, eventually, resources};
+use tessera_tests::realnode::{self, LOGS, NODE_NAME, RealNode};
+use tessera_tests::{eventually, resources};
+
+/// Where the node's logs are, for failures.
+fn logs() -> String {
+    format!(
+        "the node's logs are kept in {}",
+        std::env::temp_dir().join(LOGS).display()
+    )
+}
+
+/// A pod that runs `workload <args>` once (no restart): its phase says how
+/// it ended.
+fn one_shot(name: &str, image: &str, args: &[&str]) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec:\n  restartPolicy: Never\n  automountServiceAccountToken: false\n\
+         \x20 containers:\n  - name: c\n    image: {image}\n    imagePullPolicy: Never\n\
+         \x20   args: {args:?}\n"
+    )
+}
+
+/// The phase `name` ends in: Succeeded or Failed.
+async fn outcome(pods: &Api<Pod>, name: &str) -> Result<String> {
+    eventually(&format!("{name} to finish"), || async {
+        let phase = pods.get(name).await?.status.and_then(|s| s.phase);
+        Ok(phase.filter(|p| p == "Succeeded" || p == "Failed"))
+    })
+    .await
+    .with_context(logs)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pod_from_a_local_image_runs_on_the_real_node_and_answers() -> Result<()> {
-    let cp = ControlPlane::start().await?;
+async fn pods_run_from_local_images_and_reach_each_other_directly_and_through_a_service()
+-> Result<()> {
+    let cp = realnode::control_plane().await?;
     let node = RealNode::start(&cp).await?;
     let client = cp.client().await?;
+    let image = &node.images().workload;
     resources::apply_manifest(
         &client,
         &format!(
-            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: default, namespace: default}}\n---\n\
-             apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: default}}\n\
-             spec:\n  nodeName: {node_name}\n  automountServiceAccountToken: false\n\
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: default}}\n\
+             spec:\n  nodeName: {NODE_NAME}\n  automountServiceAccountToken: false\n\
              \x20 containers:\n  - name: web\n    image: {image}\n    imagePullPolicy: Never\n\
-             \x20   args: [serve, \"8080\"]\n",
-            node_name = tessera_tests::realnode::NODE_NAME,
-            image = node.images().workload,
+             \x20   args: [serve, \"8080\"]\n"
         ),
     )
     .await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let ip = eventually("web Running with an address", || async {
-        let pod = pods.get("web").await?;
-        let status = pod.status.unwrap_or_default();
+        let status = pods.get("web").await?.status.unwrap_or_default();
         Ok((status.phase.as_deref() == Some("Running"))
             .then_some(status.pod_ip)
             .flatten())
     })
     .await
-    .with_context(|| {
-        format!(
-            "the node's logs are kept in {}",
-            std::env::temp_dir()
-                .join(tessera_tests::realnode::LOGS)
-                .display()
-        )
-    })?;
+    .with_context(logs)?;
     let mut answer = String::new();
-    let mut conn = std::net::TcpStream::connect_timeout(
-        &format!("{ip}:8080").parse()?,
-        Duration::from_secs(5),
-    )?;
-    conn.read_to_string(&mut answer)?;
+    let addr = format!("{ip}:8080").parse()?;
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?
+        .read_to_string(&mut answer)?;
     assert_eq!(answer.trim(), "ok web");
+
+    // A Deployment (scheduled, its ReplicaSet made by the controller
+    // manager) behind a Service (kube-proxy's rules).
+    resources::apply_manifest(
+        &client,
+        &format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: db, namespace: default}}\n\
+             spec:\n  replicas: 1\n  selector: {{matchLabels: {{app: db}}}}\n  template:\n\
+             \x20   metadata: {{labels: {{app: db}}}}\n    spec:\n      automountServiceAccountToken: false\n\
+             \x20     containers:\n      - name: db\n        image: {image}\n        imagePullPolicy: Never\n\
+             \x20       args: [serve, \"5432\"]\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: default}}\n\
+             spec:\n  selector: {{app: db}}\n  ports: [{{port: 80, targetPort: 5432}}]\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: nobody, namespace: default}}\n\
+             spec:\n  selector: {{app: nobody}}\n  ports: [{{port: 80, targetPort: 5432}}]\n"
+        ),
+    )
+    .await?;
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let address = |name: &'static str| {
+        let services = services.clone();
+        async move {
+            let service = services.get(name).await?;
+            service
+                .spec
+                .and_then(|s| s.cluster_ip)
+                .context("no cluster IP")
+        }
+    };
+    let (db, nobody) = (address("db").await?, address("nobody").await?);
+    eventually("db's pod Ready", || async {
+        let list = pods
+            .list(&kube::api::ListParams::default().labels("app=db"))
+            .await?;
+        Ok(list
+            .items
+            .iter()
+            .any(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .then_some(()))
+    })
+    .await
+    .with_context(logs)?;
+    let to_db = format!("{db}:80");
+    let to_nobody = format!("{nobody}:80");
+    resources::apply_manifest(&client, &one_shot("to-db", image, &["connect", &to_db])).await?;
+    resources::apply_manifest(
+        &client,
+        &one_shot("to-nobody", image, &["connect", &to_nobody]),
+    )
+    .await?;
+    assert_eq!(outcome(&pods, "to-db").await?, "Succeeded");
+    // A Service without endpoints: the same client fails.
+    assert_eq!(outcome(&pods, "to-nobody").await?, "Failed");
     Ok(())
 }
