@@ -437,6 +437,21 @@ fn remove_kube_chains() {
     }
 }
 
+/// The IPv4 rules of `table` as `iptables -S` prints them (kube-proxy's
+/// Services among them).
+pub fn iptables_rules(table: &str) -> Result<String> {
+    let out = Command::new("iptables")
+        .args(["-t", table, "-S"])
+        .output()
+        .context("running iptables -S (Debian package iptables)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "iptables -t {table} -S: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// The words of an `iptables -S` line, double-quoted ones (comments) whole.
 fn words(line: &str) -> Vec<String> {
     let mut out = Vec::new();

@@ -104,20 +104,30 @@ async fn pods_run_from_local_images_and_reach_each_other_directly_and_through_a_
         }
     };
     let (db, nobody) = (address("db").await?, address("nobody").await?);
-    eventually("db's pod Ready", || async {
+    let db_pod = eventually("db's pod Ready", || async {
         let list = pods
             .list(&kube::api::ListParams::default().labels("app=db"))
             .await?;
-        Ok(list
-            .items
-            .iter()
-            .any(|p| {
-                p.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-            })
-            .then_some(()))
+        Ok(list.items.iter().find_map(|p| {
+            let status = p.status.as_ref()?;
+            let ready = status
+                .conditions
+                .as_ref()?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then(|| status.pod_ip.clone()).flatten()
+        }))
+    })
+    .await
+    .with_context(logs)?;
+    // kube-proxy programs the Service after the endpoints change; a client
+    // started before that would find no rule (what the test checks is the
+    // path through the rules, not how soon kube-proxy writes them).
+    eventually("kube-proxy's rules for db", || async {
+        let nat = realnode::iptables_rules("nat")?;
+        Ok((nat.contains(&format!("-d {db}/32"))
+            && nat.contains(&format!("--to-destination {db_pod}:5432")))
+        .then_some(()))
     })
     .await
     .with_context(logs)?;
