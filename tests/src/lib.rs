@@ -59,12 +59,25 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
 
 /// Polls `check` every 50 ms until it yields a value; fails naming `what`
 /// after 20 s.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    eventually_for(what, std::time::Duration::from_secs(20), check).await
+}
+
+/// [`eventually`] with another limit than 20 s.
+pub async fn eventually_for<T, F, Fut>(
+    what: &str,
+    limit: std::time::Duration,
+    mut check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = std::time::Instant::now() + limit;
     loop {
         if let Some(v) = check().await? {
             return Ok(v);

@@ -16,6 +16,12 @@
 //! (containerd keeps OOM scores at or above its own:
 //! `restrict_oom_score_adj`).
 //!
+//! The agent's volumes ask for `HostToContainer` mount propagation, which
+//! containerd grants only from shared host mounts: systemd makes every
+//! mount shared, this machine's are private. The node makes the mounts at
+//! and below [`SHARED_MOUNTS`] shared while it runs and private again on
+//! drop (only those that were private).
+//!
 //! The kubelet changes the host when it starts: a few kernel tunables
 //! ([`SYSCTLS`]; read before and written back when the node is dropped) and
 //! iptables chains `KUBE-FIREWALL` (drops packets to 127.0.0.0/8 from other
@@ -44,6 +50,10 @@ pub const POD_SUBNET: &str = "198.19.128.0/24";
 pub const GATEWAY: &str = "198.19.128.1";
 /// Where, under the temporary directory, the last node's logs are kept.
 pub const LOGS: &str = "tessera-real-node-logs";
+/// The containers' logs, in the node's directory and in [`LOGS`].
+const POD_LOGS: &str = "pod-logs";
+/// The cluster's DNS domain.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// The kernel tunables the kubelet sets at start (its defaults for a node),
 /// restored when the node is dropped.
 pub const SYSCTLS: [&str; 6] = [
@@ -74,9 +84,22 @@ pub struct RealNode {
     images: TestImages,
     kubelet: Option<KillOnDrop>,
     containerd: Option<KillOnDrop>,
-    /// kube-proxy, kube-scheduler, kube-controller-manager.
+    /// kube-proxy, kube-scheduler, kube-controller-manager, CoreDNS.
     others: Vec<KillOnDrop>,
+    /// Host paths Tessera's agent writes that did not exist before the
+    /// node started: removed when it stops.
+    agent_paths: Vec<PathBuf>,
+    /// Mount points made shared for the node, private again on drop.
+    made_shared: Vec<PathBuf>,
 }
+
+/// Host mounts the agent DaemonSet mounts with `HostToContainer`
+/// propagation (`deploy/agent.yaml`): made shared while the node runs.
+pub const SHARED_MOUNTS: [&str; 2] = ["/sys/fs/bpf", "/sys/fs/cgroup"];
+
+/// The host paths the agent DaemonSet writes (`deploy/agent.yaml`): its
+/// pins, its Workload API socket's directory, its auth cache.
+pub const AGENT_HOST_PATHS: [&str; 3] = ["/sys/fs/bpf/tessera", "/run/tessera", "/var/lib/tessera"];
 
 /// Creates the bridge, then a control plane whose API server listens on
 /// [`GATEWAY`], where the node's pods reach it (through the `kubernetes`
@@ -113,9 +136,17 @@ impl RealNode {
             kubelet: None,
             containerd: None,
             others: Vec::new(),
+            agent_paths: AGENT_HOST_PATHS
+                .iter()
+                .map(PathBuf::from)
+                .filter(|p| !p.exists())
+                .collect(),
+            made_shared: Vec::new(),
         };
+        node.share_mounts()?;
         node.start_containerd()?;
         node.import_images()?;
+        node.start_coredns(cp)?;
         node.start_kubelet(cp)?;
         node.start_controllers(cp)?;
         node.wait_ready(cp).await?;
@@ -196,6 +227,26 @@ impl RealNode {
             .map(|_| ())
     }
 
+    /// Writes Tessera's images from this workspace's debug binaries (`cargo
+    /// xtask images --profile dev --no-build`) and imports them: the names
+    /// `deploy/` gives.
+    pub fn import_tessera(&self) -> Result<()> {
+        let out = self.dir.join("images");
+        let status = Command::new(crate::workspace_bin("xtask")?)
+            .args(["images", "--profile", "dev", "--no-build", "--out"])
+            .arg(&out)
+            .stdout(Stdio::null())
+            .status()
+            .context("cannot run xtask images")?;
+        if !status.success() {
+            bail!("xtask images failed ({status})");
+        }
+        for binary in ["tessera-operator", "tessera-agent"] {
+            self.import(&out.join(format!("{binary}.oci.tar")))?;
+        }
+        Ok(())
+    }
+
     fn import_images(&self) -> Result<()> {
         for name in ["pause", "workload"] {
             self.import(&self.dir.join(format!("{name}.oci.tar")))?;
@@ -207,7 +258,12 @@ impl RealNode {
         let config = self.dir.join("kubelet.yaml");
         std::fs::write(
             &config,
-            kubelet_config(&self.socket(), free_port()?, free_port()?),
+            kubelet_config(
+                &self.socket(),
+                &self.dir.join(POD_LOGS),
+                free_port()?,
+                free_port()?,
+            ),
         )?;
         let child = Command::new(&self.bins.node.kubelet)
             .arg(format!("--config={}", config.display()))
@@ -225,6 +281,28 @@ impl RealNode {
             .spawn()
             .context("cannot start the kubelet")?;
         self.kubelet = Some(KillOnDrop(child));
+        Ok(())
+    }
+
+    /// CoreDNS on [`GATEWAY`]:53 answering for `cluster.local` from the API
+    /// server (the kubelet gives pods this address as their DNS server).
+    fn start_coredns(&mut self, cp: &ControlPlane) -> Result<()> {
+        let corefile = self.dir.join("Corefile");
+        std::fs::write(
+            &corefile,
+            format!(
+                ".:53 {{\n    bind {GATEWAY}\n    errors\n    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{\n        kubeconfig {}\n        pods insecure\n        fallthrough in-addr.arpa ip6.arpa\n    }}\n    cache 5\n}}\n",
+                cp.kubeconfig().display()
+            ),
+        )?;
+        let child = Command::new(&self.bins.node.coredns)
+            .arg("-conf")
+            .arg(&corefile)
+            .stdout(std::fs::File::create(self.dir.join("coredns.log"))?)
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start coredns")?;
+        self.others.push(KillOnDrop(child));
         Ok(())
     }
 
@@ -329,8 +407,17 @@ impl RealNode {
             .status();
         let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
         unmount_below(&self.dir);
+        for path in &self.agent_paths {
+            let _ = std::fs::remove_dir_all(path);
+        }
         remove_pod_cgroups();
         remove_kube_chains();
+        for mount in self.made_shared.iter().rev() {
+            let _ = Command::new("mount")
+                .arg("--make-private")
+                .arg(mount)
+                .status();
+        }
         for (name, value) in &self.sysctls {
             let _ = std::fs::write(Path::new("/proc/sys").join(name), value);
         }
@@ -338,6 +425,24 @@ impl RealNode {
 }
 
 impl RealNode {
+    /// Makes the private mounts at and below [`SHARED_MOUNTS`] shared,
+    /// remembering them for [`RealNode::stop`].
+    fn share_mounts(&mut self) -> Result<()> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+        for mount in private_mounts_below(&mountinfo, &SHARED_MOUNTS) {
+            let status = Command::new("mount")
+                .arg("--make-shared")
+                .arg(&mount)
+                .status()
+                .context("cannot run mount")?;
+            if !status.success() {
+                bail!("mount --make-shared {} failed ({status})", mount.display());
+            }
+            self.made_shared.push(mount);
+        }
+        Ok(())
+    }
+
     /// Copies the kubelet's and containerd's logs to [`LOGS`] (the node's
     /// own directory goes with the control plane's).
     fn keep_logs(&self) {
@@ -349,15 +454,54 @@ impl RealNode {
             "kube-proxy.log",
             "kube-scheduler.log",
             "kube-controller-manager.log",
+            "coredns.log",
         ] {
             let _ = std::fs::copy(self.dir.join(name), logs.join(name));
         }
+        let _ = std::fs::remove_dir_all(logs.join(POD_LOGS));
+        copy_tree(&self.dir.join(POD_LOGS), &logs.join(POD_LOGS));
     }
 }
 
 impl Drop for RealNode {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The mount points of `mountinfo` (`/proc/<pid>/mountinfo`) at or below
+/// one of `roots` that are not shared (no `shared:` optional field),
+/// parents first.
+fn private_mounts_below(mountinfo: &str, roots: &[&str]) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let point = Path::new(fields.get(4)?);
+            let optional = fields.iter().skip(6).take_while(|f| **f != "-");
+            let shared = optional.clone().any(|f| f.starts_with("shared:"));
+            let wanted = roots.iter().any(|r| point.starts_with(r));
+            (wanted && !shared).then(|| point.to_path_buf())
+        })
+        .collect()
+}
+
+/// Copies the regular files below `from` to the same places below `to`
+/// (best effort: logs kept for a failure).
+fn copy_tree(from: &Path, to: &Path) {
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return;
+    };
+    let _ = std::fs::create_dir_all(to);
+    for entry in entries.flatten() {
+        let (path, target) = (entry.path(), to.join(entry.file_name()));
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => copy_tree(&path, &target),
+            Ok(t) if t.is_file() => {
+                let _ = std::fs::copy(&path, &target);
+            }
+            _ => {}
+        }
     }
 }
 
@@ -613,7 +757,7 @@ conntrack:
     )
 }
 
-fn kubelet_config(socket: &Path, port: u16, healthz: u16) -> String {
+fn kubelet_config(socket: &Path, pod_logs: &Path, port: u16, healthz: u16) -> String {
     format!(
         r#"apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -637,7 +781,34 @@ evictionHard: {{}}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 resolvConf: /etc/resolv.conf
+clusterDNS: [{GATEWAY}]
+clusterDomain: {CLUSTER_DOMAIN}
+podLogsDir: {pod_logs}
 "#,
-        socket = socket.display()
+        socket = socket.display(),
+        pod_logs = pod_logs.display()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_mounts_below_skips_shared_ones_and_other_roots() {
+        let mountinfo = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:7 - cgroup2 cgroup2 rw
+45 23 0:40 / /sys/fs/bpf rw,relatime master:3 - bpf bpf rw
+46 23 0:41 / /sys/fs/bpfother rw - bpf bpf rw
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+";
+        assert_eq!(
+            private_mounts_below(mountinfo, &SHARED_MOUNTS),
+            [
+                PathBuf::from("/sys/fs/cgroup"),
+                PathBuf::from("/sys/fs/bpf")
+            ]
+        );
+    }
 }

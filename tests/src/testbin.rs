@@ -4,8 +4,8 @@
 //! SPIRE's server and agent, OLM's tools (`opm`, and `bundle-check` around
 //! operator-framework/api's validators), and what a real node runs
 //! (`kubelet`, `kube-proxy`, `kube-scheduler`, `kube-controller-manager`,
-//! containerd and runc, `crictl`, and `workload`, the static program of the
-//! test images).
+//! containerd and runc, `crictl`, CoreDNS, and `workload`, the static
+//! program of the test images).
 //!
 //! Each source has a directory `<cache>/<name>-v<version>/` holding its
 //! binaries, where `<cache>` is `$TESSERA_TESTBIN_DIR`, else
@@ -45,6 +45,8 @@ pub const CONTAINERD_VERSION: &str = "2.4.2";
 pub const RUNC_VERSION: &str = "1.5.3";
 /// cri-tools release (`crictl`).
 pub const CRI_TOOLS_VERSION: &str = "1.37.0";
+/// CoreDNS release, the real node's cluster DNS.
+pub const COREDNS_VERSION: &str = "1.15.0";
 /// go-spiffe release the `workload` program's Workload API client uses (the
 /// one SPIRE 1.15.3 requires).
 pub const GO_SPIFFE_VERSION: &str = "2.8.1";
@@ -100,6 +102,8 @@ pub struct NodeBins {
     pub crictl: PathBuf,
     /// `workload`, static: the test images' program.
     pub workload: PathBuf,
+    /// `coredns`, the cluster DNS.
+    pub coredns: PathBuf,
 }
 
 /// One cache directory: its name, its binaries and how to build them.
@@ -151,6 +155,11 @@ fn sources() -> Vec<Source> {
             dir: format!("cri-tools-v{CRI_TOOLS_VERSION}"),
             bins: &["crictl"],
             build: node::build_crictl,
+        },
+        Source {
+            dir: format!("coredns-v{COREDNS_VERSION}"),
+            bins: &["coredns"],
+            build: node::build_coredns,
         },
         Source {
             // Named by its source, so an edit rebuilds it.
@@ -207,6 +216,7 @@ impl TestBins {
                 runc: bin("runc"),
                 crictl: bin("crictl"),
                 workload: bin("workload"),
+                coredns: bin("coredns"),
             },
         }
     }
@@ -232,6 +242,7 @@ impl TestBins {
             &n.runc,
             &n.crictl,
             &n.workload,
+            &n.coredns,
         ]
         .into_iter()
         .map(PathBuf::as_path)

@@ -1,6 +1,6 @@
 //! What a real node runs besides Kubernetes' own binaries: containerd v2
 //! and its runc shim, runc (with seccomp; cgo and libseccomp-dev), crictl
-//! for diagnostics, and `workload` (`workload.go`, ours), the static
+//! for diagnostics, CoreDNS for the cluster's names, and `workload` (`workload.go`, ours), the static
 //! program of the test images: the pod sandbox's process and the
 //! workloads' TCP server, client and Workload API client.
 
@@ -9,7 +9,8 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::{
-    CONTAINERD_VERSION, CRI_TOOLS_VERSION, GO_SPIFFE_VERSION, RUNC_VERSION, Recipe, build_into,
+    CONTAINERD_VERSION, COREDNS_VERSION, CRI_TOOLS_VERSION, GO_SPIFFE_VERSION, RUNC_VERSION,
+    Recipe, build_into,
 };
 
 /// `containerd`, `containerd-shim-runc-v2`, `ctr` and `runc`.
@@ -49,6 +50,22 @@ pub(super) fn build_crictl(dir: &Path) -> Result<()> {
         &Recipe {
             go_mod,
             packages: &["sigs.k8s.io/cri-tools/cmd/crictl"],
+            ..Recipe::default()
+        },
+    )
+}
+
+/// `coredns` (its main package is the module root).
+pub(super) fn build_coredns(dir: &Path) -> Result<()> {
+    let go_mod = format!(
+        "module tessera.dev/testbin/coredns\n\ngo 1.26.0\n\nrequire github.com/coredns/coredns v{COREDNS_VERSION}\n"
+    );
+    build_into(
+        dir,
+        &Recipe {
+            go_mod,
+            packages: &["github.com/coredns/coredns"],
+            env: &[("CGO_ENABLED", "0")],
             ..Recipe::default()
         },
     )
