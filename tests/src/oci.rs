@@ -7,9 +7,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use std::process::Command;
 
 /// Writes `archive`: an OCI layout holding one image named `name` (also its
 /// `org.opencontainers.image.ref.name`, the version after the last `:`)
@@ -146,9 +147,74 @@ fn octal(field: &mut [u8], value: u64) {
     field.copy_from_slice(&text.as_bytes()[text.len() - field.len()..]);
 }
 
+/// The files of an image that runs `binary` from `at`: the binary and the
+/// shared libraries it links, each at the path the loader asks for (read
+/// through symlinks).
+pub fn binary_files(binary: &Path, at: &str) -> Result<BTreeMap<String, Vec<u8>>> {
+    let read = |path: &Path| {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let mut files = BTreeMap::new();
+    files.insert(at.to_owned(), read(binary)?);
+    for lib in linked_libraries(binary)? {
+        let bytes = read(Path::new(&lib))?;
+        files.insert(lib, bytes);
+    }
+    Ok(files)
+}
+
+/// The absolute paths of the shared libraries `binary` loads, the dynamic
+/// loader included, as `ldd` reports them.
+pub fn linked_libraries(binary: &Path) -> Result<Vec<String>> {
+    let out = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .context("cannot run ldd (Debian package libc-bin)")?;
+    if !out.status.success() {
+        bail!(
+            "ldd {}: {}",
+            binary.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(parse_ldd(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The absolute paths in `ldd` output (`name => /path (addr)` or
+/// `/path (addr)`; the vDSO has none).
+fn parse_ldd(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.trim(),
+                None => line,
+            };
+            let path = path.split_whitespace().next()?;
+            path.starts_with('/').then(|| path.to_owned())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ldd_output_gives_the_paths_to_copy() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                    \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f1)\n\
+                    \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f2)\n\
+                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f3)\n";
+        assert_eq!(
+            parse_ldd(text),
+            [
+                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+        );
+    }
 
     #[test]
     fn tar_headers_carry_a_valid_checksum_and_no_owner_or_time() {

@@ -66,13 +66,17 @@ pub const SYSCTLS: [&str; 6] = [
 ];
 
 /// The images the node tests run: the pod sandbox (`pause`) and the
-/// workloads, both holding only the static `workload` program.
+/// workloads, both holding only the static `workload` program, and SPIRE's
+/// agent as a Workload API client.
 #[derive(Debug, Clone)]
 pub struct TestImages {
     /// The sandbox image's name.
     pub pause: String,
     /// The workload image's name (entrypoint `/workload`).
     pub workload: String,
+    /// `spire-agent` and the libraries it links (entrypoint
+    /// `/spire-agent`).
+    pub spire_agent: String,
 }
 
 /// A running node. Dropping it stops everything it started.
@@ -227,6 +231,31 @@ impl RealNode {
             .map(|_| ())
     }
 
+    /// What `container` of pod `namespace/pod` wrote (stdout and stderr,
+    /// without the CRI log format's time and stream), from the node's pod
+    /// logs; empty when it wrote nothing yet.
+    pub fn container_log(&self, namespace: &str, pod: &str, container: &str) -> String {
+        let prefix = format!("{namespace}_{pod}_");
+        let Ok(entries) = std::fs::read_dir(self.dir.join(POD_LOGS)) else {
+            return String::new();
+        };
+        let mut out = String::new();
+        for entry in entries.flatten() {
+            if !entry.file_name().to_string_lossy().starts_with(&prefix) {
+                continue;
+            }
+            let text = std::fs::read_to_string(entry.path().join(container).join("0.log"));
+            for line in text.unwrap_or_default().lines() {
+                // <time> <stream> <P|F> <text>
+                if let Some(text) = line.splitn(4, ' ').nth(3) {
+                    out.push_str(text);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
     /// Writes Tessera's images from this workspace's debug binaries (`cargo
     /// xtask images --profile dev --no-build`) and imports them: the names
     /// `deploy/` gives.
@@ -248,7 +277,7 @@ impl RealNode {
     }
 
     fn import_images(&self) -> Result<()> {
-        for name in ["pause", "workload"] {
+        for name in ["pause", "workload", "spire-agent"] {
             self.import(&self.dir.join(format!("{name}.oci.tar")))?;
         }
         Ok(())
@@ -646,16 +675,31 @@ fn build_images(bins: &TestBins, dir: &Path) -> Result<TestImages> {
     let mut files = BTreeMap::new();
     files.insert("/workload".to_owned(), program);
     let layer = crate::oci::tar(&files, 0o755);
+    let spire_layer = crate::oci::tar(
+        &crate::oci::binary_files(&bins.spire_agent, "/spire-agent")?,
+        0o755,
+    );
     let images = TestImages {
         pause: format!("localhost/tessera-test/pause:{tag}"),
         workload: format!("localhost/tessera-test/workload:{tag}"),
+        spire_agent: format!(
+            "localhost/tessera-test/spire-agent:{}",
+            crate::testbin::SPIRE_VERSION
+        ),
     };
-    for (file, name, cmd) in [
-        ("pause", &images.pause, vec!["/workload", "pause"]),
-        ("workload", &images.workload, vec!["/workload"]),
+    for (file, name, layer, cmd) in [
+        ("pause", &images.pause, &layer, "/workload pause"),
+        ("workload", &images.workload, &layer, "/workload"),
+        (
+            "spire-agent",
+            &images.spire_agent,
+            &spire_layer,
+            "/spire-agent",
+        ),
     ] {
+        let cmd: Vec<&str> = cmd.split(' ').collect();
         let config = serde_json::json!({ "Entrypoint": cmd, "User": "65532:65532" });
-        crate::oci::write_archive(&dir.join(format!("{file}.oci.tar")), name, &layer, config)?;
+        crate::oci::write_archive(&dir.join(format!("{file}.oci.tar")), name, layer, config)?;
     }
     Ok(images)
 }

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::json;
 
 /// One image: its binary, and the user it runs as.
@@ -128,14 +128,7 @@ fn write_image(spec: &Spec, binary: &Path, opts: &Options, revision: &str) -> Re
     let version = env!("CARGO_PKG_VERSION");
     let name = format!("{}/{}:{version}", opts.registry, spec.binary);
     let entrypoint = format!("/usr/local/bin/{}", spec.binary);
-    let mut files = BTreeMap::new();
-    files.insert(entrypoint.clone(), read(binary)?);
-    for lib in linked_libraries(binary)? {
-        // Read through symlinks: the image holds the file at the path the
-        // loader asks for.
-        let bytes = read(Path::new(&lib))?;
-        files.insert(lib, bytes);
-    }
+    let files = tessera_tests::oci::binary_files(binary, &entrypoint)?;
     let layer = tessera_tests::oci::tar(&files, 0o755);
     let config = json!({
         "Entrypoint": [entrypoint],
@@ -211,58 +204,4 @@ fn labels(title: &str, revision: &str) -> serde_json::Value {
 
 fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
-}
-
-/// The absolute paths of the shared libraries `binary` loads, the dynamic
-/// loader included, as `ldd` reports them.
-fn linked_libraries(binary: &Path) -> Result<Vec<String>> {
-    let out = Command::new("ldd")
-        .arg(binary)
-        .output()
-        .context("cannot run ldd (Debian package libc-bin)")?;
-    if !out.status.success() {
-        bail!(
-            "ldd {}: {}",
-            binary.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(parse_ldd(&String::from_utf8_lossy(&out.stdout)))
-}
-
-/// The absolute paths in `ldd` output (`name => /path (addr)` or
-/// `/path (addr)`; the vDSO has none).
-fn parse_ldd(text: &str) -> Vec<String> {
-    text.lines()
-        .filter_map(|line| {
-            let line = line.trim();
-            let path = match line.split_once("=>") {
-                Some((_, rest)) => rest.trim(),
-                None => line,
-            };
-            let path = path.split_whitespace().next()?;
-            path.starts_with('/').then(|| path.to_owned())
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ldd_output_gives_the_paths_to_copy() {
-        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\
-                    \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f1)\n\
-                    \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f2)\n\
-                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f3)\n";
-        assert_eq!(
-            parse_ldd(text),
-            [
-                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
-                "/lib/x86_64-linux-gnu/libc.so.6",
-                "/lib64/ld-linux-x86-64.so.2"
-            ]
-        );
-    }
 }
