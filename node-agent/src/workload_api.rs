@@ -6,11 +6,18 @@
 //! [`attestation::Peer`]), each call reads that process's pod cgroup while
 //! it lives, then the pod's identity in the [`IdentityStore`]; a caller in
 //! no known pod, or whose process has exited, gets PermissionDenied.
+//! A caller in a pod whose identity is not issued yet (a container that asks
+//! as it starts, before this agent has its pod's SVID) is answered once the
+//! identity is there, waiting up to [`ISSUANCE_WAIT`] and never past the
+//! caller's own deadline (`grpc-timeout`, less a margin so that it hears
+//! PermissionDenied rather than times out).
 //! Streams send the full state first and again on every change, and end with
 //! PermissionDenied when the pod loses its identity.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
 use tessera_api::jwt;
@@ -58,6 +65,47 @@ pub struct WorkloadApi {
 
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// The longest a caller in a pod waits for its identity to be issued.
+pub const ISSUANCE_WAIT: Duration = Duration::from_secs(10);
+/// Kept from the caller's deadline, so the answer reaches it in time.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(200);
+
+fn no_identity() -> Status {
+    Status::permission_denied("this workload has no identity (yet); retry later")
+}
+
+/// How long a call may wait for the caller's identity: [`ISSUANCE_WAIT`],
+/// or less when the caller's deadline is nearer.
+fn issuance_wait<T>(request: &Request<T>) -> Duration {
+    request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(grpc_timeout)
+        .map_or(ISSUANCE_WAIT, |d| {
+            d.saturating_sub(DEADLINE_MARGIN).min(ISSUANCE_WAIT)
+        })
+}
+
+/// A `grpc-timeout` value (digits, then a unit of H M S m u n).
+fn grpc_timeout(value: &str) -> Option<Duration> {
+    let unit_at = value.len().checked_sub(1)?;
+    let (digits, unit) = (value.get(..unit_at)?, value.get(unit_at..)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
     match request
         .metadata()
@@ -79,7 +127,7 @@ struct PinnedConnection {
 
 /// The connection's pinned peer, as each request sees it.
 #[derive(Debug, Clone)]
-struct PeerInfo(std::sync::Arc<attestation::Peer>);
+struct PeerInfo(Arc<attestation::Peer>);
 
 impl Connected for PinnedConnection {
     type ConnectInfo = PeerInfo;
@@ -181,28 +229,54 @@ impl WorkloadApi {
         WorkloadApi { store, jwt }
     }
 
+    /// The pod's identity once it holds SVIDs, waiting up to `wait` for the
+    /// agent to issue them; PermissionDenied after that.
+    async fn issued(
+        &self,
+        uid: &PodUid,
+        wait: Duration,
+    ) -> Result<tokio::sync::watch::Receiver<Option<Arc<PodIdentity>>>, Status> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = self.store.watch_changes();
+        loop {
+            changes.borrow_and_update();
+            if let Some(pod) = self.store.watch_pod(uid)
+                && pod.borrow().as_ref().is_some_and(|i| !i.svids.is_empty())
+            {
+                return Ok(pod);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return Err(no_identity()),
+            }
+        }
+    }
+
     /// A stream of `render(identity, bundles)`, re-sent on every change of
     /// either, ending with PermissionDenied when the pod loses its identity.
-    fn follow<T, F>(&self, uid: PodUid, render: F) -> Result<Streamed<T>, Status>
+    async fn follow<T, F>(
+        &self,
+        uid: PodUid,
+        wait: Duration,
+        render: F,
+    ) -> Result<Streamed<T>, Status>
     where
         T: Send + 'static,
         F: Fn(&PodIdentity, &Bundles) -> T + Send + 'static,
     {
-        let denied =
-            || Status::permission_denied("this workload has no identity (yet); retry later");
-        let mut pod = self.store.watch_pod(&uid).ok_or_else(denied)?;
+        let mut pod = self.issued(&uid, wait).await?;
         let mut bundles = self.store.watch_bundles();
         let stream = async_stream::stream! {
             loop {
                 let current = pod.borrow_and_update().clone();
                 let Some(identity) = current.filter(|i| !i.svids.is_empty()) else {
-                    yield Err(denied());
+                    yield Err(no_identity());
                     break;
                 };
                 let b = bundles.borrow_and_update().clone();
                 yield Ok(render(&identity, &b));
                 tokio::select! {
-                    changed = pod.changed() => if changed.is_err() { yield Err(denied()); break; },
+                    changed = pod.changed() => if changed.is_err() { yield Err(no_identity()); break; },
                     changed = bundles.changed() => if changed.is_err() { break; },
                 }
             }
@@ -224,7 +298,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         check_header(&request)?;
         let uid = caller(&request)?;
         info!(pod_uid = %uid, "FetchX509SVID");
-        Ok(Response::new(self.follow(uid, x509_response)?))
+        let wait = issuance_wait(&request);
+        Ok(Response::new(self.follow(uid, wait, x509_response).await?))
     }
 
     async fn fetch_x509_bundles(
@@ -233,7 +308,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&request)?;
         let uid = caller(&request)?;
-        Ok(Response::new(self.follow(uid, bundles_response)?))
+        let wait = issuance_wait(&request);
+        Ok(Response::new(
+            self.follow(uid, wait, bundles_response).await?,
+        ))
     }
 
     async fn fetch_jwtsvid(
@@ -242,17 +320,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<JwtsvidResponse>, Status> {
         check_header(&request)?;
         let uid = caller(&request)?;
+        let wait = issuance_wait(&request);
         let req = request.into_inner();
         if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
             return Err(Status::invalid_argument("audience must be specified"));
         }
         let identity = self
-            .store
-            .current(&uid)
-            .filter(|i| !i.svids.is_empty())
-            .ok_or_else(|| {
-                Status::permission_denied("this workload has no identity (yet); retry later")
-            })?;
+            .issued(&uid, wait)
+            .await?
+            .borrow()
+            .clone()
+            .ok_or_else(no_identity)?;
         let ids: Vec<&str> = identity
             .svids
             .iter()
@@ -287,7 +365,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
         let uid = caller(&request)?;
-        Ok(Response::new(self.follow(uid, jwt_bundles_response)?))
+        let wait = issuance_wait(&request);
+        Ok(Response::new(
+            self.follow(uid, wait, jwt_bundles_response).await?,
+        ))
     }
 
     async fn validate_jwtsvid(
@@ -374,7 +455,7 @@ pub async fn serve(
     let service = SpiffeWorkloadApiServer::new(WorkloadApi::new(store, jwt));
     let incoming = UnixListenerStream::new(listener).map(|accepted| {
         accepted.map(|stream| {
-            let peer = PeerInfo(std::sync::Arc::new(attestation::Peer::of(&stream)));
+            let peer = PeerInfo(Arc::new(attestation::Peer::of(&stream)));
             PinnedConnection { stream, peer }
         })
     });
@@ -383,4 +464,41 @@ pub async fn serve(
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, shutdown),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit_and_bad_ones_do_not() {
+        assert_eq!(grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout("999m"), Some(Duration::from_millis(999)));
+        assert_eq!(grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(
+            grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "S", "5", "5x", "123456789S", "-1S", "1.5S", "५S"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_wait_ends_before_the_callers_deadline() {
+        let mut request = Request::new(());
+        assert_eq!(issuance_wait(&request), ISSUANCE_WAIT);
+        request.metadata_mut().insert(
+            "grpc-timeout",
+            tonic::metadata::MetadataValue::from_static("1S"),
+        );
+        assert_eq!(issuance_wait(&request), Duration::from_millis(800));
+        request.metadata_mut().insert(
+            "grpc-timeout",
+            tonic::metadata::MetadataValue::from_static("100m"),
+        );
+        assert_eq!(issuance_wait(&request), Duration::ZERO);
+    }
 }

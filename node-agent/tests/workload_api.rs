@@ -1,7 +1,8 @@
 //! The Workload API server with real callers: client processes placed in a
 //! pod's cgroup (cgroup v2, as root) fetch through the `spiffe` crate's
 //! client; a process in no pod is refused; a request without the security
-//! header is refused; a rotation reaches an open stream; a connection handed
+//! header is refused; a caller whose SVID is issued while it asks waits for
+//! it; a rotation reaches an open stream; a connection handed
 //! to another process is refused once the process that opened it has exited,
 //! even when its PID now belongs to a process in another pod.
 //!
@@ -150,6 +151,32 @@ async fn a_process_in_the_pod_cgroup_gets_its_svid_and_others_do_not() {
     let (ok, _, err) = finish(stranger.spawn_client(&socket, &[]));
     assert!(!ok);
     assert!(err.to_lowercase().contains("permission denied"), "{err}");
+}
+
+/// A container that asks as it starts, before the agent has its pod's SVID,
+/// is answered once the SVID is issued rather than refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_whose_identity_is_being_issued_waits_for_it() {
+    const NEW_UID: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+    const NEW_ID: &str = "spiffe://cluster.test/ns/shop/sa/new";
+    let material = Material::new();
+    let store = store_with_pod(&material);
+    let (_dir, socket, _stop) = start(&store).await;
+    let cgroup = PodCgroup::create("early", NEW_UID);
+    let child = cgroup.spawn_client(&socket, &[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    store.set(
+        &PodUid::parse(NEW_UID).unwrap(),
+        PodIdentity {
+            svids: vec![material.svid(NEW_ID)],
+            ..PodIdentity::default()
+        },
+    );
+    let (ok, out, err) = tokio::task::spawn_blocking(move || finish(child))
+        .await
+        .unwrap();
+    assert!(ok, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains(&format!("SPIFFE ID: {NEW_ID} ")), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

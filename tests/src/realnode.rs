@@ -50,6 +50,10 @@ pub const POD_SUBNET: &str = "198.19.128.0/24";
 pub const GATEWAY: &str = "198.19.128.1";
 /// Where, under the temporary directory, the last node's logs are kept.
 pub const LOGS: &str = "tessera-real-node-logs";
+/// The CNI network's name.
+const CNI_NETWORK: &str = "tessera-test";
+/// host-local's directory in the node's directory.
+const CNI_IPAM: &str = "cni-ipam";
 /// The containers' logs, in the node's directory and in [`LOGS`].
 const POD_LOGS: &str = "pod-logs";
 /// The cluster's DNS domain.
@@ -176,7 +180,7 @@ impl RealNode {
         std::fs::create_dir_all(&cni)?;
         std::fs::write(
             cni.join("10-tessera-test.conflist"),
-            cni_config(&self.dir.join("cni-ipam")),
+            cni_config(&self.dir.join(CNI_IPAM)),
         )?;
         let config = self.dir.join("containerd.toml");
         std::fs::write(
@@ -254,6 +258,30 @@ impl RealNode {
             }
         }
         out
+    }
+
+    /// Whether host-local holds `address` for no pod.
+    pub fn pod_address_free(&self, address: std::net::Ipv4Addr) -> bool {
+        !self
+            .dir
+            .join(CNI_IPAM)
+            .join(CNI_NETWORK)
+            .join(address.to_string())
+            .exists()
+    }
+
+    /// Makes the CNI give `address` to the next pod: host-local hands out
+    /// the free address after the last one it reserved, so this sets that
+    /// to the one before `address` (which must be free by then).
+    pub fn next_pod_address(&self, address: std::net::Ipv4Addr) -> Result<()> {
+        let before = std::net::Ipv4Addr::from(u32::from(address) - 1);
+        let file = self
+            .dir
+            .join(CNI_IPAM)
+            .join(CNI_NETWORK)
+            .join("last_reserved_ip.0");
+        std::fs::write(&file, before.to_string())
+            .with_context(|| format!("cannot write {}", file.display()))
     }
 
     /// Writes Tessera's images from this workspace's debug binaries (`cargo
@@ -710,7 +738,7 @@ fn cni_config(ipam_dir: &Path) -> String {
     format!(
         r#"{{
   "cniVersion": "1.0.0",
-  "name": "tessera-test",
+  "name": "{CNI_NETWORK}",
   "plugins": [
     {{
       "type": "bridge",

@@ -5,6 +5,7 @@
 //	workload pause                      the sandbox: wait for a signal, reap children
 //	workload serve <port>               a TCP server: answers each connection with "ok <hostname>\n"
 //	workload connect <host:port>        one connection attempt, no retry; prints "ok <answer>" or the error, exits 1 on failure
+//	workload probe <host:port> <ms>     one connection attempt every <ms> milliseconds, forever; prints "<unix ms> ok <answer>" or "<unix ms> error <error>" for each
 //	workload svid <socket>              fetch this process's X.509-SVID over the Workload API; prints its SPIFFE ID
 package main
 
@@ -15,6 +16,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -22,7 +24,7 @@ import (
 )
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: workload pause | serve <port> | connect <host:port> | svid <socket>")
+	fmt.Fprintln(os.Stderr, "usage: workload pause | serve <port> | connect <host:port> | probe <host:port> <ms> | svid <socket>")
 	os.Exit(2)
 }
 
@@ -43,6 +45,15 @@ func main() {
 			usage()
 		}
 		connect(os.Args[2])
+	case "probe":
+		if len(os.Args) != 4 {
+			usage()
+		}
+		ms, err := strconv.Atoi(os.Args[3])
+		if err != nil || ms <= 0 {
+			usage()
+		}
+		probe(os.Args[2], time.Duration(ms)*time.Millisecond)
 	case "svid":
 		if len(os.Args) != 3 {
 			usage()
@@ -106,6 +117,28 @@ func connect(addr string) {
 		os.Exit(1)
 	}
 	fmt.Printf("%s in %d us\n", line[:len(line)-1], time.Since(start).Microseconds())
+}
+
+// probe makes one connection attempt per interval, each on its own (no
+// retry), and prints each outcome with the time it started.
+func probe(addr string, interval time.Duration) {
+	for {
+		start := time.Now()
+		conn, err := net.DialTimeout("tcp", addr, 2*time.Second)
+		if err != nil {
+			fmt.Printf("%d error %v\n", start.UnixMilli(), err)
+		} else {
+			_ = conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+			line, err := bufio.NewReader(conn).ReadString('\n')
+			conn.Close()
+			if err != nil {
+				fmt.Printf("%d error reading: %v\n", start.UnixMilli(), err)
+			} else {
+				fmt.Printf("%d %s\n", start.UnixMilli(), line[:len(line)-1])
+			}
+		}
+		time.Sleep(interval)
+	}
 }
 
 func svid(socket string) {
