@@ -22,6 +22,8 @@ use tessera_tests::{ControlPlane, TestBins, eventually_for, repo_root, resources
 
 /// Where the agent's Workload API socket is on the host (`deploy/agent.yaml`).
 const SOCKET_DIR: &str = "/run/tessera";
+/// The agent's metrics port on the node (`deploy/agent.yaml`; host network).
+const AGENT_METRICS_PORT: u16 = 9091;
 /// The workloads' namespace.
 const WORKLOADS: &str = "default";
 
@@ -294,6 +296,7 @@ async fn mutual_authentication(cp: &ControlPlane, node: &RealNode) -> Result<()>
         db_client.iter().all(|p| p.ok),
         "db's connections to ledger: {db_client:?}"
     );
+    agent_restart(&client, node).await?;
 
     // Deleting the policy: web's new connections are refused within 1 s.
     let policies: Api<AuthPolicy> = Api::namespaced(client.clone(), WORKLOADS);
@@ -345,6 +348,71 @@ async fn mutual_authentication(cp: &ControlPlane, node: &RealNode) -> Result<()>
         "the pod at db's old address reached ledger: {impostor:?}"
     );
     Ok(())
+}
+
+/// Deletes the agent's pod: the DaemonSet's new pod restores the
+/// authentications from its auth cache (counted) and makes no handshake
+/// for `web`'s and `db`'s connections, which go on succeeding, while
+/// `other`'s stay refused throughout.
+async fn agent_restart(client: &kube::Client, node: &RealNode) -> Result<()> {
+    let agents: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let labels = format!("app.kubernetes.io/name={AGENT}");
+    let old = agents.list(&ListParams::default().labels(&labels)).await?;
+    let old = old
+        .items
+        .first()
+        .and_then(|p| p.metadata.name.clone())
+        .context("no agent pod")?;
+    agents.delete(&old, &DeleteParams::default()).await?;
+    eventually_for(
+        "the new agent's pod Ready",
+        Duration::from_secs(120),
+        || async {
+            let list = agents.list(&ListParams::default().labels(&labels)).await?;
+            let new_ready = list.items.iter().any(|p| {
+                p.metadata.name.as_deref() != Some(old.as_str())
+                    && p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            });
+            Ok((new_ready && list.items.len() == 1).then_some(()))
+        },
+    )
+    .await
+    .with_context(logs)?;
+    let ready_at = unix_ms();
+    tokio::time::sleep(Duration::from_millis(5 * PROBE_MS)).await;
+    let metrics = tessera_tests::http_get(AGENT_METRICS_PORT, "/metrics")?.1;
+    let restored = metric_sum(&metrics, "tessera_agent_auth_restored_total");
+    let handshakes = metric_sum(&metrics, "tessera_agent_handshakes_total");
+    assert!(
+        restored >= 1.0,
+        "the new agent restored no authentication:\n{metrics}"
+    );
+    assert_eq!(handshakes, 0.0, "the new agent made handshakes:\n{metrics}");
+    for (pod, container) in [("web", "c"), ("db", "client")] {
+        let probes = probes(node, pod, container, 1).await?;
+        let after: Vec<_> = probes.iter().filter(|p| p.at > ready_at).collect();
+        assert!(
+            !after.is_empty() && after.iter().all(|p| p.ok),
+            "{pod}'s connections after the restart: {probes:?}"
+        );
+    }
+    let other = probes(node, "other", "c", 1).await?;
+    assert!(
+        other.iter().all(|p| !p.ok),
+        "other got through during the restart: {other:?}"
+    );
+    Ok(())
+}
+
+/// The sum of the samples of `name` in Prometheus text.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// One connection attempt of a `workload probe`.
