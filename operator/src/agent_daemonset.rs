@@ -4,6 +4,10 @@
 //! in its namespace, and says on the DaemonSet's status whether Pod
 //! Security admission lets its pods in (condition `PodSecurityAdmitted`).
 //!
+//! The DaemonSet is owned by the operator's Deployment (when the operator
+//! runs in one named `tessera-operator`), so the garbage collector removes
+//! the agents when an uninstall removes the operator.
+//!
 //! The agent needs the host's network and PID namespaces, host paths and
 //! capabilities: only the `privileged` Pod Security level admits its pods.
 //! A namespace enforcing `baseline` or `restricted`, or a DaemonSet
@@ -12,12 +16,14 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Event, Namespace};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
 use serde_json::json;
 use tessera_api::install::{AGENT, Settings, workloads};
+use tessera_api::names::OPERATOR;
 use tracing::{info, warn};
 
 const FIELD_MANAGER: &str = "tessera-operator";
@@ -34,7 +40,7 @@ pub enum AgentDaemonSetError {
     Build(#[from] serde_json::Error),
     /// The API server refused.
     #[error(
-        "cannot {what} (check the operator's permissions on daemonsets, daemonsets/status and events in {namespace}): {source}"
+        "cannot {what} (check the operator's permissions on daemonsets, daemonsets/status, deployments and events in {namespace}): {source}"
     )]
     Api {
         /// What was being done.
@@ -140,6 +146,28 @@ fn api_err(
     }
 }
 
+/// The operator's Deployment as the DaemonSet's owner; none when the
+/// operator runs outside a Deployment of that name.
+async fn owner(
+    client: &kube::Client,
+    cfg: &AgentConfig,
+) -> Result<Option<OwnerReference>, AgentDaemonSetError> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &cfg.namespace);
+    let deployment = deployments
+        .get_opt(OPERATOR)
+        .await
+        .map_err(api_err(cfg, "read the operator's Deployment"))?;
+    Ok(deployment.and_then(|d| {
+        Some(OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            name: d.metadata.name?,
+            uid: d.metadata.uid?,
+            ..OwnerReference::default()
+        })
+    }))
+}
+
 /// Applies the DaemonSet; whether Pod Security keeps its pods out, and why.
 async fn apply(
     client: &kube::Client,
@@ -147,7 +175,9 @@ async fn apply(
 ) -> Result<Option<String>, AgentDaemonSetError> {
     let sets: Api<DaemonSet> = Api::namespaced(client.clone(), &cfg.namespace);
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    sets.patch(AGENT, &params, &Patch::Apply(daemonset(cfg)?))
+    let mut daemonset = daemonset(cfg)?;
+    daemonset.metadata.owner_references = owner(client, cfg).await?.map(|o| vec![o]);
+    sets.patch(AGENT, &params, &Patch::Apply(daemonset))
         .await
         .map_err(api_err(cfg, "apply the agent DaemonSet"))?;
     let namespace = Api::<Namespace>::all(client.clone())

@@ -222,8 +222,13 @@ struct RunArgs {
     /// RELATED_IMAGE_AGENT). Off when unset: `deploy/` ships the DaemonSet.
     #[arg(long, env = "RELATED_IMAGE_AGENT")]
     agent_image: Option<String>,
-    /// The nodes' pod cgroup root, for the agents the operator runs.
-    #[arg(long, default_value = "/sys/fs/cgroup/kubepods.slice")]
+    /// The nodes' pod cgroup root, for the agents the operator runs (OLM
+    /// installs set it through the Subscription's `config.env`).
+    #[arg(
+        long,
+        env = "TESSERA_AGENT_CGROUP_ROOT",
+        default_value = "/sys/fs/cgroup/kubepods.slice"
+    )]
     agent_cgroup_root: String,
     /// How often the leader applies the agent DaemonSet again and checks
     /// its Pod Security condition, in seconds.

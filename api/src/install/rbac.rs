@@ -270,6 +270,13 @@ pub fn operator_runs_agents() -> Vec<Grant> {
             "the PodSecurityAdmitted condition on the agent DaemonSet",
         ),
         local(
+            "apps",
+            &["deployments"],
+            &["get"],
+            &[OPERATOR],
+            "make the operator's Deployment the agent DaemonSet's owner, so that uninstalling (OLM deletes the CSV, and with it the Deployment) removes the agents too",
+        ),
+        local(
             "",
             &["events"],
             &["list"],
