@@ -164,12 +164,16 @@ pub fn binary_files(binary: &Path, at: &str) -> Result<BTreeMap<String, Vec<u8>>
 }
 
 /// The absolute paths of the shared libraries `binary` loads, the dynamic
-/// loader included, as `ldd` reports them.
+/// loader included, as `ldd` reports them; none for a static binary.
 pub fn linked_libraries(binary: &Path) -> Result<Vec<String>> {
     let out = Command::new("ldd")
         .arg(binary)
         .output()
         .context("cannot run ldd (Debian package libc-bin)")?;
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    if said.contains("not a dynamic executable") {
+        return Ok(Vec::new());
+    }
     if !out.status.success() {
         bail!(
             "ldd {}: {}",

@@ -6,6 +6,8 @@
 //! entry, the CSV's Deployments, and the bundle's other manifests (CRDs,
 //! Services, the PodDisruptionBudget) with the install namespace set.
 
+pub mod catalog;
+
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};

@@ -29,6 +29,8 @@
 //! also removes its pods, stops containerd's shims, unmounts what the
 //! kubelet mounted, removes the `kubepods` cgroups and deletes the bridge.
 
+pub mod olm;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -285,9 +287,10 @@ impl RealNode {
     }
 
     /// Writes Tessera's images from this workspace's debug binaries (`cargo
-    /// xtask images --profile dev --no-build`) and imports them: the names
-    /// `deploy/` gives.
-    pub fn import_tessera(&self) -> Result<()> {
+    /// xtask images --profile dev --no-build`) and imports them (the names
+    /// `deploy/` and the bundle give) with the bundle image; returns the
+    /// bundle image's digest.
+    pub fn import_tessera(&self) -> Result<String> {
         let out = self.dir.join("images");
         let status = Command::new(crate::workspace_bin("xtask")?)
             .args(["images", "--profile", "dev", "--no-build", "--out"])
@@ -298,10 +301,35 @@ impl RealNode {
         if !status.success() {
             bail!("xtask images failed ({status})");
         }
-        for binary in ["tessera-operator", "tessera-agent"] {
-            self.import(&out.join(format!("{binary}.oci.tar")))?;
+        for image in ["tessera-operator", "tessera-agent", "tessera-bundle"] {
+            self.import(&out.join(format!("{image}.oci.tar")))?;
         }
-        Ok(())
+        // OLM names bundles by digest (and pulls any other reference):
+        // the bundle also gets its repository@digest name.
+        let repository = "localhost/tessera/tessera-bundle";
+        let tagged = format!("{repository}:{}", env!("CARGO_PKG_VERSION"));
+        let digest = self.image_digest(&tagged)?;
+        self.ctr(&[
+            "images",
+            "tag",
+            "--force",
+            &tagged,
+            &format!("{repository}@{digest}"),
+        ])?;
+        Ok(digest)
+    }
+
+    /// The digest of imported image `name` (`ctr images ls`).
+    pub fn image_digest(&self, name: &str) -> Result<String> {
+        let list = self.ctr(&["images", "ls"])?;
+        list.lines()
+            .find_map(|line| {
+                let mut words = line.split_whitespace();
+                (words.next() == Some(name))
+                    .then(|| words.nth(1).map(str::to_owned))
+                    .flatten()
+            })
+            .with_context(|| format!("no image {name} in containerd:\n{list}"))
     }
 
     fn import_images(&self) -> Result<()> {

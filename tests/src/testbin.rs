@@ -2,7 +2,8 @@
 //! proxy through wrapper modules and cached by version outside the
 //! repository: the control plane (`kube-apiserver`, `kubectl`, `etcd`),
 //! SPIRE's server and agent, OLM's tools (`opm`, and `bundle-check` around
-//! operator-framework/api's validators), and what a real node runs
+//! operator-framework/api's validators) and OLM v0 itself (`olm`,
+//! `catalog`, `cpb` and its CRDs), and what a real node runs
 //! (`kubelet`, `kube-proxy`, `kube-scheduler`, `kube-controller-manager`,
 //! containerd and runc, `crictl`, CoreDNS, and `workload`, the static
 //! program of the test images).
@@ -39,6 +40,10 @@ pub const OPERATOR_REGISTRY_VERSION: &str = "1.73.0";
 /// operator-framework/api release whose validators `bundle-check` runs (the
 /// one operator-registry 1.73.0 requires).
 pub const OPERATOR_API_VERSION: &str = "0.45.0";
+/// OLM (v0) release whose `olm` and `catalog` operators install the bundle
+/// on the real node (it requires operator-registry 1.73.0 and
+/// operator-framework/api 0.45.0, the versions above).
+pub const OLM_VERSION: &str = "0.46.0";
 /// containerd release of the real node.
 pub const CONTAINERD_VERSION: &str = "2.4.2";
 /// runc release of the real node.
@@ -75,8 +80,24 @@ pub struct TestBins {
     /// `bundle-check <bundle-dir> <k8s-version>`: the results of
     /// operator-framework/api's bundle validators as JSON.
     pub bundle_check: PathBuf,
+    /// OLM's own operators, for installing through OLM.
+    pub olm: OlmBins,
     /// What a real node runs.
     pub node: NodeBins,
+}
+
+/// OLM v0's operators and what their bundle unpacking runs.
+#[derive(Debug, Clone)]
+pub struct OlmBins {
+    /// `olm`: the OLM operator (CSVs, OperatorGroups).
+    pub olm: PathBuf,
+    /// `catalog`: the catalog operator (CatalogSources, Subscriptions,
+    /// InstallPlans, bundle unpacking).
+    pub catalog: PathBuf,
+    /// `cpb`, static: copies a bundle image's content in the unpack job.
+    pub cpb: PathBuf,
+    /// OLM's CRDs (`deploy/chart/crds` of the release).
+    pub crds: PathBuf,
 }
 
 /// The binaries of a real node.
@@ -135,6 +156,16 @@ fn sources() -> Vec<Source> {
             dir: format!("olm-v{OPERATOR_REGISTRY_VERSION}-api-v{OPERATOR_API_VERSION}"),
             bins: &["opm", "bundle-check"],
             build: olm::build_olm,
+        },
+        Source {
+            dir: format!("olm-lifecycle-v{OLM_VERSION}"),
+            bins: &[
+                "olm",
+                "catalog",
+                "cpb",
+                "crds/0000_50_olm_00-subscriptions.crd.yaml",
+            ],
+            build: olm::build_lifecycle,
         },
         Source {
             dir: format!("kubernetes-node-v{KUBERNETES_VERSION}"),
@@ -205,6 +236,15 @@ impl TestBins {
             spire_server: bin("spire-server"),
             opm: bin("opm"),
             bundle_check: bin("bundle-check"),
+            olm: OlmBins {
+                olm: bin("olm"),
+                catalog: bin("catalog"),
+                cpb: bin("cpb"),
+                crds: bin("crds/0000_50_olm_00-subscriptions.crd.yaml")
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
+            },
             node: NodeBins {
                 kubelet: bin("kubelet"),
                 kube_proxy: bin("kube-proxy"),
@@ -232,6 +272,9 @@ impl TestBins {
             &self.spire_server,
             &self.opm,
             &self.bundle_check,
+            &self.olm.olm,
+            &self.olm.catalog,
+            &self.olm.cpb,
             &n.kubelet,
             &n.kube_proxy,
             &n.kube_scheduler,
@@ -326,7 +369,9 @@ fn run(cmd: &mut Command, what: &str) -> Result<Vec<u8>> {
 /// What one cache directory is built from: a wrapper module's `go.mod`, any
 /// source files of its own (path in the module, text), build tags and
 /// ldflags, the packages to build, and renames of what `go build` names
-/// the binaries, and environment variables for `go build`.
+/// the binaries, environment variables for `go build`, and directories of
+/// a required module to keep beside the binaries (module, directory in it,
+/// name in the cache directory; its files, not subdirectories).
 #[derive(Default)]
 struct Recipe<'a> {
     go_mod: String,
@@ -336,6 +381,7 @@ struct Recipe<'a> {
     packages: &'a [&'a str],
     renames: &'a [(&'a str, &'a str)],
     env: &'a [(&'a str, &'a str)],
+    module_dirs: &'a [(&'a str, &'a str, &'a str)],
 }
 
 /// Builds `recipe` into a scratch directory beside `dest`, then renames it
@@ -349,6 +395,7 @@ fn build_into(dest: &Path, recipe: &Recipe) -> Result<()> {
         packages,
         renames,
         env,
+        module_dirs,
     } = recipe;
     let root = dest.parent().context("cache directory has no parent")?;
     let scratch = tempfile::Builder::new()
@@ -385,6 +432,29 @@ fn build_into(dest: &Path, recipe: &Recipe) -> Result<()> {
     for (from, to) in *renames {
         fs::rename(out.join(from), out.join(to))
             .with_context(|| format!("go build produced no {from}"))?;
+    }
+    for (module_path, dir, name) in *module_dirs {
+        let mut list = Command::new("go");
+        list.current_dir(&module).env("GOFLAGS", "-mod=mod").args([
+            "list",
+            "-m",
+            "-f",
+            "{{.Dir}}",
+            module_path,
+        ]);
+        let root = String::from_utf8_lossy(&run(&mut list, "go list -m")?)
+            .trim()
+            .to_owned();
+        let (from, to) = (Path::new(&root).join(dir), out.join(name));
+        fs::create_dir_all(&to)?;
+        for entry in
+            fs::read_dir(&from).with_context(|| format!("cannot list {}", from.display()))?
+        {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                fs::copy(entry.path(), to.join(entry.file_name()))?;
+            }
+        }
     }
     fs::write(out.join("recipe"), RECIPE)?;
     if dest.exists() {

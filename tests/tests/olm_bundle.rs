@@ -6,11 +6,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde_json::Value;
-use tessera_api::install::olm::{CHANNEL, PACKAGE};
+use tessera_tests::olm::catalog::{self, output};
 use tessera_tests::testbin::KUBERNETES_VERSION;
 use tessera_tests::{TestBins, repo_root};
 
@@ -23,25 +22,6 @@ const VALIDATORS: [&str; 6] = [
     "good-practices",
     "deprecated-apis",
 ];
-
-/// Runs `bin` with `args`; its standard output, or an error with both
-/// streams.
-fn output(bin: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(bin)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {}", bin.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} {args:?} failed ({}):\n{}{}",
-            bin.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?)
-}
 
 /// The validators' findings for the bundle in `dir`: (errors, warnings),
 /// each as "validator: detail".
@@ -136,72 +116,29 @@ fn the_validators_catch_a_broken_bundle() -> Result<()> {
     Ok(())
 }
 
-/// A file-based catalog of the package with one channel holding the
-/// bundle in `bundle_dir` (rendered by `opm render`, its image set to where
-/// a release publishes it), written under `<dir>/<package>/`.
-fn catalog(bins: &TestBins, bundle_dir: &Path, dir: &Path, channel_entry: &str) -> Result<()> {
-    let package = dir.join(PACKAGE);
-    std::fs::create_dir_all(&package)?;
-    let init = output(
-        &bins.opm,
-        &[
-            "init",
-            PACKAGE,
-            &format!("--default-channel={CHANNEL}"),
-            "--output=yaml",
-        ],
-    )?;
-    let rendered = output(
-        &bins.opm,
-        &["render", bundle_dir.to_str().unwrap(), "--output=yaml"],
-    )?;
-    let mut bundle: serde_yaml::Value = serde_yaml::from_str(&rendered)?;
-    assert_eq!(bundle["schema"], "olm.bundle", "{rendered}");
-    let related = bundle["relatedImages"]
-        .as_sequence()
-        .cloned()
-        .unwrap_or_default();
-    assert!(
-        related.iter().any(|i| i["name"] == "tessera-agent"),
-        "the rendered bundle lists no agent image: {rendered}"
-    );
-    bundle["image"] = "localhost/tessera/tessera-bundle:0.1.0".into();
-    let channel = format!(
-        "schema: olm.channel\npackage: {PACKAGE}\nname: {CHANNEL}\nentries:\n- name: {channel_entry}\n"
-    );
-    std::fs::write(package.join("package.yaml"), init)?;
-    std::fs::write(package.join("bundle.yaml"), serde_yaml::to_string(&bundle)?)?;
-    std::fs::write(package.join("channel.yaml"), channel)?;
-    Ok(())
-}
-
-/// The name of the bundle's CSV.
-fn csv_name() -> Result<String> {
-    let annotations = repo_root().join("olm/bundle/manifests/tessera.clusterserviceversion.yaml");
-    let csv: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(annotations)?)?;
-    csv["metadata"]["name"]
-        .as_str()
-        .map(str::to_owned)
-        .context("the CSV has no name")
-}
+/// The image a release publishes the bundle as.
+const BUNDLE_IMAGE: &str = "localhost/tessera/tessera-bundle:0.1.0";
 
 #[test]
 fn opm_renders_and_validates_a_catalog_of_the_bundle() -> Result<()> {
     let bins = TestBins::locate()?;
     let dir = tempfile::tempdir()?;
-    catalog(
-        &bins,
-        &repo_root().join("olm/bundle"),
+    let bundle = repo_root().join("olm/bundle");
+    catalog::write(
+        &bins.opm,
+        &bundle,
+        BUNDLE_IMAGE,
         dir.path(),
-        &csv_name()?,
+        &catalog::csv_name(&bundle)?,
     )?;
     output(&bins.opm, &["validate", dir.path().to_str().unwrap()])?;
 
     // A channel naming a bundle the catalog does not hold fails validation.
     let wrong = tempfile::tempdir()?;
-    catalog(
-        &bins,
-        &repo_root().join("olm/bundle"),
+    catalog::write(
+        &bins.opm,
+        &bundle,
+        BUNDLE_IMAGE,
         wrong.path(),
         "tessera.v9.9.9",
     )?;

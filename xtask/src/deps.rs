@@ -17,7 +17,8 @@ use anyhow::{Context, Result, bail};
 /// `cargo xtask images` writes, as a registry client would.
 /// For the real node: `libseccomp-dev` to build runc with seccomp,
 /// `containernetworking-plugins` (bridge, host-local, loopback: the pods'
-/// network), `iptables` and `conntrack` for kube-proxy and the plugins.
+/// network), `iptables` and `conntrack` for kube-proxy and the plugins,
+/// and `busybox-static`, whose `cp` OLM's bundle unpack job runs.
 pub const PACKAGES: &[&str] = &[
     "ca-certificates",
     "openssl",
@@ -32,6 +33,7 @@ pub const PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "iptables",
     "conntrack",
+    "busybox-static",
 ];
 
 fn installed(package: &str) -> bool {
