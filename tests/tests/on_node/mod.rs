@@ -181,7 +181,6 @@ pub async fn mutual_authentication(cp: &ControlPlane, node: &RealNode) -> Result
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), WORKLOADS);
     let serve = |port: &str| vec!["serve".to_owned(), port.to_owned()];
-    let probe = |to: String| vec!["probe".to_owned(), to, PROBE_MS.to_string()];
     resources::apply_manifest(&client, &pod("ledger", image, &[("c", serve("7000"))])).await?;
     let ledger = running_ip(&pods, "ledger").await?;
     let db_pod = pod(
@@ -205,9 +204,7 @@ pub async fn mutual_authentication(cp: &ControlPlane, node: &RealNode) -> Result
     );
     let other = probes(node, "other", "c", 3).await?;
     assert!(
-        other
-            .iter()
-            .all(|p| p.text.contains("operation not permitted")),
+        all_refused(&other.iter().collect::<Vec<_>>()),
         "another pod's connections to db should be refused at connect(): {other:?}"
     );
     let db_client = probes(node, "db", "client", 3).await?;
@@ -216,8 +213,12 @@ pub async fn mutual_authentication(cp: &ControlPlane, node: &RealNode) -> Result
         "db's connections to ledger: {db_client:?}"
     );
     agent_restart(&client, node).await?;
+    policy_deletion(&client, node).await?;
+    address_reuse(&client, node, db, ledger).await
+}
 
-    // Deleting the policy: web's new connections are refused within 1 s.
+/// Deleting web's policy: its new connections are refused from 1 s on.
+async fn policy_deletion(client: &kube::Client, node: &RealNode) -> Result<()> {
     let policies: Api<AuthPolicy> = Api::namespaced(client.clone(), WORKLOADS);
     let deleted = unix_ms();
     policies
@@ -227,14 +228,22 @@ pub async fn mutual_authentication(cp: &ControlPlane, node: &RealNode) -> Result
     let web = probes(node, "web", "c", 1).await?;
     let late: Vec<_> = web.iter().filter(|p| p.at >= deleted + 1000).collect();
     assert!(
-        !late.is_empty()
-            && late
-                .iter()
-                .all(|p| p.text.contains("operation not permitted")),
+        !late.is_empty() && all_refused(&late),
         "web's connections from 1 s after the policy's deletion ({deleted}) should be refused: {web:?}"
     );
+    Ok(())
+}
 
-    // db's address, reused: the new pod does not inherit db's authentication.
+/// db's address, reused: a pod the CNI gives it after db is gone does not
+/// inherit db's authentication to ledger.
+async fn address_reuse(
+    client: &kube::Client,
+    node: &RealNode,
+    db: std::net::Ipv4Addr,
+    ledger: std::net::Ipv4Addr,
+) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), WORKLOADS);
+    let image = &node.images().workload;
     pods.delete(
         "db",
         &DeleteParams {
@@ -253,7 +262,7 @@ pub async fn mutual_authentication(cp: &ControlPlane, node: &RealNode) -> Result
     .await?;
     node.next_pod_address(db)?;
     let impostor = pod("impostor", image, &[("c", probe(format!("{ledger}:7000")))]);
-    resources::apply_manifest(&client, &impostor).await?;
+    resources::apply_manifest(client, &impostor).await?;
     assert_eq!(
         running_ip(&pods, "impostor").await?,
         db,
@@ -261,9 +270,7 @@ pub async fn mutual_authentication(cp: &ControlPlane, node: &RealNode) -> Result
     );
     let impostor = probes(node, "impostor", "c", 3).await?;
     assert!(
-        impostor
-            .iter()
-            .all(|p| p.text.contains("operation not permitted")),
+        all_refused(&impostor.iter().collect::<Vec<_>>()),
         "the pod at db's old address reached ledger: {impostor:?}"
     );
     Ok(())
@@ -329,6 +336,18 @@ fn metric_sum(text: &str, name: &str) -> f64 {
         .filter(|l| l.split(['{', ' ']).next() == Some(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The arguments of a `workload probe` of `to` every [`PROBE_MS`].
+fn probe(to: String) -> Vec<String> {
+    vec!["probe".to_owned(), to, PROBE_MS.to_string()]
+}
+
+/// Whether every probe was refused at connect() (EPERM).
+fn all_refused(probes: &[&Probe]) -> bool {
+    probes
+        .iter()
+        .all(|p| p.text.contains("operation not permitted"))
 }
 
 /// One connection attempt of a `workload probe`.
