@@ -34,13 +34,49 @@ pub enum BundleError {
     #[error("not a SPIFFE bundle (a JWK set with a keys array): {0}")]
     Document(String),
     /// One key is malformed.
-    #[error("SPIFFE bundle key {index}: {reason}")]
+    #[error("SPIFFE bundle key {index}: {source}")]
     Key {
         /// Position in `keys`.
         index: usize,
         /// What is wrong.
+        source: KeyError,
+    },
+}
+
+/// What is wrong with one key of a bundle document.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The key is not a JSON object.
+    #[error("not a JSON object")]
+    NotObject,
+    /// A member the key needs is absent or empty.
+    #[error("no {0}")]
+    Missing(&'static str),
+    /// A member is not a string.
+    #[error("{0} is not a string")]
+    NotString(String),
+    /// A member is not base64 (standard or URL-safe, as it should be).
+    #[error("{member} is not {encoding}: {reason}")]
+    Encoding {
+        /// The member.
+        member: String,
+        /// `base64` or `base64url`.
+        encoding: &'static str,
+        /// What the decoder said.
         reason: String,
     },
+    /// `x5c` is not one certificate.
+    #[error("x5c {0}")]
+    X5c(String),
+    /// The certificate in `x5c` is unusable.
+    #[error("{0}")]
+    Certificate(String),
+    /// The JWK's own key and the certificate's differ.
+    #[error("{0} do not match the key of the certificate in x5c")]
+    Mismatch(String),
+    /// A JWT key that is not a P-256 point.
+    #[error("JWT key {0:?} is not a P-256 point (32-byte x and y)")]
+    NotP256(String),
 }
 
 /// The authorities of one trust domain, with the publisher's sequence
@@ -99,12 +135,13 @@ fn strip_zeros(b: &[u8]) -> Vec<u8> {
 }
 
 /// Parses one DER certificate (nothing after it) and returns its key.
-fn cert_key(der: &[u8]) -> Result<CertKey, String> {
+fn cert_key(der: &[u8]) -> Result<CertKey, KeyError> {
     use x509_parser::public_key::PublicKey as Spki;
+    let bad = |why: String| KeyError::Certificate(why);
     let (rest, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| format!("x5c is not an X.509 certificate: {e}"))?;
+        .map_err(|e| bad(format!("x5c is not an X.509 certificate: {e}")))?;
     if !rest.is_empty() {
-        return Err("x5c has bytes after the certificate".into());
+        return Err(KeyError::X5c("has bytes after the certificate".into()));
     }
     match cert.public_key().parsed() {
         Ok(Spki::EC(point)) => {
@@ -113,10 +150,14 @@ fn cert_key(der: &[u8]) -> Result<CertKey, String> {
                 65 => "P-256",
                 97 => "P-384",
                 133 => "P-521",
-                n => return Err(format!("EC key of {n} bytes is not a P-256/384/521 point")),
+                n => {
+                    return Err(bad(format!(
+                        "EC key of {n} bytes is not a P-256/384/521 point"
+                    )));
+                }
             };
             if point.first() != Some(&4) {
-                return Err("EC key is not an uncompressed point".into());
+                return Err(bad("EC key is not an uncompressed point".into()));
             }
             Ok(CertKey::Ec(crv, point))
         }
@@ -124,89 +165,107 @@ fn cert_key(der: &[u8]) -> Result<CertKey, String> {
             strip_zeros(rsa.modulus),
             strip_zeros(rsa.exponent),
         )),
-        Ok(_) => Err("the certificate's key is neither EC nor RSA".into()),
-        Err(e) => Err(format!("the certificate's key is unreadable: {e}")),
+        Ok(_) => Err(bad("the certificate's key is neither EC nor RSA".into())),
+        Err(e) => Err(bad(format!("the certificate's key is unreadable: {e}"))),
     }
 }
 
-fn member<'a>(key: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, String> {
+fn member<'a>(key: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, KeyError> {
     match key.get(name) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(format!("{name} is not a string")),
+        Some(_) => Err(KeyError::NotString(name.to_owned())),
     }
 }
 
-fn b64url(key: &Map<String, Value>, name: &str) -> Result<Vec<u8>, String> {
-    let text = member(key, name)?.ok_or_else(|| format!("no {name}"))?;
+fn b64url(key: &Map<String, Value>, name: &'static str) -> Result<Vec<u8>, KeyError> {
+    let text = member(key, name)?.ok_or(KeyError::Missing(name))?;
     URL_SAFE_NO_PAD
         .decode(text.trim_end_matches('=').as_bytes())
-        .map_err(|e| format!("{name} is not base64url: {e}"))
+        .map_err(|e| KeyError::Encoding {
+            member: name.to_owned(),
+            encoding: "base64url",
+            reason: e.to_string(),
+        })
 }
 
 /// An x509-svid key: its certificate, checked against the JWK's own key.
-fn x509_key(key: &Map<String, Value>, kty: &str) -> Result<Vec<u8>, String> {
+fn x509_key(key: &Map<String, Value>, kty: &str) -> Result<Vec<u8>, KeyError> {
     let x5c = match key.get("x5c") {
         Some(Value::Array(certs)) => certs,
-        Some(_) => return Err("x5c is not an array".into()),
-        None => return Err("an x509-svid key needs x5c (its CA certificate)".into()),
+        Some(_) => return Err(KeyError::X5c("is not an array".into())),
+        None => {
+            return Err(KeyError::Missing(
+                "x5c (an x509-svid key needs its CA certificate)",
+            ));
+        }
     };
     let [Value::String(cert)] = x5c.as_slice() else {
-        return Err(format!(
-            "x5c must hold exactly one certificate (a string), it holds {} element(s)",
+        return Err(KeyError::X5c(format!(
+            "must hold exactly one certificate (a string), it holds {} element(s)",
             x5c.len()
-        ));
+        )));
     };
     let der = STANDARD
         .decode(cert.as_bytes())
-        .map_err(|e| format!("x5c is not base64: {e}"))?;
+        .map_err(|e| KeyError::Encoding {
+            member: "x5c".into(),
+            encoding: "base64",
+            reason: e.to_string(),
+        })?;
     match (cert_key(&der)?, kty) {
         (CertKey::Ec(crv, point), "EC") => {
             let (x, y) = (b64url(key, "x")?, b64url(key, "y")?);
             let jwk_crv = member(key, "crv")?.unwrap_or_default();
             let half = (point.len() - 1) / 2;
             if jwk_crv != crv || x != point[1..1 + half] || y != point[1 + half..] {
-                return Err(format!(
-                    "crv/x/y do not match the {crv} key of the certificate in x5c"
-                ));
+                return Err(KeyError::Mismatch(format!(
+                    "crv/x/y (the certificate has a {crv} key)"
+                )));
             }
         }
         (CertKey::Rsa(n, e), "RSA") => {
             if strip_zeros(&b64url(key, "n")?) != n || strip_zeros(&b64url(key, "e")?) != e {
-                return Err("n/e do not match the RSA key of the certificate in x5c".into());
+                return Err(KeyError::Mismatch(
+                    "n/e (the certificate has an RSA key)".into(),
+                ));
             }
         }
         _ => {
-            return Err(format!(
-                "kty {kty} does not match the certificate's key type"
-            ));
+            return Err(KeyError::Mismatch(format!("kty {kty} and the key type")));
         }
     }
     Ok(der)
 }
 
-/// A jwt-svid key: `Ok(Ok(key))` when Tessera can verify with it (EC
-/// P-256), `Ok(Err(note))` when it is skipped (another key type), `Err` when
-/// it is malformed.
-fn jwt_key(key: &Map<String, Value>, kty: &str) -> Result<Result<PublicKey, String>, String> {
+/// What a well-formed jwt-svid key is to Tessera.
+enum JwtKey {
+    /// A key it verifies with (EC P-256).
+    Used(PublicKey),
+    /// A key it skips (another key type), with a note saying so.
+    Skipped(String),
+}
+
+/// A jwt-svid key, or why it is malformed.
+fn jwt_key(key: &Map<String, Value>, kty: &str) -> Result<JwtKey, KeyError> {
     let kid = member(key, "kid")?
         .filter(|k| !k.is_empty())
-        .ok_or("a jwt-svid key needs a kid")?;
+        .ok_or(KeyError::Missing("kid (a jwt-svid key needs one)"))?;
     let crv = member(key, "crv")?;
     if kty != "EC" || crv != Some("P-256") {
-        return Ok(Err(format!(
+        return Ok(JwtKey::Skipped(format!(
             "jwt-svid key {kid:?} ({kty} {}): only EC P-256 JWT keys are verified",
             crv.unwrap_or("-")
         )));
     }
     let (x, y) = (b64url(key, "x")?, b64url(key, "y")?);
     if x.len() != 32 || y.len() != 32 {
-        return Err("a P-256 key has 32-byte x and y".into());
+        return Err(KeyError::NotP256(kid.to_owned()));
     }
     let mut point = vec![4u8];
     point.extend(x);
     point.extend(y);
-    Ok(Ok(PublicKey {
+    Ok(JwtKey::Used(PublicKey {
         kid: kid.to_owned(),
         point,
     }))
@@ -232,16 +291,16 @@ impl SpiffeBundle {
             ignored: Vec::new(),
         };
         for (index, key) in doc.keys.iter().enumerate() {
-            let bad = |reason: String| BundleError::Key { index, reason };
+            let bad = |source: KeyError| BundleError::Key { index, source };
             let Value::Object(key) = key else {
-                return Err(bad("not a JSON object".into()));
+                return Err(bad(KeyError::NotObject));
             };
             let kty = member(key, "kty")
                 .map_err(bad)?
-                .ok_or_else(|| bad("no kty".into()))?;
+                .ok_or(bad(KeyError::Missing("kty")))?;
             let use_ = member(key, "use")
                 .map_err(bad)?
-                .ok_or_else(|| bad("no use (x509-svid or jwt-svid)".into()))?;
+                .ok_or(bad(KeyError::Missing("use (x509-svid or jwt-svid)")))?;
             if !matches!(kty, "EC" | "RSA") {
                 decoded
                     .ignored
@@ -254,8 +313,8 @@ impl SpiffeBundle {
                     decoded.bundle.x509_authorities.push(der);
                 }
                 "jwt-svid" => match jwt_key(key, kty).map_err(bad)? {
-                    Ok(public) => decoded.bundle.jwt_authorities.keys.push(public),
-                    Err(note) => decoded.ignored.push(format!("key {index}: {note}")),
+                    JwtKey::Used(public) => decoded.bundle.jwt_authorities.keys.push(public),
+                    JwtKey::Skipped(note) => decoded.ignored.push(format!("key {index}: {note}")),
                 },
                 other => decoded
                     .ignored
@@ -273,7 +332,7 @@ impl SpiffeBundle {
         for (index, der) in self.x509_authorities.iter().enumerate() {
             let mut key = Map::new();
             key.insert("use".into(), "x509-svid".into());
-            match cert_key(der).map_err(|reason| BundleError::Key { index, reason })? {
+            match cert_key(der).map_err(|source| BundleError::Key { index, source })? {
                 CertKey::Ec(crv, point) => {
                     let half = (point.len() - 1) / 2;
                     key.insert("kty".into(), "EC".into());
@@ -303,7 +362,7 @@ impl SpiffeBundle {
             let (Some(x), Some(y)) = (k.point.get(1..33), k.point.get(33..65)) else {
                 return Err(BundleError::Key {
                     index: self.x509_authorities.len() + i,
-                    reason: format!("JWT key {:?} is not a P-256 point", k.kid),
+                    source: KeyError::NotP256(k.kid.clone()),
                 });
             };
             let mut key = Map::new();

@@ -4,6 +4,8 @@
 #[cfg(feature = "bundle")]
 pub mod bundle;
 #[cfg(feature = "crd")]
+pub mod client;
+#[cfg(feature = "crd")]
 pub mod crd;
 pub mod duration;
 #[cfg(feature = "crd")]

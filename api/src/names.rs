@@ -6,6 +6,9 @@
 pub const NAMESPACE: &str = "tessera-system";
 /// The operator's service account, Deployment and leader Lease.
 pub const OPERATOR: &str = "tessera-operator";
+/// The field manager of everything the operator writes with server-side
+/// apply (one name, so its writes never conflict with each other).
+pub const FIELD_MANAGER: &str = OPERATOR;
 /// The node agents' service account and DaemonSet.
 pub const AGENT: &str = "tessera-agent";
 /// The Secret holding the trust domain's CA roots (kept when Tessera is
@@ -13,6 +16,10 @@ pub const AGENT: &str = "tessera-agent";
 pub const CA_SECRET: &str = "tessera-ca";
 /// The ConfigMap the operator publishes its trust bundle in.
 pub const BUNDLE_CONFIGMAP: &str = "tessera-trust-bundle";
+/// The key of [`BUNDLE_CONFIGMAP`] holding the CA certificates, PEM.
+pub const BUNDLE_KEY: &str = "bundle.pem";
+/// The key of [`BUNDLE_CONFIGMAP`] naming the trust domain (`cluster.test`).
+pub const TRUST_DOMAIN_KEY: &str = "trustDomain";
 /// The ConfigMap holding federated trust domains' bundles.
 pub const FEDERATED_CONFIGMAP: &str = "tessera-federated-bundles";
 /// The Service of the signing service (the leader's).

@@ -25,8 +25,16 @@ pub enum SvidError {
         id: SpiffeId,
         /// Its trust domain.
         trust_domain: String,
-        /// What webpki said, or why there are no anchors.
+        /// What webpki said.
         reason: String,
+    },
+    /// No anchors are held for the SVID's trust domain.
+    #[error("no trust bundle for {trust_domain} (the trust domain of {id}); is it federated?")]
+    NoBundle {
+        /// The SPIFFE ID in the certificate.
+        id: SpiffeId,
+        /// Its trust domain.
+        trust_domain: String,
     },
     /// The URI SAN is not a SPIFFE ID.
     #[error("URI SAN {uri:?} is not a SPIFFE ID: {reason}")]
@@ -85,13 +93,14 @@ pub fn leaf(der: &[u8]) -> Result<Leaf, SvidError> {
 }
 
 /// Verifies an X509-SVID: reads `end_entity` (see [`leaf`]), asks
-/// `anchors_for` for the trust anchors of its trust domain, and checks the
+/// `anchors_for` for the trust anchors of its trust domain (None: none are
+/// held), and checks the
 /// chain through `intermediates` to them for `usage` at `now` with
 /// `algorithms`. The leaf on success.
 pub fn verify<'a>(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
-    anchors_for: impl FnOnce(&Leaf) -> Result<&'a [TrustAnchor<'a>], String>,
+    anchors_for: impl FnOnce(&Leaf) -> Option<&'a [TrustAnchor<'a>]>,
     algorithms: &[&dyn SignatureVerificationAlgorithm],
     now: UnixTime,
     usage: KeyUsage,
@@ -102,7 +111,10 @@ pub fn verify<'a>(
         trust_domain: read.id.trust_domain().to_string(),
         reason,
     };
-    let anchors = anchors_for(&read).map_err(untrusted)?;
+    let anchors = anchors_for(&read).ok_or_else(|| SvidError::NoBundle {
+        id: read.id.clone(),
+        trust_domain: read.id.trust_domain().to_string(),
+    })?;
     let cert =
         EndEntityCert::try_from(end_entity).map_err(|e| SvidError::Certificate(e.to_string()))?;
     cert.verify_for_usage(algorithms, anchors, intermediates, now, usage, None, None)

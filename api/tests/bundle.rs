@@ -42,7 +42,7 @@ fn decode(v: &Value) -> Result<SpiffeBundle, BundleError> {
 
 fn key_error(v: &Value) -> (usize, String) {
     match decode(v) {
-        Err(BundleError::Key { index, reason }) => (index, reason),
+        Err(BundleError::Key { index, source }) => (index, source.to_string()),
         other => panic!("expected a key error, got {other:?}"),
     }
 }

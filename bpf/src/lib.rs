@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 pub mod abi;
+#[cfg(feature = "bench")]
 pub mod cost;
 pub mod datapath;
 pub mod kfuncs;

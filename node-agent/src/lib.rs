@@ -1,30 +1,32 @@
-//! The Tessera node agent's library: workload attestation, the identity
-//! material of this node's pods, the SPIFFE Workload API server,
-//! agent-to-agent handshakes, the auth cache, the policy writer and metrics.
+//! The Tessera node agent's library. Subsystems, each a folder with a root
+//! module that declares its error type:
+//!
+//! - [`svid`]: this node's pods' SVIDs and trust bundles (pod -> PodIdentity
+//!   record -> signing service or SPIRE -> identity store);
+//! - [`workload_api`]: the SPIFFE Workload API that hands them to workloads;
+//! - [`datapath`]: the eBPF maps, the auth cache behind them, and what they
+//!   should hold;
+//! - [`mesh`]: agent-to-agent handshakes and the loop that drives the data
+//!   path from the cluster;
+//! - [`app`]: `tessera-agent run`, wiring them together.
+//!
+//! Below them: [`netns`] (entering pods' network namespaces), [`follow`]
+//! (watch-fed maps), [`intern`], [`clock`], [`sync`], [`arenas`]; beside
+//! them, [`metrics`].
 #![forbid(unsafe_code)]
 
+pub mod app;
+
 pub mod arenas;
-pub mod attestation;
-pub mod authcache;
+#[cfg(feature = "bench")]
 pub mod bench;
-pub mod conn_limits;
-pub mod dataplane;
-pub mod delegated;
-pub mod enforcer;
-pub mod external;
+pub mod clock;
+pub mod datapath;
 pub mod follow;
-pub mod handshake;
-pub mod identities;
 pub mod intern;
+pub mod mesh;
 pub mod metrics;
 pub mod netns;
-pub mod nodes;
-pub mod policy;
-pub mod records;
-pub mod revocation;
-pub mod sandbox;
-pub mod svids;
-pub mod trust;
-pub mod veths;
-pub mod view;
+pub mod svid;
+pub mod sync;
 pub mod workload_api;

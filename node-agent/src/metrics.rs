@@ -12,8 +12,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use tessera_bpf::abi::Reason;
 
-use crate::dataplane::Stats;
-use crate::identities::IdentityStore;
+use crate::datapath::maps::Stats;
+use crate::svid::store::IdentityStore;
 
 #[derive(Debug)]
 struct Agent {
@@ -153,8 +153,8 @@ mod docs_tests {
         prometheus_client::encoding::text::encode(
             &mut text,
             &registry(
-                std::sync::Arc::new(crate::dataplane::Stats::default()),
-                crate::identities::IdentityStore::default(),
+                std::sync::Arc::new(crate::datapath::maps::Stats::default()),
+                crate::svid::store::IdentityStore::default(),
             ),
         )
         .unwrap();

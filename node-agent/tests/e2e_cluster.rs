@@ -27,11 +27,9 @@ use common::{PodCgroup, Proc, first_fetch};
 const SVID_TTL: u64 = 30;
 
 fn pod(name: &str, node: &str) -> Pod {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "shop"},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}
-    }))
-    .unwrap()
+    tessera_tests::fixtures::PodBuilder::new("shop", name)
+        .node(node)
+        .build()
 }
 
 /// Lines a child prints, collected by a thread.

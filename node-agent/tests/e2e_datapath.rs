@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
-use tessera_agent::authcache::Entry;
-use tessera_agent::trust::{BUNDLE_CONFIGMAP, BUNDLE_KEY};
+use tessera_agent::datapath::authcache::Entry;
+use tessera_agent::svid::trust::{BUNDLE_CONFIGMAP, BUNDLE_KEY};
 use tessera_api::signer_api::TOKEN_AUDIENCE;
 use tessera_tests::cluster::{AgentLaunch, PodSpec, SimCluster, SimPod};
 use tessera_tests::resources;
@@ -706,7 +706,7 @@ async fn workload_api_still_answers(socket: &Path, web: &SimPod) {
 /// it expires).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floods_of_idle_connections_cost_the_agent_little() {
-    use tessera_agent::conn_limits::{EXTERNAL_PER_PEER, HANDSHAKES_PER_PEER};
+    use tessera_agent::mesh::limits::{EXTERNAL_PER_PEER, HANDSHAKES_PER_PEER};
     let _one_at_a_time = TOPOLOGY.lock().await;
     let (cp, client) = control_plane().await;
     let signer_port = tessera_tests::free_port().unwrap();
@@ -740,7 +740,7 @@ async fn floods_of_idle_connections_cost_the_agent_little() {
     );
     workload_api_still_answers(&socket, &web).await;
     let rounds = started.elapsed().as_secs_f64()
-        / tessera_agent::handshake::HANDSHAKE_TIMEOUT.as_secs_f64()
+        / tessera_agent::mesh::handshake::HANDSHAKE_TIMEOUT.as_secs_f64()
         + 2.0;
     let admitted = FLOOD as f64 - capped();
     println!("handshake port: {admitted} connections admitted");
@@ -776,7 +776,7 @@ async fn floods_of_idle_connections_cost_the_agent_little() {
     );
     workload_api_still_answers(&socket, &web).await;
     let rounds = started.elapsed().as_secs_f64()
-        / tessera_agent::external::HANDSHAKE_TIMEOUT.as_secs_f64()
+        / tessera_agent::mesh::external::HANDSHAKE_TIMEOUT.as_secs_f64()
         + 2.0;
     let admitted = FLOOD as f64 - (capped() - capped_before);
     println!("terminated port: {admitted} connections admitted");
@@ -802,7 +802,7 @@ fn pinned_state(cluster: &SimCluster, db: &SimPod, intruder: &SimPod) -> ([u8; 3
         .endpoint_ip(intruder.ip.parse().unwrap())
         .unwrap()
         .unwrap();
-    let now = tessera_agent::svids::unix_now();
+    let now = tessera_agent::clock::unix_now();
     // db accepting web's identity from node-c, where no agent could have
     // authenticated it: current generations, a year ahead.
     let forged = Entry {
@@ -862,7 +862,7 @@ async fn start_node_b(cluster: &mut SimCluster, launch: &AgentLaunch, token_file
 /// directory) counts no longer than the SVID the agent holds for db.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restored_authentications_are_the_agents_own_and_end_with_its_svids() {
-    use tessera_agent::authcache::{AuthCache, MacKey};
+    use tessera_agent::datapath::authcache::{AuthCache, MacKey};
     let _one_at_a_time = TOPOLOGY.lock().await;
     let (cp, client) = control_plane().await;
     let signer_port = tessera_tests::free_port().unwrap();

@@ -33,12 +33,10 @@ mod common;
 use common::{PodCgroup, fetch_jwt, validate_jwt};
 
 fn pod(name: &str, app: &str) -> Pod {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "shop", "labels": {"app": app}},
-        "spec": {"nodeName": "node-a", "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}
-    }))
-    .unwrap()
+    tessera_tests::fixtures::PodBuilder::new("shop", name)
+        .label("app", app)
+        .node("node-a")
+        .build()
 }
 
 /// Runs `spire-agent api fetch x509 -socketPath <socket> -write <dir>`

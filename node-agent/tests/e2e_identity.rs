@@ -11,8 +11,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use tessera_api::signer_api::TOKEN_AUDIENCE;
-use tessera_operator::ca::{CaConfig, TrustDomainCa};
-use tessera_operator::signer::{self, SignerConfig, SignerService};
+use tessera_operator::ca::authority::{CaConfig, TrustDomainCa};
+use tessera_operator::ca::signer::{self, SignerConfig, SignerService};
 use tessera_tests::resources;
 use time::OffsetDateTime;
 
@@ -20,11 +20,9 @@ mod common;
 use common::PodCgroup;
 
 fn pod(name: &str, node: &str) -> Pod {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "shop"},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}
-    }))
-    .unwrap()
+    tessera_tests::fixtures::PodBuilder::new("shop", name)
+        .node(node)
+        .build()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,7 +60,7 @@ async fn a_pod_fetches_an_svid_signed_by_the_cluster_ca() {
     )
     .await
     .unwrap();
-    let controller = tokio::spawn(tessera_operator::identity::run(
+    let controller = tokio::spawn(tessera_operator::identity::controller::run(
         client.clone(),
         td,
         Default::default(),

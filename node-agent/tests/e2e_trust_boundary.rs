@@ -84,13 +84,11 @@ fn pod(
     labels: &[(&str, &str)],
     notes: &BTreeMap<String, String>,
 ) -> Pod {
-    let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels, "annotations": notes},
-        "spec": {"nodeName": "node-a", "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}
-    }))
-    .unwrap()
+    tessera_tests::fixtures::PodBuilder::new(namespace, name)
+        .labels(labels)
+        .annotations(notes.clone())
+        .node("node-a")
+        .build()
 }
 
 /// Every value Tessera ever read from a pod's annotations, set to the victim's.

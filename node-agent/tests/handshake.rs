@@ -7,10 +7,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use rcgen::{CertificateParams, KeyPair};
-use tessera_agent::handshake::{self, Authenticated, Credentials, HandshakeError, Initiate};
-use tessera_agent::identities::{Bundles, X509Svid};
+use tessera_agent::datapath::Authenticated;
+use tessera_agent::mesh::handshake::{self, Credentials, HandshakeError, Initiate};
+use tessera_agent::svid::store::{Bundles, X509Svid};
 use tessera_api::spiffe::{SpiffeId, TrustDomain};
-use tessera_operator::ca::{self, TrustDomainCa};
+use tessera_operator::ca::authority::{self, TrustDomainCa};
 use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -24,7 +25,7 @@ struct Domain {
 fn domain(name: &str) -> Domain {
     let td: TrustDomain = name.parse().unwrap();
     let now = OffsetDateTime::now_utc() - time::Duration::hours(3);
-    let root = ca::new_root(&td, now, Duration::from_secs(24 * 3600)).unwrap();
+    let root = authority::new_root(&td, now, Duration::from_secs(24 * 3600)).unwrap();
     Domain {
         root_der: root.cert_der.clone(),
         ca: TrustDomainCa::in_memory(vec![root]),
@@ -41,7 +42,8 @@ impl Domain {
             .serialize_request(&key)
             .unwrap();
         let (leaf, _) =
-            tessera_operator::signer::sign_x509_svid(&self.ca, &id, csr.der(), ttl, start).unwrap();
+            tessera_operator::ca::signer::sign_x509_svid(&self.ca, &id, csr.der(), ttl, start)
+                .unwrap();
         X509Svid {
             spiffe_id: id.to_string(),
             chain_der: leaf,
@@ -66,7 +68,7 @@ impl Domain {
 /// Runs one responder on a fresh port; `admit` as given.
 async fn responder(
     creds: Credentials,
-    admit: impl FnOnce(&handshake::Knock<'_>) -> Result<(), String> + Send + 'static,
+    admit: impl FnOnce(&handshake::Knock<'_>) -> Result<(), handshake::Refusal> + Send + 'static,
 ) -> (
     SocketAddr,
     tokio::task::JoinHandle<Result<Authenticated, HandshakeError>>,
@@ -368,11 +370,10 @@ async fn expired_svids_and_refused_nodes_authenticate_nothing() {
 
     let client = Credentials::build([&web], &td.bundles()).unwrap();
     let (addr, task) = responder(server, |knock| {
-        Err(format!(
-            "{} is not at {}",
-            knock.remote_node,
-            knock.from.ip()
-        ))
+        Err(handshake::Refusal::NotNodeAddress {
+            from: knock.from.ip(),
+            node: knock.remote_node.to_owned(),
+        })
     })
     .await;
     let err = handshake::initiate(&client, addr, &ask(&web.spiffe_id, &db.spiffe_id))
@@ -380,7 +381,10 @@ async fn expired_svids_and_refused_nodes_authenticate_nothing() {
         .unwrap_err();
     match err {
         HandshakeError::Refused { reason, .. } => {
-            assert!(reason.contains("node-a is not at 127.0.0.1"))
+            assert!(
+                reason.contains("127.0.0.1 is not an address of node node-a"),
+                "{reason}"
+            )
         }
         other => panic!("{other}"),
     }

@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 
 use anyhow::{Context, Result};
-use tessera_agent::policy::{self, Decision, IdentityTable};
+use tessera_agent::datapath::policy::{self, Decision, IdentityTable};
 use tessera_api::crd::IdentityPolicySpec;
 use tessera_api::crd::auth_policy::{Authentication, PolicyAction, PortRange, Protocol};
 use tessera_api::crd::identity_policy::{CompiledPeer, CompiledRule};

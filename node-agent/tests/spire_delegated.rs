@@ -94,11 +94,9 @@ async fn a_pod_gets_a_spire_issued_svid_through_the_delegated_identity_api() {
     );
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
-    let web: Pod = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "shop"},
-        "spec": {"nodeName": "node-a", "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}
-    }))
-    .unwrap();
+    let web = tessera_tests::fixtures::PodBuilder::new("shop", "web")
+        .node("node-a")
+        .build();
     let web = pods.create(&PostParams::default(), &web).await.unwrap();
     let cgroup = PodCgroup::create("spire-web", web.metadata.uid.as_deref().unwrap());
     let out = dir.path().join("web");

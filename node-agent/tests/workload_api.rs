@@ -19,8 +19,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use tessera_agent::attestation::PodUid;
-use tessera_agent::identities::{Bundles, IdentityStore, PodIdentity, X509Svid};
+use tessera_agent::svid::records::PodUid;
+use tessera_agent::svid::store::{Bundles, IdentityStore, PodIdentity, X509Svid};
 use tessera_agent::workload_api;
 
 mod common;

@@ -520,6 +520,9 @@ pub async fn sync_once(
     Ok((plan, Some(applied)))
 }
 
+/// Which watched store finished its first list, if an event says so.
+type Listed = Option<usize>;
+
 /// Keeps the SPIRE server's entries in step with the pods, until the task
 /// is dropped: a pass after every change of pods, nodes or
 /// WorkloadIdentities (gathered for half a second), planned against the
@@ -532,51 +535,16 @@ pub async fn run(
     resync: Duration,
 ) -> Result<(), SpireError> {
     use futures::StreamExt;
-    use k8s_openapi::api::core::v1::Node;
-    use kube::Api;
-    use kube::runtime::{WatchStreamExt, reflector, watcher};
     cfg.validate()?;
-    let (pods, pods_w) = reflector::store::<PodIdentity>();
-    let (wids, wids_w) = reflector::store::<WorkloadIdentity>();
-    let (nodes, nodes_w) = reflector::store::<Node>();
-    // Each stream says which store finished its first list (InitDone).
-    fn listed<K>(
-        i: usize,
-    ) -> impl FnMut(Result<watcher::Event<K>, watcher::Error>) -> Option<usize> {
-        move |e| matches!(e, Ok(watcher::Event::InitDone)).then_some(i)
-    }
-    let changes = futures::stream::select_all([
-        watcher(
-            Api::<PodIdentity>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .reflect(pods_w)
-        .map(listed(0))
-        .boxed(),
-        watcher(
-            Api::<WorkloadIdentity>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .reflect(wids_w)
-        .map(listed(1))
-        .boxed(),
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-            .default_backoff()
-            .reflect(nodes_w)
-            .map(listed(2))
-            .boxed(),
-    ]);
+    let (stores, changes) = Stores::follow(&client);
+    let mut changes = std::pin::pin!(changes);
     let mut ready = [false; 3];
     let mut known: Option<Vec<Entry>> = None;
-    let mut changes = std::pin::pin!(changes);
     loop {
         tokio::select! {
             change = changes.next() => match change {
                 None => return Ok(()),
-                Some(Some(i)) => ready[i] = true,
-                Some(None) => {}
+                Some(listed) => note_listed(&mut ready, listed),
             },
             // Entries may change under the operator (an administrator, a
             // server restored from backup): list them afresh.
@@ -590,16 +558,76 @@ pub async fn run(
                 _ = &mut gather => break,
                 change = changes.next() => match change {
                     None => return Ok(()),
-                    Some(Some(i)) => ready[i] = true,
-                    Some(None) => {}
+                    Some(listed) => note_listed(&mut ready, listed),
                 },
             }
         }
         // Never plan from a partial list: it would delete what it missed.
-        if !ready.iter().all(|r| *r) {
-            continue;
+        if ready.iter().all(|r| *r) {
+            stores.pass(&cfg, &trust_domain, &mut known).await;
         }
-        let parents: BTreeMap<String, String> = nodes
+    }
+}
+
+fn note_listed(ready: &mut [bool; 3], listed: Listed) {
+    if let Some(i) = listed {
+        ready[i] = true;
+    }
+}
+
+/// What registration follows.
+struct Stores {
+    pods: kube::runtime::reflector::Store<PodIdentity>,
+    wids: kube::runtime::reflector::Store<WorkloadIdentity>,
+    nodes: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Node>,
+}
+
+impl Stores {
+    /// The stores, and one stream of their changes saying which store
+    /// finished its first list (0 pods, 1 WorkloadIdentities, 2 nodes).
+    fn follow(
+        client: &kube::Client,
+    ) -> (Stores, impl futures::Stream<Item = Listed> + Send + 'static) {
+        use futures::StreamExt;
+        use k8s_openapi::api::core::v1::Node;
+        use kube::Api;
+        use kube::runtime::{WatchStreamExt, reflector, watcher};
+        fn listed<K>(i: usize) -> impl FnMut(Result<watcher::Event<K>, watcher::Error>) -> Listed {
+            move |e| matches!(e, Ok(watcher::Event::InitDone)).then_some(i)
+        }
+        let (pods, pods_w) = reflector::store::<PodIdentity>();
+        let (wids, wids_w) = reflector::store::<WorkloadIdentity>();
+        let (nodes, nodes_w) = reflector::store::<Node>();
+        let all = watcher::Config::default;
+        let changes = futures::stream::select_all([
+            watcher(Api::<PodIdentity>::all(client.clone()), all())
+                .default_backoff()
+                .reflect(pods_w)
+                .map(listed(0))
+                .boxed(),
+            watcher(Api::<WorkloadIdentity>::all(client.clone()), all())
+                .default_backoff()
+                .reflect(wids_w)
+                .map(listed(1))
+                .boxed(),
+            watcher(Api::<Node>::all(client.clone()), all())
+                .default_backoff()
+                .reflect(nodes_w)
+                .map(listed(2))
+                .boxed(),
+        ]);
+        (Stores { pods, wids, nodes }, changes)
+    }
+
+    /// One registration pass over what the stores hold.
+    async fn pass(
+        &self,
+        cfg: &SpireConfig,
+        trust_domain: &TrustDomain,
+        known: &mut Option<Vec<Entry>>,
+    ) {
+        let parents: BTreeMap<String, String> = self
+            .nodes
             .state()
             .iter()
             .filter_map(|n| {
@@ -608,12 +636,12 @@ pub async fn run(
             })
             .collect();
         match sync_once(
-            &cfg,
-            &trust_domain,
-            &pods.state(),
-            &wids.state(),
+            cfg,
+            trust_domain,
+            &self.pods.state(),
+            &self.wids.state(),
             &parents,
-            &mut known,
+            known,
         )
         .await
         {
@@ -623,7 +651,9 @@ pub async fn run(
                 }
             }
             Ok(_) => {}
-            Err(e) => warn!(error = %e, "SPIRE registration pass failed; retrying"),
+            Err(e) => {
+                tracing::error!(error = %e, "SPIRE registration pass failed; new workloads get no SVIDs until it succeeds; retrying")
+            }
         }
     }
 }

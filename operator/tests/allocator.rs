@@ -13,7 +13,7 @@ use tessera_api::crd::identity::{
 };
 use tessera_api::crd::{IdentityCounter, NumericIdentity};
 use tessera_api::spiffe::SpiffeId;
-use tessera_operator::allocator::{Allocation, Allocator, BLOCK, object_name};
+use tessera_operator::identity::allocator::{Allocation, Allocator, BLOCK, object_name};
 use tessera_tests::resources;
 
 fn sid(i: usize) -> SpiffeId {

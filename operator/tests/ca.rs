@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Result;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
-use tessera_operator::ca::{BUNDLE_KEY, CaConfig, CaError, TrustDomainCa};
+use tessera_operator::ca::authority::BUNDLE_KEY;
+use tessera_operator::ca::{CaConfig, CaError, TrustDomainCa};
 use tessera_tests::ControlPlane;
 use time::OffsetDateTime;
 
@@ -163,7 +164,7 @@ async fn changes_to_the_roots_secret_are_reloaded_and_published_at_once() -> Res
     let first = ca.roots()[0].cert_pem.clone();
     let held = std::sync::Arc::new(tokio::sync::RwLock::new(ca));
     let (tx, mut reloads) = tokio::sync::mpsc::unbounded_channel();
-    let follower = tokio::spawn(tessera_operator::ca::follow_secret(
+    let follower = tokio::spawn(tessera_operator::ca::authority::follow_secret(
         client.clone(),
         cfg.clone(),
         held.clone(),

@@ -76,16 +76,11 @@ fn wid(app: &str) -> serde_json::Value {
 }
 
 fn pod(name: &str, p: &ModelPod) -> Pod {
-    let labels = p
-        .app
-        .map(|a| serde_json::json!({"app": a}))
-        .unwrap_or_else(|| serde_json::json!({}));
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": p.ns, "labels": labels},
-        "spec": {"serviceAccountName": p.sa, "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}
-    }))
-    .unwrap()
+    let pod = tessera_tests::fixtures::PodBuilder::new(p.ns, name).service_account(p.sa);
+    match p.app {
+        Some(app) => pod.label("app", app).build(),
+        None => pod.build(),
+    }
 }
 
 /// Everything seen while churning.

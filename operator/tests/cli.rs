@@ -67,14 +67,10 @@ async fn cluster_with_namespaces() -> Result<(ControlPlane, kube::Client)> {
 }
 
 async fn create_pod_and_wait(client: &kube::Client, name: &str) -> Result<()> {
-    use k8s_openapi::api::core::v1::Pod;
-    use kube::api::{Api, PostParams};
     use std::time::{Duration, Instant};
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
-        "spec": {"containers": [{"name": "c", "image": "registry.invalid/c:1"}]}}))?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    pods.create(&PostParams::default(), &pod).await?;
+    tessera_tests::fixtures::PodBuilder::new("default", name)
+        .create(client)
+        .await?;
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let record = tessera_tests::resources::pod_identity(client, "default", name).await?;

@@ -18,10 +18,10 @@ use tessera_api::crd::federated_trust_domain::{
     FederatedTrustDomainSpec,
 };
 use tessera_api::spiffe::TrustDomain;
-use tessera_operator::bundle_endpoint::{self, Source};
-use tessera_operator::ca::{CaConfig, TrustDomainCa};
-use tessera_operator::federation::{self, FederationConfig, STORE_NAME};
-use tessera_operator::fetch::{self, FetchError, Profile};
+use tessera_operator::ca::authority::{CaConfig, TrustDomainCa};
+use tessera_operator::federation::controller::{self, FederationConfig, STORE_NAME};
+use tessera_operator::federation::endpoint::{self, Source};
+use tessera_operator::federation::fetch::{self, FetchError, Profile};
 use tessera_operator::metrics::Metrics;
 use tessera_tests::{ControlPlane, eventually};
 use time::OffsetDateTime;
@@ -68,7 +68,7 @@ async fn spiffe_endpoint(
     ca: &Arc<RwLock<TrustDomainCa>>,
     rotated: &Arc<Notify>,
 ) -> Result<Endpoint> {
-    let listener = bundle_endpoint::bind(addr).await?;
+    let listener = endpoint::bind(addr).await?;
     let addr = listener.local_addr()?;
     let source = Source {
         ca: ca.clone(),
@@ -77,7 +77,7 @@ async fn spiffe_endpoint(
     };
     let (td, rotated) = (td.clone(), rotated.clone());
     let task = tokio::spawn(async move {
-        bundle_endpoint::run_spiffe(listener, td, source, rotated)
+        endpoint::run_spiffe(listener, td, source, rotated)
             .await
             .unwrap();
     });
@@ -120,7 +120,7 @@ async fn the_bundle_endpoint_serves_both_profiles_through_a_rotation() -> Result
     let rotated = Arc::new(Notify::new());
     let endpoint = spiffe_endpoint("127.0.0.1:0".parse()?, &td, &ca, &rotated).await?;
     let url = format!("https://{}/", endpoint.addr);
-    let id = bundle_endpoint::endpoint_id(&td)?;
+    let id = endpoint::endpoint_id(&td)?;
     let first = ca
         .read()
         .await
@@ -157,7 +157,7 @@ async fn the_bundle_endpoint_serves_both_profiles_through_a_rotation() -> Result
         matches!(&err, FetchError::Tls { reason, .. } if reason.contains("not the configured endpoint SPIFFE ID")),
         "{err}"
     );
-    let stranger = TrustDomainCa::in_memory(vec![tessera_operator::ca::new_root(
+    let stranger = TrustDomainCa::in_memory(vec![tessera_operator::ca::authority::new_root(
         &"b.test".parse()?,
         OffsetDateTime::now_utc(),
         Duration::from_secs(3600),
@@ -202,7 +202,7 @@ async fn the_bundle_endpoint_serves_both_profiles_through_a_rotation() -> Result
     // numbers it.
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(client.clone(), "tessera-system");
-    let follower = tokio::spawn(tessera_operator::ca::follow_secret(
+    let follower = tokio::spawn(tessera_operator::ca::authority::follow_secret(
         client.clone(),
         cfg.clone(),
         ca.clone(),
@@ -211,9 +211,9 @@ async fn the_bundle_endpoint_serves_both_profiles_through_a_rotation() -> Result
     let mut secret = secrets.get(&cfg.secret_name).await?;
     let data = secret.data.as_mut().unwrap();
     let roots: Vec<serde_json::Value> =
-        serde_json::from_slice(&data[tessera_operator::ca::SECRET_KEY].0)?;
+        serde_json::from_slice(&data[tessera_operator::ca::authority::SECRET_KEY].0)?;
     data.insert(
-        tessera_operator::ca::SECRET_KEY.to_owned(),
+        tessera_operator::ca::authority::SECRET_KEY.to_owned(),
         k8s_openapi::ByteString(serde_json::to_vec(&roots[..1])?),
     );
     secrets
@@ -241,14 +241,14 @@ async fn the_bundle_endpoint_serves_both_profiles_through_a_rotation() -> Result
     // https_web: a Web PKI certificate from files, checked the Web PKI way.
     let dir = tempfile::tempdir()?;
     let (web_ca, cert, key) = web_pki(dir.path());
-    let listener = bundle_endpoint::bind("127.0.0.1:0".parse()?).await?;
+    let listener = endpoint::bind("127.0.0.1:0".parse()?).await?;
     let web_url = format!("https://{}/", listener.local_addr()?);
     let source = Source {
         ca: ca.clone(),
         refresh_hint: HINT,
         metrics: Arc::new(Metrics::default()),
     };
-    let web = tokio::spawn(bundle_endpoint::run_web(listener, cert, key, source));
+    let web = tokio::spawn(endpoint::run_web(listener, cert, key, source));
     let roots = der_roots(&web_ca);
     let got = fetch::fetch(&web_url, Profile::Web(Some(&roots))).await?;
     assert_eq!(got.bundle, current);
@@ -294,7 +294,7 @@ fn ftd(
 
 /// A bundle of a new root for trust domain `td`, valid for an hour.
 fn fresh_bundle(td: &str) -> Result<SpiffeBundle> {
-    let root = tessera_operator::ca::new_root(
+    let root = tessera_operator::ca::authority::new_root(
         &td.parse()?,
         OffsetDateTime::now_utc(),
         Duration::from_secs(3600),
@@ -323,7 +323,7 @@ fn ready(f: &FederatedTrustDomain) -> Option<(String, String, String, Option<i64
 }
 
 async fn published(client: &kube::Client, td: &str) -> Result<Option<SpiffeBundle>> {
-    let all = federation::published(client, "tessera-system").await?;
+    let all = controller::published(client, "tessera-system").await?;
     Ok(match all.get(td) {
         Some(doc) => Some(SpiffeBundle::from_json(doc.as_bytes())?.bundle),
         None => None,
@@ -357,7 +357,7 @@ async fn federated_trust_domains_follow_their_endpoint() -> Result<()> {
     let b_endpoint = spiffe_endpoint("127.0.0.1:0".parse()?, &b_td, &b_ca, &b_rotated).await?;
     let b_addr = b_endpoint.addr;
     let b_url = format!("https://{b_addr}/");
-    let b_id = bundle_endpoint::endpoint_id(&b_td)?.to_string();
+    let b_id = endpoint::endpoint_id(&b_td)?.to_string();
     let bootstrap = || async {
         String::from_utf8(
             b_ca.read()
@@ -371,7 +371,7 @@ async fn federated_trust_domains_follow_their_endpoint() -> Result<()> {
 
     let metrics = Arc::new(Metrics::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(federation::run(
+    let controller = tokio::spawn(controller::run(
         client.clone(),
         FederationConfig {
             own: "cluster.test".parse()?,
@@ -416,7 +416,7 @@ async fn federated_trust_domains_follow_their_endpoint() -> Result<()> {
             .metadata
             .finalizers
             .unwrap()
-            .contains(&federation::FINALIZER.to_owned())
+            .contains(&controller::FINALIZER.to_owned())
     );
 
     // b.test rotates: the new root reaches the published bundle within the
@@ -436,7 +436,7 @@ async fn federated_trust_domains_follow_their_endpoint() -> Result<()> {
             .filter(|b| b.sequence == Some(2)))
     })
     .await?;
-    assert!(rotated_at.elapsed() < federation::MIN_REFRESH + Duration::from_secs(3));
+    assert!(rotated_at.elapsed() < controller::MIN_REFRESH + Duration::from_secs(3));
     assert_eq!(rotated.x509_authorities.len(), 2);
     wait_reason(&ftds, "b", "Fresh").await?;
     eventually("the status to show sequence 2", || async {
@@ -564,7 +564,7 @@ async fn federated_trust_domains_follow_their_endpoint() -> Result<()> {
         "{message}"
     );
 
-    let all = federation::published(&client, "tessera-system").await?;
+    let all = controller::published(&client, "tessera-system").await?;
     assert_eq!(
         all.keys().cloned().collect::<Vec<_>>(),
         ["b.test", "d.test"],

@@ -5,7 +5,6 @@
 //! up with what it missed (records of pods deleted meanwhile go too).
 #![allow(clippy::expect_used)] // test helpers outside #[test] functions
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -17,6 +16,7 @@ use tessera_api::crd::{
 };
 use tessera_operator::identity;
 use tessera_tests::eventually;
+use tessera_tests::fixtures::PodBuilder;
 use tessera_tests::{ControlPlane, resources};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -108,15 +108,11 @@ async fn setup() -> Result<(ControlPlane, kube::Client)> {
 }
 
 async fn create_pod(client: &kube::Client, name: &str, labels: &[(&str, &str)]) -> Result<()> {
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": NS,
-            "labels": labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()},
-        "spec": {"serviceAccountName": "web-sa", "nodeName": "node-a",
-            "containers": [{"name": "app", "image": "registry.invalid/app:1"}]}
-    }))?;
-    Api::<Pod>::namespaced(client.clone(), NS)
-        .create(&PostParams::default(), &pod)
+    PodBuilder::new(NS, name)
+        .labels(labels)
+        .service_account("web-sa")
+        .node("node-a")
+        .create(client)
         .await?;
     Ok(())
 }

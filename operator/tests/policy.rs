@@ -33,16 +33,11 @@ where
 }
 
 async fn pod(client: &kube::Client, name: &str, app: &str, sa: &str, node: &str) -> Result<()> {
-    create(
-        &Api::<Pod>::namespaced(client.clone(), NS),
-        serde_json::json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": NS, "labels": {"app": app}},
-            "spec": {"serviceAccountName": sa, "nodeName": node,
-                "containers": [{"name": "app", "image": "registry.invalid/app:1"}]}
-        }),
-    )
-    .await
+    let pod = tessera_tests::fixtures::PodBuilder::new(NS, name)
+        .label("app", app)
+        .service_account(sa)
+        .node(node);
+    pod.create(client).await.map(drop)
 }
 
 /// The compiled policy of `spiffe_id`, once `want` holds for it (None: absent).

@@ -13,9 +13,9 @@ use kube::api::{Api, Patch, PatchParams};
 use rcgen::{CertificateParams, KeyPair};
 use tessera_api::signer_api::signer_client::SignerClient;
 use tessera_api::signer_api::{SignJwtsvidRequest, SignX509svidRequest, TOKEN_AUDIENCE};
-use tessera_operator::ca::{CaConfig, TrustDomainCa};
+use tessera_operator::ca::authority::{CaConfig, TrustDomainCa};
+use tessera_operator::ca::signer::{self, SignerConfig, SignerService};
 use tessera_operator::identity;
-use tessera_operator::signer::{self, SignerConfig, SignerService};
 use tessera_tests::{ControlPlane, resources};
 use time::OffsetDateTime;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
@@ -459,7 +459,7 @@ fn bad_token_request(token: &str) -> tonic::Request<SignX509svidRequest> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_bad_tokens_costs_a_bounded_number_of_token_reviews() -> Result<()> {
-    use tessera_operator::signer::limits::{REVIEW_BURST, REVIEWS_PER_SECOND};
+    use tessera_operator::ca::signer::limits::{REVIEW_BURST, REVIEWS_PER_SECOND};
     const REQUESTS: usize = 10_000;
     let f = fixture().await?;
     let before = resources::apiserver_request_count(&f.client, "tokenreviews").await?;
@@ -512,7 +512,7 @@ async fn a_flood_of_bad_tokens_costs_a_bounded_number_of_token_reviews() -> Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_gets_a_bounded_number_of_distinct_jwt_audiences() -> Result<()> {
-    use tessera_operator::signer::limits::MAX_AUDIENCE_SETS;
+    use tessera_operator::ca::signer::limits::MAX_AUDIENCE_SETS;
     let f = fixture().await?;
     let node_a = agent_token(&f, "node-a").await?;
     for i in 0..MAX_AUDIENCE_SETS {

@@ -13,6 +13,7 @@ use anyhow::Result;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::Value;
+use tessera_tests::fixtures::PodBuilder;
 use tessera_tests::procs::{KillOnDrop, operator_run};
 use tessera_tests::resources;
 use tessera_tests::spire::SpireServer;
@@ -22,12 +23,10 @@ const PREFIX: &str = "tessera-test-";
 const BATCH_PODS: usize = 60;
 
 fn pod(name: &str, app: &str, node: &str) -> Pod {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "shop", "labels": {"app": app}},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}
-    }))
-    .unwrap()
+    PodBuilder::new("shop", name)
+        .label("app", app)
+        .node(node)
+        .build()
 }
 
 /// Every entry on the server, as `entry show -output json` prints them.

@@ -30,7 +30,7 @@ fn decode(doc: &str) -> SpiffeBundle {
 }
 
 async fn published(client: &kube::Client, td: &str) -> Result<Option<SpiffeBundle>> {
-    Ok(federation::published(client, NS)
+    Ok(federation::controller::published(client, NS)
         .await?
         .get(td)
         .map(|d| decode(d)))
@@ -111,9 +111,9 @@ async fn tessera_and_spire_federate_both_ways() -> Result<()> {
             .federated_bundle("cluster.test")?
             .context("spire-server bundle list shows no bundle for cluster.test")?,
     );
-    let ours = tessera_operator::fetch::fetch(
+    let ours = tessera_operator::federation::fetch::fetch(
         &endpoint_url,
-        tessera_operator::fetch::Profile::Spiffe {
+        tessera_operator::federation::fetch::Profile::Spiffe {
             id: &"spiffe://cluster.test/tessera/bundle-endpoint".parse()?,
             bundle: &held,
         },

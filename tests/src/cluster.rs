@@ -355,19 +355,12 @@ impl SimCluster {
     /// yet. Its uid.
     async fn create_pod(&self, spec: PodSpec<'_>) -> String {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), spec.namespace);
-        let labels: serde_json::Map<String, serde_json::Value> = spec
-            .labels
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).into()))
-            .collect();
-        let pod: Pod = serde_json::from_value(serde_json::json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": labels},
-            "spec": {"nodeName": spec.node, "serviceAccountName": spec.service_account,
-                     "hostNetwork": spec.host_network,
-                     "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}
-        }))
-        .unwrap();
+        let pod = crate::fixtures::PodBuilder::new(spec.namespace, spec.name)
+            .labels(spec.labels)
+            .node(spec.node)
+            .service_account(spec.service_account)
+            .host_network(spec.host_network)
+            .build();
         let created = pods
             .create(&PostParams::default(), &pod)
             .await

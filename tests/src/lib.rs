@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod controlplane;
 pub mod docs;
+pub mod fixtures;
 pub mod netns;
 pub mod oci;
 pub mod olm;

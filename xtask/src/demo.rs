@@ -365,12 +365,27 @@ const NODES: [(&str, &str); 3] = [
     ("node-c", "198.18.0.3"),
 ];
 
+/// An agent the demo runs, and its log lines.
+type DemoAgent = (
+    tessera_tests::procs::KillOnDrop,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+);
+
+/// A simulated pod: its name, node, address, network namespace, cgroup and
+/// the TCP server in it.
+struct Sim {
+    name: &'static str,
+    node: &'static str,
+    ip: &'static str,
+    ns: String,
+    cgroup: tessera_tests::netns::Cgroup,
+    _server: tessera_tests::procs::KillOnDrop,
+}
+
 /// Runs agents with the eBPF data path for node-a and node-b, pods as
 /// network namespaces with real TCP servers, and prints what connects.
 async fn datapath(cp: &ControlPlane, client: &kube::Client, signer_port: u16) -> Result<()> {
-    use k8s_openapi::api::core::v1::Pod;
-    use kube::api::{Patch, PatchParams, PostParams};
-    use tessera_tests::netns::{self, Cgroup, Topology};
+    use tessera_tests::netns::{Cgroup, Topology};
     let Some(cgroup_root) = tessera_tests::cluster::pod_cgroup_root("the data path") else {
         return Ok(());
     };
@@ -378,107 +393,18 @@ async fn datapath(cp: &ControlPlane, client: &kube::Client, signer_port: u16) ->
     let tag = format!("tessera-demo-{}", std::process::id());
     let topology = Topology::create(&NODES.map(|(_, ip)| ip));
     let top = Cgroup::create(cgroup_root.join(&tag));
-    let node_cgroup = |node: &str| top.0.join(node);
     let _nodes: Vec<Cgroup> = NODES
         .iter()
-        .map(|(n, _)| Cgroup::create(node_cgroup(n)))
+        .map(|(n, _)| Cgroup::create(top.0.join(n)))
         .collect();
-    let agent_bin = repo_root().join("target/debug/tessera-agent");
-    let mut agents = Vec::new();
-    for (node, ip) in &NODES[..2] {
-        let token_file = resources::agent_token_file(
-            client,
-            node,
-            tessera_api::signer_api::TOKEN_AUDIENCE,
-            cp.dir(),
-        )
-        .await?;
-        let mut child = tessera_tests::procs::agent_run(
-            &agent_bin,
-            cp.kubeconfig(),
-            node,
-            signer_port,
-            &token_file,
-            &cp.dir().join(format!("{node}-dp.sock")),
-        )
-        .arg("--cgroup-root")
-        .arg(node_cgroup(node))
-        .arg(format!("--pin-name={tag}-{node}"))
-        .arg(format!("--handshake-addr={ip}:4434"))
-        .arg("--state-dir")
-        .arg(cp.dir().join(format!("{node}-state")))
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-        let lines = netns::collect_stderr(&mut child, node, false);
-        agents.push((tessera_tests::procs::KillOnDrop(child), lines));
-        println!(
-            "started tessera-agent for {node}: eBPF programs on {}, handshakes on {ip}:4434",
-            node_cgroup(node).display()
-        );
-    }
+    let agents = start_agents(cp, client, signer_port, &top.0, &tag).await?;
     let result = async {
-        // name, app (and service account), node index, address
-        let pods = [
-            ("web", "web", 0, "198.18.1.10"),
-            ("batch", "batch", 0, "198.18.1.11"),
-            ("db", "db", 1, "198.18.2.10"),
-            ("web-rogue", "web", 2, "198.18.3.10"),
-        ];
-        let api: kube::Api<Pod> = kube::Api::namespaced(client.clone(), "shop");
-        let mut sims = Vec::new();
-        for (name, app, node, ip) in pods {
-            let pod: Pod = serde_json::from_value(serde_json::json!({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": "shop", "labels": {"app": app}},
-                "spec": {"nodeName": NODES[node].0, "serviceAccountName": app,
-                         "containers": [{"name": "app", "image": "registry.invalid/app:1"}]}
-            }))?;
-            let uid = api.create(&PostParams::default(), &pod).await?.metadata.uid.context("pod without uid")?;
-            api.patch_status(name, &PatchParams::default(), &Patch::Merge(serde_json::json!({"status": {
-                "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": NODES[node].1
-            }}))).await?;
-            let ns = topology.pod(ip);
-            let cgroup = Cgroup::create(node_cgroup(NODES[node].0).join(format!("pod{uid}")));
-            let server = tessera_tests::procs::KillOnDrop(netns::serve(&cgroup, &ns, 5432, name));
-            sims.push((name, NODES[node].0, ip, ns, cgroup, server));
-        }
+        let sims = create_pods(client, &topology, &top.0).await?;
         println!("pods: web and batch on node-a, db on node-b, web-rogue (app=web, no agent, so no SVID) on node-c");
         println!("policy shop/db-from-web: db accepts port 5432 from app=web, with mutual authentication");
-        let deadline = Instant::now() + std::time::Duration::from_secs(60);
-        let took = loop {
-            let found = agents[0].1.lock().map_err(|_| anyhow::anyhow!("log lock"))?.iter().find_map(|l| {
-                (l.contains(" authenticated ") && l.contains("sa/db"))
-                    .then(|| l.split("took_us=").nth(1).and_then(|t| t.split_whitespace().next()).and_then(|t| t.parse::<f64>().ok()))
-                    .flatten()
-            });
-            if let Some(us) = found {
-                break us / 1000.0;
-            }
-            if Instant::now() > deadline {
-                bail!("node-a's agent authenticated nothing within 60 s");
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        };
+        let took = first_handshake(&agents[0]).await?;
         println!("node-a's agent authenticated web with db on node-b before any traffic (handshake {took:.2} ms)\n");
-        let db_ip = sims[2].2;
-        println!("{:<28} {:<18} {:<10} {:>9}  why", "from", "to", "result", "time");
-        for i in [0usize, 1, 3] {
-            let (name, node, _, ns, cgroup, _) = &sims[i];
-            let out = netns::connect(cgroup, ns, db_ip, 5432, std::time::Duration::from_millis(1500));
-            let mut words = out.split_whitespace();
-            let (result, secs, why) = match words.next() {
-                Some("ok") => ("allowed", words.next(), "authenticated pair (pre-authenticated)"),
-                Some("errno") => {
-                    let errno = words.next().unwrap_or("?");
-                    ("denied", words.next(), if errno == "1" { "no policy allows it: refused at connect() (EPERM)" } else { "refused" })
-                }
-                _ => ("denied", words.next(), "peer not authenticated: SYN dropped at db's node"),
-            };
-            let ms = secs.and_then(|s| s.parse::<f64>().ok()).map_or("-".to_owned(), |s| format!("{:.1} ms", s * 1000.0));
-            println!("{:<28} {:<18} {:<10} {:>9}  {why}", format!("shop/{name} ({node})"), "shop/db:5432", result, ms);
-        }
+        print_connections(&sims);
         Ok(())
     }
     .await;
@@ -495,4 +421,166 @@ async fn datapath(cp: &ControlPlane, client: &kube::Client, signer_port: u16) ->
         );
     }
     result
+}
+
+/// Starts the agents of node-a and node-b, each attached to its node's
+/// cgroup below `top`.
+async fn start_agents(
+    cp: &ControlPlane,
+    client: &kube::Client,
+    signer_port: u16,
+    top: &std::path::Path,
+    tag: &str,
+) -> Result<Vec<DemoAgent>> {
+    let agent_bin = repo_root().join("target/debug/tessera-agent");
+    let mut agents = Vec::new();
+    for (node, ip) in &NODES[..2] {
+        let audience = tessera_api::signer_api::TOKEN_AUDIENCE;
+        let token_file = resources::agent_token_file(client, node, audience, cp.dir()).await?;
+        let socket = cp.dir().join(format!("{node}-dp.sock"));
+        let mut child = tessera_tests::procs::agent_run(
+            &agent_bin,
+            cp.kubeconfig(),
+            node,
+            signer_port,
+            &token_file,
+            &socket,
+        )
+        .arg("--cgroup-root")
+        .arg(top.join(node))
+        .arg(format!("--pin-name={tag}-{node}"))
+        .arg(format!("--handshake-addr={ip}:4434"))
+        .arg("--state-dir")
+        .arg(cp.dir().join(format!("{node}-state")))
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+        let lines = tessera_tests::netns::collect_stderr(&mut child, node, false);
+        agents.push((tessera_tests::procs::KillOnDrop(child), lines));
+        println!(
+            "started tessera-agent for {node}: eBPF programs on {}, handshakes on {ip}:4434",
+            top.join(node).display()
+        );
+    }
+    Ok(agents)
+}
+
+/// Creates the demo's pods (web, batch, db, web-rogue), each a network
+/// namespace with a TCP server on 5432 in its node's cgroup.
+async fn create_pods(
+    client: &kube::Client,
+    topology: &tessera_tests::netns::Topology,
+    top: &std::path::Path,
+) -> Result<Vec<Sim>> {
+    use tessera_tests::fixtures::PodBuilder;
+    use tessera_tests::netns::{self, Cgroup};
+    // name, app (and service account), node index, address
+    let pods = [
+        ("web", "web", 0, "198.18.1.10"),
+        ("batch", "batch", 0, "198.18.1.11"),
+        ("db", "db", 1, "198.18.2.10"),
+        ("web-rogue", "web", 2, "198.18.3.10"),
+    ];
+    let mut sims = Vec::new();
+    for (name, app, node, ip) in pods {
+        let (node, host_ip) = NODES[node];
+        let pod = PodBuilder::new("shop", name)
+            .label("app", app)
+            .service_account(app)
+            .node(node);
+        let uid = pod.create(client).await?;
+        pod.running(client, ip, host_ip).await?;
+        let ns = topology.pod(ip);
+        let cgroup = Cgroup::create(top.join(node).join(format!("pod{uid}")));
+        let server = tessera_tests::procs::KillOnDrop(netns::serve(&cgroup, &ns, 5432, name));
+        sims.push(Sim {
+            name,
+            node,
+            ip,
+            ns,
+            cgroup,
+            _server: server,
+        });
+    }
+    Ok(sims)
+}
+
+/// How long node-a's agent took (ms) for its first handshake with db, as
+/// its log says; waits up to 60 s for it.
+async fn first_handshake(agent: &DemoAgent) -> Result<f64> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let found = agent
+            .1
+            .lock()
+            .map_err(|_| anyhow::anyhow!("log lock"))?
+            .iter()
+            .find_map(|l| {
+                (l.contains(" authenticated ") && l.contains("sa/db"))
+                    .then(|| {
+                        l.split("took_us=")
+                            .nth(1)
+                            .and_then(|t| t.split_whitespace().next())
+                    })
+                    .flatten()
+                    .and_then(|t| t.parse::<f64>().ok())
+            });
+        if let Some(us) = found {
+            return Ok(us / 1000.0);
+        }
+        if Instant::now() > deadline {
+            bail!("node-a's agent authenticated nothing within 60 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Connects from web, batch and web-rogue to db and prints what happened.
+fn print_connections(sims: &[Sim]) {
+    use tessera_tests::netns;
+    let db_ip = sims[2].ip;
+    println!(
+        "{:<28} {:<18} {:<10} {:>9}  why",
+        "from", "to", "result", "time"
+    );
+    for sim in [&sims[0], &sims[1], &sims[3]] {
+        let out = netns::connect(
+            &sim.cgroup,
+            &sim.ns,
+            db_ip,
+            5432,
+            std::time::Duration::from_millis(1500),
+        );
+        let mut words = out.split_whitespace();
+        let (result, secs, why) = match words.next() {
+            Some("ok") => (
+                "allowed",
+                words.next(),
+                "authenticated pair (pre-authenticated)",
+            ),
+            Some("errno") => {
+                let errno = words.next().unwrap_or("?");
+                let why = if errno == "1" {
+                    "no policy allows it: refused at connect() (EPERM)"
+                } else {
+                    "refused"
+                };
+                ("denied", words.next(), why)
+            }
+            _ => (
+                "denied",
+                words.next(),
+                "peer not authenticated: SYN dropped at db's node",
+            ),
+        };
+        let ms = secs
+            .and_then(|s| s.parse::<f64>().ok())
+            .map_or("-".to_owned(), |s| format!("{:.1} ms", s * 1000.0));
+        let from = format!("shop/{} ({})", sim.name, sim.node);
+        println!(
+            "{from:<28} {:<18} {result:<10} {ms:>9}  {why}",
+            "shop/db:5432"
+        );
+    }
 }

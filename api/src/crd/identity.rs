@@ -27,9 +27,22 @@ pub const MSG_IDENTITY_IMMUTABLE: &str =
 /// Name of the one `IdentityCounter` object.
 pub const COUNTER_NAME: &str = "default";
 
+/// The NumericIdentity (and IdentityPolicy) object name for a SPIFFE ID:
+/// `sid-` and the first 20 bytes of its SHA-256, in hex (a valid DNS label,
+/// fixed length).
+pub fn numeric_identity_name(id: &crate::spiffe::SpiffeId) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, id.as_str().as_bytes());
+    let mut name = String::with_capacity(44);
+    name.push_str("sid-");
+    for byte in &digest.as_ref()[..20] {
+        name.push_str(&format!("{byte:02x}"));
+    }
+    name
+}
+
 /// The numeric identity and generation assigned to one SPIFFE ID. The object's
-/// name is derived from the SPIFFE ID (see `identity_object_name` in the
-/// operator), so two writers can never create two objects for one ID.
+/// name is derived from the SPIFFE ID ([`numeric_identity_name`]), so two
+/// writers can never create two objects for one ID.
 // Several printcolumn(...) entries each set type_, which clippy reads as a
 // repeated attribute.
 #[allow(clippy::duplicated_attributes)]

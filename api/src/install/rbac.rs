@@ -74,138 +74,151 @@ const TESSERA: &str = crate::crd::GROUP;
 
 /// The operator's service account.
 pub fn operator() -> Account {
+    let mut grants = operator_cluster_grants();
+    grants.extend(operator_namespace_grants());
     Account {
         name: OPERATOR,
         binary: "tessera-operator",
-        grants: vec![
-            cluster(
-                "",
-                &["pods"],
-                READ,
-                "assign each pod its identity, and check the pod an agent asks an SVID for",
-            ),
-            cluster(
-                "",
-                &["namespaces"],
-                READ,
-                "namespace selectors of WorkloadIdentities and AuthPolicies",
-            ),
-            cluster(
-                "",
-                &["nodes"],
-                READ,
-                "SPIRE mode: the parent ID of each node's registration entries",
-            ),
-            cluster(
-                "authentication.k8s.io",
-                &["tokenreviews"],
-                &["create"],
-                "the signing service checks each agent's node-bound token",
-            ),
-            cluster(
-                "events.k8s.io",
-                &["events"],
-                &["create", "patch"],
-                "events on WorkloadIdentities, FederatedTrustDomains and pods",
-            ),
-            cluster(
-                TESSERA,
-                &["workloadidentities", "authpolicies"],
-                READ,
-                "the identities and policies users write",
-            ),
-            cluster(
-                TESSERA,
-                &[
-                    "workloadidentities/status",
-                    "authpolicies/status",
-                    "federatedtrustdomains/status",
-                ],
-                &["patch"],
-                "report conditions and counts in their status",
-            ),
-            cluster(
-                TESSERA,
-                &["federatedtrustdomains"],
-                &["get", "list", "watch", "patch"],
-                "follow federated trust domains; patch: add and remove the finalizer that removes a deleted trust domain's bundle",
-            ),
-            cluster(
-                TESSERA,
-                &["podidentities", "identitypolicies"],
-                &["get", "list", "watch", "create", "patch", "delete"],
-                "write each pod's identity record and each identity's compiled policy (server-side apply), and delete them when they go",
-            ),
-            cluster(
-                TESSERA,
-                &["numericidentities"],
-                &["get", "list", "watch", "create", "delete"],
-                "allocate numeric identities (create fails on a taken number) and release unused ones",
-            ),
-            cluster(
-                TESSERA,
-                &["identitycounters"],
-                &["get", "create", "update"],
-                "the allocator's counter, advanced by compare-and-swap",
-            ),
-            local(
-                "",
-                &["secrets"],
-                &["create"],
-                &[],
-                "create the CA Secret on first start (Kubernetes cannot limit create by name)",
-            ),
-            local(
-                "",
-                &["secrets"],
-                &["get", "list", "watch", "update"],
-                &[CA_SECRET],
-                "load, follow and rotate the CA roots; no other Secret",
-            ),
-            local(
-                "",
-                &["configmaps"],
-                &["create"],
-                &[],
-                "create the trust bundle ConfigMaps on first start",
-            ),
-            local(
-                "",
-                &["configmaps"],
-                &["get", "list", "watch", "patch"],
-                &[BUNDLE_CONFIGMAP, FEDERATED_CONFIGMAP],
-                "publish the trust bundle and the federated bundles for the agents",
-            ),
-            local(
-                "coordination.k8s.io",
-                &["leases"],
-                &["create"],
-                &[],
-                "create the leader Lease on first start",
-            ),
-            local(
-                "coordination.k8s.io",
-                &["leases"],
-                &["get", "patch", "update"],
-                &[OPERATOR],
-                "leader election: one replica leads, the other stands by",
-            ),
-            local(
-                "discovery.k8s.io",
-                &["endpointslices"],
-                &["create"],
-                &[],
-                "create the leader's EndpointSlices on first election",
-            ),
-            local(
-                "discovery.k8s.io",
-                &["endpointslices"],
-                &["get", "patch", "update"],
-                &[SIGNER_SERVICE, BUNDLE_ENDPOINT_SERVICE],
-                "point the signer and bundle endpoint Services at the leader only",
-            ),
-        ],
+        grants,
     }
+}
+
+/// What the operator may do cluster-wide.
+fn operator_cluster_grants() -> Vec<Grant> {
+    vec![
+        cluster(
+            "",
+            &["pods"],
+            READ,
+            "assign each pod its identity, and check the pod an agent asks an SVID for",
+        ),
+        cluster(
+            "",
+            &["namespaces"],
+            READ,
+            "namespace selectors of WorkloadIdentities and AuthPolicies",
+        ),
+        cluster(
+            "",
+            &["nodes"],
+            READ,
+            "SPIRE mode: the parent ID of each node's registration entries",
+        ),
+        cluster(
+            "authentication.k8s.io",
+            &["tokenreviews"],
+            &["create"],
+            "the signing service checks each agent's node-bound token",
+        ),
+        cluster(
+            "events.k8s.io",
+            &["events"],
+            &["create", "patch"],
+            "events on WorkloadIdentities, FederatedTrustDomains and pods",
+        ),
+        cluster(
+            TESSERA,
+            &["workloadidentities", "authpolicies"],
+            READ,
+            "the identities and policies users write",
+        ),
+        cluster(
+            TESSERA,
+            &[
+                "workloadidentities/status",
+                "authpolicies/status",
+                "federatedtrustdomains/status",
+            ],
+            &["patch"],
+            "report conditions and counts in their status",
+        ),
+        cluster(
+            TESSERA,
+            &["federatedtrustdomains"],
+            &["get", "list", "watch", "patch"],
+            "follow federated trust domains; patch: add and remove the finalizer that removes a deleted trust domain's bundle",
+        ),
+        cluster(
+            TESSERA,
+            &["podidentities", "identitypolicies"],
+            &["get", "list", "watch", "create", "patch", "delete"],
+            "write each pod's identity record and each identity's compiled policy (server-side apply), and delete them when they go",
+        ),
+        cluster(
+            TESSERA,
+            &["numericidentities"],
+            &["get", "list", "watch", "create", "delete"],
+            "allocate numeric identities (create fails on a taken number) and release unused ones",
+        ),
+        cluster(
+            TESSERA,
+            &["identitycounters"],
+            &["get", "create", "update"],
+            "the allocator's counter, advanced by compare-and-swap",
+        ),
+    ]
+}
+
+/// What the operator may do in its own namespace.
+fn operator_namespace_grants() -> Vec<Grant> {
+    vec![
+        local(
+            "",
+            &["secrets"],
+            &["create"],
+            &[],
+            "create the CA Secret on first start (Kubernetes cannot limit create by name)",
+        ),
+        local(
+            "",
+            &["secrets"],
+            &["get", "list", "watch", "update"],
+            &[CA_SECRET],
+            "load, follow and rotate the CA roots; no other Secret",
+        ),
+        local(
+            "",
+            &["configmaps"],
+            &["create"],
+            &[],
+            "create the trust bundle ConfigMaps on first start",
+        ),
+        local(
+            "",
+            &["configmaps"],
+            &["get", "list", "watch", "patch"],
+            &[BUNDLE_CONFIGMAP, FEDERATED_CONFIGMAP],
+            "publish the trust bundle and the federated bundles for the agents",
+        ),
+        local(
+            "coordination.k8s.io",
+            &["leases"],
+            &["create"],
+            &[],
+            "create the leader Lease on first start",
+        ),
+        local(
+            "coordination.k8s.io",
+            &["leases"],
+            &["get", "patch", "update"],
+            &[OPERATOR],
+            "leader election: one replica leads, the other stands by",
+        ),
+        local(
+            "discovery.k8s.io",
+            &["endpointslices"],
+            &["create"],
+            &[],
+            "create the leader's EndpointSlices on first election",
+        ),
+        local(
+            "discovery.k8s.io",
+            &["endpointslices"],
+            &["get", "patch", "update"],
+            &[SIGNER_SERVICE, BUNDLE_ENDPOINT_SERVICE],
+            "point the signer and bundle endpoint Services at the leader only",
+        ),
+    ]
 }
 
 /// The node agents' service account.

@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tessera_agent::authcache::{
+use tessera_agent::datapath::authcache::{
     MacKey, decode_record, encode_record, record_key, seal_record,
 };
 

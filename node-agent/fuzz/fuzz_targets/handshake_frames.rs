@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tessera_agent::handshake::{Vouched, read_hello, split_frame};
+use tessera_agent::mesh::handshake::{Vouched, read_hello, split_frame};
 
 fuzz_target!(|data: &[u8]| {
     let mut rest = data;

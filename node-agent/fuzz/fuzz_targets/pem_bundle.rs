@@ -9,8 +9,8 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(der) = tessera_agent::trust::parse_pem_bundle(text) {
+    if let Ok(der) = tessera_agent::svid::trust::parse_pem_bundle(text) {
         assert!(!der.is_empty());
-        tessera_agent::handshake::split_der(&der).expect("accepted DER splits into certificates");
+        tessera_agent::svid::store::split_der(&der).expect("accepted DER splits into certificates");
     }
 });

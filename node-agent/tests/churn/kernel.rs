@@ -11,8 +11,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_agent::dataplane::DataPlane;
-use tessera_agent::view::PodView;
+use tessera_agent::datapath::maps::DataPlane;
+use tessera_agent::datapath::view::PodView;
 use tessera_api::crd::IdentityPolicySpec;
 use tessera_bpf::abi::Reason;
 use tessera_bpf::packets;

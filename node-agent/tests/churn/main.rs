@@ -25,7 +25,7 @@ mod model;
 
 use std::collections::BTreeMap;
 
-use tessera_agent::handshake::Authenticated;
+use tessera_agent::datapath::authcache::Authenticated;
 
 use kernel::Kernel;
 use model::{
@@ -253,7 +253,7 @@ impl Run {
             local: l.spiffe.clone(),
             remote: r.spiffe.clone(),
             remote_node: r.node.clone(),
-            not_after: tessera_agent::svids::unix_now() + expires_in,
+            not_after: tessera_agent::clock::unix_now() + expires_in,
         })
     }
 
@@ -281,7 +281,7 @@ impl Run {
     fn restart(&mut self) -> &'static str {
         let before = unix_now();
         self.kernel.restart(&self.model);
-        let grace = tessera_agent::dataplane::RESTORE_GRACE.as_secs_f64();
+        let grace = tessera_agent::datapath::maps::RESTORE_GRACE.as_secs_f64();
         self.model.cap_restored(before, unix_now(), grace);
         "agent restart"
     }

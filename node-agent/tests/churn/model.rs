@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use tessera_agent::policy::IdentityTable;
-use tessera_agent::view::{PodView, View};
+use tessera_agent::datapath::policy::IdentityTable;
+use tessera_agent::datapath::view::{PodView, View};
 use tessera_api::crd::IdentityPolicySpec;
 use tessera_api::crd::auth_policy::{Authentication, PolicyAction, PortRange, Protocol};
 use tessera_api::crd::identity_policy::{CompiledPeer, CompiledRule};

@@ -7,8 +7,8 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use tessera_operator::ca::{TrustDomainCa, new_root};
-use tessera_operator::signer::sign_x509_svid;
+use tessera_operator::ca::authority::{TrustDomainCa, new_root};
+use tessera_operator::ca::signer::sign_x509_svid;
 
 static CA: LazyLock<TrustDomainCa> = LazyLock::new(|| {
     let now = time::OffsetDateTime::now_utc();

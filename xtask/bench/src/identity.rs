@@ -94,13 +94,10 @@ fn issued_pod(line: &str) -> Option<String> {
 }
 
 fn pod(ns: &str, name: &str, sa: usize) -> Pod {
-    let value = serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns},
-        "spec": {"nodeName": "node-a", "serviceAccountName": format!("sa-{sa}"),
-                 "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}
-    });
-    // A literal object of known shape always converts.
-    serde_json::from_value(value).unwrap_or_default()
+    tessera_tests::fixtures::PodBuilder::new(ns, name)
+        .node("node-a")
+        .service_account(&format!("sa-{sa}"))
+        .build()
 }
 
 /// Creates PODS pods in `ns` (paced at `per_sec`, or as fast as 16 creators
@@ -306,6 +303,64 @@ fn watch_records(client: kube::Client) -> mpsc::Receiver<(String, Instant)> {
 async fn pod_to_svid(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
     let (cp, client) = resources::control_plane_with_crds().await?;
     resources::apply_manifest(&client, resources::TWO_NODES).await?;
+    resources::apply_manifest(&client, &namespaces_and_accounts()).await?;
+    let (operator, signer_port, operator_log) =
+        start_operator(operator, &cp, &client, "identity-operator.log").await?;
+    // Measure a running system: the operator's identity controller is up
+    // once it has made the IdentityCounter (the first object of a new CRD
+    // can take the API server seconds to store, once in a cluster's life).
+    let counters: Api<tessera_api::crd::IdentityCounter> = Api::all(client.clone());
+    let what = format!(
+        "the operator's IdentityCounter (see {})",
+        operator_log.display()
+    );
+    tessera_tests::eventually_for(&what, Duration::from_secs(60), || async {
+        Ok(counters
+            .get_opt(tessera_api::crd::identity::COUNTER_NAME)
+            .await?)
+    })
+    .await?;
+    let dir = tempfile_dir()?;
+    let (agent, served) = start_agent(agent, &cp, &client, signer_port, &dir).await?;
+    let recorded = watch_records(client.clone());
+    let mut pids: Vec<(&str, u32)> = vec![
+        ("bench", std::process::id()),
+        ("operator", operator.0.id()),
+        ("agent", agent.0.id()),
+    ];
+    pids.extend(["etcd", "kube-apiserver"].into_iter().zip(cp.pids()));
+    let mut figures = Vec::new();
+    for (phase, rate) in [("paced", Some(PACED_PER_SEC)), ("burst", None)] {
+        match rate {
+            Some(r) => println!("{PODS} pods at {r}/s"),
+            None => println!("{PODS} pods at once (16 concurrent creators)"),
+        }
+        let requests_before = apiserver_requests(&client).await;
+        let (before, started) = (cpu(&pids), Instant::now());
+        let stages = latencies(&client, phase, rate, &served, &recorded).await?;
+        let wall = started.elapsed().as_secs_f64();
+        println!("  API server requests:");
+        print_apiserver_delta(&requests_before, &apiserver_requests(&client).await);
+        let used: Vec<String> = pids
+            .iter()
+            .zip(cpu(&pids).iter().zip(&before))
+            .map(|((name, _), (after, before))| format!("{name} {:.1}", after - before))
+            .collect();
+        println!("  CPU seconds in {wall:.1} s: {}", used.join(", "));
+        figures.extend(phase_figures(phase, rate.is_some(), &stages));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(figures)
+}
+
+/// CPU seconds each process has used so far.
+fn cpu(pids: &[(&str, u32)]) -> Vec<f64> {
+    pids.iter().map(|p| cpu_seconds(p.1)).collect()
+}
+
+/// The namespaces `paced` and `burst`, each with [`SERVICE_ACCOUNTS`]
+/// service accounts, as a manifest.
+fn namespaces_and_accounts() -> String {
     let mut manifest = String::new();
     for ns in ["paced", "burst"] {
         manifest += &format!("---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n");
@@ -315,37 +370,27 @@ async fn pod_to_svid(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
             );
         }
     }
-    resources::apply_manifest(&client, &manifest).await?;
+    manifest
+}
 
-    let (_operator, signer_port, operator_log) =
-        start_operator(operator, &cp, &client, "identity-operator.log").await?;
-    // Measure a running system: the operator's identity controller is up
-    // once it has made the IdentityCounter (the first object of a new CRD
-    // can take the API server seconds to store, once in a cluster's life).
-    let counters: Api<tessera_api::crd::IdentityCounter> = Api::all(client.clone());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while counters
-        .get_opt(tessera_api::crd::identity::COUNTER_NAME)
-        .await?
-        .is_none()
-    {
-        if Instant::now() > deadline {
-            bail!(
-                "the operator made no IdentityCounter within 60 s; see {}",
-                operator_log.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Starts node-a's agent (identities only); the receiver gets each pod the
+/// agent logs an issued SVID for, with the time it read the line.
+async fn start_agent(
+    agent: &Path,
+    cp: &tessera_tests::ControlPlane,
+    client: &kube::Client,
+    signer_port: u16,
+    dir: &Path,
+) -> Result<(KillOnDrop, mpsc::Receiver<(String, Instant)>)> {
+    let audience = tessera_api::signer_api::TOKEN_AUDIENCE;
     let token = resources::service_account_token(
-        &client,
+        client,
         "tessera-system",
         "tessera-agent",
         Some("node-a"),
-        tessera_api::signer_api::TOKEN_AUDIENCE,
+        audience,
     )
     .await?;
-    let dir = tempfile_dir()?;
     let token_file = dir.join("token");
     std::fs::write(&token_file, token)?;
     let socket = dir.join("agent.sock");
@@ -375,60 +420,32 @@ async fn pod_to_svid(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
             }
         }
     });
+    Ok((agent, served))
+}
 
-    let recorded = watch_records(client.clone());
-    let mut pids: Vec<(&str, u32)> = vec![
-        ("bench", std::process::id()),
-        ("operator", _operator.0.id()),
-        ("agent", agent.0.id()),
-    ];
-    let cp_pids = cp.pids();
-    pids.extend(["etcd", "kube-apiserver"].into_iter().zip(cp_pids));
-    let cpu =
-        |pids: &[(&str, u32)]| -> Vec<f64> { pids.iter().map(|p| cpu_seconds(p.1)).collect() };
-
-    let mut figures = Vec::new();
+/// One phase's figures; the paced phase's p99 carries the target.
+fn phase_figures(phase: &str, paced: bool, stages: &Stages) -> Vec<Figure> {
     let fig = |name: String, d: &[Duration], p: f64| Figure::new(&name, ms(percentile(d, p)), "ms");
-    for (phase, rate) in [("paced", Some(PACED_PER_SEC)), ("burst", None)] {
-        match rate {
-            Some(r) => println!("{PODS} pods at {r}/s"),
-            None => println!("{PODS} pods at once (16 concurrent creators)"),
-        }
-        let requests_before = apiserver_requests(&client).await;
-        let (before, started) = (cpu(&pids), Instant::now());
-        let stages = latencies(&client, phase, rate, &served, &recorded).await?;
-        let wall = started.elapsed().as_secs_f64();
-        println!("  API server requests:");
-        print_apiserver_delta(&requests_before, &apiserver_requests(&client).await);
-        let used: Vec<String> = pids
-            .iter()
-            .zip(cpu(&pids).iter().zip(&before))
-            .map(|((name, _), (after, before))| format!("{name} {:.1}", after - before))
-            .collect();
-        println!("  CPU seconds in {wall:.1} s: {}", used.join(", "));
-        let p99 = fig(format!("pod_to_svid_{phase}_p99"), &stages.total, 99.0);
-        figures.extend([
-            fig(format!("pod_to_svid_{phase}_p50"), &stages.total, 50.0),
-            if rate.is_some() {
-                p99.with_target("<= 1000")
-            } else {
-                p99
-            },
-            fig(format!("pod_to_svid_{phase}_max"), &stages.total, 100.0),
-            fig(
-                format!("pod_to_record_{phase}_p99"),
-                &stages.to_record,
-                99.0,
-            ),
-            fig(
-                format!("record_to_svid_{phase}_p99"),
-                &stages.record_to_svid,
-                99.0,
-            ),
-        ]);
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(figures)
+    let p99 = fig(format!("pod_to_svid_{phase}_p99"), &stages.total, 99.0);
+    vec![
+        fig(format!("pod_to_svid_{phase}_p50"), &stages.total, 50.0),
+        if paced {
+            p99.with_target("<= 1000")
+        } else {
+            p99
+        },
+        fig(format!("pod_to_svid_{phase}_max"), &stages.total, 100.0),
+        fig(
+            format!("pod_to_record_{phase}_p99"),
+            &stages.to_record,
+            99.0,
+        ),
+        fig(
+            format!("record_to_svid_{phase}_p99"),
+            &stages.record_to_svid,
+            99.0,
+        ),
+    ]
 }
 
 fn tempfile_dir() -> Result<PathBuf> {
@@ -460,7 +477,7 @@ mod tests {
     fn reads_issued_lines_with_or_without_colour() {
         let coloured = "\u{1b}[2m2026-11-22T06:00:37Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \u{1b}[2mtessera_agent::svids\u{1b}[0m\u{1b}[2m:\u{1b}[0m X.509-SVID issued \u{1b}[3mpod\u{1b}[0m\u{1b}[2m=\u{1b}[0mshop/web-a \u{1b}[3mspiffe_id\u{1b}[0m\u{1b}[2m=\u{1b}[0mspiffe://x/y";
         assert_eq!(issued_pod(coloured).as_deref(), Some("shop/web-a"));
-        let plain_line = "2026-11-22T06:00:37Z  INFO tessera_agent::svids: X.509-SVID issued pod=paced/p-1 spiffe_id=spiffe://x/y";
+        let plain_line = "2026-11-22T06:00:37Z  INFO tessera_agent::svid::signer: X.509-SVID issued pod=paced/p-1 spiffe_id=spiffe://x/y";
         assert_eq!(issued_pod(plain_line).as_deref(), Some("paced/p-1"));
         assert_eq!(issued_pod("cannot get an SVID pod=a/b"), None);
     }

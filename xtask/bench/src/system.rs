@@ -22,6 +22,8 @@ pub fn release_bins() -> Result<(PathBuf, PathBuf)> {
             "tessera-operator",
             "-p",
             "tessera-agent",
+            "--features",
+            "tessera-agent/bench,tessera-operator/bench",
         ])
         .current_dir(repo_root())
         .status()?;

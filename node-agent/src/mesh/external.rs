@@ -1,0 +1,713 @@
+//! Peers outside the mesh: connections from workloads without a Tessera
+//! agent (a federated SPIRE trust domain's, say) that an AuthPolicy rule
+//! with `externalPeers: TerminateTLS` names. No agent can authenticate such
+//! a peer, so this agent terminates its TLS: it presents the local
+//! workload's X509-SVID, verifies the peer's against the bundle of the
+//! peer's trust domain, checks the peer's SPIFFE ID against the workload's
+//! rules, and only then forwards the plaintext to the workload (on the same
+//! port, over the pod's loopback interface).
+//!
+//! The connections reach this agent through `ts_steer`, an sk_lookup
+//! program attached to the pod's network namespace: a connection start from
+//! an address with no endpoint entry to a terminated address and port is
+//! handed to a listening socket this agent opened in that namespace.
+//! `ts_ingress` lets connection starts to those sockets (known by cookie)
+//! through; everything else, mesh peers included, is decided as before. If
+//! this agent stops, its sockets close, the steering finds none, and such
+//! connections meet the ordinary ingress check (denied): it fails closed.
+//!
+//! The data path's revocation sweep leaves these connections alone (their
+//! peer has no endpoint; `ts_terminated` says whose they are). Instead each
+//! forwarded connection is checked again on every pass of the agent and
+//! closed once its rule no longer admits the peer, the peer's chain no
+//! longer verifies against the bundles held now, or the port is no longer
+//! terminated.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use tessera_api::crd::IdentityPolicySpec;
+use tessera_api::crd::auth_policy::{ExternalPeers, PolicyAction, PortRange, Protocol};
+use tessera_api::crd::identity_policy::CompiledRule;
+use tessera_api::spiffe::SpiffeId;
+use tessera_bpf::abi::TermKey;
+use tessera_bpf::datapath::DatapathError;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::mesh::limits::{ConnLimits, EXTERNAL_PER_PEER, EXTERNAL_TOTAL};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::datapath::{DataPlane, Stats};
+use crate::mesh::handshake::{Admit, Credentials, HandshakeError, Refusal};
+use crate::netns::NetnsError;
+use crate::sync::lock;
+
+/// Most ports one workload may have terminated.
+pub const MAX_TERMINATED_PORTS: usize = 256;
+/// Time a peer has to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time the workload has to accept the forwarded connection.
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a terminator could not be set up (logged; retried on the next pass).
+#[derive(Debug, thiserror::Error)]
+pub enum ExternalError {
+    /// No process of the pod was found to enter its network namespace.
+    #[error(
+        "no process found in the pod's cgroup {0} (is the pod running?); its external peers stay refused"
+    )]
+    NoProcess(PathBuf),
+    /// The pod shares the host's network namespace.
+    #[error(
+        "the pod runs in the host's network namespace; TerminateTLS is not available for hostNetwork pods"
+    )]
+    HostNetwork,
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The eBPF maps or program refused.
+    #[error("eBPF: {0}")]
+    Datapath(#[from] DatapathError),
+    /// A connection reached the terminator for another address or port.
+    #[error("made to {to}, not to the terminated {ip}:{port}")]
+    WrongDestination {
+        /// Where it was made to.
+        to: SocketAddr,
+        /// The terminated address.
+        ip: IpAddr,
+        /// The terminated port.
+        port: u16,
+    },
+    /// The pod has no identity or SVID on this agent yet.
+    #[error("the pod has no identity or no SVID on this agent yet")]
+    NoIdentity,
+    /// The terminator's TLS configuration could not be made.
+    #[error(transparent)]
+    Terminator(#[from] HandshakeError),
+    /// The peer did not finish its TLS handshake in time.
+    #[error("no TLS handshake within {HANDSHAKE_TIMEOUT:?}")]
+    HandshakeTimeout,
+    /// Refused by policy during the TLS handshake.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The peer's X509-SVID was not accepted.
+    #[error("its X509-SVID is not accepted: {0}")]
+    Svid(String),
+    /// Another TLS failure.
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    /// The peer's certificate is gone after the handshake.
+    #[error("the peer's certificate is gone after the handshake")]
+    PeerGone,
+    /// The workload does not accept the forwarded connection.
+    #[error(
+        "{peer} admitted, but the workload does not accept on {addr} in its network namespace ({source}); with TerminateTLS it must listen on loopback (or any address) in plain TCP"
+    )]
+    Upstream {
+        /// The admitted peer.
+        peer: SpiffeId,
+        /// Where the workload was dialled.
+        addr: SocketAddr,
+        /// The connection error.
+        source: std::io::Error,
+    },
+    /// The pod no longer terminates the port.
+    #[error("the pod no longer terminates this port")]
+    Unterminated,
+    /// The pod or its SVID is gone from this node.
+    #[error("the pod or its SVID is gone from this node")]
+    PodGone,
+    /// The peer's chain no longer verifies against the bundles held.
+    #[error("its X509-SVID no longer verifies: {0}")]
+    NoLongerVerifies(rustls::Error),
+    /// The peer is no longer admitted by policy.
+    #[error(transparent)]
+    NotAdmitted(#[from] Refusal),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ExternalError {
+    let what = what.into();
+    move |source| ExternalError::Io { what, source }
+}
+
+fn port_in(ranges: &[PortRange], port: u16) -> bool {
+    ranges.is_empty()
+        || ranges.iter().any(|r| {
+            r.protocol == Protocol::Tcp
+                && i32::from(port) >= r.port
+                && i32::from(port) <= r.end_port.unwrap_or(r.port)
+        })
+}
+
+fn terminates(rule: &CompiledRule) -> bool {
+    rule.action == PolicyAction::Allow && rule.external_peers == ExternalPeers::TerminateTls
+}
+
+/// The TCP ports on which a workload with these rules has peers outside the
+/// mesh terminated, at most [`MAX_TERMINATED_PORTS`] (the lowest).
+pub fn terminated_ports(spec: &IdentityPolicySpec) -> BTreeSet<u16> {
+    let mut out = BTreeSet::new();
+    for rule in spec.rules.iter().filter(|r| terminates(r)) {
+        for range in rule.ports.iter().filter(|r| r.protocol == Protocol::Tcp) {
+            let first = u16::try_from(range.port).unwrap_or(0).max(1);
+            let last = u16::try_from(range.end_port.unwrap_or(range.port)).unwrap_or(0);
+            for port in first..=last {
+                out.insert(port);
+            }
+        }
+    }
+    if out.len() > MAX_TERMINATED_PORTS {
+        warn!(spiffe_id = %spec.spiffe_id, ports = out.len(), "more terminated ports than the limit; only the lowest {MAX_TERMINATED_PORTS} are served");
+        out = out.into_iter().take(MAX_TERMINATED_PORTS).collect();
+    }
+    out
+}
+
+/// Whether the workload whose rules are `spec` admits `peer`, a peer
+/// outside the mesh whose X509-SVID was verified, on `port`: no Deny rule
+/// matches and a TerminateTLS Allow rule does. The reason when not.
+pub fn admits(
+    spec: Option<&IdentityPolicySpec>,
+    peer: &SpiffeId,
+    port: u16,
+) -> Result<(), Refusal> {
+    let Some(spec) = spec else {
+        return Err(Refusal::NoPolicy);
+    };
+    let matches = |r: &CompiledRule| {
+        (r.from.is_empty() || r.from.iter().any(|p| p.matches(peer))) && port_in(&r.ports, port)
+    };
+    let sources = spec.sources.join(", ");
+    if spec
+        .rules
+        .iter()
+        .any(|r| r.action == PolicyAction::Deny && matches(r))
+    {
+        return Err(Refusal::Denied {
+            sources,
+            peer: peer.clone(),
+            port,
+        });
+    }
+    if spec.rules.iter().any(|r| terminates(r) && matches(r)) {
+        Ok(())
+    } else {
+        Err(Refusal::NotAllowed {
+            sources,
+            peer: peer.clone(),
+            port,
+        })
+    }
+}
+
+/// A terminated port of a local pod, as the enforcer wants it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Want {
+    /// The pod's UID.
+    pub uid: String,
+    /// `namespace/name`, for logs.
+    pub pod: String,
+    /// The pod's address.
+    pub ip: IpAddr,
+    /// The port.
+    pub port: u16,
+    /// The pod's cgroup directory.
+    pub cgroup: PathBuf,
+}
+
+/// What a connection needs at the time it arrives: the pod's SPIFFE ID and
+/// its rules, and the handshake credentials.
+pub type Context =
+    Arc<dyn Fn(&str) -> Option<(Arc<str>, Option<IdentityPolicySpec>, Credentials)> + Send + Sync>;
+
+struct Running {
+    want: Want,
+    cookie: u64,
+    task: JoinHandle<()>,
+    /// Told on every pass of the agent: the connections this terminator
+    /// forwards check again that they are still admitted, and end when it
+    /// is dropped.
+    pass: watch::Sender<()>,
+}
+
+struct Steered {
+    netns: Arc<File>,
+    /// The namespace's inode: a recreated sandbox has another.
+    inode: u64,
+    link: tessera_bpf::datapath::SkLookupLinkId,
+}
+
+/// The terminators of this node's pods.
+pub struct External {
+    running: Mutex<HashMap<(String, u16), Running>>,
+    steered: Mutex<HashMap<String, Steered>>,
+    /// The last reason each wanted terminator could not be opened.
+    failing: Mutex<HashMap<(String, u16), String>>,
+    stats: Arc<Stats>,
+    /// Caps shared by every terminator socket.
+    limits: Arc<ConnLimits>,
+}
+
+impl std::fmt::Debug for External {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("External").finish_non_exhaustive()
+    }
+}
+
+impl External {
+    /// No terminators yet; counts in `stats`.
+    pub fn new(stats: Arc<Stats>) -> External {
+        External {
+            running: Mutex::default(),
+            steered: Mutex::default(),
+            failing: Mutex::default(),
+            stats,
+            limits: ConnLimits::new(EXTERNAL_PER_PEER, EXTERNAL_TOTAL),
+        }
+    }
+
+    /// Brings the terminators in line with `wanted`: new ones are opened
+    /// (steering attached to the pod's namespace first), ones no longer
+    /// wanted stop being steered to and are closed.
+    pub fn reconcile(&self, plane: &DataPlane, wanted: &[Want], ctx: &Context) {
+        // Pods whose network namespace is no longer the one steered (the
+        // sandbox was recreated): their terminators move to the new one.
+        let moved: BTreeSet<String> = lock(&self.steered)
+            .iter()
+            .filter_map(|(uid, s)| {
+                let cgroup = &wanted.iter().find(|w| &w.uid == uid)?.cgroup;
+                let now = crate::netns::pod_inode(cgroup)?;
+                (now != s.inode).then(|| uid.clone())
+            })
+            .collect();
+        {
+            let mut running = lock(&self.running);
+            let stale: Vec<(String, u16)> = running
+                .iter()
+                .filter(|(_, r)| !wanted.contains(&r.want) || moved.contains(&r.want.uid))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in stale {
+                if let Some(r) = running.remove(&key) {
+                    let term = TermKey::new(r.want.ip, r.want.port);
+                    if let Err(e) = plane.with_datapath(|dp| dp.remove_terminator(&term, r.cookie))
+                    {
+                        warn!(pod = %r.want.pod, port = r.want.port, error = %e, "cannot remove a terminator from the maps");
+                    }
+                    r.task.abort();
+                    info!(pod = %r.want.pod, port = r.want.port, "no longer terminating external peers");
+                }
+            }
+        }
+        for uid in &moved {
+            info!(pod_uid = %uid, "the pod's network namespace changed; terminating in the new one");
+            self.unsteer(plane, uid);
+        }
+        lock(&self.failing)
+            .retain(|(uid, port), _| wanted.iter().any(|w| w.uid == *uid && w.port == *port));
+        for want in wanted {
+            let key = (want.uid.clone(), want.port);
+            if lock(&self.running).contains_key(&key) {
+                continue;
+            }
+            match self.open(plane, want, ctx) {
+                Ok(r) => {
+                    lock(&self.failing).remove(&key);
+                    info!(pod = %want.pod, ip = %want.ip, port = want.port, "terminating TLS of external peers");
+                    lock(&self.running).insert(key, r);
+                }
+                Err(e) => {
+                    // Said once per new reason, not on every pass.
+                    let why = e.to_string();
+                    if lock(&self.failing).insert(key, why.clone()).as_ref() != Some(&why) {
+                        warn!(pod = %want.pod, port = want.port, error = %why, "cannot terminate the TLS of external peers yet (they stay refused); retrying every second");
+                    }
+                }
+            }
+        }
+        for r in lock(&self.running).values() {
+            r.pass.send_replace(());
+        }
+        // Namespaces with no terminator left: steering ends.
+        let in_use: BTreeSet<String> = lock(&self.running)
+            .values()
+            .map(|r| r.want.uid.clone())
+            .collect();
+        let done: Vec<(String, Steered)> = {
+            let mut steered = lock(&self.steered);
+            let gone: Vec<String> = steered
+                .keys()
+                .filter(|uid| !in_use.contains(*uid))
+                .cloned()
+                .collect();
+            gone.into_iter()
+                .filter_map(|uid| steered.remove(&uid).map(|s| (uid, s)))
+                .collect()
+        };
+        for (uid, s) in done {
+            Self::detach(plane, &uid, s);
+        }
+    }
+
+    /// Ends the steering of pod `uid`'s namespace, if any.
+    fn unsteer(&self, plane: &DataPlane, uid: &str) {
+        let steered = lock(&self.steered).remove(uid);
+        if let Some(s) = steered {
+            Self::detach(plane, uid, s);
+        }
+    }
+
+    fn detach(plane: &DataPlane, uid: &str, s: Steered) {
+        // A namespace that is gone took the attachment with it.
+        if let Err(e) = plane.with_datapath(|dp| dp.unsteer(s.link)) {
+            debug!(pod_uid = %uid, error = %e, "steering already gone");
+        }
+    }
+
+    /// The pod's namespace, with the steering program attached.
+    fn steer(&self, plane: &DataPlane, want: &Want) -> Result<Arc<File>, ExternalError> {
+        if let Some(s) = lock(&self.steered).get(&want.uid) {
+            return Ok(s.netns.clone());
+        }
+        let crate::netns::PodNetns { file, inode } =
+            crate::netns::open_pod(&want.cgroup).map_err(|e| match e {
+                NetnsError::NoProcess(cgroup) => ExternalError::NoProcess(cgroup),
+                NetnsError::HostNetwork => ExternalError::HostNetwork,
+                NetnsError::Open { path, source } => ExternalError::Io {
+                    what: format!("cannot open {}", path.display()),
+                    source,
+                },
+            })?;
+        let netns = Arc::new(file);
+        let link = plane.with_datapath(|dp| dp.steer(netns.as_fd()))?;
+        lock(&self.steered).insert(
+            want.uid.clone(),
+            Steered {
+                netns: netns.clone(),
+                inode,
+                link,
+            },
+        );
+        Ok(netns)
+    }
+
+    fn open(
+        &self,
+        plane: &DataPlane,
+        want: &Want,
+        ctx: &Context,
+    ) -> Result<Running, ExternalError> {
+        let netns = self.steer(plane, want)?;
+        // Any address and port: ts_steer hands connections over whatever
+        // the socket is bound to; connections made to its own port are
+        // dropped by the handler.
+        let listener = crate::netns::run_in(&netns, || {
+            let l = std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .map_err(io("cannot open a socket in the pod's network namespace"))?;
+        let cookie = rustix::net::sockopt::socket_cookie(&listener)
+            .map_err(|e| io("cannot read the socket's cookie")(e.into()))?;
+        let listener = TcpListener::from_std(listener).map_err(io("cannot register the socket"))?;
+        plane.with_datapath(|dp| {
+            dp.set_terminator(TermKey::new(want.ip, want.port), &listener, cookie)
+        })?;
+        let (pass, passes) = watch::channel(());
+        let task = tokio::spawn(serve(
+            listener,
+            Terminated {
+                want: Arc::new(want.clone()),
+                netns,
+                ctx: ctx.clone(),
+                passes,
+            },
+            (self.stats.clone(), self.limits.clone()),
+        ));
+        Ok(Running {
+            want: want.clone(),
+            cookie,
+            task,
+            pass,
+        })
+    }
+}
+
+impl Drop for External {
+    fn drop(&mut self) {
+        for r in lock(&self.running).values() {
+            r.task.abort();
+        }
+    }
+}
+
+/// What the connections of one terminator share.
+#[derive(Clone)]
+struct Terminated {
+    want: Arc<Want>,
+    netns: Arc<File>,
+    ctx: Context,
+    passes: watch::Receiver<()>,
+}
+
+async fn serve(
+    listener: TcpListener,
+    t: Terminated,
+    (stats, limits): (Arc<Stats>, Arc<ConnLimits>),
+) {
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(pod = %t.want.pod, error = %e, "accepting an external connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let slot = match limits.admit(from.ip()) {
+            Ok(slot) => slot,
+            Err(e) => {
+                Stats::bump(&stats.connections_capped);
+                debug!(pod = %t.want.pod, %from, reason = %e, "external connection closed at once");
+                continue;
+            }
+        };
+        let (t, stats) = (t.clone(), stats.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+            match handle(tcp, &t).await {
+                Ok((peer, None)) => {
+                    Stats::bump(&stats.external_admitted);
+                    debug!(pod = %t.want.pod, %peer, %from, "external connection closed");
+                }
+                Ok((peer, Some(why))) => {
+                    Stats::bump(&stats.external_admitted);
+                    Stats::bump(&stats.external_revoked);
+                    info!(pod = %t.want.pod, port = t.want.port, %peer, %from, reason = %why, "external connection ended: no longer admitted");
+                }
+                Err(e) => {
+                    Stats::bump(&stats.external_refused);
+                    warn!(pod = %t.want.pod, port = t.want.port, %from, error = %e, "external peer refused");
+                }
+            }
+        });
+    }
+}
+
+/// Waits until a forwarded connection of `peer_chain` is no longer
+/// admitted (checked again on every pass of the agent); why.
+async fn revoked(t: &mut Terminated, peer_chain: &[CertificateDer<'static>]) -> ExternalError {
+    loop {
+        if t.passes.changed().await.is_err() {
+            return ExternalError::Unterminated;
+        }
+        let Some((_, spec, creds)) = (t.ctx)(&t.want.uid) else {
+            return ExternalError::PodGone;
+        };
+        let peer = match creds.verify_client_chain(peer_chain) {
+            Ok(peer) => peer,
+            Err(e) => return ExternalError::NoLongerVerifies(e),
+        };
+        if let Err(why) = admits(spec.as_ref(), &peer, t.want.port) {
+            return why.into();
+        }
+    }
+}
+
+/// Why a TLS handshake failed: a policy refusal's reason as it is,
+/// anything else as rustls says it.
+fn tls_failure(e: std::io::Error) -> ExternalError {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => {
+            ExternalError::Refused(other.0.to_string())
+        }
+        Some(rustls::Error::General(why)) => ExternalError::Svid(why.clone()),
+        _ => ExternalError::Tls(e),
+    }
+}
+
+/// A connection handed on to the workload, and why it ended if the agent
+/// ended it.
+type Outcome = (SpiffeId, Option<ExternalError>);
+
+/// Terminates one connection and forwards it until either end closes or
+/// the peer is no longer admitted.
+async fn handle(tcp: TcpStream, t: &Terminated) -> Result<Outcome, ExternalError> {
+    let want = &t.want;
+    let to = tcp
+        .local_addr()
+        .map_err(io("reading the connection's address"))?;
+    if to.ip().to_canonical() != want.ip || to.port() != want.port {
+        return Err(ExternalError::WrongDestination {
+            to,
+            ip: want.ip,
+            port: want.port,
+        });
+    }
+    let (local, spec, creds) = (t.ctx)(&want.uid).ok_or(ExternalError::NoIdentity)?;
+    let port = want.port;
+    let admit: Admit = Arc::new(move |peer: &SpiffeId| admits(spec.as_ref(), peer, port));
+    let config = creds.terminator(&local, admit)?;
+    let mut tls = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(config).accept(tcp),
+    )
+    .await
+    .map_err(|_| ExternalError::HandshakeTimeout)?
+    .map_err(tls_failure)?;
+    let chain: Vec<CertificateDer<'static>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(<[_]>::to_vec)
+        .unwrap_or_default();
+    let peer = chain
+        .first()
+        .and_then(|leaf| tessera_api::svid::leaf(leaf).ok())
+        .map(|l| l.id)
+        .ok_or(ExternalError::PeerGone)?;
+    let mut upstream = connect_upstream(t, &peer).await?;
+    info!(pod = %want.pod, port = want.port, %peer, "external peer admitted");
+    let mut t = t.clone();
+    // Passes before this one were about connections before it.
+    t.passes.mark_unchanged();
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream) => Ok((peer, None)),
+        why = revoked(&mut t, &chain) => Ok((peer, Some(why))),
+    }
+}
+
+/// A plain TCP connection to the workload's port over its loopback.
+async fn connect_upstream(t: &Terminated, peer: &SpiffeId) -> Result<TcpStream, ExternalError> {
+    let loopback = match t.want.ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    };
+    let upstream_addr = SocketAddr::new(loopback, t.want.port);
+    let netns = t.netns.clone();
+    let upstream = tokio::task::spawn_blocking(move || {
+        crate::netns::run_in(&netns, || {
+            let s = std::net::TcpStream::connect_timeout(&upstream_addr, UPSTREAM_TIMEOUT)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+    })
+    .await
+    .map_err(|e| io("dialling the workload")(std::io::Error::other(e)))?
+    .map_err(|source| ExternalError::Upstream {
+        peer: peer.clone(),
+        addr: upstream_addr,
+        source,
+    })?;
+    TcpStream::from_std(upstream).map_err(io("registering the workload's connection"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_api::crd::identity_policy::CompiledPeer;
+
+    fn rule(
+        action: PolicyAction,
+        from: &[&str],
+        ports: &[(i32, Option<i32>)],
+        ext: ExternalPeers,
+    ) -> CompiledRule {
+        CompiledRule {
+            action,
+            from: from
+                .iter()
+                .map(|p| CompiledPeer {
+                    spiffe_id_prefixes: vec![(*p).to_owned()],
+                    ..Default::default()
+                })
+                .collect(),
+            ports: ports
+                .iter()
+                .map(|(port, end_port)| PortRange::tcp(*port, *end_port))
+                .collect(),
+            external_peers: ext,
+            ..Default::default()
+        }
+    }
+
+    fn spec(rules: Vec<CompiledRule>) -> IdentityPolicySpec {
+        IdentityPolicySpec {
+            spiffe_id: "spiffe://cluster.test/ns/shop/web".into(),
+            default_deny: true,
+            rules,
+            sources: vec!["shop/partners".into()],
+        }
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn only_terminate_rules_of_allow_policies_open_ports() {
+        use PolicyAction::{Allow, Deny};
+        const T: ExternalPeers = ExternalPeers::TerminateTls;
+        const N: ExternalPeers = ExternalPeers::Deny;
+        let s = spec(vec![
+            rule(
+                Allow,
+                &["spiffe://b.test"],
+                &[(8443, None), (9000, Some(9002))],
+                T,
+            ),
+            rule(Allow, &["spiffe://cluster.test"], &[(80, None)], N),
+            rule(Deny, &["spiffe://b.test/bad"], &[(7000, None)], T),
+        ]);
+        assert_eq!(
+            terminated_ports(&s).into_iter().collect::<Vec<_>>(),
+            [8443, 9000, 9001, 9002]
+        );
+        let wide = spec(vec![rule(Allow, &[], &[(1000, Some(2000))], T)]);
+        assert_eq!(terminated_ports(&wide).len(), MAX_TERMINATED_PORTS);
+    }
+
+    #[test]
+    fn admission_follows_the_rules() {
+        use PolicyAction::{Allow, Deny};
+        const T: ExternalPeers = ExternalPeers::TerminateTls;
+        const N: ExternalPeers = ExternalPeers::Deny;
+        let s = spec(vec![
+            rule(Allow, &["spiffe://b.test/client"], &[(8443, None)], T),
+            rule(Allow, &["spiffe://b.test/mesh-only"], &[(8443, None)], N),
+            rule(Deny, &["spiffe://b.test/client/banned"], &[], N),
+        ]);
+        assert!(admits(Some(&s), &id("spiffe://b.test/client"), 8443).is_ok());
+        assert!(admits(Some(&s), &id("spiffe://b.test/client/x"), 8443).is_ok());
+        let other = admits(Some(&s), &id("spiffe://b.test/other"), 8443).unwrap_err();
+        assert!(
+            matches!(&other, Refusal::NotAllowed { sources, .. } if sources == "shop/partners"),
+            "{other}"
+        );
+        assert!(admits(Some(&s), &id("spiffe://b.test/client"), 8444).is_err());
+        assert!(
+            admits(Some(&s), &id("spiffe://b.test/mesh-only"), 8443).is_err(),
+            "a rule without TerminateTLS admits no external peer"
+        );
+        let banned = admits(Some(&s), &id("spiffe://b.test/client/banned"), 8443).unwrap_err();
+        assert!(matches!(banned, Refusal::Denied { .. }), "{banned}");
+        assert_eq!(
+            admits(None, &id("spiffe://b.test/client"), 8443),
+            Err(Refusal::NoPolicy)
+        );
+    }
+}
