@@ -325,6 +325,9 @@ fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
                 "clippy",
                 "--workspace",
                 "--all-targets",
+                // The benchmarks' code too.
+                "--features",
+                "tessera-agent/bench,tessera-operator/bench",
                 "--",
                 "-D",
                 "warnings",
