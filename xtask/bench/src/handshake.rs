@@ -51,15 +51,25 @@ pub async fn run() -> Result<Vec<Figure>> {
         .path()
         .to_str()
         .context("temporary directory is not UTF-8")?;
-    println!("handshakes on one core, 5 s each: tessera-agent, then Go crypto/tls");
+    println!(
+        "handshakes on one core, 5 s each: tessera-agent (as it runs, then without its verified-chain cache), then Go crypto/tls (a connection per pair, then doing the agents' whole work)"
+    );
     let ours = json_of(one_core(&agent).args(["bench-handshake", "--dir", dir, "--seconds", "5"]))?;
-    let theirs = json_of(
-        one_core(&peer)
-            .args(["-dir", dir, "-seconds", "5"])
+    let go_run = |verdict: bool| {
+        let mut cmd = one_core(&peer);
+        cmd.args(["-dir", dir, "-seconds", "5"])
             .args(["-client-id", "spiffe://bench.test/ns/shop/sa/web"])
             .args(["-server-id", "spiffe://bench.test/ns/shop/sa/db"])
-            .env("GOMAXPROCS", "1"),
-    )?;
+            .env("GOMAXPROCS", "1");
+        if verdict {
+            cmd.arg("-verdict");
+        }
+        json_of(&mut cmd)
+    };
+    let theirs = go_run(false)?;
+    let theirs_same_work = go_run(true)?;
+    let floor_us = ours.get("floor_us")?;
+    let cost_us = 1e6 / ours.get("per_second")?;
     println!("eBPF ingress decision cost (BPF_PROG_TEST_RUN, 1,000,000 runs per scenario)");
     let cost = run_json(&agent, &["bench-datapath", "--repeat", "1000000"])?;
     let go = "go crypto/tls";
@@ -71,6 +81,18 @@ pub async fn run() -> Result<Vec<Figure>> {
             .with_peer(go, theirs.get("p50_ms")?),
         Figure::new("handshake_p99", ours.get("p99_ms")?, "ms")
             .with_peer(go, theirs.get("p99_ms")?),
+        Figure::new(
+            "handshakes_per_core_same_work",
+            ours.get("same_work_per_second")?,
+            "1/s",
+        )
+        .with_target(">= 1x peer")
+        .with_peer(
+            "go crypto/tls, whole work",
+            theirs_same_work.get("per_second")?,
+        ),
+        Figure::new("handshake_crypto_floor", floor_us, "us"),
+        Figure::new("handshake_cost_over_floor", cost_us / floor_us, "x").with_target("<= 1.5"),
         Figure::new("ebpf_test_run_floor", cost.get("floor_ns")?, "ns"),
         Figure::new("ebpf_non_syn", cost.get("non_syn_ns")?, "ns").with_target("<= 50"),
         Figure::new("ebpf_decision_no_policy", cost.get("no_policy_ns")?, "ns"),
