@@ -29,7 +29,9 @@ pub enum SvidError {
         reason: String,
     },
     /// No anchors are held for the SVID's trust domain.
-    #[error("no trust bundle for {trust_domain} (the trust domain of {id}); is it federated?")]
+    #[error(
+        "no trust bundle for spiffe://{trust_domain} (the trust domain of {id}); is it federated?"
+    )]
     NoBundle {
         /// The SPIFFE ID in the certificate.
         id: SpiffeId,

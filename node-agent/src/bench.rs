@@ -121,35 +121,60 @@ pub fn make_material(dir: &Path) -> Result<(X509Svid, X509Svid, Bundles), BenchE
     Ok((client, server, bundles))
 }
 
+/// How the benchmark's handshakes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// As the agents run them: over a channel, with the verified-chain cache.
+    Product,
+    /// The work of a TLS stack without either: a TCP connection per
+    /// handshake, every chain verified in full.
+    SameWork,
+}
+
+/// Answers handshakes on `listener`, channels and plain connections alike.
+async fn serve(listener: tokio::net::TcpListener, responder: Credentials) {
+    loop {
+        let Ok((tcp, from)) = listener.accept().await else {
+            continue;
+        };
+        let responder = responder.clone();
+        tokio::spawn(async move {
+            if crate::mesh::channel::is_channel(&tcp).await {
+                crate::mesh::channel::serve(tcp, move |stream| {
+                    let responder = responder.clone();
+                    async move {
+                        let _ =
+                            handshake::respond_on(&responder, stream, from, |_| Ok(()), |_| true)
+                                .await;
+                    }
+                })
+                .await;
+            } else {
+                let _ = handshake::respond(&responder, tcp, |_| Ok(()), |_| true).await;
+            }
+        });
+    }
+}
+
 /// Runs sequential handshakes for `seconds` on the current (single)
-/// thread; with `cache_chains` false, both sides verify the peer's chain in
-/// full every time.
+/// thread, as `mode` says.
 pub async fn handshakes(
     client: &X509Svid,
     server: &X509Svid,
     bundles: &Bundles,
     seconds: f64,
-    cache_chains: bool,
+    mode: Mode,
 ) -> Result<HandshakeFigures, BenchError> {
     let initiator = Credentials::build([client], bundles)?;
     let responder = Credentials::build([server], bundles)?;
-    if !cache_chains {
+    if mode == Mode::SameWork {
         initiator.without_chain_cache();
         responder.without_chain_cache();
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let accept = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let responder = responder.clone();
-            tokio::spawn(async move {
-                let _ = handshake::respond(&responder, tcp, |_| Ok(()), |_| true).await;
-            });
-        }
-    });
+    let accept = tokio::spawn(serve(listener, responder));
+    let channels = crate::mesh::channel::Channels::default();
     let ask = Initiate {
         local: CLIENT_ID,
         remote: SERVER_ID,
@@ -158,15 +183,21 @@ pub async fn handshakes(
         source: None,
         vouch: &[],
     };
+    let once = || async {
+        match mode {
+            Mode::Product => channels.authenticate(&initiator, addr, &ask).await,
+            Mode::SameWork => handshake::initiate(&initiator, addr, &ask).await,
+        }
+    };
     // Warm up, then measure.
     for _ in 0..20 {
-        handshake::initiate(&initiator, addr, &ask).await?;
+        once().await?;
     }
     let mut latencies = Vec::new();
     let started = Instant::now();
     while started.elapsed().as_secs_f64() < seconds {
         let t = Instant::now();
-        handshake::initiate(&initiator, addr, &ask).await?;
+        once().await?;
         latencies.push(t.elapsed());
     }
     let total = started.elapsed();
@@ -246,8 +277,20 @@ pub fn run_handshakes(dir: &Path, seconds: f64) -> Result<String, BenchError> {
         .enable_all()
         .build()?;
     let (client, server, bundles) = make_material(dir)?;
-    let product = runtime.block_on(handshakes(&client, &server, &bundles, seconds, true))?;
-    let same_work = runtime.block_on(handshakes(&client, &server, &bundles, seconds, false))?;
+    let product = runtime.block_on(handshakes(
+        &client,
+        &server,
+        &bundles,
+        seconds,
+        Mode::Product,
+    ))?;
+    let same_work = runtime.block_on(handshakes(
+        &client,
+        &server,
+        &bundles,
+        seconds,
+        Mode::SameWork,
+    ))?;
     let floor_us = crypto_floor(2000)?;
     Ok(format!(
         "{{\"per_second\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"count\": {}, \"same_work_per_second\": {}, \"same_work_p50_ms\": {}, \"floor_us\": {floor_us}}}",

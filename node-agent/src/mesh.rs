@@ -2,10 +2,12 @@
 //! that keeps this node's data path in line with the cluster: [`enforcer`]
 //! follows pods, identities and policy into the maps and decides which
 //! pairs to authenticate ahead of traffic; [`handshake`] is the
-//! agent-to-agent mutual TLS that authenticates one pair; [`external`]
+//! agent-to-agent mutual TLS that authenticates one pair, run over
+//! [`channel`]s (one long-lived connection per peer agent); [`external`]
 //! terminates TLS for peers outside the mesh; [`limits`] caps the
 //! connections accepted from the network.
 
+pub mod channel;
 pub mod enforcer;
 pub mod external;
 pub mod handshake;

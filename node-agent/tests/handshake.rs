@@ -526,3 +526,90 @@ async fn vouched_addresses_reach_the_responder_intact() {
         assert_eq!(rx.await.unwrap(), expected);
     }
 }
+
+/// A responder that serves channels and plain connections alike, as the
+/// agents' handshake server does; counts the handshakes it answered.
+async fn channel_responder(
+    creds: Credentials,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tessera_agent::mesh::channel;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = answered.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, from) = listener.accept().await.unwrap();
+            let (creds, count) = (creds.clone(), count.clone());
+            tokio::spawn(async move {
+                let answer = move |stream: tessera_agent::mesh::channel::Stream| {
+                    let (creds, count) = (creds.clone(), count.clone());
+                    async move {
+                        if handshake::respond_on(&creds, stream, from, |_| Ok(()), |_| true)
+                            .await
+                            .is_ok()
+                        {
+                            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                };
+                if channel::is_channel(&tcp).await {
+                    channel::serve(tcp, answer).await;
+                }
+            });
+        }
+    });
+    (addr, answered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_pairs_authenticate_at_once_over_one_channel_each_with_its_own_tls_session() {
+    let td = domain("a.test");
+    let db = td.svid("/ns/shop/sa/db");
+    let webs: Vec<X509Svid> = (0..20)
+        .map(|i| td.svid(&format!("/ns/shop/sa/web-{i}")))
+        .collect();
+    let client = Credentials::build(&webs, &td.bundles()).unwrap();
+    let server = Credentials::build([&db], &td.bundles()).unwrap();
+    let (addr, answered) = channel_responder(server).await;
+    let channels = std::sync::Arc::new(tessera_agent::mesh::channel::Channels::default());
+    let mut tasks = Vec::new();
+    for round in 0..5 {
+        for web in &webs {
+            let (client, channels, local, remote) = (
+                client.clone(),
+                channels.clone(),
+                web.spiffe_id.clone(),
+                db.spiffe_id.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let auth = channels
+                    .authenticate(&client, addr, &ask(&local, &remote))
+                    .await;
+                (round, local, auth)
+            }));
+        }
+    }
+    for task in tasks {
+        let (round, local, auth) = task.await.unwrap();
+        let auth = auth.unwrap_or_else(|e| panic!("round {round}, {local}: {e}"));
+        assert_eq!(
+            (auth.local.as_str(), auth.remote.as_str()),
+            (local.as_str(), db.spiffe_id.as_str())
+        );
+    }
+    assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 100);
+
+    // A pair the responder cannot authenticate fails alone: the others on
+    // the same channel go on.
+    let stranger = domain("b.test").svid("/ns/shop/sa/web");
+    let outsider = Credentials::build([&stranger], &domain("b.test").bundles()).unwrap();
+    let refused = channels
+        .authenticate(&outsider, addr, &ask(&stranger.spiffe_id, &db.spiffe_id))
+        .await;
+    assert!(refused.is_err(), "a foreign SVID must not authenticate");
+    let again = channels
+        .authenticate(&client, addr, &ask(&webs[0].spiffe_id, &db.spiffe_id))
+        .await;
+    assert!(again.is_ok(), "{again:?}");
+}

@@ -173,6 +173,8 @@ struct Inner {
     announced: Mutex<HashMap<Pair, Vec<Vouch>>>,
     /// Asks for a pass.
     wake_pass: tokio::sync::mpsc::Sender<()>,
+    /// The channels to other agents that handshakes run over.
+    channels: crate::mesh::channel::Channels,
 }
 
 /// A pod's UID and the addresses vouched for it.
@@ -513,7 +515,7 @@ impl Inner {
             source: Some(self.cfg.listen.ip()).filter(|ip| !ip.is_unspecified()),
             vouch: &vouch,
         };
-        match handshake::initiate(&creds, addr, &ask).await {
+        match self.channels.authenticate(&creds, addr, &ask).await {
             Ok(auth) => {
                 Stats::bump(&self.plane.stats.initiated_ok);
                 lock(&self.failed).remove(pair);
@@ -660,6 +662,7 @@ pub async fn run(
         claims: Claims::default(),
         announced: Mutex::default(),
         wake_pass: tx.clone(),
+        channels: Default::default(),
     });
     let stores = Stores::default();
     let mut tasks = follow_cluster(&client, &stores, &tx);

@@ -809,6 +809,19 @@ impl Credentials {
             .clear();
     }
 
+    /// Fails unless this agent holds an SVID for `spiffe_id` (before any
+    /// connection is made for it).
+    pub(crate) fn require(&self, spiffe_id: &str) -> Result<(), HandshakeError> {
+        self.local(spiffe_id).map(|_| ())
+    }
+
+    /// The credential of `spiffe_id`, a local identity.
+    fn local(&self, spiffe_id: &str) -> Result<&Local, HandshakeError> {
+        self.locals
+            .get(spiffe_id)
+            .ok_or_else(|| HandshakeError::NoCredential(spiffe_id.to_owned()))
+    }
+
     /// Whether this agent holds an SVID for `spiffe_id`.
     pub fn holds(&self, spiffe_id: &str) -> bool {
         self.locals.contains_key(spiffe_id)
@@ -932,28 +945,29 @@ pub async fn initiate(
     ask: &Initiate<'_>,
 ) -> Result<Authenticated, HandshakeError> {
     let peer = addr.to_string();
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, initiate_inner(creds, addr, ask))
+    creds.require(ask.local)?;
+    let run = async {
+        let tcp = connect(addr, ask.source).await?;
+        initiate_on(creds, tcp, &peer, ask).await
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, run)
         .await
-        .map_err(|_| HandshakeError::Timeout { peer })?
+        .map_err(|_| HandshakeError::Timeout { peer: peer.clone() })?
 }
 
-async fn initiate_inner(
-    creds: &Credentials,
+/// A TCP connection to `addr` from `source` (this node's address), if given.
+pub async fn connect(
     addr: std::net::SocketAddr,
-    ask: &Initiate<'_>,
-) -> Result<Authenticated, HandshakeError> {
-    let peer = addr.to_string();
+    source: Option<IpAddr>,
+) -> Result<TcpStream, HandshakeError> {
     let io = |what: &'static str| {
-        let peer = peer.clone();
-        move |source| HandshakeError::Io { what, peer, source }
+        move |source| HandshakeError::Io {
+            what,
+            peer: addr.to_string(),
+            source,
+        }
     };
-    let local = creds
-        .locals
-        .get(ask.local)
-        .ok_or_else(|| HandshakeError::NoCredential(ask.local.to_owned()))?;
-    let name = ServerName::try_from(server_name(ask.remote))
-        .map_err(|e| HandshakeError::Material(format!("SNI for {}: {e}", ask.remote)))?;
-    let tcp = match ask.source {
+    let tcp = match source {
         Some(ip) => {
             let socket = if ip.is_ipv4() {
                 tokio::net::TcpSocket::new_v4()
@@ -969,8 +983,26 @@ async fn initiate_inner(
         None => TcpStream::connect(addr).await.map_err(io("connecting"))?,
     };
     let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// The initiator's side of the handshake on `stream`, to the agent `peer`.
+pub(crate) async fn initiate_on<S: AsyncRead + AsyncWrite + Unpin>(
+    creds: &Credentials,
+    stream: S,
+    peer: &str,
+    ask: &Initiate<'_>,
+) -> Result<Authenticated, HandshakeError> {
+    let peer = peer.to_owned();
+    let io = |what: &'static str| {
+        let peer = peer.clone();
+        move |source| HandshakeError::Io { what, peer, source }
+    };
+    let local = creds.local(ask.local)?;
+    let name = ServerName::try_from(server_name(ask.remote))
+        .map_err(|e| HandshakeError::Material(format!("SNI for {}: {e}", ask.remote)))?;
     let mut tls = TlsConnector::from(local.client.clone())
-        .connect(name, tcp)
+        .connect(name, stream)
         .await
         .map_err(io("TLS handshake"))?;
     let (remote, remote_not_after) = peer_leaf(tls.get_ref().1.peer_certificates(), &peer)?;
@@ -1083,18 +1115,31 @@ pub async fn respond(
         peer: "?".into(),
         source,
     })?;
+    let _ = tcp.set_nodelay(true);
+    respond_on(creds, tcp, from, admit, record).await
+}
+
+/// Answers one initiator on `stream` (a TCP connection of its own, or a
+/// stream of a channel) from `from`; see [`respond`].
+pub async fn respond_on<S: AsyncRead + AsyncWrite + Unpin>(
+    creds: &Credentials,
+    stream: S,
+    from: std::net::SocketAddr,
+    admit: impl FnOnce(&Knock<'_>) -> Result<(), Refusal>,
+    record: impl Fn(&Authenticated) -> bool,
+) -> Result<Authenticated, HandshakeError> {
     let peer = from.to_string();
     tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        respond_inner(creds, tcp, from, admit, record),
+        respond_inner(creds, stream, from, admit, record),
     )
     .await
     .map_err(|_| HandshakeError::Timeout { peer })?
 }
 
-async fn respond_inner(
+async fn respond_inner<S: AsyncRead + AsyncWrite + Unpin>(
     creds: &Credentials,
-    tcp: TcpStream,
+    stream: S,
     from: std::net::SocketAddr,
     admit: impl FnOnce(&Knock<'_>) -> Result<(), Refusal>,
     record: impl Fn(&Authenticated) -> bool,
@@ -1104,9 +1149,8 @@ async fn respond_inner(
         let peer = peer.clone();
         move |source| HandshakeError::Io { what, peer, source }
     };
-    let _ = tcp.set_nodelay(true);
     let mut tls = TlsAcceptor::from(creds.server.clone())
-        .accept(tcp)
+        .accept(stream)
         .await
         .map_err(io("TLS handshake"))?;
     let (_, session) = tls.get_ref();

@@ -5,11 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use super::{Inner, warn_handshake};
 use crate::datapath::{Authenticated, Stats};
+use crate::mesh::channel;
 use crate::mesh::handshake::{self, Knock, Refusal};
 use crate::mesh::limits::{ConnLimits, HANDSHAKES_PER_PEER, HANDSHAKES_TOTAL};
 use crate::sync::lock;
@@ -37,16 +38,29 @@ pub(super) async fn serve(inner: Arc<Inner>, listener: TcpListener) {
         let inner = inner.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            answer(&inner, tcp, from).await;
+            if channel::is_channel(&tcp).await {
+                channel::serve(tcp, move |stream| {
+                    let inner = inner.clone();
+                    async move { answer(&inner, stream, from).await }
+                })
+                .await;
+            } else {
+                let _ = tcp.set_nodelay(true);
+                answer(&inner, tcp, from).await;
+            }
         });
     }
 }
 
-/// Answers one initiator: admitted when it connects from an address of the
-/// node it speaks for; recorded only once this node's data path holds a
-/// policy that asks for the pair (the initiator's side then never allows
-/// what this side would still drop).
-async fn answer(inner: &Inner, tcp: TcpStream, from: SocketAddr) {
+/// Answers one initiator, on a connection or a channel's stream of its
+/// own: admitted when it connects from an address of the node it speaks
+/// for; recorded only once this node's data path holds a policy that asks
+/// for the pair (the initiator's side then never allows what this side
+/// would still drop).
+async fn answer<S>(inner: &Inner, stream: S, from: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     // The epoch before the credentials (see `initiate`).
     let epoch = inner.plane.epoch();
     let Some(creds) = inner.creds() else { return };
@@ -67,7 +81,7 @@ async fn answer(inner: &Inner, tcp: TcpStream, from: SocketAddr) {
         crate::datapath::view::pair_needs_authentication(&applied, &auth.local, &auth.remote)
             && inner.record(auth, epoch)
     };
-    match handshake::respond(&creds, tcp, admit, record).await {
+    match handshake::respond_on(&creds, stream, from, admit, record).await {
         Ok(auth) => {
             Stats::bump(&inner.plane.stats.responded_ok);
             info!(local = %auth.local, remote = %auth.remote, node = %auth.remote_node, "authenticated (answered)");
