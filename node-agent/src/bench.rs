@@ -4,6 +4,8 @@
 //! material, then sequential agent handshakes over loopback with initiator
 //! and responder on one thread.
 
+pub mod restart;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -42,6 +44,9 @@ pub enum BenchError {
     /// Loopback failed.
     #[error("loopback: {0}")]
     Io(#[from] std::io::Error),
+    /// An auth cache failed.
+    #[error("auth cache: {0}")]
+    Cache(String),
     /// A primitive of the crypto floor failed.
     #[error("ring refused the {0} of the crypto floor")]
     Crypto(&'static str),
@@ -63,7 +68,7 @@ pub struct HandshakeFigures {
 /// A leaf SVID for `id`: PEM, DER and key.
 type Leaf = (String, Vec<u8>, KeyPair);
 
-fn leaf(id: &str, issuer: &Issuer<'_, KeyPair>) -> Result<Leaf, rcgen::Error> {
+pub(crate) fn leaf(id: &str, issuer: &Issuer<'_, KeyPair>) -> Result<Leaf, rcgen::Error> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.subject_alt_names = vec![SanType::URI(id.to_owned().try_into()?)];
@@ -81,16 +86,7 @@ fn leaf(id: &str, issuer: &Issuer<'_, KeyPair>) -> Result<Leaf, rcgen::Error> {
 /// `client.key`, `server.pem`, `server.key` into `dir`, and returns the
 /// SVIDs and bundle for the Rust side.
 pub fn make_material(dir: &Path) -> Result<(X509Svid, X509Svid, Bundles), BenchError> {
-    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    ca.subject_alt_names = vec![SanType::URI(TRUST_DOMAIN.to_owned().try_into()?)];
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca, ca_key);
+    let (issuer, ca_cert) = bench_ca_cert()?;
     let write = |name: &str, text: &str| {
         let path = dir.join(name);
         std::fs::write(&path, text).map_err(|source| BenchError::Write {
@@ -154,6 +150,25 @@ async fn serve(listener: tokio::net::TcpListener, responder: Credentials) {
             }
         });
     }
+}
+
+/// The benchmark's CA: its issuer and its certificate.
+fn bench_ca_cert() -> Result<(Issuer<'static, KeyPair>, rcgen::Certificate), rcgen::Error> {
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.subject_alt_names = vec![SanType::URI(TRUST_DOMAIN.to_owned().try_into()?)];
+    let ca_cert = ca.self_signed(&ca_key)?;
+    Ok((Issuer::new(ca, ca_key), ca_cert))
+}
+
+/// The benchmark's CA: its issuer and its certificate's DER.
+pub(crate) fn bench_ca() -> Result<(Issuer<'static, KeyPair>, Vec<u8>), rcgen::Error> {
+    bench_ca_cert().map(|(issuer, cert)| (issuer, cert.der().to_vec()))
 }
 
 /// Runs sequential handshakes for `seconds` on the current (single)

@@ -42,6 +42,22 @@ enum Command {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// Measure an agent's restart at the handshake level: `local` x `remote`
+    /// pairs authenticated from empty caches over one channel, each agent
+    /// on a core of its own; prints JSON (for `cargo xtask bench auth`).
+    #[cfg(feature = "bench")]
+    #[command(hide = true)]
+    BenchRestart {
+        /// Where the auth caches are kept.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Local identities.
+        #[arg(long, default_value_t = 100)]
+        local: usize,
+        /// Peer identities on the other agent.
+        #[arg(long, default_value_t = 1000)]
+        remote: usize,
+    },
     /// Check SPIFFE IDs against the SPIFFE ID specification; prints each ID's
     /// trust domain and path, or exactly what is wrong. Exits 1 if any is invalid.
     ValidateId {
@@ -175,6 +191,16 @@ fn main() -> ExitCode {
         Command::BenchHandshake { dir, seconds } => print_json(
             "bench-handshake",
             tessera_agent::bench::run_handshakes(&dir, seconds),
+        ),
+        #[cfg(feature = "bench")]
+        Command::BenchRestart { dir, local, remote } => print_json(
+            "bench-restart",
+            tessera_agent::bench::restart::run_json(
+                local,
+                remote,
+                tessera_agent::mesh::enforcer::HANDSHAKE_WORKERS,
+                &dir,
+            ),
         ),
         Command::ValidateId { ids } => validate_ids(&ids),
     }

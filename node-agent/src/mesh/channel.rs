@@ -27,8 +27,9 @@ use crate::sync::lock;
 
 /// What an initiator sends first on a channel.
 pub const PREFACE: &[u8; 8] = b"TSRCHAN1";
-/// Most streams open on one channel at once; a responder ends any stream
-/// past it at once.
+/// Most streams open on one channel at once: an initiator waits for a
+/// stream to end before it opens one more, a responder ends any stream past
+/// it at once.
 pub const MAX_STREAMS: usize = 256;
 /// Largest frame body.
 const MAX_FRAME: usize = u16::MAX as usize;
@@ -60,6 +61,8 @@ struct Channel {
     streams: Streams,
     next: AtomicU32,
     closed: Arc<AtomicBool>,
+    /// The streams an initiator may still open ([`MAX_STREAMS`] in all).
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Channel {
@@ -94,22 +97,31 @@ impl Channel {
                 streams,
                 next: AtomicU32::new(0),
                 closed,
+                slots: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
             },
             reading,
         )
     }
 
-    /// A new stream: the end given back reads what the other side sends on
-    /// it, and what is written to it is sent.
-    fn open(&self) -> std::io::Result<Stream> {
+    /// A new stream, once fewer than [`MAX_STREAMS`] are open: the end
+    /// given back reads what the other side sends on it, and what is
+    /// written to it is sent.
+    async fn open(&self) -> std::io::Result<Stream> {
+        let closed =
+            || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the channel is closed");
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| closed())?;
         if self.closed.load(Ordering::Relaxed) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::BrokenPipe,
-                "the channel is closed",
-            ));
+            return Err(closed());
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        Ok(attach(id, &self.streams, &self.out))
+        let mut stream = attach(id, &self.streams, &self.out);
+        stream.slot = Some(slot);
+        Ok(stream)
     }
 }
 
@@ -129,6 +141,7 @@ fn attach(id: u32, streams: &Streams, out: &mpsc::UnboundedSender<Frame>) -> Str
         read_at: 0,
         ended: false,
         streams: streams.clone(),
+        slot: None,
     }
 }
 
@@ -146,6 +159,8 @@ pub struct Stream {
     /// Whether the end frame was sent.
     ended: bool,
     streams: Streams,
+    /// An initiator's place among the channel's open streams.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Stream {
@@ -274,7 +289,7 @@ impl Reader {
             // without losing a byte.
             match tokio::time::timeout(self.idle, tcp.readable()).await {
                 Ok(Ok(())) => {}
-                Err(_) if !lock(&self.streams).is_empty() => continue,
+                Err(_) if lock(&self.streams).values().any(Option::is_some) => continue,
                 // Idle with no stream open, or the connection failed.
                 _ => break,
             }
@@ -345,16 +360,17 @@ impl Channels {
     /// A new stream on the channel to `addr` from `source`, dialling the
     /// channel first when there is none (or it closed).
     pub async fn open(&self, addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<Stream> {
-        if let Some(stream) = self.existing(addr, source) {
-            return stream;
+        if let Some(channel) = self.existing(addr, source) {
+            return channel.open().await;
         }
         let gate = lock(&self.dialling)
             .entry((addr, source))
             .or_default()
             .clone();
-        let _dialling = gate.lock().await;
-        if let Some(stream) = self.existing(addr, source) {
-            return stream;
+        let dialling = gate.lock().await;
+        if let Some(channel) = self.existing(addr, source) {
+            drop(dialling);
+            return channel.open().await;
         }
         let mut tcp = handshake::connect(addr, source)
             .await
@@ -363,7 +379,8 @@ impl Channels {
         let (channel, _reading) = Channel::start(tcp, None);
         let channel = Arc::new(channel);
         lock(&self.open).insert((addr, source), channel.clone());
-        channel.open()
+        drop(dialling);
+        channel.open().await
     }
 
     /// Authenticates `ask.local` to `ask.remote` over a new stream of the
@@ -394,18 +411,15 @@ impl Channels {
             .map_err(|_| HandshakeError::Timeout { peer: peer.clone() })?
     }
 
-    fn existing(
-        &self,
-        addr: SocketAddr,
-        source: Option<IpAddr>,
-    ) -> Option<std::io::Result<Stream>> {
+    /// The open channel to `addr` from `source`, if any.
+    fn existing(&self, addr: SocketAddr, source: Option<IpAddr>) -> Option<Arc<Channel>> {
         let mut open = lock(&self.open);
         let channel = open.get(&(addr, source))?.clone();
         if channel.closed.load(Ordering::Relaxed) {
             open.remove(&(addr, source));
             return None;
         }
-        Some(channel.open())
+        Some(channel)
     }
 }
 

@@ -40,11 +40,23 @@ fn tlsbench() -> Result<std::path::PathBuf> {
 
 /// `cargo xtask bench auth`: agent handshakes against Go crypto/tls doing
 /// the same mutual TLS 1.3 handshake (ECDSA P-256 SVIDs from the same files,
-/// P-256 key exchange, AES-128-GCM, no resumption), each with client and server pinned
-/// to one core; and the ingress program's cost per packet, measured by the
-/// kernel with BPF_PROG_TEST_RUN (one million runs per scenario; needs root).
+/// P-256 key exchange, AES-128-GCM, no resumption), each with client and
+/// server pinned to one core, beside the crypto floor; an agent's restart
+/// at the handshake level; the ingress program's cost per packet, measured
+/// by the kernel with BPF_PROG_TEST_RUN (one million runs per scenario;
+/// needs root); and the figures of a running system.
 pub async fn run() -> Result<Vec<Figure>> {
     let (operator, agent) = release_bins()?;
+    let mut figures = handshake_figures(&agent)?;
+    figures.extend(restart_figures(&agent)?);
+    figures.extend(ebpf_figures(&agent)?);
+    figures.extend(crate::datapath::run(&operator, &agent).await?);
+    Ok(figures)
+}
+
+/// Handshakes per core as the product runs against Go with a connection
+/// per pair, the same work on both sides, and the cost over the floor.
+fn handshake_figures(agent: &std::path::Path) -> Result<Vec<Figure>> {
     let peer = tlsbench()?;
     let certs = tempfile::tempdir()?;
     let dir = certs
@@ -52,9 +64,9 @@ pub async fn run() -> Result<Vec<Figure>> {
         .to_str()
         .context("temporary directory is not UTF-8")?;
     println!(
-        "handshakes on one core, 5 s each: tessera-agent (as it runs, then without its verified-chain cache), then Go crypto/tls (a connection per pair, then doing the agents' whole work)"
+        "handshakes on one core, 5 s each: tessera-agent (as it runs, then without its channel and its verified-chain cache), then Go crypto/tls (a connection per pair, then doing the agents' whole work)"
     );
-    let ours = json_of(one_core(&agent).args(["bench-handshake", "--dir", dir, "--seconds", "5"]))?;
+    let ours = json_of(one_core(agent).args(["bench-handshake", "--dir", dir, "--seconds", "5"]))?;
     let go_run = |verdict: bool| {
         let mut cmd = one_core(&peer);
         cmd.args(["-dir", dir, "-seconds", "5"])
@@ -66,14 +78,11 @@ pub async fn run() -> Result<Vec<Figure>> {
         }
         json_of(&mut cmd)
     };
-    let theirs = go_run(false)?;
-    let theirs_same_work = go_run(true)?;
+    let (theirs, theirs_same_work) = (go_run(false)?, go_run(true)?);
     let floor_us = ours.get("floor_us")?;
     let cost_us = 1e6 / ours.get("per_second")?;
-    println!("eBPF ingress decision cost (BPF_PROG_TEST_RUN, 1,000,000 runs per scenario)");
-    let cost = run_json(&agent, &["bench-datapath", "--repeat", "1000000"])?;
     let go = "go crypto/tls";
-    let mut figures = vec![
+    Ok(vec![
         Figure::new("handshakes_per_core", ours.get("per_second")?, "1/s")
             .with_target(">= 2x peer")
             .with_peer(go, theirs.get("per_second")?),
@@ -93,6 +102,66 @@ pub async fn run() -> Result<Vec<Figure>> {
         ),
         Figure::new("handshake_crypto_floor", floor_us, "us"),
         Figure::new("handshake_cost_over_floor", cost_us / floor_us, "x").with_target("<= 1.5"),
+    ])
+}
+
+/// 100 local identities x 1,000 peers from empty caches, each agent on a
+/// core of its own.
+fn restart_figures(agent: &std::path::Path) -> Result<Vec<Figure>> {
+    println!(
+        "restart: 100 local identities x 1,000 peer identities, each agent on a core of its own"
+    );
+    let caches = tempfile::tempdir()?;
+    let caches = caches
+        .path()
+        .to_str()
+        .context("temporary directory is not UTF-8")?;
+    let restart = run_json(
+        agent,
+        &[
+            "bench-restart",
+            "--dir",
+            caches,
+            "--local",
+            "100",
+            "--remote",
+            "1000",
+        ],
+    )?;
+    Ok(vec![
+        Figure::new(
+            "restart_pairs_authenticated",
+            restart.get("pairs")?,
+            "pairs",
+        )
+        .with_target(">= 100000"),
+        Figure::new("restart_pairs_wall", restart.get("wall_s")?, "s").with_target("<= 60"),
+        Figure::new(
+            "restart_initiator_cpu_per_pair",
+            restart.get("initiator_cpu_per_pair_us")?,
+            "us",
+        ),
+        Figure::new(
+            "restart_responder_cpu_per_pair",
+            restart.get("responder_cpu_per_pair_us")?,
+            "us",
+        ),
+        Figure::new(
+            "restart_peak_rss_both_agents",
+            restart.get("peak_rss_mib")?,
+            "MiB",
+        ),
+    ])
+}
+
+/// The ingress program's cost per packet.
+fn ebpf_figures(agent: &std::path::Path) -> Result<Vec<Figure>> {
+    println!("eBPF ingress decision cost (BPF_PROG_TEST_RUN, 1,000,000 runs per scenario)");
+    let cost = run_json(agent, &["bench-datapath", "--repeat", "1000000"])?;
+    let full = |name: &str, key: &str| -> Result<Figure> {
+        Ok(Figure::new(name, cost.get(key)?, "ns").with_target("<= 200"))
+    };
+    Ok(vec![
         Figure::new("ebpf_test_run_floor", cost.get("floor_ns")?, "ns"),
         Figure::new("ebpf_non_syn", cost.get("non_syn_ns")?, "ns").with_target("<= 50"),
         Figure::new("ebpf_decision_no_policy", cost.get("no_policy_ns")?, "ns"),
@@ -102,25 +171,14 @@ pub async fn run() -> Result<Vec<Figure>> {
             "ns",
         )
         .with_target("<= 100"),
-        Figure::new(
-            "ebpf_decision_authenticated_full",
-            cost.get("authenticated_ns")?,
-            "ns",
-        )
-        .with_target("<= 200"),
-        Figure::new(
+        full("ebpf_decision_authenticated_full", "authenticated_ns")?,
+        full(
             "ebpf_decision_authenticated_worst",
-            cost.get("authenticated_worst_ns")?,
-            "ns",
-        )
-        .with_target("<= 200"),
-        Figure::new(
+            "authenticated_worst_ns",
+        )?,
+        full(
             "ebpf_decision_authenticated_worst_ipv6",
-            cost.get("authenticated_worst_v6_ns")?,
-            "ns",
-        )
-        .with_target("<= 200"),
-    ];
-    figures.extend(crate::datapath::run(&operator, &agent).await?);
-    Ok(figures)
+            "authenticated_worst_v6_ns",
+        )?,
+    ])
 }
