@@ -620,6 +620,7 @@ impl Stores {
     }
 
     /// One registration pass over what the stores hold.
+    #[tracing::instrument(name = "reconcile", skip_all, fields(spire = "entries"))]
     async fn pass(
         &self,
         cfg: &SpireConfig,

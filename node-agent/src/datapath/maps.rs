@@ -260,7 +260,7 @@ impl DataPlane {
         lock(&self.entries).remove(key);
         lock(&self.used_svid).remove(key);
         if let Err(e) = self.cache.remove(key) {
-            warn!(error = %e, "cannot remove an auth cache record");
+            tracing::error!(error = %e, "cannot remove an auth cache record: a restart could restore it; check the state directory's disk");
         }
         self.dirty.fetch_add(1, Ordering::Relaxed);
     }

@@ -347,7 +347,7 @@ impl Inner {
             .plane
             .cap_restored(&self.view(), |id| creds.not_after(id))
         {
-            warn!(error = %e, "cannot cap restored authentications by the SVIDs held; they count until the restore grace ends");
+            tracing::error!(error = %e, "cannot cap restored authentications by the SVIDs held; they count until the restore grace ends");
         }
     }
 

@@ -305,7 +305,7 @@ impl External {
                     let term = TermKey::new(r.want.ip, r.want.port);
                     if let Err(e) = plane.with_datapath(|dp| dp.remove_terminator(&term, r.cookie))
                     {
-                        warn!(pod = %r.want.pod, port = r.want.port, error = %e, "cannot remove a terminator from the maps");
+                        tracing::error!(pod = %r.want.pod, port = r.want.port, error = %e, "cannot remove a terminator from the maps; its peers may still be steered to it");
                     }
                     r.task.abort();
                     info!(pod = %r.want.pod, port = r.want.port, "no longer terminating external peers");

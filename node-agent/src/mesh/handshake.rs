@@ -987,6 +987,7 @@ pub async fn connect(
 }
 
 /// The initiator's side of the handshake on `stream`, to the agent `peer`.
+#[tracing::instrument(name = "handshake", skip_all, fields(role = "initiator", local = ask.local, remote = ask.remote, peer = %peer))]
 pub(crate) async fn initiate_on<S: AsyncRead + AsyncWrite + Unpin>(
     creds: &Credentials,
     stream: S,
@@ -1137,6 +1138,7 @@ pub async fn respond_on<S: AsyncRead + AsyncWrite + Unpin>(
     .map_err(|_| HandshakeError::Timeout { peer })?
 }
 
+#[tracing::instrument(name = "handshake", skip_all, fields(role = "responder", peer = %from))]
 async fn respond_inner<S: AsyncRead + AsyncWrite + Unpin>(
     creds: &Credentials,
     stream: S,

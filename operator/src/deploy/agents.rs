@@ -147,6 +147,7 @@ async fn owner(
 }
 
 /// Applies the DaemonSet; whether Pod Security keeps its pods out, and why.
+#[tracing::instrument(name = "reconcile", skip_all, fields(daemonset = "tessera-agent"))]
 async fn apply(client: &kube::Client, cfg: &AgentConfig) -> Result<Option<String>, DeployError> {
     let sets: Api<DaemonSet> = Api::namespaced(client.clone(), &cfg.namespace);
     let params = PatchParams::apply(FIELD_MANAGER).force();

@@ -701,6 +701,7 @@ async fn emit(
     }
 }
 
+#[tracing::instrument(name = "reconcile", skip_all, fields(federatedtrustdomain = %ftd.name_any()))]
 async fn reconcile(
     ftd: Arc<FederatedTrustDomain>,
     ctx: Arc<Context>,

@@ -146,6 +146,7 @@ async fn delete_record(client: &kube::Client, uid: &str, pod: &str) -> Result<()
     }
 }
 
+#[tracing::instrument(name = "reconcile", skip_all, fields(pod = %format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())))]
 async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, IdentityError> {
     // Whatever happens to this pod may change some WorkloadIdentity's status;
     // a full channel already holds a pending recompute.
@@ -730,6 +731,7 @@ struct StatusContext {
     wids: Store<WorkloadIdentity>,
 }
 
+#[tracing::instrument(name = "reconcile", skip_all, fields(workloadidentity = %wid.name_any()))]
 async fn reconcile_status(
     wid: Arc<WorkloadIdentity>,
     ctx: Arc<StatusContext>,

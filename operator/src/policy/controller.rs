@@ -213,6 +213,7 @@ fn write_failed(what: String) -> impl FnOnce(kube::Error) -> PolicyError {
 }
 
 /// Compiles the current state and writes what differs from the cluster.
+#[tracing::instrument(name = "compile", skip_all)]
 async fn sync(
     client: &kube::Client,
     views: &Views,

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::warn;
+use tracing::error;
 
 use super::{EVENT_POLL, Inner, SETTLE, SETTLE_AFTER, SWEEP, Stores};
 use crate::datapath::sandbox;
@@ -52,7 +52,7 @@ pub(super) async fn run(
         // A pass is synchronous work (map writes): the other tasks (the
         // handshakes above all) move to other workers meanwhile.
         if let Err(e) = tokio::task::block_in_place(|| inner.sync(stores)) {
-            warn!(error = %e, "data path sync failed; retrying");
+            error!(error = %e, "data path sync failed: the maps may hold what the cluster no longer allows; retrying");
             continue;
         }
         inner.preauthenticate();
