@@ -62,6 +62,7 @@ async fn the_operator_runs_the_agents_and_says_when_pod_security_refuses_them() 
     let sets: Api<DaemonSet> = Api::namespaced(client.clone(), NAMESPACE);
     let refused = eventually(
         "PodSecurityAdmitted=False on the agent DaemonSet",
+        std::time::Duration::from_secs(20),
         || async {
             Ok(admitted(&sets)
                 .await
@@ -84,6 +85,7 @@ async fn the_operator_runs_the_agents_and_says_when_pod_security_refuses_them() 
         .unwrap();
     let admitted_now = eventually(
         "PodSecurityAdmitted=True once the namespace is privileged",
+        std::time::Duration::from_secs(20),
         || async {
             Ok(admitted(&sets)
                 .await

@@ -165,7 +165,7 @@ async fn operators_run_with_their_roles_alone_and_the_services_follow_the_leader
     let a = Replica::start(&cp, &kubeconfig, "operator-a", "10.0.0.1")?;
     let b = Replica::start(&cp, &kubeconfig, "operator-b", "10.0.0.2")?;
     resources::wait_for_trust_bundle(&client, Duration::from_secs(30)).await?;
-    let (leader, standby) = eventually("a leader", || async {
+    let (leader, standby) = eventually("a leader", std::time::Duration::from_secs(20), || async {
         Ok(match (a.is_leader(), b.is_leader()) {
             (true, false) => Some((&a, &b)),
             (false, true) => Some((&b, &a)),
@@ -174,12 +174,16 @@ async fn operators_run_with_their_roles_alone_and_the_services_follow_the_leader
     })
     .await?;
     for service in [SIGNER_SERVICE, BUNDLE_ENDPOINT_SERVICE] {
-        eventually(&format!("{service} at the leader"), || async {
-            Ok(
-                (leader_address(&client, service).await?.as_deref() == Some(leader.ip))
-                    .then_some(()),
-            )
-        })
+        eventually(
+            &format!("{service} at the leader"),
+            std::time::Duration::from_secs(20),
+            || async {
+                Ok(
+                    (leader_address(&client, service).await?.as_deref() == Some(leader.ip))
+                        .then_some(()),
+                )
+            },
+        )
         .await?;
     }
 
@@ -197,20 +201,26 @@ async fn operators_run_with_their_roles_alone_and_the_services_follow_the_leader
          spec:\n  selector: {matchLabels: {app: web}}\n  rules:\n  - from: [{namespaces: [shop]}]\n    ports: [{port: 8080}]\n",
     )
     .await?;
-    let record = eventually("web's identity record", || async {
-        resources::pod_identity(&client, "shop", "web").await
-    })
+    let record = eventually(
+        "web's identity record",
+        std::time::Duration::from_secs(20),
+        || async { resources::pod_identity(&client, "shop", "web").await },
+    )
     .await?;
     assert_eq!(record.spiffe_id, "spiffe://cluster.test/ns/shop/sa/default");
-    eventually("the AuthPolicy's status", || async {
-        let policy: Api<tessera_api::crd::AuthPolicy> = Api::namespaced(client.clone(), "shop");
-        Ok(policy
-            .get("web")
-            .await?
-            .status
-            .is_some_and(|s| !s.conditions.is_empty())
-            .then_some(()))
-    })
+    eventually(
+        "the AuthPolicy's status",
+        std::time::Duration::from_secs(20),
+        || async {
+            let policy: Api<tessera_api::crd::AuthPolicy> = Api::namespaced(client.clone(), "shop");
+            Ok(policy
+                .get("web")
+                .await?
+                .status
+                .is_some_and(|s| !s.conditions.is_empty())
+                .then_some(()))
+        },
+    )
     .await?;
 
     // The standby takes over, and the Services follow.
@@ -222,12 +232,16 @@ async fn operators_run_with_their_roles_alone_and_the_services_follow_the_leader
     };
     drop(goes);
     for service in [SIGNER_SERVICE, BUNDLE_ENDPOINT_SERVICE] {
-        eventually(&format!("{service} at the new leader"), || async {
-            Ok(
-                (leader_address(&client, service).await?.as_deref() == Some(standby_ip))
-                    .then_some(()),
-            )
-        })
+        eventually(
+            &format!("{service} at the new leader"),
+            std::time::Duration::from_secs(20),
+            || async {
+                Ok(
+                    (leader_address(&client, service).await?.as_deref() == Some(standby_ip))
+                        .then_some(()),
+                )
+            },
+        )
         .await?;
     }
     assert!(stays.is_leader());

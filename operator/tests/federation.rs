@@ -219,21 +219,25 @@ async fn the_bundle_endpoint_serves_both_profiles_through_a_rotation() -> Result
     secrets
         .replace(&cfg.secret_name, &PostParams::default(), &secret)
         .await?;
-    let current = eventually("the hand-edited roots to be served with sequence 3", || {
-        let (url, id) = (url.clone(), id.clone());
-        let held = got.bundle.clone();
-        async move {
-            let now = fetch::fetch(
-                &url,
-                Profile::Spiffe {
-                    id: &id,
-                    bundle: &held,
-                },
-            )
-            .await?;
-            Ok((now.bundle.sequence == Some(3)).then_some(now.bundle))
-        }
-    })
+    let current = eventually(
+        "the hand-edited roots to be served with sequence 3",
+        std::time::Duration::from_secs(20),
+        || {
+            let (url, id) = (url.clone(), id.clone());
+            let held = got.bundle.clone();
+            async move {
+                let now = fetch::fetch(
+                    &url,
+                    Profile::Spiffe {
+                        id: &id,
+                        bundle: &held,
+                    },
+                )
+                .await?;
+                Ok((now.bundle.sequence == Some(3)).then_some(now.bundle))
+            }
+        },
+    )
     .await?;
     assert_eq!(current.x509_authorities, first.x509_authorities);
     follower.abort();
@@ -335,14 +339,18 @@ async fn wait_reason(
     name: &str,
     reason: &str,
 ) -> Result<(String, String, String, Option<i64>)> {
-    eventually(&format!("{name} to turn {reason}"), || async {
-        Ok(ftds
-            .get_opt(name)
-            .await?
-            .as_ref()
-            .and_then(ready)
-            .filter(|r| r.1 == reason))
-    })
+    eventually(
+        &format!("{name} to turn {reason}"),
+        std::time::Duration::from_secs(20),
+        || async {
+            Ok(ftds
+                .get_opt(name)
+                .await?
+                .as_ref()
+                .and_then(ready)
+                .filter(|r| r.1 == reason))
+        },
+    )
     .await
 }
 
@@ -430,23 +438,31 @@ async fn federated_trust_domains_follow_their_endpoint() -> Result<()> {
     );
     b_rotated.notify_waiters();
     let rotated_at = std::time::Instant::now();
-    let rotated = eventually("b.test's rotation to be published", || async {
-        Ok(published(&client, "b.test")
-            .await?
-            .filter(|b| b.sequence == Some(2)))
-    })
+    let rotated = eventually(
+        "b.test's rotation to be published",
+        std::time::Duration::from_secs(20),
+        || async {
+            Ok(published(&client, "b.test")
+                .await?
+                .filter(|b| b.sequence == Some(2)))
+        },
+    )
     .await?;
     assert!(rotated_at.elapsed() < controller::MIN_REFRESH + Duration::from_secs(3));
     assert_eq!(rotated.x509_authorities.len(), 2);
     wait_reason(&ftds, "b", "Fresh").await?;
-    eventually("the status to show sequence 2", || async {
-        Ok(ftds
-            .get("b")
-            .await?
-            .status
-            .and_then(|s| s.sequence_number)
-            .filter(|s| *s == 2))
-    })
+    eventually(
+        "the status to show sequence 2",
+        std::time::Duration::from_secs(20),
+        || async {
+            Ok(ftds
+                .get("b")
+                .await?
+                .status
+                .and_then(|s| s.sequence_number)
+                .filter(|s| *s == 2))
+        },
+    )
     .await?;
 
     // The endpoint goes down: Stale, and the last bundle stays published.
@@ -574,19 +590,25 @@ async fn federated_trust_domains_follow_their_endpoint() -> Result<()> {
     // Deleting the FTD withdraws its bundle; deleting the refused
     // duplicate never touched it.
     ftds.delete("b-again", &DeleteParams::default()).await?;
-    eventually("b-again to be gone", || async {
-        Ok(ftds.get_opt("b-again").await?.is_none().then_some(()))
-    })
+    eventually(
+        "b-again to be gone",
+        std::time::Duration::from_secs(20),
+        || async { Ok(ftds.get_opt("b-again").await?.is_none().then_some(())) },
+    )
     .await?;
     assert!(published(&client, "b.test").await?.is_some());
     ftds.delete("b", &DeleteParams::default()).await?;
-    eventually("b.test's bundle to be withdrawn", || async {
-        Ok(published(&client, "b.test").await?.is_none().then_some(()))
-    })
+    eventually(
+        "b.test's bundle to be withdrawn",
+        std::time::Duration::from_secs(20),
+        || async { Ok(published(&client, "b.test").await?.is_none().then_some(())) },
+    )
     .await?;
-    eventually("b to be gone", || async {
-        Ok(ftds.get_opt("b").await?.is_none().then_some(()))
-    })
+    eventually(
+        "b to be gone",
+        std::time::Duration::from_secs(20),
+        || async { Ok(ftds.get_opt("b").await?.is_none().then_some(())) },
+    )
     .await?;
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "tessera-system");
     assert!(

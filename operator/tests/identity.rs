@@ -137,10 +137,14 @@ async fn wait_pod(
     what: &str,
     want: impl Fn(Option<&PodIdentitySpec>) -> bool,
 ) -> Result<Option<PodIdentitySpec>> {
-    eventually(&format!("pod {name}: {what}"), || async {
-        let r = resources::pod_identity(client, NS, name).await?;
-        Ok(want(r.as_ref()).then_some(r))
-    })
+    eventually(
+        &format!("pod {name}: {what}"),
+        std::time::Duration::from_secs(20),
+        || async {
+            let r = resources::pod_identity(client, NS, name).await?;
+            Ok(want(r.as_ref()).then_some(r))
+        },
+    )
     .await
 }
 
@@ -192,9 +196,11 @@ async fn a_replaced_pod_keeps_the_numeric_identity_until_the_grace_ends() -> Res
     pods.delete("new", &Default::default()).await?;
     tokio::time::sleep(RELEASE_GRACE / 3).await;
     assert!(held().await?, "released before the grace ended");
-    eventually("release after the grace", || async {
-        Ok((!held().await?).then_some(()))
-    })
+    eventually(
+        "release after the grace",
+        std::time::Duration::from_secs(20),
+        || async { Ok((!held().await?).then_some(())) },
+    )
     .await?;
     op.stop().await;
     Ok(())
@@ -250,14 +256,18 @@ async fn pods_get_identities_that_follow_workload_identities() -> Result<()> {
 
     // The default ID lost its last pod, so its numeric identity is released.
     let nids: Api<NumericIdentity> = Api::all(client.clone());
-    eventually("release of the default identity", || async {
-        let live = nids.list(&ListParams::default()).await?;
-        Ok(live
-            .items
-            .iter()
-            .all(|n| n.spec.spiffe_id != "spiffe://cluster.test/ns/shop/sa/web-sa")
-            .then_some(()))
-    })
+    eventually(
+        "release of the default identity",
+        std::time::Duration::from_secs(20),
+        || async {
+            let live = nids.list(&ListParams::default()).await?;
+            Ok(live
+                .items
+                .iter()
+                .all(|n| n.spec.spiffe_id != "spiffe://cluster.test/ns/shop/sa/web-sa")
+                .then_some(()))
+        },
+    )
     .await?;
 
     // A WorkloadIdentity that wins (name order) but cannot render: fail closed.
@@ -270,18 +280,22 @@ async fn pods_get_identities_that_follow_workload_identities() -> Result<()> {
     // Fail closed: no record survives from the earlier assignment.
     wait_pod(&client, "web-1", "fail closed", |a| a.is_none()).await?;
     let events: Api<Event> = Api::namespaced(client.clone(), NS);
-    eventually("IdentityFailed and IdentityConflict events", || async {
-        let reasons: Vec<String> = events
-            .list(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .filter_map(|e| e.reason)
-            .collect();
-        Ok((reasons.iter().any(|r| r == "IdentityFailed")
-            && reasons.iter().any(|r| r == "IdentityConflict"))
-        .then_some(()))
-    })
+    eventually(
+        "IdentityFailed and IdentityConflict events",
+        std::time::Duration::from_secs(20),
+        || async {
+            let reasons: Vec<String> = events
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .filter_map(|e| e.reason)
+                .collect();
+            Ok((reasons.iter().any(|r| r == "IdentityFailed")
+                && reasons.iter().any(|r| r == "IdentityConflict"))
+            .then_some(()))
+        },
+    )
     .await?;
 
     let failing = wait_status(&client, "a-needs-tier", "RenderFailed", |s| {
@@ -331,13 +345,17 @@ async fn wait_status(
     want: impl Fn(&WorkloadIdentityStatus) -> bool,
 ) -> Result<WorkloadIdentityStatus> {
     let wids: Api<WorkloadIdentity> = Api::all(client.clone());
-    eventually(&format!("WorkloadIdentity {name}: {what}"), || async {
-        let wid = wids.get(name).await?;
-        let generation = wid.metadata.generation;
-        Ok(wid
-            .status
-            .filter(|s| s.observed_generation == generation && want(s)))
-    })
+    eventually(
+        &format!("WorkloadIdentity {name}: {what}"),
+        std::time::Duration::from_secs(20),
+        || async {
+            let wid = wids.get(name).await?;
+            let generation = wid.metadata.generation;
+            Ok(wid
+                .status
+                .filter(|s| s.observed_generation == generation && want(s)))
+        },
+    )
     .await
 }
 
@@ -359,26 +377,32 @@ async fn a_restarted_controller_catches_up() -> Result<()> {
     let op = Operator::start(client.clone());
     // Converged: the new pod names the one live allocation of its SPIFFE ID.
     let nids: Api<NumericIdentity> = Api::all(client.clone());
-    let live = eventually("the new pod to hold the live allocation", || async {
-        let held = resources::pod_identity(&client, NS, "new")
-            .await?
-            .map(|r| pair(&r));
-        let live = nids.list(&ListParams::default()).await?.items;
-        Ok(match (held, live.as_slice()) {
-            (Some(pair), [only]) if pair == (only.spec.id, only.spec.generation) => {
-                Some(only.spec.clone())
-            }
-            _ => None,
-        })
-    })
+    let live = eventually(
+        "the new pod to hold the live allocation",
+        std::time::Duration::from_secs(20),
+        || async {
+            let held = resources::pod_identity(&client, NS, "new")
+                .await?
+                .map(|r| pair(&r));
+            let live = nids.list(&ListParams::default()).await?.items;
+            Ok(match (held, live.as_slice()) {
+                (Some(pair), [only]) if pair == (only.spec.id, only.spec.generation) => {
+                    Some(only.spec.clone())
+                }
+                _ => None,
+            })
+        },
+    )
     .await?;
     assert_eq!(live.spiffe_id, "spiffe://cluster.test/ns/shop/sa/web-sa");
     assert!(live.generation >= generation);
     // The deleted pod's record went too (it was deleted while nobody watched).
     let records: Api<PodIdentity> = Api::all(client.clone());
-    eventually("the deleted pod's record to go", || async {
-        Ok(records.get_opt(&a.pod_uid).await?.is_none().then_some(()))
-    })
+    eventually(
+        "the deleted pod's record to go",
+        std::time::Duration::from_secs(20),
+        || async { Ok(records.get_opt(&a.pod_uid).await?.is_none().then_some(())) },
+    )
     .await?;
     op.stop().await;
     Ok(())

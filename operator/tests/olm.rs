@@ -122,20 +122,24 @@ async fn the_bundle_installs_as_olm_does_and_its_grants_alone_run_the_agents() -
         .spawn()?,
     );
     let sets: Api<DaemonSet> = Api::namespaced(client.clone(), NAMESPACE);
-    let admitted = eventually("the agent DaemonSet, admitted", || async {
-        let Some(ds) = sets.get_opt(AGENT).await? else {
-            return Ok(None);
-        };
-        let conditions = ds.status.and_then(|s| s.conditions).unwrap_or_default();
-        let ran = ds
-            .spec
-            .and_then(|s| s.template.spec)
-            .map(|s| s.containers[0].image.clone());
-        Ok(conditions
-            .iter()
-            .any(|c| c.type_ == "PodSecurityAdmitted" && c.status == "True")
-            .then_some(ran))
-    })
+    let admitted = eventually(
+        "the agent DaemonSet, admitted",
+        std::time::Duration::from_secs(20),
+        || async {
+            let Some(ds) = sets.get_opt(AGENT).await? else {
+                return Ok(None);
+            };
+            let conditions = ds.status.and_then(|s| s.conditions).unwrap_or_default();
+            let ran = ds
+                .spec
+                .and_then(|s| s.template.spec)
+                .map(|s| s.containers[0].image.clone());
+            Ok(conditions
+                .iter()
+                .any(|c| c.type_ == "PodSecurityAdmitted" && c.status == "True")
+                .then_some(ran))
+        },
+    )
     .await;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let image_run = admitted.with_context(|| format!("operator log:\n{text}"))?;

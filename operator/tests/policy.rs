@@ -48,7 +48,7 @@ async fn compiled(
     want: impl Fn(Option<&IdentityPolicy>) -> bool,
 ) -> Result<Option<IdentityPolicy>> {
     let api = Api::<IdentityPolicy>::all(client.clone());
-    eventually(what, || async {
+    eventually(what, std::time::Duration::from_secs(20), || async {
         let all = api.list(&ListParams::default()).await?;
         let found = all
             .items
@@ -131,12 +131,16 @@ async fn auth_policies_compile_into_identity_policies_that_follow_the_pods() -> 
     assert_eq!(db.spec.rules[0].ports[0].port, 5432);
     // The status is written after the IdentityPolicies, and an earlier pass
     // may have seen the policy before the pods: wait for the count to settle.
-    let status = eventually("the AuthPolicy's status counting db-0", || async {
-        let p = policies.get("db-from-web").await?;
-        Ok(p.status.filter(|s| {
-            s.observed_generation.is_some() && (s.endpoints, s.nodes) == (Some(1), Some(1))
-        }))
-    })
+    let status = eventually(
+        "the AuthPolicy's status counting db-0",
+        std::time::Duration::from_secs(20),
+        || async {
+            let p = policies.get("db-from-web").await?;
+            Ok(p.status.filter(|s| {
+                s.observed_generation.is_some() && (s.endpoints, s.nodes) == (Some(1), Some(1))
+            }))
+        },
+    )
     .await?;
     assert_eq!(status.conditions[0].status, "True", "{status:?}");
 
@@ -154,13 +158,17 @@ async fn auth_policies_compile_into_identity_policies_that_follow_the_pods() -> 
     // object in between.)
     let pods = Api::<Pod>::namespaced(client.clone(), NS);
     let records = Api::<tessera_api::crd::PodIdentity>::all(client.clone());
-    let web2 = eventually("web2-0's identity", || async {
-        let uid = pods.get("web2-0").await?.metadata.uid.unwrap_or_default();
-        Ok(records
-            .get_opt(&uid)
-            .await?
-            .filter(|r| r.spec.spiffe_id == WEB2))
-    })
+    let web2 = eventually(
+        "web2-0's identity",
+        std::time::Duration::from_secs(20),
+        || async {
+            let uid = pods.get("web2-0").await?.metadata.uid.unwrap_or_default();
+            Ok(records
+                .get_opt(&uid)
+                .await?
+                .filter(|r| r.spec.spiffe_id == WEB2))
+        },
+    )
     .await?;
     let revision = |rv: &Option<String>| -> u64 { rv.as_deref().unwrap().parse().unwrap() };
     assert!(
@@ -189,10 +197,14 @@ async fn auth_policies_compile_into_identity_policies_that_follow_the_pods() -> 
         }),
     )
     .await?;
-    let status = eventually("the wide policy's status", || async {
-        let p = policies.get("web-wide").await?;
-        Ok(p.status.filter(|s| s.observed_generation.is_some()))
-    })
+    let status = eventually(
+        "the wide policy's status",
+        std::time::Duration::from_secs(20),
+        || async {
+            let p = policies.get("web-wide").await?;
+            Ok(p.status.filter(|s| s.observed_generation.is_some()))
+        },
+    )
     .await?;
     assert_eq!(status.conditions[0].status, "False");
     assert_eq!(status.conditions[0].reason, "Invalid");

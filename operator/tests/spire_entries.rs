@@ -185,18 +185,22 @@ spec:
     // The identity controller (builtin mode) records the pods' identities.
     let first = operator(&cp, &spire, &[]);
     let records = Api::<tessera_api::crd::PodIdentity>::all(client.clone());
-    eventually("every pod to get its identity", || async {
-        let all = pods.list(&Default::default()).await?.items;
-        let recorded = records.list(&Default::default()).await?.items;
-        Ok(all
-            .iter()
-            .all(|p| {
-                recorded
-                    .iter()
-                    .any(|r| Some(&r.spec.pod_uid) == p.metadata.uid.as_ref())
-            })
-            .then_some(()))
-    })
+    eventually(
+        "every pod to get its identity",
+        std::time::Duration::from_secs(20),
+        || async {
+            let all = pods.list(&Default::default()).await?.items;
+            let recorded = records.list(&Default::default()).await?.items;
+            Ok(all
+                .iter()
+                .all(|p| {
+                    recorded
+                        .iter()
+                        .any(|r| Some(&r.spec.pod_uid) == p.metadata.uid.as_ref())
+                })
+                .then_some(()))
+        },
+    )
     .await?;
     drop(first);
 
@@ -232,10 +236,14 @@ spec:
 
     // SPIRE mode: every identity registered on the node it runs on.
     let _operator = operator(&cp, &spire, &["--svid-source=spire"]);
-    let registered = eventually("the entries to be registered", || async {
-        let now = ours(&spire);
-        Ok((now.len() == expected).then_some(now))
-    })
+    let registered = eventually(
+        "the entries to be registered",
+        std::time::Duration::from_secs(20),
+        || async {
+            let now = ours(&spire);
+            Ok((now.len() == expected).then_some(now))
+        },
+    )
     .await?;
     let web_a = find(
         &registered,
@@ -276,32 +284,44 @@ spec:
             &Patch::Merge(serde_json::json!({"spec": {"ttl": "45m"}})),
         )
         .await?;
-    eventually("the web entries to get the new TTL", || async {
-        let now = ours(&spire);
-        Ok(now
-            .iter()
-            .filter(|e| id_of(&e["spiffe_id"]) == "spiffe://cluster.test/ns/shop/web")
-            .all(|e| e["x509_svid_ttl"] == 2700)
-            .then_some(()))
-    })
+    eventually(
+        "the web entries to get the new TTL",
+        std::time::Duration::from_secs(20),
+        || async {
+            let now = ours(&spire);
+            Ok(now
+                .iter()
+                .filter(|e| id_of(&e["spiffe_id"]) == "spiffe://cluster.test/ns/shop/web")
+                .all(|e| e["x509_svid_ttl"] == 2700)
+                .then_some(()))
+        },
+    )
     .await?;
     pods.delete("web-b", &DeleteParams::default()).await?;
-    eventually("node-b's web entry to go", || async {
-        Ok(
-            find(&ours(&spire), "spiffe://cluster.test/ns/shop/web", agent_b)
-                .is_none()
-                .then_some(()),
-        )
-    })
+    eventually(
+        "node-b's web entry to go",
+        std::time::Duration::from_secs(20),
+        || async {
+            Ok(
+                find(&ours(&spire), "spiffe://cluster.test/ns/shop/web", agent_b)
+                    .is_none()
+                    .then_some(()),
+            )
+        },
+    )
     .await?;
     for i in 0..BATCH_PODS {
         pods.delete(&format!("batch-{i}"), &DeleteParams::default())
             .await?;
     }
-    let left = eventually("the batch entries to go", || async {
-        let now = ours(&spire);
-        Ok((now.len() == 1).then_some(now))
-    })
+    let left = eventually(
+        "the batch entries to go",
+        std::time::Duration::from_secs(20),
+        || async {
+            let now = ours(&spire);
+            Ok((now.len() == 1).then_some(now))
+        },
+    )
     .await?;
     assert_eq!(
         id_of(&left[0]["spiffe_id"]),
@@ -327,10 +347,14 @@ spec:
     );
     pods.create(&pp, &forger).await?;
     let own = "spiffe://cluster.test/ns/shop/sa/default";
-    let now = eventually("the forger's own entry on node-b", || async {
-        let now = ours(&spire);
-        Ok(find(&now, own, agent_b).is_some().then_some(now))
-    })
+    let now = eventually(
+        "the forger's own entry on node-b",
+        std::time::Duration::from_secs(20),
+        || async {
+            let now = ours(&spire);
+            Ok(find(&now, own, agent_b).is_some().then_some(now))
+        },
+    )
     .await?;
     assert!(
         find(&now, "spiffe://cluster.test/ns/shop/web", agent_b).is_none(),

@@ -81,13 +81,17 @@ async fn tessera_and_spire_federate_both_ways() -> Result<()> {
         .spawn()?,
     );
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
-    let tessera_pem = eventually("the operator to publish its trust bundle", || async {
-        Ok(maps
-            .get_opt("tessera-trust-bundle")
-            .await?
-            .and_then(|cm| cm.data)
-            .and_then(|mut d| d.remove("bundle.pem")))
-    })
+    let tessera_pem = eventually(
+        "the operator to publish its trust bundle",
+        std::time::Duration::from_secs(20),
+        || async {
+            Ok(maps
+                .get_opt("tessera-trust-bundle")
+                .await?
+                .and_then(|cm| cm.data)
+                .and_then(|mut d| d.remove("bundle.pem")))
+        },
+    )
     .await?;
 
     // SPIRE's server for b.test.
@@ -99,11 +103,15 @@ async fn tessera_and_spire_federate_both_ways() -> Result<()> {
     // SPIRE federates with Tessera (https_spiffe, bootstrapped with the
     // published bundle) and fetches it.
     let endpoint_url = format!("https://127.0.0.1:{endpoint_port}");
-    eventually("the operator's bundle endpoint to listen", || async {
-        Ok(std::net::TcpStream::connect(("127.0.0.1", endpoint_port))
-            .is_ok()
-            .then_some(()))
-    })
+    eventually(
+        "the operator's bundle endpoint to listen",
+        std::time::Duration::from_secs(20),
+        || async {
+            Ok(std::net::TcpStream::connect(("127.0.0.1", endpoint_port))
+                .is_ok()
+                .then_some(()))
+        },
+    )
     .await?;
     spire.federate_with_tessera("cluster.test", endpoint_port, &tessera_pem)?;
     let held = decode(
@@ -133,6 +141,7 @@ async fn tessera_and_spire_federate_both_ways() -> Result<()> {
     let spire_sequence = spire_bundle.sequence.map(|s| s as i64);
     eventually(
         "the FederatedTrustDomain to show SPIRE's sequence",
+        std::time::Duration::from_secs(20),
         || async {
             Ok(condition(&ftds, "b-test")
                 .await?
@@ -155,11 +164,15 @@ async fn tessera_and_spire_federate_both_ways() -> Result<()> {
         spire_bundle.x509_authorities.len() + 1
     );
     let start = Instant::now();
-    eventually("SPIRE's new authority to reach Tessera", || async {
-        Ok(published(&client, "b.test")
-            .await?
-            .filter(|b| b.x509_authorities == grown.x509_authorities))
-    })
+    eventually(
+        "SPIRE's new authority to reach Tessera",
+        std::time::Duration::from_secs(20),
+        || async {
+            Ok(published(&client, "b.test")
+                .await?
+                .filter(|b| b.x509_authorities == grown.x509_authorities))
+        },
+    )
     .await?;
     let took = start.elapsed();
     assert!(
@@ -170,9 +183,11 @@ async fn tessera_and_spire_federate_both_ways() -> Result<()> {
 
     // SPIRE goes down: Stale, and the last bundle stays in use.
     spire.stop();
-    let (_, message, seq) = eventually("the FederatedTrustDomain to turn Stale", || async {
-        Ok(condition(&ftds, "b-test").await?.filter(|c| c.0 == "Stale"))
-    })
+    let (_, message, seq) = eventually(
+        "the FederatedTrustDomain to turn Stale",
+        std::time::Duration::from_secs(20),
+        || async { Ok(condition(&ftds, "b-test").await?.filter(|c| c.0 == "Stale")) },
+    )
     .await?;
     assert!(message.contains("cannot connect"), "{message}");
     assert_eq!(seq, grown.sequence.map(|s| s as i64));
@@ -184,16 +199,20 @@ async fn tessera_and_spire_federate_both_ways() -> Result<()> {
     );
     // Back again: Fresh.
     spire.resume().await?;
-    eventually("the FederatedTrustDomain to turn Fresh again", || async {
-        Ok(condition(&ftds, "b-test").await?.filter(|c| c.0 == "Fresh"))
-    })
+    eventually(
+        "the FederatedTrustDomain to turn Fresh again",
+        std::time::Duration::from_secs(20),
+        || async { Ok(condition(&ftds, "b-test").await?.filter(|c| c.0 == "Fresh")) },
+    )
     .await?;
 
     // Deleting the FederatedTrustDomain withdraws b.test's bundle.
     ftds.delete("b-test", &DeleteParams::default()).await?;
-    eventually("b.test's bundle to be withdrawn", || async {
-        Ok(published(&client, "b.test").await?.is_none().then_some(()))
-    })
+    eventually(
+        "b.test's bundle to be withdrawn",
+        std::time::Duration::from_secs(20),
+        || async { Ok(published(&client, "b.test").await?.is_none().then_some(())) },
+    )
     .await?;
     Ok(())
 }

@@ -59,17 +59,8 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
 }
 
 /// Polls `check` every 50 ms until it yields a value; fails naming `what`
-/// after 20 s.
-pub async fn eventually<T, F, Fut>(what: &str, check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    eventually_for(what, std::time::Duration::from_secs(20), check).await
-}
-
-/// [`eventually`] with another limit than 20 s.
-pub async fn eventually_for<T, F, Fut>(
+/// once `limit` has passed. Every wait in the tests states its limit.
+pub async fn eventually<T, F, Fut>(
     what: &str,
     limit: std::time::Duration,
     mut check: F,
@@ -85,7 +76,7 @@ where
         }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
+            "timed out after {limit:?} waiting for {what}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }

@@ -308,9 +308,11 @@ pub async fn wait_for_pod_identity(
     namespace: &str,
     name: &str,
 ) -> Result<tessera_api::crd::PodIdentitySpec> {
-    crate::eventually(&format!("an identity for pod {namespace}/{name}"), || {
-        pod_identity(client, namespace, name)
-    })
+    crate::eventually(
+        &format!("an identity for pod {namespace}/{name}"),
+        std::time::Duration::from_secs(20),
+        || pod_identity(client, namespace, name),
+    )
     .await
 }
 

@@ -35,10 +35,14 @@ fn one_shot(name: &str, image: &str, args: &[&str]) -> String {
 
 /// The phase `name` ends in: Succeeded or Failed.
 async fn outcome(pods: &Api<Pod>, name: &str) -> Result<String> {
-    eventually(&format!("{name} to finish"), || async {
-        let phase = pods.get(name).await?.status.and_then(|s| s.phase);
-        Ok(phase.filter(|p| p == "Succeeded" || p == "Failed"))
-    })
+    eventually(
+        &format!("{name} to finish"),
+        std::time::Duration::from_secs(20),
+        || async {
+            let phase = pods.get(name).await?.status.and_then(|s| s.phase);
+            Ok(phase.filter(|p| p == "Succeeded" || p == "Failed"))
+        },
+    )
     .await
     .with_context(logs)
 }
@@ -61,12 +65,16 @@ async fn pods_run_from_local_images_and_reach_each_other_directly_and_through_a_
     )
     .await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let ip = eventually("web Running with an address", || async {
-        let status = pods.get("web").await?.status.unwrap_or_default();
-        Ok((status.phase.as_deref() == Some("Running"))
-            .then_some(status.pod_ip)
-            .flatten())
-    })
+    let ip = eventually(
+        "web Running with an address",
+        std::time::Duration::from_secs(20),
+        || async {
+            let status = pods.get("web").await?.status.unwrap_or_default();
+            Ok((status.phase.as_deref() == Some("Running"))
+                .then_some(status.pod_ip)
+                .flatten())
+        },
+    )
     .await
     .with_context(logs)?;
     let mut answer = String::new();
@@ -104,31 +112,39 @@ async fn pods_run_from_local_images_and_reach_each_other_directly_and_through_a_
         }
     };
     let (db, nobody) = (address("db").await?, address("nobody").await?);
-    let db_pod = eventually("db's pod Ready", || async {
-        let list = pods
-            .list(&kube::api::ListParams::default().labels("app=db"))
-            .await?;
-        Ok(list.items.iter().find_map(|p| {
-            let status = p.status.as_ref()?;
-            let ready = status
-                .conditions
-                .as_ref()?
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            ready.then(|| status.pod_ip.clone()).flatten()
-        }))
-    })
+    let db_pod = eventually(
+        "db's pod Ready",
+        std::time::Duration::from_secs(20),
+        || async {
+            let list = pods
+                .list(&kube::api::ListParams::default().labels("app=db"))
+                .await?;
+            Ok(list.items.iter().find_map(|p| {
+                let status = p.status.as_ref()?;
+                let ready = status
+                    .conditions
+                    .as_ref()?
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                ready.then(|| status.pod_ip.clone()).flatten()
+            }))
+        },
+    )
     .await
     .with_context(logs)?;
     // kube-proxy programs the Service after the endpoints change; a client
     // started before that would find no rule (what the test checks is the
     // path through the rules, not how soon kube-proxy writes them).
-    eventually("kube-proxy's rules for db", || async {
-        let nat = realnode::iptables_rules("nat")?;
-        Ok((nat.contains(&format!("-d {db}/32"))
-            && nat.contains(&format!("--to-destination {db_pod}:5432")))
-        .then_some(()))
-    })
+    eventually(
+        "kube-proxy's rules for db",
+        std::time::Duration::from_secs(20),
+        || async {
+            let nat = realnode::iptables_rules("nat")?;
+            Ok((nat.contains(&format!("-d {db}/32"))
+                && nat.contains(&format!("--to-destination {db_pod}:5432")))
+            .then_some(()))
+        },
+    )
     .await
     .with_context(logs)?;
     let to_db = format!("{db}:80");

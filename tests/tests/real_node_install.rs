@@ -16,7 +16,7 @@ use kube::Api;
 use kube::api::{Patch, PatchParams};
 use tessera_api::names::{AGENT, BUNDLE_CONFIGMAP, CA_SECRET, NAMESPACE, OPERATOR};
 use tessera_tests::realnode::{self, RealNode};
-use tessera_tests::{eventually_for, repo_root};
+use tessera_tests::{eventually, repo_root};
 
 mod on_node;
 use on_node::{CGROUP_ROOT, logs, ready};
@@ -67,14 +67,14 @@ async fn tessera_installs_from_deploy_and_runs_on_the_real_node() -> Result<()> 
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let within = Duration::from_secs(120);
-    eventually_for("both operator pods Ready", within, || async {
+    eventually("both operator pods Ready", within, || async {
         let (all, ready) = ready(&pods, &format!("app.kubernetes.io/name={OPERATOR}")).await?;
         Ok((all == 2 && ready == 2).then_some(()))
     })
     .await
     .with_context(logs)?;
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
-    eventually_for("a leader", within, || async {
+    eventually("a leader", within, || async {
         let holder = leases
             .get_opt(OPERATOR)
             .await?
@@ -85,13 +85,13 @@ async fn tessera_installs_from_deploy_and_runs_on_the_real_node() -> Result<()> 
     .await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), NAMESPACE);
-    eventually_for("the CA Secret and the trust bundle", within, || async {
+    eventually("the CA Secret and the trust bundle", within, || async {
         Ok((secrets.get_opt(CA_SECRET).await?.is_some()
             && maps.get_opt(BUNDLE_CONFIGMAP).await?.is_some())
         .then_some(()))
     })
     .await?;
-    eventually_for("the agent's pod Ready", within, || async {
+    eventually("the agent's pod Ready", within, || async {
         let (all, ready) = ready(&pods, &format!("app.kubernetes.io/name={AGENT}")).await?;
         Ok((all == 1 && ready == 1).then_some(()))
     })

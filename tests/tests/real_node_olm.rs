@@ -19,7 +19,7 @@ use tessera_api::names::{AGENT, NAMESPACE, OPERATOR};
 use tessera_tests::olm::catalog;
 use tessera_tests::realnode::olm::{CATALOG_SOURCE, OLM_NAMESPACE, Olm};
 use tessera_tests::realnode::{self, RealNode};
-use tessera_tests::{ControlPlane, eventually_for, repo_root, resources};
+use tessera_tests::{ControlPlane, eventually, repo_root, resources};
 
 mod on_node;
 use on_node::{CGROUP_ROOT, logs, ready};
@@ -59,7 +59,7 @@ async fn tessera_installs_through_olm_and_runs_on_the_real_node() -> Result<()> 
     )
     .await?;
     let csv = catalog::csv_name(&bundle)?;
-    eventually_for("the CSV Succeeded", INSTALL, || async {
+    eventually("the CSV Succeeded", INSTALL, || async {
         let phase = jsonpath(&cp, &["csv", &csv], "{.status.phase}");
         Ok((phase == "Succeeded").then_some(()))
     })
@@ -72,7 +72,7 @@ async fn tessera_installs_through_olm_and_runs_on_the_real_node() -> Result<()> 
             jsonpath(&cp, &["subscription", "tessera"], "{.status.conditions}")
         )
     })?;
-    eventually_for(
+    eventually(
         "the InstallPlan Complete",
         Duration::from_secs(60),
         || async {
@@ -93,7 +93,7 @@ async fn tessera_installs_through_olm_and_runs_on_the_real_node() -> Result<()> 
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let within = Duration::from_secs(120);
-    eventually_for(
+    eventually(
         "the operator's pods and the agent's pod Ready",
         within,
         || async {
@@ -111,7 +111,7 @@ async fn tessera_installs_through_olm_and_runs_on_the_real_node() -> Result<()> 
     // Uninstall as OLM's docs say: the Subscription, then the CSV.
     cp.kubectl_output(&["delete", "-n", NAMESPACE, "subscription", "tessera"])?;
     cp.kubectl_output(&["delete", "-n", NAMESPACE, "csv", &csv])?;
-    eventually_for("no Tessera pod left", within, || async {
+    eventually("no Tessera pod left", within, || async {
         let left = pods.list(&Default::default()).await?.items;
         Ok(left.is_empty().then_some(()))
     })

@@ -13,7 +13,7 @@ use kube::api::{DeleteParams, ListParams};
 use tessera_api::crd::AuthPolicy;
 use tessera_api::names::{AGENT, NAMESPACE};
 use tessera_tests::realnode::{LOGS, RealNode};
-use tessera_tests::{ControlPlane, TestBins, eventually_for, resources};
+use tessera_tests::{ControlPlane, TestBins, eventually, resources};
 
 /// Where the agent's Workload API socket is on the host.
 pub const SOCKET_DIR: &str = "/run/tessera";
@@ -127,7 +127,7 @@ fn socket_pod(name: &str, image: &str, args: &[&str]) -> String {
 
 /// The phase pod `name` ends in: Succeeded or Failed.
 async fn finished(pods: &Api<Pod>, name: &str) -> Result<String> {
-    eventually_for(
+    eventually(
         &format!("{name} to finish"),
         Duration::from_secs(60),
         || async {
@@ -252,11 +252,11 @@ async fn address_reuse(
         },
     )
     .await?;
-    eventually_for("db gone", Duration::from_secs(60), || async {
+    eventually("db gone", Duration::from_secs(60), || async {
         Ok(pods.get_opt("db").await?.is_none().then_some(()))
     })
     .await?;
-    eventually_for("db's address released", Duration::from_secs(30), || async {
+    eventually("db's address released", Duration::from_secs(30), || async {
         Ok(node.pod_address_free(db).then_some(()))
     })
     .await?;
@@ -290,7 +290,7 @@ pub async fn agent_restart(client: &kube::Client, node: &RealNode) -> Result<()>
         .and_then(|p| p.metadata.name.clone())
         .context("no agent pod")?;
     agents.delete(&old, &DeleteParams::default()).await?;
-    eventually_for(
+    eventually(
         "the new agent's pod Ready",
         Duration::from_secs(120),
         || async {
@@ -361,7 +361,7 @@ struct Probe {
 
 /// The probes `container` of `pod` printed, once there are at least `n`.
 async fn probes(node: &RealNode, pod: &str, container: &str, n: usize) -> Result<Vec<Probe>> {
-    eventually_for(
+    eventually(
         &format!("{n} probes of {pod}/{container}"),
         Duration::from_secs(60),
         || async {
@@ -415,7 +415,7 @@ fn pod(name: &str, image: &str, containers: &[(&str, Vec<String>)]) -> String {
 
 /// The address of pod `name` once it runs.
 async fn running_ip(pods: &Api<Pod>, name: &str) -> Result<std::net::Ipv4Addr> {
-    let ip = eventually_for(
+    let ip = eventually(
         &format!("{name} Running"),
         Duration::from_secs(60),
         || async {

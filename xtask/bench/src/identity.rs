@@ -314,7 +314,7 @@ async fn pod_to_svid(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
         "the operator's IdentityCounter (see {})",
         operator_log.display()
     );
-    tessera_tests::eventually_for(&what, Duration::from_secs(60), || async {
+    tessera_tests::eventually(&what, Duration::from_secs(60), || async {
         Ok(counters
             .get_opt(tessera_api::crd::identity::COUNTER_NAME)
             .await?)
