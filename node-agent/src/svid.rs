@@ -20,7 +20,7 @@ use tracing::warn;
 pub use jwt::{JwtCache, JwtSvid};
 pub use records::{LocalPod, PodUid};
 pub use signer::JwtIssuer;
-pub use store::{Bundles, IdentityStore, PodIdentity, X509Svid};
+pub use store::{Bundles, IdentityStore, PodSvids, X509Svid};
 
 /// Why an SVID could not be obtained (retried).
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +61,7 @@ impl JwtSource {
     pub async fn jwt_svid(
         &self,
         uid: &PodUid,
-        pod: &PodIdentity,
+        pod: &PodSvids,
         spiffe_id: &str,
         audience: &[String],
     ) -> Result<JwtSvid, tonic::Status> {

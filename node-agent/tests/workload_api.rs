@@ -20,7 +20,7 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 use tessera_agent::svid::records::PodUid;
-use tessera_agent::svid::store::{Bundles, IdentityStore, PodIdentity, X509Svid};
+use tessera_agent::svid::store::{Bundles, IdentityStore, PodSvids, X509Svid};
 use tessera_agent::workload_api;
 
 mod common;
@@ -104,10 +104,10 @@ fn store_with_pod(material: &Material) -> IdentityStore {
     });
     store.set(
         &PodUid::parse(UID).unwrap(),
-        PodIdentity {
+        PodSvids {
             svids: vec![material.svid(ID)],
             federates_with: Vec::new(),
-            ..PodIdentity::default()
+            ..PodSvids::default()
         },
     );
     store
@@ -167,9 +167,9 @@ async fn a_caller_whose_identity_is_being_issued_waits_for_it() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     store.set(
         &PodUid::parse(NEW_UID).unwrap(),
-        PodIdentity {
+        PodSvids {
             svids: vec![material.svid(NEW_ID)],
-            ..PodIdentity::default()
+            ..PodSvids::default()
         },
     );
     let (ok, out, err) = tokio::task::spawn_blocking(move || finish(child))
@@ -222,10 +222,10 @@ async fn a_rotation_reaches_an_open_stream() {
     // Rotate: a new certificate and key for the same identity.
     store.set(
         &PodUid::parse(UID).unwrap(),
-        PodIdentity {
+        PodSvids {
             svids: vec![material.svid(ID)],
             federates_with: Vec::new(),
-            ..PodIdentity::default()
+            ..PodSvids::default()
         },
     );
     let second = tokio::time::timeout(Duration::from_secs(20), rx.recv())
@@ -358,9 +358,9 @@ async fn a_held_connection_dies_with_the_process_that_opened_it() {
     let store = store_with_pod(&material);
     store.set(
         &PodUid::parse(OTHER_UID).unwrap(),
-        PodIdentity {
+        PodSvids {
             svids: vec![material.svid(OTHER_ID)],
-            ..PodIdentity::default()
+            ..PodSvids::default()
         },
     );
     let (_dir, socket, _stop) = start(&store).await;

@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use crate::clock::renew_at;
 use crate::svid::records::LocalPod;
 use crate::svid::records::PodUid;
-use crate::svid::store::{Bundles, IdentityStore, PodIdentity, X509Svid};
+use crate::svid::store::{Bundles, IdentityStore, PodSvids, X509Svid};
 use crate::svid::{JwtCache, JwtSvid, SvidError};
 
 /// Where and how to ask for SVIDs.
@@ -209,9 +209,9 @@ impl Scheduler {
             if let Some(current) = self.store.current(&uid)
                 && current.federates_with != local.federates_with
             {
-                let updated = PodIdentity {
+                let updated = PodSvids {
                     federates_with: local.federates_with.clone(),
-                    ..PodIdentity::clone(&current)
+                    ..PodSvids::clone(&current)
                 };
                 self.store.set(&uid, updated);
             }
@@ -261,7 +261,7 @@ impl Scheduler {
                 let federates_with = pod.federates.clone();
                 self.store.set(
                     &uid,
-                    PodIdentity {
+                    PodSvids {
                         namespace,
                         name,
                         svids: vec![svid],
@@ -368,7 +368,7 @@ impl JwtIssuer {
     pub async fn jwt_svid(
         &self,
         uid: &PodUid,
-        pod: &PodIdentity,
+        pod: &PodSvids,
         spiffe_id: &str,
         audience: &[String],
     ) -> Result<JwtSvid, SvidError> {

@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use crate::svid::records::LocalPod;
 use crate::svid::records::PodUid;
-use crate::svid::store::{IdentityStore, PodIdentity, X509Svid};
+use crate::svid::store::{IdentityStore, PodSvids, X509Svid};
 use crate::svid::{JwtCache, JwtSvid};
 use tessera_api::jwt::JwkSet;
 
@@ -320,7 +320,7 @@ pub async fn run(client: kube::Client, cfg: DelegatedConfig, store: IdentityStor
         |store: &IdentityStore, uid: &PodUid, pod: &LocalPod, svid: Option<&X509Svid>| match svid {
             Some(svid) => store.set(
                 uid,
-                PodIdentity {
+                PodSvids {
                     namespace: pod.namespace.clone(),
                     name: pod.name.clone(),
                     svids: vec![svid.clone()],

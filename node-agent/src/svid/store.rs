@@ -48,9 +48,9 @@ pub struct Bundles {
     pub federated_jwt: BTreeMap<String, JwkSet>,
 }
 
-/// What one pod may fetch.
+/// What one pod may fetch: its X.509-SVIDs and the trust domains it federates with (not its PodIdentity record, which says who it is).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PodIdentity {
+pub struct PodSvids {
     /// The pod's namespace (for signing requests).
     pub namespace: String,
     /// The pod's name (for signing requests).
@@ -62,7 +62,7 @@ pub struct PodIdentity {
 }
 
 /// One pod's current identity; None once removed.
-type PodSlot = watch::Sender<Option<Arc<PodIdentity>>>;
+type PodSlot = watch::Sender<Option<Arc<PodSvids>>>;
 
 /// Shared, cheaply cloned store; one per agent.
 #[derive(Debug, Clone)]
@@ -92,7 +92,7 @@ impl IdentityStore {
     }
 
     /// Sets (or replaces) a pod's identity; open streams see it at once.
-    pub fn set(&self, uid: &PodUid, identity: PodIdentity) {
+    pub fn set(&self, uid: &PodUid, identity: PodSvids) {
         self.sender(uid).send_replace(Some(Arc::new(identity)));
         self.changes.send_modify(|n| *n += 1);
     }
@@ -129,13 +129,13 @@ impl IdentityStore {
 
     /// Follows a pod's identity, if it has one; a None value later means it
     /// was removed.
-    pub fn watch_pod(&self, uid: &PodUid) -> Option<watch::Receiver<Option<Arc<PodIdentity>>>> {
+    pub fn watch_pod(&self, uid: &PodUid) -> Option<watch::Receiver<Option<Arc<PodSvids>>>> {
         let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
         pods.get(uid).map(watch::Sender::subscribe)
     }
 
     /// The pod's identity now, if it has one.
-    pub fn current(&self, uid: &PodUid) -> Option<Arc<PodIdentity>> {
+    pub fn current(&self, uid: &PodUid) -> Option<Arc<PodSvids>> {
         let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
         pods.get(uid).and_then(|tx| tx.borrow().clone())
     }

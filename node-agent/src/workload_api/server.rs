@@ -39,7 +39,7 @@ use tracing::{debug, info};
 use crate::clock::unix_now;
 use crate::svid::JwtSource;
 use crate::svid::PodUid;
-use crate::svid::store::{Bundles, IdentityStore, PodIdentity};
+use crate::svid::store::{Bundles, IdentityStore, PodSvids};
 use crate::workload_api::{ServeError, attestation};
 
 /// The Workload API service.
@@ -172,7 +172,7 @@ fn caller<T>(request: &Request<T>) -> Result<PodUid, Status> {
     })
 }
 
-fn x509_response(identity: &PodIdentity, bundles: &Bundles) -> X509svidResponse {
+fn x509_response(identity: &PodSvids, bundles: &Bundles) -> X509svidResponse {
     X509svidResponse {
         svids: identity
             .svids
@@ -199,7 +199,7 @@ fn x509_response(identity: &PodIdentity, bundles: &Bundles) -> X509svidResponse 
     }
 }
 
-fn bundles_response(identity: &PodIdentity, bundles: &Bundles) -> X509BundlesResponse {
+fn bundles_response(identity: &PodSvids, bundles: &Bundles) -> X509BundlesResponse {
     let mut all = x509_response(identity, bundles).federated_bundles;
     all.insert(bundles.trust_domain_id.clone(), bundles.own_der.clone());
     X509BundlesResponse {
@@ -221,7 +221,7 @@ impl WorkloadApi {
         &self,
         uid: &PodUid,
         wait: Duration,
-    ) -> Result<tokio::sync::watch::Receiver<Option<Arc<PodIdentity>>>, Status> {
+    ) -> Result<tokio::sync::watch::Receiver<Option<Arc<PodSvids>>>, Status> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut changes = self.store.watch_changes();
         loop {
@@ -248,7 +248,7 @@ impl WorkloadApi {
     ) -> Result<Streamed<T>, Status>
     where
         T: Send + 'static,
-        F: Fn(&PodIdentity, &Bundles) -> T + Send + 'static,
+        F: Fn(&PodSvids, &Bundles) -> T + Send + 'static,
     {
         let mut pod = self.issued(&uid, wait).await?;
         let mut bundles = self.store.watch_bundles();
@@ -401,7 +401,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
 
 /// The own trust domain's JWT authorities and those of the federated trust
 /// domains the workload's identity federates with.
-fn jwt_bundles_response(identity: &PodIdentity, bundles: &Bundles) -> JwtBundlesResponse {
+fn jwt_bundles_response(identity: &PodSvids, bundles: &Bundles) -> JwtBundlesResponse {
     let mut all: std::collections::HashMap<String, Vec<u8>> = identity
         .federates_with
         .iter()
