@@ -198,7 +198,7 @@ fn main() -> ExitCode {
             tessera_agent::bench::restart::run_json(
                 local,
                 remote,
-                tessera_agent::mesh::enforcer::HANDSHAKE_WORKERS,
+                tessera_agent::mesh::channel::MAX_STREAMS,
                 &dir,
             ),
         ),

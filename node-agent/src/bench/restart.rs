@@ -1,8 +1,8 @@
 //! `tessera-agent bench-restart`: the handshake side of an agent's restart.
 //! An agent with 100 local identities authenticates every pair with 1,000
 //! identities of an agent on another node (100,000 pairs) from an empty
-//! cache, as the enforcer does: [`crate::mesh::enforcer::HANDSHAKE_WORKERS`]
-//! handshakes at a time over one channel, each recorded in an auth cache
+//! cache: [`crate::mesh::channel::MAX_STREAMS`] handshakes at a time (the
+//! most one channel carries) over one channel, each recorded in an auth cache
 //! (sled) on both sides. The two agents run in one process, each on a
 //! thread and runtime of its own pinned to a core of its own, talking over
 //! loopback TCP. Not measured here: choosing the pairs from the policy and

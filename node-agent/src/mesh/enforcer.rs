@@ -57,9 +57,6 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 pub const FIRST_RETRY_AFTER: Duration = Duration::from_millis(100);
 /// How often the ring buffer of missing authentications is read.
 pub const EVENT_POLL: Duration = Duration::from_millis(2);
-/// Handshakes an agent runs at once, over all its channels (no more than a
-/// channel carries: [`crate::mesh::channel::MAX_STREAMS`]).
-pub const HANDSHAKE_WORKERS: usize = crate::mesh::channel::MAX_STREAMS;
 /// How often everything is checked even without changes (expiry, retries).
 pub const SWEEP: Duration = Duration::from_secs(1);
 /// A change this soon after the previous pass is part of a burst: the pass
@@ -178,9 +175,6 @@ struct Inner {
     wake_pass: tokio::sync::mpsc::Sender<()>,
     /// The channels to other agents that handshakes run over.
     channels: crate::mesh::channel::Channels,
-    /// Pairs waiting for a handshake worker, and their wake-up.
-    queue: Mutex<std::collections::VecDeque<Pair>>,
-    queued: tokio::sync::Notify,
 }
 
 /// A pod's UID and the addresses vouched for it.
@@ -476,33 +470,19 @@ impl Inner {
         if !lock(&self.inflight).insert(pair.clone()) {
             return;
         }
-        lock(&self.queue).push_back(pair);
-        self.queued.notify_one();
-    }
-
-    /// One of [`HANDSHAKE_WORKERS`]: runs the queued handshakes, one at a
-    /// time, until the task is aborted. A burst (an agent's restart: every
-    /// pair of every local pod) waits in the queue, a few bytes a pair,
-    /// instead of as that many tasks, and no handshake's time runs out
-    /// while it waits.
-    async fn work(self: Arc<Self>) {
-        loop {
-            let next = lock(&self.queue).pop_front();
-            let Some(pair) = next else {
-                self.queued.notified().await;
-                continue;
-            };
-            let vouched = self.initiate(&pair).await;
-            lock(&self.inflight).remove(&pair);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let vouched = me.initiate(&pair).await;
+            lock(&me.inflight).remove(&pair);
             // A pod's sandbox address found while the handshake ran (its
             // pass found this one in flight): vouched for at once, not at
             // the next pass. Only after a handshake that succeeded, so a
             // pair that cannot be tried yet is not tried in a loop.
-            let now = self.vouch(&pair);
+            let now = me.vouch(&pair);
             if vouched.is_some_and(|sent| !now.is_empty() && sent != now) {
-                self.spawn_handshake(pair);
+                me.spawn_handshake(pair);
             }
-        }
+        });
     }
 
     /// One handshake for `pair`; what it vouched for when it succeeded.
@@ -683,12 +663,9 @@ pub async fn run(
         announced: Mutex::default(),
         wake_pass: tx.clone(),
         channels: Default::default(),
-        queue: Mutex::default(),
-        queued: tokio::sync::Notify::new(),
     });
     let stores = Stores::default();
     let mut tasks = follow_cluster(&client, &stores, &tx);
-    tasks.extend((0..HANDSHAKE_WORKERS).map(|_| tokio::spawn(inner.clone().work())));
     tasks.push(tokio::spawn(credentials::follow(inner.clone(), store, tx)));
     let mut shutdown = std::pin::pin!(shutdown);
     tokio::select! {
