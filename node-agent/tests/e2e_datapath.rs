@@ -474,8 +474,10 @@ async fn authenticated_pairs_connect_and_nothing_else_does() {
     for agent in &cluster.agents {
         agent.wait_for(revoked, 1).await;
     }
+    // Nothing gets through meanwhile: each connection is either refused at
+    // connect() (the pair's last handshake failed) or held for the retry
+    // and ended when that fails too.
     let left = Instant::now();
-    let mut refused_at_once = 0;
     while left.elapsed() < Duration::from_secs(3) {
         let out = web.connect(&db.ip, PORT);
         assert!(
@@ -483,14 +485,19 @@ async fn authenticated_pairs_connect_and_nothing_else_does() {
             "web -> db {:?} after its CA left the bundle: {out}",
             left.elapsed()
         );
-        refused_at_once += usize::from(out.starts_with("errno 1 "));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // The handshake with the revoked SVID fails, and connections wait for
-    // it no more: refused at connect() until it is tried again.
+    // Right after a failed retry, connections wait for the next one no
+    // more: connect() is refused at once (for RETRY_AFTER).
+    let node_a = cluster.agent("node-a");
+    let failed = "until it is retried local=spiffe://cluster.test/ns/shop/sa/web \
+                  remote=spiffe://cluster.test/ns/shop/sa/db ";
+    let failures = node_a.count(failed);
+    node_a.wait_for(failed, failures + 1).await;
+    let out = web.connect(&db.ip, PORT);
     assert!(
-        refused_at_once > 0,
-        "no connect() was refused once the handshake failed"
+        out.starts_with("errno 1 "),
+        "web -> db right after node-a logged a failed handshake for the pair: {out}"
     );
     set_bundle(&bundles, &original).await;
     let (_, attempts) = until_ok(&web, &db.ip).await;
