@@ -118,6 +118,14 @@ impl Collector for Agent {
             ConstCounter::new(get(&s.decisions[reason as usize]))
                 .encode(family.encode_family(&[("reason", reason.label())])?)?;
         }
+        self.gauges(&mut encoder)
+    }
+}
+
+impl Agent {
+    /// The gauges: local identities, queued handshakes, data path in sync.
+    fn gauges(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = &self.stats;
         let pods =
             ConstGauge::new(i64::try_from(self.store.pods_with_identity()).unwrap_or(i64::MAX));
         pods.encode(encoder.encode_descriptor(
@@ -125,6 +133,14 @@ impl Collector for Agent {
             "Pods on this node holding an identity (their SVIDs issued)",
             None,
             pods.metric_type(),
+        )?)?;
+        let waiting =
+            ConstGauge::new(i64::try_from(get(&s.handshakes_waiting)).unwrap_or(i64::MAX));
+        waiting.encode(encoder.encode_descriptor(
+            "handshakes_waiting",
+            "Pair handshakes queued and not started yet (a restart's burst drains at the handshake rate)",
+            None,
+            waiting.metric_type(),
         )?)?;
         let in_sync = ConstGauge::new(i64::from(s.in_sync.load(Ordering::Relaxed)));
         in_sync.encode(encoder.encode_descriptor(

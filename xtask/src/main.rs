@@ -96,7 +96,7 @@ enum Task {
     },
     /// Run one benchmark family and write target/bench/<name>.json.
     Bench {
-        /// Which benchmark: controlplane, identity, auth or auth-cluster.
+        /// Which benchmark: controlplane, identity, auth, auth-cluster or restart.
         name: String,
     },
 }

@@ -62,6 +62,8 @@ pub struct Stats {
     pub decisions: [AtomicU64; Reason::ALL.len()],
     /// Set once the maps were first brought in sync with the cluster.
     pub in_sync: AtomicBool,
+    /// Pair handshakes queued and not started, as of the last pass.
+    pub handshakes_waiting: AtomicU64,
 }
 
 impl Stats {
@@ -116,9 +118,49 @@ pub struct DataPlane {
     /// What the last pass wrote to the endpoint and policy maps (None: read
     /// the maps on the next pass).
     written: Mutex<Option<Written>>,
+    /// The last translation of the policies, and what it was made from.
+    translated: Mutex<Option<Translated>>,
+    /// What the auth map's entries were last checked against.
+    auths_checked: Mutex<Option<AuthsChecked>>,
     /// Counters.
     pub stats: Arc<Stats>,
 }
+
+/// What an auth entry held says of its validity (see [`DataPlane::entry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// The local workload's generation it was made for.
+    pub local_gen: u64,
+    /// The remote workload's generation it was made for.
+    pub remote_gen: u64,
+    /// When it expires, Unix seconds.
+    pub not_after: i64,
+    /// When it was made, Unix seconds.
+    pub made: i64,
+}
+
+/// Policies translated into map entries, and the inputs they came from
+/// (a pass translates again only when those changed).
+#[derive(Debug)]
+struct Translated {
+    policies: Vec<IdentityPolicySpec>,
+    table: IdentityTable,
+    rules: policy::Rules,
+}
+
+/// The generations and epoch the auth map's entries were last checked
+/// against, and when.
+#[derive(Debug)]
+struct AuthsChecked {
+    generations: Vec<(Arc<str>, u32, u64)>,
+    epoch: u64,
+    at: std::time::Instant,
+}
+
+/// How long a pass that changed no generation and no epoch skips checking
+/// every auth entry (the kernel refuses an expired entry by itself; this
+/// only bounds how long one stays in the map and the cache).
+pub const RECHECK_AUTHS: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long a pass trusts what the passes before it wrote instead of
 /// reading the endpoint and policy maps back (a read is a system call or
@@ -169,6 +211,8 @@ impl DataPlane {
                 dirty: AtomicU64::new(0),
                 flushed: AtomicU64::new(0),
                 written: Mutex::default(),
+                translated: Mutex::default(),
+                auths_checked: Mutex::default(),
                 stats,
             },
             opened,
@@ -193,10 +237,7 @@ impl DataPlane {
     ) -> Result<(), DatapathError> {
         let ips = view.ip_endpoints();
         let cgroups = view.cgroup_endpoints(cgroup_of);
-        let (rules, errors) = policy::translate(policies, table);
-        for e in &errors {
-            warn!(error = %e, "policy enforced fail-closed");
-        }
+        let rules = self.translate(policies, table);
         let mut dp = lock(&self.dp);
         // Taken: a pass that fails part-way leaves None, and the next one
         // reads the maps.
@@ -225,6 +266,47 @@ impl DataPlane {
             read_at: last.read_at,
         });
         let epoch = dp.epoch()?;
+        let generations = view.generations();
+        if lock(&self.auths_checked).as_ref().is_some_and(|c| {
+            c.epoch == epoch && c.generations == generations && c.at.elapsed() < RECHECK_AUTHS
+        }) {
+            return Ok(());
+        }
+        self.check_auths(&mut dp, view, epoch)?;
+        *lock(&self.auths_checked) = Some(AuthsChecked {
+            generations,
+            epoch,
+            at: std::time::Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// The map entries of `policies` for the identities of `table`: the
+    /// last pass's when neither changed.
+    fn translate(&self, policies: &[&IdentityPolicySpec], table: &IdentityTable) -> policy::Rules {
+        let mut last = lock(&self.translated);
+        if let Some(t) = last.as_ref()
+            && t.table == *table
+            && t.policies.len() == policies.len()
+            && t.policies.iter().zip(policies).all(|(a, b)| a == *b)
+        {
+            return t.rules.clone();
+        }
+        let (rules, errors) = policy::translate(policies, table);
+        for e in &errors {
+            warn!(error = %e, "policy enforced fail-closed");
+        }
+        *last = Some(Translated {
+            policies: policies.iter().map(|p| (*p).clone()).collect(),
+            table: table.clone(),
+            rules: rules.clone(),
+        });
+        rules
+    }
+
+    /// Rewrites or removes every auth entry whose generations, epoch or
+    /// expiry no longer hold by `view`.
+    fn check_auths(&self, dp: &mut Datapath, view: &View, epoch: u64) -> Result<(), DatapathError> {
         let clocks = Clocks::now();
         for (key, value) in dp.auths()? {
             let entry = lock(&self.entries).get(&key).cloned();
@@ -268,6 +350,16 @@ impl DataPlane {
     /// The record under `key`, if the cache vouches for one.
     pub fn entry(&self, key: &AuthKey) -> Option<Entry> {
         lock(&self.entries).get(key).cloned()
+    }
+
+    /// The validity of the record under `key` (no copy of its names).
+    pub fn held(&self, key: &AuthKey) -> Option<Held> {
+        lock(&self.entries).get(key).map(|e| Held {
+            local_gen: e.local_gen,
+            remote_gen: e.remote_gen,
+            not_after: e.not_after,
+            made: e.made,
+        })
     }
 
     /// For an entry this process made: NotAfter of the local SVID it was

@@ -183,13 +183,16 @@ impl PodView {
 /// Whether `policy` has an Allow rule requiring mutual authentication from
 /// `peer` (a SPIFFE ID).
 pub fn requires_authentication_from(policy: &IdentityPolicySpec, peer: &str) -> bool {
-    let Ok(id) = peer.parse::<SpiffeId>() else {
-        return false;
-    };
+    peer.parse::<SpiffeId>()
+        .is_ok_and(|id| requires_authentication_from_id(policy, &id))
+}
+
+/// [`requires_authentication_from`] for a peer already parsed.
+fn requires_authentication_from_id(policy: &IdentityPolicySpec, peer: &SpiffeId) -> bool {
     policy.rules.iter().any(|r| {
         r.action == PolicyAction::Allow
             && r.authentication == Authentication::Mutual
-            && r.from.iter().any(|p| p.matches(&id))
+            && r.from.iter().any(|p| p.matches(peer))
     })
 }
 
@@ -280,6 +283,64 @@ pub struct View {
     /// Nodes' addresses from their Node objects, by name (where their
     /// agents listen even before one of their pods has a status).
     pub node_addresses: HashMap<String, Arc<[IpAddr]>>,
+    /// The pods by node and identity.
+    index: Index,
+}
+
+/// SPIFFE IDs by the node they run on (see [`View::placement`]).
+pub type Placement = BTreeMap<Arc<str>, BTreeSet<Arc<str>>>;
+
+/// Per node name, a map from `K` to `V`.
+type ByNode<K, V> = HashMap<Arc<str>, HashMap<K, V>>;
+
+/// What a view is asked for every pair on every pass (a restart: 100,000
+/// pairs), by node: built once per view instead of a scan of every pod
+/// per question. Terminating pods count only for the host addresses.
+#[derive(Debug, Clone, Default)]
+struct Index {
+    /// Node -> SPIFFE ID -> numeric identity and generation of its pod
+    /// with the newest generation there.
+    by_spiffe_id: ByNode<Arc<str>, (u32, u64)>,
+    /// Node -> numeric identity -> the newest generation of its pods there,
+    /// and the SPIFFE ID of the first of them (in UID order).
+    by_number: ByNode<u32, (u64, Arc<str>)>,
+    /// Node -> its pods' host addresses, first pod (in UID order) first.
+    hosts: HashMap<Arc<str>, Vec<IpAddr>>,
+}
+
+impl Index {
+    fn build(pods: &[Arc<PodView>]) -> Index {
+        let mut index = Index::default();
+        for p in pods {
+            if let Some(ip) = p.host_ip {
+                let hosts = index.hosts.entry(p.node.clone()).or_default();
+                if !hosts.contains(&ip) {
+                    hosts.push(ip);
+                }
+            }
+            if p.terminating {
+                continue;
+            }
+            let newest = index
+                .by_spiffe_id
+                .entry(p.node.clone())
+                .or_default()
+                .entry(p.spiffe_id.clone())
+                .or_insert((p.id, p.generation));
+            // Ties go to the later pod, as `max_by_key` would.
+            if p.generation >= newest.1 {
+                *newest = (p.id, p.generation);
+            }
+            let number = index
+                .by_number
+                .entry(p.node.clone())
+                .or_default()
+                .entry(p.id)
+                .or_insert((p.generation, p.spiffe_id.clone()));
+            number.0 = number.0.max(p.generation);
+        }
+        index
+    }
 }
 
 impl View {
@@ -297,6 +358,7 @@ impl View {
         );
         View {
             local_node: local_node.to_owned(),
+            index: Index::build(&pods),
             pods,
             nodes,
             node_addresses: HashMap::new(),
@@ -378,28 +440,31 @@ impl View {
     }
 
     pub fn identity_on(&self, spiffe_id: &str, node: &str) -> Option<(u32, u64)> {
-        self.pods
-            .iter()
-            .filter(|p| *p.node == *node && *p.spiffe_id == *spiffe_id && !p.terminating)
-            .map(|p| (p.id, p.generation))
-            .max_by_key(|(_, g)| *g)
+        self.index.by_spiffe_id.get(node)?.get(spiffe_id).copied()
     }
 
     /// The SPIFFE ID of numeric identity `id` as held on `node`.
     pub fn spiffe_id_on(&self, id: u32, node: &str) -> Option<&str> {
-        self.pods
-            .iter()
-            .find(|p| *p.node == *node && p.id == id && !p.terminating)
-            .map(|p| &*p.spiffe_id)
+        self.index
+            .by_number
+            .get(node)?
+            .get(&id)
+            .map(|(_, spiffe_id)| &**spiffe_id)
+    }
+
+    /// The newest generation of numeric identity `id` among the pods on
+    /// `node` that are not terminating.
+    fn newest(&self, node: &str, id: u32) -> Option<u64> {
+        self.index.by_number.get(node)?.get(&id).map(|(g, _)| *g)
     }
 
     /// Where `node`'s agent listens (its pods' host address, or else the
     /// first address of its Node object).
     pub fn host_of(&self, node: &str) -> Option<IpAddr> {
-        self.pods
-            .iter()
-            .filter(|p| *p.node == *node)
-            .find_map(|p| p.host_ip)
+        self.index
+            .hosts
+            .get(node)
+            .and_then(|h| h.first().copied())
             .or_else(|| self.node_addresses.get(node)?.first().copied())
     }
 
@@ -407,13 +472,38 @@ impl View {
     /// address of its Node object).
     pub fn is_host_of(&self, node: &str, ip: IpAddr) -> bool {
         let ip = canonical(ip);
-        self.pods
-            .iter()
-            .any(|p| *p.node == *node && p.host_ip.map(canonical) == Some(ip))
+        self.index
+            .hosts
+            .get(node)
+            .is_some_and(|h| h.iter().any(|h| canonical(*h) == ip))
             || self
                 .node_addresses
                 .get(node)
                 .is_some_and(|a| a.iter().any(|n| canonical(*n) == ip))
+    }
+
+    /// Every (node, numeric identity, newest generation) of pods not
+    /// terminating, sorted: all that decides whether an auth entry's
+    /// generations still hold.
+    pub fn generations(&self) -> Vec<(Arc<str>, u32, u64)> {
+        let mut out: Vec<(Arc<str>, u32, u64)> = self
+            .index
+            .by_number
+            .iter()
+            .flat_map(|(node, ids)| ids.iter().map(|(id, (g, _))| (node.clone(), *id, *g)))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Which SPIFFE IDs run on which node (pods not terminating): all that
+    /// [`View::wanted_pairs`] reads of the view.
+    pub fn placement(&self) -> Placement {
+        self.index
+            .by_spiffe_id
+            .iter()
+            .map(|(node, ids)| (node.clone(), ids.keys().cloned().collect()))
+            .collect()
     }
 
     /// The pairs this node should authenticate ahead of traffic: a local
@@ -421,26 +511,27 @@ impl View {
     /// has an Allow rule requiring mutual authentication from L. (This node
     /// initiates, as L's side; the responder records the other direction.)
     pub fn wanted_pairs(&self, policies: &[&IdentityPolicySpec]) -> BTreeSet<Pair> {
-        let locals: BTreeSet<&str> = self
+        let locals: BTreeMap<&str, SpiffeId> = self
             .local_pods()
             .filter(|p| !p.terminating)
-            .map(|p| &*p.spiffe_id)
+            .filter_map(|p| Some((&*p.spiffe_id, p.spiffe_id.parse().ok()?)))
             .collect();
         let mut out = BTreeSet::new();
         for policy in policies {
             let needing: Vec<&str> = locals
                 .iter()
-                .copied()
-                .filter(|l| requires_authentication_from(policy, l))
+                .filter(|(_, id)| requires_authentication_from_id(policy, id))
+                .map(|(l, _)| *l)
                 .collect();
             if needing.is_empty() {
                 continue;
             }
             let nodes: BTreeSet<&str> = self
-                .pods
+                .index
+                .by_spiffe_id
                 .iter()
-                .filter(|p| *p.spiffe_id == *policy.spiffe_id && !p.terminating)
-                .map(|p| &*p.node)
+                .filter(|(_, ids)| ids.contains_key(policy.spiffe_id.as_str()))
+                .map(|(node, _)| &**node)
                 .collect();
             for local in &needing {
                 for node in &nodes {
@@ -465,19 +556,11 @@ fn canonical(ip: IpAddr) -> IpAddr {
 
 impl Generations for View {
     fn local(&self, id: u32) -> Option<u64> {
-        self.local_pods()
-            .filter(|p| p.id == id && !p.terminating)
-            .map(|p| p.generation)
-            .max()
+        self.newest(&self.local_node, id)
     }
 
     fn remote(&self, id: u32, node: u32) -> Option<u64> {
-        let node = self.nodes.name(node)?;
-        self.pods
-            .iter()
-            .filter(|p| *p.node == *node && p.id == id && !p.terminating)
-            .map(|p| p.generation)
-            .max()
+        self.newest(self.nodes.name(node)?, id)
     }
 }
 

@@ -18,9 +18,12 @@
 
 mod credentials;
 mod passes;
+mod queue;
 mod server;
 
-use std::collections::{HashMap, HashSet};
+pub use queue::WORKERS_PER_NODE;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,7 +44,9 @@ use crate::datapath::nodes::{Cidr, NodeFacts};
 use crate::datapath::policy::IdentityTable;
 use crate::datapath::sandbox::{self, Claim, Claims};
 use crate::datapath::veths::{self, Veths};
-use crate::datapath::view::{Pair, PodPlace, PodRecord, PodView, View, pod_place, pod_record};
+use crate::datapath::view::{
+    Pair, Placement, PodPlace, PodRecord, PodView, View, pod_place, pod_record,
+};
 use crate::follow::Compact;
 use crate::mesh::external::{self, External};
 use crate::mesh::handshake::{self, Credentials, HandshakeError, Initiate};
@@ -175,6 +180,17 @@ struct Inner {
     wake_pass: tokio::sync::mpsc::Sender<()>,
     /// The channels to other agents that handshakes run over.
     channels: crate::mesh::channel::Channels,
+    /// Pairs waiting for a handshake, by peer node.
+    queues: queue::Queues,
+    /// The pairs last wanted, and what they were computed from.
+    wanted: Mutex<Option<Wanted>>,
+}
+
+/// The pairs policy makes possible, and the inputs they follow from.
+struct Wanted {
+    placement: Placement,
+    policies: Arc<Vec<IdentityPolicySpec>>,
+    pairs: Arc<BTreeSet<Pair>>,
 }
 
 /// A pod's UID and the addresses vouched for it.
@@ -239,6 +255,11 @@ impl Inner {
         self.reconcile_veths();
         self.revoke_connections();
         self.plane.prune_failures();
+        let waiting = self.queues.waiting() as u64;
+        self.plane
+            .stats
+            .handshakes_waiting
+            .store(waiting, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = self.plane.flush() {
             warn!(error = %e, "cannot flush the auth cache");
         }
@@ -350,7 +371,7 @@ impl Inner {
         let Some(key) = auth_key(view, pair) else {
             return true; // not resolvable: nothing to do until the view changes
         };
-        let Some(entry) = self.plane.entry(&key) else {
+        let Some(entry) = self.plane.held(&key) else {
             return false;
         };
         let current = view.local(key.local) == Some(entry.local_gen)
@@ -397,15 +418,39 @@ impl Inner {
     fn preauthenticate(self: &Arc<Self>) {
         let Some(creds) = self.creds() else { return };
         let view = self.view();
-        let policies = lock(&self.policies).clone();
-        let refs: Vec<&IdentityPolicySpec> = policies.iter().collect();
-        let wanted = view.wanted_pairs(&refs);
+        let wanted = self.wanted_pairs(&view);
         lock(&self.announced).retain(|pair, _| wanted.contains(pair));
-        for pair in wanted {
-            if creds.holds(&pair.local) && !self.settled(&view, &pair, &creds) {
-                self.spawn_handshake(pair);
+        for pair in wanted.iter() {
+            if creds.holds(&pair.local)
+                && !lock(&self.inflight).contains(pair)
+                && !self.settled(&view, pair, &creds)
+            {
+                self.spawn_handshake(pair.clone());
             }
         }
+    }
+
+    /// [`View::wanted_pairs`] for `view` and the policies applied, computed
+    /// again only when the placement of identities or the policies changed
+    /// since the last time (every pass asks; few change either).
+    fn wanted_pairs(&self, view: &View) -> Arc<BTreeSet<Pair>> {
+        let policies = lock(&self.policies).clone();
+        let placement = view.placement();
+        let mut memo = lock(&self.wanted);
+        if let Some(m) = memo.as_ref()
+            && m.placement == placement
+            && (Arc::ptr_eq(&m.policies, &policies) || *m.policies == *policies)
+        {
+            return m.pairs.clone();
+        }
+        let refs: Vec<&IdentityPolicySpec> = policies.iter().collect();
+        let pairs = Arc::new(view.wanted_pairs(&refs));
+        *memo = Some(Wanted {
+            placement,
+            policies,
+            pairs: pairs.clone(),
+        });
+        pairs
     }
 
     /// Keeps the addresses a peer agent vouched for (it speaks for
@@ -470,19 +515,27 @@ impl Inner {
         if !lock(&self.inflight).insert(pair.clone()) {
             return;
         }
-        let me = self.clone();
-        tokio::spawn(async move {
-            let vouched = me.initiate(&pair).await;
-            lock(&me.inflight).remove(&pair);
+        let node = pair.remote_node.clone();
+        if self.queues.push(pair) {
+            tokio::spawn(self.clone().work(node));
+        }
+    }
+
+    /// A worker of `node`'s queue (see [`queue`]): runs its handshakes one
+    /// at a time until the queue is empty.
+    async fn work(self: Arc<Self>, node: String) {
+        while let Some(pair) = self.queues.next(&node) {
+            let vouched = self.initiate(&pair).await;
+            lock(&self.inflight).remove(&pair);
             // A pod's sandbox address found while the handshake ran (its
             // pass found this one in flight): vouched for at once, not at
             // the next pass. Only after a handshake that succeeded, so a
             // pair that cannot be tried yet is not tried in a loop.
-            let now = me.vouch(&pair);
+            let now = self.vouch(&pair);
             if vouched.is_some_and(|sent| !now.is_empty() && sent != now) {
-                me.spawn_handshake(pair);
+                self.spawn_handshake(pair);
             }
-        });
+        }
     }
 
     /// One handshake for `pair`; what it vouched for when it succeeded.
@@ -663,6 +716,8 @@ pub async fn run(
         announced: Mutex::default(),
         wake_pass: tx.clone(),
         channels: Default::default(),
+        queues: Default::default(),
+        wanted: Mutex::default(),
     });
     let stores = Stores::default();
     let mut tasks = follow_cluster(&client, &stores, &tx);

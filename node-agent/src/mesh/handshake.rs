@@ -387,6 +387,24 @@ impl Anchors {
         })
     }
 
+    /// The SPIFFE ID and NotAfter of a chain verified for `usage_tag` and
+    /// still in the cache.
+    fn verified_identity(
+        &self,
+        usage_tag: u8,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Option<(SpiffeId, i64)> {
+        if !self.cache_chains.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let digest = chain_digest(usage_tag, leaf, intermediates);
+        let verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        verified
+            .get(&digest)
+            .map(|(id, _, not_after)| (id.clone(), *not_after))
+    }
+
     /// Verifies `leaf` against the bundle of its own trust domain; the
     /// SPIFFE ID on success.
     fn verify(
@@ -899,17 +917,25 @@ pub fn read_hello(version: u8, body: &[u8]) -> Result<(String, usize), FrameErro
     Ok((node, count))
 }
 
-/// The peer's leaf from a finished TLS session, with its SPIFFE ID and NotAfter.
+/// The peer's leaf from a finished TLS session, with its SPIFFE ID and
+/// NotAfter: from the verified-chain cache when the verifier just put it
+/// there (`usage_tag` as the verifier's), else read from the certificate.
 fn peer_leaf(
+    anchors: &Anchors,
     certs: Option<&[CertificateDer<'_>]>,
+    usage_tag: u8,
     peer: &str,
 ) -> Result<(SpiffeId, i64), HandshakeError> {
-    let leaf = certs
-        .and_then(|c| c.first())
-        .ok_or_else(|| HandshakeError::Protocol {
-            peer: peer.to_owned(),
-            reason: "no peer certificate after the handshake".into(),
-        })?;
+    let (leaf, intermediates) =
+        certs
+            .and_then(|c| c.split_first())
+            .ok_or_else(|| HandshakeError::Protocol {
+                peer: peer.to_owned(),
+                reason: "no peer certificate after the handshake".into(),
+            })?;
+    if let Some(known) = anchors.verified_identity(usage_tag, leaf, intermediates) {
+        return Ok(known);
+    }
     leaf_identity(leaf)
         .map(|l| (l.id, l.not_after))
         .map_err(|e| HandshakeError::Protocol {
@@ -1006,7 +1032,12 @@ pub(crate) async fn initiate_on<S: AsyncRead + AsyncWrite + Unpin>(
         .connect(name, stream)
         .await
         .map_err(io("TLS handshake"))?;
-    let (remote, remote_not_after) = peer_leaf(tls.get_ref().1.peer_certificates(), &peer)?;
+    let (remote, remote_not_after) = peer_leaf(
+        &creds.anchors,
+        tls.get_ref().1.peer_certificates(),
+        1,
+        &peer,
+    )?;
     if remote.as_str() != ask.remote {
         // The verifier already checked this via SNI; a second look costs nothing.
         return Err(HandshakeError::Protocol {
@@ -1156,7 +1187,8 @@ async fn respond_inner<S: AsyncRead + AsyncWrite + Unpin>(
         .await
         .map_err(io("TLS handshake"))?;
     let (_, session) = tls.get_ref();
-    let (remote, remote_not_after) = peer_leaf(session.peer_certificates(), &peer)?;
+    let (remote, remote_not_after) =
+        peer_leaf(&creds.anchors, session.peer_certificates(), 2, &peer)?;
     let local = session
         .server_name()
         .and_then(|n| creds.by_sni.get(n))

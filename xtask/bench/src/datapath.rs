@@ -112,7 +112,7 @@ fn ip(text: &str) -> Result<IpAddr> {
 
 /// The pinned data path of `node`'s agent, opened in this process: the
 /// agent's live maps, and a copy of its programs to test-run on them.
-fn live(cluster: &SimCluster, node: &str) -> Result<Datapath> {
+pub(crate) fn live(cluster: &SimCluster, node: &str) -> Result<Datapath> {
     let dir = tessera_bpf::pinning::version_dir(&cluster.pin_root(node));
     Datapath::open(Some(&dir)).with_context(|| format!("cannot open {}", dir.display()))
 }
@@ -426,26 +426,35 @@ impl Firsts {
     }
 }
 
-/// Creates `count` pods (objects only) named `<prefix>-<i>` with label
-/// `app=<prefix>-<i>` and `scale=yes`, the `i`th on `node_of(i)` at
-/// `ip_of(i)`, 16 at a time.
-async fn scale_pods(
+/// Where [`pod_objects`] creates pods, and what labels they carry besides
+/// `app=<prefix>-<i>`.
+pub(crate) struct Batch<'a> {
+    pub namespace: &'a str,
+    pub prefix: &'a str,
+    pub labels: &'a [(&'a str, &'a str)],
+}
+
+/// Creates the pods `range` of `batch` (objects only, running), named
+/// `<prefix>-<i>`, the `i`th on `node_of(i)` at `ip_of(i)`, 16 at a time.
+pub(crate) async fn pod_objects(
     cluster: &SimCluster,
-    prefix: &str,
+    batch: &Batch<'_>,
     range: std::ops::Range<usize>,
     node_of: impl Fn(usize) -> &'static str,
     ip_of: impl Fn(usize) -> String,
 ) {
     futures::stream::iter(range.map(|i| {
-        let name = format!("{prefix}-{i}");
+        let name = format!("{}-{i}", batch.prefix);
         let ip = ip_of(i);
         let node = node_of(i);
         async move {
+            let mut labels = vec![("app", name.as_str())];
+            labels.extend_from_slice(batch.labels);
             cluster
                 .pod_object(PodSpec {
-                    namespace: "scale",
+                    namespace: batch.namespace,
                     name: &name,
-                    labels: &[("app", &name), ("scale", "yes")],
+                    labels: &labels,
                     service_account: "default",
                     node,
                     ip: &ip,
@@ -490,7 +499,12 @@ async fn grow(
     t: Instant,
 ) -> Result<()> {
     let node_of = |i: usize| if i < LOCAL_PODS { "node-b" } else { "node-c" };
-    scale_pods(cluster, "p", range, node_of, scale_ip).await;
+    let batch = Batch {
+        namespace: "scale",
+        prefix: "p",
+        labels: &[("scale", "yes")],
+    };
+    pod_objects(cluster, &batch, range, node_of, scale_ip).await;
     let settled = until_endpoints(b, total, Duration::from_secs(900)).await?;
     println!(
         "{total} pods created and in node-b's maps after {:.1} s ({:.1} s after the last create)",

@@ -193,21 +193,6 @@ struct Stages {
     record_to_svid: Vec<Duration>,
 }
 
-/// CPU seconds (user + system) a process has used so far, from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the whole line, in clock ticks (100 per second).
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (tick(11) + tick(12)) / 100.0
-}
-
 /// Per (verb, resource): requests served and seconds spent, from the API
 /// server's own `apiserver_request_duration_seconds` metric.
 async fn apiserver_requests(client: &kube::Client) -> HashMap<String, (f64, f64)> {
@@ -353,9 +338,11 @@ async fn pod_to_svid(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
     Ok(figures)
 }
 
-/// CPU seconds each process has used so far.
+/// CPU seconds each process has used so far (0 for one that is gone).
 fn cpu(pids: &[(&str, u32)]) -> Vec<f64> {
-    pids.iter().map(|p| cpu_seconds(p.1)).collect()
+    pids.iter()
+        .map(|p| crate::system::cpu_seconds(p.1).unwrap_or(0.0))
+        .collect()
 }
 
 /// The namespaces `paced` and `burst`, each with [`SERVICE_ACCOUNTS`]

@@ -10,6 +10,7 @@ mod datapath;
 mod handshake;
 mod identity;
 mod report;
+mod restart;
 mod system;
 
 use anyhow::{Result, bail};
@@ -42,8 +43,12 @@ async fn run(name: &str) -> Result<()> {
             let (operator, agent) = system::release_bins()?;
             datapath::run(&operator, &agent).await?
         }
+        "restart" => {
+            let (operator, agent) = system::release_bins()?;
+            restart::run(&operator, &agent).await?
+        }
         other => bail!(
-            "unknown benchmark {other:?}; available: controlplane, identity, auth, auth-cluster"
+            "unknown benchmark {other:?}; available: controlplane, identity, auth, auth-cluster, restart"
         ),
     };
     report::report(name, &figures)

@@ -96,3 +96,22 @@ pub fn one_core(bin: &std::path::Path) -> std::process::Command {
     cmd.args(["-c", "0"]).arg(bin);
     cmd
 }
+
+/// User and system CPU seconds process `pid` used so far.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    // The fields after the command name: state is the first, utime the
+    // 12th, stime the 13th (clock ticks, 100 per second on Linux).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> Result<f64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))
+    };
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
