@@ -8,6 +8,7 @@
 //! and swapped in whole, so readers never see a half-listed cluster.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
@@ -22,6 +23,8 @@ use tracing::warn;
 #[derive(Debug)]
 pub struct Compact<V> {
     items: Arc<RwLock<HashMap<String, V>>>,
+    /// Bumped by every write: equal versions, equal contents.
+    version: Arc<AtomicU64>,
     ready: tokio::sync::watch::Receiver<bool>,
     ready_tx: Arc<tokio::sync::watch::Sender<bool>>,
 }
@@ -30,6 +33,7 @@ impl<V> Clone for Compact<V> {
     fn clone(&self) -> Self {
         Compact {
             items: self.items.clone(),
+            version: self.version.clone(),
             ready: self.ready.clone(),
             ready_tx: self.ready_tx.clone(),
         }
@@ -41,6 +45,7 @@ impl<V> Default for Compact<V> {
         let (ready_tx, ready) = tokio::sync::watch::channel(false);
         Compact {
             items: Arc::default(),
+            version: Arc::default(),
             ready,
             ready_tx: Arc::new(ready_tx),
         }
@@ -96,6 +101,14 @@ impl<V: Clone + PartialEq + Send + Sync + 'static> Compact<V> {
             Ok(mut items) => f(&mut items),
             Err(poisoned) => f(&mut poisoned.into_inner()),
         }
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    /// A number that changes with every write: a reader that saw this
+    /// number before reading the values knows they are still current while
+    /// it is unchanged.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
     }
 
     /// Follows `api` until the watch ends (it retries with backoff on its
@@ -162,6 +175,16 @@ mod tests {
         assert!(held.put("a".into(), None), "no value any more");
         assert!(!held.put("a".into(), None), "already gone");
         assert_eq!(held.values(), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn the_version_changes_with_every_write() {
+        let held: Compact<u32> = Compact::default();
+        let before = held.version();
+        held.put("a".into(), Some(1));
+        let after = held.version();
+        assert_ne!(before, after);
+        assert_eq!(held.clone().version(), after, "clones share it");
     }
 
     #[test]

@@ -85,6 +85,7 @@ fn random_rule(rng: &mut Rng) -> CompiledRule {
         },
         external_peers: Default::default(),
         l7: rng.below(4) == 0,
+        http: Vec::new(),
     }
 }
 

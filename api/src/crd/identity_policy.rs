@@ -12,7 +12,7 @@
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::auth_policy::{Authentication, ExternalPeers, PolicyAction, PortRange};
+use super::auth_policy::{Authentication, ExternalPeers, HttpRule, PolicyAction, PortRange};
 
 /// The compiled ingress policy of one SPIFFE ID. The object's name is the
 /// NumericIdentity name of that ID (`sid-` and a digest).
@@ -74,6 +74,11 @@ pub struct CompiledRule {
     /// nothing).
     #[serde(default)]
     pub l7: bool,
+    /// The rule's HTTP conditions, as the AuthPolicy gives them (Allow and
+    /// Deny rules): what the waypoint checks each request against. Empty:
+    /// the rule applies to whole connections.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<HttpRule>,
     /// Whether the node agent terminates the TLS of peers outside the mesh
     /// on these ports (Allow rules only).
     #[serde(default, skip_serializing_if = "is_deny")]

@@ -143,7 +143,7 @@ pub struct Held {
 /// (a pass translates again only when those changed).
 #[derive(Debug)]
 struct Translated {
-    policies: Vec<IdentityPolicySpec>,
+    policies: Arc<Vec<IdentityPolicySpec>>,
     table: IdentityTable,
     rules: policy::Rules,
 }
@@ -232,7 +232,7 @@ impl DataPlane {
         &self,
         view: &View,
         table: &IdentityTable,
-        policies: &[&IdentityPolicySpec],
+        policies: &Arc<Vec<IdentityPolicySpec>>,
         cgroup_of: &mut dyn FnMut(&PodView) -> Option<u64>,
     ) -> Result<(), DatapathError> {
         let ips = view.ip_endpoints();
@@ -283,21 +283,25 @@ impl DataPlane {
 
     /// The map entries of `policies` for the identities of `table`: the
     /// last pass's when neither changed.
-    fn translate(&self, policies: &[&IdentityPolicySpec], table: &IdentityTable) -> policy::Rules {
+    fn translate(
+        &self,
+        policies: &Arc<Vec<IdentityPolicySpec>>,
+        table: &IdentityTable,
+    ) -> policy::Rules {
         let mut last = lock(&self.translated);
         if let Some(t) = last.as_ref()
             && t.table == *table
-            && t.policies.len() == policies.len()
-            && t.policies.iter().zip(policies).all(|(a, b)| a == *b)
+            && (Arc::ptr_eq(&t.policies, policies) || t.policies == *policies)
         {
             return t.rules.clone();
         }
-        let (rules, errors) = policy::translate(policies, table);
+        let refs: Vec<&IdentityPolicySpec> = policies.iter().collect();
+        let (rules, errors) = policy::translate(&refs, table);
         for e in &errors {
             warn!(error = %e, "policy enforced fail-closed");
         }
         *last = Some(Translated {
-            policies: policies.iter().map(|p| (*p).clone()).collect(),
+            policies: policies.clone(),
             table: table.clone(),
             rules: rules.clone(),
         });

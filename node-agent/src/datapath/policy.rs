@@ -538,6 +538,7 @@ mod tests {
             authentication: Authentication::Mutual,
             external_peers: Default::default(),
             l7: false,
+            http: Vec::new(),
         }
     }
 

@@ -613,6 +613,7 @@ mod tests {
                     Authentication::None
                 },
                 l7: false,
+                http: Vec::new(),
             }],
             sources: vec![],
         }

@@ -184,6 +184,8 @@ struct Inner {
     queues: queue::Queues,
     /// The pairs last wanted, and what they were computed from.
     wanted: Mutex<Option<Wanted>>,
+    /// The policy store's version and the policies it held then.
+    policy_snapshot: Mutex<Option<(u64, Arc<Vec<IdentityPolicySpec>>)>>,
 }
 
 /// The pairs policy makes possible, and the inputs they follow from.
@@ -238,13 +240,27 @@ impl Inner {
                 table.insert(spiffe_id.clone(), *id, *generation);
             }
         });
-        let specs = stores.policies.values();
-        let refs: Vec<&IdentityPolicySpec> = specs.iter().collect();
-        self.plane.apply(&view, &table, &refs, &mut |p| {
+        let specs = self.policy_snapshot(stores);
+        self.plane.apply(&view, &table, &specs, &mut |p| {
             self.cgroup_of(&p.uid).map(|(_, id)| id)
         })?;
-        *lock(&self.policies) = Arc::new(specs);
+        *lock(&self.policies) = specs;
         Ok(())
+    }
+
+    /// The compiled policies held: the last pass's copy while the store
+    /// has not changed since.
+    fn policy_snapshot(&self, stores: &Stores) -> Arc<Vec<IdentityPolicySpec>> {
+        let mut last = lock(&self.policy_snapshot);
+        let version = stores.policies.version();
+        if let Some((seen, specs)) = last.as_ref()
+            && *seen == version
+        {
+            return specs.clone();
+        }
+        let specs = Arc::new(stores.policies.values());
+        *last = Some((version, specs.clone()));
+        specs
     }
 
     /// What follows each pass: terminators for peers outside the mesh,
@@ -718,6 +734,7 @@ pub async fn run(
         channels: Default::default(),
         queues: Default::default(),
         wanted: Mutex::default(),
+        policy_snapshot: Mutex::default(),
     });
     let stores = Stores::default();
     let mut tasks = follow_cluster(&client, &stores, &tx);

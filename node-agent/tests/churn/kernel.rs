@@ -115,7 +115,8 @@ impl Kernel {
                 self.cgroups.insert(uid.clone(), (dir, id));
             }
         }
-        let specs: Vec<&IdentityPolicySpec> = model.specs.values().collect();
+        let specs: std::sync::Arc<Vec<IdentityPolicySpec>> =
+            std::sync::Arc::new(model.specs.values().cloned().collect());
         let cgroups = &self.cgroups;
         self.plane()
             .apply(&model.view(), &model.table(), &specs, &mut |p: &PodView| {

@@ -360,6 +360,7 @@ pub fn mutual_from_anyone(dst: &str) -> IdentityPolicySpec {
             ports: vec![],
             authentication: Authentication::Mutual,
             l7: false,
+            http: Vec::new(),
             external_peers: Default::default(),
         }],
         sources: vec![],
@@ -442,6 +443,7 @@ pub fn random_spec(rng: &mut Rng, dst: &str) -> IdentityPolicySpec {
                 Authentication::None
             },
             l7: false,
+            http: Vec::new(),
             external_peers: Default::default(),
         });
     }

@@ -215,6 +215,7 @@ fn deny_everything() -> CompiledRule {
         ports: Vec::new(),
         authentication: Authentication::None,
         l7: false,
+        http: Vec::new(),
         external_peers: ExternalPeers::Deny,
     }
 }
@@ -263,6 +264,7 @@ fn compile_rules(
                     PolicyAction::Deny => Authentication::None,
                 },
                 l7: action == PolicyAction::Allow && !rule.http.is_empty(),
+                http: rule.http.clone(),
                 external_peers: match action {
                     PolicyAction::Allow => rule.external_peers,
                     PolicyAction::Deny => ExternalPeers::Deny,

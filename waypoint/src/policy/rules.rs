@@ -12,7 +12,7 @@ use regex::Regex;
 use tessera_api::crd::auth_policy::{
     Authentication, HeaderMatch, HttpMethod, HttpRule, PathMatch, PathMatchType, PolicyAction,
 };
-use tessera_api::crd::identity_policy::{CompiledPeer, CompiledRule};
+use tessera_api::crd::identity_policy::{CompiledPeer, CompiledRule, IdentityPolicySpec};
 use tessera_api::spiffe::SpiffeId;
 
 use super::PolicyError;
@@ -114,21 +114,16 @@ enum Value {
 }
 
 impl Rules {
-    /// Compiles a workload's rules (`default_deny`: Allow policies select
-    /// it). `http` gives each rule's HTTP conditions, by rule index (a rule
-    /// with none matches every request on its ports).
-    pub fn compile(
-        default_deny: bool,
-        rules: &[CompiledRule],
-        http: &[Vec<HttpRule>],
-    ) -> Result<Rules, PolicyError> {
-        let rules = rules
+    /// Compiles a workload's compiled policy for requests.
+    pub fn compile(policy: &IdentityPolicySpec) -> Result<Rules, PolicyError> {
+        let rules = policy
+            .rules
             .iter()
             .enumerate()
-            .map(|(i, r)| compile_rule(i, r, http.get(i).map_or(&[][..], Vec::as_slice)))
+            .map(|(i, r)| compile_rule(i, r))
             .collect::<Result<_, _>>()?;
         Ok(Rules {
-            default_deny,
+            default_deny: policy.default_deny,
             rules,
         })
     }
@@ -154,7 +149,7 @@ impl Rules {
     }
 }
 
-fn compile_rule(index: usize, rule: &CompiledRule, http: &[HttpRule]) -> Result<Rule, PolicyError> {
+fn compile_rule(index: usize, rule: &CompiledRule) -> Result<Rule, PolicyError> {
     let ports = rule
         .ports
         .iter()
@@ -168,7 +163,8 @@ fn compile_rule(index: usize, rule: &CompiledRule, http: &[HttpRule]) -> Result<
             Ok((port(p.port)?, port(p.end_port.unwrap_or(p.port))?))
         })
         .collect::<Result<_, PolicyError>>()?;
-    let http = http
+    let http = rule
+        .http
         .iter()
         .map(|h| compile_http(index, h))
         .collect::<Result<_, _>>()?;
@@ -329,6 +325,22 @@ mod tests {
         }
     }
 
+    /// A workload's rules: each compiled rule with its HTTP conditions.
+    fn rules(
+        default_deny: bool,
+        rules: Vec<(CompiledRule, Vec<HttpRule>)>,
+    ) -> Result<Rules, PolicyError> {
+        Rules::compile(&IdentityPolicySpec {
+            spiffe_id: "spiffe://td/ns/shop/sa/db".into(),
+            default_deny,
+            rules: rules
+                .into_iter()
+                .map(|(r, http)| CompiledRule { http, ..r })
+                .collect(),
+            sources: Vec::new(),
+        })
+    }
+
     fn rule(action: PolicyAction, from: &[&str]) -> CompiledRule {
         CompiledRule {
             action,
@@ -377,13 +389,12 @@ mod tests {
 
     /// web may GET /api/*; nobody else may do anything.
     fn api_reader() -> Rules {
-        Rules::compile(
+        rules(
             true,
-            &[rule(PolicyAction::Allow, &["spiffe://td/ns/shop/sa/web"])],
-            &[vec![http(
-                &[HttpMethod::Get],
-                &[(PathMatchType::Prefix, "/api")],
-            )]],
+            vec![(
+                rule(PolicyAction::Allow, &["spiffe://td/ns/shop/sa/web"]),
+                vec![http(&[HttpMethod::Get], &[(PathMatchType::Prefix, "/api")])],
+            )],
         )
         .unwrap()
     }
@@ -446,15 +457,14 @@ mod tests {
 
     #[test]
     fn a_deny_rule_wins_over_an_allow_rule() {
-        let rules = Rules::compile(
+        let rules = rules(
             true,
-            &[
-                rule(PolicyAction::Allow, &[]),
-                rule(PolicyAction::Deny, &[]),
-            ],
-            &[
-                Vec::new(),
-                vec![http(&[], &[(PathMatchType::Exact, "/admin")])],
+            vec![
+                (rule(PolicyAction::Allow, &[]), Vec::new()),
+                (
+                    rule(PolicyAction::Deny, &[]),
+                    vec![http(&[], &[(PathMatchType::Exact, "/admin")])],
+                ),
             ],
         )
         .unwrap();
@@ -475,10 +485,12 @@ mod tests {
 
     #[test]
     fn without_allow_policies_only_deny_rules_refuse() {
-        let rules = Rules::compile(
+        let rules = rules(
             false,
-            &[rule(PolicyAction::Deny, &[])],
-            &[vec![http(&[HttpMethod::Delete], &[])]],
+            vec![(
+                rule(PolicyAction::Deny, &[]),
+                vec![http(&[HttpMethod::Delete], &[])],
+            )],
         )
         .unwrap();
         let h = HeaderMap::new();
@@ -494,10 +506,9 @@ mod tests {
 
     #[test]
     fn a_rule_applies_on_its_ports_only() {
-        let rules = Rules::compile(
+        let rules = rules(
             false,
-            &[rule(PolicyAction::Deny, &[])],
-            &[vec![http(&[], &[])]],
+            vec![(rule(PolicyAction::Deny, &[]), vec![http(&[], &[])])],
         )
         .unwrap();
         let h = HeaderMap::new();
@@ -519,10 +530,12 @@ mod tests {
 
     #[test]
     fn regexes_match_the_whole_path() {
-        let rules = Rules::compile(
+        let rules = rules(
             true,
-            &[rule(PolicyAction::Allow, &[])],
-            &[vec![http(&[], &[(PathMatchType::Regex, "/v[0-9]+/items")])]],
+            vec![(
+                rule(PolicyAction::Allow, &[]),
+                vec![http(&[], &[(PathMatchType::Regex, "/v[0-9]+/items")])],
+            )],
         )
         .unwrap();
         let h = HeaderMap::new();
@@ -550,13 +563,15 @@ mod tests {
             }],
             ..Default::default()
         };
-        let rules = Rules::compile(
+        let rules = rules(
             true,
-            &[rule(PolicyAction::Allow, &[])],
-            &[vec![
-                with("X-Tenant", Some("acme"), None),
-                with("Host", None, Some("db.")),
-            ]],
+            vec![(
+                rule(PolicyAction::Allow, &[]),
+                vec![
+                    with("X-Tenant", Some("acme"), None),
+                    with("Host", None, Some("db.")),
+                ],
+            )],
         )
         .unwrap();
         let mut h = HeaderMap::new();
@@ -590,10 +605,12 @@ mod tests {
 
     #[test]
     fn a_bad_regex_is_an_error_naming_the_rule_and_pattern() {
-        let err = Rules::compile(
+        let err = rules(
             true,
-            &[rule(PolicyAction::Allow, &[])],
-            &[vec![http(&[], &[(PathMatchType::Regex, "/(")])]],
+            vec![(
+                rule(PolicyAction::Allow, &[]),
+                vec![http(&[], &[(PathMatchType::Regex, "/(")])],
+            )],
         )
         .unwrap_err();
         let text = err.to_string();
@@ -604,10 +621,12 @@ mod tests {
     fn an_oversized_regex_is_refused() {
         let huge = format!("/{}", "(a|b|c|d|e)".repeat(2000));
         assert!(
-            Rules::compile(
+            rules(
                 true,
-                &[rule(PolicyAction::Allow, &[])],
-                &[vec![http(&[], &[(PathMatchType::Regex, &huge)])]],
+                vec![(
+                    rule(PolicyAction::Allow, &[]),
+                    vec![http(&[], &[(PathMatchType::Regex, &huge)])]
+                )]
             )
             .is_err()
         );
