@@ -1,10 +1,13 @@
 //! What the waypoint decides for each request: the path in its canonical
-//! form ([`path`]), and the workload's rules applied to the request and
-//! its source identity ([`rules`]).
+//! form ([`path`]), the workload's rules applied to the request and its
+//! source identity ([`rules`]), and the request forwarded or the answer
+//! the client gets instead ([`gate`]).
 
+pub mod gate;
 pub mod path;
 pub mod rules;
 
+pub use gate::{Gate, Refusal, XFCC, gate};
 pub use path::normalise;
 pub use rules::{Decision, Request, Rules, Source};
 
