@@ -276,7 +276,8 @@ pub struct View {
     pub local_node: String,
     /// Pods with identities, one per UID, in UID order; shared with the
     /// agent's store of pods and with the previous view (one copy of each
-    /// pod in memory however many views hold it).
+    /// pod in memory however many views hold it). Read only: the view's
+    /// lookups are indexed from it in [`View::new`].
     pub pods: Vec<Arc<PodView>>,
     /// Node indexes of every node with such pods (and this one).
     pub nodes: NodeIndex,

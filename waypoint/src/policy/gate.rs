@@ -53,10 +53,9 @@ impl Refusal {
             Refusal::BadPath { .. } => (StatusCode::BAD_REQUEST, "3", "bad request path\n"),
             Refusal::Denied { .. } => (StatusCode::FORBIDDEN, "7", "forbidden\n"),
         };
-        let grpc = matches!(
-            self,
-            Refusal::BadPath { grpc: true, .. } | Refusal::Denied { grpc: true, .. }
-        );
+        let grpc = match self {
+            Refusal::BadPath { grpc, .. } | Refusal::Denied { grpc, .. } => *grpc,
+        };
         let mut response = Response::new(if grpc { "" } else { text });
         if grpc {
             let headers = response.headers_mut();

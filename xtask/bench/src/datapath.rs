@@ -142,23 +142,9 @@ pub async fn run(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
     let tag = format!("tessera-bench-{}", std::process::id());
     let mut cluster = SimCluster::create(client.clone(), cgroup_root, &tag, &NODES).await;
     let dir = tempfile::tempdir()?;
-    let launch = AgentLaunch {
-        bin: agent.to_owned(),
-        kubeconfig: cp.kubeconfig().to_owned(),
-        signer_port,
-        dir: dir.path().to_owned(),
-        echo: false,
-        extra: Vec::new(),
-    };
+    let launch = agent_launch(agent, &cp, signer_port, dir.path());
     for node in ["node-a", "node-b"] {
-        let token = resources::agent_token_file(
-            &client,
-            node,
-            tessera_api::signer_api::TOKEN_AUDIENCE,
-            dir.path(),
-        )
-        .await?;
-        cluster.start_agent(&launch, node, &token);
+        start_agent(&mut cluster, &launch, node).await?;
     }
     for node in ["node-a", "node-b"] {
         cluster.agent(node).wait_for("data path in sync", 1).await;
@@ -184,6 +170,40 @@ pub async fn run(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
     drop(cluster);
     drop(cp);
     Ok(figures)
+}
+
+/// How the benchmarks start release agent `agent` against `cp` (the
+/// operator's signer on `signer_port`), their state below `dir`.
+pub(crate) fn agent_launch(
+    agent: &Path,
+    cp: &tessera_tests::ControlPlane,
+    signer_port: u16,
+    dir: &Path,
+) -> AgentLaunch {
+    AgentLaunch {
+        bin: agent.to_owned(),
+        kubeconfig: cp.kubeconfig().to_owned(),
+        signer_port,
+        dir: dir.to_owned(),
+        echo: false,
+        extra: Vec::new(),
+    }
+}
+
+/// Starts `node`'s agent with a Node-bound token of its own; its pid.
+pub(crate) async fn start_agent(
+    cluster: &mut SimCluster,
+    launch: &AgentLaunch,
+    node: &str,
+) -> Result<u32> {
+    let token = resources::agent_token_file(
+        &cluster.client,
+        node,
+        tessera_api::signer_api::TOKEN_AUDIENCE,
+        &launch.dir,
+    )
+    .await?;
+    Ok(cluster.start_agent(launch, node, &token).proc.0.id())
 }
 
 /// The first connection of new authenticated pairs, as their application

@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use tessera_tests::cluster::{Agent, AgentLaunch, SimCluster};
 use tessera_tests::resources;
 
-use crate::datapath::{Batch, live, pod_objects};
+use crate::datapath::{Batch, agent_launch, live, pod_objects, start_agent};
 use crate::report::Figure;
 use crate::system::{cpu_seconds, start_operator};
 
@@ -84,14 +84,7 @@ pub async fn run(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
         t.elapsed().as_secs_f64()
     );
     let dir = tempfile::tempdir()?;
-    let launch = AgentLaunch {
-        bin: agent.to_owned(),
-        kubeconfig: cp.kubeconfig().to_owned(),
-        signer_port,
-        dir: dir.path().to_owned(),
-        echo: false,
-        extra: Vec::new(),
-    };
+    let launch = agent_launch(agent, &cp, signer_port, dir.path());
     start_pinned(&mut cluster, &launch, "node-b", 1).await?;
     let t = Instant::now();
     until_logged(cluster.agent("node-b"), "X.509-SVID issued", SERVERS).await?;
@@ -133,14 +126,7 @@ async fn start_pinned(
     node: &str,
     core: usize,
 ) -> Result<()> {
-    let token = resources::agent_token_file(
-        &cluster.client,
-        node,
-        tessera_api::signer_api::TOKEN_AUDIENCE,
-        &launch.dir,
-    )
-    .await?;
-    let pid = cluster.start_agent(launch, node, &token).proc.0.id();
+    let pid = start_agent(cluster, launch, node).await?;
     // Threads started later inherit the mask of the thread starting them.
     let status = std::process::Command::new("taskset")
         .args(["-a", "-p", "-c", &core.to_string(), &pid.to_string()])
@@ -228,18 +214,11 @@ async fn measure(cluster: &mut SimCluster, launch: &AgentLaunch) -> Result<Vec<F
 
 /// Waits until `agent` logged `needle` `count` times.
 async fn until_logged(agent: &Agent, needle: &str, count: usize) -> Result<()> {
-    let t = Instant::now();
-    while agent.count(needle) < count {
-        if t.elapsed() > LIMIT {
-            bail!(
-                "{}'s agent logged {needle:?} {} times in {LIMIT:?}, not {count}",
-                agent.node,
-                agent.count(needle)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Ok(())
+    let what = format!("{}'s agent to log {needle:?} {count} times", agent.node);
+    tessera_tests::eventually(&what, LIMIT, || async {
+        Ok((agent.count(needle) >= count).then_some(()))
+    })
+    .await
 }
 
 /// Writes both agents' logs under target/bench.
