@@ -170,7 +170,23 @@ struct {
 	__type(value, __u32);
 } ts_terminated SEC(".maps");
 
-/* Cookies of the agent's terminator sockets. */
+/* Ports with HTTP rules: the agent's waypoint socket for each (see
+ * ts_steer), and the same keys, pinned, for ts_ingress (ts_waypointed). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, TS_MAX_TERMINATORS);
+	__type(key, struct ts_term_key);
+	__type(value, __u32);
+} ts_waypoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TS_MAX_TERMINATORS);
+	__type(key, struct ts_term_key);
+	__type(value, __u32);
+} ts_waypointed SEC(".maps");
+
+/* Cookies of the agent's terminator and waypoint sockets. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, TS_MAX_TERMINATORS);
@@ -488,6 +504,16 @@ static __always_inline int still_valid(const struct ts_verdict *v, __u64 version
 	return 1;
 }
 
+/* Whether `addr`:`port` is a local pod's port with HTTP rules (see
+ * ts_waypointed). */
+static __always_inline int waypointed(const struct ts_ip_key *addr, __u16 port)
+{
+	struct ts_term_key key = { .port = port };
+
+	__builtin_memcpy(key.addr, addr->addr, 16);
+	return bpf_map_lookup_elem(&ts_waypointed, &key) != 0;
+}
+
 SEC("cgroup_skb/ingress")
 int ts_ingress(struct __sk_buff *skb)
 {
@@ -576,6 +602,21 @@ int ts_ingress(struct __sk_buff *skb)
 	if (!dst_known) {
 		count(TS_REASON_PASS_UNMANAGED);
 		return 1;
+	}
+	/* A port with HTTP rules: only the agent's waypoint socket (ts_steer
+	 * handed the connection there) may take a connection start; never
+	 * cached, so a waypoint gone leaves nothing admitted behind it. The
+	 * agent bumps the version when it adds a key, which drops verdicts
+	 * cached before. */
+	if (waypointed(&dst_key, bpf_ntohs(tcp.dest))) {
+		__u64 cookie = bpf_get_socket_cookie(skb);
+
+		if (bpf_map_lookup_elem(&ts_terminator_sk, &cookie)) {
+			count(TS_REASON_PASS_UNMANAGED);
+			return 1;
+		}
+		count(TS_REASON_DENY_NO_WAYPOINT);
+		return 0;
 	}
 	shapes = shapes_of(dst.id);
 	if (!shapes) {
@@ -749,10 +790,12 @@ int ts_connect6(struct bpf_sock_addr *ctx)
 #define TS_AF_INET6 10
 
 /* ts_steer (sk_lookup, attached to the network namespace of each local pod
- * with terminated ports): a TCP connection start from a peer outside the
- * mesh (its address has no endpoint) to a terminated address and port goes
- * to the agent's terminator socket. Everything else, mesh peers included,
- * takes the usual lookup and then ts_ingress. */
+ * with terminated ports or ports with HTTP rules): a TCP connection start
+ * to a port with HTTP rules goes to the agent's waypoint socket, whoever
+ * the peer is; one from a peer outside the mesh (its address has no
+ * endpoint) to a terminated address and port goes to the agent's
+ * terminator socket. Everything else, mesh peers included, takes the
+ * usual lookup and then ts_ingress. */
 SEC("sk_lookup")
 int ts_steer(struct bpf_sk_lookup *ctx)
 {
@@ -782,6 +825,13 @@ int ts_steer(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	}
 	key.port = ctx->local_port;
+	/* Ports with HTTP rules: every peer goes through the waypoint. */
+	sk = bpf_map_lookup_elem(&ts_waypoints, &key);
+	if (sk) {
+		bpf_sk_assign(ctx, sk, 0);
+		bpf_sk_release(sk);
+		return SK_PASS;
+	}
 	lookup_ip(&remote, &known);
 	if (known)
 		return SK_PASS;

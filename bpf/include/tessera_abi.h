@@ -16,7 +16,7 @@
 
 #include <linux/types.h>
 
-#define TESSERA_ABI_VERSION 7
+#define TESSERA_ABI_VERSION 8
 
 /* Numeric identities below 256 are reserved (allocated ones start at 256). */
 /* Any identity, in policy keys. */
@@ -41,10 +41,15 @@ struct ts_ip_key {
 
 /* ts_terminators (SOCKHASH): a local pod's address and TCP port whose
  * connections from peers outside the mesh (addresses without an endpoint)
- * the agent terminates: ts_steer hands them to the agent's socket. The
- * agent's terminator sockets are also listed by cookie in ts_terminator_sk:
- * ts_ingress lets connection starts reaching those sockets through (the
- * agent authenticates the peer itself). */
+ * the agent terminates: ts_steer hands them to the agent's socket.
+ * ts_waypoints (SOCKHASH): a local pod's address and TCP port with HTTP
+ * rules, every connection to which (from any peer) ts_steer hands to the
+ * agent's waypoint socket; ts_waypointed (HASH, pinned) lists the same
+ * keys for ts_ingress, which refuses connection starts to them that reach
+ * any other socket, so that with the waypoint down the port refuses. The
+ * agent's terminator and waypoint sockets are also listed by cookie in
+ * ts_terminator_sk: ts_ingress lets connection starts reaching those
+ * sockets through (the agent checks the peer itself). */
 struct ts_term_key {
 	__u8 addr[16];
 	__u32 port; /* host order */
@@ -276,7 +281,12 @@ enum ts_reason {
 	 * held (TS_CONN_HELD); the destination's ingress check decides its
 	 * connection starts, which are retried every few milliseconds */
 	TS_REASON_HOLD_POD_PENDING = 19,
-	TS_REASON_COUNT = 20,
+	/* a connection start to a pod address and port with HTTP rules
+	 * (ts_waypointed) that did not reach the agent's waypoint socket:
+	 * the waypoint is down or was never started, and nothing reaches
+	 * the workload on that port unchecked */
+	TS_REASON_DENY_NO_WAYPOINT = 20,
+	TS_REASON_COUNT = 21,
 };
 
 #define TS_MAX_ENDPOINTS 65536

@@ -42,8 +42,9 @@ impl From<std::net::IpAddr> for IpKey {
     }
 }
 
-/// A local pod's address and TCP port whose connections from peers outside
-/// the mesh the agent terminates (key of `ts_terminators`).
+/// A local pod's address and TCP port: one whose connections from peers
+/// outside the mesh the agent terminates (key of `ts_terminators`), or one
+/// with HTTP rules (key of `ts_waypoints` and `ts_waypointed`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct TermKey {
@@ -447,6 +448,10 @@ pub enum Reason {
     /// has not mapped yet (a pod that has just started): it waits, the
     /// destination's ingress check deciding its connection starts.
     HoldPodPending = consts::TS_REASON_HOLD_POD_PENDING as u32,
+    /// A connection start to a pod's port with HTTP rules that did not
+    /// reach the agent's waypoint (down, or never started): refused, so
+    /// nothing reaches the workload on that port unchecked.
+    DenyNoWaypoint = consts::TS_REASON_DENY_NO_WAYPOINT as u32,
 }
 
 impl Reason {
@@ -472,6 +477,7 @@ impl Reason {
         Reason::EventsLost,
         Reason::HoldAuthPending,
         Reason::HoldPodPending,
+        Reason::DenyNoWaypoint,
     ];
 
     /// A short label for metrics and logs.
@@ -497,6 +503,7 @@ impl Reason {
             Reason::EventsLost => "events_lost",
             Reason::HoldAuthPending => "hold_auth_pending",
             Reason::HoldPodPending => "hold_pod_pending",
+            Reason::DenyNoWaypoint => "deny_no_waypoint",
         }
     }
 

@@ -412,6 +412,64 @@ impl Datapath {
         Ok(())
     }
 
+    /// Marks `key` (a local pod's address and port) as having HTTP rules:
+    /// from now on `ts_ingress` refuses its connection starts unless they
+    /// reach one of the agent's sockets (see [`Datapath::set_waypoint`]).
+    /// Counted as a narrowing, and verdicts cached before no longer count.
+    pub fn mark_waypointed(&mut self, key: TermKey) -> Result<(), DatapathError> {
+        self.hash::<TermKey, u32>(maps::WAYPOINTED)?
+            .insert(key, 1, 0)?;
+        self.narrowings += 1;
+        self.new_version()
+    }
+
+    /// Ends [`Datapath::mark_waypointed`] for `key`.
+    pub fn unmark_waypointed(&mut self, key: &TermKey) -> Result<(), DatapathError> {
+        remove_missing_ok(self.hash::<TermKey, u32>(maps::WAYPOINTED)?.remove(key))?;
+        self.new_version()
+    }
+
+    /// Every key marked by [`Datapath::mark_waypointed`].
+    pub fn waypointed(&mut self) -> Result<Vec<TermKey>, DatapathError> {
+        Ok(self
+            .hash::<TermKey, u32>(maps::WAYPOINTED)?
+            .keys()
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Hands every connection to `key` (a local pod's address and port with
+    /// HTTP rules) to `socket`, the waypoint's listening TCP socket in that
+    /// pod's network namespace, and lets them through the ingress check.
+    pub fn set_waypoint(
+        &mut self,
+        key: TermKey,
+        socket: &impl AsRawFd,
+        cookie: u64,
+    ) -> Result<(), DatapathError> {
+        // The exemption first: a connection steered before it would be
+        // refused (fails closed), never let through to anyone else.
+        self.hash::<u64, u32>(maps::TERMINATOR_SK)?
+            .insert(cookie, 1, 0)?;
+        let steered = SockHash::<&mut MapData, TermKey>::try_from(self.map(maps::WAYPOINTS)?)
+            .map_err(DatapathError::from)
+            .and_then(|mut m| Ok(m.insert(key, socket.as_raw_fd(), 0)?));
+        if let Err(e) = steered {
+            let _ = self.remove_waypoint(&key, cookie);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Stops steering `key` to the waypoint socket with `cookie`; the key
+    /// stays marked (see [`Datapath::unmark_waypointed`]).
+    pub fn remove_waypoint(&mut self, key: &TermKey, cookie: u64) -> Result<(), DatapathError> {
+        let mut sockets: SockHash<&mut MapData, TermKey> =
+            SockHash::try_from(self.map(maps::WAYPOINTS)?)?;
+        remove_missing_ok(sockets.remove(key))?;
+        remove_missing_ok(self.hash::<u64, u32>(maps::TERMINATOR_SK)?.remove(&cookie))?;
+        Ok(())
+    }
+
     /// Sets who a pod address belongs to.
     pub fn set_endpoint_ip(&mut self, ip: IpAddr, ep: Endpoint) -> Result<(), DatapathError> {
         self.replace(maps::EP_IP, IpKey::from(ip), ep)

@@ -75,7 +75,15 @@ pub mod maps {
     /// The keys of [`TERMINATORS`] (not pinned, likewise): connections from
     /// outside the mesh to them are the agent's, which no sweep resets.
     pub const TERMINATED: &str = "ts_terminated";
-    /// Cookies of the agent's terminator sockets (not pinned, likewise).
+    /// Pod address and port with HTTP rules -> the agent's waypoint socket
+    /// (not pinned: its sockets end with the agent, and with them the
+    /// steering).
+    pub const WAYPOINTS: &str = "ts_waypoints";
+    /// The pod addresses and ports with HTTP rules (pinned: while the agent
+    /// is down, connection starts to them are refused).
+    pub const WAYPOINTED: &str = "ts_waypointed";
+    /// Cookies of the agent's terminator and waypoint sockets (not pinned,
+    /// likewise).
     pub const TERMINATOR_SK: &str = "ts_terminator_sk";
     /// Host-side interfaces of local pods (ifindex -> 0).
     pub const VETHS: &str = "ts_veths";
@@ -87,7 +95,7 @@ pub mod maps {
     /// Every map, in the order the agent pins them.
     pub const ALL: &[&str] = &[
         EP_IP, EP_CGROUP, POLICY, SELECTED, AUTH, EPOCH, VERSION, VERDICTS4, VERDICTS6, EVENTS,
-        EVENT_LAST, COUNTERS, CACHE_KEY, VETHS, VETH_IPS, CONNS,
+        EVENT_LAST, COUNTERS, CACHE_KEY, VETHS, VETH_IPS, CONNS, WAYPOINTED,
     ];
 }
 

@@ -11,7 +11,7 @@ use aya::maps::{MapInfo, MapType};
 
 use crate::abi::{
     AuthKey, AuthValue, Conn, Endpoint, FlowKey4, FlowKey6, IpKey, PolicyKey, PolicyValue,
-    Selected, Verdict, VethKey, consts,
+    Selected, TermKey, Verdict, VethKey, consts,
 };
 use crate::maps;
 
@@ -147,6 +147,12 @@ pub fn expected(name: &str) -> Option<Layout> {
         maps::VETHS => l(MapType::Hash, 4, 4, consts::TS_MAX_VETHS),
         maps::VETH_IPS => l(MapType::Hash, size::<VethKey>(), 4, consts::TS_MAX_VETH_IPS),
         maps::CONNS => l(MapType::SkStorage, 4, size::<Conn>(), 0),
+        maps::WAYPOINTED => l(
+            MapType::Hash,
+            size::<TermKey>(),
+            4,
+            consts::TS_MAX_TERMINATORS,
+        ),
         _ => None,
     }
 }

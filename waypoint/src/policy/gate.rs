@@ -80,7 +80,7 @@ impl Refusal {
 }
 
 /// Whether `req` is a gRPC call (its content type says so).
-fn is_grpc<B>(req: &Request<B>) -> bool {
+pub fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
