@@ -174,14 +174,14 @@ struct {
  * ts_steer), and the same keys, pinned, for ts_ingress (ts_waypointed). */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
-	__uint(max_entries, TS_MAX_TERMINATORS);
+	__uint(max_entries, TS_MAX_WAYPOINTED);
 	__type(key, struct ts_term_key);
 	__type(value, __u32);
 } ts_waypoints SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, TS_MAX_TERMINATORS);
+	__uint(max_entries, TS_MAX_WAYPOINTED);
 	__type(key, struct ts_term_key);
 	__type(value, __u32);
 } ts_waypointed SEC(".maps");
@@ -189,7 +189,7 @@ struct {
 /* Cookies of the agent's terminator and waypoint sockets. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, TS_MAX_TERMINATORS);
+	__uint(max_entries, TS_MAX_TERMINATORS + TS_MAX_WAYPOINTED);
 	__type(key, __u64);
 	__type(value, __u32);
 } ts_terminator_sk SEC(".maps");

@@ -298,6 +298,8 @@ enum ts_reason {
 #define TS_MAX_EVENT_PAIRS 16384
 #define TS_MAX_FLOWS 65536
 #define TS_MAX_TERMINATORS 4096
+/* Local pod addresses and ports with HTTP rules (ts_waypoints, ts_waypointed). */
+#define TS_MAX_WAYPOINTED 65536
 #define TS_MAX_VETHS 4096
 #define TS_MAX_VETH_IPS 16384
 /* Most IPv6 extension headers ts_ingress walks to reach the transport

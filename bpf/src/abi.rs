@@ -46,7 +46,7 @@ impl From<std::net::IpAddr> for IpKey {
 /// outside the mesh the agent terminates (key of `ts_terminators`), or one
 /// with HTTP rules (key of `ts_waypoints` and `ts_waypointed`).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct TermKey {
     /// The pod's address, as in [`IpKey`].
     pub addr: [u8; 16],

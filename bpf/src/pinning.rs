@@ -151,7 +151,7 @@ pub fn expected(name: &str) -> Option<Layout> {
             MapType::Hash,
             size::<TermKey>(),
             4,
-            consts::TS_MAX_TERMINATORS,
+            consts::TS_MAX_WAYPOINTED,
         ),
         _ => None,
     }

@@ -4,14 +4,17 @@
 //! pairs to authenticate ahead of traffic; [`handshake`] is the
 //! agent-to-agent mutual TLS that authenticates one pair, run over
 //! [`channel`]s (one long-lived connection per peer agent); [`external`]
-//! terminates TLS for peers outside the mesh; [`limits`] caps the
-//! connections accepted from the network.
+//! holds the agent's sockets in pods' network namespaces and terminates TLS
+//! for peers outside the mesh; [`waypoint`] checks each HTTP request to a
+//! port with HTTP rules; [`limits`] caps the connections accepted from the
+//! network.
 
 pub mod channel;
 pub mod enforcer;
 pub mod external;
 pub mod handshake;
 pub mod limits;
+pub mod waypoint;
 
 use std::net::SocketAddr;
 

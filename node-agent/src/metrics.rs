@@ -118,11 +118,44 @@ impl Collector for Agent {
             ConstCounter::new(get(&s.decisions[reason as usize]))
                 .encode(family.encode_family(&[("reason", reason.label())])?)?;
         }
+        self.waypoint(&mut encoder)?;
         self.gauges(&mut encoder)
     }
 }
 
 impl Agent {
+    /// The waypoint's counters.
+    fn waypoint(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let w = &self.stats.waypoint;
+        counter(
+            encoder,
+            "waypoint_connections",
+            "Connections the waypoint served (to ports with HTTP rules)",
+            get(&w.connections),
+        )?;
+        counter(
+            encoder,
+            "waypoint_requests_allowed",
+            "Requests (HTTP/2 streams) the waypoint forwarded to the workload",
+            get(&w.allowed),
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "waypoint_requests_refused",
+            "Requests the waypoint refused, by reason: deny_rule and no_allow_rule (403), bad_path (400), no_rules (the rules could not be compiled), peer_changed, upstream_failed (502)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in w.refusals() {
+            ConstCounter::new(n).encode(family.encode_family(&[("reason", reason)])?)?;
+        }
+        counter(
+            encoder,
+            "waypoint_connections_revoked",
+            "Waypoint connections closed because their peer's identity, generation or authentication changed",
+            get(&w.revoked),
+        )
+    }
+
     /// The gauges: local identities, queued handshakes, data path in sync.
     fn gauges(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let s = &self.stats;

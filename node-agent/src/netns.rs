@@ -149,3 +149,23 @@ pub fn run_in<T: Send>(
             .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
     })
 }
+
+/// A TCP connection to `addr` made in the network namespace `netns` (the
+/// dial on a thread of its own; the stream registered with the calling
+/// runtime), failing after `timeout`.
+pub async fn connect_in(
+    netns: std::sync::Arc<File>,
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let stream = tokio::task::spawn_blocking(move || {
+        run_in(&netns, || {
+            let s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    tokio::net::TcpStream::from_std(stream)
+}

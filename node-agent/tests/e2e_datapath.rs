@@ -25,7 +25,6 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
 use tessera_agent::datapath::authcache::Entry;
 use tessera_agent::svid::trust::{BUNDLE_CONFIGMAP, BUNDLE_KEY};
-use tessera_api::signer_api::TOKEN_AUDIENCE;
 use tessera_tests::cluster::{AgentLaunch, PodSpec, SimCluster, SimPod};
 use tessera_tests::resources;
 
@@ -34,12 +33,6 @@ mod common;
 const PORT: u16 = 5432;
 /// X.509-SVID lifetime: short, so SVIDs rotate (at half-life) during the test.
 const SVID_TTL: u64 = 30;
-const NODES: [(&str, &str); 3] = [
-    ("node-a", "198.18.0.1"),
-    ("node-b", "198.18.0.2"),
-    ("node-c", "198.18.0.3"),
-];
-
 /// Creates pod `name` in `shop` (label `app`, service account `sa`) on
 /// `node` with `ip`, with a TCP server on [`PORT`].
 async fn pod(
@@ -108,39 +101,6 @@ async fn until_ok(from: &SimPod, ip: &str) -> (String, usize) {
 /// addresses: one at a time.
 static TOPOLOGY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A control plane with the two nodes' objects and the pods' service
-/// accounts; fails unless bpffs can be had (root).
-async fn control_plane() -> (tessera_tests::ControlPlane, kube::Client) {
-    assert!(
-        tessera_bpf::pinning::ensure_bpffs(Path::new("/sys/fs/bpf")).is_ok(),
-        "no bpffs at /sys/fs/bpf: this test needs root"
-    );
-    let (cp, client) = resources::control_plane_with_crds().await.unwrap();
-    resources::apply_manifest(&client, resources::TWO_NODES)
-        .await
-        .unwrap();
-    for sa in ["web", "other", "db", "cache"] {
-        resources::apply_manifest(
-            &client,
-            &format!(
-                "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {sa}, namespace: shop}}\n"
-            ),
-        )
-        .await
-        .unwrap();
-    }
-    // Pods labelled app=forger get no identity: the template needs a label
-    // they lack (see `forged_identity_is_refused`).
-    resources::apply_manifest(
-        &client,
-        "apiVersion: tessera.dev/v1alpha1\nkind: WorkloadIdentity\nmetadata: {name: forgers}\n\
-         spec:\n  spiffeIDTemplate: \"spiffe://{trustDomain}/tier/{podLabel:tier}\"\n  podSelector: {matchLabels: {app: forger}}\n",
-    )
-    .await
-    .unwrap();
-    (cp, client)
-}
-
 /// Values Tessera once took from pod annotations: a pod author writes
 /// web's onto pods whose own identity assigns (app=other) or fails
 /// (app=forger). Neither reaches db, whose policy admits only web.
@@ -204,51 +164,6 @@ async fn forged_identity_is_refused(cluster: &SimCluster, db: &SimPod) {
     }
 }
 
-/// How this file's agents run: this build's binary, logs echoed, state
-/// and sockets in `dir`, `extra` arguments by node.
-fn launch(
-    cp: &tessera_tests::ControlPlane,
-    dir: &Path,
-    signer_port: u16,
-    extra: Vec<(String, Vec<String>)>,
-) -> AgentLaunch {
-    AgentLaunch {
-        bin: env!("CARGO_BIN_EXE_tessera-agent").into(),
-        kubeconfig: cp.kubeconfig().to_owned(),
-        signer_port,
-        dir: dir.to_owned(),
-        echo: true,
-        extra,
-    }
-}
-
-/// The simulated nodes, and agents for node-a and node-b started with
-/// `launch`, in sync; returns the cluster and the agents' token files.
-async fn cluster_with_agents(
-    client: &kube::Client,
-    launch: &AgentLaunch,
-) -> (SimCluster, Vec<std::path::PathBuf>) {
-    let mut cluster = SimCluster::create(
-        client.clone(),
-        &common::cgroup2_root(),
-        &format!("tessera-e2e-{}", std::process::id()),
-        &NODES,
-    )
-    .await;
-    let mut token_files = Vec::new();
-    for node in ["node-a", "node-b"] {
-        let token_file = resources::agent_token_file(client, node, TOKEN_AUDIENCE, &launch.dir)
-            .await
-            .unwrap();
-        cluster.start_agent(launch, node, &token_file);
-        token_files.push(token_file);
-    }
-    for agent in &cluster.agents {
-        agent.wait_for("data path in sync", 1).await;
-    }
-    (cluster, token_files)
-}
-
 /// The mutual-authentication scenario's pods and policies, and its first
 /// checks: web (node-a) may reach db (node-b) with mutual authentication
 /// and does on the first try; other -> db is refused by connect(); a pod
@@ -305,15 +220,15 @@ async fn no_inherited_authentication(cluster: &SimCluster, web: &SimPod, mut db:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authenticated_pairs_connect_and_nothing_else_does() {
     let _one_at_a_time = TOPOLOGY.lock().await;
-    let (cp, client) = control_plane().await;
+    let (cp, client) = common::control_plane().await;
     let signer_port = tessera_tests::free_port().unwrap();
     let _operator = common::start_operator(cp.kubeconfig(), signer_port, SVID_TTL);
     resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
-    let (mut cluster, token_files) = cluster_with_agents(&client, &launch).await;
+    let launch = common::launch(&cp, dir.path(), signer_port, Vec::new());
+    let (mut cluster, token_files) = common::cluster_with_agents(&client, &launch).await;
     let (web, other, db) = authenticated_pair(&cluster).await;
     // The agents' metrics tell the same story (decisions are read from the
     // kernel's counters at most a second late).
@@ -519,7 +434,7 @@ async fn authenticated_pairs_connect_with_spire_issued_svids() {
     use tessera_tests::spire::{SpireAgent, SpireServer};
     let _one_at_a_time = TOPOLOGY.lock().await;
     let bins = tessera_tests::TestBins::locate().unwrap();
-    let (cp, client) = control_plane().await;
+    let (cp, client) = common::control_plane().await;
     let dir = tempfile::tempdir().unwrap();
     let spire = SpireServer::start(
         &bins.spire_server,
@@ -568,8 +483,8 @@ async fn authenticated_pairs_connect_with_spire_issued_svids() {
     resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
         .await
         .unwrap();
-    let launch = launch(&cp, dir.path(), signer_port, extra);
-    let (cluster, _) = cluster_with_agents(&client, &launch).await;
+    let launch = common::launch(&cp, dir.path(), signer_port, extra);
+    let (cluster, _) = common::cluster_with_agents(&client, &launch).await;
     let (web, _other, db) = authenticated_pair(&cluster).await;
     for agent in &cluster.agents {
         assert!(
@@ -715,15 +630,15 @@ async fn workload_api_still_answers(socket: &Path, web: &SimPod) {
 async fn floods_of_idle_connections_cost_the_agent_little() {
     use tessera_agent::mesh::limits::{EXTERNAL_PER_PEER, HANDSHAKES_PER_PEER};
     let _one_at_a_time = TOPOLOGY.lock().await;
-    let (cp, client) = control_plane().await;
+    let (cp, client) = common::control_plane().await;
     let signer_port = tessera_tests::free_port().unwrap();
     let _operator = common::start_operator(cp.kubeconfig(), signer_port, 3600);
     resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
-    let (cluster, _) = cluster_with_agents(&client, &launch).await;
+    let launch = common::launch(&cp, dir.path(), signer_port, Vec::new());
+    let (cluster, _) = common::cluster_with_agents(&client, &launch).await;
     let web = pod(&cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
     let socket = dir.path().join("node-a.sock");
     let agent = cluster.agent("node-a");
@@ -871,15 +786,15 @@ async fn start_node_b(cluster: &mut SimCluster, launch: &AgentLaunch, token_file
 async fn restored_authentications_are_the_agents_own_and_end_with_its_svids() {
     use tessera_agent::datapath::authcache::{AuthCache, MacKey};
     let _one_at_a_time = TOPOLOGY.lock().await;
-    let (cp, client) = control_plane().await;
+    let (cp, client) = common::control_plane().await;
     let signer_port = tessera_tests::free_port().unwrap();
     let _operator = common::start_operator(cp.kubeconfig(), signer_port, SVID_TTL);
     resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
-    let (mut cluster, token_files) = cluster_with_agents(&client, &launch).await;
+    let launch = common::launch(&cp, dir.path(), signer_port, Vec::new());
+    let (mut cluster, token_files) = common::cluster_with_agents(&client, &launch).await;
     let web = pod(&cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
     let db = pod(&cluster, "db", "db", "db", "node-b", "198.18.2.10").await;
     let intruder = pod(&cluster, "intruder", "web", "web", "node-c", "198.18.3.10").await;
@@ -957,82 +872,6 @@ async fn restored_authentications_are_the_agents_own_and_end_with_its_svids() {
         .await;
 }
 
-/// No rule is accepted and then ignored: an Allow rule with HTTP rules, and
-/// no other rule, lets no plain TCP connection through to its port before
-/// a waypoint enforces it (it once compiled to an allow of the whole port),
-/// and the policy's status says the rule waits for the waypoint; the same
-/// rule without HTTP rules allows the connection.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http_rule_allows_nothing_before_the_waypoint() {
-    use tessera_api::crd::{AuthPolicy, CONDITION_HTTP_RULES};
-    let _one_at_a_time = TOPOLOGY.lock().await;
-    let (cp, client) = control_plane().await;
-    let signer_port = tessera_tests::free_port().unwrap();
-    let _operator = common::start_operator(cp.kubeconfig(), signer_port, 3600);
-    resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
-    let (cluster, _) = cluster_with_agents(&client, &launch).await;
-    let web = pod(&cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
-    let db = pod(&cluster, "db", "db", "db", "node-b", "198.18.2.10").await;
-    resources::apply_manifest(
-        &client,
-        &format!(
-            "apiVersion: tessera.dev/v1alpha1\nkind: AuthPolicy\nmetadata: {{name: db-http, namespace: shop}}\n\
-             spec:\n  selector: {{matchLabels: {{app: db}}}}\n  rules:\n  - from: [{{podSelector: {{matchLabels: {{app: web}}}}}}]\n    ports: [{{port: {PORT}}}]\n\
-             \x20   http: [{{methods: [GET], paths: [{{type: Prefix, value: /public}}]}}]\n"
-        ),
-    )
-    .await
-    .unwrap();
-    // The status first: once it names the waiting rule, the policy is
-    // compiled and in the agents' maps within a moment.
-    let policies: Api<AuthPolicy> = Api::namespaced(client.clone(), "shop");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let condition = loop {
-        let found = policies.get("db-http").await.unwrap().status.and_then(|s| {
-            s.conditions
-                .into_iter()
-                .find(|c| c.type_ == CONDITION_HTTP_RULES)
-        });
-        if let Some(c) = found {
-            break c;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {CONDITION_HTTP_RULES} condition"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert_eq!(
-        (condition.status.as_str(), condition.reason.as_str()),
-        ("False", "WaitingForWaypoint"),
-        "{}",
-        condition.message
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    for _ in 0..5 {
-        let out = web.connect(&db.ip, PORT);
-        assert!(
-            out.starts_with("errno 1 "),
-            "plain TCP to a port whose only rule is an HTTP rule: {out}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // The same rule without HTTP rules allows it.
-    let plain = serde_json::json!({"spec": {"rules": [{
-        "from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
-        "ports": [{"port": PORT}],
-    }]}});
-    policies
-        .patch("db-http", &PatchParams::default(), &Patch::Merge(&plain))
-        .await
-        .unwrap();
-    until_ok(&web, &db.ip).await;
-}
-
 /// A dual-stack pod in `shop` on `node` with a TCP server on [`PORT`].
 async fn dual_stack_pod(
     cluster: &SimCluster,
@@ -1065,15 +904,15 @@ async fn dual_stack_pod(
 async fn a_dual_stack_pod_is_protected_on_both_families() {
     use tessera_tests::netns::IPV6_PREFIX;
     let _one_at_a_time = TOPOLOGY.lock().await;
-    let (cp, client) = control_plane().await;
+    let (cp, client) = common::control_plane().await;
     let signer_port = tessera_tests::free_port().unwrap();
     let _operator = common::start_operator(cp.kubeconfig(), signer_port, 3600);
     resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
-    let (cluster, _) = cluster_with_agents(&client, &launch).await;
+    let launch = common::launch(&cp, dir.path(), signer_port, Vec::new());
+    let (cluster, _) = common::cluster_with_agents(&client, &launch).await;
     let v6 = |host: &str| format!("{IPV6_PREFIX}::{host}");
     let web = dual_stack_pod(&cluster, "web", "node-a", "198.18.1.10", &v6("1:10")).await;
     let other = dual_stack_pod(&cluster, "other", "node-a", "198.18.1.11", &v6("1:11")).await;
@@ -1117,15 +956,15 @@ async fn a_dual_stack_pod_is_protected_on_both_families() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_address_never_carries_a_host_network_pods_identity() {
     let _one_at_a_time = TOPOLOGY.lock().await;
-    let (cp, client) = control_plane().await;
+    let (cp, client) = common::control_plane().await;
     let signer_port = tessera_tests::free_port().unwrap();
     let _operator = common::start_operator(cp.kubeconfig(), signer_port, 3600);
     resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
-    let (cluster, _) = cluster_with_agents(&client, &launch).await;
+    let launch = common::launch(&cp, dir.path(), signer_port, Vec::new());
+    let (cluster, _) = common::cluster_with_agents(&client, &launch).await;
     let mut host_pods = Vec::new();
     for name in ["other", "cache"] {
         host_pods.push(
@@ -1195,15 +1034,15 @@ async fn the_node_address_never_carries_a_host_network_pods_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_address_inherits_nothing_while_the_peers_agent_is_down() {
     let _one_at_a_time = TOPOLOGY.lock().await;
-    let (cp, client) = control_plane().await;
+    let (cp, client) = common::control_plane().await;
     let signer_port = tessera_tests::free_port().unwrap();
     let _operator = common::start_operator(cp.kubeconfig(), signer_port, 3600);
     resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
-    let (mut cluster, _) = cluster_with_agents(&client, &launch).await;
+    let launch = common::launch(&cp, dir.path(), signer_port, Vec::new());
+    let (mut cluster, _) = common::cluster_with_agents(&client, &launch).await;
     let web = pod(&cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
     let mut x = pod(&cluster, "x", "cache", "cache", "node-a", "198.18.1.20").await;
     let db = pod(&cluster, "db", "db", "db", "node-b", "198.18.2.10").await;
@@ -1249,15 +1088,15 @@ async fn a_reused_address_inherits_nothing_while_the_peers_agent_is_down() {
 async fn a_pod_sends_only_from_its_own_addresses() {
     use tessera_tests::scapy::{self, Sniffer};
     let _one_at_a_time = TOPOLOGY.lock().await;
-    let (cp, client) = control_plane().await;
+    let (cp, client) = common::control_plane().await;
     let signer_port = tessera_tests::free_port().unwrap();
     let _operator = common::start_operator(cp.kubeconfig(), signer_port, 3600);
     resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
-    let (cluster, _) = cluster_with_agents(&client, &launch).await;
+    let launch = common::launch(&cp, dir.path(), signer_port, Vec::new());
+    let (cluster, _) = common::cluster_with_agents(&client, &launch).await;
     let web = pod(&cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
     let other = pod(&cluster, "other", "other", "other", "node-a", "198.18.1.11").await;
     let db = pod(&cluster, "db", "db", "db", "node-b", "198.18.2.10").await;
@@ -1318,15 +1157,15 @@ fn ends_within_a_second(held: &mut tessera_tests::netns::Held, since: Instant, w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn established_connections_end_with_what_admitted_them() {
     let _one_at_a_time = TOPOLOGY.lock().await;
-    let (cp, client) = control_plane().await;
+    let (cp, client) = common::control_plane().await;
     let signer_port = tessera_tests::free_port().unwrap();
     let _operator = common::start_operator(cp.kubeconfig(), signer_port, SVID_TTL);
     resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
-    let (cluster, _token_files) = cluster_with_agents(&client, &launch).await;
+    let launch = common::launch(&cp, dir.path(), signer_port, Vec::new());
+    let (cluster, _token_files) = common::cluster_with_agents(&client, &launch).await;
     let web = pod(&cluster, "web", "web", "web", "node-a", "198.18.1.10").await;
     let db = pod(&cluster, "db", "db", "db", "node-b", "198.18.2.10").await;
     let mut cache = pod(&cluster, "cache", "cache", "cache", "node-b", "198.18.2.11").await;
@@ -1433,15 +1272,15 @@ async fn until_mapped(cluster: &SimCluster, node: &str, ip: &str) -> tessera_bpf
 async fn a_new_pods_address_reaches_its_peers_before_its_status() {
     use tessera_bpf::abi::Reason;
     let _one_at_a_time = TOPOLOGY.lock().await;
-    let (cp, client) = control_plane().await;
+    let (cp, client) = common::control_plane().await;
     let signer_port = tessera_tests::free_port().unwrap();
     let _operator = common::start_operator(cp.kubeconfig(), signer_port, 3600);
     resources::wait_for_trust_bundle(&client, Duration::from_secs(60))
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let launch = launch(&cp, dir.path(), signer_port, Vec::new());
-    let (cluster, _) = cluster_with_agents(&client, &launch).await;
+    let launch = common::launch(&cp, dir.path(), signer_port, Vec::new());
+    let (cluster, _) = common::cluster_with_agents(&client, &launch).await;
     let db = pod(&cluster, "db", "db", "db", "node-b", "198.18.2.10").await;
     for from in ["web", "other", "cache"] {
         policy(&cluster, &format!("db-from-{from}"), "db", from).await;

@@ -196,7 +196,13 @@ fn sources() -> Vec<Source> {
             // Named by its source, so an edit rebuilds it.
             dir: format!(
                 "workload-{}",
-                &hex(&Sha256::digest(include_str!("testbin/workload.go")))[..16]
+                &hex(&Sha256::digest(
+                    [
+                        include_str!("testbin/workload.go"),
+                        include_str!("testbin/workload_http.go"),
+                    ]
+                    .concat()
+                ))[..16]
             ),
             bins: &["workload"],
             build: node::build_workload,

@@ -72,6 +72,20 @@ pub struct Peer {
     pub generation: u64,
 }
 
+impl Peer {
+    /// A peer the data path knows nothing of: no identity, not
+    /// authenticated.
+    pub fn unnamed() -> Peer {
+        Peer {
+            source: Source {
+                id: None,
+                authenticated: false,
+            },
+            generation: 0,
+        }
+    }
+}
+
 /// Names a connection's peer by its address.
 pub type Identify = Arc<dyn Fn(IpAddr) -> Peer + Send + Sync>;
 

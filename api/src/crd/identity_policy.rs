@@ -9,6 +9,8 @@
 //! can never carry an old rule to a new workload. Label selectors are resolved
 //! by the operator into the exact SPIFFE IDs of the pods they pick.
 
+use std::collections::BTreeSet;
+
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -69,9 +71,9 @@ pub struct CompiledRule {
     /// Whether mutual authentication is required (Allow rules only).
     #[serde(default)]
     pub authentication: Authentication,
-    /// Whether HTTP rules apply (the waypoint enforces them; until it does,
-    /// node agents enforce an Allow rule with HTTP rules as allowing
-    /// nothing).
+    /// Whether HTTP rules apply (Allow rules only): node agents steer every
+    /// connection to the rule's ports through the waypoint, which checks
+    /// each request.
     #[serde(default)]
     pub l7: bool,
     /// The rule's HTTP conditions, as the AuthPolicy gives them (Allow and
@@ -83,6 +85,37 @@ pub struct CompiledRule {
     /// on these ports (Allow rules only).
     #[serde(default, skip_serializing_if = "is_deny")]
     pub external_peers: ExternalPeers,
+}
+
+impl CompiledRule {
+    /// The TCP ports the rule names (none when it names no port, meaning
+    /// every port; ports beyond 65535 or below 1 left out).
+    pub fn tcp_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.ports
+            .iter()
+            .filter(|r| r.protocol == crate::crd::auth_policy::Protocol::Tcp)
+            .flat_map(|r| {
+                let last = r.end_port.unwrap_or(r.port).min(i32::from(u16::MAX));
+                (r.port.max(1)..=last).filter_map(|p| u16::try_from(p).ok())
+            })
+    }
+}
+
+impl IdentityPolicySpec {
+    /// The TCP ports named by the rules `which` selects, lowest first.
+    pub fn tcp_ports_of(&self, which: impl Fn(&CompiledRule) -> bool) -> BTreeSet<u16> {
+        self.rules
+            .iter()
+            .filter(|r| which(r))
+            .flat_map(CompiledRule::tcp_ports)
+            .collect()
+    }
+
+    /// The TCP ports with HTTP rules (of Allow or Deny rules): every
+    /// connection to them goes through the waypoint.
+    pub fn http_ports(&self) -> BTreeSet<u16> {
+        self.tcp_ports_of(|r| !r.http.is_empty())
+    }
 }
 
 fn is_deny(e: &ExternalPeers) -> bool {

@@ -4,14 +4,14 @@
 //! handshakes; tests feed it directly and compare the kernel's decisions
 //! with a model.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tessera_api::crd::IdentityPolicySpec;
-use tessera_bpf::abi::{AuthEvent, AuthFailure, AuthKey, AuthValue, Endpoint, Reason};
+use tessera_bpf::abi::{AuthEvent, AuthFailure, AuthKey, AuthValue, Endpoint, Reason, TermKey};
 use tessera_bpf::datapath::{Datapath, DatapathError};
 use tracing::{debug, info, warn};
 
@@ -64,6 +64,8 @@ pub struct Stats {
     pub in_sync: AtomicBool,
     /// Pair handshakes queued and not started, as of the last pass.
     pub handshakes_waiting: AtomicU64,
+    /// What the waypoint did (see [`crate::mesh::waypoint`]).
+    pub waypoint: Arc<tessera_waypoint::proxy::Stats>,
 }
 
 impl Stats {
@@ -173,8 +175,40 @@ struct Written {
     ips: BTreeMap<[u8; 16], Endpoint>,
     cgroups: BTreeMap<u64, Endpoint>,
     rules: policy::Rules,
+    /// Local pod addresses and ports with HTTP rules (`ts_waypointed`).
+    waypointed: BTreeSet<TermKey>,
     /// When the maps were last read.
     read_at: std::time::Instant,
+}
+
+/// Most ports with HTTP rules of one local pod that go through the
+/// waypoint (the lowest); the others of such a pod are refused whole.
+pub const MAX_WAYPOINT_PORTS: usize = 256;
+
+/// The addresses and ports of local pods that have HTTP rules: each gets
+/// every connection through the waypoint.
+fn waypointed(view: &View, policies: &[IdentityPolicySpec]) -> BTreeSet<TermKey> {
+    let by_id: HashMap<&str, &IdentityPolicySpec> =
+        policies.iter().map(|p| (p.spiffe_id.as_str(), p)).collect();
+    let mut out = BTreeSet::new();
+    for pod in view
+        .local_pods()
+        .filter(|p| !p.terminating && !p.host_network)
+    {
+        let Some(spec) = by_id.get(&*pod.spiffe_id) else {
+            continue;
+        };
+        let ports = spec.http_ports();
+        for ip in pod.ips.iter() {
+            out.extend(
+                ports
+                    .iter()
+                    .take(MAX_WAYPOINT_PORTS)
+                    .map(|port| TermKey::new(*ip, *port)),
+            );
+        }
+    }
+    out
 }
 
 impl DataPlane {
@@ -238,6 +272,7 @@ impl DataPlane {
         let ips = view.ip_endpoints();
         let cgroups = view.cgroup_endpoints(cgroup_of);
         let rules = self.translate(policies, table);
+        let waypointed = waypointed(view, policies);
         let mut dp = lock(&self.dp);
         // Taken: a pass that fails part-way leaves None, and the next one
         // reads the maps.
@@ -254,15 +289,26 @@ impl DataPlane {
                     .collect(),
                 cgroups: dp.endpoint_cgroups()?.into_iter().collect(),
                 rules: policy::read(&mut dp)?,
+                waypointed: dp.waypointed()?.into_iter().collect(),
                 read_at: std::time::Instant::now(),
             },
         };
+        // Ports gaining HTTP rules refuse direct connection starts before
+        // the rules that admit peers to their waypoint are written; ports
+        // losing them stop only after.
+        for key in waypointed.difference(&last.waypointed) {
+            dp.mark_waypointed(*key)?;
+        }
         write_endpoints(&mut dp, (&last.ips, &last.cgroups), (&ips, &cgroups))?;
         policy::write_from(&mut dp, &last.rules, &rules)?;
+        for key in last.waypointed.difference(&waypointed) {
+            dp.unmark_waypointed(key)?;
+        }
         *lock(&self.written) = Some(Written {
             ips,
             cgroups,
             rules,
+            waypointed,
             read_at: last.read_at,
         });
         let epoch = dp.epoch()?;
@@ -364,6 +410,15 @@ impl DataPlane {
             not_after: e.not_after,
             made: e.made,
         })
+    }
+
+    /// Whether the cache holds an authentication under `key` that counts
+    /// by `view` now (generations current, not expired): what the auth map
+    /// holds for it.
+    pub fn authenticates(&self, view: &View, key: &AuthKey) -> bool {
+        lock(&self.entries)
+            .get(key)
+            .is_some_and(|e| authcache::map_value(e, view, Clocks::now(), 0).is_some())
     }
 
     /// For an entry this process made: NotAfter of the local SVID it was

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use tessera_api::crd::IdentityPolicySpec;
 use tessera_api::crd::auth_policy::{Authentication, PolicyAction, Protocol};
+use tessera_api::crd::identity_policy::CompiledRule;
 use tessera_api::spiffe::SpiffeId;
 use tessera_bpf::abi::consts::{
     TS_DEFAULT_DENY, TS_ID_ANY, TS_RULE_AUTH, TS_RULE_L7, TS_SHAPE_ANY, TS_SHAPE_EXACT,
@@ -198,10 +199,7 @@ pub fn translate(
         let mut entries = BTreeMap::new();
         let mut count = 0usize;
         for rule in &policy.rules {
-            // HTTP rules wait for the waypoint: until it enforces them, an
-            // Allow rule with HTTP rules allows nothing (never the whole
-            // port). A Deny rule with HTTP rules denies its whole ports.
-            if rule.action == PolicyAction::Allow && rule.l7 {
+            if skipped_at_l4(rule) {
                 continue;
             }
             let remotes: BTreeSet<u32> = if rule.from.is_empty() {
@@ -288,6 +286,25 @@ pub enum Op {
 }
 
 /// Every requirement an allow rule can carry.
+/// Whether a rule is left out of the L4 entries: only some rules with HTTP
+/// rules are. Every connection to its ports goes through the waypoint, which checks
+/// each request (the destination's ingress check refuses connection starts
+/// to those ports that reach any other socket: see `ts_waypointed`). So an
+/// Allow rule with HTTP rules admits its peers to its ports as an L4 allow
+/// (the waypoint decides each request), and a Deny rule with HTTP rules
+/// denies no whole connection (left out). Without ports (the CRD's
+/// validation refuses that) it fails closed: an Allow allows nothing (left
+/// out), a Deny denies every port (kept).
+fn skipped_at_l4(rule: &CompiledRule) -> bool {
+    if rule.http.is_empty() && !rule.l7 {
+        return false;
+    }
+    match rule.action {
+        PolicyAction::Allow => rule.ports.is_empty(),
+        PolicyAction::Deny => !rule.ports.is_empty(),
+    }
+}
+
 const ALL_REQUIREMENTS: u8 = (TS_RULE_AUTH | TS_RULE_L7) as u8;
 
 fn is_deny(v: &PolicyValue) -> bool {
@@ -509,7 +526,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use tessera_api::crd::auth_policy::PortRange;
-    use tessera_api::crd::identity_policy::{CompiledPeer, CompiledRule};
+    use tessera_api::crd::identity_policy::CompiledPeer;
 
     const WEB: &str = "spiffe://td/ns/shop/sa/web";
     const DB: &str = "spiffe://td/ns/shop/sa/db";
@@ -596,33 +613,45 @@ mod tests {
     }
 
     #[test]
-    fn http_rules_allow_nothing_and_deny_their_ports_until_a_waypoint_enforces_them() {
-        let l7 = |action| CompiledRule {
+    fn http_rules_admit_their_peers_to_the_waypoint_and_deny_no_whole_port() {
+        let http = |action, ports: &[(i32, Option<i32>)]| CompiledRule {
             l7: action == PolicyAction::Allow,
-            ..rule(action, vec![ids(&[WEB])], &[(8080, None)])
+            http: vec![tessera_api::crd::auth_policy::HttpRule::default()],
+            ..rule(action, vec![ids(&[WEB])], ports)
         };
         let allow = IdentityPolicySpec {
             spiffe_id: DB.into(),
             default_deny: true,
-            rules: vec![l7(PolicyAction::Allow)],
+            rules: vec![http(PolicyAction::Allow, &[(8080, None)])],
             sources: vec![],
         };
         let (rules, errors) = translate(&[&allow], &table());
         assert!(errors.is_empty());
-        assert_eq!(
-            decide(&rules, 400, 300, 8080, TCP),
-            Decision::Deny,
-            "an Allow with HTTP rules is not an allow of the whole port"
+        assert!(
+            matches!(decide(&rules, 400, 300, 8080, TCP), Decision::Allow(_)),
+            "the peer reaches the waypoint, which checks each request"
         );
+        assert_eq!(decide(&rules, 400, 300, 8081, TCP), Decision::Deny);
+        assert_eq!(decide(&rules, 400, 301, 8080, TCP), Decision::Deny);
         let deny = IdentityPolicySpec {
             spiffe_id: DB.into(),
             default_deny: false,
-            rules: vec![l7(PolicyAction::Deny)],
+            rules: vec![http(PolicyAction::Deny, &[(8080, None)])],
             sources: vec![],
         };
         let (rules, _) = translate(&[&deny], &table());
+        assert_eq!(decide(&rules, 400, 300, 8080, TCP), Decision::Allow(0));
+        // Without ports (refused by the CRD): fail closed.
+        let portless = |action| IdentityPolicySpec {
+            spiffe_id: DB.into(),
+            default_deny: action == PolicyAction::Allow,
+            rules: vec![http(action, &[])],
+            sources: vec![],
+        };
+        let (rules, _) = translate(&[&portless(PolicyAction::Allow)], &table());
         assert_eq!(decide(&rules, 400, 300, 8080, TCP), Decision::Deny);
-        assert_eq!(decide(&rules, 400, 300, 8081, TCP), Decision::Allow(0));
+        let (rules, _) = translate(&[&portless(PolicyAction::Deny)], &table());
+        assert_eq!(decide(&rules, 400, 300, 9000, TCP), Decision::Deny);
     }
 
     #[test]

@@ -288,6 +288,11 @@ pub struct View {
     index: Index,
 }
 
+/// Which of the pods claiming one address has it: the live, newest one.
+fn rank(p: &PodView) -> (bool, i64, &str) {
+    (!p.terminating, p.created, &*p.uid)
+}
+
 /// SPIFFE IDs by the node they run on (see [`View::placement`]).
 pub type Placement = BTreeMap<Arc<str>, BTreeSet<Arc<str>>>;
 
@@ -387,9 +392,6 @@ impl View {
     /// address (a deleted pod's IP reused), the live, newest one wins.
     pub fn ip_endpoints(&self) -> BTreeMap<[u8; 16], Endpoint> {
         let mut winner: BTreeMap<[u8; 16], &PodView> = BTreeMap::new();
-        fn rank(p: &PodView) -> (bool, i64, &str) {
-            (!p.terminating, p.created, &*p.uid)
-        }
         for pod in self.pods.iter().map(Arc::as_ref) {
             for ip in pod.ips.iter() {
                 let key = IpKey::from(*ip).addr;
@@ -402,6 +404,17 @@ impl View {
             .into_iter()
             .filter_map(|(k, p)| Some((k, self.endpoint(p)?)))
             .collect()
+    }
+
+    /// The pod an address belongs to, as `ts_ep_ip` says (the live, newest
+    /// claimant).
+    pub fn pod_at(&self, ip: IpAddr) -> Option<&PodView> {
+        let ip = ip.to_canonical();
+        self.pods
+            .iter()
+            .map(Arc::as_ref)
+            .filter(|p| p.ips.iter().any(|a| a.to_canonical() == ip))
+            .max_by(|a, b| rank(a).cmp(&rank(b)))
     }
 
     /// The `ts_ep_cgroup` entries of this node's pods, given each pod's

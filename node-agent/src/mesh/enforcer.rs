@@ -20,6 +20,7 @@ mod credentials;
 mod passes;
 mod queue;
 mod server;
+mod waypoints;
 
 pub use queue::WORKERS_PER_NODE;
 
@@ -186,6 +187,12 @@ struct Inner {
     wanted: Mutex<Option<Wanted>>,
     /// The policy store's version and the policies it held then.
     policy_snapshot: Mutex<Option<(u64, Arc<Vec<IdentityPolicySpec>>)>>,
+    /// The waypoint's rules, compiled.
+    waypoint_rules: Mutex<waypoints::Compiled>,
+    /// The version of the last rules handed to a waypoint.
+    waypoint_version: std::sync::atomic::AtomicU64,
+    /// Caps on the waypoint's connections.
+    waypoint_limits: Arc<crate::mesh::limits::ConnLimits>,
 }
 
 /// The pairs policy makes possible, and the inputs they follow from.
@@ -319,41 +326,58 @@ impl Inner {
         self.revocation.reconcile(&self.plane, &pods);
     }
 
-    /// Opens and closes the terminators of peers outside the mesh for
-    /// this node's pods (see [`crate::mesh::external`]).
+    /// Opens and closes the agent's sockets in this node's pods' network
+    /// namespaces: terminators for peers outside the mesh (see
+    /// [`crate::mesh::external`]) and the waypoint for ports with HTTP
+    /// rules (see [`crate::mesh::waypoint`]).
     fn reconcile_external(self: &Arc<Self>) {
         let view = self.view();
         let policies = lock(&self.policies).clone();
         let by_id: HashMap<&str, &IdentityPolicySpec> =
             policies.iter().map(|p| (p.spiffe_id.as_str(), p)).collect();
         let mut wanted = Vec::new();
-        for pod in view.local_pods().filter(|p| !p.terminating) {
+        for pod in view
+            .local_pods()
+            .filter(|p| !p.terminating && !p.host_network)
+        {
             let Some(spec) = by_id.get(&*pod.spiffe_id) else {
                 continue;
             };
             if pod.ips.is_empty() {
                 continue;
             }
-            let ports = external::terminated_ports(spec);
-            if ports.is_empty() {
+            let terminated = external::terminated_ports(spec);
+            let http = external::capped(spec, spec.http_ports(), "HTTP");
+            if terminated.is_empty() && http.is_empty() {
                 continue;
             }
             let Some((cgroup, _)) = self.cgroup_of(&pod.uid) else {
-                debug!(pod = %pod.name, "no cgroup found for the pod yet; its external peers stay refused");
+                debug!(pod = %pod.name, "no cgroup found for the pod yet; its external peers and ports with HTTP rules stay refused");
                 continue;
             };
-            for ip in pod.ips.iter() {
-                wanted.extend(ports.iter().map(|port| external::Want {
+            let ports = terminated
+                .iter()
+                .map(|p| (external::Kind::Terminator, *p))
+                .chain(http.iter().map(|p| (external::Kind::Waypoint, *p)));
+            for (kind, port) in ports {
+                wanted.extend(pod.ips.iter().map(|ip| external::Want {
+                    kind,
                     uid: pod.uid.to_string(),
                     pod: pod.name.to_string(),
                     ip: *ip,
-                    port: *port,
+                    port,
                     cgroup: cgroup.clone(),
                 }));
             }
         }
+        self.external
+            .reconcile(&self.plane, &wanted, &self.external_context());
+    }
+
+    /// What the agent's sockets in pods' namespaces ask it.
+    pub(super) fn external_context(self: &Arc<Self>) -> external::Context {
         let weak = Arc::downgrade(self);
-        let ctx: external::Context = Arc::new(move |uid: &str| {
+        let terminating: external::Terminating = Arc::new(move |uid: &str| {
             let inner = weak.upgrade()?;
             let view = inner.view();
             let spiffe_id = view
@@ -367,7 +391,10 @@ impl Inner {
                 .cloned();
             Some((spiffe_id, spec, inner.creds()?))
         });
-        self.external.reconcile(&self.plane, &wanted, &ctx);
+        external::Context {
+            terminating,
+            waypoint: self.waypoint_context(),
+        }
     }
 
     /// Caps restored authentications by the SVIDs held now (see
@@ -735,6 +762,9 @@ pub async fn run(
         queues: Default::default(),
         wanted: Mutex::default(),
         policy_snapshot: Mutex::default(),
+        waypoint_rules: Mutex::default(),
+        waypoint_version: Default::default(),
+        waypoint_limits: crate::mesh::waypoint::limits(),
     });
     let stores = Stores::default();
     let mut tasks = follow_cluster(&client, &stores, &tx);

@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -42,6 +42,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::mesh::limits::{ConnLimits, EXTERNAL_PER_PEER, EXTERNAL_TOTAL};
+use crate::mesh::waypoint;
+use tessera_waypoint::proxy::Policy;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -159,21 +161,24 @@ fn terminates(rule: &CompiledRule) -> bool {
 /// The TCP ports on which a workload with these rules has peers outside the
 /// mesh terminated, at most [`MAX_TERMINATED_PORTS`] (the lowest).
 pub fn terminated_ports(spec: &IdentityPolicySpec) -> BTreeSet<u16> {
-    let mut out = BTreeSet::new();
-    for rule in spec.rules.iter().filter(|r| terminates(r)) {
-        for range in rule.ports.iter().filter(|r| r.protocol == Protocol::Tcp) {
-            let first = u16::try_from(range.port).unwrap_or(0).max(1);
-            let last = u16::try_from(range.end_port.unwrap_or(range.port)).unwrap_or(0);
-            for port in first..=last {
-                out.insert(port);
-            }
-        }
+    // A port with HTTP rules goes through the waypoint, whoever the peer.
+    let http = spec.http_ports();
+    let ports: BTreeSet<u16> = spec
+        .tcp_ports_of(terminates)
+        .difference(&http)
+        .copied()
+        .collect();
+    capped(spec, ports, "terminated")
+}
+
+/// The lowest [`MAX_TERMINATED_PORTS`] of `ports`, said when some are left
+/// out.
+pub fn capped(spec: &IdentityPolicySpec, ports: BTreeSet<u16>, what: &str) -> BTreeSet<u16> {
+    if ports.len() <= MAX_TERMINATED_PORTS {
+        return ports;
     }
-    if out.len() > MAX_TERMINATED_PORTS {
-        warn!(spiffe_id = %spec.spiffe_id, ports = out.len(), "more terminated ports than the limit; only the lowest {MAX_TERMINATED_PORTS} are served");
-        out = out.into_iter().take(MAX_TERMINATED_PORTS).collect();
-    }
-    out
+    warn!(spiffe_id = %spec.spiffe_id, ports = ports.len(), "more {what} ports than the limit; only the lowest {MAX_TERMINATED_PORTS} are served");
+    ports.into_iter().take(MAX_TERMINATED_PORTS).collect()
 }
 
 /// Whether the workload whose rules are `spec` admits `peer`, a peer
@@ -213,9 +218,21 @@ pub fn admits(
     }
 }
 
-/// A terminated port of a local pod, as the enforcer wants it.
+/// What the agent's socket on a local pod's port does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Terminates the TLS of peers outside the mesh.
+    Terminator,
+    /// Checks every request of every peer against the port's HTTP rules
+    /// (see [`crate::mesh::waypoint`]).
+    Waypoint,
+}
+
+/// A port of a local pod the agent serves, as the enforcer wants it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Want {
+    /// What the agent does with its connections.
+    pub kind: Kind,
     /// The pod's UID.
     pub uid: String,
     /// `namespace/name`, for logs.
@@ -228,19 +245,39 @@ pub struct Want {
     pub cgroup: PathBuf,
 }
 
-/// What a connection needs at the time it arrives: the pod's SPIFFE ID and
-/// its rules, and the handshake credentials.
-pub type Context =
+/// What a terminated connection needs at the time it arrives: the pod's
+/// SPIFFE ID and its rules, and the handshake credentials.
+pub type Terminating =
     Arc<dyn Fn(&str) -> Option<(Arc<str>, Option<IdentityPolicySpec>, Credentials)> + Send + Sync>;
+
+/// What the agent's sockets learn from it, by pod UID.
+#[derive(Clone)]
+pub struct Context {
+    /// For terminators.
+    pub terminating: Terminating,
+    /// For waypoints.
+    pub waypoint: waypoint::Context,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
 
 struct Running {
     want: Want,
     cookie: u64,
     task: JoinHandle<()>,
-    /// Told on every pass of the agent: the connections this terminator
-    /// forwards check again that they are still admitted, and end when it
-    /// is dropped.
-    pass: watch::Sender<()>,
+    /// Told on every pass of the agent: the connections served check again
+    /// that their peer is still admitted, and end when it is dropped.
+    pass: Pass,
+}
+
+enum Pass {
+    Terminator(watch::Sender<()>),
+    /// The port's rules now.
+    Waypoint(watch::Sender<Arc<Policy>>),
 }
 
 struct Steered {
@@ -302,13 +339,7 @@ impl External {
                 .collect();
             for key in stale {
                 if let Some(r) = running.remove(&key) {
-                    let term = TermKey::new(r.want.ip, r.want.port);
-                    if let Err(e) = plane.with_datapath(|dp| dp.remove_terminator(&term, r.cookie))
-                    {
-                        tracing::error!(pod = %r.want.pod, port = r.want.port, error = %e, "cannot remove a terminator from the maps; its peers may still be steered to it");
-                    }
-                    r.task.abort();
-                    info!(pod = %r.want.pod, port = r.want.port, "no longer terminating external peers");
+                    Self::close(plane, r);
                 }
             }
         }
@@ -326,22 +357,55 @@ impl External {
             match self.open(plane, want, ctx) {
                 Ok(r) => {
                     lock(&self.failing).remove(&key);
-                    info!(pod = %want.pod, ip = %want.ip, port = want.port, "terminating TLS of external peers");
+                    match want.kind {
+                        Kind::Terminator => {
+                            info!(pod = %want.pod, ip = %want.ip, port = want.port, "terminating TLS of external peers")
+                        }
+                        Kind::Waypoint => {
+                            info!(pod = %want.pod, ip = %want.ip, port = want.port, "checking the port's HTTP requests")
+                        }
+                    }
                     lock(&self.running).insert(key, r);
                 }
                 Err(e) => {
                     // Said once per new reason, not on every pass.
                     let why = e.to_string();
                     if lock(&self.failing).insert(key, why.clone()).as_ref() != Some(&why) {
-                        warn!(pod = %want.pod, port = want.port, error = %why, "cannot terminate the TLS of external peers yet (they stay refused); retrying every second");
+                        match want.kind {
+                            Kind::Terminator => {
+                                warn!(pod = %want.pod, port = want.port, error = %why, "cannot terminate the TLS of external peers yet (they stay refused); retrying every second")
+                            }
+                            Kind::Waypoint => {
+                                warn!(pod = %want.pod, port = want.port, error = %why, "cannot serve the port's HTTP rules yet (its connections are refused); retrying every second")
+                            }
+                        }
                     }
                 }
             }
         }
+        self.publish(ctx);
+        // Namespaces with no socket left: steering ends.
+        self.end_unused_steering(plane);
+    }
+
+    /// Tells every socket's connections to check their peer again, and
+    /// hands each waypoint the rules now.
+    pub fn publish(&self, ctx: &Context) {
         for r in lock(&self.running).values() {
-            r.pass.send_replace(());
+            match &r.pass {
+                Pass::Terminator(pass) => {
+                    pass.send_replace(());
+                }
+                Pass::Waypoint(pass) => {
+                    if let Some(policy) = (ctx.waypoint.policy)(&r.want.uid) {
+                        pass.send_replace(policy);
+                    }
+                }
+            }
         }
-        // Namespaces with no terminator left: steering ends.
+    }
+
+    fn end_unused_steering(&self, plane: &DataPlane) {
         let in_use: BTreeSet<String> = lock(&self.running)
             .values()
             .map(|r| r.want.uid.clone())
@@ -359,6 +423,27 @@ impl External {
         };
         for (uid, s) in done {
             Self::detach(plane, &uid, s);
+        }
+    }
+
+    /// Stops steering to a socket and closes it.
+    fn close(plane: &DataPlane, r: Running) {
+        let key = TermKey::new(r.want.ip, r.want.port);
+        let removed = plane.with_datapath(|dp| match r.want.kind {
+            Kind::Terminator => dp.remove_terminator(&key, r.cookie),
+            Kind::Waypoint => dp.remove_waypoint(&key, r.cookie),
+        });
+        if let Err(e) = removed {
+            tracing::error!(pod = %r.want.pod, port = r.want.port, error = %e, "cannot remove the agent's socket from the maps; its peers may still be steered to it");
+        }
+        r.task.abort();
+        match r.want.kind {
+            Kind::Terminator => {
+                info!(pod = %r.want.pod, port = r.want.port, "no longer terminating external peers")
+            }
+            Kind::Waypoint => {
+                info!(pod = %r.want.pod, port = r.want.port, "no longer checking the port's HTTP requests")
+            }
         }
     }
 
@@ -422,21 +507,39 @@ impl External {
         .map_err(io("cannot open a socket in the pod's network namespace"))?;
         let cookie = rustix::net::sockopt::socket_cookie(&listener)
             .map_err(|e| io("cannot read the socket's cookie")(e.into()))?;
-        let listener = TcpListener::from_std(listener).map_err(io("cannot register the socket"))?;
-        plane.with_datapath(|dp| {
-            dp.set_terminator(TermKey::new(want.ip, want.port), &listener, cookie)
-        })?;
-        let (pass, passes) = watch::channel(());
-        let task = tokio::spawn(serve(
-            listener,
-            Terminated {
-                want: Arc::new(want.clone()),
-                netns,
-                ctx: ctx.clone(),
-                passes,
-            },
-            (self.stats.clone(), self.limits.clone()),
-        ));
+        let key = TermKey::new(want.ip, want.port);
+        let (task, pass) = match want.kind {
+            Kind::Terminator => {
+                let listener =
+                    TcpListener::from_std(listener).map_err(io("cannot register the socket"))?;
+                plane.with_datapath(|dp| dp.set_terminator(key, &listener, cookie))?;
+                let (pass, passes) = watch::channel(());
+                let task = tokio::spawn(serve(
+                    listener,
+                    Terminated {
+                        want: Arc::new(want.clone()),
+                        netns,
+                        ctx: ctx.terminating.clone(),
+                        passes,
+                    },
+                    (self.stats.clone(), self.limits.clone()),
+                ));
+                (task, Pass::Terminator(pass))
+            }
+            Kind::Waypoint => {
+                let policy = (ctx.waypoint.policy)(&want.uid).ok_or(ExternalError::NoIdentity)?;
+                plane.with_datapath(|dp| dp.set_waypoint(key, &listener, cookie))?;
+                let (pass, policies) = watch::channel(policy);
+                let target = waypoint::Target {
+                    uid: want.uid.clone(),
+                    pod: want.pod.clone(),
+                    addr: SocketAddr::new(want.ip, want.port),
+                };
+                let task = waypoint::spawn(listener, target, netns, policies, &ctx.waypoint)
+                    .map_err(io("cannot start the waypoint's runtime"))?;
+                (task, Pass::Waypoint(pass))
+            }
+        };
         Ok(Running {
             want: want.clone(),
             cookie,
@@ -459,7 +562,7 @@ impl Drop for External {
 struct Terminated {
     want: Arc<Want>,
     netns: Arc<File>,
-    ctx: Context,
+    ctx: Terminating,
     passes: watch::Receiver<()>,
 }
 
@@ -593,27 +696,14 @@ async fn handle(tcp: TcpStream, t: &Terminated) -> Result<Outcome, ExternalError
 
 /// A plain TCP connection to the workload's port over its loopback.
 async fn connect_upstream(t: &Terminated, peer: &SpiffeId) -> Result<TcpStream, ExternalError> {
-    let loopback = match t.want.ip {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-    };
-    let upstream_addr = SocketAddr::new(loopback, t.want.port);
-    let netns = t.netns.clone();
-    let upstream = tokio::task::spawn_blocking(move || {
-        crate::netns::run_in(&netns, || {
-            let s = std::net::TcpStream::connect_timeout(&upstream_addr, UPSTREAM_TIMEOUT)?;
-            s.set_nonblocking(true)?;
-            Ok(s)
+    let addr = tessera_waypoint::proxy::loopback(SocketAddr::new(t.want.ip, t.want.port));
+    crate::netns::connect_in(t.netns.clone(), addr, UPSTREAM_TIMEOUT)
+        .await
+        .map_err(|source| ExternalError::Upstream {
+            peer: peer.clone(),
+            addr,
+            source,
         })
-    })
-    .await
-    .map_err(|e| io("dialling the workload")(std::io::Error::other(e)))?
-    .map_err(|source| ExternalError::Upstream {
-        peer: peer.clone(),
-        addr: upstream_addr,
-        source,
-    })?;
-    TcpStream::from_std(upstream).map_err(io("registering the workload's connection"))
 }
 
 #[cfg(test)]

@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use tessera_api::signer_api::TOKEN_AUDIENCE;
+use tessera_tests::cluster::{AgentLaunch, SimCluster};
+use tessera_tests::resources;
+
 pub fn cgroup2_root() -> PathBuf {
     std::env::var_os("TESSERA_CGROUP2_ROOT")
         .map(PathBuf::from)
@@ -269,4 +273,89 @@ pub async fn fetch_x509_once(
         .message()
         .await?
         .ok_or_else(|| tonic::Status::unknown("the stream ended without an answer"))
+}
+
+/// The simulated nodes of the e2e tests and their addresses.
+pub const NODES: [(&str, &str); 3] = [
+    ("node-a", "198.18.0.1"),
+    ("node-b", "198.18.0.2"),
+    ("node-c", "198.18.0.3"),
+];
+
+/// A control plane with the two nodes' objects and the pods' service
+/// accounts; fails unless bpffs can be had (root).
+pub async fn control_plane() -> (tessera_tests::ControlPlane, kube::Client) {
+    assert!(
+        tessera_bpf::pinning::ensure_bpffs(Path::new("/sys/fs/bpf")).is_ok(),
+        "no bpffs at /sys/fs/bpf: this test needs root"
+    );
+    let (cp, client) = resources::control_plane_with_crds().await.unwrap();
+    resources::apply_manifest(&client, resources::TWO_NODES)
+        .await
+        .unwrap();
+    for sa in ["web", "other", "db", "cache"] {
+        resources::apply_manifest(
+            &client,
+            &format!(
+                "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {sa}, namespace: shop}}\n"
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    // Pods labelled app=forger get no identity: the template needs a label
+    // they lack (see e2e_datapath's `forged_identity_is_refused`).
+    resources::apply_manifest(
+        &client,
+        "apiVersion: tessera.dev/v1alpha1\nkind: WorkloadIdentity\nmetadata: {name: forgers}\n\
+         spec:\n  spiffeIDTemplate: \"spiffe://{trustDomain}/tier/{podLabel:tier}\"\n  podSelector: {matchLabels: {app: forger}}\n",
+    )
+    .await
+    .unwrap();
+    (cp, client)
+}
+
+/// How the e2e tests' agents run: this build's binary, logs echoed, state
+/// and sockets in `dir`, `extra` arguments by node.
+pub fn launch(
+    cp: &tessera_tests::ControlPlane,
+    dir: &Path,
+    signer_port: u16,
+    extra: Vec<(String, Vec<String>)>,
+) -> AgentLaunch {
+    AgentLaunch {
+        bin: env!("CARGO_BIN_EXE_tessera-agent").into(),
+        kubeconfig: cp.kubeconfig().to_owned(),
+        signer_port,
+        dir: dir.to_owned(),
+        echo: true,
+        extra,
+    }
+}
+
+/// The simulated nodes, and agents for node-a and node-b started with
+/// `launch`, in sync; returns the cluster and the agents' token files.
+pub async fn cluster_with_agents(
+    client: &kube::Client,
+    launch: &AgentLaunch,
+) -> (SimCluster, Vec<std::path::PathBuf>) {
+    let mut cluster = SimCluster::create(
+        client.clone(),
+        &cgroup2_root(),
+        &format!("tessera-e2e-{}", std::process::id()),
+        &NODES,
+    )
+    .await;
+    let mut token_files = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let token_file = resources::agent_token_file(client, node, TOKEN_AUDIENCE, &launch.dir)
+            .await
+            .unwrap();
+        cluster.start_agent(launch, node, &token_file);
+        token_files.push(token_file);
+    }
+    for agent in &cluster.agents {
+        agent.wait_for("data path in sync", 1).await;
+    }
+    (cluster, token_files)
 }

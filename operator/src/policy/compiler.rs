@@ -126,11 +126,9 @@ pub struct PolicyOutcome {
     pub widened: usize,
     /// What could not be compiled (enforced fail-closed).
     pub errors: Vec<CompileError>,
-    /// Allow rules with HTTP rules (they allow nothing until a waypoint
-    /// enforces them).
+    /// Allow rules with HTTP rules (the waypoint checks each request).
     pub http_allows: usize,
-    /// Deny rules with HTTP rules (they deny their whole ports until a
-    /// waypoint enforces them).
+    /// Deny rules with HTTP rules (likewise).
     pub http_denies: usize,
 }
 
@@ -411,10 +409,10 @@ pub fn status(
     if outcome.http_allows + outcome.http_denies > 0 {
         conditions.push(condition(
             CONDITION_HTTP_RULES,
-            "False",
-            "WaitingForWaypoint",
+            "True",
+            "EnforcedByWaypoint",
             format!(
-                "no waypoint proxy enforces HTTP rules yet: the {} Allow rule(s) with http allow nothing and the {} Deny rule(s) with http deny their whole ports until one does",
+                "every connection to the ports of the {} Allow and {} Deny rule(s) with http goes through the node agent's waypoint, which checks each request",
                 outcome.http_allows, outcome.http_denies
             ),
         ));
@@ -774,7 +772,7 @@ mod tests {
     }
 
     #[test]
-    fn http_rules_wait_for_the_waypoint_and_status_says_so() {
+    fn http_rules_go_to_the_waypoint_and_status_says_so() {
         let http = AuthRule {
             ports: vec![PortRange::tcp(8080, None)],
             http: vec![HttpRule::default()],
@@ -794,12 +792,12 @@ mod tests {
                 http_cond.status.as_str(),
                 http_cond.reason.as_str()
             ),
-            (CONDITION_HTTP_RULES, "False", "WaitingForWaypoint")
+            (CONDITION_HTTP_RULES, "True", "EnforcedByWaypoint")
         );
         assert!(
             http_cond
                 .message
-                .contains("1 Allow rule(s) with http allow nothing"),
+                .contains("ports of the 1 Allow and 0 Deny rule(s) with http"),
             "{}",
             http_cond.message
         );
@@ -809,7 +807,7 @@ mod tests {
         assert!(
             st.conditions[1]
                 .message
-                .contains("1 Deny rule(s) with http deny their whole ports")
+                .contains("ports of the 0 Allow and 1 Deny rule(s) with http")
         );
         // Without HTTP rules there is no such condition.
         let plain = policy("shop", "p", PolicyAction::Allow, "db", vec![]);

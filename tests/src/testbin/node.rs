@@ -80,7 +80,10 @@ pub(super) fn build_workload(dir: &Path) -> Result<()> {
         dir,
         &Recipe {
             go_mod,
-            files: &[("cmd/workload/main.go", include_str!("workload.go"))],
+            files: &[
+                ("cmd/workload/main.go", include_str!("workload.go")),
+                ("cmd/workload/http.go", include_str!("workload_http.go")),
+            ],
             packages: &["./cmd/workload"],
             env: &[("CGO_ENABLED", "0")],
             ..Recipe::default()

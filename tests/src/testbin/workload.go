@@ -7,6 +7,8 @@
 //	workload connect <host:port>        one connection attempt, no retry; prints "ok <answer>" or the error, exits 1 on failure
 //	workload probe <host:port> <ms>     one connection attempt every <ms> milliseconds, forever; prints "<unix ms> ok <answer>" or "<unix ms> error <error>" for each
 //	workload svid <socket>              fetch this process's X.509-SVID over the Workload API; prints its SPIFFE ID
+//	workload http <port> <name> <log>   an HTTP/1.1 and h2c server (see workload_http.go)
+//	workload ws <url> <message>         a WebSocket client (see workload_http.go)
 package main
 
 import (
@@ -24,7 +26,7 @@ import (
 )
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: workload pause | serve <port> | connect <host:port> | probe <host:port> <ms> | svid <socket>")
+	fmt.Fprintln(os.Stderr, "usage: workload pause | serve <port> | connect <host:port> | probe <host:port> <ms> | svid <socket> | http <port> <name> <log> | ws <url> <message>")
 	os.Exit(2)
 }
 
@@ -59,6 +61,16 @@ func main() {
 			usage()
 		}
 		svid(os.Args[2])
+	case "http":
+		if len(os.Args) != 5 {
+			usage()
+		}
+		serveHTTP(os.Args[2], os.Args[3], os.Args[4])
+	case "ws":
+		if len(os.Args) != 4 {
+			usage()
+		}
+		websocketClient(os.Args[2], os.Args[3])
 	default:
 		usage()
 	}

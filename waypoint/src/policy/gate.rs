@@ -21,8 +21,11 @@ pub const XFCC: &str = "x-forwarded-client-cert";
 pub enum Gate<B> {
     /// Forward this request (path canonical, identity header set).
     Forward(Request<B>),
-    /// Answer the client with this instead; the workload sees nothing.
-    Refuse(Refusal),
+    /// Answer the client with this instead; the workload sees nothing. The
+    /// request's body comes back: a client still sending it should be
+    /// let finish (some HTTP/2 clients take a reset of the stream after an
+    /// early answer as an error).
+    Refuse(Refusal, B),
 }
 
 /// Why a request was refused, and what the client is told.
@@ -104,7 +107,7 @@ pub fn gate<B>(
         .to_owned();
     let (path, query) = match normalise(&target) {
         Ok(normal) => normal,
-        Err(error) => return Gate::Refuse(Refusal::BadPath { error, grpc }),
+        Err(error) => return Gate::Refuse(Refusal::BadPath { error, grpc }, req.into_body()),
     };
     let authority = req.uri().authority().map(|a| a.as_str().to_owned());
     let decision = rules.decide(
@@ -118,7 +121,7 @@ pub fn gate<B>(
         },
     );
     if decision != Decision::Allow {
-        return Gate::Refuse(Refusal::Denied { decision, grpc });
+        return Gate::Refuse(Refusal::Denied { decision, grpc }, req.into_body());
     }
     let target = match query {
         Some(q) => format!("{path}?{q}"),
@@ -130,17 +133,23 @@ pub fn gate<B>(
     // spelled it.
     let mut parts = req.uri().clone().into_parts();
     let Ok(pq) = target.parse() else {
-        return Gate::Refuse(Refusal::BadPath {
-            error: PathError::BadEncoding,
-            grpc,
-        });
+        return Gate::Refuse(
+            Refusal::BadPath {
+                error: PathError::BadEncoding,
+                grpc,
+            },
+            req.into_body(),
+        );
     };
     parts.path_and_query = Some(pq);
     let Ok(uri) = Uri::from_parts(parts) else {
-        return Gate::Refuse(Refusal::BadPath {
-            error: PathError::BadEncoding,
-            grpc,
-        });
+        return Gate::Refuse(
+            Refusal::BadPath {
+                error: PathError::BadEncoding,
+                grpc,
+            },
+            req.into_body(),
+        );
     };
     *req.uri_mut() = uri;
     let headers = req.headers_mut();
@@ -211,14 +220,14 @@ mod tests {
     fn forwarded(g: Gate<()>) -> Request<()> {
         match g {
             Gate::Forward(r) => r,
-            Gate::Refuse(r) => panic!("refused: {r:?}"),
+            Gate::Refuse(r, _) => panic!("refused: {r:?}"),
         }
     }
 
     fn refused(g: Gate<()>) -> Refusal {
         match g {
             Gate::Forward(r) => panic!("forwarded: {r:?}"),
-            Gate::Refuse(r) => r,
+            Gate::Refuse(r, _) => r,
         }
     }
 

@@ -132,8 +132,9 @@ impl Conn {
             self.port.port,
             req,
         ) {
-            Gate::Refuse(refused) => {
+            Gate::Refuse(refused, body) => {
                 self.log_refusal(&policy, &refused, &method, &target);
+                drain(body);
                 refusal(&refused)
             }
             Gate::Forward(req) => self.forward(req).await,
@@ -205,6 +206,32 @@ impl Conn {
             }
         }
     }
+}
+
+/// Most of a refused request's body read (and dropped) so that its
+/// client may finish sending it.
+const DRAIN_BYTES: usize = 1 << 20;
+/// Longest a refused request's body is read.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads a refused request's body to its end (at most [`DRAIN_BYTES`]
+/// within [`DRAIN_TIME`]) and drops it: an HTTP/2 stream then ends
+/// normally rather than being reset, and an HTTP/1.1 connection can go
+/// on to its next request.
+fn drain(mut body: Incoming) {
+    use http_body_util::BodyExt;
+    if hyper::body::Body::is_end_stream(&body) {
+        return;
+    }
+    tokio::spawn(tokio::time::timeout(DRAIN_TIME, async move {
+        let mut read = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, Bytes::len);
+            if read > DRAIN_BYTES {
+                break;
+            }
+        }
+    }));
 }
 
 /// A source for logs.

@@ -55,6 +55,7 @@ pub(super) async fn run(
             error!(error = %e, "data path sync failed: the maps may hold what the cluster no longer allows; retrying");
             continue;
         }
+        inner.publish_waypoints();
         inner.preauthenticate();
         wake.housekeeping.notify_one();
         wake.sandboxes.notify_one();
