@@ -228,7 +228,8 @@ static __always_inline void count(__u32 reason)
 
 static __always_inline int is_deny(__u32 reason)
 {
-	return reason >= TS_REASON_DENY_POLICY && reason <= TS_REASON_DENY_AUTH_FAILED;
+	return (reason >= TS_REASON_DENY_POLICY && reason <= TS_REASON_DENY_AUTH_FAILED) ||
+	       reason == TS_REASON_DENY_NO_WAYPOINT;
 }
 
 /* Whether a denial is only for want of an authentication a handshake can
@@ -949,6 +950,12 @@ static __always_inline int accepted(struct bpf_sock_ops *ops)
 	local = lookup_ip(&local_key, &known);
 	if (!known)
 		return 1;
+	/* On a port with HTTP rules only the agent's waypoint accepts (see
+	 * ts_ingress): it checks each connection's peer itself. Left without
+	 * a record, so that ts_revoke tells it from a connection the workload
+	 * accepted before the port had HTTP rules. */
+	if (waypointed(&local_key, port))
+		return 1;
 	remote = lookup_ip(&remote_key, &known);
 	if (!known && terminated(&local_key, port))
 		/* ts_steer handed it to the agent's terminator, which
@@ -1103,7 +1110,13 @@ int ts_revoke(struct bpf_iter__tcp *ctx)
 		bpf_probe_read_kernel(local_key.addr, 16, &skc->skc_v6_rcv_saddr);
 		bpf_probe_read_kernel(remote_key.addr, 16, &skc->skc_v6_daddr);
 	}
-	reason = recheck(c, &local_key, &remote_key);
+	/* A connection the workload accepted (it has a record: the
+	 * waypoint's have none) on a port that has HTTP rules now: made
+	 * before the port had them, it would go on bypassing the waypoint. */
+	if (!(c->flags & TS_CONN_OUTBOUND) && waypointed(&local_key, skc->skc_num))
+		reason = TS_REASON_DENY_NO_WAYPOINT;
+	else
+		reason = recheck(c, &local_key, &remote_key);
 	if (!is_deny(reason))
 		return 0;
 	/* Held for its authentication: still connecting (its connection

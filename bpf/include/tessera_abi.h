@@ -284,7 +284,8 @@ enum ts_reason {
 	/* a connection start to a pod address and port with HTTP rules
 	 * (ts_waypointed) that did not reach the agent's waypoint socket:
 	 * the waypoint is down or was never started, and nothing reaches
-	 * the workload on that port unchecked */
+	 * the workload on that port unchecked; and (ts_revoke) a connection
+	 * the workload accepted before its port had HTTP rules */
 	TS_REASON_DENY_NO_WAYPOINT = 20,
 	TS_REASON_COUNT = 21,
 };

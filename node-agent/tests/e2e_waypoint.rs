@@ -8,7 +8,11 @@
 //! identity the agents authenticated (one pod gets 200, another 403 on the
 //! same request); forbidden methods, dot segments, doubled slashes,
 //! encoded slashes and missing headers are refused over HTTP/1.1 and
-//! HTTP/2 and never reach the workload; a client's
+//! HTTP/2 and never reach the workload; h2load's multiplexed streams are
+//! each checked (exact counts); grpcurl's allowed call succeeds, a denied
+//! one gets PermissionDenied, a server-streaming call streams; a
+//! connection kept alive from
+//! before the port had HTTP rules is reset when it gets them; a client's
 //! `x-forwarded-client-cert` is replaced; a WebSocket is checked then
 //! spliced; with the agent killed (`kill -9`) the port refuses while a
 //! port without HTTP rules keeps working, and service resumes with the
@@ -52,6 +56,30 @@ spec:
   - from: [{podSelector: {matchLabels: {app: other}}}]
     ports: [{port: 8080}]
     http: [{methods: [GET], paths: [{type: Exact, value: /status}]}]
+  - from: [{podSelector: {matchLabels: {app: web}}}, {podSelector: {matchLabels: {app: other}}}]
+    ports: [{port: 5432}]
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports: [{port: 8079}]
+    http:
+    - paths:
+      - {type: Regex, value: '/grpc\\.reflection\\.v1(alpha)?\\.ServerReflection/ServerReflectionInfo'}
+      - {type: Exact, value: /fgrpc.PingServer/Ping}
+      - {type: Exact, value: /grpc.health.v1.Health/Watch}
+";
+
+/// fortio's gRPC server in db: reflection, health and its ping service.
+const GRPC_PORT: u16 = 8079;
+
+/// db-http before it has HTTP rules: web reaches both ports, other the
+/// plain one.
+const PLAIN_POLICY: &str = "apiVersion: tessera.dev/v1alpha1
+kind: AuthPolicy
+metadata: {name: db-http, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  rules:
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports: [{port: 8080}]
   - from: [{podSelector: {matchLabels: {app: web}}}, {podSelector: {matchLabels: {app: other}}}]
     ports: [{port: 5432}]
 ";
@@ -209,6 +237,99 @@ fn refusals(web: &SimPod, db: &SimPod, proto: &[&str]) {
     }
 }
 
+/// grpcurl (server reflection through the waypoint) against fortio's gRPC
+/// server in db: an allowed unary call succeeds, a denied one gets
+/// PermissionDenied, a server-streaming call streams.
+fn grpc_methods_are_checked(web: &SimPod, db: &SimPod) {
+    let bins = tessera_tests::testbin::TestBins::ensure_built().unwrap();
+    let _server = KillOnDrop(db.cgroup.spawn_in(
+        &db.ns,
+        bins.http.fortio.to_str().unwrap(),
+        &[
+            "server",
+            "-grpc-port",
+            &GRPC_PORT.to_string(),
+            "-http-port",
+            "18080",
+            "-redirect-port",
+            "disabled",
+            "-tcp-port",
+            "disabled",
+            "-udp-port",
+            "disabled",
+        ],
+    ));
+    let target = format!("{}:{GRPC_PORT}", db.ip);
+    // grpcurl [flags] <address> <method>
+    let grpcurl = |args: &[&str]| {
+        let (method, flags) = args.split_last().unwrap();
+        let mut all = vec!["-plaintext", "-max-time", "3"];
+        all.extend_from_slice(flags);
+        all.push(&target);
+        all.push(method);
+        let out = web
+            .cgroup
+            .spawn_in(&web.ns, bins.http.grpcurl.to_str().unwrap(), &all)
+            .wait_with_output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ping = loop {
+        let out = grpcurl(&[
+            "-d",
+            r#"{"payload": "through the waypoint"}"#,
+            "fgrpc.PingServer/Ping",
+        ]);
+        if out.contains("through the waypoint") || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        ping.contains("through the waypoint"),
+        "allowed unary call: {ping}"
+    );
+    let check = grpcurl(&["grpc.health.v1.Health/Check"]);
+    assert!(check.contains("PermissionDenied"), "denied method: {check}");
+    let watch = grpcurl(&["-max-time", "2", "grpc.health.v1.Health/Watch"]);
+    assert!(watch.contains("SERVING"), "server streaming: {watch}");
+}
+
+/// h2load: 4 connections with 16 streams each side by side, half the
+/// requests allowed and half denied; exact counts, and the workload gets
+/// exactly the allowed ones.
+fn multiplexed_streams_are_each_checked(web: &SimPod, db: &SimPod, server: &HttpServer) {
+    let before = server.seen().len();
+    let allowed = format!("http://{}:{HTTP_PORT}/api/h2load", db.ip);
+    let denied = format!("http://{}:{HTTP_PORT}/admin/h2load", db.ip);
+    let out = web
+        .cgroup
+        .spawn_in(
+            &web.ns,
+            "h2load",
+            &["-n", "400", "-c", "4", "-m", "16", &allowed, &denied],
+        )
+        .wait_with_output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // h2load counts a 403 as failed; none errored.
+    assert!(
+        text.contains("400 done, 200 succeeded, 200 failed, 0 errored, 0 timeout")
+            && text.contains("status codes: 200 2xx, 0 3xx, 200 4xx, 0 5xx"),
+        "{text}"
+    );
+    let seen = server.seen();
+    assert_eq!(seen.len() - before, 200, "{:#?}", &seen[before..]);
+    assert!(
+        seen[before..]
+            .iter()
+            .all(|l| l.starts_with("HTTP/2.0 GET /api/h2load ")),
+        "{:#?}",
+        &seen[before..]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_rules_are_checked_per_request_with_the_authenticated_identity() {
     let (cp, client) = common::control_plane().await;
@@ -224,8 +345,29 @@ async fn http_rules_are_checked_per_request_with_the_authenticated_identity() {
     let other = pod(&cluster, "other", "node-a", "198.18.1.11").await;
     let db = pod(&cluster, "db", "node-b", "198.18.2.10").await;
     let server = HttpServer::start(&db, dir.path());
-    resources::apply_manifest(&client, POLICY).await.unwrap();
+    resources::server_side_apply(&client, PLAIN_POLICY)
+        .await
+        .unwrap();
+    until_status(&web, &db, &[], "/api/items", 200).await;
+    // A connection kept alive from before the port has HTTP rules is reset
+    // when it gets them: its next request needs a new connection, which
+    // goes through the waypoint.
+    let (first, second) = kept_alive_pair(&web, &db, "/api/items", || async {
+        resources::server_side_apply(&client, POLICY).await.unwrap();
+    })
+    .await;
+    assert_eq!(first, "200 1");
+    assert_eq!(
+        second, "200 1",
+        "the second request went over the connection made before the port had HTTP rules"
+    );
     status_says_enforced(&client).await;
+    let seen = server.seen();
+    assert!(
+        seen.last().unwrap().contains(&format!("URI={WEB_ID}")),
+        "{seen:#?}"
+    );
+    let checked_from = seen.len();
     cluster
         .agent("node-b")
         .wait_for("checking the port's HTTP requests", 1)
@@ -241,6 +383,7 @@ async fn http_rules_are_checked_per_request_with_the_authenticated_identity() {
     assert_eq!(curl(&other, &db, &h2, "/api/items").0, 403);
     refusals(&web, &db, &[]);
     refusals(&web, &db, &h2);
+    multiplexed_streams_are_each_checked(&web, &db, &server);
     let tenant = ["-X", "POST", "-d", "x", "-H", "x-tenant: t1"];
     assert_eq!(curl(&web, &db, &tenant, "/upload").0, 200);
     // The client's identity header never reaches the workload as sent.
@@ -248,13 +391,19 @@ async fn http_rules_are_checked_per_request_with_the_authenticated_identity() {
     assert_eq!(curl(&web, &db, &["-H", forged], "/api/forged").0, 200);
 
     let seen = server.seen();
-    let uris: Vec<&str> = seen
+    let uris: Vec<&str> = seen[checked_from..]
         .iter()
         .map(|l| l.split(' ').nth(2).unwrap_or(""))
         .collect();
     assert!(
-        uris.iter()
-            .all(|u| ["/api/items", "/status", "/upload", "/api/forged"].contains(u)),
+        uris.iter().all(|u| [
+            "/api/items",
+            "/status",
+            "/upload",
+            "/api/forged",
+            "/api/h2load"
+        ]
+        .contains(u)),
         "the workload got a refused request: {seen:#?}"
     );
     let forwarded = seen.iter().find(|l| l.contains("/api/forged")).unwrap();
@@ -286,6 +435,8 @@ async fn http_rules_are_checked_per_request_with_the_authenticated_identity() {
     assert_eq!(ws("/ws"), "echo hello");
     assert!(ws("/admin").starts_with("status 403"));
 
+    grpc_methods_are_checked(&web, &db);
+
     // kill -9 of the agent: the port refuses, the plain port works on.
     let before = server.seen().len();
     let stopped = cluster.agents.pop().unwrap();
@@ -307,18 +458,24 @@ async fn http_rules_are_checked_per_request_with_the_authenticated_identity() {
     kept_alive_connection_gets_the_new_rules(&client, &web, &db).await;
 }
 
-/// A policy change reaches a kept-alive connection's next request: curl
-/// sends two requests on one connection with a pause between (its
-/// two URLs, its rate limit of 20 a minute giving the pause), and
-/// the rules change in the pause.
-async fn kept_alive_connection_gets_the_new_rules(
-    client: &kube::Client,
-    web: &SimPod,
+/// Two requests for `path` from `pod` on one connection with a pause
+/// between (curl with two URLs and a rate limit of 20 a minute), `change`
+/// made in the pause: each answer's status code and how many connections
+/// curl made for it ("200 1", "403 0": the second went over the first's
+/// connection).
+async fn kept_alive_pair<F, Fut>(
+    pod: &SimPod,
     db: &SimPod,
-) {
-    let url = format!("http://{}:{HTTP_PORT}/api/items", db.ip);
-    let child = web.cgroup.spawn_in(
-        &web.ns,
+    path: &str,
+    change: F,
+) -> (String, String)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let url = format!("http://{}:{HTTP_PORT}{path}", db.ip);
+    let child = pod.cgroup.spawn_in(
+        &pod.ns,
         "curl",
         &[
             "-sS",
@@ -331,25 +488,45 @@ async fn kept_alive_connection_gets_the_new_rules(
         ],
     );
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    change().await;
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let answers: Vec<String> = text
+        .lines()
+        .filter(|l| l.len() > 4 && l.as_bytes()[3] == b' ')
+        .map(str::to_owned)
+        .collect();
+    match &answers[..] {
+        [first, second] => (first.clone(), second.clone()),
+        _ => panic!(
+            "not two answers: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// A policy change reaches a kept-alive connection's next request.
+async fn kept_alive_connection_gets_the_new_rules(
+    client: &kube::Client,
+    web: &SimPod,
+    db: &SimPod,
+) {
     let policies: Api<AuthPolicy> = Api::namespaced(client.clone(), "shop");
     let narrower = serde_json::json!({"spec": {"rules": [{
         "from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
         "ports": [{"port": HTTP_PORT}],
         "http": [{"methods": ["GET"], "paths": [{"type": "Exact", "value": "/api/other"}]}],
     }]}});
-    policies
-        .patch("db-http", &PatchParams::default(), &Patch::Merge(&narrower))
-        .await
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let answers: Vec<&str> = text
-        .lines()
-        .filter(|l| l.len() > 4 && l.as_bytes()[3] == b' ')
-        .collect();
+    let answers = kept_alive_pair(web, db, "/api/items", || async {
+        policies
+            .patch("db-http", &PatchParams::default(), &Patch::Merge(&narrower))
+            .await
+            .unwrap();
+    })
+    .await;
     assert_eq!(
         answers,
-        ["200 1", "403 0"],
-        "two answers on one connection (the second made no new connection): {text}"
+        ("200 1".to_owned(), "403 0".to_owned()),
+        "two answers on one connection (the second made no new connection)"
     );
 }

@@ -21,6 +21,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
+mod http;
 mod kubernetes;
 mod node;
 mod olm;
@@ -55,6 +56,12 @@ pub const COREDNS_VERSION: &str = "1.15.0";
 /// go-spiffe release the `workload` program's Workload API client uses (the
 /// one SPIRE 1.15.3 requires).
 pub const GO_SPIFFE_VERSION: &str = "2.8.1";
+/// fortio release: the HTTP load generator and upstream server of `cargo
+/// xtask bench waypoint` (the last before fortio required grol.io/grol,
+/// which the Go module proxy does not serve).
+pub const FORTIO_VERSION: &str = "1.68.2";
+/// grpcurl release: the gRPC client of the waypoint's tests.
+pub const GRPCURL_VERSION: &str = "1.9.4";
 /// Bumped whenever the build recipe changes, so cached builds of an older
 /// recipe are rebuilt; written to a `recipe` file in each cache directory.
 pub const RECIPE: &str = "2: version stamped with -X ldflags";
@@ -84,6 +91,18 @@ pub struct TestBins {
     pub olm: OlmBins,
     /// What a real node runs.
     pub node: NodeBins,
+    /// HTTP and gRPC clients and servers.
+    pub http: HttpBins,
+}
+
+/// HTTP and gRPC tools built from the Go module proxy.
+#[derive(Debug, Clone)]
+pub struct HttpBins {
+    /// `fortio`: load generator (HTTP/1.1, h2c, gRPC) and echo server
+    /// (HTTP and gRPC with the health and reflection services).
+    pub fortio: PathBuf,
+    /// `grpcurl`: a gRPC client using server reflection.
+    pub grpcurl: PathBuf,
 }
 
 /// OLM v0's operators and what their bundle unpacking runs.
@@ -193,6 +212,11 @@ fn sources() -> Vec<Source> {
             build: node::build_coredns,
         },
         Source {
+            dir: format!("http-fortio-v{FORTIO_VERSION}-grpcurl-v{GRPCURL_VERSION}"),
+            bins: &["fortio", "grpcurl"],
+            build: http::build_http_tools,
+        },
+        Source {
             // Named by its source, so an edit rebuilds it.
             dir: format!(
                 "workload-{}",
@@ -264,6 +288,10 @@ impl TestBins {
                 workload: bin("workload"),
                 coredns: bin("coredns"),
             },
+            http: HttpBins {
+                fortio: bin("fortio"),
+                grpcurl: bin("grpcurl"),
+            },
         }
     }
 
@@ -292,6 +320,8 @@ impl TestBins {
             &n.crictl,
             &n.workload,
             &n.coredns,
+            &self.http.fortio,
+            &self.http.grpcurl,
         ]
         .into_iter()
         .map(PathBuf::as_path)

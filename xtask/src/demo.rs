@@ -213,7 +213,7 @@ async fn identities(cp: &ControlPlane, client: &kube::Client) -> Result<()> {
         agent(cp, client, signer_port).await?;
         step(
             8,
-            "mutual authentication in the data path: two nodes with agents, pods in network namespaces, a policy",
+            "mutual authentication in the data path (two nodes with agents, pods in network namespaces, a policy), then HTTP rules checked per request by the waypoint",
         );
         datapath(cp, client, signer_port).await
     }
@@ -327,6 +327,107 @@ async fn agent(cp: &ControlPlane, client: &kube::Client, signer_port: u16) -> Re
     result
 }
 
+/// HTTP rules on db's port 8080: web may GET /api/*, batch only GET
+/// /status.
+const DB_HTTP: &str = r#"apiVersion: tessera.dev/v1alpha1
+kind: AuthPolicy
+metadata: {name: db-http, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  rules:
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports: [{port: 8080}]
+    http: [{methods: [GET], paths: [{type: Prefix, value: /api}]}]
+  - from: [{podSelector: {matchLabels: {app: batch}}}]
+    ports: [{port: 8080}]
+    http: [{methods: [GET], paths: [{type: Exact, value: /status}]}]
+"#;
+
+/// Runs an HTTP server in db and shows what the waypoint in node-b's
+/// agent lets through: requests from web and batch with curl.
+async fn http_rules(client: &kube::Client, sims: &[Sim], node_b: &DemoAgent) -> Result<()> {
+    let bins = tessera_tests::TestBins::ensure_built()?;
+    let db = &sims[2];
+    let log = std::env::temp_dir().join(format!("tessera-demo-{}-db.log", std::process::id()));
+    let mut server = tessera_tests::procs::KillOnDrop(db.cgroup.spawn_in(
+        &db.ns,
+        &bins.node.workload.to_string_lossy(),
+        &["http", "8080", "db", &log.to_string_lossy()],
+    ));
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.0.stdout.take().context("no stdout")?),
+        &mut line,
+    )?;
+    resources::apply_manifest(client, DB_HTTP).await?;
+    println!(
+        "\npolicy shop/db-http: on db's port 8080, web may GET /api/*, batch only GET /status"
+    );
+    wait_for_log(node_b, "checking the port's HTTP requests").await?;
+    println!(
+        "node-b's agent steers every connection to db:8080 to its waypoint, which checks each request\n"
+    );
+    println!("{:<22} {:<28} {:>6}  body", "from", "request", "status");
+    for (sim, method, path) in [
+        (&sims[0], "GET", "/api/orders"),
+        (&sims[0], "POST", "/api/orders"),
+        (&sims[0], "GET", "/api/../admin"),
+        (&sims[1], "GET", "/api/orders"),
+        (&sims[1], "GET", "/status"),
+    ] {
+        let url = format!("http://{}:8080{path}", db.ip);
+        let out = sim
+            .cgroup
+            .spawn_in(
+                &sim.ns,
+                "curl",
+                &[
+                    "-sS",
+                    "--path-as-is",
+                    "-X",
+                    method,
+                    "-w",
+                    "\n%{http_code}",
+                    &url,
+                ],
+            )
+            .wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (body, code) = text.trim().rsplit_once('\n').unwrap_or(("", text.trim()));
+        let from = format!("shop/{} ({})", sim.name, sim.node);
+        println!(
+            "{from:<22} {:<28} {code:>6}  {}",
+            format!("{method} {path}"),
+            body.trim()
+        );
+    }
+    let seen = std::fs::read_to_string(&log).unwrap_or_default();
+    println!("\nwhat db's server got (the waypoint set x-forwarded-client-cert):");
+    print!("{seen}");
+    let _ = std::fs::remove_file(&log);
+    Ok(())
+}
+
+/// Waits up to 30 s for an agent to log `needle`.
+async fn wait_for_log(agent: &DemoAgent, needle: &str) -> Result<()> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let found = agent
+            .1
+            .lock()
+            .map_err(|_| anyhow::anyhow!("log lock"))?
+            .iter()
+            .any(|l| l.contains(needle));
+        if found {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the agent did not log {needle:?} within 30 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Namespaces, accounts and the second node for the data-path step.
 const SHOP: &str = r#"apiVersion: v1
 kind: Namespace
@@ -405,7 +506,7 @@ async fn datapath(cp: &ControlPlane, client: &kube::Client, signer_port: u16) ->
         let took = first_handshake(&agents[0]).await?;
         println!("node-a's agent authenticated web with db on node-b before any traffic (handshake {took:.2} ms)\n");
         print_connections(&sims);
-        Ok(())
+        http_rules(client, &sims, &agents[1]).await
     }
     .await;
     for (agent, _) in &agents {

@@ -19,6 +19,8 @@ use anyhow::{Context, Result, bail};
 /// `containernetworking-plugins` (bridge, host-local, loopback: the pods'
 /// network), `iptables` and `conntrack` for kube-proxy and the plugins,
 /// and `busybox-static`, whose `cp` OLM's bundle unpack job runs.
+/// `curl` and `nghttp2-client` (h2load) are the HTTP clients of the
+/// waypoint's tests.
 pub const PACKAGES: &[&str] = &[
     "ca-certificates",
     "openssl",
@@ -34,6 +36,8 @@ pub const PACKAGES: &[&str] = &[
     "iptables",
     "conntrack",
     "busybox-static",
+    "curl",
+    "nghttp2-client",
 ];
 
 fn installed(package: &str) -> bool {
@@ -56,9 +60,22 @@ fn apt_get(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// What `cargo xtask bench` needs besides [`PACKAGES`]: `haproxy` (2.6 on
+/// Debian 12), the peer of `bench waypoint`.
+pub const BENCH_PACKAGES: &[&str] = &["haproxy"];
+
 /// Installs whatever in [`PACKAGES`] is missing; does nothing when all are there.
 pub fn ensure() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    ensure_packages(PACKAGES)
+}
+
+/// [`ensure`], and [`BENCH_PACKAGES`] too.
+pub fn ensure_bench() -> Result<()> {
+    ensure_packages(&[PACKAGES, BENCH_PACKAGES].concat())
+}
+
+fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }

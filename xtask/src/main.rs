@@ -62,7 +62,8 @@ enum Task {
     /// Fuzz a parser with cargo-fuzz (installed on first use) for a while.
     Fuzz {
         /// Target: spiffe_id, template, jwt, bundle (api/fuzz); authcache_record,
-        /// handshake_frames, pem_bundle (node-agent/fuzz); csr (operator/fuzz).
+        /// handshake_frames, pem_bundle (node-agent/fuzz); csr (operator/fuzz);
+        /// http_path (waypoint/fuzz).
         target: String,
         /// How long to run.
         #[arg(long, default_value_t = 60)]
@@ -96,7 +97,8 @@ enum Task {
     },
     /// Run one benchmark family and write target/bench/<name>.json.
     Bench {
-        /// Which benchmark: controlplane, identity, auth, auth-cluster or restart.
+        /// Which benchmark: controlplane, identity, auth, auth-cluster, restart or
+        /// waypoint.
         name: String,
     },
 }
@@ -159,7 +161,8 @@ fn main() -> Result<()> {
             images::build(&repo_root(), &opts).map(|_| ())
         }
         Task::Bench { name } => {
-            prepare()?;
+            deps::ensure_bench()?;
+            testbin()?;
             cargo(
                 &["run", "--quiet", "--package", "tessera-bench", "--"],
                 &[name],
@@ -235,6 +238,7 @@ const FUZZ_TARGETS: &[(&str, &[&str])] = &[
         &["authcache_record", "handshake_frames", "pem_bundle"],
     ),
     ("operator", &["csr"]),
+    ("waypoint", &["http_path"]),
 ];
 
 fn fuzz(target: &str, seconds: u64) -> Result<()> {
@@ -248,7 +252,7 @@ fn fuzz(target: &str, seconds: u64) -> Result<()> {
             all.join(", ")
         );
     };
-    if *crate_dir != "api" {
+    if ["node-agent", "operator"].contains(crate_dir) {
         // Their crates link the eBPF programs, which need clang-16.
         deps::ensure()?;
     }

@@ -735,6 +735,12 @@ mod tests {
         let ep = eps.values().next().unwrap();
         assert_eq!((ep.id, ep.gen_), (9, 4));
         assert_eq!(ep.node, node_hash("b"));
+        // The waypoint names the same pod as the endpoint map.
+        let at = view.pod_at("198.18.2.10".parse().unwrap()).unwrap();
+        assert_eq!((at.id, at.generation), (9, 4));
+        let mapped: std::net::IpAddr = "::ffff:198.18.2.10".parse().unwrap();
+        assert_eq!(view.pod_at(mapped).map(|p| p.id), Some(9));
+        assert!(view.pod_at("198.18.2.11".parse().unwrap()).is_none());
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod identity;
 mod report;
 mod restart;
 mod system;
+mod waypoint;
 
 use anyhow::{Result, bail};
 use clap::Parser;
@@ -19,7 +20,8 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(name = "tessera-bench", about = "Tessera's benchmarks")]
 struct Cli {
-    /// Which benchmark: controlplane, identity, auth or auth-cluster.
+    /// Which benchmark: controlplane, identity, auth, auth-cluster, restart or
+    /// waypoint.
     name: String,
 }
 
@@ -47,8 +49,12 @@ async fn run(name: &str) -> Result<()> {
             let (operator, agent) = system::release_bins()?;
             restart::run(&operator, &agent).await?
         }
+        "waypoint" => {
+            let (operator, agent) = system::release_bins()?;
+            waypoint::run(&operator, &agent).await?
+        }
         other => bail!(
-            "unknown benchmark {other:?}; available: controlplane, identity, auth, auth-cluster, restart"
+            "unknown benchmark {other:?}; available: controlplane, identity, auth, auth-cluster, restart, waypoint"
         ),
     };
     report::report(name, &figures)
