@@ -90,6 +90,10 @@ pub struct Datapath {
     /// rests on: a removal, a replaced value, a new epoch, a failed
     /// handshake (see [`Datapath::narrowings`]).
     narrowings: u64,
+    /// The event ring buffer, mapped once at its first read (mapping it for
+    /// every poll cost the agent about 50 ms of CPU a second: mmap, munmap
+    /// and their TLB shootdowns every 2 ms).
+    events: Option<RingBuf<MapData>>,
 }
 
 mod veths;
@@ -185,6 +189,7 @@ impl Datapath {
             revoke,
             changes: 0,
             narrowings: 0,
+            events: None,
         };
         // Whatever a previous agent cached was decided on maps this one has
         // not checked yet.
@@ -716,7 +721,16 @@ impl Datapath {
 
     /// Takes the events waiting in the ring buffer.
     pub fn take_events(&mut self) -> Result<Vec<AuthEvent>, DatapathError> {
-        let mut ring = RingBuf::try_from(self.map(maps::EVENTS)?)?;
+        if self.events.is_none() {
+            let map = self
+                .ebpf
+                .take_map(maps::EVENTS)
+                .ok_or(DatapathError::Missing(maps::EVENTS))?;
+            self.events = Some(RingBuf::try_from(map)?);
+        }
+        let Some(ring) = self.events.as_mut() else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::new();
         while let Some(item) = ring.next() {
             out.extend(AuthEvent::parse(&item));

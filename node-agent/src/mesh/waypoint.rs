@@ -8,16 +8,18 @@
 //! connection is named by the agent's own view (endpoint and authentication
 //! state, with generations) at the moment it is asked, with no second copy
 //! of that state to keep in step or to trust; and there is no second
-//! process whose absence would have to be detected. The waypoint runs on a
-//! runtime of its own, so requests do not queue behind the agent's passes
-//! and handshakes. If the agent stops (even `kill -9`), its sockets close
+//! process whose absence would have to be detected. The waypoint runs on
+//! threads of its own (one single-threaded runtime per CPU, each serving
+//! whole listeners), so requests do not queue behind the agent's passes
+//! and handshakes, and a request wakes no other thread on its way. If the agent stops (even `kill -9`), its sockets close
 //! with it, the steering finds none, and `ts_ingress` refuses connection
 //! starts to those ports that reach the workload's own socket
 //! (`ts_waypointed`, pinned): the port refuses until the agent is back.
 
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tessera_waypoint::proxy::{self, Ended, Peer, Policy, Port};
@@ -79,17 +81,46 @@ pub struct Target {
     pub addr: SocketAddr,
 }
 
-/// The waypoint's runtime, started with the first waypoint.
-fn runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    if let Some(rt) = RUNTIME.get() {
-        return Ok(rt);
+/// The waypoint's threads, started with the first waypoint: one
+/// single-threaded runtime per CPU the agent may run on then. A listener
+/// and all its connections stay on one of them (given out in turn), so a
+/// request wakes no other thread on its way through.
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: AtomicUsize,
+}
+
+impl Workers {
+    fn get() -> std::io::Result<Arc<Workers>> {
+        static WORKERS: Mutex<Option<Arc<Workers>>> = Mutex::new(None);
+        let mut slot = crate::sync::lock(&WORKERS);
+        if let Some(w) = slot.as_ref() {
+            return Ok(w.clone());
+        }
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let mut handles = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            std::thread::Builder::new()
+                .name(format!("waypoint-{i}"))
+                .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+        }
+        let workers = Arc::new(Workers {
+            handles,
+            next: AtomicUsize::new(0),
+        });
+        *slot = Some(workers.clone());
+        Ok(workers)
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("waypoint")
-        .enable_all()
-        .build()?;
-    Ok(RUNTIME.get_or_init(|| rt))
+
+    /// The next thread's runtime, in turn.
+    fn pick(&self) -> &tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        &self.handles[i]
+    }
 }
 
 /// Serves `listener` (a socket in the namespace `netns` of the pod of
@@ -101,7 +132,7 @@ pub fn spawn(
     policy: watch::Receiver<Arc<Policy>>,
     ctx: &Context,
 ) -> std::io::Result<JoinHandle<()>> {
-    let rt = runtime()?;
+    let workers = Workers::get()?;
     let uid = want.uid.clone();
     let identify = ctx.identify.clone();
     let workload = proxy::loopback(want.addr);
@@ -120,7 +151,7 @@ pub fn spawn(
     });
     let want = Arc::new(want);
     let limits = ctx.limits.clone();
-    Ok(rt.spawn(async move {
+    Ok(workers.pick().spawn(async move {
         match TcpListener::from_std(listener) {
             Ok(listener) => accept(listener, want, port, limits).await,
             Err(e) => warn!(pod = %want.pod, port = want.addr.port(), error = %e, "cannot register the waypoint's socket"),

@@ -55,7 +55,7 @@ const BODY: usize = 1024;
 /// Idle keep-alive connections for the memory figure.
 const IDLE: usize = 1000;
 /// Policy changes timed.
-const CHANGES: usize = 20;
+const CHANGES: usize = 40;
 
 const OBJECTS: &str = r#"
 apiVersion: v1
@@ -98,7 +98,7 @@ fn haproxy_config() -> String {
     format!(
         "global
   nbthread 1
-  maxconn 20000
+  maxconn 5000
 defaults
   mode http
   timeout connect 5s
@@ -197,7 +197,7 @@ pub async fn run(operator: &Path, agent: &Path) -> Result<Vec<Figure>> {
         haproxy_pid,
     };
     bench.until_ready().await?;
-    let mut figures = Vec::new();
+    let mut figures = vec![bench.idle_cpu()?];
     for http2 in [false, true] {
         figures.extend(bench.latency_and_cpu(http2)?);
     }
@@ -449,6 +449,22 @@ impl Bench<'_> {
         ])
     }
 
+    /// The agent's own CPU use with no request to serve (its passes, the
+    /// event poll): part of the waypoint's CPU per request at a fixed rate.
+    fn idle_cpu(&self) -> Result<Figure> {
+        let ((), cpu) = self.with_cpu(self.waypoint_pid, || {
+            std::thread::sleep(Duration::from_secs(10));
+            Ok(())
+        })?;
+        let per_second = cpu / 10.0 * 1000.0;
+        println!("agent with no request to serve: {per_second:.1} ms CPU per second");
+        Ok(Figure::new(
+            "agent CPU with no request to serve (included in the waypoint's CPU per request)",
+            per_second,
+            "ms/s",
+        ))
+    }
+
     /// `f`'s result and the CPU seconds process `pid` used meanwhile.
     fn with_cpu<T>(&self, pid: u32, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
         let before = cpu_seconds(pid)?;
@@ -570,6 +586,12 @@ impl Bench<'_> {
         }
         drop(prober);
         took.sort();
+        println!(
+            "policy change to enforced, each (ms): {:?}",
+            took.iter()
+                .map(|d| (ms(*d) * 10.0).round() / 10.0)
+                .collect::<Vec<_>>()
+        );
         println!(
             "policy change to enforced: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({CHANGES} changes)",
             ms(percentile(&took, 50.0)),
