@@ -7,3 +7,9 @@
 
 pub mod policy;
 pub mod proxy;
+
+/// Locks `m`; a lock poisoned by a panic elsewhere is taken as it is (the
+/// data behind these locks is whole at every point a panic could leave it).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

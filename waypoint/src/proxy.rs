@@ -103,10 +103,30 @@ pub struct Port {
     pub policy: watch::Receiver<Arc<Policy>>,
     /// Names peers.
     pub identify: Identify,
-    /// Dials the workload.
-    pub dial: Dial,
     /// Counters.
     pub stats: Arc<Stats>,
+    /// The connections to the workload.
+    upstream: Arc<upstream::Upstream>,
+}
+
+impl Port {
+    /// A workload port whose rules `policy` gives, whose peers `identify`
+    /// names and which `dial` reaches.
+    pub fn new(
+        port: u16,
+        policy: watch::Receiver<Arc<Policy>>,
+        identify: Identify,
+        dial: Dial,
+        stats: Arc<Stats>,
+    ) -> Arc<Port> {
+        Arc::new(Port {
+            port,
+            policy,
+            identify,
+            stats,
+            upstream: Arc::new(upstream::Upstream::new(dial)),
+        })
+    }
 }
 
 impl std::fmt::Debug for Port {

@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -45,14 +45,17 @@ type Log = Arc<Mutex<Vec<Seen>>>;
 
 /// The workload: answers 200 with the path, echoes the bytes of an
 /// `Upgrade: echo` connection, and records every request.
-async fn workload() -> (SocketAddr, Log) {
+async fn workload() -> (SocketAddr, Log, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let log: Log = Arc::default();
     let seen = log.clone();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::Relaxed);
             let seen = seen.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| answer(req, seen.clone()));
@@ -62,7 +65,7 @@ async fn workload() -> (SocketAddr, Log) {
             });
         }
     });
-    (addr, log)
+    (addr, log, accepted)
 }
 
 async fn answer(
@@ -186,6 +189,8 @@ type Names = Arc<Mutex<Vec<(IpAddr, &'static str)>>>;
 struct Waypoint {
     addr: SocketAddr,
     log: Log,
+    /// Connections the workload accepted.
+    accepted: Arc<AtomicUsize>,
     stats: Arc<Stats>,
     policy: watch::Sender<Arc<Policy>>,
     names: Names,
@@ -193,7 +198,7 @@ struct Waypoint {
 
 impl Waypoint {
     async fn start() -> Waypoint {
-        let (upstream, log) = workload().await;
+        let (upstream, log, accepted) = workload().await;
         let (policy, rx) = watch::channel(policy(&spec(), 1));
         let names: Names = Arc::new(Mutex::new(vec![
             ("127.0.0.1".parse().unwrap(), WEB),
@@ -201,10 +206,10 @@ impl Waypoint {
         ]));
         let named = names.clone();
         let stats = Arc::new(Stats::default());
-        let port = Arc::new(Port {
-            port: 8080,
-            policy: rx,
-            identify: Arc::new(move |ip| {
+        let port = Port::new(
+            8080,
+            rx,
+            Arc::new(move |ip| {
                 let id = named
                     .lock()
                     .unwrap()
@@ -219,9 +224,9 @@ impl Waypoint {
                     generation: 1,
                 }
             }),
-            dial: Arc::new(move || Box::pin(TcpStream::connect(upstream))),
-            stats: stats.clone(),
-        });
+            Arc::new(move || Box::pin(TcpStream::connect(upstream))),
+            stats.clone(),
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -233,6 +238,7 @@ impl Waypoint {
         Waypoint {
             addr,
             log,
+            accepted,
             stats,
             policy,
             names,
@@ -526,4 +532,26 @@ async fn what_is_not_http_reaches_nothing() {
     let mut buf = Vec::new();
     let _ = tcp.read_to_end(&mut buf).await;
     assert!(w.seen().is_empty());
+}
+
+#[tokio::test]
+async fn client_connections_share_the_workload_connections() {
+    let w = Waypoint::start().await;
+    for http2 in [false, true] {
+        for _ in 0..3 {
+            let mut client = Client::connect(w.addr, http2).await;
+            assert_eq!(client.get(w.addr, "/api/items").await.unwrap(), 200);
+            // The connection goes back to the pool once its response is read.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    // Three client connections in turn, each protocol: one connection to
+    // the workload each (the HTTP/1.1 one back in the pool between).
+    assert_eq!(w.stats.connections.load(Ordering::Relaxed), 6);
+    assert_eq!(w.accepted.load(Ordering::Relaxed), 2);
+    // Refused requests dial nothing.
+    let other = Waypoint::start().await;
+    let mut client = Client::connect(other.addr, false).await;
+    assert_eq!(client.get(other.addr, "/admin").await.unwrap(), 403);
+    assert_eq!(other.accepted.load(Ordering::Relaxed), 0);
 }

@@ -136,19 +136,19 @@ pub fn spawn(
     let uid = want.uid.clone();
     let identify = ctx.identify.clone();
     let workload = proxy::loopback(want.addr);
-    let port = Arc::new(Port {
-        port: want.addr.port(),
+    let port = Port::new(
+        want.addr.port(),
         policy,
-        identify: Arc::new(move |ip| identify(&uid, ip)),
-        dial: Arc::new(move || {
+        Arc::new(move |ip| identify(&uid, ip)),
+        Arc::new(move || {
             Box::pin(crate::netns::connect_in(
                 netns.clone(),
                 workload,
                 UPSTREAM_TIMEOUT,
             ))
         }),
-        stats: ctx.stats.clone(),
-    });
+        ctx.stats.clone(),
+    );
     let want = Arc::new(want);
     let limits = ctx.limits.clone();
     Ok(workers.pick().spawn(async move {

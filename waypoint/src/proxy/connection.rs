@@ -19,7 +19,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::upstream::Upstream;
 use super::{Peer, Policy, Port, Stats};
 use crate::policy::{Decision, Gate, Refusal, Source, gate, is_grpc};
 
@@ -50,7 +49,6 @@ struct Conn {
     peer: Peer,
     /// The policy version the peer was last found unchanged at.
     checked: AtomicU64,
-    upstream: Upstream,
 }
 
 /// Serves one connection from `from` to the workload port `port` until
@@ -66,7 +64,6 @@ where
         peer: (port.identify)(from.ip()),
         from,
         checked: AtomicU64::new(version),
-        upstream: Upstream::new(port.dial.clone()),
         port,
     });
     let service = {
@@ -148,7 +145,7 @@ impl Conn {
             .headers()
             .contains_key(UPGRADE)
             .then(|| hyper::upgrade::on(&mut req));
-        match self.upstream.send(req).await {
+        match self.port.upstream.send(req).await {
             Ok((response, workload_side)) => {
                 Stats::bump(&self.port.stats.allowed);
                 if let (Some(client), Some(workload)) = (client_side, workload_side) {

@@ -1,34 +1,32 @@
-//! The waypoint's connection to the workload for one client connection:
-//! dialled at the first allowed request (a client refused throughout never
-//! reaches the workload), in the client's protocol, and dialled again if
-//! the workload closed it.
+//! The waypoint's connections to one workload port, shared by all the
+//! client connections to it: dialled at the first allowed request that
+//! needs one (a client refused throughout never reaches the workload), in
+//! the request's protocol. HTTP/2 requests share one multiplexed
+//! connection, dialled again when the workload closes it; HTTP/1.1
+//! requests take an idle connection from a pool (at most [`MAX_IDLE`] kept)
+//! or dial one, and give it back once its response has been read. So an
+//! idle client connection holds no connection to the workload.
+
+use std::sync::Mutex;
 
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::sync::Mutex;
 
 use super::{Dial, ProxyError};
 
-enum Sender {
-    Http1(http1::SendRequest<Incoming>),
-    Http2(http2::SendRequest<Incoming>),
-}
+/// Most idle HTTP/1.1 connections kept to one workload port.
+pub const MAX_IDLE: usize = 64;
 
-impl Sender {
-    fn is_closed(&self) -> bool {
-        match self {
-            Sender::Http1(s) => s.is_closed(),
-            Sender::Http2(s) => s.is_closed(),
-        }
-    }
-}
-
-/// The workload's side of one client connection.
+/// The workload's connections for one port.
 pub(super) struct Upstream {
     dial: Dial,
-    sender: Mutex<Option<Sender>>,
+    /// Idle HTTP/1.1 connections, ready for a request.
+    idle: Mutex<Vec<http1::SendRequest<Incoming>>>,
+    /// The shared HTTP/2 connection. An async lock: the first HTTP/2
+    /// requests wait for one dial rather than each making its own.
+    http2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
 }
 
 /// The workload's answer, and for an accepted upgrade the workload's side
@@ -39,35 +37,23 @@ impl Upstream {
     pub(super) fn new(dial: Dial) -> Upstream {
         Upstream {
             dial,
-            sender: Mutex::new(None),
+            idle: Mutex::default(),
+            http2: tokio::sync::Mutex::default(),
         }
     }
 
     /// Sends `req` to the workload and waits for its response head.
-    pub(super) async fn send(&self, req: Request<Incoming>) -> Result<Answer, ProxyError> {
-        let http2 = req.version() == Version::HTTP_2;
-        let mut slot = self.sender.lock().await;
-        let sender = match slot.take().filter(|s| !s.is_closed()) {
-            Some(s) => s,
-            None => self.connect(http2).await?,
-        };
-        let mut response = match sender {
-            Sender::Http2(s) => {
-                // Streams go side by side: the lock is not held.
-                let mut stream = s.clone();
-                *slot = Some(Sender::Http2(s));
-                drop(slot);
-                stream.send_request(req).await
-            }
-            // One request at a time, as on the client's HTTP/1.1 connection.
-            Sender::Http1(mut s) => {
-                let sent = match s.ready().await {
-                    Ok(()) => s.send_request(req).await,
-                    Err(e) => Err(e),
-                };
-                *slot = Some(Sender::Http1(s));
-                sent
-            }
+    pub(super) async fn send(
+        self: &std::sync::Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Answer, ProxyError> {
+        let mut response = if req.version() == Version::HTTP_2 {
+            self.http2_sender().await?.send_request(req).await
+        } else {
+            let mut sender = self.http1_sender().await?;
+            let sent = sender.send_request(req).await;
+            self.give_back(sender);
+            sent
         }
         .map_err(ProxyError::Upstream)?;
         let upgraded = (response.status() == StatusCode::SWITCHING_PROTOCOLS)
@@ -75,21 +61,59 @@ impl Upstream {
         Ok((response, upgraded))
     }
 
-    async fn connect(&self, http2: bool) -> Result<Sender, ProxyError> {
+    /// The shared HTTP/2 connection, dialled if there is none open.
+    async fn http2_sender(&self) -> Result<http2::SendRequest<Incoming>, ProxyError> {
+        let mut slot = self.http2.lock().await;
+        if let Some(s) = slot.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(s.clone());
+        }
+        let io = TokioIo::new(self.connect().await?);
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(ProxyError::Handshake)?;
+        tokio::spawn(conn);
+        *slot = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// An idle HTTP/1.1 connection that is still open, or a new one.
+    async fn http1_sender(&self) -> Result<http1::SendRequest<Incoming>, ProxyError> {
+        loop {
+            let Some(mut sender) = crate::lock(&self.idle).pop() else {
+                break;
+            };
+            // Ready at once when idle; an error when the workload closed it.
+            if sender.ready().await.is_ok() {
+                return Ok(sender);
+            }
+        }
+        let io = TokioIo::new(self.connect().await?);
+        let (sender, conn) = http1::handshake(io).await.map_err(ProxyError::Handshake)?;
+        tokio::spawn(conn.with_upgrades());
+        Ok(sender)
+    }
+
+    /// Puts an HTTP/1.1 connection back in the pool once its response body
+    /// has been read (it is ready for the next request then); one taken by
+    /// an upgrade or closed is dropped.
+    fn give_back(self: &std::sync::Arc<Self>, mut sender: http1::SendRequest<Incoming>) {
+        let pool = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            if sender.ready().await.is_err() {
+                return;
+            }
+            let Some(pool) = pool.upgrade() else { return };
+            let mut idle = crate::lock(&pool.idle);
+            if idle.len() < MAX_IDLE {
+                idle.push(sender);
+            }
+        });
+    }
+
+    async fn connect(&self) -> Result<tokio::net::TcpStream, ProxyError> {
         let tcp = (self.dial)().await.map_err(ProxyError::Dial)?;
         // Requests are small and latency counts more than packet count.
         let _ = tcp.set_nodelay(true);
-        let io = TokioIo::new(tcp);
-        if http2 {
-            let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
-                .await
-                .map_err(ProxyError::Handshake)?;
-            tokio::spawn(conn);
-            Ok(Sender::Http2(sender))
-        } else {
-            let (sender, conn) = http1::handshake(io).await.map_err(ProxyError::Handshake)?;
-            tokio::spawn(conn.with_upgrades());
-            Ok(Sender::Http1(sender))
-        }
+        Ok(tcp)
     }
 }
