@@ -7,7 +7,7 @@ pub mod gate;
 pub mod path;
 pub mod rules;
 
-pub use gate::{Gate, Refusal, XFCC, gate, is_grpc};
+pub use gate::{Gate, Refusal, XFCC, gate, identity_header, is_grpc};
 pub use path::normalise;
 pub use rules::{Decision, Request, Rules, Source};
 

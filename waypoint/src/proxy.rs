@@ -106,7 +106,7 @@ pub struct Port {
     /// Counters.
     pub stats: Arc<Stats>,
     /// The connections to the workload.
-    upstream: Arc<upstream::Upstream>,
+    upstream: upstream::Upstream,
 }
 
 impl Port {
@@ -124,7 +124,7 @@ impl Port {
             policy,
             identify,
             stats,
-            upstream: Arc::new(upstream::Upstream::new(dial)),
+            upstream: upstream::Upstream::new(dial),
         })
     }
 }

@@ -90,12 +90,20 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-/// Decides `req` from `source` to port `port` of the workload `workload`
-/// (its SPIFFE ID, for the identity header) under `rules`.
+/// The identity header the workload `workload` (its SPIFFE ID) gets on
+/// requests from `source`: `By=<workload>;URI=<source>`; None for a source
+/// without an identity. Made once per connection.
+pub fn identity_header(workload: &str, source: &Source) -> Option<HeaderValue> {
+    let id = source.id.as_ref()?;
+    HeaderValue::from_str(&format!("By={workload};URI={id}")).ok()
+}
+
+/// Decides `req` from `source` to port `port` under `rules`; `identity` is
+/// [`identity_header`]'s value for the workload and `source`.
 pub fn gate<B>(
     rules: &Rules,
-    workload: &str,
     source: &Source,
+    identity: Option<&HeaderValue>,
     port: u16,
     mut req: Request<B>,
 ) -> Gate<B> {
@@ -123,43 +131,40 @@ pub fn gate<B>(
     if decision != Decision::Allow {
         return Gate::Refuse(Refusal::Denied { decision, grpc }, req.into_body());
     }
-    let target = match query {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
-    };
-    // The canonical target is made of what the original held (decoded
-    // unreserved characters are ASCII), so it parses again; if it ever did
-    // not, the request is refused rather than forwarded as the client
-    // spelled it.
-    let mut parts = req.uri().clone().into_parts();
-    let Ok(pq) = target.parse() else {
-        return Gate::Refuse(
-            Refusal::BadPath {
-                error: PathError::BadEncoding,
-                grpc,
-            },
-            req.into_body(),
-        );
-    };
-    parts.path_and_query = Some(pq);
-    let Ok(uri) = Uri::from_parts(parts) else {
-        return Gate::Refuse(
-            Refusal::BadPath {
-                error: PathError::BadEncoding,
-                grpc,
-            },
-            req.into_body(),
-        );
-    };
-    *req.uri_mut() = uri;
+    // Already canonical (the usual case): forwarded as it came.
+    if path != req.uri().path() {
+        let Some(uri) = canonical_uri(req.uri(), &path, query) else {
+            return Gate::Refuse(
+                Refusal::BadPath {
+                    error: PathError::BadEncoding,
+                    grpc,
+                },
+                req.into_body(),
+            );
+        };
+        *req.uri_mut() = uri;
+    }
     let headers = req.headers_mut();
     headers.remove(XFCC);
-    if let Some(id) = &source.id
-        && let Ok(value) = HeaderValue::from_str(&format!("By={workload};URI={id}"))
-    {
-        headers.insert(XFCC, value);
+    if let Some(value) = identity {
+        headers.insert(XFCC, value.clone());
     }
     Gate::Forward(req)
+}
+
+/// `uri` with the canonical `path` and the original `query`. The canonical
+/// target is made of what the original held (decoded unreserved
+/// characters are ASCII), so it parses again; if it ever did not, the
+/// request is refused (None) rather than forwarded as the client spelled
+/// it.
+fn canonical_uri(uri: &Uri, path: &str, query: Option<&str>) -> Option<Uri> {
+    let target = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(target.parse().ok()?);
+    Uri::from_parts(parts).ok()
 }
 
 #[cfg(test)]
@@ -222,6 +227,24 @@ mod tests {
             Gate::Forward(r) => r,
             Gate::Refuse(r, _) => panic!("refused: {r:?}"),
         }
+    }
+
+    /// The gate as the proxy calls it, with the identity header made for
+    /// `workload` and `source`.
+    fn gate<B>(
+        rules: &Rules,
+        workload: &str,
+        source: &Source,
+        port: u16,
+        req: Request<B>,
+    ) -> Gate<B> {
+        super::gate(
+            rules,
+            source,
+            identity_header(workload, source).as_ref(),
+            port,
+            req,
+        )
     }
 
     fn refused(g: Gate<()>) -> Refusal {

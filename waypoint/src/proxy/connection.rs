@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{Peer, Policy, Port, Stats};
-use crate::policy::{Decision, Gate, Refusal, Source, gate, is_grpc};
+use crate::policy::{Decision, Gate, Refusal, Source, gate, identity_header, is_grpc};
 
 /// What the client gets: the workload's body, or the waypoint's own.
 type Body = Either<Incoming, Full<Bytes>>;
@@ -49,6 +49,8 @@ struct Conn {
     peer: Peer,
     /// The policy version the peer was last found unchanged at.
     checked: AtomicU64,
+    /// The identity header the workload gets on this connection's requests.
+    identity: Option<HeaderValue>,
 }
 
 /// Serves one connection from `from` to the workload port `port` until
@@ -59,9 +61,14 @@ where
 {
     Stats::bump(&port.stats.connections);
     let mut policy = port.policy.clone();
-    let version = policy.borrow_and_update().version;
+    let (version, workload) = {
+        let now = policy.borrow_and_update();
+        (now.version, now.workload.clone())
+    };
+    let peer = (port.identify)(from.ip());
     let conn = Arc::new(Conn {
-        peer: (port.identify)(from.ip()),
+        identity: identity_header(&workload, &peer.source),
+        peer,
         from,
         checked: AtomicU64::new(version),
         port,
@@ -124,8 +131,8 @@ impl Conn {
         let (method, target) = (req.method().clone(), req.uri().clone());
         match gate(
             &rules,
-            &policy.workload,
             &self.peer.source,
+            self.identity.as_ref(),
             self.port.port,
             req,
         ) {

@@ -3,9 +3,10 @@
 //! needs one (a client refused throughout never reaches the workload), in
 //! the request's protocol. HTTP/2 requests share one multiplexed
 //! connection, dialled again when the workload closes it; HTTP/1.1
-//! requests take an idle connection from a pool (at most [`MAX_IDLE`] kept)
-//! or dial one, and give it back once its response has been read. So an
-//! idle client connection holds no connection to the workload.
+//! requests take a ready connection from a pool (at most [`MAX_IDLE`]
+//! kept) or dial one, and put it back when the response head is in (it is
+//! ready again once its body has been read). So an idle client connection
+//! holds no connection to the workload.
 
 use std::sync::Mutex;
 
@@ -43,10 +44,7 @@ impl Upstream {
     }
 
     /// Sends `req` to the workload and waits for its response head.
-    pub(super) async fn send(
-        self: &std::sync::Arc<Self>,
-        req: Request<Incoming>,
-    ) -> Result<Answer, ProxyError> {
+    pub(super) async fn send(&self, req: Request<Incoming>) -> Result<Answer, ProxyError> {
         let mut response = if req.version() == Version::HTTP_2 {
             self.http2_sender().await?.send_request(req).await
         } else {
@@ -76,16 +74,19 @@ impl Upstream {
         Ok(sender)
     }
 
-    /// An idle HTTP/1.1 connection that is still open, or a new one.
+    /// An idle HTTP/1.1 connection from the pool, or a new one. Closed
+    /// connections found on the way are dropped; busy ones (a response body
+    /// still being read) stay.
     async fn http1_sender(&self) -> Result<http1::SendRequest<Incoming>, ProxyError> {
-        loop {
-            let Some(mut sender) = crate::lock(&self.idle).pop() else {
-                break;
-            };
-            // Ready at once when idle; an error when the workload closed it.
-            if sender.ready().await.is_ok() {
-                return Ok(sender);
-            }
+        let pooled = {
+            let mut idle = crate::lock(&self.idle);
+            idle.retain(|s| !s.is_closed());
+            idle.iter()
+                .position(http1::SendRequest::is_ready)
+                .map(|i| idle.swap_remove(i))
+        };
+        if let Some(sender) = pooled {
+            return Ok(sender);
         }
         let io = TokioIo::new(self.connect().await?);
         let (sender, conn) = http1::handshake(io).await.map_err(ProxyError::Handshake)?;
@@ -93,21 +94,13 @@ impl Upstream {
         Ok(sender)
     }
 
-    /// Puts an HTTP/1.1 connection back in the pool once its response body
-    /// has been read (it is ready for the next request then); one taken by
-    /// an upgrade or closed is dropped.
-    fn give_back(self: &std::sync::Arc<Self>, mut sender: http1::SendRequest<Incoming>) {
-        let pool = std::sync::Arc::downgrade(self);
-        tokio::spawn(async move {
-            if sender.ready().await.is_err() {
-                return;
-            }
-            let Some(pool) = pool.upgrade() else { return };
-            let mut idle = crate::lock(&pool.idle);
-            if idle.len() < MAX_IDLE {
-                idle.push(sender);
-            }
-        });
+    /// Puts an HTTP/1.1 connection back in the pool as soon as its response
+    /// head is in: it is taken again once its body has been read (ready).
+    fn give_back(&self, sender: http1::SendRequest<Incoming>) {
+        let mut idle = crate::lock(&self.idle);
+        if idle.len() < MAX_IDLE {
+            idle.push(sender);
+        }
     }
 
     async fn connect(&self) -> Result<tokio::net::TcpStream, ProxyError> {
