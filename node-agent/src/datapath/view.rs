@@ -312,12 +312,25 @@ struct Index {
     by_number: ByNode<u32, (u64, Arc<str>)>,
     /// Node -> its pods' host addresses, first pod (in UID order) first.
     hosts: HashMap<Arc<str>, Vec<IpAddr>>,
+    /// Pod address (as `ts_ep_ip` keys it) -> the pod that has it (its
+    /// position in the view's pods): the live, newest claimant.
+    by_ip: BTreeMap<[u8; 16], usize>,
 }
 
 impl Index {
     fn build(pods: &[Arc<PodView>]) -> Index {
         let mut index = Index::default();
-        for p in pods {
+        for (i, p) in pods.iter().enumerate() {
+            for ip in p.ips.iter() {
+                let key = IpKey::from(*ip).addr;
+                if index
+                    .by_ip
+                    .get(&key)
+                    .is_none_or(|&w| rank(&pods[w]) < rank(p))
+                {
+                    index.by_ip.insert(key, i);
+                }
+            }
             if let Some(ip) = p.host_ip {
                 let hosts = index.hosts.entry(p.node.clone()).or_default();
                 if !hosts.contains(&ip) {
@@ -391,30 +404,18 @@ impl View {
     /// network have none). When two pods claim one
     /// address (a deleted pod's IP reused), the live, newest one wins.
     pub fn ip_endpoints(&self) -> BTreeMap<[u8; 16], Endpoint> {
-        let mut winner: BTreeMap<[u8; 16], &PodView> = BTreeMap::new();
-        for pod in self.pods.iter().map(Arc::as_ref) {
-            for ip in pod.ips.iter() {
-                let key = IpKey::from(*ip).addr;
-                if winner.get(&key).is_none_or(|w| rank(w) < rank(pod)) {
-                    winner.insert(key, pod);
-                }
-            }
-        }
-        winner
-            .into_iter()
-            .filter_map(|(k, p)| Some((k, self.endpoint(p)?)))
+        self.index
+            .by_ip
+            .iter()
+            .filter_map(|(k, &i)| Some((*k, self.endpoint(&self.pods[i])?)))
             .collect()
     }
 
     /// The pod an address belongs to, as `ts_ep_ip` says (the live, newest
     /// claimant).
     pub fn pod_at(&self, ip: IpAddr) -> Option<&PodView> {
-        let ip = ip.to_canonical();
-        self.pods
-            .iter()
-            .map(Arc::as_ref)
-            .filter(|p| p.ips.iter().any(|a| a.to_canonical() == ip))
-            .max_by(|a, b| rank(a).cmp(&rank(b)))
+        let i = self.index.by_ip.get(&IpKey::from(ip).addr)?;
+        self.pods.get(*i).map(Arc::as_ref)
     }
 
     /// The `ts_ep_cgroup` entries of this node's pods, given each pod's
