@@ -181,10 +181,6 @@ struct Written {
     read_at: std::time::Instant,
 }
 
-/// Most ports with HTTP rules of one local pod that go through the
-/// waypoint (the lowest); the others of such a pod are refused whole.
-pub const MAX_WAYPOINT_PORTS: usize = 256;
-
 /// The addresses and ports of local pods that have HTTP rules: each gets
 /// every connection through the waypoint.
 fn waypointed(view: &View, policies: &[IdentityPolicySpec]) -> BTreeSet<TermKey> {
@@ -198,14 +194,9 @@ fn waypointed(view: &View, policies: &[IdentityPolicySpec]) -> BTreeSet<TermKey>
         let Some(spec) = by_id.get(&*pod.spiffe_id) else {
             continue;
         };
-        let ports = spec.http_ports();
+        let ports = policy::waypoint_ports(spec);
         for ip in pod.ips.iter() {
-            out.extend(
-                ports
-                    .iter()
-                    .take(MAX_WAYPOINT_PORTS)
-                    .map(|port| TermKey::new(*ip, *port)),
-            );
+            out.extend(ports.iter().map(|port| TermKey::new(*ip, *port)));
         }
     }
     out

@@ -196,6 +196,10 @@ pub fn translate(
         let Some((local, _)) = ids.get(&policy.spiffe_id) else {
             continue;
         };
+        // The ports the waypoint serves: an Allow rule with HTTP rules
+        // admits its peers at L4 to these only (beyond the cap nothing
+        // steers or marks a port, so it must stay closed).
+        let served = waypoint_ports(policy);
         let mut entries = BTreeMap::new();
         let mut count = 0usize;
         for rule in &policy.rules {
@@ -223,6 +227,9 @@ pub fn translate(
                 let first = range.port.clamp(1, 65535) as u16;
                 let last = range.end_port.unwrap_or(range.port).clamp(1, 65535) as u16;
                 ports.extend((first..=last).map(|p| (p, proto)));
+            }
+            if rule.action == PolicyAction::Allow && !rule.http.is_empty() {
+                ports.retain(|(p, proto)| *proto == TCP && served.contains(p));
             }
             count = count.saturating_add(remotes.len().saturating_mul(ports.len()));
             if count > MAX_ENTRIES_PER_IDENTITY {
@@ -286,6 +293,22 @@ pub enum Op {
 }
 
 /// Every requirement an allow rule can carry.
+/// Most ports with HTTP rules of one workload that go through the
+/// waypoint (the lowest); its other ports with HTTP rules stay closed to
+/// the peers of Allow rules with HTTP rules.
+pub const MAX_WAYPOINT_PORTS: usize = 256;
+
+/// The ports of a workload with `spec` that go through the waypoint: the
+/// lowest [`MAX_WAYPOINT_PORTS`] of those with HTTP rules. The same set is
+/// marked in `ts_waypointed`, served by the waypoint's sockets, and opened
+/// at L4 by Allow rules with HTTP rules.
+pub fn waypoint_ports(spec: &IdentityPolicySpec) -> BTreeSet<u16> {
+    spec.http_ports()
+        .into_iter()
+        .take(MAX_WAYPOINT_PORTS)
+        .collect()
+}
+
 /// Whether a rule is left out of the L4 entries: only some rules with HTTP
 /// rules are. Every connection to its ports goes through the waypoint, which checks
 /// each request (the destination's ingress check refuses connection starts
@@ -652,6 +675,23 @@ mod tests {
         assert_eq!(decide(&rules, 400, 300, 8080, TCP), Decision::Deny);
         let (rules, _) = translate(&[&portless(PolicyAction::Deny)], &table());
         assert_eq!(decide(&rules, 400, 300, 9000, TCP), Decision::Deny);
+        // Beyond the waypoint's cap a port is neither steered nor marked:
+        // it stays closed.
+        let wide = IdentityPolicySpec {
+            spiffe_id: DB.into(),
+            default_deny: true,
+            rules: vec![http(PolicyAction::Allow, &[(1000, Some(1300))])],
+            sources: vec![],
+        };
+        let (rules, _) = translate(&[&wide], &table());
+        assert!(matches!(
+            decide(&rules, 400, 300, 1000, TCP),
+            Decision::Allow(_)
+        ));
+        assert_eq!(
+            decide(&rules, 400, 300, 1000 + MAX_WAYPOINT_PORTS as u16, TCP),
+            Decision::Deny
+        );
     }
 
     #[test]

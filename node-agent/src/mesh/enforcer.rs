@@ -347,7 +347,7 @@ impl Inner {
                 continue;
             }
             let terminated = external::terminated_ports(spec);
-            let http = external::capped(spec, spec.http_ports(), "HTTP");
+            let http = crate::datapath::policy::waypoint_ports(spec);
             if terminated.is_empty() && http.is_empty() {
                 continue;
             }

@@ -173,7 +173,7 @@ pub fn terminated_ports(spec: &IdentityPolicySpec) -> BTreeSet<u16> {
 
 /// The lowest [`MAX_TERMINATED_PORTS`] of `ports`, said when some are left
 /// out.
-pub fn capped(spec: &IdentityPolicySpec, ports: BTreeSet<u16>, what: &str) -> BTreeSet<u16> {
+fn capped(spec: &IdentityPolicySpec, ports: BTreeSet<u16>, what: &str) -> BTreeSet<u16> {
     if ports.len() <= MAX_TERMINATED_PORTS {
         return ports;
     }
