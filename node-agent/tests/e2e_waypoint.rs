@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Api, Patch, PatchParams};
 use tessera_api::crd::{AuthPolicy, CONDITION_HTTP_RULES};
-use tessera_tests::cluster::{PodSpec, SimCluster, SimPod};
+use tessera_tests::cluster::{SimCluster, SimPod};
 use tessera_tests::procs::KillOnDrop;
 use tessera_tests::resources;
 
@@ -175,18 +175,7 @@ async fn until_status(pod: &SimPod, db: &SimPod, args: &[&str], path: &str, want
 
 async fn pod(cluster: &SimCluster, name: &str, node: &str, ip: &str) -> SimPod {
     cluster
-        .pod(
-            PodSpec {
-                namespace: "shop",
-                name,
-                labels: &[("app", name)],
-                service_account: name,
-                node,
-                ip,
-                ..Default::default()
-            },
-            Some(TCP_PORT),
-        )
+        .app_pod("shop", name, (node, ip), Some(TCP_PORT))
         .await
 }
 

@@ -391,6 +391,31 @@ impl SimCluster {
         .unwrap_or_else(|e| panic!("cannot set the status of pod {}: {e}", spec.name));
     }
 
+    /// A running pod `name` in `namespace` on `node` at `ip`, labelled
+    /// `app=<name>` with service account `<name>`; a TCP server on `port`
+    /// when given.
+    pub async fn app_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        (node, ip): (&str, &str),
+        port: Option<u16>,
+    ) -> SimPod {
+        self.pod(
+            PodSpec {
+                namespace,
+                name,
+                labels: &[("app", name)],
+                service_account: name,
+                node,
+                ip,
+                ..Default::default()
+            },
+            port,
+        )
+        .await
+    }
+
     /// Creates the pod of `spec` as a kubelet would: the object, then its
     /// cgroup and network namespace, then its address in the status; with
     /// a TCP server on `port` answering its name when `port` is given.

@@ -28,7 +28,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tessera_tests::cluster::{PodSpec, SimCluster, SimPod};
+use tessera_tests::cluster::{SimCluster, SimPod};
 use tessera_tests::procs::KillOnDrop;
 use tessera_tests::resources;
 
@@ -216,20 +216,7 @@ struct Pods {
 }
 
 async fn pod(cluster: &SimCluster, name: &str, node: &str, ip: &str) -> SimPod {
-    cluster
-        .pod(
-            PodSpec {
-                namespace: "bench",
-                name,
-                labels: &[("app", name)],
-                service_account: name,
-                node,
-                ip,
-                ..Default::default()
-            },
-            None,
-        )
-        .await
+    cluster.app_pod("bench", name, (node, ip), None).await
 }
 
 fn which(program: &str) -> Result<PathBuf> {
