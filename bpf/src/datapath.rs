@@ -3,7 +3,7 @@
 //! (CAP_BPF).
 
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -52,6 +52,11 @@ pub enum DatapathError {
     #[error("cannot run ts_revoke: {0}")]
     Revoke(std::io::Error),
     /// The kernel gave no random bytes.
+    #[error(
+        "cannot duplicate the event ring buffer's descriptor: {0}; is the process out of file descriptors (ulimit -n)?"
+    )]
+    EventsFd(std::io::Error),
+
     #[error("cannot read random bytes for the auth cache key: {0}")]
     Random(std::io::Error),
     /// A cgroup or pin path cannot be used.
@@ -719,8 +724,8 @@ impl Datapath {
         Ok(map.get(&(reason as u32), 0)?.iter().sum())
     }
 
-    /// Takes the events waiting in the ring buffer.
-    pub fn take_events(&mut self) -> Result<Vec<AuthEvent>, DatapathError> {
+    /// The event ring buffer, mapped on first use.
+    fn events(&mut self) -> Result<&mut RingBuf<MapData>, DatapathError> {
         if self.events.is_none() {
             let map = self
                 .ebpf
@@ -728,9 +733,25 @@ impl Datapath {
                 .ok_or(DatapathError::Missing(maps::EVENTS))?;
             self.events = Some(RingBuf::try_from(map)?);
         }
-        let Some(ring) = self.events.as_mut() else {
-            return Ok(Vec::new());
-        };
+        self.events
+            .as_mut()
+            .ok_or(DatapathError::Missing(maps::EVENTS))
+    }
+
+    /// A descriptor of the event ring buffer of its own, for epoll: readable
+    /// when events wait (the programs wake a waiting reader once the reader
+    /// has taken everything before), so a reader that drains with
+    /// [`Datapath::take_events`] after each wake-up misses none.
+    pub fn events_fd(&mut self) -> Result<OwnedFd, DatapathError> {
+        self.events()?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(DatapathError::EventsFd)
+    }
+
+    /// Takes the events waiting in the ring buffer.
+    pub fn take_events(&mut self) -> Result<Vec<AuthEvent>, DatapathError> {
+        let ring = self.events()?;
         let mut out = Vec::new();
         while let Some(item) = ring.next() {
             out.extend(AuthEvent::parse(&item));

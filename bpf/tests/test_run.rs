@@ -137,6 +137,18 @@ impl Harness {
     }
 }
 
+/// Whether `fd` polls readable now.
+fn readable(fd: &std::os::fd::OwnedFd) -> Result<bool> {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&zero))?;
+    Ok(fds[0].revents().contains(PollFlags::IN))
+}
+
 fn auth_key() -> AuthKey {
     AuthKey {
         local: 300,
@@ -159,9 +171,23 @@ fn authenticated_pairs_pass_and_every_kind_of_invalid_authentication_is_refused(
     let syn = packet(B, A, TCP, 8080, SYN);
     let later = tessera_bpf::monotonic_ns() + 3_600_000_000_000;
 
-    // Missing: refused, and the agent hears of it once.
+    // Missing: refused, and the agent hears of it once, woken by the ring
+    // buffer's descriptor (the agent waits on it with epoll).
+    let ring = h.dp.events_fd()?;
+    assert!(
+        !readable(&ring)?,
+        "the ring buffer is readable with no event"
+    );
     h.expect(&syn, false, Reason::DenyAuthMissing, "missing")?;
+    assert!(
+        readable(&ring)?,
+        "the event did not wake the ring buffer's reader"
+    );
     let events = h.events();
+    assert!(
+        !readable(&ring)?,
+        "the ring buffer stays readable once drained"
+    );
     assert_eq!(events.len(), 1, "{events:?}");
     let ev = events[0];
     assert_eq!(

@@ -659,6 +659,12 @@ impl DataPlane {
         Ok(())
     }
 
+    /// A descriptor of the data path's event ring buffer of its own, readable
+    /// (epoll) when events wait.
+    pub fn events_fd(&self) -> Result<std::os::fd::OwnedFd, DatapathError> {
+        lock(&self.dp).events_fd()
+    }
+
     /// Missing authentications the data path reported since the last call.
     pub fn take_events(&self) -> Result<Vec<AuthEvent>, DatapathError> {
         lock(&self.dp).take_events()

@@ -61,8 +61,10 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// After a pair's first failed handshake (often a peer whose view of the
 /// cluster lags), try again this soon; its connections keep waiting.
 pub const FIRST_RETRY_AFTER: Duration = Duration::from_millis(100);
-/// How often the ring buffer of missing authentications is read.
-pub const EVENT_POLL: Duration = Duration::from_millis(2);
+/// The ring buffer of missing authentications is read as soon as the data
+/// path writes to it (epoll), and also this often, in case a wake-up was
+/// lost or the buffer cannot be watched.
+pub const EVENT_POLL: Duration = Duration::from_millis(500);
 /// How often everything is checked even without changes (expiry, retries).
 pub const SWEEP: Duration = Duration::from_secs(1);
 /// A change this soon after the previous pass is part of a burst: the pass

@@ -8,7 +8,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::error;
+use tokio::io::unix::AsyncFd;
+use tracing::{error, warn};
 
 use super::{EVENT_POLL, Inner, SETTLE, SETTLE_AFTER, SWEEP, Stores};
 use crate::datapath::sandbox;
@@ -62,15 +63,49 @@ pub(super) async fn run(
     }
 }
 
-/// Handshakes for the missing authentications the data path reports,
-/// polled every [`EVENT_POLL`].
+/// Handshakes for the missing authentications the data path reports: read
+/// when the ring buffer wakes its reader, and every [`EVENT_POLL`] besides.
 pub(super) async fn poll_events(inner: Arc<Inner>) {
+    let ring = match inner.plane.events_fd().map(watch) {
+        Ok(Ok(ring)) => Some(ring),
+        Ok(Err(e)) => {
+            warn!(error = %e, "cannot watch the auth event ring buffer with epoll; reading it every {EVENT_POLL:?} instead, so first connections may wait that much longer");
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot watch the auth event ring buffer; reading it every {EVENT_POLL:?} instead, so first connections may wait that much longer");
+            None
+        }
+    };
     let mut tick = tokio::time::interval(EVENT_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
-        tick.tick().await;
+        match &ring {
+            Some(ring) => tokio::select! {
+                ready = ring.readable() => {
+                    // Readiness is cleared before the drain: an event
+                    // written during it wakes this loop again.
+                    if let Ok(mut guard) = ready {
+                        guard.clear_ready();
+                    }
+                }
+                _ = tick.tick() => {}
+            },
+            None => {
+                tick.tick().await;
+            }
+        }
         inner.drain_events();
     }
+}
+
+/// `fd` registered with the runtime's epoll. tokio deprecates
+/// `AsyncFd::new` for descriptors it does not own (one closed while
+/// registered); an `OwnedFd` is owned by the `AsyncFd` until it drops, and
+/// the safe constructor keeps this crate free of `unsafe`.
+#[allow(deprecated)]
+fn watch(fd: std::os::fd::OwnedFd) -> std::io::Result<AsyncFd<std::os::fd::OwnedFd>> {
+    AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)
 }
 
 /// What follows a pass and may take long (a thread per pod namespace,
