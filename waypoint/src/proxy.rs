@@ -13,6 +13,7 @@
 //! connection, upgraded ones included, closed.
 
 mod connection;
+mod preface;
 mod upstream;
 
 use std::future::Future;
@@ -27,7 +28,8 @@ use tokio::sync::watch;
 
 use crate::policy::{Rules, Source};
 
-pub use connection::{Ended, serve};
+pub use connection::{Ended, serve, serve_io};
+pub use preface::Protocol;
 
 /// Why a request could not be forwarded (the client gets 502).
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,9 @@
 //! closed when its peer changes.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -12,13 +14,15 @@ use http::header::{CONTENT_TYPE, HeaderValue, UPGRADE};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::preface::{Protocol, detect};
 use super::{Peer, Policy, Port, Stats};
 use crate::policy::{Decision, Gate, Refusal, Source, gate, identity_header, is_grpc};
 
@@ -53,9 +57,19 @@ struct Conn {
     identity: Option<HeaderValue>,
 }
 
-/// Serves one connection from `from` to the workload port `port` until
-/// either side closes it or its peer changes.
-pub async fn serve<IO>(io: IO, from: SocketAddr, port: Arc<Port>) -> Ended
+/// Serves one TCP connection from `from` to the workload port `port`
+/// until either side closes it or its peer changes; its protocol is told
+/// by its first bytes.
+pub async fn serve(tcp: TcpStream, from: SocketAddr, port: Arc<Port>) -> Ended {
+    match detect(&tcp).await {
+        Ok(protocol) => serve_io(tcp, protocol, from, port).await,
+        Err(e) => Ended::Closed(Some(Box::new(e))),
+    }
+}
+
+/// Serves one connection speaking `protocol` (as [`serve`] does; for
+/// streams whose protocol is known otherwise, such as by ALPN).
+pub async fn serve_io<IO>(io: IO, protocol: Protocol, from: SocketAddr, port: Arc<Port>) -> Ended
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -80,10 +94,21 @@ where
             async move { Ok::<_, Infallible>(conn.handle(req).await) }
         })
     };
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let serving = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let io = TokioIo::new(io);
+    // Boxed: a connection's future holds the larger of the two protocols'
+    // states otherwise (HTTP/2's is twice HTTP/1.1's), idle or not.
+    let serving: Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>> = match protocol {
+        Protocol::Http1 => Box::pin(
+            http1::Builder::new()
+                .serve_connection(io, service)
+                .with_upgrades(),
+        ),
+        Protocol::Http2 => {
+            Box::pin(http2::Builder::new(TokioExecutor::new()).serve_connection(io, service))
+        }
+    };
     tokio::select! {
-        served = serving => Ended::Closed(served.err()),
+        served = serving => Ended::Closed(served.err().map(Into::into)),
         ended = conn.changed(policy) => {
             Stats::bump(&conn.port.stats.revoked);
             ended
