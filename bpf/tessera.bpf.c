@@ -826,17 +826,16 @@ int ts_steer(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	}
 	key.port = ctx->local_port;
-	/* Ports with HTTP rules: every peer goes through the waypoint. */
-	sk = bpf_map_lookup_elem(&ts_waypoints, &key);
-	if (sk) {
-		bpf_sk_assign(ctx, sk, 0);
-		bpf_sk_release(sk);
-		return SK_PASS;
-	}
+	/* A peer outside the mesh on a terminated port: the terminator first
+	 * (on a port with HTTP rules it hands the decrypted requests to the
+	 * waypoint's checks itself). */
+	sk = 0;
 	lookup_ip(&remote, &known);
-	if (known)
-		return SK_PASS;
-	sk = bpf_map_lookup_elem(&ts_terminators, &key);
+	if (!known)
+		sk = bpf_map_lookup_elem(&ts_terminators, &key);
+	/* Ports with HTTP rules: every other peer goes through the waypoint. */
+	if (!sk)
+		sk = bpf_map_lookup_elem(&ts_waypoints, &key);
 	if (!sk)
 		return SK_PASS;
 	bpf_sk_assign(ctx, sk, 0);

@@ -586,6 +586,114 @@ fn s_client_from(
     (received, presented, log)
 }
 
+/// web's policy: b.test/client on 8443 (plain TCP to the workload) and, on
+/// 8080, `GET /api...` only (HTTP rules checked by the agent).
+const HTTP_POLICY: &str = r#"
+apiVersion: tessera.dev/v1alpha1
+kind: AuthPolicy
+metadata: {name: web-from-b-client, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - from: [{spiffeIDs: ["spiffe://b.test/client"]}]
+    ports: [{port: 8443}]
+    externalPeers: TerminateTLS
+  - from: [{spiffeIDs: ["spiffe://b.test/client"]}]
+    ports: [{port: 8080}]
+    externalPeers: TerminateTLS
+    http: [{methods: [GET], paths: [{type: Prefix, value: /api}]}]
+"#;
+
+/// curl over TLS from network namespace `ns`, presenting `svid`, with
+/// `args`: the status code (0 when no HTTP answer came) and the HTTP
+/// version. The server's certificate is not checked here (it has no DNS
+/// name for curl to match; `s_client_from` checks its SPIFFE ID).
+fn curl_tls(
+    ns: &str,
+    url: &str,
+    (cert, key): &(std::path::PathBuf, std::path::PathBuf),
+    args: &[&str],
+) -> (u16, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "curl", "-sS", "-k", "--max-time", "5"])
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .args(["-o", "/dev/null", "-w", "%{http_code} %{http_version}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (code, version) = stdout.split_once(' ').unwrap_or(("0", ""));
+    (code.parse().unwrap_or(0), version.to_owned())
+}
+
+/// b.test/client may `GET /api...` on web's port 8080, where the agent
+/// terminates its TLS and checks each request against the HTTP rules with
+/// its verified SPIFFE ID: over HTTP/1.1 and HTTP/2 (ALPN) its GETs get
+/// 200 and reach the workload with that ID in the identity header; its
+/// POST and a GET elsewhere get 403 and never reach the workload; a
+/// b.test identity the rules do not name is refused in the handshake.
+async fn http_rules_apply_to_terminated_peers(
+    client: &kube::Client,
+    agent: &tessera_tests::cluster::Agent,
+    (web, outside): (&tessera_tests::cluster::SimPod, &str),
+    (allowed, other): (
+        &(std::path::PathBuf, std::path::PathBuf),
+        &(std::path::PathBuf, std::path::PathBuf),
+    ),
+    dir: &Path,
+) {
+    let server = common::HttpServer::start(web, 8080, dir);
+    resources::server_side_apply(client, HTTP_POLICY)
+        .await
+        .unwrap();
+    agent.wait_for("checking the port's HTTP requests", 1).await;
+    let url = |path: &str| format!("https://{}:8080{path}", web.ip);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, _) = curl_tls(outside, &url("/api/orders"), allowed, &["--http1.1"]);
+        if code == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GET /api/orders over TLS still {code} after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let get2 = curl_tls(outside, &url("/api/items"), allowed, &["--http2"]);
+    assert_eq!(get2, (200, "2".to_owned()), "GET over HTTP/2 by ALPN");
+    let post = curl_tls(
+        outside,
+        &url("/api/orders"),
+        allowed,
+        &["--http1.1", "-X", "POST", "-d", "x"],
+    );
+    assert_eq!(post.0, 403, "POST is not allowed");
+    let admin = curl_tls(outside, &url("/admin"), allowed, &["--http2"]);
+    assert_eq!(admin.0, 403, "GET /admin is not allowed");
+    let stranger = curl_tls(outside, &url("/api/orders"), other, &["--http1.1"]);
+    assert_eq!(
+        stranger.0, 0,
+        "b.test/other must be refused in the handshake"
+    );
+    let seen = server.seen();
+    assert!(
+        seen.iter().any(|l| l.contains("GET /api/items")),
+        "the HTTP/2 GET: {seen:#?}"
+    );
+    for line in &seen {
+        assert!(
+            line.contains("GET /api/") && line.contains("URI=spiffe://b.test/client"),
+            "only allowed requests reach the workload, each with the peer's verified ID: {line}"
+        );
+    }
+    agent.wait_for("request denied (403)", 2).await;
+}
+
 /// End to end, as root, with the data path: a SPIRE workload of `b.test`
 /// outside the mesh (a network namespace with no agent, no Pod, no cgroup)
 /// reaches a Tessera workload whose AuthPolicy allows
@@ -841,6 +949,16 @@ spec:
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert!(held.alive(), "admitted again: {}", held.first);
+
+    // A port with HTTP rules: the terminated peer's requests are checked.
+    http_rules_apply_to_terminated_peers(
+        &client,
+        &cluster.agents[0],
+        (&web, &outside),
+        (&client_svid, &other_svid),
+        dir.path(),
+    )
+    .await;
 
     // The federation goes: b.test's bundle leaves the agent, the held
     // connection ends, and the same identity is refused.

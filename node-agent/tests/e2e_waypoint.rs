@@ -21,8 +21,6 @@
 //! enforced.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, Patch, PatchParams};
@@ -32,6 +30,7 @@ use tessera_tests::procs::KillOnDrop;
 use tessera_tests::resources;
 
 mod common;
+use common::HttpServer;
 
 /// The port with HTTP rules.
 const HTTP_PORT: u16 = 8080;
@@ -83,50 +82,6 @@ spec:
   - from: [{podSelector: {matchLabels: {app: web}}}, {podSelector: {matchLabels: {app: other}}}]
     ports: [{port: 5432}]
 ";
-
-/// The workload's HTTP server and the file it logs requests to.
-struct HttpServer {
-    _proc: KillOnDrop,
-    log: PathBuf,
-}
-
-impl HttpServer {
-    /// Starts `workload http` on [`HTTP_PORT`] in `pod`, logging to `dir`.
-    fn start(pod: &SimPod, dir: &Path) -> HttpServer {
-        let bins = tessera_tests::testbin::TestBins::ensure_built().unwrap();
-        let log = dir.join(format!("{}-requests.log", pod.name));
-        let mut child: Child = pod.cgroup.spawn_in(
-            &pod.ns,
-            bins.node.workload.to_str().unwrap(),
-            &[
-                "http",
-                &HTTP_PORT.to_string(),
-                &pod.name,
-                log.to_str().unwrap(),
-            ],
-        );
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert!(line.starts_with("serving HTTP"), "workload http: {line}");
-        HttpServer {
-            _proc: KillOnDrop(child),
-            log,
-        }
-    }
-
-    /// The requests the workload got: "<proto> <method> <uri> <xfcc>".
-    fn seen(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-}
 
 /// curl from `pod` to db's `path` on [`HTTP_PORT`] with `args`: the status
 /// code (0 when there was no HTTP answer) and the body.
@@ -333,7 +288,7 @@ async fn http_rules_are_checked_per_request_with_the_authenticated_identity() {
     let web = pod(&cluster, "web", "node-a", "198.18.1.10").await;
     let other = pod(&cluster, "other", "node-a", "198.18.1.11").await;
     let db = pod(&cluster, "db", "node-b", "198.18.2.10").await;
-    let server = HttpServer::start(&db, dir.path());
+    let server = HttpServer::start(&db, HTTP_PORT, dir.path());
     resources::server_side_apply(&client, PLAIN_POLICY)
         .await
         .unwrap();

@@ -20,7 +20,7 @@ pub const MSG_PATH_SLASH: &str = "Exact and Prefix paths must start with '/'";
 /// Message of the CEL rule on header matches.
 pub const MSG_HEADER_ONE_OF: &str = "set at most one of exact and prefix";
 /// Message of the CEL rule on terminated rules.
-pub const MSG_TERMINATE_NEEDS: &str = "externalPeers TerminateTLS needs a ports list in which every entry has protocol TCP, authentication Mutual and no http rules";
+pub const MSG_TERMINATE_NEEDS: &str = "externalPeers TerminateTLS needs a ports list in which every entry has protocol TCP, and authentication Mutual";
 /// Message of the CEL rule that refuses UDP ports.
 pub const MSG_UDP_NOT_ENFORCED: &str = "UDP rules are not enforced yet (the data path checks TCP only) and are refused rather than ignored; use protocol TCP or remove the port";
 /// Message of the CEL rule that keeps termination to Allow policies.
@@ -100,7 +100,7 @@ pub enum PolicyAction {
         "!has(self.http) || size(self.http) == 0 || (has(self.ports) && size(self.ports) > 0 && self.ports.all(p, p.protocol == 'TCP'))"
     ).message(MSG_HTTP_NEEDS_TCP),
     validation = kube::core::Rule::new(
-        "!has(self.externalPeers) || self.externalPeers == 'Deny' || (has(self.ports) && size(self.ports) > 0 && self.ports.all(p, p.protocol == 'TCP') && self.authentication == 'Mutual' && (!has(self.http) || size(self.http) == 0))"
+        "!has(self.externalPeers) || self.externalPeers == 'Deny' || (has(self.ports) && size(self.ports) > 0 && self.ports.all(p, p.protocol == 'TCP') && self.authentication == 'Mutual')"
     ).message(MSG_TERMINATE_NEEDS),
 )]
 #[serde(rename_all = "camelCase")]
@@ -142,8 +142,11 @@ pub enum ExternalPeers {
     /// against the bundle of the peer's trust domain: the own or a
     /// federated one), admits the peer only if the workload's rules do, and
     /// forwards the plaintext to the workload on the same port over its
-    /// loopback interface. The workload serves plain TCP there. Peers in
-    /// the mesh still connect directly.
+    /// loopback interface. The workload serves plain TCP there. On a port
+    /// with HTTP rules each decrypted request is checked against them (as
+    /// the waypoint checks mesh peers', with the peer's verified SPIFFE ID)
+    /// and forwarded in plain HTTP. Peers in the mesh still connect
+    /// directly.
     #[serde(rename = "TerminateTLS")]
     TerminateTls,
 }

@@ -348,8 +348,8 @@ impl Inner {
             if pod.ips.is_empty() {
                 continue;
             }
-            let terminated = external::terminated_ports(spec);
             let http = crate::datapath::policy::waypoint_ports(spec);
+            let terminated = external::terminated_ports(spec, &http);
             if terminated.is_empty() && http.is_empty() {
                 continue;
             }
@@ -359,7 +359,10 @@ impl Inner {
             };
             let ports = terminated
                 .iter()
-                .map(|p| (external::Kind::Terminator, *p))
+                .map(|p| {
+                    let http = http.contains(p);
+                    (external::Kind::Terminator { http }, *p)
+                })
                 .chain(http.iter().map(|p| (external::Kind::Waypoint, *p)));
             for (kind, port) in ports {
                 wanted.extend(pod.ips.iter().map(|ip| external::Want {

@@ -5,12 +5,16 @@
 //! workload's X509-SVID, verifies the peer's against the bundle of the
 //! peer's trust domain, checks the peer's SPIFFE ID against the workload's
 //! rules, and only then forwards the plaintext to the workload (on the same
-//! port, over the pod's loopback interface).
+//! port, over the pod's loopback interface). On a port with HTTP rules it
+//! serves the decrypted connection with the waypoint's proxy instead: each
+//! request is checked against those rules with the peer's verified SPIFFE
+//! ID as its source.
 //!
 //! The connections reach this agent through `ts_steer`, an sk_lookup
 //! program attached to the pod's network namespace: a connection start from
 //! an address with no endpoint entry to a terminated address and port is
-//! handed to a listening socket this agent opened in that namespace.
+//! handed to a listening socket this agent opened in that namespace (before
+//! the waypoint's socket on the same port, which takes everyone else).
 //! `ts_ingress` lets connection starts to those sockets (known by cookie)
 //! through; everything else, mesh peers included, is decided as before. If
 //! this agent stops, its sockets close, the steering finds none, and such
@@ -43,7 +47,7 @@ use tokio::sync::watch;
 
 use crate::mesh::limits::{ConnLimits, EXTERNAL_PER_PEER, EXTERNAL_TOTAL};
 use crate::mesh::waypoint;
-use tessera_waypoint::proxy::Policy;
+use tessera_waypoint::proxy::{self, Policy};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -159,13 +163,15 @@ fn terminates(rule: &CompiledRule) -> bool {
 }
 
 /// The TCP ports on which a workload with these rules has peers outside the
-/// mesh terminated, at most [`MAX_TERMINATED_PORTS`] (the lowest).
-pub fn terminated_ports(spec: &IdentityPolicySpec) -> BTreeSet<u16> {
-    // A port with HTTP rules goes through the waypoint, whoever the peer.
-    let http = spec.http_ports();
+/// mesh terminated, at most [`MAX_TERMINATED_PORTS`] (the lowest). Those
+/// among `checked` (the ports whose HTTP rules the waypoint checks) have
+/// each decrypted request checked too; a port with HTTP rules beyond them
+/// is not terminated (it stays closed: nothing would check its requests).
+pub fn terminated_ports(spec: &IdentityPolicySpec, checked: &BTreeSet<u16>) -> BTreeSet<u16> {
+    let unchecked: BTreeSet<u16> = spec.http_ports().difference(checked).copied().collect();
     let ports: BTreeSet<u16> = spec
         .tcp_ports_of(terminates)
-        .difference(&http)
+        .difference(&unchecked)
         .copied()
         .collect();
     capped(spec, ports, "terminated")
@@ -183,7 +189,9 @@ fn capped(spec: &IdentityPolicySpec, ports: BTreeSet<u16>, what: &str) -> BTreeS
 
 /// Whether the workload whose rules are `spec` admits `peer`, a peer
 /// outside the mesh whose X509-SVID was verified, on `port`: no Deny rule
-/// matches and a TerminateTLS Allow rule does. The reason when not.
+/// matches and a TerminateTLS Allow rule does. A Deny rule with HTTP rules
+/// denies requests, not the connection: the waypoint's checks apply it to
+/// each. The reason when not.
 pub fn admits(
     spec: Option<&IdentityPolicySpec>,
     peer: &SpiffeId,
@@ -199,7 +207,7 @@ pub fn admits(
     if spec
         .rules
         .iter()
-        .any(|r| r.action == PolicyAction::Deny && matches(r))
+        .any(|r| r.action == PolicyAction::Deny && r.http.is_empty() && matches(r))
     {
         return Err(Refusal::Denied {
             sources,
@@ -221,8 +229,12 @@ pub fn admits(
 /// What the agent's socket on a local pod's port does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
-    /// Terminates the TLS of peers outside the mesh.
-    Terminator,
+    /// Terminates the TLS of peers outside the mesh; with `http`, on a port
+    /// with HTTP rules, whose each request it checks as the waypoint does.
+    Terminator {
+        /// The port has HTTP rules the waypoint checks.
+        http: bool,
+    },
     /// Checks every request of every peer against the port's HTTP rules
     /// (see [`crate::mesh::waypoint`]).
     Waypoint,
@@ -243,6 +255,16 @@ pub struct Want {
     pub port: u16,
     /// The pod's cgroup directory.
     pub cgroup: PathBuf,
+}
+
+/// One of the agent's sockets: the pod's UID, the port, and what it does
+/// (a port may have a terminator and the waypoint side by side).
+type SocketKey = (String, u16, Kind);
+
+impl Want {
+    fn key(&self) -> SocketKey {
+        (self.uid.clone(), self.port, self.kind)
+    }
 }
 
 /// What a terminated connection needs at the time it arrives: the pod's
@@ -275,7 +297,8 @@ struct Running {
 }
 
 enum Pass {
-    Terminator(watch::Sender<()>),
+    /// With the port's rules now on a port with HTTP rules.
+    Terminator(watch::Sender<()>, Option<watch::Sender<Arc<Policy>>>),
     /// The port's rules now.
     Waypoint(watch::Sender<Arc<Policy>>),
 }
@@ -289,10 +312,10 @@ struct Steered {
 
 /// The terminators of this node's pods.
 pub struct External {
-    running: Mutex<HashMap<(String, u16), Running>>,
+    running: Mutex<HashMap<SocketKey, Running>>,
     steered: Mutex<HashMap<String, Steered>>,
     /// The last reason each wanted terminator could not be opened.
-    failing: Mutex<HashMap<(String, u16), String>>,
+    failing: Mutex<HashMap<SocketKey, String>>,
     stats: Arc<Stats>,
     /// Caps shared by every terminator socket.
     limits: Arc<ConnLimits>,
@@ -332,7 +355,7 @@ impl External {
             .collect();
         {
             let mut running = lock(&self.running);
-            let stale: Vec<(String, u16)> = running
+            let stale: Vec<SocketKey> = running
                 .iter()
                 .filter(|(_, r)| !wanted.contains(&r.want) || moved.contains(&r.want.uid))
                 .map(|(k, _)| k.clone())
@@ -347,10 +370,9 @@ impl External {
             info!(pod_uid = %uid, "the pod's network namespace changed; terminating in the new one");
             self.unsteer(plane, uid);
         }
-        lock(&self.failing)
-            .retain(|(uid, port), _| wanted.iter().any(|w| w.uid == *uid && w.port == *port));
+        lock(&self.failing).retain(|key, _| wanted.iter().any(|w| w.key() == *key));
         for want in wanted {
-            let key = (want.uid.clone(), want.port);
+            let key = want.key();
             if lock(&self.running).contains_key(&key) {
                 continue;
             }
@@ -358,7 +380,7 @@ impl External {
                 Ok(r) => {
                     lock(&self.failing).remove(&key);
                     match want.kind {
-                        Kind::Terminator => {
+                        Kind::Terminator { .. } => {
                             info!(pod = %want.pod, ip = %want.ip, port = want.port, "terminating TLS of external peers")
                         }
                         Kind::Waypoint => {
@@ -372,7 +394,7 @@ impl External {
                     let why = e.to_string();
                     if lock(&self.failing).insert(key, why.clone()).as_ref() != Some(&why) {
                         match want.kind {
-                            Kind::Terminator => {
+                            Kind::Terminator { .. } => {
                                 warn!(pod = %want.pod, port = want.port, error = %why, "cannot terminate the TLS of external peers yet (they stay refused); retrying every second")
                             }
                             Kind::Waypoint => {
@@ -393,7 +415,10 @@ impl External {
     pub fn publish(&self, ctx: &Context) {
         for r in lock(&self.running).values() {
             match &r.pass {
-                Pass::Terminator(pass) => {
+                Pass::Terminator(pass, http) => {
+                    if let (Some(http), Some(policy)) = (http, (ctx.waypoint.policy)(&r.want.uid)) {
+                        http.send_replace(policy);
+                    }
                     pass.send_replace(());
                 }
                 Pass::Waypoint(pass) => {
@@ -430,7 +455,7 @@ impl External {
     fn close(plane: &DataPlane, r: Running) {
         let key = TermKey::new(r.want.ip, r.want.port);
         let removed = plane.with_datapath(|dp| match r.want.kind {
-            Kind::Terminator => dp.remove_terminator(&key, r.cookie),
+            Kind::Terminator { .. } => dp.remove_terminator(&key, r.cookie),
             Kind::Waypoint => dp.remove_waypoint(&key, r.cookie),
         });
         if let Err(e) = removed {
@@ -438,7 +463,7 @@ impl External {
         }
         r.task.abort();
         match r.want.kind {
-            Kind::Terminator => {
+            Kind::Terminator { .. } => {
                 info!(pod = %r.want.pod, port = r.want.port, "no longer terminating external peers")
             }
             Kind::Waypoint => {
@@ -509,7 +534,19 @@ impl External {
             .map_err(|e| io("cannot read the socket's cookie")(e.into()))?;
         let key = TermKey::new(want.ip, want.port);
         let (task, pass) = match want.kind {
-            Kind::Terminator => {
+            Kind::Terminator { http } => {
+                let (http_pass, checked) = if http {
+                    let policy =
+                        (ctx.waypoint.policy)(&want.uid).ok_or(ExternalError::NoIdentity)?;
+                    let (pass, policy) = watch::channel(policy);
+                    let checked = Checked {
+                        policy,
+                        stats: ctx.waypoint.stats.clone(),
+                    };
+                    (Some(pass), Some(checked))
+                } else {
+                    (None, None)
+                };
                 let listener =
                     TcpListener::from_std(listener).map_err(io("cannot register the socket"))?;
                 plane.with_datapath(|dp| dp.set_terminator(key, &listener, cookie))?;
@@ -521,10 +558,11 @@ impl External {
                         netns,
                         ctx: ctx.terminating.clone(),
                         passes,
+                        checked,
                     },
                     (self.stats.clone(), self.limits.clone()),
                 ));
-                (task, Pass::Terminator(pass))
+                (task, Pass::Terminator(pass, http_pass))
             }
             Kind::Waypoint => {
                 let policy = (ctx.waypoint.policy)(&want.uid).ok_or(ExternalError::NoIdentity)?;
@@ -564,6 +602,17 @@ struct Terminated {
     netns: Arc<File>,
     ctx: Terminating,
     passes: watch::Receiver<()>,
+    /// On a port with HTTP rules: how its requests are checked.
+    checked: Option<Checked>,
+}
+
+/// The waypoint's side of a terminated port with HTTP rules.
+#[derive(Clone)]
+struct Checked {
+    /// The pod's rules now (as the waypoint holds them).
+    policy: watch::Receiver<Arc<Policy>>,
+    /// The waypoint's counters.
+    stats: Arc<proxy::Stats>,
 }
 
 async fn serve(
@@ -592,7 +641,7 @@ async fn serve(
         tokio::spawn(async move {
             let _slot = slot;
             let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-            match handle(tcp, &t).await {
+            match handle(tcp, from, &t).await {
                 Ok((peer, None)) => {
                     Stats::bump(&stats.external_admitted);
                     debug!(pod = %t.want.pod, %peer, %from, "external connection closed");
@@ -648,8 +697,13 @@ fn tls_failure(e: std::io::Error) -> ExternalError {
 type Outcome = (SpiffeId, Option<ExternalError>);
 
 /// Terminates one connection and forwards it until either end closes or
-/// the peer is no longer admitted.
-async fn handle(tcp: TcpStream, t: &Terminated) -> Result<Outcome, ExternalError> {
+/// the peer is no longer admitted; on a port with HTTP rules, each of its
+/// requests is checked first.
+async fn handle(
+    tcp: TcpStream,
+    from: SocketAddr,
+    t: &Terminated,
+) -> Result<Outcome, ExternalError> {
     let want = &t.want;
     let to = tcp
         .local_addr()
@@ -664,8 +718,11 @@ async fn handle(tcp: TcpStream, t: &Terminated) -> Result<Outcome, ExternalError
     let (local, spec, creds) = (t.ctx)(&want.uid).ok_or(ExternalError::NoIdentity)?;
     let port = want.port;
     let admit: Admit = Arc::new(move |peer: &SpiffeId| admits(spec.as_ref(), peer, port));
-    let config = creds.terminator(&local, admit)?;
-    let mut tls = tokio::time::timeout(
+    let mut config = creds.terminator(&local, admit)?;
+    if t.checked.is_some() {
+        config = offering_http(&config);
+    }
+    let tls = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         tokio_rustls::TlsAcceptor::from(config).accept(tcp),
     )
@@ -683,14 +740,70 @@ async fn handle(tcp: TcpStream, t: &Terminated) -> Result<Outcome, ExternalError
         .and_then(|leaf| tessera_api::svid::leaf(leaf).ok())
         .map(|l| l.id)
         .ok_or(ExternalError::PeerGone)?;
-    let mut upstream = connect_upstream(t, &peer).await?;
-    info!(pod = %want.pod, port = want.port, %peer, "external peer admitted");
     let mut t = t.clone();
     // Passes before this one were about connections before it.
     t.passes.mark_unchanged();
+    match t.checked.clone() {
+        None => forward(tls, peer, &chain, t).await,
+        Some(checked) => {
+            info!(pod = %want.pod, port = want.port, %peer, "external peer admitted; its requests are checked against the port's HTTP rules");
+            let protocol = match tls.get_ref().1.alpn_protocol() {
+                Some(b"h2") => proxy::Protocol::Http2,
+                _ => proxy::Protocol::Http1,
+            };
+            let port = checked.port(&t, &peer);
+            tokio::select! {
+                _ = proxy::serve_io(tls, protocol, from, port) => Ok((peer, None)),
+                why = revoked(&mut t, &chain) => Ok((peer, Some(why))),
+            }
+        }
+    }
+}
+
+/// Forwards a terminated connection's bytes to the workload until either
+/// end closes or the peer is no longer admitted.
+async fn forward(
+    mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SpiffeId,
+    chain: &[CertificateDer<'static>],
+    mut t: Terminated,
+) -> Result<Outcome, ExternalError> {
+    let mut upstream = connect_upstream(&t, &peer).await?;
+    info!(pod = %t.want.pod, port = t.want.port, %peer, "external peer admitted");
     tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream) => Ok((peer, None)),
-        why = revoked(&mut t, &chain) => Ok((peer, Some(why))),
+        why = revoked(&mut t, chain) => Ok((peer, Some(why))),
+    }
+}
+
+/// `config` offering HTTP/2 and HTTP/1.1 by ALPN (a client offering
+/// neither, or nothing, is served HTTP/1.1).
+fn offering_http(config: &rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
+    let mut config = config.clone();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+impl Checked {
+    /// The waypoint's view of one terminated connection to the workload
+    /// port of `t`: its rules, and `peer` (verified in the handshake, and
+    /// checked again on every pass by [`revoked`]) as the source of every
+    /// request.
+    fn port(&self, t: &Terminated, peer: &SpiffeId) -> Arc<proxy::Port> {
+        let source = proxy::Peer {
+            source: tessera_waypoint::policy::Source {
+                id: Some(peer.clone()),
+                authenticated: true,
+            },
+            generation: 0,
+        };
+        waypoint::port(
+            SocketAddr::new(t.want.ip, t.want.port),
+            t.netns.clone(),
+            self.policy.clone(),
+            Arc::new(move |_| source.clone()),
+            self.stats.clone(),
+        )
     }
 }
 
@@ -763,12 +876,66 @@ mod tests {
             rule(Allow, &["spiffe://cluster.test"], &[(80, None)], N),
             rule(Deny, &["spiffe://b.test/bad"], &[(7000, None)], T),
         ]);
+        let none = BTreeSet::new();
         assert_eq!(
-            terminated_ports(&s).into_iter().collect::<Vec<_>>(),
+            terminated_ports(&s, &none).into_iter().collect::<Vec<_>>(),
             [8443, 9000, 9001, 9002]
         );
         let wide = spec(vec![rule(Allow, &[], &[(1000, Some(2000))], T)]);
-        assert_eq!(terminated_ports(&wide).len(), MAX_TERMINATED_PORTS);
+        assert_eq!(terminated_ports(&wide, &none).len(), MAX_TERMINATED_PORTS);
+    }
+
+    /// A GET-only rule for `from` on `port`.
+    fn get_only(
+        action: PolicyAction,
+        from: &[&str],
+        port: i32,
+        ext: ExternalPeers,
+    ) -> CompiledRule {
+        CompiledRule {
+            http: vec![tessera_api::crd::auth_policy::HttpRule {
+                methods: vec![tessera_api::crd::auth_policy::HttpMethod::Get],
+                paths: Vec::new(),
+                headers: Vec::new(),
+            }],
+            ..rule(action, from, &[(port, None)], ext)
+        }
+    }
+
+    #[test]
+    fn ports_with_http_rules_are_terminated_only_where_the_waypoint_checks_them() {
+        use PolicyAction::Allow;
+        const T: ExternalPeers = ExternalPeers::TerminateTls;
+        let s = spec(vec![
+            rule(Allow, &["spiffe://b.test"], &[(8443, None)], T),
+            get_only(Allow, &["spiffe://b.test"], 8080, T),
+            get_only(Allow, &["spiffe://b.test"], 8081, T),
+        ]);
+        let checked = BTreeSet::from([8080]);
+        assert_eq!(
+            terminated_ports(&s, &checked)
+                .into_iter()
+                .collect::<Vec<_>>(),
+            [8080, 8443],
+            "8081 has HTTP rules nothing checks: not terminated"
+        );
+    }
+
+    #[test]
+    fn a_deny_rule_with_http_rules_denies_requests_not_the_connection() {
+        use PolicyAction::{Allow, Deny};
+        const T: ExternalPeers = ExternalPeers::TerminateTls;
+        const N: ExternalPeers = ExternalPeers::Deny;
+        let s = spec(vec![
+            rule(Allow, &["spiffe://b.test/client"], &[(8080, None)], T),
+            get_only(Deny, &["spiffe://b.test/client"], 8080, N),
+        ]);
+        assert!(admits(Some(&s), &id("spiffe://b.test/client"), 8080).is_ok());
+        let s = spec(vec![
+            rule(Allow, &["spiffe://b.test/client"], &[(8080, None)], T),
+            rule(Deny, &["spiffe://b.test/client"], &[(8080, None)], N),
+        ]);
+        assert!(admits(Some(&s), &id("spiffe://b.test/client"), 8080).is_err());
     }
 
     #[test]

@@ -135,18 +135,11 @@ pub fn spawn(
     let workers = Workers::get()?;
     let uid = want.uid.clone();
     let identify = ctx.identify.clone();
-    let workload = proxy::loopback(want.addr);
-    let port = Port::new(
-        want.addr.port(),
+    let port = port(
+        want.addr,
+        netns,
         policy,
         Arc::new(move |ip| identify(&uid, ip)),
-        Arc::new(move || {
-            Box::pin(crate::netns::connect_in(
-                netns.clone(),
-                workload,
-                UPSTREAM_TIMEOUT,
-            ))
-        }),
         ctx.stats.clone(),
     );
     let want = Arc::new(want);
@@ -157,6 +150,32 @@ pub fn spawn(
             Err(e) => warn!(pod = %want.pod, port = want.addr.port(), error = %e, "cannot register the waypoint's socket"),
         }
     }))
+}
+
+/// The proxy's view of the workload port at `addr` (in the namespace
+/// `netns`): its rules from `policy`, its callers named by `identify`, and
+/// the workload dialled over the pod's loopback.
+pub fn port(
+    addr: SocketAddr,
+    netns: Arc<File>,
+    policy: watch::Receiver<Arc<Policy>>,
+    identify: proxy::Identify,
+    stats: Arc<proxy::Stats>,
+) -> Arc<Port> {
+    let workload = proxy::loopback(addr);
+    Port::new(
+        addr.port(),
+        policy,
+        identify,
+        Arc::new(move || {
+            Box::pin(crate::netns::connect_in(
+                netns.clone(),
+                workload,
+                UPSTREAM_TIMEOUT,
+            ))
+        }),
+        stats,
+    )
 }
 
 async fn accept(

@@ -359,3 +359,42 @@ pub async fn cluster_with_agents(
     }
     (cluster, token_files)
 }
+
+/// A workload's HTTP server (Go's net/http: HTTP/1.1 and h2c) and the file it logs requests to.
+pub struct HttpServer {
+    _proc: Proc,
+    log: PathBuf,
+}
+
+impl HttpServer {
+    /// Starts `workload http` on `port` in `pod`, logging to `dir`.
+    pub fn start(pod: &tessera_tests::cluster::SimPod, port: u16, dir: &Path) -> HttpServer {
+        let bins = tessera_tests::testbin::TestBins::ensure_built().unwrap();
+        let log = dir.join(format!("{}-requests.log", pod.name));
+        let mut child = pod.cgroup.spawn_in(
+            &pod.ns,
+            bins.node.workload.to_str().unwrap(),
+            &["http", &port.to_string(), &pod.name, log.to_str().unwrap()],
+        );
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(line.starts_with("serving HTTP"), "workload http: {line}");
+        HttpServer {
+            _proc: Proc(child),
+            log,
+        }
+    }
+
+    /// The requests the workload got: "<proto> <method> <uri> <xfcc>".
+    pub fn seen(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
