@@ -50,6 +50,12 @@ const RATE: &str = "1000";
 const CONNECTIONS: &str = "16";
 const RUN: &str = "20s";
 const CLOSED_LOOP_RUN: &str = "10s";
+/// fortio's histogram resolution, seconds. Its buckets are this times
+/// 1, 2, ... 11, 12, 14, ... 20, 25, ... 50, 60, ... 100, 120, ... 200, 250,
+/// ... 500, 600, ... 1000: with 10 us, 10 us wide up to 110 us, 50 us
+/// around 300 us, 100 us up to 1 ms, 200 us up to 2 ms, 500 us up to 5 ms
+/// (a percentile is interpolated within its bucket).
+const HISTOGRAM_RESOLUTION: &str = "0.00001";
 /// Response body size.
 const BODY: usize = 1024;
 /// Idle keep-alive connections for the memory figure.
@@ -327,6 +333,10 @@ impl Bench<'_> {
             duration,
             "-p",
             "50,99",
+            // By default its first bucket is 0 to 1 ms: every latency below
+            // 1 ms would be interpolated within it.
+            "-r",
+            HISTOGRAM_RESOLUTION,
             "-json",
             &out_arg,
             "-loglevel",
@@ -572,9 +582,15 @@ impl Bench<'_> {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         drop(prober);
+        println!(
+            "policy change to enforced, in order (ms): {:?}",
+            took.iter()
+                .map(|d| (ms(*d) * 10.0).round() / 10.0)
+                .collect::<Vec<_>>()
+        );
         took.sort();
         println!(
-            "policy change to enforced, each (ms): {:?}",
+            "policy change to enforced, sorted (ms): {:?}",
             took.iter()
                 .map(|d| (ms(*d) * 10.0).round() / 10.0)
                 .collect::<Vec<_>>()
