@@ -392,6 +392,14 @@ impl View {
             .filter(|p| *p.node == *self.local_node)
     }
 
+    /// The pod on this node with UID `uid` (the pods are held in UID order:
+    /// a binary search, not a scan).
+    pub fn local_pod(&self, uid: &str) -> Option<&PodView> {
+        let i = self.pods.binary_search_by(|p| (*p.uid).cmp(uid)).ok()?;
+        let pod = self.pods[i].as_ref();
+        (*pod.node == *self.local_node).then_some(pod)
+    }
+
     fn endpoint(&self, pod: &PodView) -> Option<Endpoint> {
         Some(Endpoint {
             id: pod.id,
@@ -742,6 +750,28 @@ mod tests {
         let mapped: std::net::IpAddr = "::ffff:198.18.2.10".parse().unwrap();
         assert_eq!(view.pod_at(mapped).map(|p| p.id), Some(9));
         assert!(view.pod_at("198.18.2.11".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn local_pods_are_found_by_uid_and_others_are_not() {
+        let pods = (0..50).map(|i| {
+            let node = if i % 2 == 0 { "a" } else { "b" };
+            pod(
+                &format!("u{i:02}"),
+                node,
+                &format!("198.18.1.{i}"),
+                "w",
+                i,
+                1,
+            )
+        });
+        let view = View::new("a", pods);
+        for i in 0..50 {
+            let found = view.local_pod(&format!("u{i:02}")).map(|p| p.id);
+            assert_eq!(found, (i % 2 == 0).then_some(i), "u{i:02}");
+        }
+        assert!(view.local_pod("u99").is_none());
+        assert!(view.local_pod("").is_none());
     }
 
     #[test]

@@ -385,11 +385,7 @@ impl Inner {
         let terminating: external::Terminating = Arc::new(move |uid: &str| {
             let inner = weak.upgrade()?;
             let view = inner.view();
-            let spiffe_id = view
-                .local_pods()
-                .find(|p| &*p.uid == uid)?
-                .spiffe_id
-                .clone();
+            let spiffe_id = view.local_pod(uid)?.spiffe_id.clone();
             let spec = lock(&inner.policies)
                 .iter()
                 .find(|p| *p.spiffe_id == *spiffe_id)

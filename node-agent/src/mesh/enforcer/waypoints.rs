@@ -79,12 +79,7 @@ impl Inner {
     /// The rules of local pod `uid`'s ports with HTTP rules now; a new
     /// version on every call, so connections name their peers again.
     fn waypoint_policy(&self, uid: &str) -> Option<Arc<Policy>> {
-        let workload = self
-            .view()
-            .local_pods()
-            .find(|p| &*p.uid == uid)?
-            .spiffe_id
-            .clone();
+        let workload = self.view().local_pod(uid)?.spiffe_id.clone();
         let policies = lock(&self.policies).clone();
         let (rules, sources) = {
             let mut compiled = lock(&self.waypoint_rules);
@@ -119,8 +114,7 @@ impl Inner {
             return Peer::unnamed();
         };
         let authenticated = view
-            .local_pods()
-            .find(|p| &*p.uid == uid)
+            .local_pod(uid)
             .and_then(|dst| view.pair_key(&dst.spiffe_id, &source.spiffe_id, &source.node))
             .is_some_and(|(key, _, _)| self.plane.authenticates(&view, &key));
         Peer {
