@@ -704,6 +704,36 @@ async fn handle(
     from: SocketAddr,
     t: &Terminated,
 ) -> Result<Outcome, ExternalError> {
+    let (tls, chain, peer) = accept(tcp, t).await?;
+    let mut t = t.clone();
+    // Passes before this one were about connections before it.
+    t.passes.mark_unchanged();
+    let Some(checked) = t.checked.clone() else {
+        return forward(tls, peer, &chain, t).await;
+    };
+    info!(pod = %t.want.pod, port = t.want.port, %peer, "external peer admitted; its requests are checked against the port's HTTP rules");
+    let protocol = match tls.get_ref().1.alpn_protocol() {
+        Some(b"h2") => proxy::Protocol::Http2,
+        _ => proxy::Protocol::Http1,
+    };
+    let port = checked.port(&t, &peer);
+    tokio::select! {
+        _ = proxy::serve_io(tls, protocol, from, port) => Ok((peer, None)),
+        why = revoked(&mut t, &chain) => Ok((peer, Some(why))),
+    }
+}
+
+/// A terminated connection: its TLS stream once the peer is verified and
+/// admitted, the peer's chain and its SPIFFE ID.
+type Accepted = (
+    tokio_rustls::server::TlsStream<TcpStream>,
+    Vec<CertificateDer<'static>>,
+    SpiffeId,
+);
+
+/// The TLS handshake of a connection to `t`'s port, as the workload, with
+/// the peer admitted by the workload's rules during it.
+async fn accept(tcp: TcpStream, t: &Terminated) -> Result<Accepted, ExternalError> {
     let want = &t.want;
     let to = tcp
         .local_addr()
@@ -740,24 +770,7 @@ async fn handle(
         .and_then(|leaf| tessera_api::svid::leaf(leaf).ok())
         .map(|l| l.id)
         .ok_or(ExternalError::PeerGone)?;
-    let mut t = t.clone();
-    // Passes before this one were about connections before it.
-    t.passes.mark_unchanged();
-    match t.checked.clone() {
-        None => forward(tls, peer, &chain, t).await,
-        Some(checked) => {
-            info!(pod = %want.pod, port = want.port, %peer, "external peer admitted; its requests are checked against the port's HTTP rules");
-            let protocol = match tls.get_ref().1.alpn_protocol() {
-                Some(b"h2") => proxy::Protocol::Http2,
-                _ => proxy::Protocol::Http1,
-            };
-            let port = checked.port(&t, &peer);
-            tokio::select! {
-                _ = proxy::serve_io(tls, protocol, from, port) => Ok((peer, None)),
-                why = revoked(&mut t, &chain) => Ok((peer, Some(why))),
-            }
-        }
-    }
+    Ok((tls, chain, peer))
 }
 
 /// Forwards a terminated connection's bytes to the workload until either

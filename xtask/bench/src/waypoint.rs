@@ -560,6 +560,12 @@ impl Bench<'_> {
                 }
             }
         });
+        // The prober's first answer (allowed): it is up and connected, so
+        // its start-up is not counted in the first change.
+        match statuses.recv_timeout(Duration::from_secs(10)) {
+            Ok((_, 200)) => {}
+            other => bail!("the prober got no 200 before the first change: {other:?}"),
+        }
         let mut took = Vec::new();
         for i in 0..CHANGES {
             // Alternately refuse and allow /echo.
