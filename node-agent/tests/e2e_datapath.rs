@@ -270,6 +270,7 @@ async fn authenticated_pairs_connect_and_nothing_else_does() {
     }
     let port = cluster.agents[0].metrics_port().unwrap();
     assert_eq!(tessera_tests::http_get(port, "/readyz").unwrap().0, 200);
+    settled_agents_write_nothing(&cluster).await;
 
     // Enforcement while node-a's agent is down (killed: no cleanup at all).
     let handshakes_before = cluster.agents[0].count("authenticated");
@@ -709,14 +710,38 @@ async fn floods_of_idle_connections_cost_the_agent_little() {
     drop(holders);
 }
 
-/// What the test reads from node-b's pinned maps while its agent is down:
-/// the auth cache's MAC key and the endpoints of `db` and `intruder`.
+/// With nothing changing, an agent's passes (one a second) write nothing
+/// to the maps: every write moves the inputs version on, which voids every
+/// cached verdict and sweeps the established connections of every local
+/// pod. Renewals of authentications may move it on now and then (SVIDs of
+/// 30 s), so some span of three passes without a write is enough.
+async fn settled_agents_write_nothing(cluster: &SimCluster) {
+    for node in ["node-a", "node-b"] {
+        let mut dp = pinned(cluster, node);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let before = dp.inputs_version().unwrap();
+            tokio::time::sleep(Duration::from_millis(3500)).await;
+            let after = dp.inputs_version().unwrap();
+            if after == before {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{node}'s agent moves the inputs version on every few passes with nothing changing ({before} -> {after})"
+            );
+        }
+    }
+}
+
 /// `node`'s agent's pinned data path, opened in this process (its live maps).
 fn pinned(cluster: &SimCluster, node: &str) -> tessera_bpf::datapath::Datapath {
     let dir = tessera_bpf::pinning::version_dir(&cluster.pin_root(node));
     tessera_bpf::datapath::Datapath::open(Some(&dir)).unwrap()
 }
 
+/// What the test reads from node-b's pinned maps while its agent is down:
+/// the auth cache's MAC key and the endpoints of `db` and `intruder`.
 fn pinned_state(cluster: &SimCluster, db: &SimPod, intruder: &SimPod) -> ([u8; 32], Entry) {
     let mut dp = pinned(cluster, "node-b");
     let local = dp.endpoint_ip(db.ip.parse().unwrap()).unwrap().unwrap();
