@@ -586,9 +586,9 @@ fn s_client_from(
     (received, presented, log)
 }
 
-/// web's policy: b.test/client on 8443 (plain TCP to the workload) and, on
-/// 8080, `GET /api...` only (HTTP rules checked by the agent).
-const HTTP_POLICY: &str = r#"
+/// web's policy: b.test/client on 8443, its TLS terminated by the agent
+/// and the plaintext forwarded to the workload.
+const TERMINATED_POLICY: &str = r#"
 apiVersion: tessera.dev/v1alpha1
 kind: AuthPolicy
 metadata: {name: web-from-b-client, namespace: shop}
@@ -598,11 +598,19 @@ spec:
   - from: [{spiffeIDs: ["spiffe://b.test/client"]}]
     ports: [{port: 8443}]
     externalPeers: TerminateTLS
-  - from: [{spiffeIDs: ["spiffe://b.test/client"]}]
-    ports: [{port: 8080}]
-    externalPeers: TerminateTLS
-    http: [{methods: [GET], paths: [{type: Prefix, value: /api}]}]
 "#;
+
+/// [`TERMINATED_POLICY`] and, on 8080, `GET /api...` only (HTTP rules
+/// checked by the agent).
+fn http_policy() -> String {
+    format!(
+        "{TERMINATED_POLICY}  - from: [{{spiffeIDs: [\"spiffe://b.test/client\"]}}]
+    ports: [{{port: 8080}}]
+    externalPeers: TerminateTLS
+    http: [{{methods: [GET], paths: [{{type: Prefix, value: /api}}]}}]
+"
+    )
+}
 
 /// curl over TLS from network namespace `ns`, presenting `svid`, with
 /// `args`: the status code (0 when no HTTP answer came) and the HTTP
@@ -647,7 +655,7 @@ async fn http_rules_apply_to_terminated_peers(
     dir: &Path,
 ) {
     let server = common::HttpServer::start(web, 8080, dir);
-    resources::server_side_apply(client, HTTP_POLICY)
+    resources::server_side_apply(client, &http_policy())
         .await
         .unwrap();
     agent.wait_for("checking the port's HTTP requests", 1).await;
@@ -806,22 +814,9 @@ async fn a_spire_workload_outside_the_mesh_reaches_a_tessera_workload_its_policy
             Some(8443),
         )
         .await;
-    resources::apply_manifest(
-        &client,
-        r#"
-apiVersion: tessera.dev/v1alpha1
-kind: AuthPolicy
-metadata: {name: web-from-b-client, namespace: shop}
-spec:
-  selector: {matchLabels: {app: web}}
-  rules:
-  - from: [{spiffeIDs: ["spiffe://b.test/client"]}]
-    ports: [{port: 8443}]
-    externalPeers: TerminateTLS
-"#,
-    )
-    .await
-    .unwrap();
+    resources::apply_manifest(&client, TERMINATED_POLICY)
+        .await
+        .unwrap();
     cluster.agents[0]
         .wait_for("terminating TLS of external peers", 1)
         .await;
