@@ -754,7 +754,8 @@ mod tests {
 
     #[test]
     fn local_pods_are_found_by_uid_and_others_are_not() {
-        let pods = (0..50).map(|i| {
+        // Given out of UID order: the view orders them.
+        let pods = (0..50).rev().map(|i| {
             let node = if i % 2 == 0 { "a" } else { "b" };
             pod(
                 &format!("u{i:02}"),
